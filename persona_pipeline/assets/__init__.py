@@ -1,0 +1,1 @@
+"""One module per stage of the chain, named after the asset it defines."""

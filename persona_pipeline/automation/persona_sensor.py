@@ -1,0 +1,50 @@
+"""The persona sensor: finds persona folders, adds them as dynamic partitions, syncs their
+settings into the database, and requests a `source_photos` run when a photo set changes.
+
+The cursor maps slug → photo-set hash; the run key is `<slug>:<hash>`, so a restart, or a lost
+cursor, neither loses nor repeats an ingestion."""
+
+import json
+
+import dagster as dg
+
+from persona_pipeline.db import registry
+from persona_pipeline.partitions import persona_partitions
+from persona_pipeline.resources.database import AppDatabase
+from persona_pipeline.resources.storage import PersonaFolders
+
+
+@dg.sensor(name="persona_folders", target=dg.AssetSelection.assets("source_photos"), minimum_interval_seconds=30,
+           default_status=dg.DefaultSensorStatus.RUNNING)
+def persona_sensor(context: dg.SensorEvaluationContext, database: AppDatabase, persona_folders: PersonaFolders) -> dg.SensorResult:
+    database.require_schema()
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    personas, errors = persona_folders.discover()
+    for slug, error in errors.items():
+        context.log.error(f"persona {slug} skipped: {error}")
+
+    with database.session() as session:
+        for persona in personas:
+            registry.sync_persona(session, persona)
+        # A folder that failed validation still exists: keep it active so a typo does not retire it.
+        gone = registry.deactivate_missing(session, {p.slug for p in personas} | set(errors))
+    for slug in gone:
+        context.log.warning(f"persona {slug}: folder removed; its schedules stop and its partition is kept for history")
+
+    existing = set(context.instance.get_dynamic_partitions(persona_partitions.name))
+    new_keys = sorted(p.slug for p in personas if p.slug not in existing)
+    run_requests, cursor = [], dict(seen)
+    for persona in personas:
+        photos_hash = persona.photo_set_hash()
+        cursor[persona.slug] = photos_hash
+        if seen.get(persona.slug) != photos_hash and persona.photo_files():
+            run_requests.append(dg.RunRequest(run_key=f"{persona.slug}:{photos_hash}", partition_key=persona.slug,
+                                              tags={"persona": persona.slug}))
+    for slug in gone:
+        cursor.pop(slug, None)
+    return dg.SensorResult(
+        run_requests=run_requests,
+        dynamic_partitions_requests=[persona_partitions.build_add_request(new_keys)] if new_keys else [],
+        cursor=json.dumps(cursor, sort_keys=True),
+        skip_reason=None if run_requests or new_keys else "no new persona and no changed photo set",
+    )

@@ -1,0 +1,153 @@
+"""`persona-pipeline`: demo, db upgrade, personas check, demo-photos, trace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _settings():
+    from persona_pipeline.settings import Settings
+
+    return Settings.from_env()
+
+
+def cmd_db_upgrade(_args: argparse.Namespace) -> int:
+    from persona_pipeline.db.session import current_revision, upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url)
+    print(f"application database at revision {current_revision(settings.database_url)}: {_redact(settings.database_url)}")
+    return 0
+
+
+def cmd_personas_check(_args: argparse.Namespace) -> int:
+    from persona_pipeline.personas import discover_personas
+
+    settings = _settings()
+    personas, errors = discover_personas(settings.datasets_dir)
+    for persona in personas:
+        print(f"ok      {persona.slug}: {persona.config.name}, {len(persona.photo_files())} photo files, "
+              f"{len(persona.config.pillars)} pillars")
+    for slug, error in errors.items():
+        print(f"INVALID {slug}: {error}")
+    if not personas and not errors:
+        print(f"no persona folders under {settings.datasets_dir}")
+    return 1 if errors else 0
+
+
+def cmd_demo_photos(args: argparse.Namespace) -> int:
+    from persona_pipeline.demo_photos import make_demo_photos
+
+    written = make_demo_photos(Path(args.out))
+    print(f"wrote {len(written)} photos to {args.out}")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from persona_pipeline.db.session import session_scope
+    from persona_pipeline.trace import trace_post
+
+    with session_scope(_settings().database_url) as session:
+        print(json.dumps(trace_post(session, args.post_id), indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Materialise the whole chain for one persona on the embedded defaults, then publish."""
+    started = time.perf_counter()
+    os.environ.setdefault("PERSONA_AUTO_REVIEW", "1")  # no reviewer in the demo: open_clip scores vote
+    settings = _settings()
+    dagster_home = Path(os.environ.get("DAGSTER_HOME") or settings.home / "dagster")
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    if not (dagster_home / "dagster.yaml").exists():
+        (dagster_home / "dagster.yaml").write_text("# embedded SQLite storage (quickstart)\ntelemetry:\n  enabled: false\n")
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+
+    import dagster as dg
+    from sqlalchemy import select
+
+    from persona_pipeline.automation.persona_sensor import persona_sensor
+    from persona_pipeline.db import models
+    from persona_pipeline.db.session import session_scope, upgrade
+    from persona_pipeline.definitions import build_definitions, build_resources
+    from persona_pipeline.trace import trace_post
+
+    upgrade(settings.database_url)
+    defs = build_definitions(settings)
+    instance = dg.DagsterInstance.get()
+    resources = build_resources(settings)
+    result = persona_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    for request in result.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    if args.persona not in instance.get_dynamic_partitions("personas"):
+        print(f"persona {args.persona!r} was not found under {settings.datasets_dir}; see `persona-pipeline personas check`")
+        return 2
+    print(f"[{time.perf_counter() - started:5.1f}s] persona {args.persona!r} registered; materialising the chain")
+    chain = defs.resolve_job_def("persona_chain").execute_in_process(partition_key=args.persona, instance=instance)
+    print(f"[{time.perf_counter() - started:5.1f}s] chain run {chain.run_id}: {'success' if chain.success else 'FAILED'}")
+    publish = defs.resolve_job_def("publish_job").execute_in_process(instance=instance)
+    print(f"[{time.perf_counter() - started:5.1f}s] publish run {publish.run_id}: {publish.output_for_node('publish_due_posts')}")
+
+    with session_scope(settings.database_url) as session:
+        persona = session.scalar(select(models.Persona).where(models.Persona.slug == args.persona))
+        lora = session.scalar(select(models.LoraModel).join(models.PersonaLora).where(
+            models.PersonaLora.persona_id == persona.id, models.PersonaLora.is_primary.is_(True)))
+        runs = list(session.scalars(select(models.GenerationRun).where(models.GenerationRun.persona_id == persona.id)
+                                    .order_by(models.GenerationRun.id.desc()).limit(3)))
+        published = list(session.scalars(select(models.Post).where(models.Post.persona_id == persona.id,
+                                                                   models.Post.status == "published").order_by(models.Post.id)))
+        upcoming = list(session.scalars(select(models.Post).where(models.Post.persona_id == persona.id,
+                                                                  models.Post.status == "scheduled")))
+        print("\nWhere things are")
+        print(f"  LoRA        {lora.path}  (library id {lora.id})")
+        for run in reversed(runs):
+            winner = session.get(models.Candidate, run.winner_candidate_id) if run.winner_candidate_id else None
+            print(f"  candidates  {Path(session.scalars(select(models.Candidate.image_path).where(models.Candidate.run_id == run.id)).first()).parent}"
+                  f"  (run {run.id}; winner #{winner.id if winner else '-'}, Elo {winner.elo if winner else '-'})")
+        print(f"  rankings    Elo on every candidate (table `candidates`, {_redact(settings.database_url)}); "
+              f"the ranking table is on the `rankings` asset in the UI")
+        print(f"  outbox      {settings.home / 'outbox' / args.persona}  ({len(published)} published, {len(upcoming)} scheduled later)")
+        if published:
+            print(f"\nProvenance of post {published[0].id} (`persona-pipeline trace {published[0].id}`):")
+            print(json.dumps(trace_post(session, published[0].id), indent=2))
+    print(f"\nOpen it in the Dagster UI:\n  DAGSTER_HOME={dagster_home} PERSONA_HOME={settings.home} "
+          f".venv/bin/dagster dev -w workspace.yaml   # then http://127.0.0.1:3000, asset group views")
+    print(f"\ndemo finished in {time.perf_counter() - started:.1f}s")
+    return 0 if chain.success and publish.success and published else 1
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="persona-pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the whole chain for the demo persona on the embedded defaults")
+    demo.add_argument("--persona", default="demo")
+    demo.set_defaults(func=cmd_demo)
+    db = sub.add_parser("db", help="application database")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="apply the Alembic migrations").set_defaults(func=cmd_db_upgrade)
+    personas = sub.add_parser("personas", help="persona folders")
+    personas_sub = personas.add_subparsers(dest="personas_command", required=True)
+    personas_sub.add_parser("check", help="validate every persona.yaml").set_defaults(func=cmd_personas_check)
+    photos = sub.add_parser("demo-photos", help="draw the demo persona's source photos again")
+    photos.add_argument("--out", default="datasets/demo/photos")
+    photos.set_defaults(func=cmd_demo_photos)
+    trace = sub.add_parser("trace", help="print a post's provenance: candidate, manifest, LoRA, dataset")
+    trace.add_argument("post_id", type=int)
+    trace.set_defaults(func=cmd_trace)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

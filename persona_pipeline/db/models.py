@@ -1,0 +1,321 @@
+"""SQLAlchemy 2 models of the application database (one schema for SQLite and PostgreSQL).
+
+Files live under PERSONA_HOME; rows point at them by path + sha256. Every human (or auto-review)
+decision is a `ReviewEvent` row, the one table the review sensor will read.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names so Alembic migrations are the same on every backend.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC timestamps on both backends (SQLite drops tzinfo; we put it back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: store timezone-aware UTC times")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime()}
+
+
+class Persona(Base):
+    __tablename__ = "personas"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slug: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    trigger_word: Mapped[str] = mapped_column(String(40))
+    class_word: Mapped[str] = mapped_column(String(40))
+    timezone: Mapped[str] = mapped_column(String(64))
+    folder: Mapped[str] = mapped_column(Text)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    settings_hash: Mapped[str] = mapped_column(String(64))
+    photos_hash: Mapped[str | None] = mapped_column(String(64))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    pillars: Mapped[list["ContentPillar"]] = relationship(back_populates="persona", cascade="all, delete-orphan")
+
+
+class ContentPillar(Base):
+    __tablename__ = "content_pillars"
+    __table_args__ = (
+        UniqueConstraint("persona_id", "name"),
+        CheckConstraint("weight BETWEEN 0 AND 100", name="weight_range"),
+        CheckConstraint("priority BETWEEN 1 AND 5", name="priority_range"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(80))
+    weight: Mapped[int] = mapped_column(Integer)
+    priority: Mapped[int] = mapped_column(Integer, default=3)
+    starts_on: Mapped[date | None] = mapped_column(Date)
+    ends_on: Mapped[date | None] = mapped_column(Date)
+    guidelines: Mapped[str] = mapped_column(Text, default="")
+    prompt: Mapped[str] = mapped_column(Text)
+    target_posts_per_week: Mapped[int | None] = mapped_column(Integer)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+    persona: Mapped[Persona] = relationship(back_populates="pillars")
+
+
+class SourcePhoto(Base):
+    """One file of a persona's photos/ folder as last ingested: accepted (normalised) or quarantined."""
+
+    __tablename__ = "source_photos"
+    __table_args__ = (UniqueConstraint("persona_id", "original_name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
+    original_name: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # accepted | quarantined | removed
+    reason: Mapped[str | None] = mapped_column(Text)
+    path: Mapped[str | None] = mapped_column(Text)  # normalised file (accepted) or quarantined copy
+    pixel_sha256: Mapped[str | None] = mapped_column(String(64))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    caption: Mapped[str | None] = mapped_column(Text)  # the sidecar .txt, when there is one
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("persona_id", "version"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
+    version: Mapped[str] = mapped_column(String(64))  # content hash of images, captions and settings
+    path: Mapped[str] = mapped_column(Text)
+    image_count: Mapped[int] = mapped_column(Integer)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LoraModel(Base):
+    __tablename__ = "lora_models"
+    __table_args__ = (UniqueConstraint("sha256"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    path: Mapped[str] = mapped_column(Text)  # the .safetensors file
+    sha256: Mapped[str] = mapped_column(String(64))
+    base_model: Mapped[str] = mapped_column(Text)
+    trigger_word: Mapped[str | None] = mapped_column(String(40))
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
+    training: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    dataset: Mapped[Dataset | None] = relationship()
+
+
+class PersonaLora(Base):
+    __tablename__ = "persona_loras"
+    __table_args__ = (UniqueConstraint("persona_id", "lora_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
+    lora_id: Mapped[int] = mapped_column(ForeignKey("lora_models.id", ondelete="CASCADE"))
+    weight: Mapped[float] = mapped_column(Float, default=1.0)
+    is_primary: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    lora: Mapped[LoraModel] = relationship()
+
+
+class GenerationRun(Base):
+    __tablename__ = "generation_runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
+    pillar_id: Mapped[int | None] = mapped_column(ForeignKey("content_pillars.id", ondelete="SET NULL"))
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text, default="")
+    backend: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(24), default="running")  # running | awaiting_review | done | failed
+    dagster_run_id: Mapped[str | None] = mapped_column(String(64))
+    winner_candidate_id: Mapped[int | None] = mapped_column(
+        ForeignKey("candidates.id", ondelete="SET NULL", use_alter=True)
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    steps: Mapped[list["RunStep"]] = relationship(back_populates="run", order_by="RunStep.position")
+
+
+class RunStep(Base):
+    __tablename__ = "run_steps"
+    __table_args__ = (UniqueConstraint("run_id", "position"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("generation_runs.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)  # 1-based
+    name: Mapped[str] = mapped_column(String(80))
+    workflow: Mapped[str] = mapped_column(String(200))
+    n_candidates: Mapped[int] = mapped_column(Integer)
+    top_k: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(24), default="generating")  # generating | voting | approved
+    approved_at: Mapped[datetime | None] = mapped_column()
+
+    run: Mapped[GenerationRun] = relationship(back_populates="steps")
+
+
+class Candidate(Base):
+    __tablename__ = "candidates"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("generation_runs.id", ondelete="CASCADE"), index=True)
+    step_id: Mapped[int] = mapped_column(ForeignKey("run_steps.id", ondelete="CASCADE"), index=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("candidates.id", ondelete="SET NULL"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="active")  # active | killed | winner
+    lora_id: Mapped[int | None] = mapped_column(ForeignKey("lora_models.id", ondelete="SET NULL"))
+    seed: Mapped[int] = mapped_column(Integer)
+    image_path: Mapped[str] = mapped_column(Text)
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    manifest_path: Mapped[str] = mapped_column(Text)
+    elo: Mapped[int] = mapped_column(Integer, default=1000)
+    bt_score: Mapped[float | None] = mapped_column(Float)
+    bt_ci_low: Mapped[float | None] = mapped_column(Float)
+    bt_ci_high: Mapped[float | None] = mapped_column(Float)
+    clip_score: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    parent: Mapped["Candidate | None"] = relationship(remote_side=[id])
+    run: Mapped[GenerationRun] = relationship(foreign_keys=[run_id])
+    lora: Mapped[LoraModel | None] = relationship()
+
+
+class Vote(Base):
+    """One pairwise vote. The pair is stored low id first so the unique key refuses a second vote."""
+
+    __tablename__ = "votes"
+    __table_args__ = (
+        UniqueConstraint("pair_low_id", "pair_high_id"),
+        CheckConstraint("winner_id <> loser_id", name="not_self"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    step_id: Mapped[int] = mapped_column(ForeignKey("run_steps.id", ondelete="CASCADE"), index=True)
+    winner_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"))
+    loser_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"))
+    pair_low_id: Mapped[int] = mapped_column(Integer)
+    pair_high_id: Mapped[int] = mapped_column(Integer)
+    winner_elo_before: Mapped[int] = mapped_column(Integer)
+    loser_elo_before: Mapped[int] = mapped_column(Integer)
+    elo_delta: Mapped[int] = mapped_column(Integer)
+    selection_probability: Mapped[float | None] = mapped_column(Float)
+    reviewer: Mapped[str] = mapped_column(String(80))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ReviewEvent(Base):
+    """Every human decision: who, when, what, on which subject."""
+
+    __tablename__ = "review_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # vote | kill | approve_step | pick_winner | approve_post | ...
+    subject_type: Mapped[str] = mapped_column(String(32))
+    subject_id: Mapped[int] = mapped_column(Integer)
+    reviewer: Mapped[str] = mapped_column(String(80))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Cluster(Base):
+    __tablename__ = "clusters"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
+    version: Mapped[str] = mapped_column(String(64))  # the clustering run that made it
+    label: Mapped[str] = mapped_column(String(200))
+    pillar_id: Mapped[int | None] = mapped_column(ForeignKey("content_pillars.id", ondelete="SET NULL"))
+    centroid: Mapped[list[Any]] = mapped_column(JSON)
+    size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    members: Mapped[list["ClusterMember"]] = relationship(back_populates="cluster", cascade="all, delete-orphan")
+
+
+class ClusterMember(Base):
+    __tablename__ = "cluster_members"
+    __table_args__ = (UniqueConstraint("cluster_id", "candidate_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id", ondelete="CASCADE"), index=True)
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"))
+    distance: Mapped[float] = mapped_column(Float)
+
+    cluster: Mapped[Cluster] = relationship(back_populates="members")
+
+
+class Post(Base):
+    """One post with one status model (see domain/post_states.py for the legal transitions)."""
+
+    __tablename__ = "posts"
+    __table_args__ = (UniqueConstraint("account", "scheduled_at"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
+    pillar_id: Mapped[int | None] = mapped_column(ForeignKey("content_pillars.id", ondelete="SET NULL"))
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="RESTRICT"))
+    account: Mapped[str] = mapped_column(String(120))  # instagram user id, or outbox:<slug>
+    status: Mapped[str] = mapped_column(String(24), default="draft", index=True)
+    caption: Mapped[str] = mapped_column(Text)
+    hashtags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    media_path: Mapped[str | None] = mapped_column(Text)
+    scheduled_at: Mapped[datetime] = mapped_column()
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    retry_count: Mapped[int] = mapped_column(Integer, default=0)
+    published_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    candidate: Mapped[Candidate] = relationship()
+
+
+class PostAttempt(Base):
+    """Every publishing call's outcome, so a crash between two calls can be reconciled."""
+
+    __tablename__ = "post_attempts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    post_id: Mapped[int] = mapped_column(ForeignKey("posts.id", ondelete="CASCADE"), index=True)
+    publisher: Mapped[str] = mapped_column(String(40))
+    outcome: Mapped[str] = mapped_column(String(24))  # published | already_published | failed
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    detail: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,117 @@
+"""Persona and LoRA library writes: persona.yaml → rows, trained LoRA → library + mapping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from persona_pipeline import personas as persona_files
+from persona_pipeline.db import models
+
+
+class UnknownPersona(LookupError):
+    pass
+
+
+def sync_persona(session: Session, persona: persona_files.Persona, photos_hash: str | None = None) -> models.Persona:
+    """Create or update the persona row and its pillars from persona.yaml. Pillars dropped from
+    the file are kept (posts refer to them) but marked inactive."""
+    cfg = persona.config
+    row = session.scalar(select(models.Persona).where(models.Persona.slug == persona.slug))
+    if row is None:
+        row = models.Persona(slug=persona.slug)
+        session.add(row)
+    row.name = cfg.name
+    row.trigger_word = cfg.trigger_word
+    row.class_word = cfg.class_word
+    row.timezone = cfg.timezone
+    row.folder = str(persona.folder)
+    row.settings = cfg.model_dump(mode="json")
+    row.settings_hash = persona.settings_hash
+    row.active = True
+    if photos_hash is not None:
+        row.photos_hash = photos_hash
+    session.flush()
+
+    existing = {p.name: p for p in session.scalars(select(models.ContentPillar).where(models.ContentPillar.persona_id == row.id))}
+    for pillar in cfg.pillars:
+        pillar_row = existing.pop(pillar.name, None) or models.ContentPillar(persona_id=row.id, name=pillar.name)
+        pillar_row.weight = pillar.weight
+        pillar_row.priority = pillar.priority
+        pillar_row.starts_on = pillar.starts_on
+        pillar_row.ends_on = pillar.ends_on
+        pillar_row.guidelines = pillar.guidelines
+        pillar_row.prompt = cfg.pillar_prompt(pillar)
+        pillar_row.target_posts_per_week = pillar.target_posts_per_week
+        pillar_row.active = True
+        session.add(pillar_row)
+    for stale in existing.values():
+        stale.active = False
+    session.flush()
+    return row
+
+
+def deactivate_missing(session: Session, present_slugs: set[str]) -> list[str]:
+    """Mark personas whose folder is gone as inactive (their history stays). Returns their slugs."""
+    gone = [p for p in session.scalars(select(models.Persona).where(models.Persona.active.is_(True))) if p.slug not in present_slugs]
+    for persona in gone:
+        persona.active = False
+    return [p.slug for p in gone]
+
+
+def get_persona(session: Session, slug: str) -> models.Persona:
+    row = session.scalar(select(models.Persona).where(models.Persona.slug == slug))
+    if row is None:
+        raise UnknownPersona(f"persona {slug!r} is not in the database; the persona sensor adds it from datasets/{slug}/persona.yaml")
+    return row
+
+
+def active_pillars(session: Session, persona_id: int) -> list[models.ContentPillar]:
+    return list(session.scalars(
+        select(models.ContentPillar)
+        .where(models.ContentPillar.persona_id == persona_id, models.ContentPillar.active.is_(True))
+        .order_by(models.ContentPillar.id)
+    ))
+
+
+def register_lora(
+    session: Session,
+    persona_id: int,
+    *,
+    name: str,
+    path: Path,
+    sha256: str,
+    base_model: str,
+    trigger_word: str | None,
+    dataset_id: int | None,
+    training: dict[str, Any],
+    weight: float = 1.0,
+    primary: bool = True,
+) -> models.LoraModel:
+    """Add a LoRA file to the library (once per sha256) and map it to the persona."""
+    lora = session.scalar(select(models.LoraModel).where(models.LoraModel.sha256 == sha256))
+    if lora is None:
+        lora = models.LoraModel(name=name, path=str(path), sha256=sha256, base_model=base_model,
+                                trigger_word=trigger_word, dataset_id=dataset_id, training=training)
+        session.add(lora)
+        session.flush()
+    mapping = session.scalar(select(models.PersonaLora).where(
+        models.PersonaLora.persona_id == persona_id, models.PersonaLora.lora_id == lora.id))
+    if mapping is None:
+        mapping = models.PersonaLora(persona_id=persona_id, lora_id=lora.id)
+        session.add(mapping)
+    mapping.weight = weight
+    if primary:
+        session.execute(update(models.PersonaLora).where(models.PersonaLora.persona_id == persona_id)
+                        .values(is_primary=False))
+    mapping.is_primary = primary
+    session.flush()
+    return lora
+
+
+def primary_lora(session: Session, persona_id: int) -> models.PersonaLora | None:
+    return session.scalar(select(models.PersonaLora).where(
+        models.PersonaLora.persona_id == persona_id, models.PersonaLora.is_primary.is_(True)))

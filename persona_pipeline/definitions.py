@@ -1,0 +1,57 @@
+"""The one Definitions of the code location: assets, checks, sensors, schedules, resources."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from persona_pipeline.assets.candidates import candidates
+from persona_pipeline.assets.clusters import clusters
+from persona_pipeline.assets.lora_model import lora_model
+from persona_pipeline.assets.rankings import rankings
+from persona_pipeline.assets.scheduled_posts import scheduled_posts
+from persona_pipeline.assets.source_photos import source_photos
+from persona_pipeline.assets.training_dataset import training_dataset
+from persona_pipeline.automation.jobs import lora_training_job, persona_chain_job
+from persona_pipeline.automation.persona_sensor import persona_sensor
+from persona_pipeline.automation.publishing import publish_job, publish_schedule
+from persona_pipeline.resources.clip import ClipModel
+from persona_pipeline.resources.database import AppDatabase
+from persona_pipeline.resources.diffusion import DiffusionBackend
+from persona_pipeline.resources.publisher import OutboxPublisher
+from persona_pipeline.resources.review_policy import AutoReviewer
+from persona_pipeline.resources.storage import PersonaFolders, PersonaStorage
+from persona_pipeline.settings import Settings
+
+ASSETS = [source_photos, training_dataset, lora_model, candidates, rankings, clusters, scheduled_posts]
+
+
+def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    # The database URL may hold a password: when it comes from the environment, pass it as an
+    # EnvVar so the UI shows the variable's name, not its value.
+    database_url = dg.EnvVar("PERSONA_DATABASE_URL") if os.environ.get("PERSONA_DATABASE_URL", "").strip() == settings.database_url else settings.database_url
+    return {
+        "database": AppDatabase(url=database_url),
+        "storage": PersonaStorage(home=str(settings.home)),
+        "persona_folders": PersonaFolders(datasets_dir=str(settings.datasets_dir)),
+        "diffusion": DiffusionBackend(base_model=settings.base_model, device=settings.device,
+                                      models_dir=str(settings.home / "models"), candidates_per_run=settings.candidates_per_run),
+        "clip": ClipModel(model_name=settings.clip_model, pretrained=settings.clip_pretrained, device=settings.device),
+        "auto_review": AutoReviewer(enabled=settings.auto_review),
+        "publisher": OutboxPublisher(home=str(settings.home)),
+    }
+
+
+def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    settings = settings or Settings.from_env()
+    return dg.Definitions(
+        assets=ASSETS,
+        jobs=[persona_chain_job, lora_training_job, publish_job],
+        sensors=[persona_sensor],
+        schedules=[publish_schedule(settings.publish_cron)],
+        resources=build_resources(settings),
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,1 @@
+"""Pure domain logic: no Dagster, no database, no file system. Unit-tested directly."""

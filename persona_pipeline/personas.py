@@ -1,0 +1,236 @@
+"""The persona registry: `datasets/<slug>/persona.yaml` + `photos/`, validated with pydantic.
+
+A bad file raises `PersonaFileError`, whose message names the file and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import date, time
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic"}
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+WINDOW_RE = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
+
+
+class PersonaFileError(ValueError):
+    """persona.yaml could not be read or is invalid; the message names the file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Pillar(_Strict):
+    name: str = Field(min_length=1, max_length=80)
+    weight: int = Field(ge=0, le=100)
+    priority: int = Field(default=3, ge=1, le=5)
+    starts_on: date | None = None
+    ends_on: date | None = None
+    guidelines: str = ""
+    prompt: str | None = None  # generation prompt; `{trigger}` and `{class_word}` are filled in
+    target_posts_per_week: int | None = Field(default=None, ge=0, le=50)
+
+    @model_validator(mode="after")
+    def _window_order(self) -> "Pillar":
+        if self.starts_on and self.ends_on and self.ends_on < self.starts_on:
+            raise ValueError(f"ends_on {self.ends_on} is before starts_on {self.starts_on}")
+        return self
+
+
+class CaptionSettings(_Strict):
+    tone: Literal["casual", "professional", "playful", "inspirational", "edgy"] = "casual"
+    voice: list[str] = []
+    topics: list[str] = []
+    avoid_topics: list[str] = []
+    examples: list[str] = []
+    emoji: bool = True
+    emoji_density: Literal["none", "low", "medium", "high"] = "low"
+    length: Literal["short", "medium", "long"] = "short"
+    # Used for posts until a caption model is configured; {pillar}, {guidelines}, {name} are filled.
+    templates: list[str] = ["{guidelines}"]
+
+
+class HashtagSettings(_Strict):
+    targets: list[str] = []
+    avoid: list[str] = []
+    size_mix: Literal["balanced", "niche_heavy", "broad_reach"] = "balanced"
+    max_per_post: int = Field(default=5, ge=0, le=30)
+
+    @field_validator("targets", "avoid")
+    @classmethod
+    def _normalise(cls, tags: list[str]) -> list[str]:
+        out = []
+        for tag in tags:
+            clean = tag.strip().lstrip("#")
+            if not clean or not re.fullmatch(r"\w+", clean):
+                raise ValueError(f"hashtag {tag!r} must be letters, digits or underscores")
+            out.append(clean)
+        return out
+
+
+class InstagramAccount(_Strict):
+    user_id: str = Field(min_length=1)
+    token_env: str = Field(min_length=1, pattern=r"^[A-Z_][A-Z0-9_]*$")
+
+
+class TrainingOverrides(_Strict):
+    """Per-persona training settings; anything unset takes the base model's default."""
+
+    caption_template: str = "{trigger} {class_word}"
+    repeats: int = Field(default=10, ge=1, le=100)
+    min_photos: int = Field(default=10, ge=1, le=500)
+    max_side: int = Field(default=1024, ge=256, le=4096)
+    min_side: int = Field(default=256, ge=64, le=2048)
+    rank: int | None = Field(default=None, ge=1, le=256)
+    alpha: float | None = Field(default=None, gt=0, le=512)
+    steps: int | None = Field(default=None, ge=1, le=20000)
+    learning_rate: float | None = Field(default=None, gt=0, le=1e-2)
+    resolution: int | None = Field(default=None, ge=32, le=2048)
+    seed: int = 0
+
+
+class PersonaConfig(_Strict):
+    name: str = Field(min_length=1)
+    trigger_word: str = Field(min_length=2, max_length=40, pattern=r"^\S+$")
+    class_word: str = Field(min_length=1, max_length=40)
+    timezone: str = "UTC"
+    posting_windows: list[str] = ["05:00-08:00", "10:00-15:00"]
+    min_minutes_between_posts: int = Field(default=120, ge=1, le=7 * 24 * 60)
+    pillars: list[Pillar] = Field(min_length=1)
+    captions: CaptionSettings = CaptionSettings()
+    hashtags: HashtagSettings = HashtagSettings()
+    instagram: InstagramAccount | None = None
+    training: TrainingOverrides = TrainingOverrides()
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {value!r}") from None
+        return value
+
+    @field_validator("posting_windows")
+    @classmethod
+    def _windows(cls, windows: list[str]) -> list[str]:
+        if not windows:
+            raise ValueError("at least one posting window is needed")
+        for window in windows:
+            parse_window(window)
+        return windows
+
+    @model_validator(mode="after")
+    def _unique_pillars(self) -> "PersonaConfig":
+        names = [p.name for p in self.pillars]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"pillar names must be unique; repeated: {', '.join(dupes)}")
+        if sum(p.weight for p in self.pillars) <= 0:
+            raise ValueError("pillar weights sum to 0")
+        return self
+
+    def windows(self) -> list[tuple[time, time]]:
+        return [parse_window(w) for w in self.posting_windows]
+
+    def pillar_prompt(self, pillar: Pillar) -> str:
+        template = pillar.prompt or "photo of {trigger} {class_word}, {pillar}"
+        return template.format(trigger=self.trigger_word, class_word=self.class_word, pillar=pillar.name)
+
+
+def parse_window(window: str) -> tuple[time, time]:
+    """'HH:MM-HH:MM' in the persona's local time; '24:00' is allowed as an end."""
+    match = WINDOW_RE.match(window.strip())
+    if not match:
+        raise ValueError(f"posting window {window!r} is not 'HH:MM-HH:MM'")
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    if h1 > 23 or m1 > 59 or m2 > 59 or h2 > 24 or (h2 == 24 and m2 != 0):
+        raise ValueError(f"posting window {window!r} has an impossible time")
+    start = time(h1, m1)
+    end = time.max if h2 == 24 else time(h2, m2)
+    if end <= start:
+        raise ValueError(f"posting window {window!r} ends before it starts")
+    return start, end
+
+
+class Persona(BaseModel):
+    """A loaded persona folder."""
+
+    slug: str
+    folder: Path
+    config: PersonaConfig
+    settings_hash: str
+
+    @property
+    def photos_dir(self) -> Path:
+        return self.folder / "photos"
+
+    def photo_files(self) -> list[Path]:
+        """Every file in photos/ that is not a caption sidecar (bad files included: ingestion judges them)."""
+        if not self.photos_dir.is_dir():
+            return []
+        return sorted(p for p in self.photos_dir.iterdir() if p.is_file() and p.suffix.lower() != ".txt" and not p.name.startswith("."))
+
+    def photo_set_hash(self) -> str:
+        """Content hash of the photo set (names, bytes and sidecar captions); changes trigger ingestion."""
+        digest = hashlib.sha256()
+        if self.photos_dir.is_dir():
+            for path in sorted(p for p in self.photos_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
+                digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+        return digest.hexdigest()
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(part) if not isinstance(part, int) else f"[{part}]" for part in loc).replace(".[", "[")
+
+
+def load_persona(folder: Path) -> Persona:
+    """Load and validate `folder/persona.yaml`."""
+    folder = Path(folder)
+    path = folder / "persona.yaml"
+    slug = folder.name
+    if not SLUG_RE.match(slug):
+        raise PersonaFileError(f"{folder}: folder name {slug!r} is not a valid persona slug (lowercase letters, digits, - and _)")
+    try:
+        raw_text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PersonaFileError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise PersonaFileError(f"{path}: not UTF-8 text ({exc})") from None
+    try:
+        raw = yaml.safe_load(raw_text)
+    except yaml.YAMLError as exc:
+        raise PersonaFileError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PersonaFileError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        config = PersonaConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"field '{_field_path(err['loc']) or '(top level)'}': {err['msg']}" for err in exc.errors())
+        raise PersonaFileError(f"{path}: {problems}") from None
+    settings_hash = hashlib.sha256(config.model_dump_json().encode()).hexdigest()
+    return Persona(slug=slug, folder=folder.resolve(), config=config, settings_hash=settings_hash)
+
+
+def discover_personas(datasets_dir: Path) -> tuple[list[Persona], dict[str, str]]:
+    """Every persona folder under `datasets_dir`: (loaded personas, {slug: error} for bad ones)."""
+    personas: list[Persona] = []
+    errors: dict[str, str] = {}
+    if not Path(datasets_dir).is_dir():
+        return personas, errors
+    for folder in sorted(Path(datasets_dir).iterdir()):
+        if not (folder / "persona.yaml").is_file():
+            continue
+        try:
+            personas.append(load_persona(folder))
+        except PersonaFileError as exc:
+            errors[folder.name] = str(exc)
+    return personas, errors

@@ -1,0 +1,63 @@
+"""open_clip embeddings: the tiny random preset offline, or a real architecture with weights from a
+local file (PERSONA_CLIP_PRETRAINED). Scores on the tiny preset are noise, but the code path is real."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+from PIL import Image
+
+from persona_pipeline.training.tiny_models import register_tiny_clip
+
+
+class ClipModel(dg.ConfigurableResource):
+    model_name: str = "tiny"
+    pretrained: str = ""
+    device: str = "cpu"
+
+    def embed_images(self, paths: list[Path], batch_size: int = 32) -> np.ndarray:
+        """L2-normalised image embeddings, one row per path."""
+        import torch
+
+        model, preprocess, _ = _load(self.model_name, self.pretrained, self.device)
+        rows = []
+        with torch.no_grad():
+            for start in range(0, len(paths), batch_size):
+                batch = []
+                for path in paths[start:start + batch_size]:
+                    with Image.open(path) as image:
+                        batch.append(preprocess(image.convert("RGB")))
+                features = model.encode_image(torch.stack(batch).to(self.device))
+                rows.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        model, _, tokenizer = _load(self.model_name, self.pretrained, self.device)
+        with torch.no_grad():
+            features = model.encode_text(tokenizer(texts).to(self.device))
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
+
+    def prompt_scores(self, paths: list[Path], prompt: str) -> list[float]:
+        """Cosine similarity of each image to the prompt (CLIP score / 100)."""
+        if not paths:
+            return []
+        images = self.embed_images(paths)
+        text = self.embed_texts([prompt])[0]
+        return [float(x) for x in images @ text]
+
+
+@lru_cache(maxsize=2)
+def _load(model_name: str, pretrained: str, device: str):
+    import open_clip
+
+    name = register_tiny_clip() if model_name == "tiny" else model_name
+    if pretrained and Path(pretrained).suffix in {".safetensors", ".bin", ".pt", ".pth"} and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"PERSONA_CLIP_PRETRAINED={pretrained}: file not found")
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(name)

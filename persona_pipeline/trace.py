@@ -1,0 +1,48 @@
+"""Provenance: from a post back through its candidate and manifest to the LoRA and the dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from persona_pipeline.db import models
+
+
+class TraceError(ValueError):
+    pass
+
+
+def trace_post(session: Session, post_id: int) -> dict:
+    """Every link checked: the manifest's image hash matches the file, the manifest's LoRA is the
+    candidate's LoRA, and the LoRA's dataset version is the dataset folder's. Raises on a broken link."""
+    post = session.get(models.Post, post_id)
+    if post is None:
+        raise TraceError(f"post {post_id} does not exist")
+    candidate = post.candidate
+    manifest_path = Path(candidate.manifest_path)
+    manifest = json.loads(manifest_path.read_text())
+    image_sha = hashlib.sha256(Path(candidate.image_path).read_bytes()).hexdigest()
+    if image_sha != manifest["sha256"] or image_sha != candidate.image_sha256:
+        raise TraceError(f"candidate {candidate.id}: image {candidate.image_path} does not match its manifest's sha256")
+    lora = candidate.lora
+    if lora is None or manifest["lora_id"] != lora.id or manifest["lora_sha256"] != lora.sha256:
+        raise TraceError(f"candidate {candidate.id}: manifest LoRA {manifest.get('lora_id')} is not the recorded LoRA")
+    if hashlib.sha256(Path(lora.path).read_bytes()).hexdigest() != lora.sha256:
+        raise TraceError(f"LoRA {lora.id}: file {lora.path} does not match its sha256")
+    dataset = lora.dataset
+    if dataset is None:
+        raise TraceError(f"LoRA {lora.id} has no dataset (imported, not trained here)")
+    dataset_meta = json.loads((Path(dataset.path) / "metadata.json").read_text())
+    if dataset_meta["version"] != dataset.version or manifest["dataset_version"] != dataset.version:
+        raise TraceError(f"dataset {dataset.id}: version on disk {dataset_meta['version'][:16]} differs from the database")
+    return {
+        "post": {"id": post.id, "status": post.status, "external_id": post.external_id, "media": post.media_path},
+        "candidate": {"id": candidate.id, "run_id": candidate.run_id, "elo": candidate.elo, "image": candidate.image_path,
+                      "sha256": image_sha},
+        "manifest": {"path": str(manifest_path), **{k: manifest[k] for k in ("prompt", "seed", "steps", "cfg", "sampler", "scheduler", "width", "height")}},
+        "lora": {"id": lora.id, "path": lora.path, "sha256": lora.sha256, "base_model": lora.base_model},
+        "dataset": {"id": dataset.id, "version": dataset.version, "path": dataset.path, "images": dataset.image_count},
+    }

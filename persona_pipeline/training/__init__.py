@@ -1,0 +1,1 @@
+"""LoRA training and the tiny offline model builders (no Dagster here)."""

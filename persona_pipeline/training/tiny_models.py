@@ -1,0 +1,80 @@
+"""Tiny randomly initialised models, built locally so that the quickstart and the tests need no
+download: a Stable Diffusion pipeline (UNet, VAE, CLIP text encoder, tokenizer) and an open_clip
+model. Shapes follow diffusers' own test fixtures. Weights are seeded, so every build is the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY_SD_NAME = "tiny-sd"
+TINY_RESOLUTION = 64
+
+
+def _byte_vocab() -> dict[str, int]:
+    """CLIP's byte-level alphabet (each byte as a token, and as a word-final token), no merges."""
+    # GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest above 255.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = iter(range(256, 512))
+    chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
+    """Write a working StableDiffusionPipeline with random weights to `folder` (idempotent)."""
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tmp = folder.with_name(folder.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    vocab = _byte_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=TINY_RESOLUTION // 2,
+        in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=TINY_RESOLUTION,
+    )
+    eos = vocab["<|endoftext|>"]
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos, hidden_size=32,
+        intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
+        vocab_size=len(vocab), max_position_embeddings=77,
+    ))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(tmp)
+    tmp.rename(folder)  # a crash mid-write never leaves a half model that looks complete
+    return folder
+
+
+TINY_CLIP_NAME = "persona-tiny-clip"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def register_tiny_clip() -> str:
+    """Make `persona-tiny-clip` known to open_clip (a shrunken ViT-B-32 layout, random weights)."""
+    import open_clip
+    from open_clip import factory
+
+    if TINY_CLIP_NAME not in factory._MODEL_CONFIGS:
+        factory._MODEL_CONFIGS[TINY_CLIP_NAME] = TINY_CLIP_CONFIG
+    return TINY_CLIP_NAME
