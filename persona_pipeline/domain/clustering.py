@@ -29,15 +29,16 @@ def cluster_embeddings(embeddings: np.ndarray, max_k: int = 20) -> Clustering:
     if n < 3:
         centroid = embeddings.mean(axis=0, keepdims=True)
         return Clustering(1, [0] * n, centroid, [float(d) for d in np.linalg.norm(embeddings - centroid, axis=1)], None)
+    distinct = len(np.unique(embeddings, axis=0))
     best: tuple[float, KMeans] | None = None
-    for k in range(2, min(max_k, n - 1) + 1):
+    for k in range(2, min(max_k, n - 1, distinct) + 1):
         model = KMeans(n_clusters=k, random_state=SEED, n_init=10).fit(embeddings)
         if len(set(model.labels_)) < 2:
             continue
         score = float(silhouette_score(embeddings, model.labels_))
         if best is None or score > best[0] + 1e-12:
             best = (score, model)
-    if best is None:  # all points identical
+    if best is None:  # all points identical (or nearly)
         centroid = embeddings.mean(axis=0, keepdims=True)
         return Clustering(1, [0] * n, centroid, [0.0] * n, None)
     score, model = best

@@ -212,6 +212,12 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_candidates_run_id'), ['run_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_candidates_step_id'), ['step_id'], unique=False)
 
+    # generation_runs and candidates refer to each other. SQLite accepts the forward reference
+    # inline (above); PostgreSQL needs the constraint added once both tables exist.
+    if op.get_bind().dialect.name != "sqlite":
+        op.create_foreign_key(op.f('fk_generation_runs_winner_candidate_id_candidates'), 'generation_runs', 'candidates',
+                              ['winner_candidate_id'], ['id'], ondelete='SET NULL')
+
     op.create_table('cluster_members',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('cluster_id', sa.Integer(), nullable=False),
@@ -293,6 +299,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name != "sqlite":
+        op.drop_constraint(op.f('fk_generation_runs_winner_candidate_id_candidates'), 'generation_runs', type_='foreignkey')
 
     with op.batch_alter_table('post_attempts', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_post_attempts_post_id'))

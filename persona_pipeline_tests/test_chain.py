@@ -1,0 +1,207 @@
+"""The whole chain on the tiny models, on SQLite and PostgreSQL: every asset materialises, every
+output is where it should be, and a published post traces back to its candidate, LoRA and dataset."""
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from safetensors.torch import load_file
+from sqlalchemy import func, select
+
+from persona_pipeline.automation.jobs import CHAIN_ASSETS
+from persona_pipeline.automation.publishing import publish_due
+from persona_pipeline.db import models
+from persona_pipeline.db.session import session_scope
+from persona_pipeline.definitions import ASSETS, build_resources
+from persona_pipeline.domain import elo
+from persona_pipeline.personas import load_persona
+from persona_pipeline.db import registry
+from persona_pipeline.trace import trace_post
+from persona_pipeline_tests.conftest import make_database, make_settings, write_persona
+
+MANIFEST_FIELDS = {"prompt", "negative_prompt", "seed", "steps", "cfg", "sampler", "scheduler", "width", "height",
+                   "base_model", "lora_id", "lora_weight", "sha256"}
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, msg):
+        self.lines.append(msg)
+
+    error = info
+
+
+def _materialise_chain(folder: Path, db_url: str):
+    settings = make_settings(folder, db_url)
+    persona_folder = write_persona(settings.datasets_dir, "tester", photos=12)
+    with session_scope(db_url) as session:
+        registry.sync_persona(session, load_persona(persona_folder))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("personas", ["tester"])
+    resources = build_resources(settings)
+    result = dg.materialize(ASSETS, partition_key="tester", instance=instance, resources=resources)
+    return settings, result, resources
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def built_chain(request, tmp_path_factory):
+    """One materialised chain per backend, shared by the tests that only read it."""
+    folder = tmp_path_factory.mktemp(f"chain-{request.param}")
+    url, cleanup = make_database(request.param, folder)
+    yield _materialise_chain(folder, url)
+    cleanup()
+
+
+@pytest.fixture
+def chain(tmp_path, db_url):
+    """A chain of its own, for tests that publish or change state."""
+    return _materialise_chain(tmp_path, db_url)
+
+
+def test_every_asset_materialises_with_metadata(built_chain):
+    _, result, _ = built_chain
+    assert result.success
+    for name in CHAIN_ASSETS:
+        (materialization,) = result.asset_materializations_for_node(name)
+        assert materialization.partition == "tester" and materialization.metadata, name
+    metadata = {n: result.asset_materializations_for_node(n)[0].metadata for n in CHAIN_ASSETS}
+    assert metadata["source_photos"]["usable"].value == 12
+    assert metadata["training_dataset"]["images"].value == 12
+    assert metadata["training_dataset"]["sidecar_captions"].value == 6  # every other demo photo has one
+    assert metadata["candidates"]["candidates"].value == 6  # 2 pillars × 3
+    assert "data:image/png;base64," in metadata["candidates"]["preview"].value
+    assert metadata["scheduled_posts"]["new_posts"].value == 2
+
+
+def test_dataset_is_kohya_shaped_with_trigger_first_captions(built_chain):
+    settings, _, _ = built_chain
+    with session_scope(settings.database_url) as session:
+        dataset = session.scalar(select(models.Dataset))
+    folder = Path(dataset.path)
+    subset = folder / "10_t3st woman"
+    assert sorted(p.name for p in subset.glob("*.png"))[:2] == ["0001.png", "0002.png"]
+    captions = [p.read_text().strip() for p in sorted(subset.glob("*.txt"))]
+    assert len(captions) == 12 and all(c.startswith("t3st") for c in captions)
+    assert "t3st, close-up portrait" in captions[0]  # the sidecar won
+    assert captions[1] == "t3st woman"  # the template (default "{trigger} {class_word}")
+    assert 'num_repeats = 10' in (folder / "dataset.toml").read_text()
+    assert json.loads((folder / "metadata.json").read_text())["version"] == dataset.version
+
+
+def test_lora_is_a_real_trained_adapter_registered_as_primary(built_chain):
+    settings, _, _ = built_chain
+    with session_scope(settings.database_url) as session:
+        persona = registry.get_persona(session, "tester")
+        mapping = registry.primary_lora(session, persona.id)
+        lora, dataset = mapping.lora, mapping.lora.dataset
+        assert dataset is not None
+    weights = load_file(lora.path)
+    assert any("lora" in key for key in weights) and len(weights) > 10
+    meta = json.loads((Path(lora.path).parent / "metadata.json").read_text())
+    assert meta["dataset_version"] == dataset.version and meta["params"]["steps"] == 4
+    assert len(meta["losses"]) == 4 and all(loss > 0 for loss in meta["losses"])
+
+
+def test_candidates_have_complete_manifests_and_elo_matches_the_votes(built_chain):
+    settings, _, _ = built_chain
+    with session_scope(settings.database_url) as session:
+        cands = session.scalars(select(models.Candidate)).all()
+        votes = session.execute(select(models.Vote.winner_id, models.Vote.loser_id).order_by(models.Vote.id)).all()
+        runs = session.scalars(select(models.GenerationRun)).all()
+        lora_id = registry.primary_lora(session, runs[0].persona_id).lora_id
+    for cand in cands:
+        manifest = json.loads(Path(cand.manifest_path).read_text())
+        assert MANIFEST_FIELDS <= set(manifest) and manifest["lora_id"] == lora_id
+        assert manifest["seed"] == cand.seed and manifest["sha256"] == cand.image_sha256
+    assert len(votes) == 6  # 3 pairs per run, auto-review
+    replayed = elo.replay([c.id for c in cands], votes)
+    assert {c.id: c.elo for c in cands} == {cid: s.elo for cid, s in replayed.items()}
+    for run in runs:
+        ranked = elo.rank({c.id: replayed[c.id] for c in cands if c.run_id == run.id})
+        assert run.winner_candidate_id == ranked[0].candidate_id
+
+
+def test_clusters_cover_the_approved_images(built_chain):
+    settings, _, _ = built_chain
+    with session_scope(settings.database_url) as session:
+        members = session.scalars(select(models.ClusterMember.candidate_id)).all()
+        winners = session.scalars(select(models.Candidate.id).where(models.Candidate.status == "winner")).all()
+        assert sorted(members) == sorted(winners) and len(winners) == 2
+
+
+def test_publishing_posts_once_and_traces_back(chain):
+    settings, _, resources = chain
+    db, publisher = resources["database"], resources["publisher"]
+    with session_scope(settings.database_url) as session:
+        posts = session.scalars(select(models.Post).order_by(models.Post.scheduled_at)).all()
+        assert [p.status for p in posts] == ["scheduled", "scheduled"]
+        gap = posts[1].scheduled_at - posts[0].scheduled_at
+        assert gap >= timedelta(minutes=60)
+    first = publish_due(db, publisher, datetime.now(timezone.utc) + timedelta(seconds=5), _Log())
+    assert first["published"] == 1  # the second slot is not due yet
+    again = publish_due(db, publisher, datetime.now(timezone.utc) + timedelta(seconds=5), _Log())
+    assert again["published"] == 0 and again["already_published"] == 0
+    outbox = settings.home / "outbox" / "tester"
+    assert len(list(outbox.glob("post-*.json"))) == 1 and len(list(outbox.glob("post-*.jpg"))) == 1
+    with session_scope(settings.database_url) as session:
+        published = session.scalar(select(models.Post).where(models.Post.status == "published"))
+        trace = trace_post(session, published.id)
+        dataset = session.scalar(select(models.Dataset))
+        assert session.scalar(select(func.count(models.PostAttempt.id))) == 1
+    assert trace["dataset"]["version"] == dataset.version
+    assert trace["candidate"]["id"] == published.candidate_id
+    record = json.loads(next(outbox.glob("post-*.json")).read_text())
+    assert record["post_id"] == published.id and record["hashtags"] == published.hashtags
+
+
+def test_crash_between_publishing_and_recording_never_posts_twice(chain):
+    settings, _, resources = chain
+    db, publisher = resources["database"], resources["publisher"]
+    later = datetime.now(timezone.utc) + timedelta(days=2)
+    publish_due(db, publisher, later, _Log())
+    outbox = settings.home / "outbox" / "tester"
+    files_before = sorted(p.name for p in outbox.iterdir())
+    with session_scope(settings.database_url) as session:  # as if the process died after the outbox write
+        post = session.scalar(select(models.Post).order_by(models.Post.id))
+        post.status, post.updated_at = "publishing", later - timedelta(hours=1)
+    recovered = publish_due(db, publisher, later, _Log())
+    assert recovered["already_published"] == 1 and recovered["published"] == 0
+    assert sorted(p.name for p in outbox.iterdir()) == files_before
+
+
+def test_failed_publish_is_recorded_then_retried_then_abandoned(chain):
+    settings, _, resources = chain
+    db, publisher = resources["database"], resources["publisher"]
+    with session_scope(settings.database_url) as session:
+        post = session.scalar(select(models.Post).order_by(models.Post.id))
+        Path(post.media_path).unlink()  # the media vanished
+    log = _Log()
+    now = datetime.now(timezone.utc) + timedelta(seconds=5)
+    assert publish_due(db, publisher, now, log)["failed"] == 1
+    assert any("media file" in line for line in log.lines)
+    for _ in range(2):
+        counts = publish_due(db, publisher, now, log)
+        assert counts["retried"] == 1 and counts["failed"] == 1
+    assert publish_due(db, publisher, now, log)["abandoned"] == 1
+    with session_scope(settings.database_url) as session:
+        post = session.scalar(select(models.Post).order_by(models.Post.id))
+        assert post.status == "abandoned" and post.retry_count == 3 and "missing" in post.failure_reason
+        assert session.scalar(select(func.count(models.PostAttempt.id)).where(models.PostAttempt.outcome == "failed")) == 3
+
+
+def test_rematerialising_reuses_immutable_versions_and_adds_runs(chain):
+    settings, _, resources = chain
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("personas", ["tester"])
+    again = dg.materialize(ASSETS, partition_key="tester", instance=instance, resources=resources)
+    assert again.success
+    with session_scope(settings.database_url) as session:
+        assert session.scalar(select(func.count(models.Dataset.id))) == 1
+        assert session.scalar(select(func.count(models.LoraModel.id))) == 1
+        assert session.scalar(select(func.count(models.GenerationRun.id))) == 4
+        # pillars with an upcoming post get no second one
+        assert session.scalar(select(func.count(models.Post.id))) == 2

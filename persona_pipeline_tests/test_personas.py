@@ -1,0 +1,66 @@
+"""persona.yaml loading: the demo is valid; a bad file names the file and the field."""
+
+import pytest
+import yaml
+
+from persona_pipeline.personas import PersonaFileError, discover_personas, load_persona
+from persona_pipeline_tests.conftest import DEMO, write_persona
+
+
+def test_demo_persona_is_valid_and_has_three_pillars_and_enough_photos():
+    persona = load_persona(DEMO)
+    assert persona.slug == "demo" and persona.config.trigger_word == "m1ra"
+    assert len(persona.config.pillars) == 3
+    assert 16 <= len([p for p in persona.photo_files() if p.suffix == ".jpg"]) <= 20
+    assert persona.config.instagram.token_env == "DEMO_INSTAGRAM_TOKEN"
+
+
+@pytest.mark.parametrize("change, field, message", [
+    ({"timezone": "Mars/Olympus"}, "timezone", "unknown timezone"),
+    ({"pillars": [{"name": "a", "weight": 150}]}, "pillars[0].weight", "less than or equal to 100"),
+    ({"pillars": [{"name": "a", "weight": 10, "priority": 9}]}, "pillars[0].priority", "less than or equal to 5"),
+    ({"posting_windows": ["9-5"]}, "posting_windows", "not 'HH:MM-HH:MM'"),
+    ({"posting_windows": ["15:00-10:00"]}, "posting_windows", "ends before it starts"),
+    ({"trigger_word": "two words"}, "trigger_word", "pattern"),
+    ({"hashtags": {"targets": ["ok", "not ok!"]}}, "hashtags.targets", "letters, digits or underscores"),
+    ({"instagram": {"user_id": "1", "token_env": "lower"}}, "instagram.token_env", "pattern"),
+    ({"unknown_key": 1}, "unknown_key", "Extra inputs"),
+    ({"training": {"min_photos": 0}}, "training.min_photos", "greater than or equal to 1"),
+])
+def test_bad_fields_are_named_with_the_file(tmp_path, change, field, message):
+    folder = write_persona(tmp_path, "bad", photos=0)
+    config = yaml.safe_load((folder / "persona.yaml").read_text())
+    config.update(change)
+    (folder / "persona.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(PersonaFileError) as error:
+        load_persona(folder)
+    assert str(folder / "persona.yaml") in str(error.value)
+    assert f"field '{field}'" in str(error.value) and message in str(error.value)
+
+
+def test_broken_yaml_and_missing_fields_are_reported(tmp_path):
+    folder = write_persona(tmp_path, "broken", photos=0)
+    (folder / "persona.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(PersonaFileError, match="invalid YAML"):
+        load_persona(folder)
+    (folder / "persona.yaml").write_text("name: only a name\n")
+    with pytest.raises(PersonaFileError, match="field 'trigger_word': Field required"):
+        load_persona(folder)
+
+
+def test_discovery_keeps_good_personas_when_one_is_bad(tmp_path):
+    write_persona(tmp_path, "good", photos=0)
+    bad = write_persona(tmp_path, "bad", photos=0)
+    (bad / "persona.yaml").write_text("- a list\n")
+    personas, errors = discover_personas(tmp_path)
+    assert [p.slug for p in personas] == ["good"]
+    assert "expected a mapping" in errors["bad"]
+
+
+def test_photo_set_hash_changes_with_content_and_sidecars(tmp_path):
+    folder = write_persona(tmp_path, "hashing", photos=2)
+    persona = load_persona(folder)
+    before = persona.photo_set_hash()
+    assert before == persona.photo_set_hash()
+    (folder / "photos" / "mira_02.txt").write_text("m1ra, a new caption")
+    assert persona.photo_set_hash() != before
