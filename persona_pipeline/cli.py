@@ -69,7 +69,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     os.environ["DAGSTER_HOME"] = str(dagster_home)
 
     import dagster as dg
+    import diffusers
+    import transformers
     from sqlalchemy import select
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
     from persona_pipeline.automation.persona_sensor import persona_sensor
     from persona_pipeline.db import models
@@ -88,9 +93,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"persona {args.persona!r} was not found under {settings.datasets_dir}; see `persona-pipeline personas check`")
         return 2
     print(f"[{time.perf_counter() - started:5.1f}s] persona {args.persona!r} registered; materialising the chain")
-    chain = defs.resolve_job_def("persona_chain").execute_in_process(partition_key=args.persona, instance=instance)
+    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    chain = defs.resolve_job_def("persona_chain").execute_in_process(partition_key=args.persona, instance=instance,
+                                                                      run_config=quiet)
     print(f"[{time.perf_counter() - started:5.1f}s] chain run {chain.run_id}: {'success' if chain.success else 'FAILED'}")
-    publish = defs.resolve_job_def("publish_job").execute_in_process(instance=instance)
+    publish = defs.resolve_job_def("publish_job").execute_in_process(instance=instance, run_config=quiet)
     print(f"[{time.perf_counter() - started:5.1f}s] publish run {publish.run_id}: {publish.output_for_node('publish_due_posts')}")
 
     with session_scope(settings.database_url) as session:

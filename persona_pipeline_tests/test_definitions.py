@@ -30,3 +30,15 @@ def test_module_level_defs_use_the_environment(monkeypatch, tmp_path):
     assert defs.resolve_schedule_def("publish_due_posts_schedule").cron_schedule == "0 * * * *"
     database = defs.resources["database"]
     assert isinstance(database.url, dg.EnvVar)  # the URL's value never shows in the UI
+
+
+def test_readme_documents_every_setting_and_starts_with_the_two_commands():
+    from persona_pipeline.settings import SETTINGS
+    from persona_pipeline_tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    for setting in SETTINGS:
+        assert f"`{setting.env}`" in readme, setting.env
+    demo_at, test_at = readme.index("<!-- demo-command -->"), readme.index("<!-- test-command -->")
+    assert demo_at < test_at < readme.index("## What it is")
+    assert "persona-pipeline demo" in readme[demo_at:test_at] and "pytest" in readme[test_at:test_at + 300]

@@ -9,10 +9,9 @@ then only runs the UNet.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -165,9 +164,8 @@ def train_lora(
         weight_name=weight_name, safe_serialization=True,
     )
     lora_path = output_dir / weight_name
-    result = TrainingResult(lora_path=lora_path, sha256=hashlib.sha256(lora_path.read_bytes()).hexdigest(),
-                            losses=losses, seconds=round(time.perf_counter() - started, 2), image_count=len(items))
-    return result
+    return TrainingResult(lora_path=lora_path, sha256=hashlib.sha256(lora_path.read_bytes()).hexdigest(),
+                          losses=losses, seconds=round(time.perf_counter() - started, 2), image_count=len(items))
 
 
 def _load_pixels(path: Path, resolution: int):
@@ -184,11 +182,3 @@ def _load_pixels(path: Path, resolution: int):
         image = image.crop((left, top, left + resolution, top + resolution))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
-
-
-def write_metadata(path: Path, **fields) -> None:
-    path.write_text(json.dumps(fields, indent=2, default=str))
-
-
-def params_dict(params: LoraTrainingParams) -> dict:
-    return asdict(params)
