@@ -23,22 +23,12 @@ def reference_train(base: str, dataset_dir: Path, steps: int, batch_size: int, r
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from peft import LoraConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
 
-    from persona_pipeline.training.lora import LORA_TARGET_MODULES, _load_pixels, read_kohya_dataset
+    from persona_pipeline.training.lora import _load_pixels, load_frozen_sd_with_lora, read_kohya_dataset
 
     started = time.perf_counter()
     items = read_kohya_dataset(dataset_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-    for model in (vae, text_encoder, unet):
-        model.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
+    tokenizer, text_encoder, vae, unet, scheduler = load_frozen_sd_with_lora(base, rank=4, alpha=4)
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-3)
     rng = np.random.default_rng(0)
     for _ in range(steps):

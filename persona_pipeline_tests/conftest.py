@@ -92,3 +92,20 @@ def make_settings(tmp_path: Path, db_url: str, **overrides) -> Settings:
     values.update(overrides)
     (tmp_path / "datasets").mkdir(exist_ok=True)
     return Settings(**values)
+
+
+def materialise_persona(assets, settings: Settings, folder: Path, **kwargs):
+    """Sync the persona folder into the database, add its partition, materialise `assets`."""
+    import dagster as dg
+
+    from persona_pipeline.db import registry
+    from persona_pipeline.db.session import session_scope
+    from persona_pipeline.definitions import build_resources
+    from persona_pipeline.personas import load_persona
+
+    with session_scope(settings.database_url) as session:
+        registry.sync_persona(session, load_persona(folder))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("personas", [folder.name])
+    resources = build_resources(settings)
+    return dg.materialize(assets, partition_key=folder.name, instance=instance, resources=resources, **kwargs), resources

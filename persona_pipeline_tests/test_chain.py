@@ -14,12 +14,11 @@ from persona_pipeline.automation.jobs import CHAIN_ASSETS
 from persona_pipeline.automation.publishing import publish_due
 from persona_pipeline.db import models
 from persona_pipeline.db.session import session_scope
-from persona_pipeline.definitions import ASSETS, build_resources
+from persona_pipeline.definitions import ASSETS
 from persona_pipeline.domain import elo
-from persona_pipeline.personas import load_persona
 from persona_pipeline.db import registry
 from persona_pipeline.trace import trace_post
-from persona_pipeline_tests.conftest import make_database, make_settings, write_persona
+from persona_pipeline_tests.conftest import make_database, make_settings, materialise_persona, write_persona
 
 MANIFEST_FIELDS = {"prompt", "negative_prompt", "seed", "steps", "cfg", "sampler", "scheduler", "width", "height",
                    "base_model", "lora_id", "lora_weight", "sha256"}
@@ -37,13 +36,7 @@ class _Log:
 
 def _materialise_chain(folder: Path, db_url: str):
     settings = make_settings(folder, db_url)
-    persona_folder = write_persona(settings.datasets_dir, "tester", photos=12)
-    with session_scope(db_url) as session:
-        registry.sync_persona(session, load_persona(persona_folder))
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("personas", ["tester"])
-    resources = build_resources(settings)
-    result = dg.materialize(ASSETS, partition_key="tester", instance=instance, resources=resources)
+    result, resources = materialise_persona(ASSETS, settings, write_persona(settings.datasets_dir, "tester", photos=12))
     return settings, result, resources
 
 

@@ -1,7 +1,7 @@
 """The data layer on SQLite and PostgreSQL: migrations, votes, decisions, post states."""
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pytest
 from alembic import command

@@ -3,17 +3,14 @@
 import io
 import shutil
 
-import dagster as dg
 import pytest
 from PIL import Image
 from sqlalchemy import select
 
 from persona_pipeline.assets.source_photos import source_photos
-from persona_pipeline.db import models, registry
+from persona_pipeline.db import models
 from persona_pipeline.db.session import session_scope
-from persona_pipeline.definitions import build_resources
-from persona_pipeline.personas import load_persona
-from persona_pipeline_tests.conftest import make_settings, write_persona
+from persona_pipeline_tests.conftest import make_settings, materialise_persona, write_persona
 
 
 def _png(size, color=(200, 40, 40), mode="RGB") -> bytes:
@@ -47,11 +44,7 @@ def ingested(tmp_path, db_url):
     settings = make_settings(tmp_path, db_url)
     folder = write_persona(settings.datasets_dir, "tester", photos=10)
     original = _bad_corpus(folder / "photos")
-    with session_scope(db_url) as session:
-        registry.sync_persona(session, load_persona(folder))
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("personas", ["tester"])
-    result = dg.materialize([source_photos], partition_key="tester", instance=instance, resources=build_resources(settings))
+    result, _ = materialise_persona([source_photos], settings, folder)
     with session_scope(db_url) as session:
         rows = {r.original_name: r for r in session.scalars(select(models.SourcePhoto))}
         session.expunge_all()
@@ -98,12 +91,7 @@ def test_enough_photos_check_reports_usable_count(ingested):
 def test_too_few_photos_fail_the_blocking_check(tmp_path, db_url):
     settings = make_settings(tmp_path, db_url)
     folder = write_persona(settings.datasets_dir, "few", photos=3)
-    with session_scope(db_url) as session:
-        registry.sync_persona(session, load_persona(folder))
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("personas", ["few"])
-    result = dg.materialize([source_photos], partition_key="few", instance=instance, resources=build_resources(settings),
-                            raise_on_error=False)
+    result, _ = materialise_persona([source_photos], settings, folder, raise_on_error=False)
     (check,) = result.get_asset_check_evaluations()
     assert not check.passed
     assert "3 usable photos" in check.description and "min_photos is 10" in check.description

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import dagster as dg
-from sqlalchemy import select
 
 from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
 from persona_pipeline.db import models, registry

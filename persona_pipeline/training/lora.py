@@ -76,6 +76,24 @@ def read_kohya_dataset(dataset_dir: Path) -> list[tuple[Path, str, int]]:
     return items
 
 
+def load_frozen_sd_with_lora(base_model: str, rank: int, alpha: float):
+    """Tokenizer, text encoder, VAE and UNet of an SD1.5-layout model, all frozen, with a trainable
+    LoRA adapter on the UNet's attention projections; plus the training noise scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
+    noise_scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler")
+    for model in (vae, text_encoder, unet):
+        model.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
 def train_lora(
     base_model: str,
     dataset_dir: Path,
@@ -91,26 +109,16 @@ def train_lora(
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     started = time.perf_counter()
     items = read_kohya_dataset(dataset_dir)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no")
     torch.manual_seed(params.seed)
 
-    tokenizer = CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
-    noise_scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler")
-    for model in (vae, text_encoder, unet):
-        model.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=params.rank, lora_alpha=params.alpha, init_lora_weights="gaussian",
-                                target_modules=LORA_TARGET_MODULES))
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_frozen_sd_with_lora(base_model, params.rank, params.alpha)
     lora_parameters = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora_parameters, lr=params.learning_rate)
     unet, optimizer = accelerator.prepare(unet, optimizer)

@@ -72,7 +72,6 @@ TINY_CLIP_CONFIG = {
 
 def register_tiny_clip() -> str:
     """Make `persona-tiny-clip` known to open_clip (a shrunken ViT-B-32 layout, random weights)."""
-    import open_clip
     from open_clip import factory
 
     if TINY_CLIP_NAME not in factory._MODEL_CONFIGS:
