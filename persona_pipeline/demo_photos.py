@@ -21,7 +21,8 @@ BACKGROUNDS = {
     "sunset rooftop": [((250, 150, 80), 0.0), ((120, 60, 110), 1.0)],
     "cafe": [((150, 110, 80), 0.0), ((90, 60, 45), 1.0)],
 }
-FRAMINGS = {"close-up portrait": 2.1, "half body shot": 1.45, "full body shot": 1.0}
+# framing → (character scale, head top in px)
+FRAMINGS = {"close-up portrait": (2.1, 40), "half body shot": (1.45, 90), "full body shot": (1.0, 160)}
 # Arm angles (left, right) in degrees: 0 points sideways, 90 up, -90 down.
 POSES = {"waving": (-70, 55), "arms down": (-80, -80), "arms outstretched": (0, 0), "arms raised": (60, 60)}
 LIGHTING = {"soft daylight": 1.0, "golden hour light": 1.15, "dim evening light": 0.7}
@@ -102,9 +103,10 @@ def make_demo_photos(folder: Path, count: int = 18, seed: int = 7, trigger: str 
         _scenery(ImageDraw.Draw(small), background, rng)
         canvas = small.resize((WIDTH * 2, HEIGHT * 2), Image.Resampling.BICUBIC)
         draw = ImageDraw.Draw(canvas)
-        scale = FRAMINGS[framing] * rng.uniform(0.95, 1.05)
+        base_scale, base_top = FRAMINGS[framing]
+        scale = base_scale * rng.uniform(0.95, 1.05)
         cx = WIDTH + rng.randint(-90, 90)
-        top = {2.1: 40, 1.45: 90, 1.0: 160}[FRAMINGS[framing]] * 2 * rng.uniform(0.9, 1.1)
+        top = base_top * 2 * rng.uniform(0.9, 1.1)
         _character(draw, cx, top, scale, POSES[pose], tilt=rng.randint(-6, 6))
         image = canvas.resize((WIDTH, HEIGHT), Image.Resampling.LANCZOS).filter(ImageFilter.GaussianBlur(0.4))
         image = ImageEnhance.Brightness(image).enhance(LIGHTING[light])
