@@ -81,20 +81,72 @@ class InstagramAccount(_Strict):
     token_env: str = Field(min_length=1, pattern=r"^[A-Z_][A-Z0-9_]*$")
 
 
-class TrainingOverrides(_Strict):
-    """Per-persona training settings; anything unset takes the base model's default."""
+class RegularizationSettings(_Strict):
+    """Class images from the base model without the LoRA, for prior preservation. 0 images = off."""
 
+    images: int = Field(default=0, ge=0, le=1000)
+    prompt: str = "photo of a {class_word}"
+    repeats: int = Field(default=1, ge=1, le=100)
+    seed: int = 0
+
+
+class QualitySettings(_Strict):
+    """Thresholds of the training set's quality checks (README "Dataset quality checks")."""
+
+    blur_min_variance: float = Field(default=100.0, ge=0)
+    duplicate_cosine: float = Field(default=0.95, gt=0, le=1)
+    outlier_z: float = Field(default=3.5, gt=0, le=20)
+
+
+class TrainingOverrides(_Strict):
+    """Per-persona dataset and training settings; every unset training field takes the base
+    model's preset (README "Training presets")."""
+
+    # Captions: a sidecar .txt next to the photo always wins; else `auto` uses Gemini when
+    # GEMINI_API_KEY is set and open_clip zero-shot otherwise; `template` fills caption_template.
+    captioner: Literal["auto", "gemini", "clip", "template"] = "auto"
     caption_template: str = "{trigger} {class_word}"
     repeats: int = Field(default=10, ge=1, le=100)
     min_photos: int = Field(default=10, ge=1, le=500)
+    max_photos: int = Field(default=200, ge=1, le=5000)
     max_side: int = Field(default=1024, ge=256, le=4096)
     min_side: int = Field(default=256, ge=64, le=2048)
+    # Off for characters whose look is asymmetric (a side parting, a scar, a logo).
+    flip_augment: bool = True
+    regularization: RegularizationSettings = RegularizationSettings()
+    quality: QualitySettings = QualitySettings()
     rank: int | None = Field(default=None, ge=1, le=256)
     alpha: float | None = Field(default=None, gt=0, le=512)
-    steps: int | None = Field(default=None, ge=1, le=20000)
+    steps: int | None = Field(default=None, ge=1, le=100000)
     learning_rate: float | None = Field(default=None, gt=0, le=1e-2)
-    resolution: int | None = Field(default=None, ge=32, le=2048)
+    batch_size: int | None = Field(default=None, ge=1, le=64)
+    resolution: int | None = Field(default=None, ge=32, le=2048, multiple_of=8)
+    optimizer: Literal["adamw", "adamw8bit"] | None = None
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] | None = None
+    gradient_checkpointing: bool | None = None
+    min_snr_gamma: float | None = Field(default=None, ge=0, le=20)
+    noise_offset: float | None = Field(default=None, ge=0, le=1)
+    prior_loss_weight: float | None = Field(default=None, ge=0, le=10)
+    checkpoint_every: int | None = Field(default=None, ge=0, le=100000)
     seed: int = 0
+    # Checkpoint selection renders every checkpoint on these prompts and seeds.
+    validation_prompts: list[str] = Field(default=[
+        "photo of {trigger} {class_word}, close-up portrait",
+        "photo of {trigger} {class_word} walking in a park, full-body shot",
+    ], min_length=1, max_length=8)
+    validation_seeds: list[int] = Field(default=[101, 202], min_length=1, max_length=8)
+
+    @model_validator(mode="after")
+    def _photo_range(self) -> "TrainingOverrides":
+        if self.max_photos < self.min_photos:
+            raise ValueError(f"max_photos {self.max_photos} is below min_photos {self.min_photos}")
+        return self
+
+    def param_overrides(self) -> dict:
+        """The fields that override the preset's LoraTrainingParams."""
+        return self.model_dump(include={"rank", "alpha", "steps", "learning_rate", "batch_size", "resolution", "optimizer",
+                                        "mixed_precision", "gradient_checkpointing", "min_snr_gamma", "noise_offset",
+                                        "prior_loss_weight", "checkpoint_every", "seed"})
 
 
 class PersonaConfig(_Strict):

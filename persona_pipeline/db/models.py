@@ -124,6 +124,23 @@ class SourcePhoto(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class PhotoCaption(Base):
+    """A caption for one training photo (keyed by its pixel hash, so a renamed file keeps it):
+    `generated` by a captioner, or `edited` by a person in a dataset folder. Sidecar .txt files
+    live on SourcePhoto.caption and always win."""
+
+    __tablename__ = "photo_captions"
+    __table_args__ = (UniqueConstraint("persona_id", "pixel_sha256", "kind"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
+    pixel_sha256: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # generated | edited
+    caption: Mapped[str] = mapped_column(Text)
+    captioner: Mapped[str] = mapped_column(String(120))  # e.g. gemini:gemini-2.5-flash, clip:tiny, person
+    fields: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # framing, pose, ... when structured
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class Dataset(Base):
     __tablename__ = "datasets"
     __table_args__ = (UniqueConstraint("persona_id", "version"),)
@@ -147,6 +164,13 @@ class LoraModel(Base):
     trigger_word: Mapped[str | None] = mapped_column(String(40))
     dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
     training: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The library: which persona a file belongs to, its version within that persona, where it came
+    # from (trained here or imported from the drop folder) and what its keys say about it.
+    persona_id: Mapped[int | None] = mapped_column(ForeignKey("personas.id", ondelete="SET NULL"), index=True)
+    version: Mapped[int | None] = mapped_column(Integer)
+    origin: Mapped[str] = mapped_column(String(16), default="trained")  # trained | imported
+    family: Mapped[str | None] = mapped_column(String(32))  # sd15 | sd2 | sdxl | tiny | ...
+    key_format: Mapped[str | None] = mapped_column(String(32))  # kohya | diffusers | peft
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     dataset: Mapped[Dataset | None] = relationship()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from persona_pipeline import personas as persona_files
@@ -90,12 +90,20 @@ def register_lora(
     training: dict[str, Any],
     weight: float = 1.0,
     primary: bool = True,
+    origin: str = "trained",
+    family: str | None = None,
+    key_format: str | None = None,
 ) -> models.LoraModel:
-    """Add a LoRA file to the library (once per sha256) and map it to the persona."""
+    """Add a LoRA file to the library (once per sha256: a known file keeps its row and version)
+    as the persona's next version, and map it to the persona."""
+    check_lora_weight(weight)
     lora = session.scalar(select(models.LoraModel).where(models.LoraModel.sha256 == sha256))
     if lora is None:
+        latest = session.scalar(select(func.max(models.LoraModel.version)).where(models.LoraModel.persona_id == persona_id))
         lora = models.LoraModel(name=name, path=str(path), sha256=sha256, base_model=base_model,
-                                trigger_word=trigger_word, dataset_id=dataset_id, training=training)
+                                trigger_word=trigger_word, dataset_id=dataset_id, training=training,
+                                persona_id=persona_id, version=(latest or 0) + 1, origin=origin,
+                                family=family, key_format=key_format)
         session.add(lora)
         session.flush()
     mapping = session.scalar(select(models.PersonaLora).where(
@@ -110,6 +118,44 @@ def register_lora(
     mapping.is_primary = primary
     session.flush()
     return lora
+
+
+LORA_WEIGHT_RANGE = (0.0, 2.0)
+
+
+def check_lora_weight(weight: float) -> None:
+    low, high = LORA_WEIGHT_RANGE
+    if not low <= weight <= high:
+        raise ValueError(f"weight={weight} is out of range [{low}, {high}]")
+
+
+def list_loras(session: Session, persona_id: int) -> list[models.PersonaLora]:
+    """The persona's LoRA library: its mappings (weight, primary) with `.lora`, oldest version first."""
+    return list(session.scalars(
+        select(models.PersonaLora).join(models.LoraModel, models.PersonaLora.lora_id == models.LoraModel.id)
+        .where(models.PersonaLora.persona_id == persona_id)
+        .order_by(models.LoraModel.version.is_(None), models.LoraModel.version, models.LoraModel.id)
+    ))
+
+
+def set_lora_mapping(session: Session, persona_id: int, lora_id: int, *, weight: float | None = None,
+                     primary: bool | None = None) -> models.PersonaLora:
+    """Change a persona's weight for one of its LoRAs and/or make it (or stop it being) the primary.
+    Making one primary clears the flag on the persona's others; no primary at all is allowed."""
+    mapping = session.scalar(select(models.PersonaLora).where(
+        models.PersonaLora.persona_id == persona_id, models.PersonaLora.lora_id == lora_id))
+    if mapping is None:
+        raise LookupError(f"LoRA {lora_id} is not in persona {persona_id}'s library")
+    if weight is not None:
+        check_lora_weight(weight)
+        mapping.weight = weight
+    if primary:
+        session.execute(update(models.PersonaLora).where(models.PersonaLora.persona_id == persona_id,
+                                                         models.PersonaLora.id != mapping.id).values(is_primary=False))
+    if primary is not None:
+        mapping.is_primary = primary
+    session.flush()
+    return mapping
 
 
 def primary_lora(session: Session, persona_id: int) -> models.PersonaLora | None:

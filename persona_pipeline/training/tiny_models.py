@@ -62,6 +62,55 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+TINY_SDXL_NAME = "tiny-sdxl"
+
+
+def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    """Write a working StableDiffusionXLPipeline with random weights to `folder` (idempotent):
+    two text encoders (the second with a projection for the pooled embedding) and a UNet with
+    SDXL's text-time conditioning, as in diffusers' SDXL test fixtures."""
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tmp = folder.with_name(folder.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    vocab = _byte_vocab()
+    eos = vocab["<|endoftext|>"]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + the 32-wide pooled text embedding
+        cross_attention_dim=64,  # the two encoders' 32-wide hidden states, concatenated
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=TINY_RESOLUTION,
+    )
+    text_config = CLIPTextConfig(
+        bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos, hidden_size=32,
+        intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
+        vocab_size=len(vocab), max_position_embeddings=77, hidden_act="gelu", projection_dim=32,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+        text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), unet=unet, scheduler=scheduler,
+    )
+    pipe.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
 TINY_CLIP_NAME = "persona-tiny-clip"
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
