@@ -26,6 +26,9 @@ SETTINGS: list[Setting] = [
     Setting("PERSONA_BASE_MODEL", "tiny", "Base model for training and generation: `tiny` (random, built locally), a local folder or a hub id."),
     Setting("PERSONA_CLIP_MODEL", "tiny", "open_clip model: `tiny` (random, built locally) or an architecture name such as `ViT-B-32`."),
     Setting("PERSONA_CLIP_PRETRAINED", "", "open_clip weights for a real architecture: a local file path or a pretrained tag. Empty = random."),
+    Setting("GEMINI_API_KEY", "", "Gemini API key for captioning training photos; empty = the offline open_clip captioner."),
+    Setting("GEMINI_BASE_URL", "", "Gemini API base URL, for proxies and tests. Empty = Google's endpoint."),
+    Setting("PERSONA_GEMINI_MODEL", "gemini-2.5-flash", "Gemini model that captions training photos."),
     Setting("PERSONA_DEVICE", "cpu", "torch device for training and generation (`cpu`, `cuda`, `cuda:1`)."),
     Setting("PERSONA_CANDIDATES_PER_RUN", "4", "Images generated per pillar run by `candidates`."),
     Setting("PERSONA_AUTO_REVIEW", "0", "1 = cast votes, pick winners and approve posts from open_clip scores (the demo turns it on)."),
@@ -46,6 +49,8 @@ class Settings:
     base_model: str = "tiny"
     clip_model: str = "tiny"
     clip_pretrained: str = ""
+    gemini_model: str = "gemini-2.5-flash"
+    gemini_base_url: str = ""
     device: str = "cpu"
     candidates_per_run: int = 4
     auto_review: bool = False
@@ -68,6 +73,8 @@ class Settings:
             base_model=_env("PERSONA_BASE_MODEL", "tiny"),
             clip_model=_env("PERSONA_CLIP_MODEL", "tiny"),
             clip_pretrained=_env("PERSONA_CLIP_PRETRAINED", ""),
+            gemini_model=_env("PERSONA_GEMINI_MODEL", "gemini-2.5-flash"),
+            gemini_base_url=_env("GEMINI_BASE_URL", ""),
             device=_env("PERSONA_DEVICE", "cpu"),
             candidates_per_run=candidates,
             auto_review=_env("PERSONA_AUTO_REVIEW", "0").lower() in {"1", "true", "yes", "on"},

@@ -1,0 +1,172 @@
+"""A local Gemini API server for tests: real HTTP on 127.0.0.1, speaking the REST protocol that
+google-genai uses (`POST /v1beta/models/{model}:generateContent`, key in `x-goog-api-key`).
+
+It records every request and answers from a queue of injected faults first, then with a good
+caption. Use it as a context manager and point `GeminiClient(base_url=server.url)` at it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+GOOD_FIELDS = {
+    "framing": "close-up portrait",
+    "pose": "smiling at the camera",
+    "clothing": "wearing a yellow jacket",
+    "background": "city street",
+    "lighting": "soft daylight",
+}
+_STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+_PATH_RE = re.compile(r"^/(?P<version>v1|v1beta)/models/(?P<model>[^/:]+):generateContent$")
+
+
+@dataclass
+class Fault:
+    """One injected answer: `kind` is "status", "text" (a 200 whose model text is `text`) or "drop"."""
+
+    kind: str
+    status: int = 200
+    message: str = ""
+    text: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RecordedRequest:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+    @property
+    def model(self) -> str:
+        match = _PATH_RE.match(self.path.split("?")[0])
+        return match.group("model") if match else ""
+
+    def inline_images(self) -> list[tuple[str, str]]:
+        """(mimeType, base64 data) of every inline part. Like Gemini's proto JSON parser, accept the
+        lowerCamelCase and the proto field names (google-genai sends `inlineData.mime_type`)."""
+        blobs = [p.get("inlineData", p.get("inline_data")) for c in self.body.get("contents", []) for p in c.get("parts", [])]
+        return [(b.get("mimeType", b.get("mime_type")), b["data"]) for b in blobs if b]
+
+    def texts(self) -> list[str]:
+        return [p["text"] for c in self.body.get("contents", []) for p in c.get("parts", []) if "text" in p]
+
+
+class FakeGemini:
+    def __init__(self, api_key: str = "test-key", fields: dict[str, str] | None = None) -> None:
+        self.api_key = api_key
+        self.fields = dict(fields or GOOD_FIELDS)
+        self.requests: list[RecordedRequest] = []
+        self.faults: deque[Fault] = deque()
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server.daemon_threads = True
+        # A short poll interval so that shutdown() at the end of each test returns at once.
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    # --- fault injection ---
+    def fail(self, status: int, message: str = "", retry_after: str | None = None,
+             retry_delay: str | None = None) -> "FakeGemini":
+        """An error answer; `retry_after` sets the header, `retry_delay` (e.g. "37s") adds the
+        google.rpc.RetryInfo detail that Gemini's quota errors carry."""
+        headers = {"Retry-After": retry_after} if retry_after is not None else {}
+        details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay}] if retry_delay else []
+        self.faults.append(Fault("status", status, message or f"injected {status}", headers=headers, details=details))
+        return self
+
+    def reply_text(self, text: str) -> "FakeGemini":
+        """A 200 whose model text is `text` (malformed JSON, a missing field...)."""
+        self.faults.append(Fault("text", text=text))
+        return self
+
+    def missing_field(self, name: str) -> "FakeGemini":
+        return self.reply_text(json.dumps({k: v for k, v in self.fields.items() if k != name}))
+
+    def drop(self) -> "FakeGemini":
+        """Close the connection without an answer."""
+        self.faults.append(Fault("drop"))
+        return self
+
+    # --- lifecycle ---
+    def __enter__(self) -> "FakeGemini":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _next(self) -> Fault | None:
+        with self._lock:
+            return self.faults.popleft() if self.faults else None
+
+
+def _error_body(status: int, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    error = {"code": status, "message": message, "status": _STATUS_NAMES.get(status, "UNKNOWN")}
+    return {"error": {**error, "details": details} if details else error}
+
+
+def _success_body(text: str) -> dict[str, Any]:
+    return {
+        "candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 300, "candidatesTokenCount": 40, "totalTokenCount": 340},
+        "modelVersion": "fake-gemini",
+    }
+
+
+def _handler_for(fake: FakeGemini) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # keep pytest output clean
+            pass
+
+        def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=UTF-8")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            try:
+                body = json.loads(raw or b"{}")
+            except json.JSONDecodeError:
+                return self._send(400, _error_body(400, "Invalid JSON payload received."))
+            with fake._lock:
+                fake.requests.append(RecordedRequest(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+            if not _PATH_RE.match(self.path.split("?")[0]):
+                return self._send(404, _error_body(404, f"{self.path} is not found"))
+            if self.headers.get("x-goog-api-key") != fake.api_key:
+                # Gemini answers a bad key with 400 INVALID_ARGUMENT, not 401.
+                return self._send(400, _error_body(400, "API key not valid. Please pass a valid API key."))
+            fault = fake._next()
+            if fault is None:
+                return self._send(200, _success_body(json.dumps(fake.fields)))
+            if fault.kind == "drop":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return None
+            if fault.kind == "text":
+                return self._send(200, _success_body(fault.text))
+            return self._send(fault.status, _error_body(fault.status, fault.message, fault.details), fault.headers)
+
+    return Handler
