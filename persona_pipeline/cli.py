@@ -1,4 +1,4 @@
-"""`persona-pipeline`: demo, db upgrade, personas check, demo-photos, trace."""
+"""`persona-pipeline`: demo, db upgrade, personas check, demo-photos, trace, lora list/set."""
 
 from __future__ import annotations
 
@@ -128,6 +128,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if chain.success and publish.success and published else 1
 
 
+def cmd_lora_list(args: argparse.Namespace) -> int:
+    from persona_pipeline.db import registry
+    from persona_pipeline.db.session import session_scope
+
+    with session_scope(_settings().database_url) as session:
+        try:
+            persona = registry.get_persona(session, args.slug)
+        except registry.UnknownPersona as exc:
+            print(f"error: {exc}")
+            return 2
+        mappings = registry.list_loras(session, persona.id)
+        if not mappings:
+            print(f"persona {args.slug!r} has no LoRA yet (train one, or drop a .safetensors into "
+                  f"PERSONA_HOME/loras/incoming/{args.slug}/)")
+        for mapping in mappings:
+            lora = mapping.lora
+            print(f"{lora.id:>5}  v{lora.version or '-':<3} {'primary' if mapping.is_primary else '       '}  "
+                  f"weight {mapping.weight:.2f}  {lora.origin:<8} {lora.family or '-':<9} {lora.key_format or '-':<9} "
+                  f"{lora.name}  {lora.path}")
+    return 0
+
+
+def cmd_lora_set(args: argparse.Namespace) -> int:
+    from persona_pipeline.db import registry
+    from persona_pipeline.db.session import session_scope
+
+    if args.weight is None and args.primary is None:
+        print("nothing to change: give --weight W, --primary or --no-primary")
+        return 2
+    try:
+        with session_scope(_settings().database_url) as session:
+            persona = registry.get_persona(session, args.slug)
+            mapping = registry.set_lora_mapping(session, persona.id, args.lora_id, weight=args.weight, primary=args.primary)
+            print(f"{args.slug}: LoRA {args.lora_id} weight {mapping.weight:.2f}{', primary' if mapping.is_primary else ''}")
+    except (LookupError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    return 0
+
+
 def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -152,6 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     trace = sub.add_parser("trace", help="print a post's provenance: candidate, manifest, LoRA, dataset")
     trace.add_argument("post_id", type=int)
     trace.set_defaults(func=cmd_trace)
+    lora = sub.add_parser("lora", help="a persona's LoRA library: versions, weight, primary")
+    lora_sub = lora.add_subparsers(dest="lora_command", required=True)
+    lora_list = lora_sub.add_parser("list", help="list the persona's LoRAs")
+    lora_list.add_argument("slug")
+    lora_list.set_defaults(func=cmd_lora_list)
+    lora_set = lora_sub.add_parser("set", help="change a LoRA's weight (0..2) or primary flag for the persona")
+    lora_set.add_argument("slug")
+    lora_set.add_argument("lora_id", type=int)
+    lora_set.add_argument("--weight", type=float)
+    lora_set.add_argument("--primary", action=argparse.BooleanOptionalAction, default=None)
+    lora_set.set_defaults(func=cmd_lora_set)
     args = parser.parse_args(argv)
     return args.func(args)
 

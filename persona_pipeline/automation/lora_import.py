@@ -1,0 +1,250 @@
+"""The LoRA drop folder: a sensor that notices LoRA files put into `PERSONA_HOME/loras/incoming/`
+(from an external trainer, say) and a job that validates, copies and registers each one.
+
+Layout (one folder per persona; `imported` and `rejected` are the import's own folders):
+
+    loras/incoming/<persona-slug>/<name>.safetensors       the LoRA
+    loras/incoming/<persona-slug>/<name>.metadata.json     optional: its metadata (a JSON object)
+    loras/incoming/<persona-slug>/metadata.json            optional, used when the folder holds a single LoRA
+    loras/incoming/imported/<persona-slug>/...             what was imported, as it was dropped
+    loras/incoming/rejected/<persona-slug>/...             what was refused, plus <name>.reason.txt
+    loras/library/<persona-slug>/<sha16>.safetensors       the library copy (+ <sha16>.metadata.json)
+
+metadata.json keys the import reads (all optional): name, trigger_word, weight (0..2), primary
+(bool); the whole object is kept as the LoRA's `training` record. Nothing is ever deleted: a
+refused file is moved to rejected/ with the reason next to it, an imported one to imported/.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from sqlalchemy import select
+
+from persona_pipeline.db import models, registry
+from persona_pipeline.resources.database import AppDatabase
+from persona_pipeline.resources.diffusion import DiffusionBackend
+from persona_pipeline.resources.storage import PersonaStorage, sha256_file
+from persona_pipeline.training.lora_files import LoraFileError, base_model_family, inspect_lora_file
+
+IMPORTED, REJECTED = "imported", "rejected"
+# A file modified more recently than this may still be being copied in: wait for the next tick.
+SETTLE_SECONDS = 10.0
+# Names a trainer or browser gives a file while it is still writing it.
+IN_PROGRESS_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".download")
+
+
+def incoming_dir(storage: PersonaStorage) -> Path:
+    return storage.root / "loras" / "incoming"
+
+
+def library_dir(storage: PersonaStorage, slug: str) -> Path:
+    return storage.root / "loras" / "library" / slug
+
+
+def _is_candidate(path: Path) -> bool:
+    """A dropped file the import should look at: not metadata, not hidden, not half-written."""
+    name = path.name.lower()
+    return (path.is_file() and not name.startswith(".") and not name.endswith((".json", ".reason.txt"))
+            and not name.endswith(IN_PROGRESS_SUFFIXES))
+
+
+def dropped_files(incoming: Path) -> list[Path]:
+    """Files waiting in the drop folder: `<slug>/<file>`, and top-level files (refused by the job
+    with a pointer to the layout, so a misplaced file does not sit there unnoticed)."""
+    if not incoming.is_dir():
+        return []
+    found = [p for p in incoming.iterdir() if _is_candidate(p)]
+    for folder in incoming.iterdir():
+        if folder.is_dir() and folder.name not in (IMPORTED, REJECTED) and not folder.name.startswith("."):
+            found.extend(p for p in folder.iterdir() if _is_candidate(p))
+    return sorted(found)
+
+
+def metadata_file_for(lora: Path) -> Path | None:
+    """`<name>.metadata.json` next to the LoRA, else `metadata.json` when it is the folder's only LoRA."""
+    sidecar = lora.with_name(lora.stem + ".metadata.json")
+    if sidecar.is_file():
+        return sidecar
+    shared = lora.parent / "metadata.json"
+    if shared.is_file() and [p for p in lora.parent.glob("*.safetensors") if p.is_file()] == [lora]:
+        return shared
+    return None
+
+
+class LoraImportConfig(dg.Config):
+    path: str  # relative to loras/incoming/, e.g. "mira/mira-v2.safetensors"
+    sha256: str  # what the sensor saw; a file changed since is not imported by this run
+
+
+@dg.op(description="Validate one dropped LoRA file, copy it into the library and register it; "
+                   "or move it to rejected/ with the reason.")
+def import_lora(context: dg.OpExecutionContext, config: LoraImportConfig, database: AppDatabase,
+                storage: PersonaStorage, diffusion: DiffusionBackend) -> dict:
+    incoming = incoming_dir(storage)
+    source = incoming / config.path
+    slug = source.parent.name if source.parent != incoming else None
+    if not source.is_file():
+        with database.session() as session:
+            known = session.scalar(select(models.LoraModel).where(models.LoraModel.sha256 == config.sha256))
+        if known is not None:  # a rerun after the file was imported and moved: nothing to do
+            context.log.info(f"{config.path}: already imported as LoRA {known.id}")
+            return {"lora_id": known.id, "status": "already_imported"}
+        raise dg.Failure(f"{config.path}: no longer in {incoming} (moved or removed before the import ran)")
+    sha256 = sha256_file(source)
+    if sha256 != config.sha256:
+        raise dg.Failure(f"{config.path}: changed since the sensor saw it (sha256 {config.sha256[:16]} → "
+                         f"{sha256[:16]}); the sensor requests a new import once it settles")
+    metadata_path = metadata_file_for(source)
+
+    try:
+        if slug is None:
+            raise LoraFileError(f"{source.name}: not in a persona folder; put it at "
+                                f"loras/incoming/<persona-slug>/{source.name}")
+        with database.session() as session:
+            try:
+                persona = registry.get_persona(session, slug)
+            except registry.UnknownPersona:
+                raise LoraFileError(f"{source.name}: unknown persona {slug!r} (folder incoming/{slug}/); "
+                                    f"no persona with that slug is in the database") from None
+            persona_id, persona_trigger = persona.id, persona.trigger_word
+        metadata = _read_metadata(metadata_path)
+        weight, primary = metadata.get("weight", 1.0), metadata.get("primary", False)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 2.0:
+            raise LoraFileError(f"{metadata_path.name}: weight={weight!r} must be a number from 0.0 to 2.0")
+        if not isinstance(primary, bool):
+            raise LoraFileError(f"{metadata_path.name}: primary={primary!r} must be true or false")
+        trigger_word = metadata.get("trigger_word") or persona_trigger
+        if not isinstance(trigger_word, str) or len(trigger_word) > 40:
+            raise LoraFileError(f"{metadata_path.name}: trigger_word={trigger_word!r} must be text of at most 40 characters")
+        base_model = diffusion.base_model_path()
+        expected = base_model_family(base_model)
+        if expected == "unknown":
+            context.log.warning(f"base model {diffusion.base_model} is not a local folder: the LoRA's family is not checked")
+        info = inspect_lora_file(source, expected, base_model=diffusion.base_model)
+    except LoraFileError as exc:
+        reason = str(exc)
+        where = _move_all(source, metadata_path, incoming / REJECTED / (slug or ""))
+        reason_file = where[0].with_name(where[0].name + ".reason.txt")
+        reason_file.write_text(reason + "\n", encoding="utf-8")
+        context.log.error(f"refused {config.path}: {reason}; moved to {where[0]}")
+        raise dg.Failure(description=reason, metadata={"file": config.path, "moved_to": str(where[0]),
+                                                       "reason_file": str(reason_file)}) from None
+
+    # Copy into the library first and register second, so the row never points at a missing file;
+    # the dropped file is moved out last, so a crash in between leaves it to be imported again.
+    with database.session() as session:
+        known = session.scalar(select(models.LoraModel).where(models.LoraModel.sha256 == sha256))
+        mapped = known is not None and session.scalar(select(models.PersonaLora).where(
+            models.PersonaLora.persona_id == persona_id, models.PersonaLora.lora_id == known.id)) is not None
+        if mapped:  # the same bytes are already in this persona's library: keep its row, weight and primary
+            lora, status = known, "already_in_library"
+        else:
+            target = library_dir(storage, slug) / f"{sha256[:16]}.safetensors"
+            if known is None:
+                _atomic_copy(source, target, sha256)
+                if metadata_path:
+                    _atomic_copy(metadata_path, target.with_name(f"{sha256[:16]}.metadata.json"))
+            training = dict(metadata)
+            training.setdefault("imported_from", config.path)
+            # A file another persona already has keeps its row (and version); this persona gets a mapping.
+            lora = registry.register_lora(
+                session, persona_id, name=str(metadata.get("name") or source.stem)[:200], path=target, sha256=sha256,
+                base_model=diffusion.base_model, trigger_word=trigger_word,
+                dataset_id=None, training=training, weight=float(weight), primary=primary,
+                origin="imported", family=info.family, key_format=info.key_format)
+            status = "imported" if known is None else "mapped"
+        result = {"lora_id": lora.id, "version": lora.version, "status": status, "family": info.family,
+                  "key_format": info.key_format, "rank": info.rank, "path": lora.path}
+    where = _move_all(source, metadata_path, incoming / IMPORTED / slug)
+    context.log.info(f"{config.path}: {status.replace('_', ' ')} as LoRA {result['lora_id']} version "
+                     f"{result['version']} ({info.family}, {info.key_format}, rank {info.rank}); moved to {where[0]}")
+    context.add_output_metadata({**result, "path": dg.MetadataValue.path(result["path"])})
+    return result
+
+
+@dg.job(name="lora_import", description="Import one LoRA file from PERSONA_HOME/loras/incoming/ into the library.")
+def lora_import_job() -> None:
+    import_lora()
+
+
+@dg.sensor(name="lora_incoming", job=lora_import_job, minimum_interval_seconds=30,
+           default_status=dg.DefaultSensorStatus.RUNNING)
+def lora_incoming_sensor(context: dg.SensorEvaluationContext, storage: PersonaStorage) -> dg.SensorResult:
+    """One lora_import run per settled file in the drop folder. The cursor maps each requested
+    file still in the folder to [size, mtime_ns, sha256], so a tick neither re-hashes nor re-requests
+    it; entries leave the cursor when their file leaves the folder, which keeps it bounded."""
+    incoming = incoming_dir(storage)
+    seen: dict[str, list[Any]] = json.loads(context.cursor) if context.cursor else {}
+    cursor: dict[str, list[Any]] = {}
+    run_requests = []
+    now = time.time()
+    for path in dropped_files(incoming):
+        relpath = path.relative_to(incoming).as_posix()
+        stat = path.stat()
+        previous = seen.get(relpath)
+        if previous and previous[:2] == [stat.st_size, stat.st_mtime_ns]:
+            cursor[relpath] = previous  # requested already; its run moves it out of the folder
+            continue
+        if now - stat.st_mtime < SETTLE_SECONDS:
+            continue  # still being written, perhaps: look again next tick
+        sha256 = sha256_file(path)
+        cursor[relpath] = [stat.st_size, stat.st_mtime_ns, sha256]
+        slug = path.parent.name if path.parent != incoming else ""
+        run_requests.append(dg.RunRequest(
+            run_key=f"{relpath}:{sha256}", job_name=lora_import_job.name,
+            run_config={"ops": {"import_lora": {"config": {"path": relpath, "sha256": sha256}}}},
+            tags={"persona": slug} if slug else {}))
+    return dg.SensorResult(run_requests=run_requests, cursor=json.dumps(cursor, sort_keys=True),
+                           skip_reason=None if run_requests else "no new LoRA file in loras/incoming/")
+
+
+def _read_metadata(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise LoraFileError(f"{path.name}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise LoraFileError(f"{path.name}: must be a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def _atomic_copy(source: Path, target: Path, sha256: str | None = None) -> None:
+    """Copy via a temp file + fsync + rename, so the library never holds a half file; with
+    `sha256`, check the copy before it takes the final name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix="." + target.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        if sha256 and sha256_file(Path(tmp)) != sha256:
+            raise OSError(f"copy of {source.name} to {target.parent} does not match its sha256")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _move_all(lora: Path, metadata: Path | None, folder: Path) -> list[Path]:
+    """Move a dropped file (and its metadata, renamed `<stem>.metadata.json` so the pair stays
+    together) into `folder`, never overwriting: a name already taken there gets -2, -3, ..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        stem = lora.stem if n == 1 else f"{lora.stem}-{n}"
+        targets = [folder / (stem + lora.suffix)] + ([folder / f"{stem}.metadata.json"] if metadata else [])
+        if not any(t.exists() for t in targets) and not (folder / f"{targets[0].name}.reason.txt").exists():
+            break
+        n += 1
+    for path, target in zip([lora, metadata], targets):
+        shutil.move(str(path), target)
+    return targets
