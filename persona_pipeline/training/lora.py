@@ -298,6 +298,7 @@ def train_lora(
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     started = time.perf_counter()
     output_dir = Path(output_dir)
@@ -305,6 +306,9 @@ def train_lora(
     if any(item.is_reg for item in dataset.items) and params.prior_loss_weight == 0:
         log("regularisation images present but training.prior_loss_weight is 0: they are ignored")
     precision = resolve_mixed_precision(params.mixed_precision, device)
+    # accelerate keeps one process-wide state; a long-lived process (the Dagster daemon's
+    # in-process executor, the tests) may train again with another precision.
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
