@@ -14,11 +14,13 @@ from persona_pipeline.assets.scheduled_posts import scheduled_posts
 from persona_pipeline.assets.source_photos import source_photos
 from persona_pipeline.assets.training_dataset import training_dataset
 from persona_pipeline.automation.jobs import lora_training_job, persona_chain_job
+from persona_pipeline.automation.lora_import import lora_import_job, lora_incoming_sensor
 from persona_pipeline.automation.persona_sensor import persona_sensor
 from persona_pipeline.automation.publishing import publish_job, publish_schedule
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
+from persona_pipeline.resources.gemini import GeminiClient
 from persona_pipeline.resources.publisher import OutboxPublisher
 from persona_pipeline.resources.review_policy import AutoReviewer
 from persona_pipeline.resources.storage import PersonaFolders, PersonaStorage
@@ -38,6 +40,9 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
         "diffusion": DiffusionBackend(base_model=settings.base_model, device=settings.device,
                                       models_dir=str(settings.home / "models"), candidates_per_run=settings.candidates_per_run),
         "clip": ClipModel(model_name=settings.clip_model, pretrained=settings.clip_pretrained, device=settings.device),
+        # The key is passed as an EnvVar, never as its value, so the UI cannot show it.
+        "gemini": GeminiClient(api_key=dg.EnvVar("GEMINI_API_KEY") if os.environ.get("GEMINI_API_KEY", "").strip() else "",
+                               model=settings.gemini_model, base_url=settings.gemini_base_url),
         "auto_review": AutoReviewer(enabled=settings.auto_review),
         "publisher": OutboxPublisher(home=str(settings.home)),
     }
@@ -47,8 +52,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     return dg.Definitions(
         assets=ASSETS,
-        jobs=[persona_chain_job, lora_training_job, publish_job],
-        sensors=[persona_sensor],
+        jobs=[persona_chain_job, lora_training_job, publish_job, lora_import_job],
+        sensors=[persona_sensor, lora_incoming_sensor],
         schedules=[publish_schedule(settings.publish_cron)],
         resources=build_resources(settings),
     )

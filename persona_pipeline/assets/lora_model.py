@@ -1,22 +1,29 @@
-"""lora_model: a real LoRA trained with diffusers + peft on the configured base model (the tiny
-offline model by default), written as .safetensors + metadata.json and registered in the LoRA
-library as the persona's primary LoRA."""
+"""lora_model: train a LoRA on the persona's latest dataset (resuming a killed run from its latest
+checkpoint), render every checkpoint on fixed validation prompts and seeds, score identity and
+prompt alignment with open_clip, keep the best checkpoint, and register it in the LoRA library
+as the persona's primary LoRA. The folder holds every checkpoint, the validation images, the loss
+curve and a metadata.json with the sha256 of each file."""
 
+import base64
 import hashlib
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 from sqlalchemy import select
 
-from persona_pipeline.assets.common import persona_for, table
+from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
 from persona_pipeline.db import models, registry
+from persona_pipeline.domain.checkpoint_selection import CheckpointScore, rank_checkpoints
 from persona_pipeline.partitions import persona_partitions
+from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
-from persona_pipeline.resources.storage import PersonaStorage, atomic_write
+from persona_pipeline.resources.storage import PersonaStorage, atomic_write, sha256_file
+from persona_pipeline.training.lora import TrainingConfigError, TrainingDiverged
+from persona_pipeline.training.loss_curve import loss_curve_png
 
 GPU_POOL = "gpu_training"
 
@@ -24,59 +31,121 @@ GPU_POOL = "gpu_training"
 @dg.asset(partitions_def=persona_partitions, deps=["training_dataset"], group_name="training",
           kinds={"pytorch", "diffusers"}, pool=GPU_POOL)
 def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
-               diffusion: DiffusionBackend) -> dg.MaterializeResult:
+               diffusion: DiffusionBackend, clip: ClipModel) -> dg.MaterializeResult:
     slug = context.partition_key
     with database.session() as session:
         persona, config = persona_for(session, slug)
         dataset = session.scalar(select(models.Dataset).where(models.Dataset.persona_id == persona.id)
                                  .order_by(models.Dataset.id.desc()).limit(1))
+        source_paths = [Path(p) for p in session.scalars(select(models.SourcePhoto.path).where(
+            models.SourcePhoto.persona_id == persona.id, models.SourcePhoto.status == "accepted"))]
     if dataset is None:
         raise dg.Failure(f"{slug}: no training dataset; materialise training_dataset first")
-    overrides = config.training.model_dump(include={"rank", "alpha", "steps", "learning_rate", "resolution", "seed"})
-    params = diffusion.training_params(overrides)
-    base_model = diffusion.base_model_path()
+    try:
+        params = diffusion.training_params(config.training.param_overrides())
+        family = diffusion.family()
+    except TrainingConfigError as exc:
+        raise dg.Failure(f"{slug}: {exc}") from None
     version = hashlib.sha256(json.dumps({"dataset": dataset.version, "base": diffusion.base_model,
-                                         "params": asdict(params)}, sort_keys=True).encode()).hexdigest()
+                                         "params": params.as_dict()}, sort_keys=True).encode()).hexdigest()
     folder = storage.lora_dir(slug, version[:16])
     weight_name = f"{slug}-{version[:8]}.safetensors"
-    metadata_path = folder / "metadata.json"
 
-    if metadata_path.is_file():
+    if (folder / "metadata.json").is_file():
         context.log.info(f"{slug}: LoRA {version[:16]} already trained on dataset {dataset.version[:16]}; reusing it")
-        metadata = json.loads(metadata_path.read_text())
+        metadata = json.loads((folder / "metadata.json").read_text())
     else:
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        result = diffusion.train(Path(dataset.path), partial, params, weight_name, log=context.log.info)
+        # The work folder is kept across runs: a killed run resumes from its latest checkpoint.
+        work = folder.with_name(folder.name + ".partial")
+        try:
+            result = diffusion.train(Path(dataset.path), work, params, weight_name, log=context.log.info)
+        except TrainingDiverged as exc:
+            raise dg.Failure(description=f"{slug}: {exc}", metadata={
+                "last_good_checkpoint": dg.MetadataValue.path(str(exc.last_checkpoint)) if exc.last_checkpoint else "none"}) from None
+        except TrainingConfigError as exc:
+            raise dg.Failure(f"{slug}: {exc}") from None
+        prompts = [p.format(trigger=config.trigger_word, class_word=config.class_word) for p in config.training.validation_prompts]
+        seeds = list(config.training.validation_seeds)
+        scores = _score_checkpoints(diffusion, clip, result.checkpoints, prompts, seeds, source_paths, config.trigger_word, work)
+        ranked = rank_checkpoints(scores)
+        best = ranked[0]
+        shutil.copyfile(work / "checkpoints" / best.file, work / weight_name)
+        (work / "loss_curve.png").write_bytes(loss_curve_png(result.losses, checkpoints=[s for s, _ in result.checkpoints]))
         metadata = {
             "persona": slug, "trigger_word": config.trigger_word, "class_word": config.class_word,
+            "base_model": diffusion.base_model, "base_model_path": diffusion.base_model_path(), "family": family,
+            "key_format": "kohya", "params": params.as_dict(), "mixed_precision_used": result.mixed_precision,
             "dataset_id": dataset.id, "dataset_version": dataset.version, "dataset_path": dataset.path,
-            "base_model": diffusion.base_model, "base_model_path": base_model, "params": asdict(params),
-            "file": weight_name, "sha256": result.sha256, "losses": result.losses, "seconds": result.seconds,
-            "images": result.image_count, "dagster_run_id": context.run.run_id,
+            "steps": params.steps, "resumed_from_step": result.resumed_from, "seconds": result.seconds,
+            "images": result.image_count, "losses": result.losses,
+            "validation": {"prompts": prompts, "seeds": seeds},
+            "checkpoints": [{"step": r.step, "file": r.file, "identity": r.identity, "alignment": r.alignment,
+                             "combined": r.combined, "rank": r.rank} for r in sorted(ranked, key=lambda r: r.step)],
+            "selected": {"step": best.step, "file": weight_name, "from": best.file},
+            "dagster_run_id": context.run.run_id,
         }
-        atomic_write(partial / "metadata.json", json.dumps(metadata, indent=2).encode())
+        metadata["files"] = {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*"))
+                             if p.is_file() and p.name not in {"training_state.pt"}}
+        metadata["sha256"] = metadata["files"][weight_name]
+        atomic_write(work / "metadata.json", json.dumps(metadata, indent=2).encode())
         shutil.rmtree(folder, ignore_errors=True)
-        partial.rename(folder)
+        work.rename(folder)
 
     with database.session() as session:
         lora = registry.register_lora(
             session, persona.id, name=f"{slug} {version[:8]}", path=folder / weight_name, sha256=metadata["sha256"],
             base_model=diffusion.base_model, trigger_word=config.trigger_word, dataset_id=dataset.id,
-            training={"params": metadata["params"], "final_loss": metadata["losses"][-1], "seconds": metadata["seconds"]},
-            weight=1.0, primary=True)
-        lora_id = lora.id
+            training={"params": metadata["params"], "final_loss": metadata["losses"][-1], "seconds": metadata["seconds"],
+                      "selected_step": metadata["selected"]["step"]},
+            weight=1.0, primary=True, origin="trained", family=metadata["family"], key_format="kohya")
+        lora_id, lora_version = lora.id, lora.version
+    rows = metadata["checkpoints"]
+    renders = sorted((folder / "validation").glob("*.png"))
     losses = metadata["losses"]
     return dg.MaterializeResult(metadata={
         "lora_id": lora_id,
+        "library_version": lora_version,
         "path": dg.MetadataValue.path(str(folder / weight_name)),
         "sha256": metadata["sha256"],
         "dataset_version": dataset.version,
         "base_model": diffusion.base_model,
+        "family": metadata["family"],
+        "selected_step": metadata["selected"]["step"],
         "steps": len(losses),
-        "first_loss": float(losses[0]),
+        "resumed_from_step": metadata["resumed_from_step"],
         "final_loss": float(losses[-1]),
         "train_seconds": float(metadata["seconds"]),
-        "loss_curve": table([{"step": i + 1, "loss": float(v)} for i, v in enumerate(losses)
-                             if i % max(1, len(losses) // 20) == 0 or i == len(losses) - 1]),
+        "checkpoints": table([{"step": r["step"], "identity": round(r["identity"], 4), "alignment": round(r["alignment"], 4),
+                               "combined": round(r["combined"], 4), "rank": r["rank"]} for r in rows]),
+        # One row per checkpoint, one column per (prompt, seed).
+        "validation_sheet": dg.MetadataValue.md(contact_sheet_md(
+            renders, [f"rows: steps {', '.join(str(r['step']) for r in rows)}; columns: prompt x seed"],
+            columns=max(1, len(renders) // max(1, len(rows))))),
+        "loss_curve": dg.MetadataValue.md("![loss curve](data:image/png;base64,"
+                                          + base64.b64encode((folder / "loss_curve.png").read_bytes()).decode() + ")"),
     })
+
+
+def _score_checkpoints(diffusion: DiffusionBackend, clip: ClipModel, checkpoints: list[tuple[int, Path]], prompts: list[str],
+                       seeds: list[int], source_paths: list[Path], trigger_word: str, work: Path) -> list[CheckpointScore]:
+    """Identity: mean cosine of a checkpoint's renders to the centroid of the source photos.
+    Alignment: mean cosine of each render to its prompt, with the trigger word removed (it means
+    nothing to CLIP). Both with open_clip; noise on the tiny random model, meaningful on real weights."""
+    renders = diffusion.render_checkpoints([path for _, path in checkpoints], prompts, seeds)
+    centroid = clip.embed_images(source_paths).mean(axis=0)
+    centroid /= np.linalg.norm(centroid) or 1.0
+    texts = clip.embed_texts([" ".join(w for w in p.split() if w.strip(",") != trigger_word) for p in prompts])
+    scores = []
+    out_dir = work / "validation"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for (step, path), images in zip(checkpoints, renders):
+        paths = []
+        for index, image in enumerate(images):
+            target = out_dir / f"step{step:06d}-p{index // len(seeds)}-s{seeds[index % len(seeds)]}.png"
+            image.save(target)
+            paths.append(target)
+        embedded = clip.embed_images(paths)
+        identity = float((embedded @ centroid).mean())
+        alignment = float(np.mean([embedded[i] @ texts[i // len(seeds)] for i in range(len(paths))]))
+        scores.append(CheckpointScore(step=step, file=path.name, identity=identity, alignment=alignment))
+    return scores

@@ -1,91 +1,318 @@
-"""training_dataset: one caption per accepted photo, starting with the trigger word (a sidecar
-.txt wins, else the persona's caption template), in a kohya folder with a dataset.toml.
-The dataset version is the content hash of images, captions and settings."""
+"""training_dataset: one caption per accepted photo, a kohya folder (`<repeats>_<trigger> <class>/`
+with images and .txt captions, an optional `reg/` class-image subset) plus dataset.toml, and
+the quality checks. The dataset version is the content hash of the images, captions and settings.
+
+Where a caption comes from, first match wins:
+1. a sidecar `.txt` next to the photo in the persona folder;
+2. a caption a person edited in a built dataset folder (kept in the database, so it survives
+   every later materialisation; the newest edit of a photo wins);
+3. a generated caption from the database, if the same captioner made it;
+4. the captioner: Gemini when GEMINI_API_KEY is set, else open_clip zero-shot (or the persona's
+   caption_template when training.captioner is `template`). Each new caption is saved as soon as
+   it exists, so a failure halfway loses none of them.
+"""
 
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import dagster as dg
+from PIL import Image
 from sqlalchemy import select
 
 from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
 from persona_pipeline.db import models
+from persona_pipeline.domain import dataset_quality as quality
 from persona_pipeline.domain.captions import fill, training_caption
+from persona_pipeline.domain.training_captions import compose_training_caption
 from persona_pipeline.partitions import persona_partitions
+from persona_pipeline.personas import PersonaConfig
+from persona_pipeline.resources.captioners import ClipCaptioner
+from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.database import AppDatabase
+from persona_pipeline.resources.diffusion import DiffusionBackend
+from persona_pipeline.resources.gemini import GeminiClient, GeminiError
 from persona_pipeline.resources.storage import PersonaStorage, atomic_write
 
+CAPTIONS_HAVE_TRIGGER = "captions_start_with_trigger"
+IMAGE_COUNT = "image_count_in_range"
+IMAGE_QUALITY = "image_quality"
+NEAR_DUPLICATES = "near_duplicates"
+IDENTITY_OUTLIERS = "identity_outliers"
+CHECKS = [
+    dg.AssetCheckSpec(CAPTIONS_HAVE_TRIGGER, asset="training_dataset", blocking=True,
+                      description="Every training caption starts with the persona's trigger word."),
+    dg.AssetCheckSpec(IMAGE_COUNT, asset="training_dataset", blocking=True,
+                      description="The number of training images is within training.min_photos..max_photos."),
+    dg.AssetCheckSpec(IMAGE_QUALITY, asset="training_dataset",
+                      description="Sharpness (variance of the Laplacian), exposure and resolution of every image."),
+    dg.AssetCheckSpec(NEAR_DUPLICATES, asset="training_dataset",
+                      description="No two images closer than training.quality.duplicate_cosine (open_clip)."),
+    dg.AssetCheckSpec(IDENTITY_OUTLIERS, asset="training_dataset",
+                      description="No image far from the persona's open_clip centroid (robust z below -training.quality.outlier_z)."),
+]
 
-def kohya_toml(image_dir: str, class_tokens: str, repeats: int, resolution: int) -> str:
-    return (
-        "[general]\ncaption_extension = \".txt\"\nshuffle_caption = false\nkeep_tokens = 1\n\n"
-        f"[[datasets]]\nresolution = {resolution}\nbatch_size = 1\n\n"
-        f"  [[datasets.subsets]]\n  image_dir = {json.dumps(image_dir)}\n"
-        f"  class_tokens = {json.dumps(class_tokens)}\n  num_repeats = {repeats}\n"
-    )
+
+def kohya_toml(subsets: list[dict], resolution: int, flip: bool) -> str:
+    """kohya sd-scripts' dataset config: one dataset, a subset per folder (`is_reg` for class images)."""
+    lines = ["[general]", 'caption_extension = ".txt"', "shuffle_caption = false", "keep_tokens = 1",
+             f"flip_aug = {str(flip).lower()}", "", "[[datasets]]", f"resolution = {resolution}", "batch_size = 1"]
+    for subset in subsets:
+        lines += ["", "  [[datasets.subsets]]", f"  image_dir = {json.dumps(subset['image_dir'])}",
+                  f"  class_tokens = {json.dumps(subset['class_tokens'])}", f"  num_repeats = {subset['repeats']}"]
+        if subset.get("is_reg"):
+            lines.append("  is_reg = true")
+    return "\n".join(lines) + "\n"
 
 
-@dg.asset(partitions_def=persona_partitions, deps=["source_photos"], group_name="dataset", kinds={"kohya"})
-def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage) -> dg.MaterializeResult:
+@dg.asset(partitions_def=persona_partitions, deps=["source_photos"], group_name="dataset", kinds={"kohya"},
+          check_specs=CHECKS)
+def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
+                     clip: ClipModel, gemini: GeminiClient, diffusion: DiffusionBackend) -> dg.MaterializeResult:
     slug = context.partition_key
     with database.session() as session:
         persona, config = persona_for(session, slug)
-        photos = list(session.scalars(select(models.SourcePhoto).where(
-            models.SourcePhoto.persona_id == persona.id, models.SourcePhoto.status == "accepted")
-            .order_by(models.SourcePhoto.original_name)))
+        persona_id = persona.id
+        photos = [(p.original_name, Path(p.path), p.pixel_sha256, p.caption) for p in session.scalars(
+            select(models.SourcePhoto).where(models.SourcePhoto.persona_id == persona_id, models.SourcePhoto.status == "accepted")
+            .order_by(models.SourcePhoto.original_name))]
+        previous = [(d.path, d.id) for d in session.scalars(select(models.Dataset).where(models.Dataset.persona_id == persona_id))]
     if not photos:
         raise dg.Failure(f"{slug}: no accepted source photos; materialise source_photos first")
     training = config.training
-    values = {"trigger": config.trigger_word, "class_word": config.class_word, "name": config.name}
 
-    items = []  # (photo row, caption, source of caption)
-    for photo in photos:
-        if photo.caption:
-            caption, source = training_caption(config.trigger_word, photo.caption), "sidecar"
-        else:
-            body = fill(training.caption_template, values, what=f"{persona.folder}/persona.yaml training.caption_template")
-            caption, source = training_caption(config.trigger_word, body), "template"
-        items.append((photo, caption, source))
+    edits = _collect_edits(context, database, persona_id, [Path(p) for p, _ in previous])
+    captions = _captions(context, database, persona_id, config, photos, clip, gemini)
+    reg = _regularisation_set(context, storage, diffusion, slug, config)
 
+    subset_name = f"{training.repeats}_{config.trigger_word} {config.class_word}"
+    resolution = diffusion.training_params(training.param_overrides()).resolution
     settings = {"repeats": training.repeats, "trigger": config.trigger_word, "class_word": config.class_word,
-                "caption_template": training.caption_template}
+                "captioner": training.captioner, "flip_aug": training.flip_augment, "resolution": resolution,
+                "regularization": reg["key"] if reg else None, "reg_repeats": training.regularization.repeats if reg else None}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for photo, caption, _ in items:
-        digest.update(photo.pixel_sha256.encode() + b"\0" + caption.encode() + b"\0")
+    for (_, _, pixel_sha, _), (caption, _) in zip(photos, captions):
+        digest.update(pixel_sha.encode() + b"\0" + caption.encode() + b"\0")
     version = digest.hexdigest()
 
     folder = storage.dataset_dir(slug, version[:16])
-    subset_name = f"{training.repeats}_{config.trigger_word} {config.class_word}"
     if not (folder / "metadata.json").is_file():  # versions are immutable: build once, in a temp folder
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         subset = partial / subset_name
         subset.mkdir(parents=True)
-        for index, (photo, caption, _) in enumerate(items, start=1):
-            shutil.copyfile(photo.path, subset / f"{index:04d}.png")
+        for index, ((_, path, _, _), (caption, _)) in enumerate(zip(photos, captions), start=1):
+            shutil.copyfile(path, subset / f"{index:04d}.png")
             (subset / f"{index:04d}.txt").write_text(caption + "\n", encoding="utf-8")
-        (partial / "dataset.toml").write_text(kohya_toml(str(folder / subset_name), f"{config.trigger_word} {config.class_word}",
-                                                         training.repeats, training.resolution or 512))
+        subsets = [{"image_dir": str(folder / subset_name), "class_tokens": f"{config.trigger_word} {config.class_word}",
+                    "repeats": training.repeats}]
+        if reg:
+            reg_dir = partial / "reg" / f"{training.regularization.repeats}_{config.class_word}"
+            shutil.copytree(reg["folder"], reg_dir, ignore=shutil.ignore_patterns("*.json"))
+            subsets.append({"image_dir": str(folder / reg_dir.relative_to(partial)), "class_tokens": config.class_word,
+                            "repeats": training.regularization.repeats, "is_reg": True})
+        (partial / "dataset.toml").write_text(kohya_toml(subsets, resolution, training.flip_augment))
         atomic_write(partial / "metadata.json", json.dumps({
-            "persona": slug, "version": version, "settings": settings,
-            "images": [{"file": f"{i:04d}.png", "source": p.original_name, "sha256": p.pixel_sha256, "caption": c, "caption_source": s}
-                       for i, (p, c, s) in enumerate(items, start=1)],
+            "persona": slug, "version": version, "settings": settings, "subset": subset_name,
+            "images": [{"file": f"{i:04d}.png", "source": name, "sha256": sha, "caption": c, "caption_source": s}
+                       for i, ((name, _, sha, _), (c, s)) in enumerate(zip(photos, captions), start=1)],
+            "regularization": {"images": reg["count"], "prompt": reg["prompt"], "folder": str(reg["folder"])} if reg else None,
         }, indent=2).encode())
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
+    else:
+        _restore_missing_captions(context, folder)
 
     with database.session() as session:
-        dataset = session.scalar(select(models.Dataset).where(models.Dataset.persona_id == persona.id, models.Dataset.version == version))
+        dataset = session.scalar(select(models.Dataset).where(models.Dataset.persona_id == persona_id, models.Dataset.version == version))
         if dataset is None:
-            session.add(models.Dataset(persona_id=persona.id, version=version, path=str(folder),
-                                       image_count=len(items), settings=settings))
-    return dg.MaterializeResult(metadata={
-        "dataset_version": version,
-        "images": len(items),
-        "sidecar_captions": sum(1 for *_, s in items if s == "sidecar"),
-        "template_captions": sum(1 for *_, s in items if s == "template"),
-        "path": dg.MetadataValue.path(str(folder)),
-        "captions": table([{"image": p.original_name, "caption": c, "source": s} for p, c, s in items]),
-        "preview": dg.MetadataValue.md(contact_sheet_md([folder / subset_name / f"{i:04d}.png" for i in range(1, len(items) + 1)])),
-    })
+            session.add(models.Dataset(persona_id=persona_id, version=version, path=str(folder),
+                                       image_count=len(photos), settings=settings))
+
+    images = [folder / subset_name / f"{i:04d}.png" for i in range(1, len(photos) + 1)]
+    caption_files = {image.name: (image.with_suffix(".txt").read_text(encoding="utf-8").strip()
+                                  if image.with_suffix(".txt").is_file() else "") for image in images}
+    sources = [s for _, s in captions]
+    return dg.MaterializeResult(
+        metadata={
+            "dataset_version": version,
+            "images": len(photos),
+            "caption_sources": json.dumps({s: sources.count(s) for s in sorted(set(sources))}),
+            "edits_recorded": edits,
+            "flip_augment": training.flip_augment,
+            "regularization_images": reg["count"] if reg else 0,
+            "path": dg.MetadataValue.path(str(folder)),
+            "captions": table([{"image": f"{i:04d}.png", "source_photo": name, "caption": c, "source": s}
+                               for i, ((name, _, _, _), (c, s)) in enumerate(zip(photos, captions), start=1)]),
+            "preview": dg.MetadataValue.md(contact_sheet_md(images)),
+        },
+        check_results=_quality_checks(clip, config, images, caption_files, resolution),
+    )
+
+
+def _collect_edits(context, database: AppDatabase, persona_id: int, folders: list[Path]) -> int:
+    """Record captions a person changed in built dataset folders (file text differs from what the
+    folder's metadata.json says was written). Oldest edit first, so the newest one wins."""
+    found = []
+    for folder in folders:
+        meta_path = folder / "metadata.json"
+        if not meta_path.is_file():
+            continue
+        meta = json.loads(meta_path.read_text())
+        subset = folder / meta.get("subset", f"{meta['settings']['repeats']}_{meta['settings']['trigger']} {meta['settings']['class_word']}")
+        for image in meta["images"]:
+            text_file = (subset / image["file"]).with_suffix(".txt")
+            if not text_file.is_file():
+                continue
+            text = text_file.read_text(encoding="utf-8").strip()
+            if text and text != image["caption"]:
+                found.append((text_file.stat().st_mtime, image["sha256"], text, text_file))
+    with database.session() as session:
+        for _, pixel_sha, text, text_file in sorted(found):
+            row = session.scalar(select(models.PhotoCaption).where(
+                models.PhotoCaption.persona_id == persona_id, models.PhotoCaption.pixel_sha256 == pixel_sha,
+                models.PhotoCaption.kind == "edited"))
+            if row is None:
+                row = models.PhotoCaption(persona_id=persona_id, pixel_sha256=pixel_sha, kind="edited", captioner="person", fields={})
+                session.add(row)
+            if row.caption != text:
+                context.log.info(f"caption edited by hand in {text_file}: kept for later versions")
+            row.caption = text
+            row.fields = {"edited_in": str(text_file)}
+    return len(found)
+
+
+def _captions(context, database: AppDatabase, persona_id: int, config: PersonaConfig, photos: list, clip: ClipModel,
+              gemini: GeminiClient) -> list[tuple[str, str]]:
+    """(caption, source) per photo, in order; see the module docstring for the order of sources."""
+    training = config.training
+    choice = training.captioner
+    if choice == "gemini" and not gemini.enabled:
+        raise dg.Failure("training.captioner is 'gemini' but GEMINI_API_KEY is not set")
+    use_gemini = choice == "gemini" or (choice == "auto" and gemini.enabled)
+    captioner = gemini if use_gemini else ClipCaptioner(clip)
+    with database.session() as session:
+        stored = {(r.pixel_sha256, r.kind): r for r in session.scalars(
+            select(models.PhotoCaption).where(models.PhotoCaption.persona_id == persona_id))}
+        stored = {key: (r.caption, r.captioner) for key, r in stored.items()}
+
+    values = {"trigger": config.trigger_word, "class_word": config.class_word, "name": config.name}
+    out: list[tuple[str, str] | None] = []
+    missing = []
+    for index, (name, path, pixel_sha, sidecar) in enumerate(photos):
+        if sidecar:
+            out.append((training_caption(config.trigger_word, sidecar), "sidecar"))
+        elif (pixel_sha, "edited") in stored:
+            out.append((stored[(pixel_sha, "edited")][0], "edited"))
+        elif choice == "template":
+            body = fill(training.caption_template, values, what="persona.yaml training.caption_template")
+            out.append((training_caption(config.trigger_word, body), "template"))
+        elif (pixel_sha, "generated") in stored and stored[(pixel_sha, "generated")][1] == captioner.name:
+            out.append((stored[(pixel_sha, "generated")][0], captioner.name))
+        else:
+            out.append(None)
+            missing.append(index)
+    if missing:
+        context.log.info(f"captioning {len(missing)} photos with {captioner.name}")
+    # Gemini one photo at a time, each saved at once; open_clip in one batch.
+    batches = [[i] for i in missing] if use_gemini else ([missing] if missing else [])
+    for batch in batches:
+        try:
+            fields = captioner.caption_fields([photos[i][1] for i in batch], trigger_word=config.trigger_word,
+                                              class_word=config.class_word)
+        except GeminiError as exc:
+            raise dg.Failure(f"captioning {photos[batch[0]][0]} failed: {exc}; the captions made so far are saved") from None
+        with database.session() as session:
+            for i, caption_fields in zip(batch, fields):
+                caption = compose_training_caption(config.trigger_word, config.class_word, caption_fields)
+                pixel_sha = photos[i][2]
+                row = session.scalar(select(models.PhotoCaption).where(
+                    models.PhotoCaption.persona_id == persona_id, models.PhotoCaption.pixel_sha256 == pixel_sha,
+                    models.PhotoCaption.kind == "generated"))
+                if row is None:
+                    row = models.PhotoCaption(persona_id=persona_id, pixel_sha256=pixel_sha, kind="generated")
+                    session.add(row)
+                row.caption, row.captioner, row.fields = caption, captioner.name, caption_fields.to_dict()
+                out[i] = (caption, captioner.name)
+    return out
+
+
+def _regularisation_set(context, storage: PersonaStorage, diffusion: DiffusionBackend, slug: str, config: PersonaConfig) -> dict | None:
+    """Class images from the base model without a LoRA, generated once per (base model, prompt,
+    count, seed, size) and reused while those stay the same."""
+    reg = config.training.regularization
+    if reg.images == 0:
+        return None
+    prompt = reg.prompt.format(class_word=config.class_word, trigger=config.trigger_word)
+    size = diffusion.training_params(config.training.param_overrides()).resolution
+    key = hashlib.sha256(json.dumps({"base": diffusion.base_model, "prompt": prompt, "images": reg.images,
+                                     "seed": reg.seed, "size": size}, sort_keys=True).encode()).hexdigest()
+    folder = storage.persona_dir(slug) / "regularization" / key[:16]
+    if (folder / "done.json").is_file():
+        context.log.info(f"reusing {reg.images} regularisation images from {folder}")
+    else:
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        context.log.info(f"generating {reg.images} regularisation images of {prompt!r} with {diffusion.base_model}")
+        for index in range(reg.images):
+            image = diffusion.generate_plain(prompt, [reg.seed + index], size=size)[0]
+            image.save(partial / f"reg{index:04d}.png")
+            (partial / f"reg{index:04d}.txt").write_text(prompt + "\n", encoding="utf-8")
+        atomic_write(partial / "done.json", json.dumps({"prompt": prompt, "images": reg.images, "seed": reg.seed,
+                                                        "size": size, "base_model": diffusion.base_model}).encode())
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+    return {"key": key, "folder": folder, "count": reg.images, "prompt": prompt}
+
+
+def _restore_missing_captions(context, folder: Path) -> None:
+    """A reused version whose caption file was deleted by hand gets it back from metadata.json
+    (the version's content is fixed by its hash)."""
+    meta = json.loads((folder / "metadata.json").read_text())
+    subset = folder / meta["subset"] if "subset" in meta else None
+    if subset is None:
+        return
+    for image in meta["images"]:
+        text_file = (subset / image["file"]).with_suffix(".txt")
+        if not text_file.is_file():
+            text_file.write_text(image["caption"] + "\n", encoding="utf-8")
+            context.log.warning(f"{text_file} was missing; restored the caption recorded for this dataset version")
+
+
+def _quality_checks(clip: ClipModel, config: PersonaConfig, images: list[Path], captions: dict[str, str],
+                    resolution: int) -> list[dg.AssetCheckResult]:
+    training, limits = config.training, config.training.quality
+    stats = {}
+    for image in images:
+        with Image.open(image) as handle:
+            stats[image.name] = quality.image_stats(handle)
+    names = [image.name for image in images]
+    embeddings = clip.embed_images(images)
+    groups = {
+        CAPTIONS_HAVE_TRIGGER: quality.trigger_findings(captions, config.trigger_word),
+        IMAGE_COUNT: quality.count_findings(len(images), training.min_photos, training.max_photos),
+        IMAGE_QUALITY: (quality.blur_findings(stats, limits.blur_min_variance) + quality.exposure_findings(stats)
+                        + quality.resolution_findings(stats, resolution)),
+        NEAR_DUPLICATES: quality.near_duplicate_findings(names, embeddings, limits.duplicate_cosine),
+        IDENTITY_OUTLIERS: quality.identity_outlier_findings(names, embeddings, limits.outlier_z),
+    }
+    results = []
+    for check, findings in groups.items():
+        blocking = check in (CAPTIONS_HAVE_TRIGGER, IMAGE_COUNT)
+        worst = "ERROR" if blocking or any(f.severity == "ERROR" for f in findings) else "WARN"
+        description = "; ".join(f.message for f in findings[:20])
+        if len(findings) > 20:
+            description += f"; and {len(findings) - 20} more"
+        results.append(dg.AssetCheckResult(
+            check_name=check, passed=not findings,
+            severity=dg.AssetCheckSeverity.ERROR if worst == "ERROR" else dg.AssetCheckSeverity.WARN,
+            description=description or None,
+            metadata={"findings": len(findings),
+                      "files": ", ".join(sorted({f.file for f in findings if f.file})) or "-",
+                      "details": table([{"file": f.file, "severity": f.severity, "value": "" if f.value is None else f"{f.value:.4g}",
+                                         "threshold": "" if f.threshold is None else f"{f.threshold:.4g}", "message": f.message}
+                                        for f in findings])},
+        ))
+    return results
