@@ -268,17 +268,20 @@ def _regularisation_set(context, storage: PersonaStorage, diffusion: DiffusionBa
 
 
 def _restore_missing_captions(context, folder: Path) -> None:
-    """A reused version whose caption file was deleted by hand gets it back from metadata.json
-    (the version's content is fixed by its hash)."""
+    """A reused version whose caption file was deleted or still holds a superseded edit (an edit
+    reverted in a later version leads back to this one) gets it back from metadata.json (the
+    version's content is fixed by its hash; the edits were recorded before this runs)."""
     meta = json.loads((folder / "metadata.json").read_text())
     subset = folder / meta["subset"] if "subset" in meta else None
     if subset is None:
         return
     for image in meta["images"]:
         text_file = (subset / image["file"]).with_suffix(".txt")
-        if not text_file.is_file():
+        current = text_file.read_text(encoding="utf-8").strip() if text_file.is_file() else None
+        if current != image["caption"]:
             text_file.write_text(image["caption"] + "\n", encoding="utf-8")
-            context.log.warning(f"{text_file} was missing; restored the caption recorded for this dataset version")
+            context.log.warning(f"{text_file} {'was missing' if current is None else 'held a superseded edit'}; "
+                                "restored the caption recorded for this dataset version")
 
 
 def _quality_checks(clip: ClipModel, config: PersonaConfig, images: list[Path], captions: dict[str, str],
