@@ -79,7 +79,9 @@ def write_persona(datasets: Path, slug: str = "tester", photos: int = 12, **over
         "pillars": [{"name": "city", "weight": 60, "priority": 1, "guidelines": "City days."},
                     {"name": "beach", "weight": 40, "priority": 2, "guidelines": "Beach days."}],
         "hashtags": {"targets": ["one", "two", "three"], "max_per_post": 2},
-        "training": {"min_photos": 10, "steps": 4},
+        # two checkpoints, one validation render each: selection runs for real, at a test's cost
+        "training": {"min_photos": 10, "steps": 4, "checkpoint_every": 2,
+                     "validation_prompts": ["photo of {trigger} {class_word}"], "validation_seeds": [7]},
     }
     config.update(overrides)
     (folder / "persona.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -17,6 +17,7 @@ from persona_pipeline.db.session import session_scope
 from persona_pipeline.definitions import ASSETS
 from persona_pipeline.domain import elo
 from persona_pipeline.db import registry
+from persona_pipeline.resources.storage import sha256_file
 from persona_pipeline.trace import trace_post
 from persona_pipeline_tests.conftest import make_database, make_settings, materialise_persona, write_persona
 
@@ -64,7 +65,8 @@ def test_every_asset_materialises_with_metadata(built_chain):
     metadata = {n: result.asset_materializations_for_node(n)[0].metadata for n in CHAIN_ASSETS}
     assert metadata["source_photos"]["usable"].value == 12
     assert metadata["training_dataset"]["images"].value == 12
-    assert metadata["training_dataset"]["sidecar_captions"].value == 6  # every other demo photo has one
+    # every other demo photo has a sidecar; the rest are captioned offline by open_clip
+    assert json.loads(metadata["training_dataset"]["caption_sources"].value) == {"clip:tiny": 6, "sidecar": 6}
     assert metadata["candidates"]["candidates"].value == 6  # 2 pillars × 3
     assert "data:image/png;base64," in metadata["candidates"]["preview"].value
     assert metadata["scheduled_posts"]["new_posts"].value == 2
@@ -80,7 +82,7 @@ def test_dataset_is_kohya_shaped_with_trigger_first_captions(built_chain):
     captions = [p.read_text().strip() for p in sorted(subset.glob("*.txt"))]
     assert len(captions) == 12 and all(c.startswith("t3st") for c in captions)
     assert "t3st, close-up portrait" in captions[0]  # the sidecar won
-    assert captions[1] == "t3st woman"  # the template (default "{trigger} {class_word}")
+    assert captions[1].startswith("t3st woman, ")  # open_clip zero-shot fields after trigger and class
     assert 'num_repeats = 10' in (folder / "dataset.toml").read_text()
     assert json.loads((folder / "metadata.json").read_text())["version"] == dataset.version
 
@@ -94,9 +96,25 @@ def test_lora_is_a_real_trained_adapter_registered_as_primary(built_chain):
         assert dataset is not None
     weights = load_file(lora.path)
     assert any("lora" in key for key in weights) and len(weights) > 10
-    meta = json.loads((Path(lora.path).parent / "metadata.json").read_text())
+    folder = Path(lora.path).parent
+    meta = json.loads((folder / "metadata.json").read_text())
     assert meta["dataset_version"] == dataset.version and meta["params"]["steps"] == 4
     assert len(meta["losses"]) == 4 and all(loss > 0 for loss in meta["losses"])
+    assert meta["persona"] == "tester" and meta["trigger_word"] == "t3st" and meta["base_model"] == "tiny"
+    assert {"rank", "alpha", "learning_rate", "batch_size", "resolution", "optimizer", "mixed_precision",
+            "gradient_checkpointing", "min_snr_gamma", "noise_offset", "prior_loss_weight", "seed"} <= set(meta["params"])
+    # every checkpoint was rendered and scored; the selected file is the best-ranked checkpoint
+    assert [c["step"] for c in meta["checkpoints"]] == [2, 4]
+    best = min(meta["checkpoints"], key=lambda c: c["rank"])
+    assert meta["selected"]["step"] == best["step"]
+    assert load_file(str(folder / "checkpoints" / best["file"])).keys() == weights.keys()
+    assert [p.name for p in sorted((folder / "validation").glob("*.png"))] == ["step000002-p0-s7.png", "step000004-p0-s7.png"]
+    # the sha256 of every file, and of the selected LoRA, match the files on disk
+    assert meta["sha256"] == lora.sha256 == sha256_file(Path(lora.path))
+    for name, digest in meta["files"].items():
+        assert sha256_file(folder / name) == digest, name
+    assert {"loss_curve.png", Path(lora.path).name, "checkpoints/" + best["file"]} <= set(meta["files"])
+    assert lora.origin == "trained" and lora.family == "tiny" and lora.key_format == "kohya" and lora.version == 1
 
 
 def test_candidates_have_complete_manifests_and_elo_matches_the_votes(built_chain):
