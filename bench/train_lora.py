@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import gc
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -237,11 +235,13 @@ def reference_train(base: str, items: list[tuple[Path, str]], steps: int, out_di
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from persona_pipeline.training.lora import _load_pixels, load_frozen_sd_with_lora
+    from persona_pipeline.training.lora import load_frozen_model_with_lora, load_pixels
 
     started = time.perf_counter()
     accelerator = Accelerator(cpu=True, mixed_precision="no")
-    tokenizer, text_encoder, vae, unet, scheduler = load_frozen_sd_with_lora(base, rank=RANK, alpha=RANK)
+    model = load_frozen_model_with_lora(base, rank=RANK, alpha=RANK)
+    tokenizer, text_encoder, vae = model.tokenizers[0], model.text_encoders[0], model.vae
+    unet, scheduler = model.unet, model.noise_scheduler
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=LEARNING_RATE)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     loaded = time.perf_counter()
@@ -253,7 +253,7 @@ def reference_train(base: str, items: list[tuple[Path, str]], steps: int, out_di
     for _ in range(steps):
         encode_started = time.perf_counter()
         batch = [items[i] for i in rng.choice(len(items), size=BATCH_SIZE)]
-        pixels = torch.cat([_load_pixels(path, RESOLUTION) for path, _ in batch])
+        pixels = torch.cat([load_pixels(path, RESOLUTION)[0] for path, _ in batch])
         ids = tokenizer([caption for _, caption in batch], padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
@@ -276,13 +276,6 @@ def reference_train(base: str, items: list[tuple[Path, str]], steps: int, out_di
     run.loop_s = time.perf_counter() - loaded
 
 
-def _find_unet(loaded):
-    from diffusers import UNet2DConditionModel
-
-    candidates = [getattr(loaded, "unet", None)] + (list(loaded) if isinstance(loaded, tuple) else [])
-    return next(c for c in candidates if isinstance(c, UNet2DConditionModel))
-
-
 def our_train(base: str, dataset_dir: Path, steps: int, out_dir: Path, run: SideRun) -> None:
     """`train_lora` as the pipeline calls it. Its phases are timed from outside, without touching
     the trainer: the model loader is wrapped to stamp the end of loading (and to hook the UNet),
@@ -290,40 +283,32 @@ def our_train(base: str, dataset_dir: Path, steps: int, out_dir: Path, run: Side
     from persona_pipeline.training import lora
 
     marks: dict[str, float] = {}
-    # The rewritten trainer loads through load_frozen_model_with_lora; the first one through
-    # load_frozen_sd_with_lora. Wrap whichever train_lora calls.
-    loader_name = next(n for n in ("load_frozen_model_with_lora", "load_frozen_sd_with_lora") if hasattr(lora, n))
-    original = getattr(lora, loader_name)
+    original = lora.load_frozen_model_with_lora
 
     def timed_loader(*args, **kwargs):
         loaded = original(*args, **kwargs)
         marks["loaded"] = time.perf_counter()
         # Only the times are kept: no reference to the models outlives the run.
-        _find_unet(loaded).register_forward_pre_hook(stamp_first_step)
+        loaded.unet.register_forward_pre_hook(stamp_first_step)
         return loaded
 
     def stamp_first_step(_module, _args) -> None:  # a pre-hook's non-None return would replace the args
         marks.setdefault("first_step", time.perf_counter())
 
-    field_names = {f.name for f in dataclasses.fields(lora.LoraTrainingParams)}
-    wanted = {"rank": RANK, "alpha": float(RANK), "steps": steps, "learning_rate": LEARNING_RATE,
-              "batch_size": BATCH_SIZE, "resolution": RESOLUTION, "seed": 0, "mixed_precision": "no"}
-    params = lora.LoraTrainingParams(**{k: v for k, v in wanted.items() if k in field_names})
-    accepted = inspect.signature(lora.train_lora).parameters
-    options = {"device": "cpu", "weight_name": "ours.safetensors", "log": lambda _message: None,
-               "cache_dir": out_dir / "cache"}  # a fresh cache: the caching pass is always paid
-    options = {k: v for k, v in options.items() if k in accepted}
-
-    setattr(lora, loader_name, timed_loader)
+    params = lora.LoraTrainingParams(rank=RANK, alpha=float(RANK), steps=steps, learning_rate=LEARNING_RATE,
+                                     batch_size=BATCH_SIZE, resolution=RESOLUTION, seed=0, mixed_precision="no")
+    lora.load_frozen_model_with_lora = timed_loader
     try:
         started = time.perf_counter()
-        result = lora.train_lora(base, dataset_dir, out_dir, params, **options)
+        # A fresh cache_dir per run: the caching pass is always paid.
+        result = lora.train_lora(base, dataset_dir, out_dir, params, device="cpu", weight_name="ours.safetensors",
+                                 log=lambda _message: None, cache_dir=out_dir / "cache")
         finished = time.perf_counter()
     finally:
-        setattr(lora, loader_name, original)
+        lora.load_frozen_model_with_lora = original
     if "loaded" not in marks or "first_step" not in marks:
-        raise RuntimeError(f"could not time the trainer's phases (marks {sorted(marks)}): has lora.{loader_name} "
-                           "stopped being the loader train_lora calls?")
+        raise RuntimeError(f"could not time the trainer's phases (marks {sorted(marks)}): has "
+                           "lora.load_frozen_model_with_lora stopped being the loader train_lora calls?")
     run.load_s = marks["loaded"] - started
     run.caching_s = marks["first_step"] - marks["loaded"]
     run.loop_s = finished - marks["first_step"]

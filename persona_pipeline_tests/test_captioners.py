@@ -85,6 +85,15 @@ def test_gemini_retries_429_and_503_then_succeeds(fake, waits):
     assert 1.0 <= waits[1] <= 1.25  # 0.5 * 2**1 plus at most 25% jitter
 
 
+def test_gemini_honours_a_retry_after_http_date(fake, waits):
+    from datetime import datetime, timedelta, timezone
+    from email.utils import format_datetime
+
+    fake.fail(503, "The model is overloaded", retry_after=format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True))
+    caption(client_for(fake))
+    assert len(fake.requests) == 2 and 25 <= waits[0] <= 30  # the date's distance, not our 0.5 s backoff
+
+
 def test_gemini_honours_retry_info_in_the_error_body(fake, waits):
     fake.fail(429, "You exceeded your current quota", retry_delay="37s")
     caption(client_for(fake))

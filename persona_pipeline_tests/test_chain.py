@@ -17,7 +17,7 @@ from persona_pipeline.db.session import session_scope
 from persona_pipeline.definitions import ASSETS
 from persona_pipeline.domain import elo
 from persona_pipeline.db import registry
-from persona_pipeline.resources.storage import sha256_file
+from persona_pipeline.fileio import sha256_file
 from persona_pipeline.trace import trace_post
 from persona_pipeline_tests.conftest import make_database, make_settings, materialise_persona, write_persona
 
@@ -114,7 +114,9 @@ def test_lora_is_a_real_trained_adapter_registered_as_primary(built_chain):
     for name, digest in meta["files"].items():
         assert sha256_file(folder / name) == digest, name
     assert {"loss_curve.png", Path(lora.path).name, "checkpoints/" + best["file"]} <= set(meta["files"])
-    assert lora.origin == "trained" and lora.family == "tiny" and lora.key_format == "kohya" and lora.version == 1
+    # the family is read off the file as for an import, so it matches what the importer expects of this base model
+    assert lora.origin == "trained" and lora.family == "tiny-sd" and lora.key_format == "kohya" and lora.version == 1
+    assert meta["preset"] == "tiny" and meta["family"] == "tiny-sd"
 
 
 def test_candidates_have_complete_manifests_and_elo_matches_the_votes(built_chain):

@@ -19,7 +19,7 @@ from persona_pipeline.db import models, registry
 from persona_pipeline.db.session import session_scope
 from persona_pipeline.definitions import build_resources
 from persona_pipeline.personas import load_persona
-from persona_pipeline.resources.storage import sha256_file
+from persona_pipeline.fileio import sha256_file
 from persona_pipeline.training.lora_files import (
     LoraFileError,
     base_model_family,

@@ -18,7 +18,8 @@ from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline.resources.review_policy import AutoReviewer
-from persona_pipeline.resources.storage import PersonaStorage, atomic_write
+from persona_pipeline.resources.storage import PersonaStorage
+from persona_pipeline.fileio import atomic_write
 
 NEGATIVE_PROMPT = "blurry, low quality, deformed, extra limbs, watermark, text"
 WORKFLOW = "txt2img_lora"

@@ -21,8 +21,10 @@ from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
-from persona_pipeline.resources.storage import PersonaStorage, atomic_write, sha256_file
+from persona_pipeline.resources.storage import PersonaStorage
+from persona_pipeline.fileio import atomic_write, sha256_file
 from persona_pipeline.training.lora import TrainingConfigError, TrainingDiverged
+from persona_pipeline.training.lora_files import inspect_lora_file
 from persona_pipeline.training.loss_curve import loss_curve_png
 
 GPU_POOL = "gpu_training"
@@ -43,7 +45,7 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
         raise dg.Failure(f"{slug}: no training dataset; materialise training_dataset first")
     try:
         params = diffusion.training_params(config.training.param_overrides())
-        family = diffusion.family()
+        preset = diffusion.preset_name()
     except TrainingConfigError as exc:
         raise dg.Failure(f"{slug}: {exc}") from None
     version = hashlib.sha256(json.dumps({"dataset": dataset.version, "base": diffusion.base_model,
@@ -70,11 +72,14 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
         ranked = rank_checkpoints(scores)
         best = ranked[0]
         shutil.copyfile(work / "checkpoints" / best.file, work / weight_name)
+        # Family and key format read off the file, by the same code that checks imported LoRAs, so
+        # trained and imported rows of the library describe themselves alike.
+        info = inspect_lora_file(work / weight_name, expected_family=None)
         (work / "loss_curve.png").write_bytes(loss_curve_png(result.losses, checkpoints=[s for s, _ in result.checkpoints]))
         metadata = {
             "persona": slug, "trigger_word": config.trigger_word, "class_word": config.class_word,
-            "base_model": diffusion.base_model, "base_model_path": diffusion.base_model_path(), "family": family,
-            "key_format": "kohya", "params": params.as_dict(), "mixed_precision_used": result.mixed_precision,
+            "base_model": diffusion.base_model, "base_model_path": diffusion.base_model_path(), "preset": preset,
+            "family": info.family, "key_format": info.key_format, "params": params.as_dict(), "mixed_precision_used": result.mixed_precision,
             "dataset_id": dataset.id, "dataset_version": dataset.version, "dataset_path": dataset.path,
             "steps": params.steps, "resumed_from_step": result.resumed_from, "seconds": result.seconds,
             "images": result.image_count, "losses": result.losses,
@@ -97,7 +102,7 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
             base_model=diffusion.base_model, trigger_word=config.trigger_word, dataset_id=dataset.id,
             training={"params": metadata["params"], "final_loss": metadata["losses"][-1], "seconds": metadata["seconds"],
                       "selected_step": metadata["selected"]["step"]},
-            weight=1.0, primary=True, origin="trained", family=metadata["family"], key_format="kohya")
+            weight=1.0, primary=True, origin="trained", family=metadata["family"], key_format=metadata["key_format"])
         lora_id, lora_version = lora.id, lora.version
     rows = metadata["checkpoints"]
     renders = sorted((folder / "validation").glob("*.png"))

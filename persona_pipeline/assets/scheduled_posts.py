@@ -18,7 +18,8 @@ from persona_pipeline.domain.slots import next_free_slot
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.review_policy import AutoReviewer
-from persona_pipeline.resources.storage import PersonaStorage, atomic_write
+from persona_pipeline.resources.storage import PersonaStorage
+from persona_pipeline.fileio import atomic_write
 
 UPCOMING = {post_states.DRAFT, post_states.AWAITING_APPROVAL, post_states.SCHEDULED, post_states.PUBLISHING, post_states.FAILED}
 OCCUPIES_SLOT = post_states.HOLDS_IMAGE

@@ -13,7 +13,8 @@ from persona_pipeline.domain.photos import AcceptedPhoto, inspect_photo
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.personas import load_persona
 from persona_pipeline.resources.database import AppDatabase
-from persona_pipeline.resources.storage import PersonaStorage, atomic_write
+from persona_pipeline.resources.storage import PersonaStorage
+from persona_pipeline.fileio import atomic_write
 
 ENOUGH_PHOTOS = "enough_usable_photos"
 

@@ -33,7 +33,8 @@ from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline.resources.gemini import GeminiClient, GeminiError
-from persona_pipeline.resources.storage import PersonaStorage, atomic_write
+from persona_pipeline.resources.storage import PersonaStorage
+from persona_pipeline.fileio import atomic_write
 
 CAPTIONS_HAVE_TRIGGER = "captions_start_with_trigger"
 IMAGE_COUNT = "image_count_in_range"
@@ -84,10 +85,10 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
 
     edits = _collect_edits(context, database, persona_id, [Path(p) for p, _ in previous])
     captions = _captions(context, database, persona_id, config, photos, clip, gemini)
-    reg = _regularisation_set(context, storage, diffusion, slug, config)
+    resolution = diffusion.training_params(training.param_overrides()).resolution
+    reg = _regularisation_set(context, storage, diffusion, slug, config, resolution)
 
     subset_name = f"{training.repeats}_{config.trigger_word} {config.class_word}"
-    resolution = diffusion.training_params(training.param_overrides()).resolution
     settings = {"repeats": training.repeats, "trigger": config.trigger_word, "class_word": config.class_word,
                 "captioner": training.captioner, "flip_aug": training.flip_augment, "resolution": resolution,
                 "regularization": reg["key"] if reg else None, "reg_repeats": training.regularization.repeats if reg else None}
@@ -122,7 +123,7 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
     else:
-        _restore_missing_captions(context, folder)
+        _restore_captions(context, folder)
 
     with database.session() as session:
         dataset = session.scalar(select(models.Dataset).where(models.Dataset.persona_id == persona_id, models.Dataset.version == version))
@@ -193,9 +194,8 @@ def _captions(context, database: AppDatabase, persona_id: int, config: PersonaCo
     use_gemini = choice == "gemini" or (choice == "auto" and gemini.enabled)
     captioner = gemini if use_gemini else ClipCaptioner(clip)
     with database.session() as session:
-        stored = {(r.pixel_sha256, r.kind): r for r in session.scalars(
+        stored = {(r.pixel_sha256, r.kind): (r.caption, r.captioner) for r in session.scalars(
             select(models.PhotoCaption).where(models.PhotoCaption.persona_id == persona_id))}
-        stored = {key: (r.caption, r.captioner) for key, r in stored.items()}
 
     values = {"trigger": config.trigger_word, "class_word": config.class_word, "name": config.name}
     out: list[tuple[str, str] | None] = []
@@ -238,14 +238,14 @@ def _captions(context, database: AppDatabase, persona_id: int, config: PersonaCo
     return out
 
 
-def _regularisation_set(context, storage: PersonaStorage, diffusion: DiffusionBackend, slug: str, config: PersonaConfig) -> dict | None:
+def _regularisation_set(context, storage: PersonaStorage, diffusion: DiffusionBackend, slug: str, config: PersonaConfig,
+                        size: int) -> dict | None:
     """Class images from the base model without a LoRA, generated once per (base model, prompt,
     count, seed, size) and reused while those stay the same."""
     reg = config.training.regularization
     if reg.images == 0:
         return None
     prompt = reg.prompt.format(class_word=config.class_word, trigger=config.trigger_word)
-    size = diffusion.training_params(config.training.param_overrides()).resolution
     key = hashlib.sha256(json.dumps({"base": diffusion.base_model, "prompt": prompt, "images": reg.images,
                                      "seed": reg.seed, "size": size}, sort_keys=True).encode()).hexdigest()
     folder = storage.persona_dir(slug) / "regularization" / key[:16]
@@ -267,7 +267,7 @@ def _regularisation_set(context, storage: PersonaStorage, diffusion: DiffusionBa
     return {"key": key, "folder": folder, "count": reg.images, "prompt": prompt}
 
 
-def _restore_missing_captions(context, folder: Path) -> None:
+def _restore_captions(context, folder: Path) -> None:
     """A reused version whose caption file was deleted or still holds a superseded edit (an edit
     reverted in a later version leads back to this one) gets it back from metadata.json (the
     version's content is fixed by its hash; the edits were recorded before this runs)."""

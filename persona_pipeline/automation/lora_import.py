@@ -16,9 +16,7 @@ refused file is moved to rejected/ with the reason next to it, an imported one t
 """
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,9 +25,10 @@ import dagster as dg
 from sqlalchemy import select
 
 from persona_pipeline.db import models, registry
+from persona_pipeline.fileio import atomic_copy, sha256_file
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
-from persona_pipeline.resources.storage import PersonaStorage, sha256_file
+from persona_pipeline.resources.storage import PersonaStorage
 from persona_pipeline.training.lora_files import LoraFileError, base_model_family, inspect_lora_file
 
 IMPORTED, REJECTED = "imported", "rejected"
@@ -37,14 +36,6 @@ IMPORTED, REJECTED = "imported", "rejected"
 SETTLE_SECONDS = 10.0
 # Names a trainer or browser gives a file while it is still writing it.
 IN_PROGRESS_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".download")
-
-
-def incoming_dir(storage: PersonaStorage) -> Path:
-    return storage.root / "loras" / "incoming"
-
-
-def library_dir(storage: PersonaStorage, slug: str) -> Path:
-    return storage.root / "loras" / "library" / slug
 
 
 def _is_candidate(path: Path) -> bool:
@@ -86,7 +77,7 @@ class LoraImportConfig(dg.Config):
                    "or move it to rejected/ with the reason.")
 def import_lora(context: dg.OpExecutionContext, config: LoraImportConfig, database: AppDatabase,
                 storage: PersonaStorage, diffusion: DiffusionBackend) -> dict:
-    incoming = incoming_dir(storage)
+    incoming = storage.lora_incoming_dir()
     source = incoming / config.path
     slug = source.parent.name if source.parent != incoming else None
     if not source.is_file():
@@ -145,11 +136,11 @@ def import_lora(context: dg.OpExecutionContext, config: LoraImportConfig, databa
         if mapped:  # the same bytes are already in this persona's library: keep its row, weight and primary
             lora, status = known, "already_in_library"
         else:
-            target = library_dir(storage, slug) / f"{sha256[:16]}.safetensors"
+            target = storage.lora_library_dir(slug) / f"{sha256[:16]}.safetensors"
             if known is None:
-                _atomic_copy(source, target, sha256)
+                atomic_copy(source, target, sha256)
                 if metadata_path:
-                    _atomic_copy(metadata_path, target.with_name(f"{sha256[:16]}.metadata.json"))
+                    atomic_copy(metadata_path, target.with_name(f"{sha256[:16]}.metadata.json"))
             training = dict(metadata)
             training.setdefault("imported_from", config.path)
             # A file another persona already has keeps its row (and version); this persona gets a mapping.
@@ -179,7 +170,7 @@ def lora_incoming_sensor(context: dg.SensorEvaluationContext, storage: PersonaSt
     """One lora_import run per settled file in the drop folder. The cursor maps each requested
     file still in the folder to [size, mtime_ns, sha256], so a tick neither re-hashes nor re-requests
     it; entries leave the cursor when their file leaves the folder, which keeps it bounded."""
-    incoming = incoming_dir(storage)
+    incoming = storage.lora_incoming_dir()
     seen: dict[str, list[Any]] = json.loads(context.cursor) if context.cursor else {}
     cursor: dict[str, list[Any]] = {}
     run_requests = []
@@ -214,24 +205,6 @@ def _read_metadata(path: Path | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise LoraFileError(f"{path.name}: must be a JSON object, not a {type(data).__name__}")
     return data
-
-
-def _atomic_copy(source: Path, target: Path, sha256: str | None = None) -> None:
-    """Copy via a temp file + fsync + rename, so the library never holds a half file; with
-    `sha256`, check the copy before it takes the final name."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix="." + target.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        if sha256 and sha256_file(Path(tmp)) != sha256:
-            raise OSError(f"copy of {source.name} to {target.parent} does not match its sha256")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _move_all(lora: Path, metadata: Path | None, folder: Path) -> list[Path]:

@@ -62,12 +62,12 @@ class DiffusionBackend(dg.ConfigurableResource):
             return str(build_tiny_sd(Path(self.models_dir) / TINY_SD_NAME))
         return self.base_model  # a local folder or a hub id; from_pretrained resolves either
 
-    def family(self) -> str:
-        """`tiny`, `sd15` or `sdxl` (from the model's model_index.json)."""
+    def preset_name(self) -> str:
+        """The training and render preset: `tiny`, `sd15` or `sdxl` (from the model's model_index.json)."""
         return "tiny" if self.is_tiny else model_family(self.base_model)
 
     def training_defaults(self) -> LoraTrainingParams:
-        return TRAINING_PRESETS[self.family()]
+        return TRAINING_PRESETS[self.preset_name()]
 
     def training_params(self, overrides: dict) -> LoraTrainingParams:
         params = replace(self.training_defaults(), **{k: v for k, v in overrides.items() if v is not None})
@@ -75,7 +75,7 @@ class DiffusionBackend(dg.ConfigurableResource):
         return params
 
     def default_size(self) -> int:
-        return VALIDATION_RENDER[self.family()][0]
+        return VALIDATION_RENDER[self.preset_name()][0]
 
     def train(self, dataset_dir: Path, output_dir: Path, params: LoraTrainingParams, weight_name: str,
               log: Callable[[str], None]) -> TrainingResult:
@@ -87,7 +87,7 @@ class DiffusionBackend(dg.ConfigurableResource):
         one loaded base pipeline: each LoRA is loaded, used and unloaded in turn."""
         import torch
 
-        size, steps = VALIDATION_RENDER[self.family()]
+        size, steps = VALIDATION_RENDER[self.preset_name()]
         pipe = _base_pipeline(self.base_model_path(), self.device)
         out = []
         for index, checkpoint in enumerate(checkpoints):
@@ -110,7 +110,7 @@ class DiffusionBackend(dg.ConfigurableResource):
         import torch
 
         size = size or self.default_size()
-        _, steps = VALIDATION_RENDER[self.family()]
+        _, steps = VALIDATION_RENDER[self.preset_name()]
         pipe = _base_pipeline(self.base_model_path(), self.device)
         return [pipe(prompt, num_inference_steps=steps, guidance_scale=5.0, width=size, height=size,
                      generator=torch.Generator(device="cpu").manual_seed(seed)).images[0] for seed in seeds]

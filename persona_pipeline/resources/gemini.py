@@ -14,6 +14,8 @@ import json
 import random
 import re
 import time
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +91,10 @@ def _retry_after_seconds(error: Exception) -> float | None:
         try:
             return max(0.0, float(value))
         except ValueError:
-            pass  # an HTTP date: fall back to our own backoff
+            try:  # the other form RFC 9110 allows: an HTTP date
+                return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
+            except (TypeError, ValueError):
+                pass  # unparseable: our own backoff decides
     details = getattr(error, "details", None)
     error_body = details.get("error", details) if isinstance(details, dict) else {}
     for item in (error_body.get("details") or []) if isinstance(error_body, dict) else []:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from persona_pipeline.resources.storage import atomic_write, sha256_file
+from persona_pipeline.fileio import atomic_write, sha256_file
 
 
 @dataclass(frozen=True)

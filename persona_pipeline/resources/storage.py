@@ -1,38 +1,10 @@
-"""PERSONA_HOME: where every artifact lives, and how files are written so none is ever half there."""
+"""PERSONA_HOME: where every artifact lives (atomic writes and hashes are in persona_pipeline.fileio)."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import dagster as dg
-
-
-def atomic_write(path: Path, data: bytes) -> str:
-    """Write via a temp file + rename in the same folder; returns the sha256 of `data`.
-    A crash or a full disk leaves the old file (or nothing), never a truncated one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class PersonaStorage(dg.ConfigurableResource):
@@ -67,6 +39,14 @@ class PersonaStorage(dg.ConfigurableResource):
 
     def outbox_dir(self, slug: str) -> Path:
         return self.root / "outbox" / slug
+
+    def lora_incoming_dir(self) -> Path:
+        """The drop folder for LoRAs from other trainers (`<slug>/<name>.safetensors`)."""
+        return self.root / "loras" / "incoming"
+
+    def lora_library_dir(self, slug: str) -> Path:
+        """Where imported LoRAs are kept (trained ones stay in `lora_dir`)."""
+        return self.root / "loras" / "library" / slug
 
     def models_dir(self) -> Path:
         return self.root / "models"

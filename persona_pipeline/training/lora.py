@@ -22,10 +22,13 @@ import os
 import time
 import tomllib
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 from PIL import Image
+
+from persona_pipeline.fileio import sha256_file
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -184,6 +187,7 @@ def read_kohya_dataset(dataset_dir: Path) -> KohyaDataset:
     return KohyaDataset(items=items, flip=flip)
 
 
+@lru_cache(maxsize=8)
 def model_family(base_model: str) -> str:
     """`sdxl` or `sd15` from the pipeline class in model_index.json; a wrong path is a clear error."""
     from diffusers import DiffusionPipeline
@@ -246,12 +250,6 @@ def load_frozen_model_with_lora(base_model: str, rank: int, alpha: float, *, wei
     return FrozenModel(family, tokenizers, text_encoders, vae, unet, noise_scheduler)
 
 
-# Kept for the benchmark's reference loop and older callers.
-def load_frozen_sd_with_lora(base_model: str, rank: int, alpha: float):
-    model = load_frozen_model_with_lora(base_model, rank, alpha)
-    return model.tokenizers[0], model.text_encoders[0], model.vae, model.unet, model.noise_scheduler
-
-
 def kohya_state_dict(unet, alpha: float) -> dict:
     """The UNet's LoRA weights in kohya's format: `lora_unet_<diffusers module path, dots as
     underscores>.lora_down.weight / .lora_up.weight / .alpha`. ComfyUI maps exactly these names
@@ -276,7 +274,7 @@ def save_checkpoint(unet, alpha: float, path: Path, metadata: dict[str, str]) ->
     tmp = path.with_name(path.name + ".tmp")
     save_file(kohya_state_dict(unet, alpha), str(tmp), metadata=metadata)
     os.replace(tmp, path)
-    return _sha256(path)
+    return sha256_file(path)
 
 
 def train_lora(
@@ -389,7 +387,7 @@ def train_lora(
             _save_state(state_path, step, params, accelerator.unwrap_model(unet), optimizer, rng, losses, checkpoints)
 
     final = checkpoints[-1][1]
-    return TrainingResult(lora_path=final, sha256=_sha256(final), checkpoints=checkpoints, losses=losses,
+    return TrainingResult(lora_path=final, sha256=sha256_file(final), checkpoints=checkpoints, losses=losses,
                           seconds=round(time.perf_counter() - started, 2),
                           image_count=sum(1 for item in dataset.items if not item.is_reg), resumed_from=start_step,
                           family=model.family, mixed_precision=precision)
@@ -437,7 +435,7 @@ def _cached_inputs(model: FrozenModel, dataset: KohyaDataset, resolution: int, c
     key = hashlib.sha256(json.dumps({
         "base": str(base_model), "family": model.family, "resolution": resolution, "flip": dataset.flip,
         "dtype": str(weight_dtype), "unet": _config_digest(model.unet), "vae": _config_digest(model.vae),
-        "items": [[_sha256(item.image), item.caption] for item in dataset.items],
+        "items": [[sha256_file(item.image), item.caption] for item in dataset.items],
     }, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir / f"latents-{key}.safetensors"
     if path.is_file():
@@ -553,21 +551,8 @@ def load_pixels(path: Path, resolution: int):
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0), original, (top, left)
 
 
-def _load_pixels(path: Path, resolution: int):
-    """Pixels only (the benchmark's reference loop)."""
-    return load_pixels(path, resolution)[0]
-
-
 def _config_digest(model) -> str:
     return hashlib.sha256(json.dumps(dict(model.config), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _eta(seconds: float) -> str:

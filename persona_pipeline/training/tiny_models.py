@@ -21,14 +21,36 @@ def _byte_vocab() -> dict[str, int]:
     return {tok: i for i, tok in enumerate(tokens)}
 
 
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=TINY_RESOLUTION,
+    )
+
+
+def _tiny_text_config(vocab: dict[str, int], **extra):
+    """A 32-wide, 5-layer CLIP text encoder config over the byte vocabulary."""
+    from transformers import CLIPTextConfig
+
+    eos = vocab["<|endoftext|>"]
+    return CLIPTextConfig(
+        bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos, hidden_size=32,
+        intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
+        vocab_size=len(vocab), max_position_embeddings=77, **extra,
+    )
+
+
 def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
     """Write a working StableDiffusionPipeline with random weights to `folder` (idempotent)."""
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
         return folder
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     tmp = folder.with_name(folder.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -41,17 +63,8 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
         in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=TINY_RESOLUTION,
-    )
-    eos = vocab["<|endoftext|>"]
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos, hidden_size=32,
-        intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
-        vocab_size=len(vocab), max_position_embeddings=77,
-    ))
+    vae = _tiny_vae()
+    text_encoder = CLIPTextModel(_tiny_text_config(vocab))
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, clip_sample=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -73,13 +86,12 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     if (folder / "model_index.json").is_file():
         return folder
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     tmp = folder.with_name(folder.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     vocab = _byte_vocab()
-    eos = vocab["<|endoftext|>"]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4,
@@ -89,16 +101,8 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
         projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + the 32-wide pooled text embedding
         cross_attention_dim=64,  # the two encoders' 32-wide hidden states, concatenated
     )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=TINY_RESOLUTION,
-    )
-    text_config = CLIPTextConfig(
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos, hidden_size=32,
-        intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
-        vocab_size=len(vocab), max_position_embeddings=77, hidden_act="gelu", projection_dim=32,
-    )
+    vae = _tiny_vae()
+    text_config = _tiny_text_config(vocab, hidden_act="gelu", projection_dim=32)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(
