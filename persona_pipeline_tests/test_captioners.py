@@ -286,3 +286,15 @@ def test_clip_captioner_draws_every_field_from_the_vocabularies():
             assert getattr(fields, name) in vocab
         assert compose_training_caption("m1ra", "woman", fields).startswith("m1ra woman, ")
     assert captioner.caption_fields([]) == []
+
+
+def test_tiny_clip_has_the_same_weights_in_every_process():
+    """Captions, dataset checks and checkpoint scores on the tiny model depend on it."""
+    import subprocess
+    import sys
+
+    script = ("from persona_pipeline.resources.clip import ClipModel; "
+              "print(ClipModel(model_name='tiny').embed_texts(['a photo of a person'])[0][:4].round(6).tolist())")
+    outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+               for _ in range(2)}
+    assert len(outputs) == 1 and outputs != {""}

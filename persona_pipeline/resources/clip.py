@@ -58,6 +58,12 @@ def _load(model_name: str, pretrained: str, device: str):
     name = register_tiny_clip() if model_name == "tiny" else model_name
     if pretrained and Path(pretrained).suffix in {".safetensors", ".bin", ".pt", ".pth"} and not Path(pretrained).is_file():
         raise FileNotFoundError(f"PERSONA_CLIP_PRETRAINED={pretrained}: file not found")
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
+    import torch
+
+    # Random weights must be the same in every process (the docstring of tiny_models promises it):
+    # captions, checks and checkpoint scores on the tiny model would otherwise change per run.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(name)
