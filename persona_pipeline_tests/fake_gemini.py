@@ -2,7 +2,10 @@
 google-genai uses (`POST /v1beta/models/{model}:generateContent`, key in `x-goog-api-key`).
 
 It records every request and answers from a queue of injected faults first, then with a good
-caption. Use it as a context manager and point `GeminiClient(base_url=server.url)` at it.
+answer: caption fields, or for a content-prompt request (its response schema is an ARRAY) one
+item per numbered slot of the instruction, each starting with the prefix the instruction asks
+for, as a model that follows it would. Use it as a context manager and point
+`GeminiClient(base_url=server.url)` at it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 GOOD_FIELDS = {
     "framing": "close-up portrait",
@@ -26,11 +29,15 @@ GOOD_FIELDS = {
 _STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                  429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 _PATH_RE = re.compile(r"^/(?P<version>v1|v1beta)/models/(?P<model>[^/:]+):generateContent$")
+# What the fake reads from a content-prompt instruction (GeminiClient.content_prompts writes it).
+_SLOT_RE = re.compile(r'^(?P<number>\d+)\. (?P<pillar>".*")$', re.MULTILINE)
+_PREFIX_RE = re.compile(r'Start every prompt with exactly "(?P<prefix>[^"]*)"')
 
 
 @dataclass
 class Fault:
-    """One injected answer: `kind` is "status", "text" (a 200 whose model text is `text`) or "drop"."""
+    """One injected answer: `kind` is "status", "text" (a 200 whose model text is `text`), "drop",
+    or "prompts" (a 200 whose text is `transform(good items)` as JSON, for content-prompt requests)."""
 
     kind: str
     status: int = 200
@@ -38,6 +45,7 @@ class Fault:
     text: str = ""
     headers: dict[str, str] = field(default_factory=dict)
     details: list[dict[str, Any]] = field(default_factory=list)
+    transform: Callable[[list[dict[str, str]]], Any] | None = None
 
 
 @dataclass
@@ -59,6 +67,30 @@ class RecordedRequest:
 
     def texts(self) -> list[str]:
         return [p["text"] for c in self.body.get("contents", []) for p in c.get("parts", []) if "text" in p]
+
+    @property
+    def response_schema(self) -> dict[str, Any]:
+        config = self.body.get("generationConfig", self.body.get("generation_config")) or {}
+        return config.get("responseSchema", config.get("response_schema")) or {}
+
+    @property
+    def is_content_prompts(self) -> bool:
+        """A content-prompt request: its structured answer is an array (captions are one object)."""
+        return str(self.response_schema.get("type", "")).upper() == "ARRAY"
+
+    def slots(self) -> list[str]:
+        """The pillar of each numbered slot in the instruction, in order."""
+        return [json.loads(m.group("pillar")) for text in self.texts() for m in _SLOT_RE.finditer(text)]
+
+    def good_prompt_items(self) -> list[dict[str, str]]:
+        """What an obedient model answers: one item per slot, starting with the asked-for prefix."""
+        match = next((m for m in map(_PREFIX_RE.search, self.texts()) if m), None)
+        prefix = match.group("prefix") if match else ""
+        return [{"pillar": pillar,
+                 "prompt": f"{prefix}{pillar} scene {i}, wearing outfit {i}, standing by a window, soft daylight",
+                 "negative_prompt": "blurry, watermark",
+                 "theme": f"{pillar} idea {i}"}
+                for i, pillar in enumerate(self.slots(), 1)]
 
 
 class FakeGemini:
@@ -92,6 +124,15 @@ class FakeGemini:
         """A 200 whose model text is `text` (malformed JSON, a missing field...)."""
         self.faults.append(Fault("text", text=text))
         return self
+
+    def reply_prompts(self, transform: Callable[[list[dict[str, str]]], Any]) -> "FakeGemini":
+        """A 200 for a content-prompt request whose answer is `transform(good items)` as JSON: drop
+        the trigger, reorder, leave items out, name an unknown pillar, change the shape..."""
+        self.faults.append(Fault("prompts", transform=transform))
+        return self
+
+    def content_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.is_content_prompts]
 
     def missing_field(self, name: str) -> "FakeGemini":
         return self.reply_text(json.dumps({k: v for k, v in self.fields.items() if k != name}))
@@ -151,8 +192,9 @@ def _handler_for(fake: FakeGemini) -> type[BaseHTTPRequestHandler]:
                 body = json.loads(raw or b"{}")
             except json.JSONDecodeError:
                 return self._send(400, _error_body(400, "Invalid JSON payload received."))
+            request = RecordedRequest(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
             with fake._lock:
-                fake.requests.append(RecordedRequest(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                fake.requests.append(request)
             if not _PATH_RE.match(self.path.split("?")[0]):
                 return self._send(404, _error_body(404, f"{self.path} is not found"))
             if self.headers.get("x-goog-api-key") != fake.api_key:
@@ -160,7 +202,10 @@ def _handler_for(fake: FakeGemini) -> type[BaseHTTPRequestHandler]:
                 return self._send(400, _error_body(400, "API key not valid. Please pass a valid API key."))
             fault = fake._next()
             if fault is None:
-                return self._send(200, _success_body(json.dumps(fake.fields)))
+                good = request.good_prompt_items() if request.is_content_prompts else fake.fields
+                return self._send(200, _success_body(json.dumps(good)))
+            if fault.kind == "prompts" and fault.transform is not None:
+                return self._send(200, _success_body(json.dumps(fault.transform(request.good_prompt_items()))))
             if fault.kind == "drop":
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)

@@ -1,10 +1,15 @@
-"""Gemini captioner for training photos, through google-genai with the image attached.
+"""Gemini through google-genai: captions for training photos (image attached) and content prompts
+for generation runs (text only).
 
-The model answers in JSON that fills the persona's caption fields (a response schema with exactly
+Captions: the model answers in JSON that fills the persona's caption fields (a response schema with exactly
 the five `CaptionFields` properties). The prompt tells it never to describe the identity, and
 `strip_identity` removes whatever slips through. Retries are ours, not the SDK's: exponential
 backoff with a little jitter on 429, 5xx and dropped connections, honouring the server's
 Retry-After / RetryInfo; other statuses fail at once with a `GeminiError` naming the file.
+
+Content prompts: one request for a whole run, answered as a JSON array (a response schema of
+{pillar, prompt, negative_prompt, theme} items, exactly as many as the allocation has slots),
+validated and put in allocation order by `content_prompts`. Same retries.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import random
 import re
 import time
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -21,6 +27,7 @@ from typing import Any
 
 import dagster as dg
 
+from persona_pipeline.domain.content_prompts import DEFAULT_NEGATIVE_PROMPT, ContentPrompt, check_prompt, has_trigger
 from persona_pipeline.domain.training_captions import FIELD_NAMES, CaptionFields, CaptionFieldsError, strip_identity
 
 # Indirection so tests can record the waits instead of sleeping through them.
@@ -39,7 +46,8 @@ _FIELD_HELP = {
 
 
 class GeminiError(RuntimeError):
-    """A caption request that failed for good (after retries where retrying made sense)."""
+    """A request that failed for good (after retries where retrying made sense), or an answer
+    that could not be used."""
 
 
 def caption_instruction(trigger_word: str, class_word: str) -> str:
@@ -65,6 +73,71 @@ def _response_schema():
         required=list(FIELD_NAMES),
         property_ordering=list(FIELD_NAMES),
     )
+
+
+CONTENT_PROMPT_FIELDS: tuple[str, ...] = ("pillar", "prompt", "negative_prompt", "theme")
+MAX_AVOID_ITEMS = 50  # the avoid list is cut to its first 50 entries of 200 characters at most
+_CONTENT_FIELD_HELP = {
+    "pillar": "the content pillar of this slot, exactly as named",
+    "prompt": "the text-to-image prompt, starting with the given prefix",
+    "negative_prompt": "a short comma-separated list of defects to avoid",
+    "theme": "a 2-5 word label of the prompt's idea",
+}
+
+
+def content_prompt_instruction(*, persona_name: str, trigger: str, class_word: str,
+                               guidelines_by_pillar: Mapping[str, str], allocation: Sequence[str],
+                               avoid: Sequence[str] = ()) -> str:
+    """The text-only request for a run's prompts: the pillars with their guidelines, the recent
+    themes to avoid, and one numbered slot per prompt (pillar names JSON-quoted)."""
+    prefix = f"photo of {trigger} {class_word}, "
+    pillars = list(dict.fromkeys(allocation))
+    lines = [
+        f"Write {len(allocation)} text-to-image prompts for new photos of {persona_name}, a persona whose likeness "
+        f"is a LoRA bound to the trigger word '{trigger}' ({class_word}).",
+        f'Start every prompt with exactly "{prefix}" and then describe the scene: setting and background, '
+        "clothing, pose and action, framing and camera angle, light. Comma-separated phrases, at most 60 words.",
+        "Never describe the identity: no face or face shape, eye colour, hair colour or style, skin tone, "
+        "ethnicity, age, body type or build, and no names or resemblance to anyone. The trigger word carries all of that.",
+        "Content pillars and their guidelines:",
+        *(f"- {json.dumps(p, ensure_ascii=False)}: {' '.join(guidelines_by_pillar[p].split()) or '(no guidelines)'}"
+          for p in pillars),
+        "Every prompt is a different idea; within one pillar vary the setting, outfit, pose and light.",
+    ]
+    recent = [" ".join(str(a).split())[:200] for a in avoid if str(a).strip()][:MAX_AVOID_ITEMS]
+    if recent:
+        lines.append("Avoid these themes and ideas, used recently:")
+        lines.extend(f"- {a}" for a in recent)
+    lines.append("Each item has: " + "; ".join(f"{k}: {v}" for k, v in _CONTENT_FIELD_HELP.items()) + ".")
+    lines.append(f"Answer with a JSON array of exactly {len(allocation)} items, one per slot, in this order:")
+    lines.extend(f"{i}. {json.dumps(p, ensure_ascii=False)}" for i, p in enumerate(allocation, 1))
+    return "\n".join(lines)
+
+
+def _content_prompts_schema(allocation: Sequence[str]):
+    from google.genai import types
+
+    pillars = list(dict.fromkeys(allocation))
+    text = {name: types.Schema(type=types.Type.STRING, description=_CONTENT_FIELD_HELP[name])
+            for name in CONTENT_PROMPT_FIELDS}
+    text["pillar"] = types.Schema(type=types.Type.STRING, format="enum", enum=pillars,
+                                  description=_CONTENT_FIELD_HELP["pillar"])
+    item = types.Schema(type=types.Type.OBJECT, properties=text, required=list(CONTENT_PROMPT_FIELDS),
+                        property_ordering=list(CONTENT_PROMPT_FIELDS))
+    return types.Schema(type=types.Type.ARRAY, items=item, min_items=len(allocation), max_items=len(allocation))
+
+
+def _response_text(response: Any) -> str | None:
+    try:
+        return response.text
+    except ValueError:
+        return None
+
+
+def _no_answer_reason(response: Any) -> str:
+    candidates = getattr(response, "candidates", None) or []
+    finish = getattr(candidates[0], "finish_reason", None) if candidates else None
+    return f"finish reason {finish}, prompt feedback {getattr(response, 'prompt_feedback', None)}"
 
 
 def _image_part(image_path: Path):
@@ -121,7 +194,8 @@ def _transport_errors() -> tuple[type[Exception], ...]:
 
 
 class GeminiClient(dg.ConfigurableResource):
-    """Gemini captioner. `api_key` empty = disabled (the offline open_clip captioner is used)."""
+    """Gemini captioner and content-prompt writer. `api_key` empty = disabled: the offline
+    open_clip captioner and the template prompts are used instead."""
 
     api_key: str = ""
     model: str = "gemini-2.5-flash"
@@ -138,9 +212,9 @@ class GeminiClient(dg.ConfigurableResource):
     def name(self) -> str:
         return f"gemini:{self.model}"
 
-    def _client(self):
+    def _client(self, fallback: str = "the offline open_clip captioner"):
         if not self.enabled:
-            raise GeminiError("GEMINI_API_KEY is not set; use the offline open_clip captioner")
+            raise GeminiError(f"GEMINI_API_KEY is not set; use {fallback}")
         from google import genai
         from google.genai import types
 
@@ -172,10 +246,13 @@ class GeminiClient(dg.ConfigurableResource):
                                                       types.Part.from_text(text=caption_instruction(trigger_word, class_word))])]
         config = types.GenerateContentConfig(response_mime_type="application/json", response_schema=_response_schema(),
                                              temperature=0.2)
-        response = self._generate_with_retries(client, contents, config, image_path)
+        response = self._generate_with_retries(client, contents, config, image_path.name)
         return self._parse(response, image_path)
 
-    def _generate_with_retries(self, client, contents, config, image_path: Path):
+    def _generate_with_retries(self, client, contents, config, what: str, log: Any = None):
+        """One generate_content call, retried on 429, 5xx and dropped connections; `what` names the
+        request in errors ("photo.jpg", "content prompts"), `log` (anything with .warning) hears of
+        each retry."""
         from google.genai import errors
 
         transient = _transport_errors()
@@ -185,29 +262,25 @@ class GeminiClient(dg.ConfigurableResource):
             except errors.APIError as exc:
                 last = " ".join(str(p) for p in (f"HTTP {exc.code}", exc.status) if p) + f": {exc.message or exc}"
                 if not (exc.code == 429 or (isinstance(exc.code, int) and 500 <= exc.code < 600)):
-                    raise GeminiError(f"Gemini refused {image_path.name}: {last}") from exc
+                    raise GeminiError(f"Gemini refused {what}: {last}") from exc
                 wait = _retry_after_seconds(exc)
             except transient as exc:  # dropped connection, timeout: transient like a 503
                 last, wait = f"{type(exc).__name__}: {exc}", None
             if attempt == self.max_retries:
-                raise GeminiError(f"Gemini gave up on {image_path.name} after {attempt + 1} attempts; last error: {last}")
+                raise GeminiError(f"Gemini gave up on {what} after {attempt + 1} attempts; last error: {last}")
             if wait is None:
                 wait = self.backoff_seconds * 2 ** attempt
                 wait += random.uniform(0, 0.25 * wait)  # jitter, so parallel workers do not retry in step
-            sleep(min(wait, MAX_DELAY_SECONDS))
+            wait = min(wait, MAX_DELAY_SECONDS)
+            if log is not None:
+                log.warning(f"Gemini ({self.model}) {what}: {last}; retry {attempt + 1} of {self.max_retries} in {wait:.1f} s")
+            sleep(wait)
         raise AssertionError("unreachable")
 
     def _parse(self, response: Any, image_path: Path) -> CaptionFields:
-        try:
-            text = response.text
-        except ValueError:
-            text = None
+        text = _response_text(response)
         if not text:
-            candidates = getattr(response, "candidates", None) or []
-            finish = getattr(candidates[0], "finish_reason", None) if candidates else None
-            feedback = getattr(response, "prompt_feedback", None)
-            raise GeminiError(f"Gemini returned no caption for {image_path.name} "
-                              f"(finish reason {finish}, prompt feedback {feedback})")
+            raise GeminiError(f"Gemini returned no caption for {image_path.name} ({_no_answer_reason(response)})")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -217,3 +290,110 @@ class GeminiClient(dg.ConfigurableResource):
         except CaptionFieldsError as exc:
             raise GeminiError(f"Gemini's caption for {image_path.name} is invalid: {exc}") from None
         return fields.map(strip_identity)
+
+    # --- content prompts for generation runs ---
+
+    def content_prompts(self, *, persona_name: str, trigger: str, class_word: str,
+                        guidelines_by_pillar: Mapping[str, str], allocation: Sequence[str],
+                        avoid: Sequence[str] = (), log: Any = None) -> list[ContentPrompt]:
+        """One prompt per allocation slot, in allocation order, from a single structured request.
+
+        `guidelines_by_pillar` must cover every pillar of `allocation`; `avoid` lists recent themes
+        or prompts not to repeat; `log` (e.g. `context.log`) hears of retries and repairs. The
+        answer is validated: items are matched to the slots by pillar (case and spaces ignored),
+        surplus items are dropped, too few for a pillar or an unknown pillar is a `GeminiError`. A
+        prompt without the trigger word gets "photo of <trigger> <class_word>, " in front. Without
+        a key this raises `GeminiError`; callers check `enabled` and use `template_prompts`.
+        """
+        from google.genai import types
+
+        if not trigger.strip() or not class_word.strip():
+            raise ValueError(f"trigger word {trigger!r} and class word {class_word!r} must not be empty")
+        missing = [p for p in dict.fromkeys(allocation) if p not in guidelines_by_pillar]
+        if missing:
+            raise ValueError(f"no guidelines given for pillar(s) {missing}; known: {sorted(guidelines_by_pillar)}")
+        if not allocation:
+            return []
+        instruction = content_prompt_instruction(persona_name=persona_name, trigger=trigger, class_word=class_word,
+                                                 guidelines_by_pillar=guidelines_by_pillar, allocation=allocation,
+                                                 avoid=avoid)
+        contents = [types.Content(role="user", parts=[types.Part.from_text(text=instruction)])]
+        # Warmer than captions: these should be varied ideas, not one faithful description.
+        config = types.GenerateContentConfig(response_mime_type="application/json",
+                                             response_schema=_content_prompts_schema(allocation), temperature=0.9)
+        with self._client("the template prompts (template_prompts)") as client:
+            response = self._generate_with_retries(client, contents, config, "content prompts", log)
+        return self._parse_content_prompts(response, trigger=trigger, class_word=class_word,
+                                           allocation=allocation, log=log)
+
+    def _parse_content_prompts(self, response: Any, *, trigger: str, class_word: str, allocation: Sequence[str],
+                               log: Any = None) -> list[ContentPrompt]:
+        who = f"Gemini ({self.model})"
+        text = _response_text(response)
+        if not text:
+            raise GeminiError(f"{who} returned no content prompts ({_no_answer_reason(response)})")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise GeminiError(f"{who} returned malformed JSON for content prompts: {exc}; text {text[:200]!r}") from None
+        if not isinstance(data, list):
+            raise GeminiError(f"{who} returned a JSON {type(data).__name__} for content prompts, "
+                              f"expected an array of {len(allocation)} items; text {text[:200]!r}")
+        canonical = {" ".join(p.split()).casefold(): p for p in allocation}
+        queues: dict[str, list[tuple[int, dict[str, str]]]] = {p: [] for p in canonical.values()}
+        for index, item in enumerate(data):
+            fields = self._content_item(item, index)
+            pillar = canonical.get(" ".join(fields["pillar"].split()).casefold())
+            if pillar is None:
+                raise GeminiError(f"{who} content prompt {index} is for pillar {fields['pillar']!r}, "
+                                  f"which was not asked for (asked: {sorted(queues)})")
+            queues[pillar].append((index, fields))
+        wanted = {p: allocation.count(p) for p in queues}
+        short = [f"{wanted[p]} for {p!r}, got {len(q)}" for p, q in queues.items() if len(q) < wanted[p]]
+        if short:
+            raise GeminiError(f"{who} returned too few content prompts: asked {'; '.join(short)} "
+                              f"({len(data)} items for {len(allocation)} slots)")
+        surplus = sum(len(q) - wanted[p] for p, q in queues.items())
+        if surplus and log is not None:
+            log.warning(f"{who} returned {len(data)} content prompts for {len(allocation)} slots; dropped {surplus} extra")
+        out: list[ContentPrompt] = []
+        taken = {p: 0 for p in queues}
+        for pillar in allocation:
+            index, fields = queues[pillar][taken[pillar]]
+            taken[pillar] += 1
+            prompt = " ".join(fields["prompt"].split())
+            if not prompt:
+                raise GeminiError(f"{who} content prompt {index} (pillar {pillar!r}) is empty")
+            if not has_trigger(prompt, trigger):
+                # A forgotten prefix is easy to repair and not worth a failed run.
+                if log is not None:
+                    log.info(f"{who} content prompt {index} (pillar {pillar!r}) lacked the trigger word {trigger!r}; prefixed it")
+                prompt = f"photo of {trigger.strip()} {class_word.strip()}, {prompt}"
+            try:
+                prompt = check_prompt(prompt, trigger)
+            except ValueError as exc:
+                raise GeminiError(f"{who} content prompt {index} (pillar {pillar!r}) is unusable: {exc}") from None
+            negative = " ".join(fields["negative_prompt"].split()) or DEFAULT_NEGATIVE_PROMPT
+            if len(negative) > 1000:
+                raise GeminiError(f"{who} content prompt {index} (pillar {pillar!r}) has a negative prompt of "
+                                  f"{len(negative)} characters, more than 1000")
+            theme = " ".join(fields["theme"].split()) or pillar
+            out.append(ContentPrompt(pillar, prompt, negative, theme, self.name))
+        return out
+
+    def _content_item(self, item: Any, index: int) -> dict[str, str]:
+        """The four fields of answer item `index`; pillar and prompt are required, the other two
+        default to empty (then the default negative prompt and the pillar name)."""
+        who = f"Gemini ({self.model})"
+        if not isinstance(item, dict):
+            raise GeminiError(f"{who} content prompt {index} is a JSON {type(item).__name__}, expected an object "
+                              f"with {', '.join(CONTENT_PROMPT_FIELDS)}")
+        fields = {}
+        for name in CONTENT_PROMPT_FIELDS:
+            value = item.get(name, "" if name in ("negative_prompt", "theme") else None)
+            if value is None:
+                raise GeminiError(f"{who} content prompt {index} lacks the field {name!r}")
+            if not isinstance(value, str):
+                raise GeminiError(f"{who} content prompt {index}: field {name!r} must be a string, got {type(value).__name__}")
+            fields[name] = value
+        return fields
