@@ -130,3 +130,33 @@ def register_tiny_clip() -> str:
     if TINY_CLIP_NAME not in factory._MODEL_CONFIGS:
         factory._MODEL_CONFIGS[TINY_CLIP_NAME] = TINY_CLIP_CONFIG
     return TINY_CLIP_NAME
+
+
+TINY_CONTROLNET_NAME = "tiny-controlnet"
+
+
+def build_tiny_controlnet(folder: Path, tiny_sd: Path, seed: int = 0) -> Path:
+    """Write a ControlNet for the tiny SD pipeline at `tiny_sd` to `folder` (idempotent): the
+    encoder copied from its UNet (`ControlNetModel.from_unet`), a conditioning embedding that
+    downsamples by 2 like the tiny VAE, and seeded random weights where a fresh ControlNet has
+    zeros (the zero convolutions), so that the control image really changes what is drawn."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(tiny_sd), subfolder="unet")
+    # One stride-2 stage: control images at pixel size map onto the tiny VAE's half-size latents.
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    generator = torch.Generator().manual_seed(seed)
+    zero_initialised = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks,
+                        controlnet.controlnet_mid_block]
+    with torch.no_grad():
+        for module in zero_initialised:
+            for parameter in module.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    tmp = folder.with_name(folder.name + ".partial")
+    controlnet.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
