@@ -144,7 +144,8 @@ def cmd_lora_list(args: argparse.Namespace) -> int:
                   f"PERSONA_HOME/loras/incoming/{args.slug}/)")
         for mapping in mappings:
             lora = mapping.lora
-            print(f"{lora.id:>5}  v{lora.version or '-':<3} {'primary' if mapping.is_primary else '       '}  "
+            role = "primary" if mapping.is_primary else "chained" if mapping.chained else ""
+            print(f"{lora.id:>5}  v{lora.version or '-':<3} {role:<7}  "
                   f"weight {mapping.weight:.2f}  {lora.origin:<8} {lora.family or '-':<9} {lora.key_format or '-':<9} "
                   f"{lora.name}  {lora.path}")
     return 0
@@ -154,17 +155,53 @@ def cmd_lora_set(args: argparse.Namespace) -> int:
     from persona_pipeline.db import registry
     from persona_pipeline.db.session import session_scope
 
-    if args.weight is None and args.primary is None:
-        print("nothing to change: give --weight W, --primary or --no-primary")
+    if args.weight is None and args.primary is None and args.chain is None:
+        print("nothing to change: give --weight W, --primary/--no-primary or --chain/--no-chain")
         return 2
     try:
         with session_scope(_settings().database_url) as session:
             persona = registry.get_persona(session, args.slug)
-            mapping = registry.set_lora_mapping(session, persona.id, args.lora_id, weight=args.weight, primary=args.primary)
-            print(f"{args.slug}: LoRA {args.lora_id} weight {mapping.weight:.2f}{', primary' if mapping.is_primary else ''}")
+            mapping = registry.set_lora_mapping(session, persona.id, args.lora_id, weight=args.weight, primary=args.primary,
+                                                chained=args.chain)
+            print(f"{args.slug}: LoRA {args.lora_id} weight {mapping.weight:.2f}{', primary' if mapping.is_primary else ''}"
+                  f"{', chained' if mapping.chained else ''}")
     except (LookupError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
+    return 0
+
+
+def cmd_lora_export_comfyui(args: argparse.Namespace) -> int:
+    """Copy every persona's primary and chained LoRAs into a ComfyUI models/loras folder under the
+    names the generated graphs use (`<COMFYUI_LORA_PREFIX>/<slug>/<file>`)."""
+    from sqlalchemy import select
+
+    from persona_pipeline.db import models, registry
+    from persona_pipeline.db.session import session_scope
+    from persona_pipeline.fileio import atomic_copy, sha256_file
+    from persona_pipeline.resources.generation import GenerationDefaults
+
+    settings = _settings()
+    names = GenerationDefaults(workflows_dir=str(settings.workflows_dir), comfyui_lora_prefix=settings.comfyui_lora_prefix)
+    dest = Path(args.loras_dir)
+    if not dest.is_dir():
+        print(f"error: {dest} is not a folder (give the ComfyUI server's models/loras folder)")
+        return 2
+    copied = 0
+    with session_scope(settings.database_url) as session:
+        for persona in session.scalars(select(models.Persona).where(models.Persona.active.is_(True))):
+            for mapping in registry.list_loras(session, persona.id):
+                if not (mapping.is_primary or mapping.chained):
+                    continue
+                source = Path(mapping.lora.path)
+                target = dest / names.comfy_lora_name(persona.slug, str(source))
+                if target.is_file() and sha256_file(target) == mapping.lora.sha256:
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_copy(source, target)
+                copied += 1
+                print(f"{persona.slug}: {source} -> {target}")
+    print(f"{copied} file(s) copied")
     return 0
 
 
@@ -202,7 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     lora_set.add_argument("lora_id", type=int)
     lora_set.add_argument("--weight", type=float)
     lora_set.add_argument("--primary", action=argparse.BooleanOptionalAction, default=None)
+    lora_set.add_argument("--chain", action=argparse.BooleanOptionalAction, default=None,
+                          help="chain this LoRA after the primary in every generation (at most 5 in all)")
     lora_set.set_defaults(func=cmd_lora_set)
+    export = lora_sub.add_parser("export-comfyui", help="copy the LoRAs in use into a ComfyUI models/loras folder")
+    export.add_argument("loras_dir")
+    export.set_defaults(func=cmd_lora_export_comfyui)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -8,25 +8,28 @@ import dagster as dg
 
 from persona_pipeline.assets.candidates import candidates
 from persona_pipeline.assets.clusters import clusters
+from persona_pipeline.assets.content_plan import content_plan
 from persona_pipeline.assets.lora_model import lora_model
 from persona_pipeline.assets.rankings import rankings
 from persona_pipeline.assets.scheduled_posts import scheduled_posts
 from persona_pipeline.assets.source_photos import source_photos
 from persona_pipeline.assets.training_dataset import training_dataset
-from persona_pipeline.automation.jobs import lora_training_job, persona_chain_job
+from persona_pipeline.automation.jobs import advance_runs_job, generation_job, lora_training_job, persona_chain_job
 from persona_pipeline.automation.lora_import import lora_import_job, lora_incoming_sensor
 from persona_pipeline.automation.persona_sensor import persona_sensor
 from persona_pipeline.automation.publishing import publish_job, publish_schedule
 from persona_pipeline.resources.clip import ClipModel
+from persona_pipeline.resources.comfyui import ComfyUIPool
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline.resources.gemini import GeminiClient
+from persona_pipeline.resources.generation import GenerationDefaults
 from persona_pipeline.resources.publisher import OutboxPublisher
 from persona_pipeline.resources.review_policy import AutoReviewer
 from persona_pipeline.resources.storage import PersonaFolders, PersonaStorage
 from persona_pipeline.settings import Settings
 
-ASSETS = [source_photos, training_dataset, lora_model, candidates, rankings, clusters, scheduled_posts]
+ASSETS = [source_photos, training_dataset, lora_model, content_plan, candidates, rankings, clusters, scheduled_posts]
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -39,6 +42,11 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
         "persona_folders": PersonaFolders(datasets_dir=str(settings.datasets_dir)),
         "diffusion": DiffusionBackend(base_model=settings.base_model, device=settings.device,
                                       models_dir=str(settings.home / "models"), candidates_per_run=settings.candidates_per_run),
+        "comfyui": ComfyUIPool(urls=settings.comfyui_urls, max_in_flight_per_server=settings.comfyui_max_in_flight,
+                               job_timeout_s=settings.comfyui_job_timeout_s),
+        "generation": GenerationDefaults(backend=settings.generation_backend, workflows_dir=str(settings.workflows_dir),
+                                         comfyui_checkpoint=settings.comfyui_checkpoint,
+                                         comfyui_lora_prefix=settings.comfyui_lora_prefix),
         "clip": ClipModel(model_name=settings.clip_model, pretrained=settings.clip_pretrained, device=settings.device),
         # The key is passed as an EnvVar, never as its value, so the UI cannot show it.
         "gemini": GeminiClient(api_key=dg.EnvVar("GEMINI_API_KEY") if os.environ.get("GEMINI_API_KEY", "").strip() else "",
@@ -52,7 +60,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     return dg.Definitions(
         assets=ASSETS,
-        jobs=[persona_chain_job, lora_training_job, publish_job, lora_import_job],
+        jobs=[persona_chain_job, lora_training_job, generation_job, advance_runs_job, publish_job, lora_import_job],
         sensors=[persona_sensor, lora_incoming_sensor],
         schedules=[publish_schedule(settings.publish_cron)],
         resources=build_resources(settings),

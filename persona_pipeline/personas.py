@@ -149,6 +149,81 @@ class TrainingOverrides(_Strict):
                                         "prior_loss_weight", "checkpoint_every", "seed"})
 
 
+class StepParams(_Strict):
+    """Sampling settings of one pipeline step. Ranges are checked again on the filled graph
+    (domain/workflows.py), so a template's own literal values are held to the same bounds."""
+
+    steps: int = Field(default=12, ge=1, le=150)
+    cfg: float = Field(default=7.0, ge=1, le=30)
+    sampler: str = "euler"  # ComfyUI spelling: euler, euler_ancestral, dpmpp_2m, ...
+    scheduler: str = "normal"
+    width: int | None = Field(default=None, ge=256, le=2048, multiple_of=8)  # None: the base model's size
+    height: int | None = Field(default=None, ge=256, le=2048, multiple_of=8)
+    denoise: float = Field(default=1.0, ge=0, le=1)
+    control_strength: float = Field(default=0.65, ge=0.4, le=0.9)
+    pose_image: str | None = None  # a pose reference, relative to the persona folder
+    controlnet: str | None = None  # the ControlNet model name on the ComfyUI servers
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, value: str) -> str:
+        from persona_pipeline.domain.workflows import COMFY_SAMPLERS
+
+        if value not in COMFY_SAMPLERS:
+            raise ValueError(f"sampler {value!r} is not a ComfyUI sampler name (e.g. euler, euler_ancestral, dpmpp_2m)")
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, value: str) -> str:
+        from persona_pipeline.domain.workflows import COMFY_SCHEDULERS
+
+        if value not in COMFY_SCHEDULERS:
+            raise ValueError(f"scheduler {value!r} is not a ComfyUI scheduler name ({', '.join(COMFY_SCHEDULERS)})")
+        return value
+
+
+class PipelineStep(_Strict):
+    """One step of a generation run: step 1 makes `n` roots; each later step makes `n` children
+    for each of the previous step's top-K, once a reviewer approves that step."""
+
+    name: str = Field(min_length=1, max_length=80, pattern=r"^[\w-]+$")
+    template: str = Field(min_length=1)  # a workflows/<name>.json file
+    n: int = Field(default=4, ge=1, le=64)
+    keep: int | None = Field(default=None, ge=1, le=64)  # generate n, keep the best `keep` (open_clip curation)
+    top_k: int = Field(default=2, ge=1, le=64)  # the K a reviewer approves by default (and auto-review uses)
+    backend: Literal["comfyui", "diffusers"] | None = None  # None: the persona's backend
+    params: StepParams = StepParams()
+
+    @model_validator(mode="after")
+    def _keep(self) -> "PipelineStep":
+        if self.keep is not None and self.keep > self.n:
+            raise ValueError(f"keep {self.keep} is more than n {self.n}")
+        return self
+
+
+class GenerationSettings(_Strict):
+    """How a persona's candidates are made (README "Generation")."""
+
+    backend: Literal["comfyui", "diffusers"] | None = None  # None: PERSONA_GENERATION_BACKEND
+    checkpoint: str | None = None  # ComfyUI ckpt_name; None: COMFYUI_CHECKPOINT
+    negative_prompt: str = "blurry, low quality, deformed, extra limbs, watermark, text"
+    prompts_per_plan: int = Field(default=3, ge=1, le=50)  # content prompts (= runs) per content_plan
+    themes: dict[str, list[str]] = {}  # pillar name -> themes for prompt variety
+    # Candidates whose identity similarity to the source photos is below this never reach a
+    # reviewer. None = no gate (the tiny offline CLIP scores noise).
+    identity_threshold: float | None = Field(default=None, ge=-1, le=1)
+    steps: list[PipelineStep] = Field(default=[], max_length=8)  # []: one txt2img step of PERSONA_CANDIDATES_PER_RUN
+
+    @model_validator(mode="after")
+    def _unique_steps(self) -> "GenerationSettings":
+        names = [s.name for s in self.steps]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"step names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
 class PersonaConfig(_Strict):
     name: str = Field(min_length=1)
     trigger_word: str = Field(min_length=2, max_length=40, pattern=r"^\S+$")
@@ -161,6 +236,7 @@ class PersonaConfig(_Strict):
     hashtags: HashtagSettings = HashtagSettings()
     instagram: InstagramAccount | None = None
     training: TrainingOverrides = TrainingOverrides()
+    generation: GenerationSettings = GenerationSettings()
 
     @field_validator("timezone")
     @classmethod
@@ -188,6 +264,9 @@ class PersonaConfig(_Strict):
             raise ValueError(f"pillar names must be unique; repeated: {', '.join(dupes)}")
         if sum(p.weight for p in self.pillars) <= 0:
             raise ValueError("pillar weights sum to 0")
+        unknown = sorted(set(self.generation.themes) - set(names))
+        if unknown:
+            raise ValueError(f"generation.themes names unknown pillars: {', '.join(unknown)}")
         return self
 
     def windows(self) -> list[tuple[time, time]]:

@@ -30,10 +30,20 @@ SETTINGS: list[Setting] = [
     Setting("GEMINI_BASE_URL", "", "Gemini API base URL, for proxies and tests. Empty = Google's endpoint."),
     Setting("PERSONA_GEMINI_MODEL", "gemini-2.5-flash", "Gemini model that captions training photos."),
     Setting("PERSONA_DEVICE", "cpu", "torch device for training and generation (`cpu`, `cuda`, `cuda:1`)."),
-    Setting("PERSONA_CANDIDATES_PER_RUN", "4", "Images generated per pillar run by `candidates`."),
+    Setting("PERSONA_CANDIDATES_PER_RUN", "4", "Images per run when persona.yaml sets no generation.steps."),
+    Setting("PERSONA_GENERATION_BACKEND", "diffusers", "Default generation backend: `diffusers` (local, PERSONA_BASE_MODEL + LoRA) or `comfyui`; persona.yaml `generation.backend` and each step's `backend` override it."),
+    Setting("PERSONA_WORKFLOWS_DIR", "<repo>/workflows", "Folder of ComfyUI API-format workflow templates (`<name>.json`)."),
+    Setting("COMFYUI_URLS", "", "ComfyUI servers, comma-separated base URLs (`http://gpu1:8188,http://gpu2:8188`)."),
+    Setting("COMFYUI_CHECKPOINT", "v1-5-pruned-emaonly.safetensors", "The `ckpt_name` the templates load on the ComfyUI servers (persona.yaml `generation.checkpoint` overrides it)."),
+    Setting("COMFYUI_LORA_PREFIX", "persona-pipeline", "Folder under the servers' `models/loras/` where `persona-pipeline lora export-comfyui` puts the library: LoRAs are named `<prefix>/<slug>/<file>`."),
+    Setting("COMFYUI_MAX_IN_FLIGHT", "2", "Jobs queued at once on one ComfyUI server."),
+    Setting("COMFYUI_JOB_TIMEOUT_S", "600", "Seconds before a ComfyUI job is interrupted (`POST /interrupt`) and failed."),
     Setting("PERSONA_AUTO_REVIEW", "0", "1 = cast votes, pick winners and approve posts from open_clip scores (the demo turns it on)."),
     Setting("PERSONA_PUBLISH_CRON", "*/5 * * * *", "Cron of the schedule that publishes due posts."),
 ]
+
+
+REPO_WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
 
 def _env(name: str, default: str) -> str:
@@ -55,6 +65,13 @@ class Settings:
     candidates_per_run: int = 4
     auto_review: bool = False
     publish_cron: str = "*/5 * * * *"
+    generation_backend: str = "diffusers"
+    workflows_dir: Path = REPO_WORKFLOWS
+    comfyui_urls: str = ""
+    comfyui_checkpoint: str = "v1-5-pruned-emaonly.safetensors"
+    comfyui_lora_prefix: str = "persona-pipeline"
+    comfyui_max_in_flight: int = 2
+    comfyui_job_timeout_s: float = 600.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -66,6 +83,11 @@ class Settings:
             raise ValueError(f"PERSONA_CANDIDATES_PER_RUN must be an integer: {exc}") from None
         if not 2 <= candidates <= 64:
             raise ValueError(f"PERSONA_CANDIDATES_PER_RUN={candidates} is out of range 2..64")
+        backend = _env("PERSONA_GENERATION_BACKEND", "diffusers")
+        if backend not in {"diffusers", "comfyui"}:
+            raise ValueError(f"PERSONA_GENERATION_BACKEND={backend!r} must be `diffusers` or `comfyui`")
+        in_flight = _number("COMFYUI_MAX_IN_FLIGHT", "2", int, 1, 64)
+        timeout = _number("COMFYUI_JOB_TIMEOUT_S", "600", float, 1, 24 * 3600)
         return cls(
             home=home,
             database_url=database_url,
@@ -79,4 +101,23 @@ class Settings:
             candidates_per_run=candidates,
             auto_review=_env("PERSONA_AUTO_REVIEW", "0").lower() in {"1", "true", "yes", "on"},
             publish_cron=_env("PERSONA_PUBLISH_CRON", "*/5 * * * *"),
+            generation_backend=backend,
+            workflows_dir=Path(_env("PERSONA_WORKFLOWS_DIR", str(REPO_WORKFLOWS))).expanduser().resolve(),
+            comfyui_urls=_env("COMFYUI_URLS", ""),
+            comfyui_checkpoint=_env("COMFYUI_CHECKPOINT", "v1-5-pruned-emaonly.safetensors"),
+            comfyui_lora_prefix=_env("COMFYUI_LORA_PREFIX", "persona-pipeline").strip("/"),
+            comfyui_max_in_flight=in_flight,
+            comfyui_job_timeout_s=timeout,
         )
+
+
+def _number(name: str, default: str, kind: type, low: float, high: float):
+    """An integer or float setting within [low, high]; the error names the variable and value."""
+    raw = _env(name, default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value} is out of range {low:g}..{high:g}")
+    return value

@@ -28,21 +28,36 @@ def trace_post(session: Session, post_id: int) -> dict:
     if image_sha != manifest["sha256"] or image_sha != candidate.image_sha256:
         raise TraceError(f"candidate {candidate.id}: image {candidate.image_path} does not match its manifest's sha256")
     lora = candidate.lora
-    if lora is None or manifest["lora_id"] != lora.id or manifest["lora_sha256"] != lora.sha256:
-        raise TraceError(f"candidate {candidate.id}: manifest LoRA {manifest.get('lora_id')} is not the recorded LoRA")
-    if hashlib.sha256(Path(lora.path).read_bytes()).hexdigest() != lora.sha256:
-        raise TraceError(f"LoRA {lora.id}: file {lora.path} does not match its sha256")
+    chain = manifest.get("loras", [])
+    if lora is None or not chain or chain[0]["id"] != lora.id or chain[0]["sha256"] != lora.sha256:
+        raise TraceError(f"candidate {candidate.id}: manifest LoRA {chain[0]['id'] if chain else None} is not the recorded LoRA")
+    for entry in chain:
+        row = session.get(models.LoraModel, entry["id"])
+        if row is None or hashlib.sha256(Path(row.path).read_bytes()).hexdigest() != entry["sha256"]:
+            raise TraceError(f"LoRA {entry['id']}: file {row.path if row else '?'} does not match the manifest's sha256")
+    graph_path = manifest_path.with_name(manifest["workflow"])
+    if not graph_path.is_file():
+        raise TraceError(f"candidate {candidate.id}: the submitted graph {graph_path} is missing")
+    lineage = []
+    parent = candidate.parent
+    while parent is not None:  # img2img refinements back to the root
+        lineage.append({"id": parent.id, "image": parent.image_path, "sha256": parent.image_sha256})
+        parent = parent.parent
     dataset = lora.dataset
     if dataset is None:
         raise TraceError(f"LoRA {lora.id} has no dataset (imported, not trained here)")
     dataset_meta = json.loads((Path(dataset.path) / "metadata.json").read_text())
-    if dataset_meta["version"] != dataset.version or manifest["dataset_version"] != dataset.version:
+    if dataset_meta["version"] != dataset.version:
         raise TraceError(f"dataset {dataset.id}: version on disk {dataset_meta['version'][:16]} differs from the database")
     return {
         "post": {"id": post.id, "status": post.status, "external_id": post.external_id, "media": post.media_path},
         "candidate": {"id": candidate.id, "run_id": candidate.run_id, "elo": candidate.elo, "image": candidate.image_path,
                       "sha256": image_sha},
-        "manifest": {"path": str(manifest_path), **{k: manifest[k] for k in ("prompt", "seed", "steps", "cfg", "sampler", "scheduler", "width", "height")}},
+        "manifest": {"path": str(manifest_path), "workflow": str(graph_path),
+                     **{k: manifest[k] for k in ("prompt", "seed", "steps", "cfg", "sampler", "scheduler", "width", "height",
+                                                 "denoise", "template", "backend", "server", "base_model")}},
+        "loras": [{"id": e["id"], "sha256": e["sha256"], "weight": e["weight"]} for e in chain],
+        "parents": lineage,
         "lora": {"id": lora.id, "path": lora.path, "sha256": lora.sha256, "base_model": lora.base_model},
         "dataset": {"id": dataset.id, "version": dataset.version, "path": dataset.path, "images": dataset.image_count},
     }

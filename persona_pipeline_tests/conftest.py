@@ -82,6 +82,7 @@ def write_persona(datasets: Path, slug: str = "tester", photos: int = 12, **over
         # two checkpoints, one validation render each: selection runs for real, at a test's cost
         "training": {"min_photos": 10, "steps": 4, "checkpoint_every": 2,
                      "validation_prompts": ["photo of {trigger} {class_word}"], "validation_seeds": [7]},
+        "generation": {"prompts_per_plan": 2},
     }
     config.update(overrides)
     (folder / "persona.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

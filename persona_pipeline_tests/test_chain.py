@@ -22,7 +22,7 @@ from persona_pipeline.trace import trace_post
 from persona_pipeline_tests.conftest import make_database, make_settings, materialise_persona, write_persona
 
 MANIFEST_FIELDS = {"prompt", "negative_prompt", "seed", "steps", "cfg", "sampler", "scheduler", "width", "height",
-                   "base_model", "lora_id", "lora_weight", "sha256"}
+                   "base_model", "loras", "template", "template_sha256", "backend", "timings", "workflow", "diffusers", "sha256"}
 
 
 class _Log:
@@ -67,8 +67,9 @@ def test_every_asset_materialises_with_metadata(built_chain):
     assert metadata["training_dataset"]["images"].value == 12
     # every other demo photo has a sidecar; the rest are captioned offline by open_clip
     assert json.loads(metadata["training_dataset"]["caption_sources"].value) == {"clip:tiny": 6, "sidecar": 6}
-    assert metadata["candidates"]["candidates"].value == 6  # 2 pillars × 3
-    assert "data:image/png;base64," in metadata["candidates"]["preview"].value
+    assert metadata["candidates"]["candidates"].value == 6  # 2 planned prompts (runs) × 3
+    assert "data:image/png;base64," in metadata["candidates"]["contact_sheet"].value
+    assert metadata["content_plan"]["prompts"].value == 2
     assert metadata["scheduled_posts"]["new_posts"].value == 2
 
 
@@ -128,7 +129,7 @@ def test_candidates_have_complete_manifests_and_elo_matches_the_votes(built_chai
         lora_id = registry.primary_lora(session, runs[0].persona_id).lora_id
     for cand in cands:
         manifest = json.loads(Path(cand.manifest_path).read_text())
-        assert MANIFEST_FIELDS <= set(manifest) and manifest["lora_id"] == lora_id
+        assert MANIFEST_FIELDS <= set(manifest) and manifest["loras"][0]["id"] == lora_id
         assert manifest["seed"] == cand.seed and manifest["sha256"] == cand.image_sha256
     assert len(votes) == 6  # 3 pairs per run, auto-review
     replayed = elo.replay([c.id for c in cands], votes)

@@ -1,125 +1,250 @@
-"""candidates: one generation run per pillar prompt; N images from local diffusers with the
-persona's primary LoRA loaded. Each image is stored with a JSON manifest (prompt, negative prompt,
-seed, steps, cfg, sampler/scheduler, size, base model, LoRA id, weight and sha256) and scored
-with open_clip against its prompt."""
+"""candidates: start a generation run for every planned content prompt and move every run of the
+persona along its step tree. Each pass plans the jobs that generating steps need, runs them all at
+once (ComfyUI servers and local diffusers), stores each image with its manifest and submitted graph,
+scores it with open_clip (identity gate, keep-best), and moves finished steps to voting. A run
+waiting for approval has nothing to generate, so it never holds up the others."""
 
 
-import hashlib
-import io
 import json
+import threading
+from collections import Counter
 from pathlib import Path
 
 import dagster as dg
+from sqlalchemy import select
 
 from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
-from persona_pipeline.db import models, registry
+from persona_pipeline.db import models
+from persona_pipeline.domain import workflows as wf
+from persona_pipeline.generation import curation, runs
+from persona_pipeline.fileio import sha256_file
+from persona_pipeline.generation.executor import GenerationContext, GenerationExecutor, JobOutcome, job_stem
+from persona_pipeline.generation.lora_chain import LoraChainError, loras_in_use
 from persona_pipeline.partitions import persona_partitions
+from persona_pipeline.personas import PersonaConfig, PipelineStep
 from persona_pipeline.resources.clip import ClipModel
+from persona_pipeline.resources.comfyui import ComfyUIPool
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
+from persona_pipeline.resources.generation import GenerationDefaults
 from persona_pipeline.resources.review_policy import AutoReviewer
 from persona_pipeline.resources.storage import PersonaStorage
-from persona_pipeline.fileio import atomic_write
 
-NEGATIVE_PROMPT = "blurry, low quality, deformed, extra limbs, watermark, text"
-WORKFLOW = "txt2img_lora"
+MAX_PASSES = 32  # plan → run → curate → review rounds per materialisation; each pass must make progress
 
 
-class GenerationSettings(dg.Config):
-    """Per-run generation settings (editable in the launchpad)."""
+class CandidatesConfig(dg.Config):
+    """Launchpad settings of one `candidates` materialisation."""
 
-    n_candidates: int | None = None  # default: PERSONA_CANDIDATES_PER_RUN (the diffusion resource)
-    steps: int = 12
-    cfg: float = 7.0
-    sampler: str = "euler"
-    scheduler: str = "normal"
-    size: int | None = None  # default: the base model's native size
+    start_runs: bool = True  # turn the persona's planned content prompts into new runs
+    retry_failed_steps: bool = False  # give steps that failed (e.g. a broken template, since fixed) another go
 
 
-def candidate_seed(run_id: int, index: int) -> int:
-    """Deterministic per run and slot, so a manifest's seed reproduces its image."""
-    return int.from_bytes(hashlib.sha256(f"{run_id}:{index}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+def pipeline_steps(config: PersonaConfig, default_backend: str, default_n: int) -> list[runs.StepSpec]:
+    """persona.yaml `generation.steps`, or one txt2img step of PERSONA_CANDIDATES_PER_RUN images."""
+    steps = config.generation.steps or [PipelineStep(name="base", template="txt2img_lora", n=default_n)]
+    backend = config.generation.backend or default_backend
+    return [runs.StepSpec(name=s.name, template=s.template, n=s.n, keep=s.keep, top_k=s.top_k,
+                          backend=s.backend or backend, params=s.params.model_dump()) for s in steps]
 
 
-@dg.asset(partitions_def=persona_partitions, deps=["lora_model"], group_name="generation", kinds={"diffusers"})
-def candidates(context: dg.AssetExecutionContext, config: GenerationSettings, database: AppDatabase,
-               storage: PersonaStorage, diffusion: DiffusionBackend, clip: ClipModel, auto_review: AutoReviewer) -> dg.MaterializeResult:
+@dg.asset(partitions_def=persona_partitions, deps=["lora_model", "content_plan"], group_name="generation",
+          kinds={"diffusers", "comfyui"})
+def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, database: AppDatabase, storage: PersonaStorage,
+               diffusion: DiffusionBackend, comfyui: ComfyUIPool, generation: GenerationDefaults, clip: ClipModel,
+               auto_review: AutoReviewer) -> dg.MaterializeResult:
     slug = context.partition_key
-    n = config.n_candidates or diffusion.candidates_per_run
-    size = config.size or diffusion.default_size()
-    if not 2 <= n <= 64:
-        raise dg.Failure(f"n_candidates={n} is out of range 2..64")
+    dagster_run_id = context.run.run_id
+    log = context.log.info
     with database.session() as session:
         persona, persona_config = persona_for(session, slug)
-        mapping = registry.primary_lora(session, persona.id)
-        if mapping is None:
-            raise dg.Failure(f"{slug}: no primary LoRA in the library; materialise lora_model first")
-        lora = mapping.lora
-        lora_weight = mapping.weight
-        dataset_version = lora.dataset.version if lora.dataset else None
-        pillars = [(p.id, p.name, p.prompt) for p in registry.active_pillars(session, persona.id)]
-
-    made: list[tuple[models.Candidate, str]] = []
-    for pillar_id, pillar_name, prompt in pillars:
-        with database.session() as session:
-            run = models.GenerationRun(persona_id=persona.id, pillar_id=pillar_id, prompt=prompt, negative_prompt=NEGATIVE_PROMPT,
-                                       backend="diffusers", status="running", dagster_run_id=context.run.run_id)
-            session.add(run)
-            session.flush()
-            step = models.RunStep(run_id=run.id, position=1, name="base", workflow=WORKFLOW, n_candidates=n, status="generating")
-            session.add(step)
-            session.flush()
-            run_id, step_id = run.id, step.id
-        seeds = [candidate_seed(run_id, i) for i in range(n)]
+        persona_id, folder = persona.id, Path(persona.folder)
         try:
-            images = diffusion.generate(prompt=prompt, negative_prompt=NEGATIVE_PROMPT, seeds=seeds, steps=config.steps,
-                                        cfg=config.cfg, sampler=config.sampler, scheduler=config.scheduler,
-                                        width=size, height=size, lora_path=Path(lora.path), lora_weight=lora_weight)
-        except Exception as exc:
-            with database.session() as session:
-                session.get(models.GenerationRun, run_id).status = "failed"
-            raise dg.Failure(f"{slug}: generation for pillar {pillar_name!r} (run {run_id}) failed: {exc}") from exc
+            loras = loras_in_use(session, persona_id, slug, generation)
+        except LoraChainError as exc:
+            raise dg.Failure(str(exc)) from None
+        steps = pipeline_steps(persona_config, generation.backend, diffusion.candidates_per_run)
+        if any(s.backend == "comfyui" for s in steps) and not comfyui.server_urls():
+            raise dg.Failure(f"{slug}: a step uses the comfyui backend but COMFYUI_URLS is empty")
+        photo_paths = [Path(p) for p in session.scalars(select(models.SourcePhoto.path).where(
+            models.SourcePhoto.persona_id == persona_id, models.SourcePhoto.status == "accepted"))]
 
-        folder = storage.run_dir(slug, run_id, 1)
-        paths = []
+        def alive(run_id: str | None) -> bool:
+            if run_id == dagster_run_id:
+                return True
+            other = context.instance.get_run_by_id(run_id) if run_id else None
+            return other is not None and not other.is_finished
+
+        adopted, abandoned = runs.recover_jobs(session, persona_id, alive, lambda job: _adopt(session, job, storage, slug))
+        if adopted or abandoned:
+            context.log.warning(f"{slug}: {adopted} image(s) from an interrupted run adopted, {abandoned} job(s) abandoned")
+        if config.retry_failed_steps:
+            for step in session.scalars(select(models.RunStep).join(models.GenerationRun).where(
+                    models.GenerationRun.persona_id == persona_id, models.RunStep.status == "failed")):
+                step.status, step.failure_reason, step.run.status, step.run.failure_reason = "generating", None, "running", None
+        started = _start_runs(session, persona_id, steps, dagster_run_id) if config.start_runs else []
+    if started:
+        log(f"{slug}: started run(s) {', '.join(map(str, started))}")
+
+    ctx = GenerationContext(slug=slug, persona_folder=folder, templates_dir=generation.templates_dir(),
+                            checkpoint=persona_config.generation.checkpoint or generation.comfyui_checkpoint,
+                            base_model=diffusion.base_model, loras=loras, default_size=diffusion.default_size(),
+                            min_side_local=32 if diffusion.is_tiny else 256, dagster_run_id=dagster_run_id, log=log)
+    executor = GenerationExecutor(ctx, storage, diffusion, comfyui)
+    reference = curation.identity_reference(clip, photo_paths)
+    threshold = persona_config.generation.identity_threshold
+    made: list[int] = []
+    tally: Counter = Counter()
+    for _ in range(MAX_PASSES):
         with database.session() as session:
-            rows = []
-            for index, (seed, image) in enumerate(zip(seeds, images)):
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                image_path = folder / f"{index:03d}-{seed}.png"
-                sha = atomic_write(image_path, buffer.getvalue())
-                manifest = {
-                    "persona": slug, "run_id": run_id, "step": 1, "pillar": pillar_name, "index": index,
-                    "prompt": prompt, "negative_prompt": NEGATIVE_PROMPT, "seed": seed, "steps": config.steps,
-                    "cfg": config.cfg, "sampler": config.sampler, "scheduler": config.scheduler,
-                    "width": image.width, "height": image.height, "backend": "diffusers", "workflow": WORKFLOW,
-                    "base_model": diffusion.base_model, "lora_id": lora.id, "lora_sha256": lora.sha256,
-                    "lora_weight": lora_weight, "dataset_version": dataset_version, "sha256": sha,
-                    "image": image_path.name, "dagster_run_id": context.run.run_id,
-                }
-                manifest_path = image_path.with_suffix(".json")
-                atomic_write(manifest_path, json.dumps(manifest, indent=2).encode())
-                row = models.Candidate(run_id=run_id, step_id=step_id, seed=seed, lora_id=lora.id, image_path=str(image_path),
-                                       image_sha256=sha, manifest_path=str(manifest_path))
-                session.add(row)
-                rows.append(row)
-                paths.append(image_path)
-            for row, score in zip(rows, clip.prompt_scores(paths, prompt)):
-                row.clip_score = round(score, 6)
-            session.flush()
-            votes = auto_review.vote_step(session, rows)
-            session.get(models.RunStep, step_id).status = "voting"
-            session.get(models.GenerationRun, run_id).status = "awaiting_review"
-            made.extend((row, pillar_name) for row in rows)
-        context.log.info(f"{slug}: run {run_id} ({pillar_name}) made {len(rows)} candidates; auto-review cast {votes} votes")
+            planned, notes = runs.plan_jobs(session, persona_id, dagster_run_id, _locate_image)
+        for note in notes:
+            context.log.warning(f"{slug}: {note}")
+        built, broken = [], {}
+        for job in planned:
+            if job.step_id in broken:
+                continue
+            try:
+                built.append(executor.build(job))
+            except wf.WorkflowError as exc:
+                broken[job.step_id] = str(exc)
+        with database.session() as session:
+            for step_id, reason in broken.items():
+                runs.fail_step(session, step_id, reason)
+                context.log.error(f"{slug}: step {step_id} failed and will not be resubmitted: {reason}")
+            for b in built:
+                session.get(models.GenerationJob, b.planned.job_id).status = "running"
+        built = [b for b in built if b.planned.step_id not in broken]
+        tally["steps_failed"] += len(broken)
 
+        new_ids = _execute(executor, built, database, slug, context, tally)
+        made.extend(new_ids)
+        with database.session() as session:
+            counts = curation.score(session, clip, new_ids, reference, threshold)
+            tally.update(counts)
+            reached = runs.finish_steps(session, persona_id)
+            approved = 0
+            for step in reached:
+                votes = auto_review.vote_step(session, _live(session, step.id))
+                tally["auto_votes"] += votes
+                last = step.position == len(step.run.steps)
+                if not last and auto_review.approve_step(session, step, _top_k(step)):
+                    approved += 1
+        if not built and not broken and not approved:
+            break
+
+    with database.session() as session:
+        rows = [session.get(models.Candidate, cid) for cid in made]
+        preview = [(Path(r.image_path), f"#{r.id} s{_position(session, r)} {r.status} "
+                    f"id={_fmt(r.identity_score)} clip={_fmt(r.clip_score)}") for r in rows]
+        records = [{"candidate": r.id, "run": r.run_id, "step": _position(session, r), "parent": r.parent_id or 0,
+                    "status": r.status, "seed": r.seed, "clip_score": float(r.clip_score or 0.0),
+                    "identity_score": float(r.identity_score or 0.0), "manifest": r.manifest_path} for r in rows]
+        run_rows = [{"run": run.id, "status": run.status, "prompt": run.prompt[:80], "source": run.prompt_source or "",
+                     "steps": " → ".join(f"{s.name}:{s.status}" for s in run.steps), "failure": run.failure_reason or ""}
+                    for run in session.scalars(select(models.GenerationRun).where(
+                        models.GenerationRun.persona_id == persona_id,
+                        models.GenerationRun.status.in_(("running", "awaiting_review", "failed")))
+                        .order_by(models.GenerationRun.id.desc()).limit(50))]
+    log(f"{slug}: {len(made)} candidate(s) made; {dict(tally)}")
     return dg.MaterializeResult(metadata={
-        "runs": len(pillars),
+        "runs_started": len(started),
         "candidates": len(made),
-        "lora_id": lora.id,
-        "preview": dg.MetadataValue.md(contact_sheet_md([Path(c.image_path) for c, _ in made],
-                                                         [f"#{c.id} {p}" for c, p in made])),
-        "table": table([{"candidate": c.id, "run": c.run_id, "pillar": p, "seed": c.seed,
-                         "clip_score": float(c.clip_score or 0.0), "manifest": c.manifest_path} for c, p in made]),
+        "jobs_failed": tally["jobs_failed"],
+        "steps_failed": tally["steps_failed"],
+        "gate_rejected": tally["gate_rejected"],
+        "culled": tally["culled"],
+        "auto_votes": tally["auto_votes"],
+        "loras": ", ".join(f"#{l.lora_id}×{l.weight:g}" for l in loras),
+        "contact_sheet": dg.MetadataValue.md(contact_sheet_md([p for p, _ in preview], [label for _, label in preview])),
+        "candidates_table": table(records),
+        "open_runs": table(run_rows),
     })
+
+
+def _start_runs(session, persona_id: int, steps: list[runs.StepSpec], dagster_run_id: str) -> list[int]:
+    prompts = list(session.scalars(select(models.ContentPrompt).where(
+        models.ContentPrompt.persona_id == persona_id, models.ContentPrompt.status == "planned")
+        .order_by(models.ContentPrompt.id).with_for_update()))
+    started = []
+    for prompt in prompts:
+        run = runs.start_run(session, persona_id, prompt=prompt.prompt, negative_prompt=prompt.negative_prompt,
+                             pillar_id=prompt.pillar_id, steps=steps, prompt_source=prompt.source,
+                             content_prompt_id=prompt.id, dagster_run_id=dagster_run_id)
+        prompt.status = "used"
+        started.append(run.id)
+    return started
+
+
+def _execute(executor: GenerationExecutor, built, database: AppDatabase, slug: str, context, tally: Counter) -> list[int]:
+    """Run the batch; record each outcome in its own transaction as it arrives."""
+    lock = threading.Lock()
+    new_ids: list[int] = []
+
+    def record(outcome: JobOutcome) -> None:
+        with lock, database.session() as session:
+            job = session.get(models.GenerationJob, outcome.planned.job_id)
+            job.attempts = outcome.attempts
+            job.server = outcome.server
+            job.finished_at = models.utcnow()
+            if outcome.error:
+                job.status, job.error, job.permanent = "failed", outcome.error, outcome.permanent
+                tally["jobs_failed"] += 1
+                context.log.error(f"{slug}: job {job.id} (run {job.run_id}, step {outcome.planned.step_position}) failed"
+                                  f"{' permanently' if outcome.permanent else ''}: {outcome.error}")
+                if outcome.permanent:
+                    runs.fail_step(session, job.step_id, outcome.error)
+                return
+            new_ids.append(_add_candidate(session, job, outcome.image_path, outcome.sha256, outcome.manifest_path))
+
+    executor.run(built, record)
+    return new_ids
+
+
+def _add_candidate(session, job: models.GenerationJob, image_path: Path, sha256: str, manifest_path: Path) -> int:
+    manifest = json.loads(manifest_path.read_text())
+    lora_ids = [l["id"] for l in manifest.get("loras", [])]
+    row = models.Candidate(run_id=job.run_id, step_id=job.step_id, parent_id=job.parent_id, job_id=job.id, seed=job.seed,
+                           lora_id=lora_ids[0] if lora_ids else None, image_path=str(image_path), image_sha256=sha256,
+                           manifest_path=str(manifest_path))
+    session.add(row)
+    job.status = "done"
+    session.flush()
+    return row.id
+
+
+def _adopt(session, job: models.GenerationJob, storage: PersonaStorage, slug: str) -> bool:
+    """A job whose manifest (written last, after the image) reached the disk before its Dagster
+    run died: register its candidate instead of losing the image."""
+    step = session.get(models.RunStep, job.step_id)
+    manifest_path = storage.run_dir(slug, job.run_id, step.position) / f"{job_stem(job)}.json"
+    if not manifest_path.is_file():
+        return False
+    image_path = manifest_path.with_name(json.loads(manifest_path.read_text())["image"])
+    if not image_path.is_file():
+        return False
+    job.finished_at = models.utcnow()
+    _add_candidate(session, job, image_path, sha256_file(image_path), manifest_path)
+    return True
+
+
+def _locate_image(candidate: models.Candidate) -> tuple[str, str]:
+    return candidate.image_path, candidate.image_sha256
+
+
+def _live(session, step_id: int) -> list[models.Candidate]:
+    return list(session.scalars(select(models.Candidate).where(models.Candidate.step_id == step_id,
+                                                               models.Candidate.status == "active")))
+
+
+def _top_k(step: models.RunStep) -> int:
+    specs = step.run.pipeline.get("steps", [])
+    return int(specs[step.position - 1]["top_k"]) if len(specs) >= step.position else 2
+
+
+def _position(session, row: models.Candidate) -> int:
+    return session.get(models.RunStep, row.step_id).position
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"

@@ -24,25 +24,29 @@ def rankings(context: dg.AssetExecutionContext, database: AppDatabase, auto_revi
         runs = list(session.scalars(select(models.GenerationRun).where(models.GenerationRun.persona_id == persona.id)
                                     .order_by(models.GenerationRun.id)))
         for run in runs:
-            cands = list(session.scalars(select(models.Candidate).where(models.Candidate.run_id == run.id)))
-            if not cands:
-                continue
-            votes = session.execute(select(models.Vote.winner_id, models.Vote.loser_id)
-                                    .where(models.Vote.step_id.in_({c.step_id for c in cands})).order_by(models.Vote.id)).all()
-            standings = elo.replay([c.id for c in cands if c.status != "killed"], votes)
-            by_id = {c.id: c for c in cands}
-            for cid, standing in standings.items():
-                if by_id[cid].elo != standing.elo:  # the replay is the source of truth; say when they differ
-                    drifted += 1
-                    by_id[cid].elo = standing.elo
-            picked = auto_review.pick_winner(session, run, standings)
-            if picked:
-                winners.append(by_id[picked])
-            for place, standing in enumerate(elo.rank(standings), start=1):
-                cand = by_id[standing.candidate_id]
-                rows.append({"run": run.id, "place": place, "candidate": cand.id, "elo": standing.elo,
-                             "wins": standing.wins, "losses": standing.losses, "status": cand.status,
-                             "image": Path(cand.image_path).name})
+            for step in run.steps:
+                cands = list(session.scalars(select(models.Candidate).where(models.Candidate.step_id == step.id)))
+                if not cands:
+                    continue
+                votes = session.execute(select(models.Vote.winner_id, models.Vote.loser_id)
+                                        .where(models.Vote.step_id == step.id).order_by(models.Vote.id)).all()
+                live = [c.id for c in cands if c.status in ("active", "winner")]
+                standings = elo.replay(live, votes)
+                by_id = {c.id: c for c in cands}
+                for cid, standing in standings.items():
+                    if by_id[cid].elo != standing.elo:  # the replay is the source of truth; say when they differ
+                        drifted += 1
+                        by_id[cid].elo = standing.elo
+                # Winners come from the final step, once all its images are made.
+                if step.position == len(run.steps) and step.status == "voting":
+                    picked = auto_review.pick_winner(session, run, standings)
+                    if picked:
+                        winners.append(by_id[picked])
+                for place, standing in enumerate(elo.rank(standings), start=1):
+                    cand = by_id[standing.candidate_id]
+                    rows.append({"run": run.id, "step": step.position, "place": place, "candidate": cand.id,
+                                 "elo": standing.elo, "wins": standing.wins, "losses": standing.losses,
+                                 "status": cand.status, "image": Path(cand.image_path).name})
         vote_count = session.scalar(select(models.Vote.id).order_by(models.Vote.id.desc()).limit(1)) or 0
     if drifted:
         context.log.warning(f"{slug}: {drifted} stored Elo scores differed from the replay of the votes and were corrected")

@@ -5,14 +5,29 @@ import dagster as dg
 from persona_pipeline.partitions import persona_partitions
 
 GPU_TAG = "persona-pipeline/gpu"
-CHAIN_ASSETS = ["source_photos", "training_dataset", "lora_model", "candidates", "rankings", "clusters", "scheduled_posts"]
+CHAIN_ASSETS = ["source_photos", "training_dataset", "lora_model", "content_plan", "candidates", "rankings", "clusters", "scheduled_posts"]
 
 persona_chain_job = dg.define_asset_job(
     "persona_chain",
     selection=dg.AssetSelection.assets(*CHAIN_ASSETS),
     partitions_def=persona_partitions,
     tags={GPU_TAG: "training"},
-    description="The whole chain for one persona: photos → dataset → LoRA → candidates → rankings → clusters → posts.",
+    description="The whole chain for one persona: photos → dataset → LoRA → prompts → candidates → rankings → clusters → posts.",
+)
+
+generation_job = dg.define_asset_job(
+    "generation",
+    selection=dg.AssetSelection.assets("content_plan", "candidates", "rankings"),
+    partitions_def=persona_partitions,
+    description="Plan prompts from the pillar gaps, start runs for them and move every open run along its steps.",
+)
+
+advance_runs_job = dg.define_asset_job(
+    "advance_runs",
+    selection=dg.AssetSelection.assets("candidates", "rankings"),
+    partitions_def=persona_partitions,
+    config={"ops": {"candidates": {"config": {"start_runs": False}}}},
+    description="Move open runs along (next steps after approvals, replacements after kills) without starting new ones.",
 )
 
 lora_training_job = dg.define_asset_job(

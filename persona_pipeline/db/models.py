@@ -184,8 +184,27 @@ class PersonaLora(Base):
     lora_id: Mapped[int] = mapped_column(ForeignKey("lora_models.id", ondelete="CASCADE"))
     weight: Mapped[float] = mapped_column(Float, default=1.0)
     is_primary: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Chained after the primary in every generation (a style or detail LoRA); at most 5 in all.
+    chained: Mapped[bool] = mapped_column(Boolean, default=False)
 
     lora: Mapped[LoraModel] = relationship()
+
+
+class ContentPrompt(Base):
+    """A planned prompt for one generation run: from the pillar gaps and guidelines, written by
+    Gemini or a template. `planned` until a run uses it."""
+
+    __tablename__ = "content_prompts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
+    pillar_id: Mapped[int | None] = mapped_column(ForeignKey("content_pillars.id", ondelete="SET NULL"))
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text, default="")
+    theme: Mapped[str] = mapped_column(String(200), default="")
+    source: Mapped[str] = mapped_column(String(120))  # template | gemini:<model>
+    gaps: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # the gap analysis it was planned from
+    status: Mapped[str] = mapped_column(String(16), default="planned")  # planned | used | cancelled
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class GenerationRun(Base):
@@ -198,6 +217,10 @@ class GenerationRun(Base):
     backend: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(24), default="running")  # running | awaiting_review | done | failed
     dagster_run_id: Mapped[str | None] = mapped_column(String(64))
+    content_prompt_id: Mapped[int | None] = mapped_column(ForeignKey("content_prompts.id", ondelete="SET NULL"))
+    prompt_source: Mapped[str | None] = mapped_column(String(120))  # template | gemini:<model> | persona.yaml
+    pipeline: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # the step settings the run was started with
+    failure_reason: Mapped[str | None] = mapped_column(Text)
     winner_candidate_id: Mapped[int | None] = mapped_column(
         ForeignKey("candidates.id", ondelete="SET NULL", use_alter=True)
     )
@@ -214,12 +237,44 @@ class RunStep(Base):
     position: Mapped[int] = mapped_column(Integer)  # 1-based
     name: Mapped[str] = mapped_column(String(80))
     workflow: Mapped[str] = mapped_column(String(200))
-    n_candidates: Mapped[int] = mapped_column(Integer)
+    n_candidates: Mapped[int] = mapped_column(Integer)  # per parent (step 1: roots)
     top_k: Mapped[int | None] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(24), default="generating")  # generating | voting | approved
+    # pending (waiting for the step before) | generating | voting | approved | failed
+    status: Mapped[str] = mapped_column(String(24), default="generating")
     approved_at: Mapped[datetime | None] = mapped_column()
+    backend: Mapped[str | None] = mapped_column(String(32))
+    template_sha256: Mapped[str | None] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    keep_best: Mapped[int | None] = mapped_column(Integer)
+    parent_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)  # the previous step's top-K at approval
+    failure_reason: Mapped[str | None] = mapped_column(Text)
 
     run: Mapped[GenerationRun] = relationship(back_populates="steps")
+
+
+class GenerationJob(Base):
+    """One image to make: a slot under a parent (or a root slot) of a step. A failed job keeps its
+    row and reason; its slot is not reused, so three failures under one parent are countable."""
+
+    __tablename__ = "generation_jobs"
+    __table_args__ = (UniqueConstraint("step_id", "parent_key", "slot"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("generation_runs.id", ondelete="CASCADE"), index=True)
+    step_id: Mapped[int] = mapped_column(ForeignKey("run_steps.id", ondelete="CASCADE"), index=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("candidates.id", ondelete="SET NULL", use_alter=True))
+    parent_key: Mapped[int] = mapped_column(Integer, default=0)  # parent_id or 0: NULLs never collide in a unique key
+    slot: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    # pending | running | done | failed | abandoned (its Dagster run ended before it finished)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    backend: Mapped[str] = mapped_column(String(32))
+    server: Mapped[str | None] = mapped_column(String(300))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    permanent: Mapped[bool] = mapped_column(Boolean, default=False)  # a broken workflow: never resubmitted
+    dagster_run_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
 
 
 class Candidate(Base):
@@ -228,7 +283,10 @@ class Candidate(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("generation_runs.id", ondelete="CASCADE"), index=True)
     step_id: Mapped[int] = mapped_column(ForeignKey("run_steps.id", ondelete="CASCADE"), index=True)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("candidates.id", ondelete="SET NULL"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="active")  # active | killed | winner
+    # active | killed | winner | rejected (identity gate, or a parent whose jobs failed 3 times) | culled (keep-best)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("generation_jobs.id", ondelete="SET NULL"), unique=True)
     lora_id: Mapped[int | None] = mapped_column(ForeignKey("lora_models.id", ondelete="SET NULL"))
     seed: Mapped[int] = mapped_column(Integer)
     image_path: Mapped[str] = mapped_column(Text)
@@ -238,7 +296,8 @@ class Candidate(Base):
     bt_score: Mapped[float | None] = mapped_column(Float)
     bt_ci_low: Mapped[float | None] = mapped_column(Float)
     bt_ci_high: Mapped[float | None] = mapped_column(Float)
-    clip_score: Mapped[float | None] = mapped_column(Float)
+    clip_score: Mapped[float | None] = mapped_column(Float)  # prompt alignment (open_clip cosine)
+    identity_score: Mapped[float | None] = mapped_column(Float)  # cosine to the source photos' centroid
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     parent: Mapped["Candidate | None"] = relationship(remote_side=[id])

@@ -138,10 +138,14 @@ def list_loras(session: Session, persona_id: int) -> list[models.PersonaLora]:
     ))
 
 
+MAX_CHAINED_LORAS = 5  # REFERENCES.md §1; generation refuses more, so the library does too
+
+
 def set_lora_mapping(session: Session, persona_id: int, lora_id: int, *, weight: float | None = None,
-                     primary: bool | None = None) -> models.PersonaLora:
-    """Change a persona's weight for one of its LoRAs and/or make it (or stop it being) the primary.
-    Making one primary clears the flag on the persona's others; no primary at all is allowed."""
+                     primary: bool | None = None, chained: bool | None = None) -> models.PersonaLora:
+    """Change a persona's weight for one of its LoRAs, make it (or stop it being) the primary, or
+    chain it after the primary in every generation. Making one primary clears the flag on the
+    persona's others; no primary at all is allowed; primary + chained stay at most five."""
     mapping = session.scalar(select(models.PersonaLora).where(
         models.PersonaLora.persona_id == persona_id, models.PersonaLora.lora_id == lora_id))
     if mapping is None:
@@ -154,6 +158,13 @@ def set_lora_mapping(session: Session, persona_id: int, lora_id: int, *, weight:
                                                          models.PersonaLora.id != mapping.id).values(is_primary=False))
     if primary is not None:
         mapping.is_primary = primary
+    if chained is not None:
+        mapping.chained = chained
+    in_chain = session.scalar(select(func.count()).select_from(models.PersonaLora).where(
+        models.PersonaLora.persona_id == persona_id,
+        (models.PersonaLora.is_primary.is_(True)) | (models.PersonaLora.chained.is_(True))))
+    if in_chain > MAX_CHAINED_LORAS:
+        raise ValueError(f"persona {persona_id} would chain {in_chain} LoRAs; at most {MAX_CHAINED_LORAS}")
     session.flush()
     return mapping
 

@@ -102,6 +102,62 @@ def pick_winner(session: Session, run_id: int, candidate_id: int, reviewer: str)
     return run
 
 
+def step_ranking(session: Session, step_id: int) -> list[elo.Standing]:
+    """The step's live candidates ranked by Elo replayed from its votes (ties: more wins, fewer
+    losses, older candidate). The ranking that decides top-K until Bradley–Terry replaces it."""
+    live = list(session.scalars(select(models.Candidate.id).where(
+        models.Candidate.step_id == step_id, models.Candidate.status.in_(("active", "winner")))))
+    votes = session.execute(select(models.Vote.winner_id, models.Vote.loser_id)
+                            .where(models.Vote.step_id == step_id).order_by(models.Vote.id)).all()
+    return elo.rank(elo.replay(live, votes))
+
+
+def kill_candidate(session: Session, candidate_id: int, reviewer: str, reason: str = "") -> models.Candidate:
+    """Take a candidate out of its step (the generator makes a replacement while the step is open)."""
+    candidate = _candidate(session, candidate_id, lock=True)
+    if candidate.status == "killed":
+        raise ReviewError(f"candidate {candidate_id} is already killed")
+    if candidate.status not in ("active", "culled"):
+        raise ReviewError(f"candidate {candidate_id} is {candidate.status} and cannot be killed")
+    step = session.get(models.RunStep, candidate.step_id)
+    if step.status == "approved":
+        raise ReviewError(f"step {step.id} is already approved; its candidates can no longer be killed")
+    candidate.status = "killed"
+    candidate.status_reason = f"killed by {reviewer}" + (f": {reason}" if reason else "")
+    if step.status == "voting":  # the freed place gets a replacement on the next generation pass
+        step.status = "generating"
+        step.run.status = "running"
+    _event(session, candidate.run.persona_id, "kill", "candidate", candidate.id, reviewer,
+           {"step_id": step.id, "reason": reason})
+    session.flush()
+    return candidate
+
+
+def approve_step(session: Session, step_id: int, top_k: int, reviewer: str) -> models.RunStep:
+    """Approve a step with K: its current top-K become the parents of the next step's children."""
+    step = session.scalar(select(models.RunStep).where(models.RunStep.id == step_id).with_for_update())
+    if step is None:
+        raise NotFound(f"run step {step_id} does not exist")
+    if step.status != "voting":
+        raise ReviewError(f"step {step_id} is {step.status}; only a step whose images are all made can be approved")
+    ranking = step_ranking(session, step_id)
+    if not 1 <= top_k <= len(ranking):
+        raise ReviewError(f"top_k={top_k} is out of range 1..{len(ranking)} (the step's live candidates)")
+    parents = [s.candidate_id for s in ranking[:top_k]]
+    step.status = "approved"
+    step.top_k = top_k
+    step.approved_at = models.utcnow()
+    nxt = session.scalar(select(models.RunStep).where(models.RunStep.run_id == step.run_id,
+                                                      models.RunStep.position == step.position + 1))
+    if nxt is not None:
+        nxt.parent_ids = parents
+        nxt.status = "generating"
+        step.run.status = "running"
+    _event(session, step.run.persona_id, "approve_step", "step", step.id, reviewer, {"top_k": top_k, "parents": parents})
+    session.flush()
+    return step
+
+
 def set_post_status(session: Session, post: models.Post, new_status: str, reason: str | None = None) -> None:
     post_states.check_transition(post.status, new_status)
     post.status = new_status

@@ -29,6 +29,16 @@ class AutoReviewer(dg.ConfigurableResource):
             cast += 1
         return cast
 
+    def approve_step(self, session: Session, step: models.RunStep, top_k: int) -> bool:
+        """Approve a voted step with its configured K (capped by the live candidates)."""
+        if not self.enabled:
+            return False
+        live = len(review.step_ranking(session, step.id))
+        if live == 0:
+            return False
+        review.approve_step(session, step.id, min(top_k, live), self.reviewer)
+        return True
+
     def pick_winner(self, session: Session, run: models.GenerationRun, standings: dict[int, elo.Standing]) -> int | None:
         if not self.enabled or run.winner_candidate_id is not None or not standings:
             return None
