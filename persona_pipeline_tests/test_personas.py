@@ -64,3 +64,20 @@ def test_photo_set_hash_changes_with_content_and_sidecars(tmp_path):
     assert before == persona.photo_set_hash()
     (folder / "photos" / "mira_02.txt").write_text("m1ra, a new caption")
     assert persona.photo_set_hash() != before
+
+
+@pytest.mark.parametrize("step, field", [
+    ({"name": "base", "template": "txt2img_lora", "params": {"cfg": 31}}, "generation.steps[0].params.cfg"),
+    ({"name": "base", "template": "txt2img_lora", "params": {"sampler": "euler_a"}}, "generation.steps[0].params.sampler"),
+    ({"name": "base", "template": "txt2img_lora", "params": {"width": 500}}, "generation.steps[0].params.width"),
+    ({"name": "base", "template": "txt2img_lora", "params": {"control_strength": 0.95}},
+     "generation.steps[0].params.control_strength"),
+    ({"name": "base", "template": "txt2img_lora", "n": 2, "keep": 3}, "generation.steps[0]"),
+])
+def test_bad_generation_settings_name_the_field(tmp_path, step, field):
+    from persona_pipeline_tests.conftest import write_persona
+
+    folder = write_persona(tmp_path, photos=0, generation={"steps": [step]})
+    with pytest.raises(PersonaFileError) as error:
+        load_persona(folder)
+    assert f"field '{field}'" in str(error.value) and "persona.yaml" in str(error.value)

@@ -1,1 +1,1 @@
-"""Pure domain logic: no Dagster, no database, no file system. Unit-tested directly."""
+"""Pure domain logic: no Dagster, no database; the only file reads are workflow templates. Unit-tested directly."""
