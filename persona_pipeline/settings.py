@@ -32,6 +32,8 @@ SETTINGS: list[Setting] = [
     Setting("PERSONA_DEVICE", "cpu", "torch device for training and generation (`cpu`, `cuda`, `cuda:1`)."),
     Setting("PERSONA_CANDIDATES_PER_RUN", "4", "Images per run when persona.yaml sets no generation.steps."),
     Setting("PERSONA_GENERATION_BACKEND", "diffusers", "Default generation backend: `diffusers` (local, PERSONA_BASE_MODEL + LoRA) or `comfyui`; persona.yaml `generation.backend` and each step's `backend` override it."),
+    Setting("PERSONA_CONTROLNET_MODEL", "tiny", "OpenPose ControlNet for the diffusers backend: `tiny` (random, built locally) or a local folder / hub id."),
+    Setting("PERSONA_GENERATION_BATCH_SIZE", "4", "Images per diffusers pipeline call (jobs that differ only in seed share one)."),
     Setting("PERSONA_WORKFLOWS_DIR", "<repo>/workflows", "Folder of ComfyUI API-format workflow templates (`<name>.json`)."),
     Setting("COMFYUI_URLS", "", "ComfyUI servers, comma-separated base URLs (`http://gpu1:8188,http://gpu2:8188`)."),
     Setting("COMFYUI_CHECKPOINT", "v1-5-pruned-emaonly.safetensors", "The `ckpt_name` the templates load on the ComfyUI servers (persona.yaml `generation.checkpoint` overrides it)."),
@@ -66,6 +68,8 @@ class Settings:
     auto_review: bool = False
     publish_cron: str = "*/5 * * * *"
     generation_backend: str = "diffusers"
+    controlnet_model: str = "tiny"
+    generation_batch_size: int = 4
     workflows_dir: Path = REPO_WORKFLOWS
     comfyui_urls: str = ""
     comfyui_checkpoint: str = "v1-5-pruned-emaonly.safetensors"
@@ -102,6 +106,8 @@ class Settings:
             auto_review=_env("PERSONA_AUTO_REVIEW", "0").lower() in {"1", "true", "yes", "on"},
             publish_cron=_env("PERSONA_PUBLISH_CRON", "*/5 * * * *"),
             generation_backend=backend,
+            controlnet_model=_env("PERSONA_CONTROLNET_MODEL", "tiny"),
+            generation_batch_size=_number("PERSONA_GENERATION_BATCH_SIZE", "4", int, 1, 64),
             workflows_dir=Path(_env("PERSONA_WORKFLOWS_DIR", str(REPO_WORKFLOWS))).expanduser().resolve(),
             comfyui_urls=_env("COMFYUI_URLS", ""),
             comfyui_checkpoint=_env("COMFYUI_CHECKPOINT", "v1-5-pruned-emaonly.safetensors"),

@@ -237,16 +237,16 @@ class GenerationExecutor:
                                           permanent=isinstance(exc, PERMANENT_LOCAL_ERRORS)))
                 continue
             elapsed = time.perf_counter() - started
-            for i, image in zip(chunk, images):
+            batch = [requests[j].seed for j in chunk]  # the pipeline call these images came from
+            for batch_index, (i, image) in enumerate(zip(chunk, images)):
                 b = built[i]
-                batch = [requests[j].seed for j in chunk]  # the pipeline call this image came from
                 b.folder.mkdir(parents=True, exist_ok=True)
                 buffer = io.BytesIO()
                 image.save(buffer, format="PNG")
                 image_path = b.folder / f"{b.stem}.png"
                 try:
                     atomic_write(image_path, buffer.getvalue())
-                    extra = {"diffusers": self.diffusion.manifest_fields(requests[i], batch, batch.index(requests[i].seed))}
+                    extra = {"diffusers": self.diffusion.manifest_fields(requests[i], batch, batch_index)}
                     outcome = self._finish(b, image_path, b.graph, None,
                                            {"batch_s": round(elapsed, 4), "chunk_size": len(chunk), "batch_size": len(batch),
                                             "per_image_s": round(elapsed / len(chunk), 4)}, extra)
