@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import shutil
 import statistics
 import sys
@@ -61,8 +60,10 @@ def build_sd15_arch(folder: Path, seed: int = 0) -> Path:
     if (folder / "model_index.json").is_file():
         return folder
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sd_pipeline import save_sd_pipeline  # bench/ is on sys.path when a benchmark runs
 
     from persona_pipeline.training.tiny_models import _byte_vocab
 
@@ -84,15 +85,7 @@ def build_sd15_arch(folder: Path, seed: int = 0) -> Path:
         num_attention_heads=12, num_hidden_layers=12, hidden_act="quick_gelu", vocab_size=len(vocab),
         max_position_embeddings=77,
     ))
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, unet=unet, scheduler=scheduler,
-                                   tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
-    pipe.save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder
+    return save_sd_pipeline(folder, vae=vae, text_encoder=text_encoder, unet=unet, vocab=vocab)
 
 
 def random_lora(base_model: str, path: Path, seed: int) -> Path:

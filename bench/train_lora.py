@@ -69,8 +69,10 @@ def build_bench_sd(folder: Path, seed: int = 0) -> Path:
     if (folder / "model_index.json").is_file():
         return folder
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sd_pipeline import save_sd_pipeline  # bench/ is on sys.path when a benchmark runs
 
     from persona_pipeline.training.tiny_models import _byte_vocab
 
@@ -96,15 +98,7 @@ def build_bench_sd(folder: Path, seed: int = 0) -> Path:
         intermediate_size=4 * hidden, num_attention_heads=hidden // 64, num_hidden_layers=BENCH_MODEL["text_layers"],
         vocab_size=len(vocab), max_position_embeddings=77,
     ))
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, unet=unet, scheduler=scheduler,
-                                   tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
-    pipe.save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder
+    return save_sd_pipeline(folder, vae=vae, text_encoder=text_encoder, unet=unet, vocab=vocab)
 
 
 def model_summary(base: str) -> str:

@@ -112,3 +112,22 @@ def materialise_persona(assets, settings: Settings, folder: Path, **kwargs):
     instance.add_dynamic_partitions("personas", [folder.name])
     resources = build_resources(settings)
     return dg.materialize(assets, partition_key=folder.name, instance=instance, resources=resources, **kwargs), resources
+
+
+@pytest.fixture
+def waits(monkeypatch) -> list[float]:
+    """Gemini's backoff waits, recorded instead of slept."""
+    from persona_pipeline.resources import gemini as gemini_module
+
+    recorded: list[float] = []
+    monkeypatch.setattr(gemini_module, "sleep", recorded.append)
+    return recorded
+
+
+@pytest.fixture
+def fake():
+    """A local Gemini server (persona_pipeline_tests/fake_gemini.py)."""
+    from persona_pipeline_tests.fake_gemini import FakeGemini
+
+    with FakeGemini(api_key="test-key") as server:
+        yield server

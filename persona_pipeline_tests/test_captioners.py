@@ -15,7 +15,6 @@ from persona_pipeline.domain.training_captions import (
     FIELD_NAMES, VOCABULARIES, CaptionFields, CaptionFieldsError, compose_training_caption, find_identity_terms,
     strip_identity,
 )
-from persona_pipeline.resources import gemini as gemini_module
 from persona_pipeline.resources.captioners import ClipCaptioner
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.gemini import GeminiClient, GeminiError
@@ -25,18 +24,7 @@ from persona_pipeline_tests.fake_gemini import GOOD_FIELDS, FakeGemini
 PHOTOS = sorted((DEMO / "photos").glob("*.jpg"))
 
 
-@pytest.fixture
-def waits(monkeypatch) -> list[float]:
-    """The backoff waits, recorded instead of slept."""
-    recorded: list[float] = []
-    monkeypatch.setattr(gemini_module, "sleep", recorded.append)
-    return recorded
-
-
-@pytest.fixture
-def fake():
-    with FakeGemini(api_key="test-key") as server:
-        yield server
+# `waits` and `fake` (a local Gemini) come from conftest.py.
 
 
 def client_for(fake: FakeGemini, **overrides) -> GeminiClient:
@@ -137,7 +125,7 @@ def test_gemini_gives_up_after_max_retries(fake, waits):
 
 def test_gemini_malformed_json_names_the_file(fake, waits):
     fake.reply_text("{'framing': close-up")
-    with pytest.raises(GeminiError, match=rf"malformed JSON for {PHOTOS[0].name}"):
+    with pytest.raises(GeminiError, match=rf"malformed JSON for caption for {PHOTOS[0].name}"):
         caption(client_for(fake))
     assert len(fake.requests) == 1
 

@@ -15,7 +15,6 @@ from persona_pipeline.domain.content_prompts import (
 )
 from persona_pipeline.domain.gaps import PillarGap, PillarInput, active_days, analyse_gaps, total_posts
 from persona_pipeline.personas import load_persona
-from persona_pipeline.resources import gemini as gemini_module
 from persona_pipeline.resources.gemini import GeminiClient, GeminiError
 from persona_pipeline_tests.conftest import DEMO
 from persona_pipeline_tests.fake_gemini import FakeGemini
@@ -257,17 +256,7 @@ def test_demo_persona_from_gaps_to_template_prompts():
 # --- Gemini over HTTP ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def waits(monkeypatch) -> list[float]:
-    recorded: list[float] = []
-    monkeypatch.setattr(gemini_module, "sleep", recorded.append)
-    return recorded
-
-
-@pytest.fixture
-def fake():
-    with FakeGemini(api_key="test-key") as server:
-        yield server
+# `waits` and `fake` (a local Gemini) come from conftest.py.
 
 
 class Log:

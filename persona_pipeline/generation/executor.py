@@ -9,7 +9,7 @@ import io
 import json
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -220,25 +220,21 @@ class GenerationExecutor:
                 height=m["height"] or self.ctx.default_size, denoise=m["denoise"], init_image=b.planned.parent_image,
                 control_image=m["pose_image"], control_strength=m["control_strength"] or wf.CONTROL_STRENGTH_DEFAULT,
                 loras=loras))
-        # Jobs that differ only in seed share a pipeline call: group them, then cut each group into
-        # batches of batch_size (a batch never mixes prompts, parents or settings).
-        groups: dict[DiffusersJob, list[int]] = {}
-        for i, request in enumerate(requests):
-            groups.setdefault(replace(request, seed=0), []).append(i)
-        size = max(1, int(getattr(self.diffusion, "batch_size", 4)))
-        chunks = [members[start:start + size] for members in groups.values() for start in range(0, len(members), size)]
-        for chunk in chunks:
+        # One pipeline call per batch (the backend's grouping: jobs equal but for the seed), and each
+        # batch's images stored before the next starts, so a crash loses at most one batch.
+        from persona_pipeline.resources.diffusion import plan_batches
+
+        for chunk in plan_batches(requests, max(1, int(self.diffusion.batch_size))):
             started = time.perf_counter()
             try:
-                images = self.diffusion.generate_jobs([requests[i] for i in chunk], log=self.ctx.log)
+                results = self.diffusion.generate_with_manifests([requests[i] for i in chunk], log=self.ctx.log)
             except Exception as exc:
                 for i in chunk:
                     on_outcome(JobOutcome(built[i].planned, error=f"{type(exc).__name__}: {exc}",
                                           permanent=isinstance(exc, PERMANENT_LOCAL_ERRORS)))
                 continue
             elapsed = time.perf_counter() - started
-            batch = [requests[j].seed for j in chunk]  # the pipeline call these images came from
-            for batch_index, (i, image) in enumerate(zip(chunk, images)):
+            for i, (image, fields) in zip(chunk, results):
                 b = built[i]
                 b.folder.mkdir(parents=True, exist_ok=True)
                 buffer = io.BytesIO()
@@ -246,10 +242,9 @@ class GenerationExecutor:
                 image_path = b.folder / f"{b.stem}.png"
                 try:
                     atomic_write(image_path, buffer.getvalue())
-                    extra = {"diffusers": self.diffusion.manifest_fields(requests[i], batch, batch_index)}
                     outcome = self._finish(b, image_path, b.graph, None,
-                                           {"batch_s": round(elapsed, 4), "chunk_size": len(chunk), "batch_size": len(batch),
-                                            "per_image_s": round(elapsed / len(chunk), 4)}, extra)
+                                           {"batch_s": round(elapsed, 4), "batch_size": len(chunk),
+                                            "per_image_s": round(elapsed / len(chunk), 4)}, {"diffusers": fields})
                 except Exception as exc:
                     outcome = JobOutcome(b.planned, error=f"storing the image failed: {exc}")
                 on_outcome(outcome)

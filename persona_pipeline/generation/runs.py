@@ -8,7 +8,7 @@ No Dagster here: the `candidates` asset calls these in order, and the review for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -206,11 +206,3 @@ def finish_steps(session: Session, persona_id: int) -> list[models.RunStep]:
         reached.append(step)
     session.flush()
     return reached
-
-
-def groups_complete(session: Session, step_id: int) -> Iterable[int | None]:
-    """Parent keys of the step whose jobs are all settled (for keep-best)."""
-    rows = session.execute(select(models.GenerationJob.parent_id, models.GenerationJob.status)
-                           .where(models.GenerationJob.step_id == step_id)).all()
-    open_groups = {pid for pid, status in rows if status in ("pending", "running")}
-    return sorted({pid for pid, _ in rows} - open_groups, key=lambda p: p or 0)

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import dagster as dg
 from PIL import Image
 
+from persona_pipeline.domain.workflows import COMFY_SAMPLERS, COMFY_SCHEDULERS, MAX_LORAS, ParamError, check_params
 from persona_pipeline.fileio import sha256_file
 from persona_pipeline.training.lora import LoraTrainingParams, TrainingResult, model_family, train_lora
 from persona_pipeline.training.tiny_models import (TINY_CONTROLNET_NAME, TINY_RESOLUTION, TINY_SD_NAME,
@@ -66,17 +67,6 @@ _SAMPLER_OPTIONS = {
     "uni_pc": {"solver_type": "bh1"},  # ComfyUI's uni_pc is UniPC-bh1; uni_pc_bh2 is diffusers' default
     "uni_pc_bh2": {"solver_type": "bh2"},
 }
-# Every name ComfyUI's KSampler accepts, so an error can tell "not a ComfyUI name" (a typo such as
-# euler_a) from "a ComfyUI sampler this backend cannot run" (dpm_fast).
-# (comfy/samplers.py SAMPLER_NAMES)
-COMFYUI_SAMPLERS = frozenset({
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral",
-    "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu",
-    "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu",
-    "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
-    "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp",
-    "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
-})
 # ComfyUI scheduler (sigma schedule) names → diffusers scheduler options.
 SCHEDULERS = {
     "normal": {},
@@ -85,9 +75,6 @@ SCHEDULERS = {
     "beta": {"use_beta_sigmas": True},
     "sgm_uniform": {"timestep_spacing": "trailing"},
 }
-COMFYUI_SCHEDULERS = frozenset({"normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta",
-                                "linear_quadratic", "kl_optimal"})
-MAX_LORAS = 5
 # LoRA adapters kept loaded on the cached pipeline (least recently used ones beyond this are dropped).
 MAX_CACHED_ADAPTERS = 16
 
@@ -105,7 +92,7 @@ TINY_TRAINING, SD15_TRAINING = TRAINING_PRESETS["tiny"], TRAINING_PRESETS["sd15"
 VALIDATION_RENDER = {"tiny": (TINY_RESOLUTION, 4), "sd15": (512, 25), "sdxl": (1024, 25)}
 
 
-class GenerationParamError(ValueError):
+class GenerationParamError(ParamError):
     """A generation parameter out of range or without a diffusers equivalent."""
 
 
@@ -419,18 +406,15 @@ class DiffusionBackend(dg.ConfigurableResource):
 
 def check_generation_params(*, steps: int, cfg: float, sampler: str, scheduler: str, width: int, height: int,
                             minimum_side: int = 256, denoise: float = 1.0, control_strength: float | None = None) -> None:
-    """Refuse out-of-range parameters before any model is loaded, naming the field and bound."""
-    for name, value in (("width", width), ("height", height)):
-        if value % 8 or not minimum_side <= value <= 2048:
-            raise GenerationParamError(f"{name}={value} must be a multiple of 8 from {minimum_side} to 2048")
-    if not 1 <= steps <= 150:
-        raise GenerationParamError(f"steps={steps} is out of range 1..150")
-    if not 1 <= cfg <= 30:
-        raise GenerationParamError(f"cfg={cfg} is out of range 1..30")
-    if not 0 < denoise <= 1:
-        raise GenerationParamError(f"denoise={denoise} is out of range (0, 1]")
-    if control_strength is not None and not 0.4 <= control_strength <= 0.9:
-        raise GenerationParamError(f"control_strength={control_strength} is out of range 0.4..0.9")
+    """Refuse out-of-range parameters before any model is loaded, naming the field and bound: the
+    ranges the workflow templates are held to, plus what diffusers itself cannot run."""
+    try:
+        check_params(width=width, height=height, steps=steps, cfg=cfg, denoise=denoise, sampler=sampler,
+                     scheduler=scheduler, control_strength=control_strength, min_side=minimum_side)
+    except ParamError as exc:
+        raise GenerationParamError(str(exc)) from None
+    if denoise == 0:
+        raise GenerationParamError("denoise = 0 would return the parent unchanged; use a value in (0, 1]")
     scheduler_options(sampler, scheduler)
 
 
@@ -443,12 +427,12 @@ def scheduler_options(sampler: str, scheduler: str) -> tuple[str, dict]:
 
     supported = ", ".join(SAMPLERS)
     if sampler not in SAMPLERS:
-        if sampler in COMFYUI_SAMPLERS:
+        if sampler in COMFY_SAMPLERS:
             raise GenerationParamError(f"sampler={sampler!r} has no diffusers equivalent; the diffusers backend supports "
                                        f"{supported}")
         raise GenerationParamError(f"sampler={sampler!r} is not a ComfyUI sampler name; use one of {supported}")
     if scheduler not in SCHEDULERS:
-        if scheduler in COMFYUI_SCHEDULERS:
+        if scheduler in COMFY_SCHEDULERS:
             raise GenerationParamError(f"scheduler={scheduler!r} has no diffusers equivalent; the diffusers backend "
                                        f"supports {', '.join(SCHEDULERS)}")
         raise GenerationParamError(f"scheduler={scheduler!r} must be one of {', '.join(SCHEDULERS)}")

@@ -140,6 +140,18 @@ def _no_answer_reason(response: Any) -> str:
     return f"finish reason {finish}, prompt feedback {getattr(response, 'prompt_feedback', None)}"
 
 
+def _json_answer(response: Any, who: str, what: str) -> tuple[Any, str]:
+    """The JSON of a structured answer (and its text); a missing or malformed one is a GeminiError
+    naming the model and what was asked for."""
+    text = _response_text(response)
+    if not text:
+        raise GeminiError(f"{who} returned no {what} ({_no_answer_reason(response)})")
+    try:
+        return json.loads(text), text
+    except json.JSONDecodeError as exc:
+        raise GeminiError(f"{who} returned malformed JSON for {what}: {exc}; text {text[:200]!r}") from None
+
+
 def _image_part(image_path: Path):
     """Inline image bytes with their mime type; formats Gemini does not take are sent as PNG."""
     from google.genai import types
@@ -278,13 +290,7 @@ class GeminiClient(dg.ConfigurableResource):
         raise AssertionError("unreachable")
 
     def _parse(self, response: Any, image_path: Path) -> CaptionFields:
-        text = _response_text(response)
-        if not text:
-            raise GeminiError(f"Gemini returned no caption for {image_path.name} ({_no_answer_reason(response)})")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise GeminiError(f"Gemini returned malformed JSON for {image_path.name}: {exc}; text {text[:200]!r}") from None
+        data, text = _json_answer(response, "Gemini", f"caption for {image_path.name}")
         try:
             fields = CaptionFields.from_dict(data)
         except CaptionFieldsError as exc:
@@ -329,13 +335,7 @@ class GeminiClient(dg.ConfigurableResource):
     def _parse_content_prompts(self, response: Any, *, trigger: str, class_word: str, allocation: Sequence[str],
                                log: Any = None) -> list[ContentPrompt]:
         who = f"Gemini ({self.model})"
-        text = _response_text(response)
-        if not text:
-            raise GeminiError(f"{who} returned no content prompts ({_no_answer_reason(response)})")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise GeminiError(f"{who} returned malformed JSON for content prompts: {exc}; text {text[:200]!r}") from None
+        data, text = _json_answer(response, who, "content prompts")
         if not isinstance(data, list):
             raise GeminiError(f"{who} returned a JSON {type(data).__name__} for content prompts, "
                               f"expected an array of {len(allocation)} items; text {text[:200]!r}")
