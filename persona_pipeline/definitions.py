@@ -10,14 +10,24 @@ from persona_pipeline.assets.candidates import candidates
 from persona_pipeline.assets.clusters import clusters
 from persona_pipeline.assets.content_plan import content_plan
 from persona_pipeline.assets.lora_model import lora_model
+from persona_pipeline.assets.post_calendar import calendar_slots_valid, post_calendar
 from persona_pipeline.assets.rankings import rankings
 from persona_pipeline.assets.scheduled_posts import scheduled_posts
 from persona_pipeline.assets.source_photos import source_photos
 from persona_pipeline.assets.training_dataset import training_dataset
-from persona_pipeline.automation.jobs import advance_runs_job, generation_job, lora_training_job, persona_chain_job
+from persona_pipeline.automation.jobs import (
+    advance_runs_job,
+    generation_job,
+    library_job,
+    lora_training_job,
+    persona_chain_job,
+    post_calendar_job,
+    rankings_job,
+)
 from persona_pipeline.automation.lora_import import lora_import_job, lora_incoming_sensor
 from persona_pipeline.automation.persona_sensor import persona_sensor
 from persona_pipeline.automation.publishing import publish_job, publish_schedule
+from persona_pipeline.automation.review_sensor import review_sensor
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.comfyui import ComfyUIPool
 from persona_pipeline.resources.database import AppDatabase
@@ -29,7 +39,8 @@ from persona_pipeline.resources.review_policy import AutoReviewer
 from persona_pipeline.resources.storage import PersonaFolders, PersonaStorage
 from persona_pipeline.settings import Settings
 
-ASSETS = [source_photos, training_dataset, lora_model, content_plan, candidates, rankings, clusters, scheduled_posts]
+ASSETS = [source_photos, training_dataset, lora_model, content_plan, candidates, rankings, clusters, scheduled_posts,
+          post_calendar]
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -61,8 +72,10 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     return dg.Definitions(
         assets=ASSETS,
-        jobs=[persona_chain_job, lora_training_job, generation_job, advance_runs_job, publish_job, lora_import_job],
-        sensors=[persona_sensor, lora_incoming_sensor],
+        asset_checks=[calendar_slots_valid],
+        jobs=[persona_chain_job, lora_training_job, generation_job, advance_runs_job, rankings_job, library_job,
+              post_calendar_job, publish_job, lora_import_job],
+        sensors=[persona_sensor, lora_incoming_sensor, review_sensor],
         schedules=[publish_schedule(settings.publish_cron)],
         resources=build_resources(settings),
     )

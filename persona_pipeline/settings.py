@@ -42,6 +42,13 @@ SETTINGS: list[Setting] = [
     Setting("COMFYUI_JOB_TIMEOUT_S", "600", "Seconds before a ComfyUI job is interrupted (`POST /interrupt`) and failed."),
     Setting("PERSONA_AUTO_REVIEW", "0", "1 = cast votes, pick winners and approve posts from open_clip scores (the demo turns it on)."),
     Setting("PERSONA_PUBLISH_CRON", "*/5 * * * *", "Cron of the schedule that publishes due posts."),
+    Setting("REVIEW_TOKENS", "", "Reviewer logins for the review form: `name:token,name:token` (tokens ≥ 16 characters; `persona-pipeline review-token NAME` makes one)."),
+    Setting("REVIEW_SECRET_KEY", "$PERSONA_HOME/review_secret.key", "Key that signs the review form's session cookie; when unset, a random key is made once and kept in that file."),
+    Setting("REVIEW_HOST", "127.0.0.1", "Address `persona-pipeline review` listens on (0.0.0.0 to reach it from a phone on the network)."),
+    Setting("REVIEW_PORT", "8090", "Port of the review form."),
+    Setting("REVIEW_MAX_BODY_BYTES", "1000000", "Largest request body the review form accepts (bigger: 413)."),
+    Setting("REVIEW_EXPLORATION", "0.1", "Share of vote pairs chosen uniformly at random instead of at the top-K boundary (0..1)."),
+    Setting("REVIEW_HTTPS_ONLY", "0", "1 = the session cookie is sent over HTTPS only (set it behind a TLS proxy)."),
 ]
 
 
@@ -76,6 +83,13 @@ class Settings:
     comfyui_lora_prefix: str = "persona-pipeline"
     comfyui_max_in_flight: int = 2
     comfyui_job_timeout_s: float = 600.0
+    review_tokens: str = ""
+    review_secret_key: str = ""
+    review_host: str = "127.0.0.1"
+    review_port: int = 8090
+    review_max_body_bytes: int = 1_000_000
+    review_exploration: float = 0.1
+    review_https_only: bool = False
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -114,7 +128,37 @@ class Settings:
             comfyui_lora_prefix=_env("COMFYUI_LORA_PREFIX", "persona-pipeline").strip("/"),
             comfyui_max_in_flight=in_flight,
             comfyui_job_timeout_s=timeout,
+            review_tokens=_env("REVIEW_TOKENS", ""),
+            review_secret_key=_env("REVIEW_SECRET_KEY", ""),
+            review_host=_env("REVIEW_HOST", "127.0.0.1"),
+            review_port=_number("REVIEW_PORT", "8090", int, 1, 65535),
+            review_max_body_bytes=_number("REVIEW_MAX_BODY_BYTES", "1000000", int, 1024, 1 << 30),
+            review_exploration=_number("REVIEW_EXPLORATION", "0.1", float, 0, 1),
+            review_https_only=_env("REVIEW_HTTPS_ONLY", "0").lower() in {"1", "true", "yes", "on"},
         )
+
+    def reviewer_tokens(self) -> dict[str, str]:
+        """REVIEW_TOKENS as token → reviewer name. Errors name the entry, never the token."""
+        return parse_reviewer_tokens(self.review_tokens)
+
+
+MIN_TOKEN_CHARS = 16
+
+
+def parse_reviewer_tokens(raw: str) -> dict[str, str]:
+    tokens: dict[str, str] = {}
+    for position, entry in enumerate(filter(None, (e.strip() for e in raw.split(","))), start=1):
+        name, sep, token = entry.partition(":")
+        name, token = name.strip(), token.strip()
+        if not sep or not name or not token:
+            raise ValueError(f"REVIEW_TOKENS entry {position} is not `name:token`")
+        if len(token) < MIN_TOKEN_CHARS:
+            raise ValueError(f"REVIEW_TOKENS entry {position} ({name}): the token has {len(token)} characters; "
+                             f"at least {MIN_TOKEN_CHARS} are needed")
+        if token in tokens:
+            raise ValueError(f"REVIEW_TOKENS entry {position} ({name}) reuses the token of {tokens[token]}")
+        tokens[token] = name
+    return tokens
 
 
 def _number(name: str, default: str, kind: type, low: float, high: float):

@@ -17,18 +17,18 @@ from persona_pipeline_tests.conftest import write_persona
 
 
 def test_migrations_match_the_models(db_url):
-    assert current_revision(db_url) == head_revision() == "0003"
+    assert current_revision(db_url) == head_revision() == "0004"
     with get_engine(db_url).connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), models.Base.metadata)
     assert diff == []
     upgrade(db_url)  # applying again is a no-op
-    assert current_revision(db_url) == "0003"
+    assert current_revision(db_url) == "0004"
     command.downgrade(alembic_config(db_url), "0001")  # 0002 steps back without touching 0001's tables
     assert current_revision(db_url) == "0001"
     command.downgrade(alembic_config(db_url), "base")
     assert current_revision(db_url) is None
     upgrade(db_url)
-    assert current_revision(db_url) == "0003"
+    assert current_revision(db_url) == "0004"
 
 
 def _seed(session, tmp_path, n=4, runs=1):
@@ -38,7 +38,7 @@ def _seed(session, tmp_path, n=4, runs=1):
         run = models.GenerationRun(persona_id=persona.id, prompt="p", backend="diffusers")
         session.add(run)
         session.flush()
-        step = models.RunStep(run_id=run.id, position=1, name="base", workflow="w", n_candidates=n)
+        step = models.RunStep(run_id=run.id, position=1, name="base", workflow="w", n_candidates=n, status="voting")
         session.add(step)
         session.flush()
         cands = [models.Candidate(run_id=run.id, step_id=step.id, seed=i, image_path=f"/x/{i}.png", image_sha256="0" * 64,

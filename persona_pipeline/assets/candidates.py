@@ -14,7 +14,7 @@ import dagster as dg
 from sqlalchemy import select
 
 from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
-from persona_pipeline.db import models
+from persona_pipeline.db import models, review
 from persona_pipeline.domain import workflows as wf
 from persona_pipeline.generation import curation, runs
 from persona_pipeline.fileio import sha256_file
@@ -128,7 +128,7 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
                 votes = auto_review.vote_step(session, _live(session, step.id))
                 tally["auto_votes"] += votes
                 last = step.position == len(step.run.steps)
-                if not last and auto_review.approve_step(session, step, _top_k(step)):
+                if not last and auto_review.approve_step(session, step, review.default_top_k(step)):
                     approved += 1
         if not built and not broken and not approved:
             break
@@ -235,11 +235,6 @@ def _locate_image(candidate: models.Candidate) -> tuple[str, str]:
 def _live(session, step_id: int) -> list[models.Candidate]:
     return list(session.scalars(select(models.Candidate).where(models.Candidate.step_id == step_id,
                                                                models.Candidate.status == "active")))
-
-
-def _top_k(step: models.RunStep) -> int:
-    specs = step.run.pipeline.get("steps", [])
-    return int(specs[step.position - 1]["top_k"]) if len(specs) >= step.position else 2
 
 
 def _position(session, row: models.Candidate) -> int:

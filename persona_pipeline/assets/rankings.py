@@ -1,61 +1,69 @@
-"""rankings: Elo replayed from the votes table exactly by REFERENCES.md §1 (K=32, start 1000,
-halves away from zero, pre-vote scores), written back to the candidates, ranked per run with
-deterministic tie-breaks. With auto-review on, the top candidate of each undecided run is picked."""
+"""rankings: per run step, a Bradley–Terry fit of its votes with bootstrap 95% intervals (the
+ranking that decides top-K and winners) written to the candidates, beside Elo replayed exactly by
+REFERENCES.md §1 (kept for compatibility and display). With auto-review on, the best candidate of
+each undecided run's final step is picked."""
 
 from pathlib import Path
 
 import dagster as dg
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
-from persona_pipeline.db import models
+from persona_pipeline.db import models, review
 from persona_pipeline.domain import elo
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.review_policy import AutoReviewer
 
 
-@dg.asset(partitions_def=persona_partitions, deps=["candidates"], group_name="review", kinds={"sqlalchemy"})
+@dg.asset(partitions_def=persona_partitions, deps=["candidates"], group_name="review", kinds={"sqlalchemy", "scipy"})
 def rankings(context: dg.AssetExecutionContext, database: AppDatabase, auto_review: AutoReviewer) -> dg.MaterializeResult:
     slug = context.partition_key
-    rows, winners, drifted = [], [], 0
+    rows, winners, drifted, low_votes = [], [], 0, 0
     with database.session() as session:
         persona, _ = persona_for(session, slug)
         runs = list(session.scalars(select(models.GenerationRun).where(models.GenerationRun.persona_id == persona.id)
                                     .order_by(models.GenerationRun.id)))
         for run in runs:
             for step in run.steps:
-                cands = list(session.scalars(select(models.Candidate).where(models.Candidate.step_id == step.id)))
+                cands = {c.id: c for c in session.scalars(select(models.Candidate).where(models.Candidate.step_id == step.id))}
                 if not cands:
                     continue
+                # Elo: the replay of the step's votes is the source of truth; say when stored scores differ.
                 votes = session.execute(select(models.Vote.winner_id, models.Vote.loser_id)
                                         .where(models.Vote.step_id == step.id).order_by(models.Vote.id)).all()
-                live = [c.id for c in cands if c.status in ("active", "winner")]
-                standings = elo.replay(live, votes)
-                by_id = {c.id: c for c in cands}
-                for cid, standing in standings.items():
-                    if by_id[cid].elo != standing.elo:  # the replay is the source of truth; say when they differ
+                for cid, standing in elo.replay([c for c in cands if cands[c].status in review.LIVE], votes).items():
+                    if cid in cands and cands[cid].elo != standing.elo:
                         drifted += 1
-                        by_id[cid].elo = standing.elo
+                        cands[cid].elo = standing.elo
+                ranking = review.step_ranking(session, step.id)
+                for ranked in ranking:
+                    cand = cands[ranked.candidate_id]
+                    cand.bt_score, cand.bt_ci_low, cand.bt_ci_high = ranked.score, ranked.ci_low, ranked.ci_high
+                k = step.top_k or review.default_top_k(step)
+                low_votes += len(review.low_vote_candidates(ranking, k))
                 # Winners come from the final step, once all its images are made.
                 if step.position == len(run.steps) and step.status == "voting":
-                    picked = auto_review.pick_winner(session, run, standings)
+                    picked = auto_review.pick_winner(session, run, ranking)
                     if picked:
-                        winners.append(by_id[picked])
-                for place, standing in enumerate(elo.rank(standings), start=1):
-                    cand = by_id[standing.candidate_id]
+                        winners.append(cands[picked])
+                for place, ranked in enumerate(ranking, start=1):
+                    cand = cands[ranked.candidate_id]
                     rows.append({"run": run.id, "step": step.position, "place": place, "candidate": cand.id,
-                                 "elo": standing.elo, "wins": standing.wins, "losses": standing.losses,
-                                 "status": cand.status, "image": Path(cand.image_path).name})
-        vote_count = session.scalar(select(models.Vote.id).order_by(models.Vote.id.desc()).limit(1)) or 0
+                                 "bt_score": round(ranked.score, 1), "ci_low": round(ranked.ci_low, 1),
+                                 "ci_high": round(ranked.ci_high, 1), "elo": ranked.elo, "wins": ranked.wins,
+                                 "losses": ranked.losses, "in_top_k": place <= k, "status": cand.status,
+                                 "image": Path(cand.image_path).name})
+        last_vote_id = session.scalar(select(func.max(models.Vote.id))) or 0
     if drifted:
         context.log.warning(f"{slug}: {drifted} stored Elo scores differed from the replay of the votes and were corrected")
     return dg.MaterializeResult(metadata={
         "runs": len({r["run"] for r in rows}),
         "ranked_candidates": len(rows),
         "elo_corrections": drifted,
+        "top_k_with_few_votes": low_votes,
         "winners_picked_now": len(winners),
-        "last_vote_id": vote_count,
+        "last_vote_id": last_vote_id,
         "ranking": table(rows),
         "winners": dg.MetadataValue.md(contact_sheet_md([Path(w.image_path) for w in winners], [f"#{w.id}" for w in winners])),
     })

@@ -5,7 +5,8 @@ import dagster as dg
 from persona_pipeline.partitions import persona_partitions
 
 GPU_TAG = "persona-pipeline/gpu"
-CHAIN_ASSETS = ["source_photos", "training_dataset", "lora_model", "content_plan", "candidates", "rankings", "clusters", "scheduled_posts"]
+CHAIN_ASSETS = ["source_photos", "training_dataset", "lora_model", "content_plan", "candidates", "rankings", "clusters",
+                "scheduled_posts", "post_calendar"]
 
 persona_chain_job = dg.define_asset_job(
     "persona_chain",
@@ -35,4 +36,25 @@ lora_training_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("lora_model"),
     partitions_def=persona_partitions,
     tags={GPU_TAG: "training"},
+)
+
+rankings_job = dg.define_asset_job(
+    "rankings_refresh",
+    selection=dg.AssetSelection.assets("rankings"),
+    partitions_def=persona_partitions,
+    description="Refit the Bradley–Terry rankings (and Elo) from the votes; the review sensor starts it after voting.",
+)
+
+library_job = dg.define_asset_job(
+    "library",
+    selection=dg.AssetSelection.assets("clusters", "scheduled_posts", "post_calendar"),
+    partitions_def=persona_partitions,
+    description="Add new winners to the content library (clusters) and plan posts from it.",
+)
+
+post_calendar_job = dg.define_asset_job(
+    "post_calendar_refresh",
+    selection=dg.AssetSelection.assets("post_calendar"),
+    partitions_def=persona_partitions,
+    description="Re-check and show the persona's posting calendar after a post is approved, moved or rejected.",
 )

@@ -240,7 +240,7 @@ class RunStep(Base):
     n_candidates: Mapped[int] = mapped_column(Integer)  # per parent (step 1: roots)
     top_k: Mapped[int | None] = mapped_column(Integer)
     # pending (waiting for the step before) | generating | voting | approved | failed
-    status: Mapped[str] = mapped_column(String(24), default="generating")
+    status: Mapped[str] = mapped_column(String(24), default="generating", index=True)
     approved_at: Mapped[datetime | None] = mapped_column()
     backend: Mapped[str | None] = mapped_column(String(32))
     template_sha256: Mapped[str | None] = mapped_column(String(64))
@@ -324,6 +324,24 @@ class Vote(Base):
     elo_delta: Mapped[int] = mapped_column(Integer)
     selection_probability: Mapped[float | None] = mapped_column(Float)
     reviewer: Mapped[str] = mapped_column(String(80))
+    # The pair offer the reviewer answered (NULL for votes cast without the form, e.g. auto-review).
+    offer_id: Mapped[int | None] = mapped_column(ForeignKey("pair_offers.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PairOffer(Base):
+    """A pair shown to a reviewer, with the probability it had of being chosen (active selection
+    mixes greedy and uniform picks, so later analysis can weight votes by 1/probability)."""
+
+    __tablename__ = "pair_offers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    step_id: Mapped[int] = mapped_column(ForeignKey("run_steps.id", ondelete="CASCADE"), index=True)
+    left_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"))
+    right_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"))
+    probability: Mapped[float] = mapped_column(Float)
+    strategy: Mapped[str] = mapped_column(String(16))  # active | explore
+    reviewer: Mapped[str] = mapped_column(String(80))
+    outcome: Mapped[str | None] = mapped_column(String(16))  # NULL (open) | voted | skipped | killed
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -383,6 +401,7 @@ class Post(Base):
     scheduled_at: Mapped[datetime] = mapped_column()
     external_id: Mapped[str | None] = mapped_column(String(200))
     failure_reason: Mapped[str | None] = mapped_column(Text)
+    review_note: Mapped[str | None] = mapped_column(Text)  # why a reviewer rejected or moved it
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
     published_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -7,6 +7,12 @@ from typing import Iterable
 from zoneinfo import ZoneInfo
 
 
+def in_window(moment: datetime, windows: list[tuple[time, time]], tz_name: str) -> bool:
+    """Whether a moment falls inside one of the posting windows, read in the persona's timezone."""
+    local = moment.astimezone(ZoneInfo(tz_name)).timetz().replace(tzinfo=None)
+    return any(ws <= local < we or (we == time.max and local >= ws) for ws, we in windows)
+
+
 def next_free_slot(
     after: datetime,
     windows: list[tuple[time, time]],
@@ -28,10 +34,6 @@ def next_free_slot(
     start_utc = after.astimezone(timezone.utc).replace(microsecond=0)
     local_start = start_utc.astimezone(tz)
 
-    def in_window(moment: datetime) -> bool:
-        local = moment.astimezone(tz).timetz().replace(tzinfo=None)
-        return any(ws <= local < we or (we == time.max and local >= ws) for ws, we in windows)
-
     def free(moment: datetime) -> bool:
         return all(abs(moment - t) >= min_gap for t in taken)
 
@@ -44,6 +46,6 @@ def next_free_slot(
                 candidates.add(moment)
     candidates.update(t + min_gap for t in taken if t + min_gap >= start_utc)
     for moment in sorted(candidates):
-        if in_window(moment) and free(moment):
+        if in_window(moment, windows, tz_name) and free(moment):
             return moment
     raise ValueError(f"no free posting slot within {horizon_days} days of {after.isoformat()}")

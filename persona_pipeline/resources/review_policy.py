@@ -1,15 +1,16 @@
-"""Auto-review: until the review form exists, votes, winners and post approvals can be cast from
-open_clip scores, through the same database calls the form uses (db/review.py)."""
+"""Auto-review (the demo, and a studio with no reviewer on shift): votes, step approvals, winners and
+post approvals cast from open_clip scores, through the same database calls the review form uses
+(db/review.py), so each is a review event like a person's."""
 
 from __future__ import annotations
 
 import itertools
 
 import dagster as dg
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from persona_pipeline.db import models, review
-from persona_pipeline.domain import elo
 
 
 class AutoReviewer(dg.ConfigurableResource):
@@ -33,16 +34,18 @@ class AutoReviewer(dg.ConfigurableResource):
         """Approve a voted step with its configured K (capped by the live candidates)."""
         if not self.enabled:
             return False
-        live = len(review.step_ranking(session, step.id))
+        live = session.scalar(select(func.count()).where(models.Candidate.step_id == step.id,
+                                                         models.Candidate.status.in_(review.LIVE)))
         if live == 0:
             return False
         review.approve_step(session, step.id, min(top_k, live), self.reviewer)
         return True
 
-    def pick_winner(self, session: Session, run: models.GenerationRun, standings: dict[int, elo.Standing]) -> int | None:
-        if not self.enabled or run.winner_candidate_id is not None or not standings:
+    def pick_winner(self, session: Session, run: models.GenerationRun, ranking: list[review.RankedCandidate]) -> int | None:
+        """Pick the best of the final step's Bradley–Terry ranking."""
+        if not self.enabled or run.winner_candidate_id is not None or not ranking:
             return None
-        best = elo.rank(standings)[0].candidate_id
+        best = ranking[0].candidate_id
         review.pick_winner(session, run.id, best, self.reviewer)
         return best
 

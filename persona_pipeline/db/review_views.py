@@ -1,0 +1,113 @@
+"""Read-only views the review form shows: what needs a person now, one step's ranking, the posts
+waiting for approval. Writes go through db/review.py only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from persona_pipeline.db import models
+from persona_pipeline.db.review import LIVE, OPEN_STEP, NotFound, RankedCandidate, default_top_k, low_vote_candidates, step_ranking
+from persona_pipeline.domain import post_states
+
+
+@dataclass
+class PersonaQueue:
+    """What one persona needs from a reviewer now, with counts."""
+
+    slug: str
+    name: str
+    pairs_to_vote: int = 0
+    steps_to_vote: list[int] = field(default_factory=list)
+    steps_to_approve: list[int] = field(default_factory=list)
+    runs_to_pick: list[int] = field(default_factory=list)
+    posts_to_approve: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.pairs_to_vote + len(self.steps_to_approve) + len(self.runs_to_pick) + self.posts_to_approve
+
+
+def unvoted_pairs(session: Session, step_id: int) -> int:
+    """Pairs of the step's live candidates nobody has voted on yet."""
+    live = set(session.scalars(select(models.Candidate.id).where(
+        models.Candidate.step_id == step_id, models.Candidate.status.in_(LIVE))))
+    voted = sum(1 for low, high in session.execute(select(models.Vote.pair_low_id, models.Vote.pair_high_id)
+                                                   .where(models.Vote.step_id == step_id)) if low in live and high in live)
+    return len(live) * (len(live) - 1) // 2 - voted
+
+
+def review_queue(session: Session) -> list[PersonaQueue]:
+    """Every active persona's open work, busiest first (then by slug)."""
+    queues = {p.id: PersonaQueue(p.slug, p.name) for p in session.scalars(
+        select(models.Persona).where(models.Persona.active.is_(True)))}
+    runs = session.scalars(select(models.GenerationRun).where(
+        models.GenerationRun.persona_id.in_(queues), models.GenerationRun.status.in_(("running", "awaiting_review")))
+        .order_by(models.GenerationRun.id))
+    for run in runs:
+        queue = queues[run.persona_id]
+        final = len(run.steps)
+        for step in run.steps:
+            if step.status in OPEN_STEP:
+                unvoted = unvoted_pairs(session, step.id)
+                if unvoted > 0:
+                    queue.pairs_to_vote += unvoted
+                    queue.steps_to_vote.append(step.id)
+            if step.status == "voting" and step.position < final:
+                queue.steps_to_approve.append(step.id)
+        if run.winner_candidate_id is None and run.steps and run.steps[-1].status in ("voting", "approved"):
+            queue.runs_to_pick.append(run.id)
+    waiting = session.execute(select(models.Post.persona_id, func.count()).where(
+        models.Post.persona_id.in_(queues), models.Post.status == post_states.AWAITING_APPROVAL)
+        .group_by(models.Post.persona_id)).all()
+    for persona_id, count in waiting:
+        queues[persona_id].posts_to_approve = count
+    return sorted(queues.values(), key=lambda q: (-q.total, q.slug))
+
+
+@dataclass
+class StepView:
+    step: models.RunStep
+    run: models.GenerationRun
+    persona_slug: str
+    ranking: list[RankedCandidate]
+    k_default: int
+    is_final_step: bool
+    unvoted_pairs: int
+
+    @property
+    def can_approve(self) -> bool:
+        """A step that is not the last is approved with K once all its images are made."""
+        return self.step.status == "voting" and not self.is_final_step and bool(self.ranking)
+
+    @property
+    def can_pick(self) -> bool:
+        """The final step's candidates can win once all its images are made."""
+        return self.is_final_step and self.step.status in ("voting", "approved") and self.run.status != "failed"
+
+    def low_vote_warning(self, top_k: int | None = None) -> list[int]:
+        return low_vote_candidates(self.ranking, top_k or self.k_default)
+
+
+def step_view(session: Session, step_id: int) -> StepView:
+    step = session.get(models.RunStep, step_id)
+    if step is None:
+        raise NotFound(f"run step {step_id} does not exist")
+    run = step.run
+    ranking = step_ranking(session, step_id)
+    k_default = min(step.top_k or default_top_k(step), max(len(ranking), 1))
+    slug = session.get(models.Persona, run.persona_id).slug
+    return StepView(step, run, slug, ranking, k_default, step.position == len(run.steps), unvoted_pairs(session, step_id))
+
+
+def posts_to_review(session: Session, slug: str | None = None) -> list[models.Post]:
+    """Posts awaiting approval, soonest slot first (optionally of one persona)."""
+    query = select(models.Post).where(models.Post.status == post_states.AWAITING_APPROVAL)
+    if slug:
+        persona = session.scalar(select(models.Persona).where(models.Persona.slug == slug))
+        if persona is None:
+            raise NotFound(f"persona {slug!r} does not exist")
+        query = query.where(models.Post.persona_id == persona.id)
+    return list(session.scalars(query.order_by(models.Post.scheduled_at, models.Post.id)))

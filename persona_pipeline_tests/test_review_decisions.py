@@ -1,0 +1,228 @@
+"""The review decisions the form calls (db/review.py, db/review_views.py) on SQLite and PostgreSQL:
+pair offers, votes bound to offers, Bradley–Terry approval, winners from the final step, post edits,
+moves and rejections, and the queue. Concurrency runs on PostgreSQL."""
+
+import random
+import threading
+from datetime import datetime, timedelta, timezone
+from itertools import combinations
+
+import pytest
+from sqlalchemy import func, select
+
+from persona_pipeline.db import models, review, review_views
+from persona_pipeline.db.session import session_scope
+from persona_pipeline.domain import elo
+from persona_pipeline_tests.conftest import make_database
+from persona_pipeline_tests.review_fixtures import seed_review
+
+
+def _events(url, kind):
+    with session_scope(url) as session:
+        return list(session.scalars(select(models.ReviewEvent).where(models.ReviewEvent.kind == kind)))
+
+
+def test_offers_record_probability_and_never_repeat_a_pair(db_url, tmp_path):
+    seed = seed_review(db_url, tmp_path / "home", candidates=5)
+    step = seed.step_ids[0]
+    seen = set()
+    with session_scope(db_url) as session:
+        held = []
+        for _ in range(10):  # 5 candidates: 10 pairs, each offered once while the offers are held
+            offer = review.next_pair(session, step, "ana", exclude_offer_ids=held, rng=random.Random(len(held)))
+            assert offer is not None and 0 < offer.probability <= 1 and offer.strategy in {"active", "explore"}
+            pair = frozenset((offer.left_id, offer.right_id))
+            assert pair not in seen and pair <= set(seed.candidate_ids)
+            seen.add(pair)
+            held.append(offer.id)
+        assert review.next_pair(session, step, "ana", exclude_offer_ids=held) is None
+
+
+def test_a_vote_must_match_its_offer_and_records_its_probability(db_url, tmp_path):
+    seed = seed_review(db_url, tmp_path / "home", candidates=4)
+    with session_scope(db_url) as session:
+        offer = review.next_pair(session, seed.step_ids[0], "ana", rng=random.Random(1))
+        offer_id, left, right, probability = offer.id, offer.left_id, offer.right_id, offer.probability
+    other = next(c for c in seed.candidate_ids if c not in (left, right))
+    with pytest.raises(review.ReviewError, match=f"not the pair of offer {offer_id}"), session_scope(db_url) as session:
+        review.cast_vote(session, left, other, "ana", offer_id=offer_id)
+    with pytest.raises(review.NotFound), session_scope(db_url) as session:
+        review.cast_vote(session, left, right, "ana", offer_id=999999)
+    with session_scope(db_url) as session:
+        vote = review.cast_vote(session, right, left, "ana", offer_id=offer_id)
+        assert vote.selection_probability == pytest.approx(probability) and vote.offer_id == offer_id
+        assert session.get(models.PairOffer, offer_id).outcome == "voted"
+    with pytest.raises(review.DuplicateVote), session_scope(db_url) as session:
+        review.cast_vote(session, left, right, "bo")
+    [event] = _events(db_url, "vote")
+    assert event.reviewer == "ana" and event.payload["offer_id"] == offer_id and event.created_at is not None
+
+
+def test_skip_and_kill_close_their_offer(db_url, tmp_path):
+    seed = seed_review(db_url, tmp_path / "home", candidates=4)
+    with session_scope(db_url) as session:
+        first = review.next_pair(session, seed.step_ids[0], "ana", rng=random.Random(2))
+        second = review.next_pair(session, seed.step_ids[0], "ana", exclude_offer_ids=[first.id], rng=random.Random(3))
+        ids = first.id, second.id, second.left_id
+    with session_scope(db_url) as session:
+        review.skip_offer(session, ids[0], "ana")
+    with pytest.raises(review.ReviewError, match="already answered"), session_scope(db_url) as session:
+        review.skip_offer(session, ids[0], "ana")
+    outsider = next(c for c in seed.candidate_ids if c not in (second.left_id, second.right_id))
+    with pytest.raises(review.ReviewError, match="not in pair offer"), session_scope(db_url) as session:
+        review.kill_candidate(session, outsider, "ana", offer_id=ids[1])
+    with session_scope(db_url) as session:
+        review.kill_candidate(session, ids[2], "ana", reason="hands", offer_id=ids[1])
+        assert session.get(models.PairOffer, ids[1]).outcome == "killed"
+        assert session.get(models.Candidate, ids[2]).status == "killed"
+        # a killed candidate is never offered again
+        for _ in range(3):
+            offer = review.next_pair(session, seed.step_ids[0], "ana")
+            if offer is None:
+                break
+            assert ids[2] not in (offer.left_id, offer.right_id)
+            review.cast_vote(session, offer.left_id, offer.right_id, "ana", offer_id=offer.id)
+    assert [e.reviewer for e in _events(db_url, "skip")] == ["ana"]
+
+
+def test_approval_takes_the_bradley_terry_top_k_and_warns_about_few_votes(db_url, tmp_path):
+    seed = seed_review(db_url, tmp_path / "home", candidates=4, steps=2, top_k=2)
+    a, b, c, d = seed.candidate_ids
+    with session_scope(db_url) as session:
+        # d beats everyone, c beats a and b, b beats a: order d, c, b, a
+        for winner, loser in [(d, a), (d, b), (d, c), (c, a), (c, b), (b, a)]:
+            review.cast_vote(session, winner, loser, "ana")
+    with session_scope(db_url) as session:
+        view = review_views.step_view(session, seed.step_ids[0])
+        assert [r.candidate_id for r in view.ranking] == [d, c, b, a]
+        assert all(r.ci_low <= r.score <= r.ci_high for r in view.ranking)
+        assert view.k_default == 2 and view.can_approve and not view.can_pick
+        assert view.low_vote_warning() == [d, c]  # three votes each, fewer than five
+        step = review.approve_step(session, seed.step_ids[0], 2, "ana")
+        nxt = session.get(models.RunStep, seed.step_ids[1])
+        assert step.status == "approved" and nxt.status == "generating" and nxt.parent_ids == [d, c]
+    [event] = _events(db_url, "approve_step")
+    assert event.payload["parents"] == [d, c] and event.payload["low_vote_candidates"] == [d, c]
+
+
+def test_the_winner_comes_from_the_final_step(db_url, tmp_path):
+    seed = seed_review(db_url, tmp_path / "home", candidates=3, steps=2)
+    with pytest.raises(review.ReviewError, match="final step 2"), session_scope(db_url) as session:
+        review.pick_winner(session, seed.run_id, seed.candidate_ids[0], "ana")
+    one = seed_review(db_url, tmp_path / "home", candidates=3, steps=1, slug="solo", posts=0)
+    with pytest.raises(review.ReviewError, match="is not from run"), session_scope(db_url) as session:
+        review.pick_winner(session, one.run_id, seed.candidate_ids[0], "ana")
+    with session_scope(db_url) as session:
+        run = review.pick_winner(session, one.run_id, one.candidate_ids[1], "ana")
+        assert run.status == "done" and run.winner_candidate_id == one.candidate_ids[1]
+
+
+def test_post_edit_move_reject_and_approve(db_url, tmp_path):
+    seed = seed_review(db_url, tmp_path / "home", posts=3)
+    first, second, third = seed.post_ids
+    with pytest.raises(review.ReviewError, match="the limit is 2"), session_scope(db_url) as session:
+        review.edit_post(session, first, "New words", ["a", "b", "c"], "ana")  # the test persona allows 2
+    with pytest.raises(review.ReviewError, match="2200"), session_scope(db_url) as session:
+        review.edit_post(session, first, "x" * 2300, [], "ana")
+    with pytest.raises(review.ReviewError, match="'#not ok'"), session_scope(db_url) as session:
+        review.edit_post(session, first, "fine", ["#not ok"], "ana")
+    with session_scope(db_url) as session:
+        post = review.edit_post(session, first, "  <b>New</b> words  ", ["sun", "#sea", "sun"], "ana")
+        assert post.caption == "<b>New</b> words" and post.hashtags == ["#sun", "#sea"]
+        slot = post.scheduled_at
+    # moving next to another post of the account is refused (the test persona keeps 60 min apart)
+    with pytest.raises(review.ReviewError, match="within 60 minutes"), session_scope(db_url) as session:
+        review.move_post(session, second, slot + timedelta(minutes=20), "ana")
+    with pytest.raises(review.ReviewError, match="in the past"), session_scope(db_url) as session:
+        review.move_post(session, second, datetime.now(timezone.utc) - timedelta(hours=1), "ana")
+    with session_scope(db_url) as session:
+        moved = review.move_post(session, second, slot + timedelta(days=2), "ana")
+        assert moved.scheduled_at == slot + timedelta(days=2)
+        review.reject_post(session, third, "bo", "off brand")
+        assert session.get(models.Post, third).status == "cancelled"
+    with pytest.raises(review.ReviewError, match="cannot become"), session_scope(db_url) as session:
+        review.approve_post(session, third, "ana")
+    # a slot that passed while the post waited moves to the next free one
+    with session_scope(db_url) as session:
+        session.get(models.Post, first).scheduled_at = datetime.now(timezone.utc) - timedelta(hours=3)
+    with session_scope(db_url) as session:
+        now = datetime.now(timezone.utc)
+        post = review.approve_post(session, first, "ana", now=now)
+        assert post.status == "scheduled" and post.scheduled_at >= now.replace(microsecond=0)
+    kinds = [e.kind for e in _events(db_url, "edit_post") + _events(db_url, "move_post") + _events(db_url, "reject_post")
+             + _events(db_url, "approve_post")]
+    assert kinds == ["edit_post", "move_post", "reject_post", "approve_post"]
+
+
+def test_the_queue_counts_what_needs_a_person(db_url, tmp_path):
+    seed = seed_review(db_url, tmp_path / "home", candidates=4, steps=2, posts=2)
+    with session_scope(db_url) as session:
+        [queue] = review_views.review_queue(session)
+        assert (queue.slug, queue.pairs_to_vote, queue.steps_to_vote, queue.steps_to_approve, queue.posts_to_approve) == \
+            (seed.slug, 6, [seed.step_ids[0]], [seed.step_ids[0]], 2)
+        a, b = seed.candidate_ids[:2]
+        review.cast_vote(session, a, b, "ana")
+        review.approve_post(session, seed.post_ids[0], "ana")
+    with session_scope(db_url) as session:
+        [queue] = review_views.review_queue(session)
+        assert queue.pairs_to_vote == 5 and queue.posts_to_approve == 1 and queue.runs_to_pick == []
+
+
+def test_concurrent_votes_on_postgres_lose_nothing_and_match_a_replay(tmp_path):
+    url, drop = make_database("postgresql", tmp_path)
+    try:
+        seed = seed_review(url, tmp_path / "home", candidates=12, posts=0)
+        pairs = list(combinations(seed.candidate_ids, 2))  # 66 pairs, each sent by two reviewers at once
+        outcomes: list[str] = []
+        lock = threading.Lock()
+
+        def reviewer(name: str, order: list[tuple[int, int]]) -> None:
+            for a, b in order:
+                try:
+                    with session_scope(url) as session:
+                        review.cast_vote(session, a, b, name)
+                    result = "ok"
+                except review.DuplicateVote:
+                    result = "duplicate"
+                with lock:
+                    outcomes.append(result)
+
+        threads = []
+        for index in range(8):
+            order = pairs[:]
+            random.Random(index).shuffle(order)
+            threads.append(threading.Thread(target=reviewer, args=(f"r{index}", order[: len(order) // 4 + 1] + order)))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        with session_scope(url) as session:
+            votes = session.execute(select(models.Vote.winner_id, models.Vote.loser_id).order_by(models.Vote.id)).all()
+            stored = {c.id: c.elo for c in session.scalars(select(models.Candidate))}
+            events = session.scalar(select(func.count()).select_from(models.ReviewEvent).where(models.ReviewEvent.kind == "vote"))
+        assert len(votes) == len(pairs) == outcomes.count("ok") == events
+        assert len({frozenset(v) for v in votes}) == len(pairs)
+        replay = elo.replay(seed.candidate_ids, votes)
+        assert {cid: s.elo for cid, s in replay.items()} == stored
+    finally:
+        drop()
+
+
+def test_a_skipped_pair_is_not_put_to_the_same_reviewer_again(db_url, tmp_path):
+    seed = seed_review(db_url, tmp_path / "home", candidates=2, posts=0)  # one pair only
+    with session_scope(db_url) as session:
+        offer = review.next_pair(session, seed.step_ids[0], "ana")
+        review.skip_offer(session, offer.id, "ana")
+    with session_scope(db_url) as session:
+        assert review.next_pair(session, seed.step_ids[0], "ana") is None
+        other = review.next_pair(session, seed.step_ids[0], "bo")
+        assert {other.left_id, other.right_id} == set(seed.candidate_ids)
+
+
+def test_a_kill_after_the_winner_does_not_reopen_the_run(db_url, tmp_path):
+    seed = seed_review(db_url, tmp_path / "home", candidates=3, steps=1, posts=0)
+    with session_scope(db_url) as session:
+        review.pick_winner(session, seed.run_id, seed.candidate_ids[0], "ana")
+        review.kill_candidate(session, seed.candidate_ids[1], "ana")
+        run = session.get(models.GenerationRun, seed.run_id)
+        assert run.status == "done" and run.steps[0].status == "voting"
