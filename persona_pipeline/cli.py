@@ -1,4 +1,4 @@
-"""`persona-pipeline`: demo, db upgrade, personas check, demo-photos, trace, lora list/set."""
+"""`persona-pipeline`: demo, db upgrade, personas check, demo-photos, trace, lora list/set, review."""
 
 from __future__ import annotations
 
@@ -205,6 +205,65 @@ def cmd_lora_export_comfyui(args: argparse.Namespace) -> int:
     return 0
 
 
+def review_secret(settings) -> str:
+    """REVIEW_SECRET_KEY, or a random key made once and kept (0600) in PERSONA_HOME, so sessions
+    survive a restart of the form."""
+    import secrets
+
+    if settings.review_secret_key:
+        return settings.review_secret_key
+    path = settings.home / "review_secret.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(48))
+    return path.read_text().strip()
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    """Serve the review form (Starlette under uvicorn) on the application database."""
+    import uvicorn
+
+    from persona_pipeline.db.session import current_revision, head_revision
+    from persona_pipeline.review.app import ReviewConfig, create_app
+
+    settings = _settings()
+    try:
+        tokens = settings.reviewer_tokens()
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    if not tokens:
+        print("error: REVIEW_TOKENS is empty, so nobody could log in; set it to `name:token,...` "
+              "(`persona-pipeline review-token NAME` prints one)")
+        return 2
+    if current_revision(settings.database_url) != head_revision():
+        print("error: the application database is not at the latest revision: run `persona-pipeline db upgrade`")
+        return 2
+    config = ReviewConfig(database_url=settings.database_url, home=settings.home, tokens=tokens,
+                          secret_key=review_secret(settings), max_body_bytes=settings.review_max_body_bytes,
+                          exploration=settings.review_exploration, https_only=settings.review_https_only)
+    try:
+        app = create_app(config)
+    except ValueError as exc:  # a weak secret key or token: refused before anything listens
+        print(f"error: {exc}")
+        return 2
+    host, port = args.host or settings.review_host, args.port or settings.review_port
+    print(f"review form for {', '.join(sorted(set(tokens.values())))} on http://{host}:{port}/ ({_redact(settings.database_url)})")
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=True)
+    return 0
+
+
+def cmd_review_token(args: argparse.Namespace) -> int:
+    import secrets
+
+    token = secrets.token_urlsafe(24)
+    print(f"{args.name}:{token}")
+    print("add it to REVIEW_TOKENS (comma-separated) and give the token to the reviewer", file=sys.stderr)
+    return 0
+
+
 def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -245,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     export = lora_sub.add_parser("export-comfyui", help="copy the LoRAs in use into a ComfyUI models/loras folder")
     export.add_argument("loras_dir")
     export.set_defaults(func=cmd_lora_export_comfyui)
+    review_form = sub.add_parser("review", help="serve the reviewer form (votes, approvals, winners, posts)")
+    review_form.add_argument("--host", help="default REVIEW_HOST (127.0.0.1)")
+    review_form.add_argument("--port", type=int, help="default REVIEW_PORT (8090)")
+    review_form.set_defaults(func=cmd_review)
+    review_token = sub.add_parser("review-token", help="print a new reviewer login `NAME:TOKEN` for REVIEW_TOKENS")
+    review_token.add_argument("name")
+    review_token.set_defaults(func=cmd_review_token)
     args = parser.parse_args(argv)
     return args.func(args)
 
