@@ -77,7 +77,7 @@ class Seed:
         self.ids = list(range(1, n + 1))
         truth = sorted(range(n), key=lambda c: -self.strength[c])[:k]
         self.true_top = frozenset(self.ids[c] for c in truth)
-        p = (1 - lapse) * bt._sigmoid((self.strength[pairs[:, 0]] - self.strength[pairs[:, 1]]) / bt.ELO_SCALE) \
+        p = (1 - lapse) * bt.sigmoid((self.strength[pairs[:, 0]] - self.strength[pairs[:, 1]]) / bt.ELO_SCALE) \
             + lapse / 2
         answers = np.random.default_rng([seed, 1]).random(len(pairs)) < p     # True: the lower index wins
         self.answer = {(int(a), int(b)): bool(w) for (a, b), w in zip(pairs, answers)}

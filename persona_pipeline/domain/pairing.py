@@ -8,8 +8,8 @@ analyses of the votes can reweight them.
 The uncertainty is measured on a Laplace (Gaussian) approximation of the Bradley–Terry posterior:
 mean = the MAP fit of domain/bradley_terry (same prior), covariance = the inverse Hessian there. A
 full bootstrap (1000 refits) would be ~100× slower; the Gaussian approximation costs one 30-candidate
-Newton fit and one 30×30 inverse, so a choice takes a few milliseconds per HTTP request, and its
-exact rank-one update lets us score every unvoted pair's two outcomes at once.
+Newton fit and one 30×30 inverse, and the effect of one more vote on it is an exact rank-one update,
+so every unvoted pair is scored at once, vectorised: ~2 ms per choice for 30 candidates (bench/bt_fit.py).
 
 `random_unvoted_pair` is the older tool's rule (any unvoted pair, uniformly), kept for the
 benchmark in bench/review_effort.py.
@@ -28,8 +28,8 @@ from persona_pipeline.domain import bradley_terry as bt
 
 ACTIVE = "active"
 EXPLORE = "explore"
-# Scores within this relative distance of the best count as a tie; the tied pairs share the greedy
-# branch's probability equally (float noise from symmetric positions must not pick a favourite).
+# Gains within this distance of the best (absolute; relative for gains above 1) count as a tie; the
+# tied pairs share the greedy branch's probability (float noise must not pick a favourite).
 TIE_TOLERANCE = 1e-9
 
 
@@ -43,18 +43,14 @@ class PairChoice:
 
 def _unvoted_pairs(candidate_ids: Sequence[int], votes: Iterable[tuple[int, int]],
                    exclude: frozenset | set = frozenset()) -> tuple[bt.IndexedVotes, list[tuple[int, int]]]:
-    """Index pairs (i < j, positions in candidate_ids) nobody voted on in either order and not in
-    `exclude`, in a fixed order (so a seeded rng picks reproducibly)."""
+    """Index pairs (i < j, positions in the sorted ids) nobody voted on in either order and not in
+    `exclude`, in a fixed order (so a seeded rng picks reproducibly whatever the listing order)."""
     indexed = bt.index_votes(candidate_ids, votes)
+    exclude = {frozenset(pair) for pair in exclude}     # tuples work too
     voted = {(min(w, l), max(w, l)) for w, l in zip(indexed.winners.tolist(), indexed.losers.tolist())}
     ids = indexed.ids
-    order = sorted(range(len(ids)), key=lambda i: ids[i])
-    pairs = []
-    for x, i in enumerate(order):
-        for j in order[x + 1:]:
-            key = (min(i, j), max(i, j))
-            if key not in voted and frozenset((ids[i], ids[j])) not in exclude:
-                pairs.append(key)
+    pairs = [(i, j) for i in range(len(ids)) for j in range(i + 1, len(ids))
+             if (i, j) not in voted and frozenset((ids[i], ids[j])) not in exclude]
     return indexed, pairs
 
 
@@ -103,7 +99,7 @@ def boundary_gain(theta: np.ndarray, covariance: np.ndarray, top_k: int, pairs: 
     s2 = v[rows, i] - v[rows, j]                                # uᵀΣu
     # Predictive probability that i wins, integrating over the uncertainty of θ_i − θ_j (probit
     # approximation of the logistic-normal integral): an uncertain pair is not a sure thing.
-    p = bt._sigmoid((theta[i] - theta[j]) / np.sqrt(1.0 + np.pi * s2 / 8.0))
+    p = bt.sigmoid((theta[i] - theta[j]) / np.sqrt(1.0 + np.pi * s2 / 8.0))
     h = p * (1.0 - p)
     shrink = h / (1.0 + h * s2)                                 # (P,)
 
@@ -154,7 +150,8 @@ def choose_pair(candidate_ids: Sequence[int], votes: Iterable[tuple[int, int]], 
 
     data = bt.aggregate(len(ids), indexed.winners, indexed.losers)
     theta, precision = bt.laplace(data)
-    covariance = np.linalg.inv(precision)
+    with bt.single_threaded_blas():
+        covariance = np.linalg.inv(precision)
     gain = boundary_gain(theta, covariance, top_k, np.array(pairs, dtype=np.int64))
     best = float(gain.max())
     greedy = np.flatnonzero(gain >= best - TIE_TOLERANCE * max(1.0, abs(best)))
