@@ -19,21 +19,25 @@ token, follow the redirect to the vote page and read the new session's CSRF toke
    is drawn from hidden Bradley-Terry strengths (Elo scale, sd 200), so the data looks real. To
    exercise the 409 path, 5% of the reviewers double-click (every vote is POSTed twice at once
    from two connections of the same session) and 5% re-post each vote right after it was accepted.
-   Two reviewers can also be offered the same pair when their GET pair requests race; the second
-   vote on such a pair is a 409 too.
+   If two reviewers are offered the same pair (their GET pair requests raced), the second vote on
+   it is a 409 too; the checks count such repeat offers.
 
 Checks (targets, PASS/FAIL), on both steps:
 - zero lost: every 201 a client saw is exactly one row in `votes` (same id, pair, winner, offer)
   and one `vote` review event; zero doubled: no vote row the clients were not told about, no
-  vote id answered twice, no pair twice, each double-click got exactly one 201;
-- every non-2xx answer is a 409 (duplicate pair); counted by status, transport errors count as
-  failures;
+  vote id answered twice, no pair twice, each double-click got exactly one 201 (or two 409s when
+  another reviewer's vote on that pair came first);
+- every non-2xx answer is a 409 (duplicate pair), and the server logged no 5xx; answers are
+  counted by status; a transport error counts as a failure (a GET whose kept-alive connection the
+  server had closed is sent again once, as browsers do; a POST never);
+- no pair was offered to two reviewers at once (what `db.review.next_pair` promises);
 - the Elo stored on every candidate equals `domain.elo.replay` of the step's votes in id order,
   and each vote's recorded elo before/delta equals the replay's at that point;
 - every vote has selection_probability set, equal to its offer's probability, the offer "voted".
 Latency (client side: request sent to answer read) p50/p95/max of GET pair and POST vote and
 votes/s (accepted votes / wall time from the barrier to the last answer) are reported with no target,
-concurrent beside sequential with ratios. The server's log is scanned for tracebacks and 5xx answers.
+concurrent beside sequential with ratios. The server's log is scanned for app exceptions and 5xx
+answers (their distinct error lines are printed, and the log is kept when there are any).
 
 Reading the latency: by default (--think 0) every concurrent reviewer always has a request in
 flight, so 100 requests queue at a server that is one uvicorn process (one GIL) and the latency is
@@ -461,6 +465,8 @@ def main() -> int:
         ledger = Ledger()
         print(f"Review form load: {args.reviewers} reviewers x {per_reviewer} votes on one step of {args.candidates} "
               f"candidates ({pairs} pairs), PostgreSQL, server pid {server.process.pid} at {server.base}")
+        print(f"  machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start "
+              "(other work on a shared machine slows both phases)")
         roles = Counter(role for *_, role in reviewers)
         print(f"  roles: {roles['plain']} plain, {roles['double']} double-click every vote, {roles['repost']} re-post every vote")
 
@@ -471,6 +477,7 @@ def main() -> int:
                              args.seed, ledger, args.think)
         print(f"  2. concurrent: {args.reviewers} reviewers in {con_time:.1f} s"
               + (f" (mean think time {args.think:g} s per vote)" if args.think else ""), flush=True)
+        print(f"  load average {os.getloadavg()[0]:.1f} at the end of the load", flush=True)
         check, by_step = check_store(url, ledger, [crowd.step_ids[0], solo_seed.step_ids[0]])
     finally:
         if server is not None:
