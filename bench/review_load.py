@@ -87,6 +87,7 @@ DOUBLE_EVERY = 20         # reviewer index % 20 == 0: double-clicks every vote (
 REPOST_EVERY = 20         # reviewer index % 20 == 10: re-posts every accepted vote (5%)
 EXPECTED_REFUSALS = {409}
 REQUEST_TIMEOUT_S = 60.0
+SERVER_KEEP_ALIVE_S = 5.0  # uvicorn's default timeout_keep_alive, which `persona-pipeline review` keeps
 CSRF_META = re.compile(r'name="csrf-token" content="([^"]+)"')
 CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
 
@@ -250,7 +251,14 @@ def reviewer_loop(base: str, name: str, token: str, step_id: int, votes: int, ro
         if pair.status != 200:
             continue  # counted as unexpected in the checks; a reviewer would reload and go on
         if think > 0:  # the reviewer looks at the pair before voting
-            time.sleep(rng.expovariate(1.0 / think))
+            pause = rng.expovariate(1.0 / think)
+            time.sleep(pause)
+            if pause > SERVER_KEEP_ALIVE_S - 1:
+                # The server has closed (or is closing) the idle connection; a POST on it could
+                # meet the reset, which a browser would retry but requests does not.
+                for each in (session, other):
+                    if each is not None:
+                        each.close()
         winner, loser = pick_winner(pair.body, strengths, rng)
         sent = {"offer_id": pair.body["offer_id"], "winner_id": winner, "loser_id": loser}
         post = (lambda s: lambda: s.post(f"{base}/api/votes", json=sent, headers=headers, timeout=REQUEST_TIMEOUT_S))
@@ -514,7 +522,8 @@ def main() -> int:
     p50 = {phase: statistics.median(seconds(phase, votes_kinds, 201)) for phase in ("sequential", "concurrent")}
     pair_p50 = {phase: statistics.median(seconds(phase, ("pair",))) for phase in ("sequential", "concurrent")}
     print(f"\n  throughput: sequential {seq_rate:.1f} votes/s, concurrent {con_rate:.1f} votes/s, "
-          f"concurrent/sequential {con_rate / seq_rate:.2f}x")
+          f"concurrent/sequential {con_rate / seq_rate:.2f}x"
+          + (f" (bounded by the {args.think:g} s think time: compare throughput at --think 0)" if args.think else ""))
     print(f"  p50 latency concurrent/sequential: POST vote {p50['concurrent'] / p50['sequential']:.1f}x, "
           f"GET pair {pair_p50['concurrent'] / pair_p50['sequential']:.1f}x")
     for step_id, info in by_step.items():

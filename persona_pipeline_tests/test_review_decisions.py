@@ -226,3 +226,31 @@ def test_a_kill_after_the_winner_does_not_reopen_the_run(db_url, tmp_path):
         review.kill_candidate(session, seed.candidate_ids[1], "ana")
         run = session.get(models.GenerationRun, seed.run_id)
         assert run.status == "done" and run.steps[0].status == "voting"
+
+
+def test_concurrent_offers_on_postgres_never_share_a_pair(tmp_path):
+    url, drop = make_database("postgresql", tmp_path)
+    try:
+        seed = seed_review(url, tmp_path / "home", candidates=10, posts=0)
+        pairs: list[frozenset] = []
+        lock = threading.Lock()
+        barrier = threading.Barrier(12)
+
+        def reviewer(name: str) -> None:
+            barrier.wait()
+            for _ in range(3):
+                with session_scope(url) as session:
+                    offer = review.next_pair(session, seed.step_ids[0], name, exploration=0.0)
+                    pair = frozenset((offer.left_id, offer.right_id))
+                with lock:
+                    pairs.append(pair)
+
+        threads = [threading.Thread(target=reviewer, args=(f"r{i}",)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        # greedy choice (no exploration) would pick the same best pair for everyone without the step lock
+        assert len(pairs) == 36 and len(set(pairs)) == 36
+    finally:
+        drop()

@@ -56,7 +56,10 @@ def _event(session: Session, persona_id: int, kind: str, subject_type: str, subj
 def _candidate(session: Session, candidate_id: int, lock: bool = False) -> models.Candidate:
     query = select(models.Candidate).where(models.Candidate.id == candidate_id)
     if lock:
-        query = query.with_for_update()  # PostgreSQL row lock; SQLite serialises writers anyway
+        # FOR NO KEY UPDATE: the Elo update changes no key, and this lock, unlike FOR UPDATE, does not
+        # conflict with the FOR KEY SHARE that PostgreSQL's foreign-key checks take when a pair offer
+        # or vote naming this candidate is inserted (that conflict deadlocked concurrent votes).
+        query = query.with_for_update(key_share=True)
     row = session.scalar(query)
     if row is None:
         raise NotFound(f"candidate {candidate_id} does not exist")
@@ -74,7 +77,7 @@ def _open_step(session: Session, step_id: int) -> models.RunStep:
 
 def _offer(session: Session, offer_id: int, lock: bool = False) -> models.PairOffer:
     query = select(models.PairOffer).where(models.PairOffer.id == offer_id)
-    offer = session.scalar(query.with_for_update() if lock else query)
+    offer = session.scalar(query.with_for_update(key_share=True) if lock else query)
     if offer is None:
         raise NotFound(f"pair offer {offer_id} does not exist")
     return offer
@@ -147,6 +150,9 @@ def next_pair(session: Session, step_id: int, reviewer: str, exclude_offer_ids: 
     Pairs already voted, pairs of the caller's still-held offers (`exclude_offer_ids`, the pair the
     page has preloaded) and pairs offered to anyone in the last OFFER_HOLD without an answer are
     never offered, so two reviewers are not shown the same pair at once."""
+    # One next_pair per step at a time (row lock on the step until commit), so each one sees the
+    # offers committed before it; without it, concurrent requests all pick the same greedy pair.
+    session.scalar(select(models.RunStep.id).where(models.RunStep.id == step_id).with_for_update(key_share=True))
     step = _open_step(session, step_id)
     live = list(session.scalars(select(models.Candidate.id).where(
         models.Candidate.step_id == step_id, models.Candidate.status.in_(LIVE)).order_by(models.Candidate.id)))
