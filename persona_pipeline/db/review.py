@@ -221,22 +221,13 @@ def pick_winner(session: Session, run_id: int, candidate_id: int, reviewer: str)
 
 
 @dataclass(frozen=True)
-class RankedCandidate:
-    """One live candidate of a step, placed by Bradley–Terry (the ranking that decides)."""
+class RankedCandidate(bradley_terry.BTStanding):
+    """A step's live candidate as the form shows it: its Bradley–Terry standing (the ranking that
+    decides) plus its Elo, status and image."""
 
-    candidate_id: int
-    score: float
-    ci_low: float
-    ci_high: float
-    wins: int
-    losses: int
     elo: int
     status: str
     image_path: str
-
-    @property
-    def votes(self) -> int:
-        return self.wins + self.losses
 
 
 def step_ranking(session: Session, step_id: int, rounds: int = BOOTSTRAP_ROUNDS) -> list[RankedCandidate]:
@@ -245,8 +236,8 @@ def step_ranking(session: Session, step_id: int, rounds: int = BOOTSTRAP_ROUNDS)
     live = {c.id: c for c in session.scalars(select(models.Candidate).where(
         models.Candidate.step_id == step_id, models.Candidate.status.in_(LIVE)))}
     standings = bradley_terry.rank(sorted(live), _step_votes(session, step_id), rounds=rounds, seed=step_id)
-    return [RankedCandidate(s.candidate_id, s.score, s.ci_low, s.ci_high, s.wins, s.losses, live[s.candidate_id].elo,
-                            live[s.candidate_id].status, live[s.candidate_id].image_path) for s in standings]
+    return [RankedCandidate(**vars(s), elo=live[s.candidate_id].elo, status=live[s.candidate_id].status,
+                            image_path=live[s.candidate_id].image_path) for s in standings]
 
 
 def low_vote_candidates(ranking: list[RankedCandidate], top_k: int) -> list[int]:
@@ -355,7 +346,7 @@ def approve_post(session: Session, post_id: int, reviewer: str, now: datetime | 
     if planned < now or not in_window(planned, config.windows(), config.timezone):
         post.scheduled_at = next_free_slot(max(now, planned), config.windows(), config.timezone, _taken_slots(session, post),
                                            timedelta(minutes=config.min_minutes_between_posts))
-    set_post_status(session, post, post_states.SCHEDULED)
+    post.status = post_states.SCHEDULED  # checked by _transition above
     _event(session, post.persona_id, "approve_post", "post", post.id, reviewer,
            {"scheduled_at": post.scheduled_at.isoformat(), "planned_at": planned.isoformat()})
     session.flush()
@@ -392,7 +383,7 @@ def reject_post(session: Session, post_id: int, reviewer: str, reason: str = "")
     """Cancel a post; its image goes back to the library for another post."""
     post = _post(session, post_id)
     _transition(post, post_states.CANCELLED)
-    set_post_status(session, post, post_states.CANCELLED)
+    post.status = post_states.CANCELLED  # checked by _transition above
     post.review_note = f"rejected by {reviewer}" + (f": {reason}" if reason else "")
     _event(session, post.persona_id, "reject_post", "post", post.id, reviewer, {"reason": reason})
     session.flush()

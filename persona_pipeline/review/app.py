@@ -555,22 +555,31 @@ async def gallery_page(request: Request, reviewer: str) -> Response:
     return await _render_gallery(request, _path_id(request, "step_id"))
 
 
-def _approve_step(session: Session, step_id: int, top_k: int, reviewer: str) -> None:
-    review.approve_step(session, step_id, top_k, reviewer)
+async def _decide_on_gallery(request: Request, back: int | None, decide: Callable[..., int], *args: Any,
+                             done: str, top_k: int | None = None) -> Response:
+    """Run one gallery decision (`decide` returns the step to show next). A refusal shows the
+    gallery `back` again with the error and status; an unknown subject, or no gallery to go back
+    to, gets the error page."""
+    try:
+        step_id = await in_db(request, decide, *args)
+    except review.ReviewError as exc:
+        if exc.status_code == 404 or back is None:
+            raise
+        return await _render_gallery(request, back, error=str(exc), status=exc.status_code, top_k=top_k)
+    _flash(request, done)
+    return RedirectResponse(f"/steps/{step_id}", status_code=303)
+
+
+def _approve_step(session: Session, step_id: int, top_k: int, reviewer: str) -> int:
+    return review.approve_step(session, step_id, top_k, reviewer).id
 
 
 @page
 async def approve_step(request: Request, reviewer: str, form: FormData) -> Response:
     step_id = _path_id(request, "step_id")
     top_k = _int_value(form.get("top_k"), "top_k")
-    try:
-        await in_db(request, _approve_step, step_id, top_k, reviewer)
-    except review.ReviewError as exc:
-        if exc.status_code == 404:
-            raise
-        return await _render_gallery(request, step_id, error=str(exc), status=exc.status_code, top_k=top_k)
-    _flash(request, f"Step {step_id} approved with K={top_k}.")
-    return RedirectResponse(f"/steps/{step_id}", status_code=303)
+    return await _decide_on_gallery(request, step_id, _approve_step, step_id, top_k, reviewer,
+                                    done=f"Step {step_id} approved with K={top_k}.", top_k=top_k)
 
 
 def _pick(session: Session, run_id: int, candidate_id: int, reviewer: str) -> int:
@@ -583,14 +592,8 @@ async def pick_winner(request: Request, reviewer: str, form: FormData) -> Respon
     run_id = _path_id(request, "run_id")
     candidate_id = _int_value(form.get("candidate_id"), "candidate_id")
     back = _int_value(form.get("step_id"), "step_id", optional=True)
-    try:
-        step_id = await in_db(request, _pick, run_id, candidate_id, reviewer)
-    except review.ReviewError as exc:
-        if exc.status_code == 404 or back is None:
-            raise
-        return await _render_gallery(request, back, error=str(exc), status=exc.status_code)
-    _flash(request, f"Candidate {candidate_id} is the winner of run {run_id}.")
-    return RedirectResponse(f"/steps/{step_id}", status_code=303)
+    return await _decide_on_gallery(request, back, _pick, run_id, candidate_id, reviewer,
+                                    done=f"Candidate {candidate_id} is the winner of run {run_id}.")
 
 
 def _kill_form(session: Session, candidate_id: int, reviewer: str, reason: str) -> int:
@@ -602,14 +605,8 @@ async def kill_candidate(request: Request, reviewer: str, form: FormData) -> Res
     candidate_id = _path_id(request, "candidate_id")
     reason = _form_text(form, "reason", 500)
     back = _int_value(form.get("step_id"), "step_id", optional=True)
-    try:
-        step_id = await in_db(request, _kill_form, candidate_id, reviewer, reason)
-    except review.ReviewError as exc:
-        if exc.status_code == 404 or back is None:
-            raise
-        return await _render_gallery(request, back, error=str(exc), status=exc.status_code)
-    _flash(request, f"Candidate {candidate_id} killed.")
-    return RedirectResponse(f"/steps/{step_id}", status_code=303)
+    return await _decide_on_gallery(request, back, _kill_form, candidate_id, reviewer, reason,
+                                    done=f"Candidate {candidate_id} killed.")
 
 
 # --------------------------------------------------------------------------- posts
