@@ -4,8 +4,10 @@ google-genai uses (`POST /v1beta/models/{model}:generateContent`, key in `x-goog
 It records every request and answers from a queue of injected faults first, then with a good
 answer: caption fields, or for a content-prompt request (its response schema is an ARRAY) one
 item per numbered slot of the instruction, each starting with the prefix the instruction asks
-for, as a model that follows it would. Use it as a context manager and point
-`GeminiClient(base_url=server.url)` at it.
+for, as a model that follows it would. A post-caption request (its schema has a `caption`
+property) gets a caption in the middle of the length band the instruction names, or of
+`caption_length` characters when that is set; a cluster-label request (a `label` property) gets
+`label`. Use it as a context manager and point `GeminiClient(base_url=server.url)` at it.
 """
 
 from __future__ import annotations
@@ -32,12 +34,26 @@ _PATH_RE = re.compile(r"^/(?P<version>v1|v1beta)/models/(?P<model>[^/:]+):genera
 # What the fake reads from a content-prompt instruction (GeminiClient.content_prompts writes it).
 _SLOT_RE = re.compile(r'^(?P<number>\d+)\. (?P<pillar>".*")$', re.MULTILINE)
 _PREFIX_RE = re.compile(r'Start every prompt with exactly "(?P<prefix>[^"]*)"')
+# ...and from a post-caption instruction (GeminiClient.post_caption).
+_BAND_RE = re.compile(r"between (?P<low>\d+) and (?P<high>\d+) characters")
+_CAPTION_TEXT = ("Morning light on the old town walls and nowhere to be. Coffee first, plans later, and maybe "
+                 "no plans at all. The streets are still quiet, the bakery is already warm. ")
+
+
+def caption_of_length(length: int) -> str:
+    """A plain caption of exactly `length` characters: sentences, no hashtags or mentions, no
+    space at either end."""
+    if length <= 0:
+        return ""
+    text = (_CAPTION_TEXT * (length // len(_CAPTION_TEXT) + 1))[:length]
+    return text[:-1] + "." if text.endswith(" ") else text
 
 
 @dataclass
 class Fault:
     """One injected answer: `kind` is "status", "text" (a 200 whose model text is `text`), "drop",
-    or "prompts" (a 200 whose text is `transform(good items)` as JSON, for content-prompt requests)."""
+    "prompts" (a 200 whose text is `transform(good items)` as JSON, for content-prompt requests) or
+    "caption" (a 200 with {"caption": `text`})."""
 
     kind: str
     status: int = 200
@@ -78,6 +94,20 @@ class RecordedRequest:
         """A content-prompt request: its structured answer is an array (captions are one object)."""
         return str(self.response_schema.get("type", "")).upper() == "ARRAY"
 
+    @property
+    def is_post_caption(self) -> bool:
+        """A post-caption request: its structured answer is an object with a `caption` property."""
+        return "caption" in (self.response_schema.get("properties") or {})
+
+    @property
+    def is_cluster_label(self) -> bool:
+        return "label" in (self.response_schema.get("properties") or {})
+
+    def band(self) -> tuple[int, int] | None:
+        """The (min, max) caption length the instruction asks for."""
+        match = next((m for m in map(_BAND_RE.search, self.texts()) if m), None)
+        return (int(match.group("low")), int(match.group("high"))) if match else None
+
     def slots(self) -> list[str]:
         """The pillar of each numbered slot in the instruction, in order."""
         return [json.loads(m.group("pillar")) for text in self.texts() for m in _SLOT_RE.finditer(text)]
@@ -94,9 +124,12 @@ class RecordedRequest:
 
 
 class FakeGemini:
-    def __init__(self, api_key: str = "test-key", fields: dict[str, str] | None = None) -> None:
+    def __init__(self, api_key: str = "test-key", fields: dict[str, str] | None = None,
+                 caption_length: int | None = None, label: str = "Sunny Street Style") -> None:
         self.api_key = api_key
         self.fields = dict(fields or GOOD_FIELDS)
+        self.caption_length = caption_length  # None: the middle of the band the instruction asks for
+        self.label = label
         self.requests: list[RecordedRequest] = []
         self.faults: deque[Fault] = deque()
         self._lock = threading.Lock()
@@ -131,8 +164,36 @@ class FakeGemini:
         self.faults.append(Fault("prompts", transform=transform))
         return self
 
+    def reply_caption(self, length: int | None = None, *, text: str | None = None,
+                      hashtags: tuple[str, ...] = ()) -> "FakeGemini":
+        """A 200 for a post-caption request: `text`, or a caption of `length` characters, followed by
+        a line of `hashtags` (which the client must strip)."""
+        body = text if text is not None else caption_of_length(length or 0)
+        if hashtags:
+            body += "\n\n" + " ".join(hashtags)
+        self.faults.append(Fault("caption", text=body))
+        return self
+
     def content_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.is_content_prompts]
+
+    def caption_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.is_post_caption]
+
+    def label_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.is_cluster_label]
+
+    def good_answer(self, request: RecordedRequest) -> Any:
+        """What an obedient model answers to `request`."""
+        if request.is_content_prompts:
+            return request.good_prompt_items()
+        if request.is_post_caption:
+            band = request.band()
+            length = self.caption_length if self.caption_length is not None else (sum(band) // 2 if band else 400)
+            return {"caption": caption_of_length(length)}
+        if request.is_cluster_label:
+            return {"label": self.label}
+        return self.fields
 
     def missing_field(self, name: str) -> "FakeGemini":
         return self.reply_text(json.dumps({k: v for k, v in self.fields.items() if k != name}))
@@ -202,8 +263,9 @@ def _handler_for(fake: FakeGemini) -> type[BaseHTTPRequestHandler]:
                 return self._send(400, _error_body(400, "API key not valid. Please pass a valid API key."))
             fault = fake._next()
             if fault is None:
-                good = request.good_prompt_items() if request.is_content_prompts else fake.fields
-                return self._send(200, _success_body(json.dumps(good)))
+                return self._send(200, _success_body(json.dumps(fake.good_answer(request))))
+            if fault.kind == "caption":
+                return self._send(200, _success_body(json.dumps({"caption": fault.text})))
             if fault.kind == "prompts" and fault.transform is not None:
                 return self._send(200, _success_body(json.dumps(fault.transform(request.good_prompt_items()))))
             if fault.kind == "drop":

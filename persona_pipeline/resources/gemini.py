@@ -10,12 +10,21 @@ Retry-After / RetryInfo; other statuses fail at once with a `GeminiError` naming
 Content prompts: one request for a whole run, answered as a JSON array (a response schema of
 {pillar, prompt, negative_prompt, theme} items, exactly as many as the allocation has slots),
 validated and put in allocation order by `content_prompts`. Same retries.
+
+Post captions: one request with the image and the persona's caption settings, answered as
+{"caption": str}. Hashtags the model writes anyway are stripped (ours are picked by
+`domain.captions.select_hashtags`); a caption outside the length band is asked for once more with
+its measured length, and the result must pass `validate_post_text`.
+
+Cluster labels: a 1-4 word name for a content-library cluster from a few member images and the
+cluster's top caption terms, answered as {"label": str}.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 import re
 import time
@@ -27,11 +36,13 @@ from typing import Any
 
 import dagster as dg
 
+from persona_pipeline.domain.captions import MAX_MENTIONS, in_band, length_band, strip_hashtags, validate_post_text
 from persona_pipeline.domain.content_prompts import DEFAULT_NEGATIVE_PROMPT, ContentPrompt, check_prompt, has_trigger
 from persona_pipeline.domain.training_captions import FIELD_NAMES, CaptionFields, CaptionFieldsError, strip_identity
 
 # Indirection so tests can record the waits instead of sleeping through them.
 sleep = time.sleep
+_logger = logging.getLogger(__name__)
 
 MAX_DELAY_SECONDS = 120.0
 _MIME_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
@@ -127,6 +138,112 @@ def _content_prompts_schema(allocation: Sequence[str]):
     return types.Schema(type=types.Type.ARRAY, items=item, min_items=len(allocation), max_items=len(allocation))
 
 
+MAX_CAPTION_EXAMPLES = 5  # example captions sent, each cut to 600 characters
+_TONE_HELP = {
+    "casual": "relaxed and conversational, like talking to a friend",
+    "professional": "polished, clear and informative",
+    "playful": "light, witty and fun",
+    "inspirational": "uplifting and encouraging, without clichés",
+    "edgy": "bold and direct, never offensive",
+}
+_EMOJI_HELP = {
+    "none": "Use no emoji.",
+    "low": "Use one or two emoji at most.",
+    "medium": "Use a few emoji, about three to five.",
+    "high": "Use emoji generously, six or more, woven through the text.",
+}
+
+
+def _one_line(text: Any, limit: int = 200) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+def post_caption_instruction(*, persona_name: str, pillar: str, theme: str, tone: str, voice: Sequence[str],
+                             topics: Sequence[str], avoid_topics: Sequence[str], examples: Sequence[str],
+                             emoji: bool, emoji_density: str, length: str, avoid_phrases: Sequence[str],
+                             guidelines: str = "") -> str:
+    """The instruction sent with a post's image: every caption setting of persona.yaml, the band,
+    the recent phrases to avoid, and the rules on hashtags and mentions."""
+    low, high = length_band(length)
+    lines = [f"Write the Instagram caption for this photo, posted by {persona_name}, in the first person "
+             "as them, about what the photo shows."]
+    lines.append(f"Content pillar: {json.dumps(pillar, ensure_ascii=False)}"
+                 + (f"; its guidelines: {_one_line(guidelines, 600)}" if guidelines.strip() else ""))
+    if theme.strip():
+        lines.append(f"Theme of this post: {_one_line(theme)}")
+    lines.append(f"Tone: {tone} ({_TONE_HELP.get(tone, tone)}).")
+    if voice:
+        lines.append("Voice: " + ", ".join(_one_line(v) for v in voice) + ".")
+    if topics:
+        lines.append("Topics the persona talks about: " + ", ".join(_one_line(t) for t in topics) + ".")
+    if avoid_topics:
+        lines.append("Never mention or allude to: " + ", ".join(_one_line(t) for t in avoid_topics) + ".")
+    shown = [_one_line(e, 600) for e in examples if str(e).strip()][:MAX_CAPTION_EXAMPLES]
+    if shown:
+        lines.append("Example captions in the persona's voice (match the voice; do not copy them):")
+        lines.extend(f"- {e}" for e in shown)
+    lines.append(_EMOJI_HELP.get(emoji_density, _EMOJI_HELP["low"]) if emoji else _EMOJI_HELP["none"])
+    lines.append(f"Length: between {low} and {high} characters ({length}), counting spaces and line breaks.")
+    phrases = [_one_line(p) for p in avoid_phrases if str(p).strip()][:MAX_AVOID_ITEMS]
+    if phrases:
+        lines.append("These phrases were repeated in recent captions; do not use them:")
+        lines.extend(f"- {p}" for p in phrases)
+    lines.append("No hashtags in the caption: they are added separately.")
+    lines.append(f"Do not @mention accounts unless the guidelines name them, and never more than {MAX_MENTIONS}.")
+    lines.append('Answer with JSON: {"caption": "<the caption>"}.')
+    return "\n".join(lines)
+
+
+def caption_length_reask(measured: int, length: str) -> str:
+    """The follow-up when a caption missed its band: the measured length and the band."""
+    low, high = length_band(length)
+    return (f"That caption is {measured} characters long; it must be between {low} and {high} characters "
+            f"({length}). Rewrite it to fit, keeping the voice and every rule above.")
+
+
+def _post_caption_schema():
+    from google.genai import types
+
+    return types.Schema(type=types.Type.OBJECT,
+                        properties={"caption": types.Schema(type=types.Type.STRING, description="the post caption")},
+                        required=["caption"])
+
+
+MAX_LABEL_IMAGES = 4
+MAX_LABEL_TERMS = 12
+MAX_LABEL_CHARS = 40
+MAX_LABEL_WORDS = 4
+
+
+def cluster_label_instruction(terms: Sequence[str], images: int) -> str:
+    lines = [f"The {images} photo(s) above belong to one cluster of similar images in a persona's content library."
+             if images else "These terms describe one cluster of similar images in a persona's content library."]
+    if terms:
+        lines.append("The most frequent terms in the cluster's captions: " + ", ".join(terms) + ".")
+    lines.append(f"Name the cluster in 1 to {MAX_LABEL_WORDS} words (at most {MAX_LABEL_CHARS} characters) that "
+                 "say what its images have in common: setting, activity or style, e.g. 'Beach Sunsets', "
+                 "'Cafe Mornings'. Never describe the person's identity.")
+    lines.append('Answer with JSON: {"label": "<the name>"}.')
+    return "\n".join(lines)
+
+
+def _cluster_label_schema():
+    from google.genai import types
+
+    return types.Schema(type=types.Type.OBJECT,
+                        properties={"label": types.Schema(type=types.Type.STRING, description="the cluster's name")},
+                        required=["label"])
+
+
+def _string_field(response: Any, name: str, who: str, what: str) -> str:
+    """Field `name` of a one-field JSON object answer; anything else is a GeminiError."""
+    data, text = _json_answer(response, who, what)
+    value = data.get(name) if isinstance(data, dict) else None
+    if not isinstance(value, str):
+        raise GeminiError(f"{who} returned no string {name!r} for {what}; text {text[:200]!r}")
+    return value
+
+
 def _response_text(response: Any) -> str | None:
     try:
         return response.text
@@ -206,8 +323,9 @@ def _transport_errors() -> tuple[type[Exception], ...]:
 
 
 class GeminiClient(dg.ConfigurableResource):
-    """Gemini captioner and content-prompt writer. `api_key` empty = disabled: the offline
-    open_clip captioner and the template prompts are used instead."""
+    """Gemini captioner, content-prompt writer, post-caption writer and cluster namer. `api_key`
+    empty = disabled: the offline open_clip captioner, the template prompts, the caption templates
+    and the top caption terms are used instead."""
 
     api_key: str = ""
     model: str = "gemini-2.5-flash"
@@ -397,3 +515,86 @@ class GeminiClient(dg.ConfigurableResource):
                 raise GeminiError(f"{who} content prompt {index}: field {name!r} must be a string, got {type(value).__name__}")
             fields[name] = value
         return fields
+
+    # --- post captions -------------------------------------------------------------------------
+
+    def post_caption(self, image_path: Path, *, persona_name: str, pillar: str, theme: str, tone: str,
+                     voice: Sequence[str], topics: Sequence[str], avoid_topics: Sequence[str],
+                     examples: Sequence[str], emoji: bool, emoji_density: str, length: str,
+                     avoid_phrases: Sequence[str], max_hashtags: int, guidelines: str = "", log: Any = None) -> str:
+        """The caption of a post (without hashtags) written for its image.
+
+        One structured request with the image and every caption setting; hashtags in the answer are
+        removed. A caption outside the `length` band (LENGTH_BANDS) is asked for once more, in the
+        same conversation, with its measured length; if it still misses the band it is kept (with a
+        warning naming the band) as long as it passes `validate_post_text`. An empty answer, or a
+        final caption over 2,200 characters or 20 mentions, is a `GeminiError`. Without a key this
+        raises `GeminiError`; callers check `enabled` and use `template_caption`.
+        """
+        from google.genai import types
+
+        image_path = Path(image_path)
+        low, high = length_band(length)
+        instruction = post_caption_instruction(
+            persona_name=persona_name, pillar=pillar, theme=theme, tone=tone, voice=voice, topics=topics,
+            avoid_topics=avoid_topics, examples=examples, emoji=emoji, emoji_density=emoji_density, length=length,
+            avoid_phrases=avoid_phrases, guidelines=guidelines)
+        what = f"post caption for {image_path.name}"
+        who = f"Gemini ({self.model})"
+        config = types.GenerateContentConfig(response_mime_type="application/json",
+                                             response_schema=_post_caption_schema(), temperature=0.8)
+        contents = [types.Content(role="user", parts=[_image_part(image_path), types.Part.from_text(text=instruction)])]
+        with self._client("the caption templates (template_caption)") as client:
+            caption = self._post_caption_answer(self._generate_with_retries(client, contents, config, what, log), who, what)
+            if not in_band(caption, length):
+                if log is not None:
+                    log.info(f"{who} {what}: {len(caption)} characters, outside the {length} band "
+                             f"({low}-{high}); asking once more")
+                contents = [*contents,
+                            types.Content(role="model", parts=[types.Part.from_text(
+                                text=json.dumps({"caption": caption}, ensure_ascii=False))]),
+                            types.Content(role="user", parts=[types.Part.from_text(
+                                text=caption_length_reask(len(caption), length))])]
+                caption = self._post_caption_answer(self._generate_with_retries(client, contents, config, what, log),
+                                                    who, what)
+        problems = validate_post_text(caption, [], max_hashtags)
+        if problems:
+            raise GeminiError(f"{who} {what} is unusable: {'; '.join(problems)}")
+        if not in_band(caption, length):
+            (log or _logger).warning(f"{who} {what}: kept a caption of {len(caption)} characters, outside the "
+                                     f"{length} band ({low}-{high} characters), after one re-ask")
+        return caption
+
+    @staticmethod
+    def _post_caption_answer(response: Any, who: str, what: str) -> str:
+        caption = strip_hashtags(_string_field(response, "caption", who, what))
+        if not caption:
+            raise GeminiError(f"{who} returned an empty {what}")
+        return caption
+
+    # --- cluster labels --------------------------------------------------------------------------
+
+    def cluster_label(self, image_paths: Sequence[Path], terms: Sequence[str], log: Any = None) -> str:
+        """A 1-4 word name (at most 40 characters) for a content-library cluster, from up to 4 of its
+        images and its top caption terms (up to 12 sent). An empty, too long or too wordy name is a
+        `GeminiError`; callers then name the cluster from its terms."""
+        from google.genai import types
+
+        paths = [Path(p) for p in image_paths][:MAX_LABEL_IMAGES]
+        clean_terms = [t for t in (_one_line(t, 60) for t in terms) if t][:MAX_LABEL_TERMS]
+        if not paths and not clean_terms:
+            raise ValueError("cluster_label needs at least one image or term")
+        parts = [_image_part(p) for p in paths]
+        parts.append(types.Part.from_text(text=cluster_label_instruction(clean_terms, len(paths))))
+        config = types.GenerateContentConfig(response_mime_type="application/json",
+                                             response_schema=_cluster_label_schema(), temperature=0.2)
+        who, what = f"Gemini ({self.model})", "cluster label"
+        with self._client("the cluster's top caption terms") as client:
+            response = self._generate_with_retries(client, [types.Content(role="user", parts=parts)], config, what, log)
+        label = " ".join(_string_field(response, "label", who, what).split()).strip(" .,;:!\"'`")
+        if not label:
+            raise GeminiError(f"{who} returned an empty {what}")
+        if len(label) > MAX_LABEL_CHARS or len(label.split()) > MAX_LABEL_WORDS:
+            raise GeminiError(f"{who} {what} {label!r} is longer than {MAX_LABEL_WORDS} words or "
+                              f"{MAX_LABEL_CHARS} characters")
+        return label
