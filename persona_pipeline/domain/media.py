@@ -1,0 +1,126 @@
+"""The JPEG a post publishes: what Instagram's content-publishing API accepts (REFERENCES.md §3:
+JPEG only, at most 8 MiB, aspect ratio between 4:5 and 1.91:1).
+
+`export_post_jpeg` turns any readable image into such a JPEG; `check_post_jpeg` says what is wrong
+with bytes that claim to be one (the publisher checks before handing a URL to Meta, whose refusal
+would cost an API call and a retry). Pure apart from reading the source file; PIL does the pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_MEDIA_BYTES = 8 * 1024 * 1024
+MIN_ASPECT = 4 / 5
+MAX_ASPECT = 1.91
+MAX_SIDE = 1440  # Instagram shows feed photos at most 1440 px wide: more is bytes for nothing
+QUALITIES = (92, 86, 80, 74, 67, 60)
+MIN_SIDE = 320  # below this a post is not worth publishing: fail instead of shrinking further
+PAD_COLOUR = (255, 255, 255)
+
+
+class MediaError(ValueError):
+    """An image that cannot become (or is not) a publishable JPEG; the message names the file."""
+
+
+def fit_aspect(width: int, height: int) -> tuple[int, int]:
+    """The smallest canvas (new_w, new_h) that holds a width x height image and whose ratio lies in
+    [MIN_ASPECT, MAX_ASPECT]: too tall gets wider, too wide gets taller, otherwise unchanged.
+    Integer arithmetic, so the result is in range exactly, not up to float rounding."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if width * 5 < height * 4:  # ratio < 4/5
+        return -(-height * 4 // 5), height  # ceil(height * 4/5)
+    if width * 100 > height * 191:  # ratio > 1.91
+        return width, -(-width * 100 // 191)  # ceil(width / 1.91)
+    return width, height
+
+
+def _open_rgb(source: Path) -> Image.Image:
+    """The source as upright RGB: EXIF orientation applied, transparency flattened onto white."""
+    try:
+        with Image.open(source) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as exc:
+        raise MediaError(f"{source}: cannot read the image ({type(exc).__name__}: {exc})") from None
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, PAD_COLOUR)
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits before RGB, which would otherwise clip to white.
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+def _scaled(image: Image.Image, long_side: int) -> Image.Image:
+    if max(image.size) <= long_side:
+        return image
+    factor = long_side / max(image.size)
+    size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def _padded(image: Image.Image) -> Image.Image:
+    """Centred on a white canvas of the fitted aspect: padding, never a crop, so the persona is
+    never cut out of her own photo."""
+    width, height = fit_aspect(*image.size)
+    if (width, height) == image.size:
+        return image
+    canvas = Image.new("RGB", (width, height), PAD_COLOUR)
+    canvas.paste(image, ((width - image.width) // 2, (height - image.height) // 2))
+    return canvas
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    # Baseline (not progressive) 4:2:0, no EXIF: the orientation is already applied.
+    image.save(buffer, format="JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()
+
+
+def export_post_jpeg(source: Path, max_bytes: int = MAX_MEDIA_BYTES, max_side: int = MAX_SIDE) -> bytes:
+    """The bytes of a publishable JPEG made from `source`: RGB, upright, long side <= `max_side`,
+    aspect fitted by padding, at most `max_bytes`. JPEG quality steps down 92 -> 60 first; if even
+    60 is too big, the picture is scaled down (by the square root of the size overshoot) and tried
+    again. A corrupt or unreadable source, or one that cannot fit, is a MediaError naming it."""
+    source = Path(source)
+    content = _open_rgb(source)
+    long_side = min(max_side, max(content.size))
+    while True:
+        picture = _padded(_scaled(content, long_side))
+        for quality in QUALITIES:
+            data = _jpeg(picture, quality)
+            if len(data) <= max_bytes:
+                return data
+            if len(data) > 3 * max_bytes:
+                break  # no quality step brings 3x down to 1x: save the encodes, scale down now
+        if long_side <= MIN_SIDE:
+            raise MediaError(f"{source}: even at {picture.width}x{picture.height} and JPEG quality {QUALITIES[-1]} "
+                             f"the image is {len(data)} bytes, more than {max_bytes}")
+        # Bytes grow about with the pixel count, so shrink each side by the root of the overshoot.
+        long_side = max(MIN_SIDE, int(long_side * min(0.9, math.sqrt(max_bytes / len(data)) * 0.95)))
+
+
+def check_post_jpeg(data: bytes, max_bytes: int = MAX_MEDIA_BYTES) -> list[str]:
+    """What stops Instagram from taking `data` as a post image; empty when nothing does."""
+    problems: list[str] = []
+    if len(data) > max_bytes:
+        problems.append(f"{len(data)} bytes, more than {max_bytes} ({max_bytes // (1024 * 1024)} MiB)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, (width, height) = image.format, image.size
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError):
+        return problems + ["not an image PIL can read (Instagram takes JPEG only)"]
+    if fmt != "JPEG":
+        problems.append(f"{fmt} image, Instagram takes JPEG only")
+    if width * 5 < height * 4 or width * 100 > height * 191:
+        problems.append(f"aspect ratio {width}x{height} = {width / height:.3f} is outside 4:5..1.91:1 "
+                        f"(0.8..1.91)")
+    return problems
