@@ -8,8 +8,10 @@ import dagster as dg
 
 from persona_pipeline.assets.candidates import candidates
 from persona_pipeline.assets.clusters import clusters
+from persona_pipeline.assets.content_library import content_library
 from persona_pipeline.assets.content_plan import content_plan
 from persona_pipeline.assets.lora_model import lora_model
+from persona_pipeline.assets.pillar_gaps import pillar_gaps, pillars_stocked
 from persona_pipeline.assets.post_calendar import calendar_slots_valid, post_calendar
 from persona_pipeline.assets.rankings import rankings
 from persona_pipeline.assets.scheduled_posts import scheduled_posts
@@ -39,8 +41,8 @@ from persona_pipeline.resources.review_policy import AutoReviewer
 from persona_pipeline.resources.storage import PersonaFolders, PersonaStorage
 from persona_pipeline.settings import Settings
 
-ASSETS = [source_photos, training_dataset, lora_model, content_plan, candidates, rankings, clusters, scheduled_posts,
-          post_calendar]
+ASSETS = [source_photos, training_dataset, lora_model, content_plan, candidates, rankings, content_library, clusters,
+          pillar_gaps, scheduled_posts, post_calendar]
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -72,7 +74,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     return dg.Definitions(
         assets=ASSETS,
-        asset_checks=[calendar_slots_valid],
+        asset_checks=[calendar_slots_valid, pillars_stocked],
         jobs=[persona_chain_job, lora_training_job, generation_job, advance_runs_job, rankings_job, library_job,
               post_calendar_job, publish_job, lora_import_job],
         sensors=[persona_sensor, lora_incoming_sensor, review_sensor],

@@ -59,12 +59,17 @@ class CaptionSettings(_Strict):
 
 
 class HashtagSettings(_Strict):
+    """Hashtags by size: `broad` (large, general tags), `targets` (mid-size) and `niche` (small,
+    specific); `size_mix` sets their shares in each post (domain/captions.select_hashtags)."""
+
     targets: list[str] = []
+    broad: list[str] = []
+    niche: list[str] = []
     avoid: list[str] = []
     size_mix: Literal["balanced", "niche_heavy", "broad_reach"] = "balanced"
-    max_per_post: int = Field(default=5, ge=0, le=30)
+    max_per_post: int = Field(default=5, ge=0, le=30)  # Instagram's limit since December 2025 is 5
 
-    @field_validator("targets", "avoid")
+    @field_validator("targets", "broad", "niche", "avoid")
     @classmethod
     def _normalise(cls, tags: list[str]) -> list[str]:
         out = []
@@ -74,6 +79,24 @@ class HashtagSettings(_Strict):
                 raise ValueError(f"hashtag {tag!r} must be letters, digits or underscores")
             out.append(clean)
         return out
+
+
+class StrategySettings(_Strict):
+    """How the posting strategy picks and spaces posts (domain/strategy.py, README "Strategy")."""
+
+    posts_per_week: float = Field(default=3, ge=0, le=50)  # the gap analysis plans for this rate
+    weekly_cap: int = Field(default=5, ge=0, le=100)  # never more posts in any 7 days
+    theme_spacing_days: float = Field(default=2, ge=0, le=60)
+    theme_max_per_week: int = Field(default=3, ge=1, le=100)
+    plan_ahead_days: int = Field(default=7, ge=1, le=60)  # scheduled_posts fills free slots this far ahead
+    gap_horizon_days: int = Field(default=30, ge=1, le=365)
+
+
+class LibrarySettings(_Strict):
+    """The content library: approved winners, and the source photos when `include_source_photos`."""
+
+    include_source_photos: bool = False
+    max_clusters: int = Field(default=20, ge=1, le=100)
 
 
 class InstagramAccount(_Strict):
@@ -234,6 +257,8 @@ class PersonaConfig(_Strict):
     pillars: list[Pillar] = Field(min_length=1)
     captions: CaptionSettings = CaptionSettings()
     hashtags: HashtagSettings = HashtagSettings()
+    strategy: StrategySettings = StrategySettings()
+    library: LibrarySettings = LibrarySettings()
     instagram: InstagramAccount | None = None
     training: TrainingOverrides = TrainingOverrides()
     generation: GenerationSettings = GenerationSettings()

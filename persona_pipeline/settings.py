@@ -42,6 +42,14 @@ SETTINGS: list[Setting] = [
     Setting("COMFYUI_JOB_TIMEOUT_S", "600", "Seconds before a ComfyUI job is interrupted (`POST /interrupt`) and failed."),
     Setting("PERSONA_AUTO_REVIEW", "0", "1 = cast votes, pick winners and approve posts from open_clip scores (the demo turns it on)."),
     Setting("PERSONA_PUBLISH_CRON", "*/5 * * * *", "Cron of the schedule that publishes due posts."),
+    Setting("PERSONA_PUBLISHER", "outbox", "`outbox` (dry run: JPEG + JSON under `$PERSONA_HOME/outbox/<slug>/`) or `instagram` (the Graph API, see \"Publishing\")."),
+    Setting("INSTAGRAM_GRAPH_URL", "https://graph.facebook.com/v23.0", "Base URL of the Instagram Graph API (a local fake in tests)."),
+    Setting("MEDIA_PUBLIC_BASE_URL", "", "Public URL under which MEDIA_PUBLIC_DIR is served; Instagram fetches each post's JPEG from there. Required by the `instagram` publisher."),
+    Setting("MEDIA_PUBLIC_DIR", "$PERSONA_HOME/public_media", "Folder the publisher copies post JPEGs into (`<slug>/<post>-<sha>.jpg`) for the web server behind MEDIA_PUBLIC_BASE_URL."),
+    Setting("PERSONA_PUBLISH_WORKERS", "32", "Posts published at once (accounts in parallel; each account's quota is reserved before each publish call)."),
+    Setting("PERSONA_PUBLISH_MAX_RETRIES", "3", "Failed publishes retried (with growing waits) before a post is abandoned."),
+    Setting("INSTAGRAM_POLL_TIMEOUT_S", "120", "Seconds a container may stay IN_PROGRESS before the attempt fails (it is retried later)."),
+    Setting("INSTAGRAM_TOKEN_WARN_DAYS", "7", "Warn when an account's access token expires within this many days."),
     Setting("REVIEW_TOKENS", "", "Reviewer logins for the review form: `name:token,name:token` (tokens ≥ 16 characters; `persona-pipeline review-token NAME` makes one)."),
     Setting("REVIEW_SECRET_KEY", "$PERSONA_HOME/review_secret.key", "Key that signs the review form's session cookie; when unset, a random key is made once and kept in that file."),
     Setting("REVIEW_HOST", "127.0.0.1", "Address `persona-pipeline review` listens on (0.0.0.0 to reach it from a phone on the network)."),
@@ -90,6 +98,18 @@ class Settings:
     review_max_body_bytes: int = 1_000_000
     review_exploration: float = 0.1
     review_https_only: bool = False
+    publisher: str = "outbox"
+    instagram_graph_url: str = "https://graph.facebook.com/v23.0"
+    media_public_base_url: str = ""
+    media_public_dir: Path | None = None  # None: home / "public_media"
+    publish_workers: int = 32
+    publish_max_retries: int = 3
+    instagram_poll_timeout_s: float = 120.0
+    instagram_token_warn_days: int = 7
+
+    @property
+    def public_media_dir(self) -> Path:
+        return self.media_public_dir or self.home / "public_media"
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -105,6 +125,9 @@ class Settings:
         if backend not in {"diffusers", "comfyui"}:
             raise ValueError(f"PERSONA_GENERATION_BACKEND={backend!r} must be `diffusers` or `comfyui`")
         in_flight = _number("COMFYUI_MAX_IN_FLIGHT", "2", int, 1, 64)
+        publisher = _env("PERSONA_PUBLISHER", "outbox")
+        if publisher not in {"outbox", "instagram"}:
+            raise ValueError(f"PERSONA_PUBLISHER={publisher!r} must be `outbox` or `instagram`")
         timeout = _number("COMFYUI_JOB_TIMEOUT_S", "600", float, 1, 24 * 3600)
         return cls(
             home=home,
@@ -135,6 +158,14 @@ class Settings:
             review_max_body_bytes=_number("REVIEW_MAX_BODY_BYTES", "1000000", int, 1024, 1 << 30),
             review_exploration=_number("REVIEW_EXPLORATION", "0.1", float, 0, 1),
             review_https_only=_env("REVIEW_HTTPS_ONLY", "0").lower() in {"1", "true", "yes", "on"},
+            publisher=publisher,
+            instagram_graph_url=_env("INSTAGRAM_GRAPH_URL", "https://graph.facebook.com/v23.0").rstrip("/"),
+            media_public_base_url=_env("MEDIA_PUBLIC_BASE_URL", "").rstrip("/"),
+            media_public_dir=Path(_env("MEDIA_PUBLIC_DIR", str(home / "public_media"))).expanduser().resolve(),
+            publish_workers=_number("PERSONA_PUBLISH_WORKERS", "32", int, 1, 256),
+            publish_max_retries=_number("PERSONA_PUBLISH_MAX_RETRIES", "3", int, 0, 20),
+            instagram_poll_timeout_s=_number("INSTAGRAM_POLL_TIMEOUT_S", "120", float, 1, 24 * 3600),
+            instagram_token_warn_days=_number("INSTAGRAM_TOKEN_WARN_DAYS", "7", int, 0, 365),
         )
 
     def reviewer_tokens(self) -> dict[str, str]:

@@ -21,7 +21,21 @@ def trace_post(session: Session, post_id: int) -> dict:
     post = session.get(models.Post, post_id)
     if post is None:
         raise TraceError(f"post {post_id} does not exist")
+    item = session.get(models.LibraryItem, post.library_item_id) if post.library_item_id else None
+    publishing = {"id": post.id, "status": post.status, "external_id": post.external_id, "media": post.media_path,
+                  "media_sha256": post.media_sha256, "permalink": post.permalink, "container_id": post.container_id,
+                  "caption_source": post.caption_source, "strategy": post.strategy_note}
+    library_entry = None if item is None else {
+        "id": item.id, "kind": item.kind, "status": item.status, "theme": item.theme,
+        "cluster": item.cluster.label if item.cluster else None}
     candidate = post.candidate
+    if candidate is None:
+        photo = session.get(models.SourcePhoto, item.source_photo_id) if item and item.source_photo_id else None
+        if photo is None or not photo.path:
+            raise TraceError(f"post {post.id} has neither a candidate nor a source photo behind it")
+        sha = hashlib.sha256(Path(photo.path).read_bytes()).hexdigest()
+        return {"post": publishing, "library_item": library_entry,
+                "source_photo": {"id": photo.id, "original_name": photo.original_name, "path": photo.path, "sha256": sha}}
     manifest_path = Path(candidate.manifest_path)
     manifest = json.loads(manifest_path.read_text())
     image_sha = hashlib.sha256(Path(candidate.image_path).read_bytes()).hexdigest()
@@ -50,7 +64,8 @@ def trace_post(session: Session, post_id: int) -> dict:
     if dataset_meta["version"] != dataset.version:
         raise TraceError(f"dataset {dataset.id}: version on disk {dataset_meta['version'][:16]} differs from the database")
     return {
-        "post": {"id": post.id, "status": post.status, "external_id": post.external_id, "media": post.media_path},
+        "post": publishing,
+        "library_item": library_entry,
         "candidate": {"id": candidate.id, "run_id": candidate.run_id, "elo": candidate.elo, "image": candidate.image_path,
                       "sha256": image_sha},
         "manifest": {"path": str(manifest_path), "workflow": str(graph_path),

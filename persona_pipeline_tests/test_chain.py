@@ -139,12 +139,23 @@ def test_candidates_have_complete_manifests_and_elo_matches_the_votes(built_chai
         assert run.winner_candidate_id == ranked[0].candidate_id
 
 
-def test_clusters_cover_the_approved_images(built_chain):
+def test_the_library_holds_every_winner_embedded_and_clustered(built_chain):
     settings, _, _ = built_chain
     with session_scope(settings.database_url) as session:
-        members = session.scalars(select(models.ClusterMember.candidate_id)).all()
-        winners = session.scalars(select(models.Candidate.id).where(models.Candidate.status == "winner")).all()
-        assert sorted(members) == sorted(winners) and len(winners) == 2
+        items = session.scalars(select(models.LibraryItem).order_by(models.LibraryItem.id)).all()
+        winners = session.scalars(select(models.Candidate).where(models.Candidate.status == "winner")).all()
+        assert sorted(i.candidate_id for i in items) == sorted(w.id for w in winners) and len(winners) == 2
+        assert all(i.kind == "winner" and i.embedding and i.embedding_model == "tiny:random" for i in items)
+        clusters = session.scalars(select(models.Cluster).where(models.Cluster.active.is_(True))).all()
+        assert {i.cluster_id for i in items} == {c.id for c in clusters}
+        assert sum(c.size for c in clusters) == 2 and all(c.label and c.pillar_id for c in clusters)
+        # each scheduled post holds its own library item; none is used before it is published
+        posts = session.scalars(select(models.Post)).all()
+        assert sorted(p.library_item_id for p in posts) == sorted(i.id for i in items)
+        assert all(i.status == "available" for i in items)
+        report = session.scalars(select(models.PillarGapReport).order_by(models.PillarGapReport.id.desc())).first()
+        assert {r["pillar"] for r in report.rows} == {"city", "beach"}
+        assert sum(r["available"] for r in report.rows) == 2
 
 
 def test_publishing_posts_once_and_traces_back(chain):
@@ -217,5 +228,6 @@ def test_rematerialising_reuses_immutable_versions_and_adds_runs(chain):
         assert session.scalar(select(func.count(models.Dataset.id))) == 1
         assert session.scalar(select(func.count(models.LoraModel.id))) == 1
         assert session.scalar(select(func.count(models.GenerationRun.id))) == 4
-        # pillars with an upcoming post get no second one
-        assert session.scalar(select(func.count(models.Post.id))) == 2
+        # the plan fills 3 posts/week over 7 days: one more slot, taken by a new winner, never more
+        posts = session.scalars(select(models.Post).order_by(models.Post.scheduled_at)).all()
+        assert len(posts) == 3 and len({p.library_item_id for p in posts}) == 3

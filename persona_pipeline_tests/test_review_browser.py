@@ -274,7 +274,7 @@ def test_a_reviewer_works_through_the_form(served: Served, chromium, tmp_path: P
     page.goto(f"{base}/posts?persona=ava")
     post_id = served.voting.post_ids[0]
     card = page.locator(f"#post-{post_id}")
-    assert page.locator("h1").inner_text() == "Posts to approve @ava"
+    assert page.locator("h1").inner_text() == "Posts to approve or retry @ava"
     assert card.locator(".caption").inner_text() == "Golden hour on the <b>river</b> walk."  # shown as text
     assert "Europe/Lisbon" in card.locator(".slot").inner_text() and "UTC" in card.locator(".slot").inner_text()
     shots(page, "posts")

@@ -254,3 +254,28 @@ def test_concurrent_offers_on_postgres_never_share_a_pair(tmp_path):
         assert len(pairs) == 36 and len(set(pairs)) == 36
     finally:
         drop()
+
+
+def test_a_failed_post_waits_for_a_person_to_retry_or_abandon_it(db_url, tmp_path):
+    seed = seed_review(db_url, tmp_path / "home", posts=2)
+    first, second = seed.post_ids
+    with session_scope(db_url) as session:
+        for post_id in seed.post_ids:  # as the publisher leaves a spam-blocked post: failed, not retryable
+            post = session.get(models.Post, post_id)
+            post.status, post.retryable, post.retry_count = "failed", False, 1
+            post.failure_reason = "GraphError spam: code 4 subcode 2207051"
+    with session_scope(db_url) as session:
+        assert [p.id for p in review_views.posts_to_review(session)] == [first, second]
+        edited = review.edit_post(session, first, "Fixed words", ["#sun"], "ana")  # a failed post can be fixed
+        assert edited.caption == "Fixed words"
+        retried = review.retry_post(session, first, "ana")
+        assert (retried.status, retried.retryable, retried.next_attempt_at) == ("scheduled", True, None)
+        assert "spam" in retried.review_note and retried.retry_count == 1
+        abandoned = review.abandon_post(session, second, "bo", "not worth it")
+        assert abandoned.status == "abandoned" and abandoned.review_note == "abandoned by bo: not worth it"
+    with pytest.raises(review.ReviewError, match="'scheduled' cannot become 'abandoned'"), session_scope(db_url) as session:
+        review.abandon_post(session, first, "ana")
+    with pytest.raises(review.ReviewError, match="'abandoned' cannot become 'scheduled'"), session_scope(db_url) as session:
+        review.retry_post(session, second, "ana")
+    assert [(e.kind, e.subject_id) for e in _events(db_url, "retry_post") + _events(db_url, "abandon_post")] == \
+        [("retry_post", first), ("abandon_post", second)]

@@ -471,3 +471,29 @@ def test_create_app_refuses_weak_configuration(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="shorter than 8"):
         create_app(ReviewConfig(database_url="sqlite://", home=tmp_path, tokens={"abc": "carol"}, secret_key=SECRET))
 
+
+
+def test_failed_posts_are_shown_with_their_reason_and_can_be_retried_or_abandoned(sqlite_url, tmp_path) -> None:
+    form = make_form(sqlite_url, tmp_path, posts=2, slug="failing")
+    csrf = form.login()
+    first, second = form.seed.post_ids
+    with session_scope(form.url) as session:
+        for post_id in (first, second):
+            post = session.get(models.Post, post_id)
+            post.status, post.retryable, post.retry_count = "failed", False, 2
+            post.failure_reason = "GraphError auth: code 190 token rejected"
+    page = form.client.get("/posts?persona=failing")
+    assert page.status_code == 200 and "code 190 token rejected" in page.text and "(2 attempts)" in page.text
+    assert f'action="/posts/{first}/retry"' in page.text and f'action="/posts/{first}/approve"' not in page.text
+    retried = form.client.post(f"/posts/{first}/retry", data={"csrf_token": csrf, "persona": "failing"},
+                               follow_redirects=False)
+    assert retried.status_code == 303, retried.text
+    abandoned = form.client.post(f"/posts/{second}/abandon", data={"csrf_token": csrf, "persona": "failing",
+                                                                  "reason": "old news"}, follow_redirects=False)
+    assert abandoned.status_code == 303, abandoned.text
+    again = form.client.post(f"/posts/{second}/retry", data={"csrf_token": csrf, "persona": "failing"})
+    assert again.status_code == 400 and "cannot become" in again.text
+    with session_scope(form.url) as session:
+        assert [session.get(models.Post, i).status for i in (first, second)] == ["scheduled", "abandoned"]
+    assert [e.subject_id for e in events(form.url, "retry_post")] == [first]
+    assert [e.payload["reason"] for e in events(form.url, "abandon_post")] == ["old news"]

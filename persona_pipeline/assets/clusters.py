@@ -1,64 +1,139 @@
-"""clusters: open_clip embeddings of the approved images (run winners), then k-means. Each
-cluster is named after its most common pillar and mapped to it."""
+"""clusters: the content library grouped by look. New items join existing clusters; a recluster
+(k by silhouette) happens only when enough items fit none, and then keeps each cluster's key,
+name and pillar where its centroid stays (domain/clustering.py has the rules).
 
-import hashlib
-from collections import Counter
+Each cluster maps to a pillar: the pillar most of its winners were made for, or, for a cluster
+of source photos only, the pillar whose name and guidelines open_clip finds nearest its centroid.
+New clusters are named by Gemini when GEMINI_API_KEY is set, else from their captions' top terms."""
+
+import uuid
 from pathlib import Path
 
 import dagster as dg
-from sqlalchemy import select
+import numpy as np
+from sqlalchemy import func, select
 
 from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
-from persona_pipeline.db import models
-from persona_pipeline.domain.clustering import cluster_embeddings
+from persona_pipeline.db import library, models
+from persona_pipeline.domain import clustering
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.database import AppDatabase
+from persona_pipeline.resources.gemini import GeminiClient, GeminiError
+
+LABEL_IMAGES = 4  # members nearest the centroid shown to Gemini when naming a cluster
 
 
-@dg.asset(partitions_def=persona_partitions, deps=["rankings"], group_name="library", kinds={"scikit-learn"})
-def clusters(context: dg.AssetExecutionContext, database: AppDatabase, clip: ClipModel) -> dg.MaterializeResult:
+def _pillar_by_text(clip: ClipModel, centroid: np.ndarray, pillars: list[models.ContentPillar]) -> int | None:
+    """The pillar whose text open_clip puts nearest the cluster centroid (zero-shot)."""
+    if not pillars:
+        return None
+    texts = [f"{p.name}. {p.guidelines}".strip() for p in pillars]
+    scores = clip.embed_texts(texts) @ (centroid / max(np.linalg.norm(centroid), 1e-12))
+    return pillars[int(np.argmax(scores))].id
+
+
+@dg.asset(partitions_def=persona_partitions, deps=["content_library"], group_name="library", kinds={"scikit-learn"})
+def clusters(context: dg.AssetExecutionContext, database: AppDatabase, clip: ClipModel,
+             gemini: GeminiClient) -> dg.MaterializeResult:
     slug = context.partition_key
+    model_id = clip.model_id
+    version = context.run_id if context.run_id else uuid.uuid4().hex
     with database.session() as session:
-        persona, _ = persona_for(session, slug)
-        approved = session.execute(
-            select(models.Candidate, models.GenerationRun.pillar_id, models.ContentPillar.name)
-            .join(models.GenerationRun, models.Candidate.run_id == models.GenerationRun.id)
-            .outerjoin(models.ContentPillar, models.GenerationRun.pillar_id == models.ContentPillar.id)
-            .where(models.GenerationRun.persona_id == persona.id, models.Candidate.status == "winner")
-            .order_by(models.Candidate.id)).all()
-    if not approved:
-        context.log.warning(f"{slug}: no approved images yet (no run has a winner); the library is empty")
-        return dg.MaterializeResult(metadata={"approved_images": 0, "clusters": 0})
+        persona, config = persona_for(session, slug)
+        items = [i for i in session.scalars(select(models.LibraryItem).where(
+            models.LibraryItem.persona_id == persona.id, models.LibraryItem.status != "removed")
+            .order_by(models.LibraryItem.id)) if i.embedding is not None and i.embedding_model == model_id]
+        rows = {c.key: c for c in session.scalars(select(models.Cluster).where(models.Cluster.persona_id == persona.id))}
+        active = [c for c in rows.values() if c.active]
+        dims = {len(c.centroid) for c in active}
+        if items and dims and dims != {len(library.embedding_of(items[0]))}:
+            context.log.warning(f"{slug}: the embedding model changed ({model_id}); every cluster is rebuilt")
+            active = []
+        by_id = {c.id: c.key for c in active}
+        if not items:
+            context.log.warning(f"{slug}: the library is empty (no approved winner yet); no clusters")
+            return dg.MaterializeResult(metadata={"items": 0, "clusters": 0})
+        embeddings = np.stack([library.embedding_of(i) for i in items])
+        update = clustering.update_clusters(
+            [clustering.ExistingCluster(c.key, c.centroid, c.radius, c.size) for c in active], embeddings,
+            [by_id.get(i.cluster_id) for i in items], max_k=config.library.max_clusters,
+            first_new_key=(session.scalar(select(func.max(models.Cluster.key)).where(
+                models.Cluster.persona_id == persona.id)) or 0) + 1)
 
-    paths = [Path(c.image_path) for c, _, _ in approved]
-    result = cluster_embeddings(clip.embed_images(paths))
-    version = hashlib.sha256(",".join(str(c.id) for c, _, _ in approved).encode()).hexdigest()[:16]
-    summary = []
-    with database.session() as session:
-        if session.scalar(select(models.Cluster.id).where(models.Cluster.persona_id == persona.id, models.Cluster.version == version)):
-            context.log.info(f"{slug}: the approved set is unchanged (clustering {version}); replacing its clusters")
-            for old in session.scalars(select(models.Cluster).where(models.Cluster.persona_id == persona.id,
-                                                                    models.Cluster.version == version)):
-                session.delete(old)
-            session.flush()
-        for label in range(result.k):
-            members = [i for i, lab in enumerate(result.labels) if lab == label]
-            pillar_votes = Counter((approved[i][1], approved[i][2]) for i in members)
-            (pillar_id, pillar_name), _ = pillar_votes.most_common(1)[0]
-            cluster = models.Cluster(persona_id=persona.id, version=version, label=f"{pillar_name or 'unassigned'} {label + 1}",
-                                     pillar_id=pillar_id, centroid=[round(float(x), 6) for x in result.centroids[label]],
-                                     size=len(members))
-            cluster.members = [models.ClusterMember(candidate_id=approved[i][0].id, distance=round(result.distances[i], 6))
-                               for i in members]
-            session.add(cluster)
-            summary.append({"cluster": cluster.label, "pillar": pillar_name or "", "size": len(members),
-                            "members": ", ".join(str(approved[i][0].id) for i in members)})
+        for key in update.retired_keys:
+            rows[key].active, rows[key].size = False, 0
+        for key in set(rows) - set(update.clusters) - set(update.retired_keys):
+            rows[key].active = False  # left behind by an embedding model change
+        members: dict[int, list[int]] = {}
+        for index, key in enumerate(update.keys):
+            if key is not None:
+                members.setdefault(key, []).append(index)
+        pillars = [p for p in session.scalars(select(models.ContentPillar).where(
+            models.ContentPillar.persona_id == persona.id, models.ContentPillar.active.is_(True))
+            .order_by(models.ContentPillar.id))]
+        pillar_names = {p.id: p.name for p in pillars}
+        named, summary, previews = [], [], []
+        for key, stats in sorted(update.clusters.items()):
+            row = rows.get(key)
+            if row is None:
+                row = models.Cluster(persona_id=persona.id, key=key, label="", label_source="terms")
+                session.add(row)
+                rows[key] = row
+            row.centroid = [round(float(x), 6) for x in stats.centroid]
+            row.radius, row.size, row.active, row.version = float(stats.radius), int(stats.size), True, version
+            member_items = [items[i] for i in members.get(key, [])]
+            known = [i.pillar_id for i in member_items if i.kind == "winner"]
+            row.pillar_id = (clustering.majority_pillar(known) if any(p is not None for p in known)
+                             else row.pillar_id or _pillar_by_text(clip, np.asarray(stats.centroid), pillars))
+            if not row.label:
+                named.append((row, member_items, stats))
+        session.flush()
+
+        if named:
+            terms = clustering.top_terms([[i.caption for i in m] for _, m, _ in named],
+                                         stop_words=[persona.trigger_word, persona.class_word, "photo"])
+            for (row, member_items, stats), words in zip(named, terms):
+                row.label, row.label_source = clustering.label_from_terms(words, f"cluster {row.key}"), "terms"
+                if gemini.enabled:
+                    nearest = sorted(member_items, key=lambda i: float(np.linalg.norm(
+                        library.embedding_of(i) - np.asarray(stats.centroid))))[:LABEL_IMAGES]
+                    try:
+                        row.label = gemini.cluster_label([Path(i.image_path) for i in nearest], words, log=context.log)
+                        row.label_source = gemini.name
+                    except GeminiError as exc:
+                        context.log.warning(f"{slug}: Gemini could not name cluster {row.key} ({exc}); "
+                                            f"using its top terms {row.label!r}")
+
+        for index, item in enumerate(items):
+            key = update.keys[index]
+            item.cluster_id = rows[key].id if key is not None else None
+            item.cluster_distance = update.distances[index]
+            if item.kind == "source_photo" and key is not None:
+                # A photo has no run: its cluster gives it a pillar and a theme for the strategy.
+                item.pillar_id, item.theme = rows[key].pillar_id, rows[key].label
+        for key, stats in sorted(update.clusters.items()):
+            row = rows[key]
+            member_items = [items[i] for i in members.get(key, [])]
+            summary.append({"key": key, "label": row.label, "named_by": row.label_source,
+                            "pillar": pillar_names.get(row.pillar_id, ""), "size": row.size,
+                            "available": sum(1 for i in member_items if i.status == "available"),
+                            "radius": round(row.radius, 4), "new": key in update.new_keys})
+            if member_items:
+                nearest = min(member_items, key=lambda i: i.cluster_distance or 0.0)
+                previews.append((Path(nearest.image_path), f"{key}: {row.label}"))
+    context.log.info(f"{slug}: {len(update.clusters)} cluster(s) over {len(items)} item(s); "
+                     f"{'reclustered' if update.reclustered else 'incremental'}, {len(update.new_keys)} new, "
+                     f"{len(update.retired_keys)} retired, {update.moved} item(s) moved, {update.outliers} outlier(s)")
     return dg.MaterializeResult(metadata={
-        "approved_images": len(approved),
-        "clusters": result.k,
-        "silhouette": float(result.silhouette) if result.silhouette is not None else float("nan"),
-        "version": version,
+        "items": len(items),
+        "clusters": len(update.clusters),
+        "reclustered": update.reclustered,
+        "new_clusters": len(update.new_keys),
+        "retired_clusters": len(update.retired_keys),
+        "moved_items": update.moved,
+        "outliers": update.outliers,
+        "silhouette": float(update.silhouette) if update.silhouette is not None else float("nan"),
         "table": table(summary),
-        "preview": dg.MetadataValue.md(contact_sheet_md(paths, [f"#{c.id}" for c, _, _ in approved])),
+        "preview": dg.MetadataValue.md(contact_sheet_md([p for p, _ in previews], [label for _, label in previews])),
     })

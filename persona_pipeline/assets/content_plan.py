@@ -1,40 +1,22 @@
-"""content_plan: the pillar gaps over the next 30 days (REFERENCES.md §1) and the prompts that
-fill them: through Gemini with structured JSON output when GEMINI_API_KEY is set, else from
-templates. Each prompt is stored as a `content_prompts` row; `candidates` starts one run per prompt."""
+"""content_plan: prompts that fill the pillar gaps of the latest `pillar_gaps` report
+(REFERENCES.md §1): through Gemini with structured JSON output when GEMINI_API_KEY is set, else
+from templates. Each prompt is stored as a `content_prompts` row; `candidates` starts one run per prompt."""
 
-
-from datetime import datetime
-from zoneinfo import ZoneInfo
 
 import dagster as dg
 from sqlalchemy import func, select
 
 from persona_pipeline.assets.common import persona_for, table
-from persona_pipeline.db import models, registry
+from persona_pipeline.db import library, models, registry
 from persona_pipeline.domain import content_prompts as cp
 from persona_pipeline.domain import gaps as gap_rules
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.gemini import GeminiClient, GeminiError
 
-# A post that holds its image: the image is no longer available to plan with.
-POST_HOLDS_IMAGE = ("draft", "awaiting_approval", "scheduled", "publishing", "published")
-
 
 class ContentPlanConfig(dg.Config):
     n_prompts: int | None = None  # default: persona.yaml generation.prompts_per_plan
-
-
-def available_per_pillar(session, persona_id: int) -> dict[int, int]:
-    """Approved (winner) images of each pillar that no post holds yet."""
-    held = select(models.Post.candidate_id).where(models.Post.status.in_(POST_HOLDS_IMAGE))
-    rows = session.execute(
-        select(models.GenerationRun.pillar_id, func.count(models.Candidate.id))
-        .join(models.Candidate, models.Candidate.run_id == models.GenerationRun.id)
-        .where(models.GenerationRun.persona_id == persona_id, models.Candidate.status == "winner",
-               models.Candidate.id.not_in(held))
-        .group_by(models.GenerationRun.pillar_id)).all()
-    return {pillar_id: n for pillar_id, n in rows if pillar_id is not None}
 
 
 @dg.asset(partitions_def=persona_partitions, deps=["source_photos"], group_name="generation", kinds={"gemini"})
@@ -44,11 +26,11 @@ def content_plan(context: dg.AssetExecutionContext, config: ContentPlanConfig, d
     with database.session() as session:
         persona, persona_config = persona_for(session, slug)
         pillars = registry.active_pillars(session, persona.id)
-        available = available_per_pillar(session, persona.id)
-        today = datetime.now(ZoneInfo(persona_config.timezone)).date()
-        gaps = gap_rules.analyse_gaps([gap_rules.PillarInput(
-            name=p.name, weight=p.weight, priority=p.priority, available=available.get(p.id, 0), starts_on=p.starts_on,
-            ends_on=p.ends_on, target_posts_per_week=p.target_posts_per_week) for p in pillars], today)
+        # The pillar_gaps asset's latest report while it holds, else a new one made the same way.
+        report = library.current_gap_report(session, persona, persona_config)
+        report_id, today = report.id, report.today
+        gaps = [gap_rules.PillarGap(r["pillar"], r["weight"], r["priority"], r["needed"], r["available"], r["gap"],
+                                    r["status"]) for r in report.rows]
         n = config.n_prompts or persona_config.generation.prompts_per_plan
         if not 1 <= n <= 50:
             raise dg.Failure(f"n_prompts={n} is out of range 1..50")
@@ -85,7 +67,8 @@ def content_plan(context: dg.AssetExecutionContext, config: ContentPlanConfig, d
         for prompt in prompts:
             row = models.ContentPrompt(persona_id=persona.id, pillar_id=by_name[prompt.pillar].id, prompt=prompt.prompt,
                                        negative_prompt=negative if prompt.source == "template" else (prompt.negative_prompt or negative), theme=prompt.theme,
-                                       source=prompt.source, gaps={"today": today.isoformat(), "pillars": gap_table},
+                                       source=prompt.source, gaps={"today": today.isoformat(), "report_id": report_id,
+                                                                            "pillars": gap_table},
                                        status="planned")
             session.add(row)
             rows.append(row)
@@ -98,6 +81,7 @@ def content_plan(context: dg.AssetExecutionContext, config: ContentPlanConfig, d
         "prompts": len(prompts),
         "source": prompts[0].source if prompts else "",
         "superseded": len(stale),
+        "gap_report_id": report_id,
         "gaps": table(gap_table),
         "planned_prompts": table(prompt_table),
     })

@@ -1,105 +1,139 @@
-"""scheduled_posts: for each pillar without an upcoming post, take its best approved image not yet
-used, write the post JPEG, caption and hashtags from persona settings, and a slot inside the
-persona's posting windows. Posts wait for approval (auto-review approves them in the demo)."""
+"""scheduled_posts: the next posts, picked by the strategy (domain/strategy.py) from the content
+library. Free slots inside the persona's posting windows are spaced at `strategy.posts_per_week`
+over `strategy.plan_ahead_days`; each gets the image the strategy chooses, a caption (Gemini with
+the image when GEMINI_API_KEY is set, else the persona's templates), hashtags by the persona's
+size mix, and an Instagram-ready JPEG. Posts wait for approval (auto-review approves in the demo)."""
 
-import io
+import math
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import dagster as dg
-from PIL import Image
 from sqlalchemy import select
 
 from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
-from persona_pipeline.db import models, review
-from persona_pipeline.domain import post_states
-from persona_pipeline.domain.captions import fill, hashtags_for_post, validate_post_text
-from persona_pipeline.domain.slots import next_free_slot
+from persona_pipeline.db import library, models, review
+from persona_pipeline.domain import post_states, strategy
+from persona_pipeline.domain.captions import repeated_phrases, select_hashtags, template_caption, validate_post_text
+from persona_pipeline.domain.media import MediaError, export_post_jpeg
+from persona_pipeline.domain.slots import spaced_slots
+from persona_pipeline.fileio import atomic_write
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.database import AppDatabase
+from persona_pipeline.resources.gemini import GeminiClient, GeminiError
 from persona_pipeline.resources.review_policy import AutoReviewer
 from persona_pipeline.resources.storage import PersonaStorage
-from persona_pipeline.fileio import atomic_write
 
-UPCOMING = {post_states.DRAFT, post_states.AWAITING_APPROVAL, post_states.SCHEDULED, post_states.PUBLISHING, post_states.FAILED}
-OCCUPIES_SLOT = post_states.HOLDS_IMAGE
+RECENT_CAPTIONS = 30  # captions scanned for repeated phrases to avoid
+# Posts that are in the feed or hold a slot: the strategy's history.
+IN_PLAY = (post_states.AWAITING_APPROVAL, post_states.SCHEDULED, post_states.PUBLISHING, post_states.PUBLISHED,
+           post_states.FAILED, post_states.DRAFT)
 
 
-def export_jpeg(source: Path, target: Path) -> str:
-    """Instagram takes JPEG only, aspect 4:5..1.91:1; pad to the nearest allowed ratio."""
-    with Image.open(source) as image:
-        image = image.convert("RGB")
-        ratio = image.width / image.height
-        if ratio < 0.8 or ratio > 1.91:
-            width = max(image.width, round(image.height * 0.8))
-            height = max(image.height, round(image.width / 1.91))
-            canvas = Image.new("RGB", (width, height), (255, 255, 255))
-            canvas.paste(image, ((width - image.width) // 2, (height - image.height) // 2))
-            image = canvas
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=92)
-    return atomic_write(target, buffer.getvalue())
+def _caption(gemini: GeminiClient, config, item: models.LibraryItem, pillar: models.ContentPillar | None,
+             avoid: list[str], index: int, what: str, log) -> tuple[str, str]:
+    """(caption, source): Gemini with the image when enabled, else the persona's templates."""
+    settings = config.captions
+    pillar_name, guidelines = (pillar.name, pillar.guidelines) if pillar else ("", "")
+    if gemini.enabled:
+        try:
+            text = gemini.post_caption(
+                Path(item.image_path), persona_name=config.name, pillar=pillar_name, theme=item.theme, tone=settings.tone,
+                voice=settings.voice, topics=settings.topics, avoid_topics=settings.avoid_topics,
+                examples=settings.examples, emoji=settings.emoji, emoji_density=settings.emoji_density,
+                length=settings.length, avoid_phrases=avoid, max_hashtags=config.hashtags.max_per_post,
+                guidelines=guidelines, log=log)
+            return text, gemini.name
+        except GeminiError as exc:
+            raise dg.Failure(f"{what}: Gemini could not write the caption of library item {item.id}: {exc}") from None
+    values = {"pillar": pillar_name, "theme": item.theme or pillar_name, "guidelines": guidelines, "name": config.name}
+    return template_caption(settings.templates, values, index, what=f"{what} captions.templates"), "template"
 
 
 @dg.asset(partitions_def=persona_partitions, deps=["clusters"], group_name="posting", kinds={"sqlalchemy"})
 def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
-                    auto_review: AutoReviewer) -> dg.MaterializeResult:
+                    gemini: GeminiClient, auto_review: AutoReviewer) -> dg.MaterializeResult:
     slug = context.partition_key
     now = datetime.now(timezone.utc)
-    created = []
     with database.session() as session:
         persona, config = persona_for(session, slug)
+        what = f"{persona.folder}/persona.yaml"
+        plan = config.strategy
         account = config.instagram.user_id if config.instagram else f"outbox:{slug}"
-        posts = list(session.scalars(select(models.Post).where(models.Post.persona_id == persona.id)))
-        used_candidates = {p.candidate_id for p in posts if p.status in post_states.HOLDS_IMAGE}
-        pillars_waiting = {p.pillar_id for p in posts if p.status in UPCOMING}
-        taken = list(session.scalars(select(models.Post.scheduled_at).where(
-            models.Post.account == account, models.Post.status.in_(OCCUPIES_SLOT))))
-        pillars = list(session.scalars(select(models.ContentPillar).where(
-            models.ContentPillar.persona_id == persona.id, models.ContentPillar.active.is_(True))
-            .order_by(models.ContentPillar.priority, models.ContentPillar.weight.desc(), models.ContentPillar.id)))
-        templates = config.captions.templates
-        for pillar in pillars:
-            if pillar.id in pillars_waiting:
-                continue
-            best = session.scalar(
-                select(models.Candidate).join(models.GenerationRun, models.Candidate.run_id == models.GenerationRun.id)
-                .where(models.GenerationRun.pillar_id == pillar.id, models.Candidate.status == "winner",
-                       models.Candidate.id.not_in(used_candidates or {-1}))
-                .order_by(models.Candidate.elo.desc(), models.Candidate.id).limit(1))
-            if best is None:
-                context.log.info(f"{slug}: pillar {pillar.name!r} has no unused approved image")
-                continue
-            count = len(posts) + len(created)
-            caption = fill(templates[count % len(templates)],
-                           {"pillar": pillar.name, "guidelines": pillar.guidelines, "name": config.name},
-                           what=f"{persona.folder}/persona.yaml captions.templates")
-            hashtags = hashtags_for_post(config.hashtags.targets, config.hashtags.avoid, config.hashtags.max_per_post, count)
+        posts = list(session.scalars(select(models.Post).where(models.Post.persona_id == persona.id)
+                                     .order_by(models.Post.id)))
+        in_play = [p for p in posts if p.status in IN_PLAY]
+        taken = [p.scheduled_at for p in session.scalars(select(models.Post).where(
+            models.Post.account == account, models.Post.status.in_(post_states.HOLDS_IMAGE)))]
+        until = now + timedelta(days=plan.plan_ahead_days)
+        upcoming = [p for p in in_play if p.status != post_states.PUBLISHED and now <= p.scheduled_at < until]
+        wanted = math.ceil(plan.posts_per_week * plan.plan_ahead_days / 7) - len(upcoming)
+        every = timedelta(days=7 / plan.posts_per_week) if plan.posts_per_week else timedelta(days=plan.plan_ahead_days)
+        slots = spaced_slots(now, wanted, every, config.windows(), config.timezone, taken,
+                             timedelta(minutes=config.min_minutes_between_posts), until)
+        pillars = list(session.scalars(select(models.ContentPillar).where(models.ContentPillar.persona_id == persona.id,
+                                                                          models.ContentPillar.active.is_(True))))
+        by_pillar = {p.id: p for p in pillars}
+        options = library.available_items(session, persona.id)
+        items = {i.id: i for i in options}
+        result = strategy.plan_posts(
+            slots=slots,
+            pillars=[strategy.StrategyPillar(p.id, p.name, p.weight, p.priority, p.starts_on, p.ends_on) for p in pillars],
+            # An image of a pillar dropped from persona.yaml is offered as unassigned, after every pillar.
+            options=[strategy.LibraryOption(i.id, i.pillar_id if i.pillar_id in by_pillar else None, i.theme, i.score)
+                     for i in options],
+            history=[strategy.PastPost(p.pillar_id, p.theme, p.published_at or p.scheduled_at) for p in in_play],
+            rules=strategy.StrategyRules(theme_spacing=timedelta(days=plan.theme_spacing_days),
+                                         theme_max_per_week=plan.theme_max_per_week, weekly_cap=plan.weekly_cap),
+            tz=config.timezone)
+        avoid = repeated_phrases([p.caption for p in posts[-RECENT_CAPTIONS:]])
+        created, rows = [], []
+        for planned in result.posts:
+            item = items[planned.item_id]
+            pillar = by_pillar.get(planned.pillar_id)
+            index = len(posts) + len(created)
+            caption, source = _caption(gemini, config, item, pillar, avoid, index, what, context.log)
+            hashtags = select_hashtags(broad=config.hashtags.broad, medium=config.hashtags.targets,
+                                       niche=config.hashtags.niche, avoid=config.hashtags.avoid,
+                                       size_mix=config.hashtags.size_mix, max_per_post=config.hashtags.max_per_post,
+                                       offset=index)
             problems = validate_post_text(caption, hashtags, config.hashtags.max_per_post)
             if problems:
-                raise dg.Failure(f"{slug}: post for pillar {pillar.name!r} is invalid: {'; '.join(problems)}")
-            slot = next_free_slot(now, config.windows(), config.timezone, taken,
-                                  timedelta(minutes=config.min_minutes_between_posts))
-            post = models.Post(persona_id=persona.id, pillar_id=pillar.id, candidate_id=best.id, account=account,
-                               status=post_states.DRAFT, caption=caption, hashtags=hashtags, scheduled_at=slot)
+                raise dg.Failure(f"{slug}: the post for library item {item.id} ({source} caption) is invalid: "
+                                 f"{'; '.join(problems)}")
+            post = models.Post(persona_id=persona.id, pillar_id=planned.pillar_id, candidate_id=item.candidate_id,
+                               library_item_id=item.id, account=account, status=post_states.DRAFT, caption=caption,
+                               hashtags=hashtags, scheduled_at=planned.slot, theme=planned.theme,
+                               caption_source=source, strategy_note=planned.reason)
             session.add(post)
             session.flush()
+            try:
+                jpeg = export_post_jpeg(Path(item.image_path))
+            except MediaError as exc:
+                raise dg.Failure(f"{slug}: library item {item.id}: {exc}") from None
             media = storage.media_dir(slug) / f"post-{post.id:06d}.jpg"
-            export_jpeg(Path(best.image_path), media)
+            post.media_sha256 = atomic_write(media, jpeg)
             post.media_path = str(media)
             review.set_post_status(session, post, post_states.AWAITING_APPROVAL)
             auto_review.approve_post(session, post)
-            taken.append(slot)
-            used_candidates.add(best.id)
             created.append(post)
-        session.flush()
-        rows = [{"post": p.id, "pillar": next(x.name for x in pillars if x.id == p.pillar_id), "candidate": p.candidate_id,
-                 "status": p.status, "slot_utc": p.scheduled_at.isoformat(), "caption": p.caption,
-                 "hashtags": " ".join(p.hashtags)} for p in created]
+            rows.append({"post": post.id, "slot_utc": post.scheduled_at.isoformat(),
+                         "pillar": pillar.name if pillar else "", "theme": post.theme, "item": item.id,
+                         "status": post.status, "caption_source": source, "relaxed": ", ".join(planned.relaxed),
+                         "why": planned.reason, "caption": caption, "hashtags": " ".join(hashtags)})
+        skipped = [{"slot_utc": slot.isoformat(), "why": why} for slot, why in result.skipped]
+        previews = [(Path(p.media_path), f"post {p.id}") for p in created]
+    for entry in skipped:
+        context.log.info(f"{slug}: slot {entry['slot_utc']} left empty: {entry['why']}")
     return dg.MaterializeResult(metadata={
         "new_posts": len(created),
+        "slots_considered": len(slots),
+        "slots_skipped": len(skipped),
         "awaiting_approval": sum(1 for r in rows if r["status"] == post_states.AWAITING_APPROVAL),
         "scheduled": sum(1 for r in rows if r["status"] == post_states.SCHEDULED),
+        "library_available": len(options),
+        "avoid_phrases": ", ".join(avoid) or "none",
         "posts": table(rows),
-        "preview": dg.MetadataValue.md(contact_sheet_md([Path(p.media_path) for p in created], [f"post {p.id}" for p in created])),
+        "skipped": table(skipped),
+        "preview": dg.MetadataValue.md(contact_sheet_md([p for p, _ in previews], [label for _, label in previews])),
     })

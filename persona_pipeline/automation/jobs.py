@@ -5,15 +5,15 @@ import dagster as dg
 from persona_pipeline.partitions import persona_partitions
 
 GPU_TAG = "persona-pipeline/gpu"
-CHAIN_ASSETS = ["source_photos", "training_dataset", "lora_model", "content_plan", "candidates", "rankings", "clusters",
-                "scheduled_posts", "post_calendar"]
+CHAIN_ASSETS = ["source_photos", "training_dataset", "lora_model", "content_plan", "candidates", "rankings",
+                "content_library", "clusters", "pillar_gaps", "scheduled_posts", "post_calendar"]
 
 persona_chain_job = dg.define_asset_job(
     "persona_chain",
     selection=dg.AssetSelection.assets(*CHAIN_ASSETS),
     partitions_def=persona_partitions,
     tags={GPU_TAG: "training"},
-    description="The whole chain for one persona: photos → dataset → LoRA → prompts → candidates → rankings → clusters → posts.",
+    description="The whole chain for one persona: photos → dataset → LoRA → prompts → candidates → rankings → library → clusters → gaps → posts.",
 )
 
 generation_job = dg.define_asset_job(
@@ -47,9 +47,9 @@ rankings_job = dg.define_asset_job(
 
 library_job = dg.define_asset_job(
     "library",
-    selection=dg.AssetSelection.assets("clusters", "scheduled_posts", "post_calendar"),
+    selection=dg.AssetSelection.assets("content_library", "clusters", "pillar_gaps", "scheduled_posts", "post_calendar"),
     partitions_def=persona_partitions,
-    description="Add new winners to the content library (clusters) and plan posts from it.",
+    description="Add new winners to the content library, cluster it, refresh the pillar gaps and plan posts from it.",
 )
 
 post_calendar_job = dg.define_asset_job(

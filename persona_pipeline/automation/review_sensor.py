@@ -35,6 +35,8 @@ JOB_FOR_KIND = {
     "approve_post": post_calendar_job.name,
     "move_post": post_calendar_job.name,
     "reject_post": post_calendar_job.name,
+    "retry_post": post_calendar_job.name,
+    "abandon_post": post_calendar_job.name,
 }
 
 

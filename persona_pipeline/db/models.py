@@ -18,6 +18,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -360,28 +361,67 @@ class ReviewEvent(Base):
 
 
 class Cluster(Base):
+    """A cluster of a persona's content library. Rows persist across clustering runs: `key` is the
+    cluster's stable number within the persona, so its label and pillar survive new items."""
+
     __tablename__ = "clusters"
+    __table_args__ = (UniqueConstraint("persona_id", "key"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
-    version: Mapped[str] = mapped_column(String(64))  # the clustering run that made it
+    key: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str | None] = mapped_column(String(64))  # the clustering run that last changed it
     label: Mapped[str] = mapped_column(String(200))
+    label_source: Mapped[str] = mapped_column(String(40), default="terms")  # terms | gemini:<model> | pillar
     pillar_id: Mapped[int | None] = mapped_column(ForeignKey("content_pillars.id", ondelete="SET NULL"))
     centroid: Mapped[list[Any]] = mapped_column(JSON)
+    radius: Mapped[float] = mapped_column(Float, default=0.0)
     size: Mapped[int] = mapped_column(Integer)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class LibraryItem(Base):
+    """One image of a persona's content library: an approved run winner, or (by a persona setting)
+    a source photo. `available` until a published post uses it; a failed post does not."""
+
+    __tablename__ = "library_items"
+    __table_args__ = (UniqueConstraint("persona_id", "image_sha256"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # winner | source_photo
+    candidate_id: Mapped[int | None] = mapped_column(ForeignKey("candidates.id", ondelete="SET NULL"), unique=True)
+    source_photo_id: Mapped[int | None] = mapped_column(ForeignKey("source_photos.id", ondelete="SET NULL"), unique=True)
+    image_path: Mapped[str] = mapped_column(Text)
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    pillar_id: Mapped[int | None] = mapped_column(ForeignKey("content_pillars.id", ondelete="SET NULL"))
+    theme: Mapped[str] = mapped_column(String(200), default="")
+    score: Mapped[float | None] = mapped_column(Float)  # BT score of a winner; None for photos
+    caption: Mapped[str] = mapped_column(Text, default="")  # the prompt or photo caption (cluster names)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32, L2-normalised
+    embedding_model: Mapped[str | None] = mapped_column(String(200))
+    cluster_id: Mapped[int | None] = mapped_column(ForeignKey("clusters.id", ondelete="SET NULL"), index=True)
+    cluster_distance: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16), default="available", index=True)  # available | used | removed
+    used_by_post_id: Mapped[int | None] = mapped_column(ForeignKey("posts.id", ondelete="SET NULL", use_alter=True))
+    used_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    members: Mapped[list["ClusterMember"]] = relationship(back_populates="cluster", cascade="all, delete-orphan")
+    cluster: Mapped[Cluster | None] = relationship()
 
 
-class ClusterMember(Base):
-    __tablename__ = "cluster_members"
-    __table_args__ = (UniqueConstraint("cluster_id", "candidate_id"),)
+class PillarGapReport(Base):
+    """One gap analysis (REFERENCES.md §1) of a persona's pillars, as the pillar_gaps asset wrote it.
+    content_plan plans prompts from the latest one."""
+
+    __tablename__ = "pillar_gap_reports"
     id: Mapped[int] = mapped_column(primary_key=True)
-    cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id", ondelete="CASCADE"), index=True)
-    candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"))
-    distance: Mapped[float] = mapped_column(Float)
-
-    cluster: Mapped[Cluster] = relationship(back_populates="members")
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
+    today: Mapped[date] = mapped_column(Date)
+    horizon_days: Mapped[int] = mapped_column(Integer)
+    posts_per_week: Mapped[float] = mapped_column(Float)
+    rows: Mapped[list[Any]] = mapped_column(JSON)  # [{pillar, pillar_id, weight, priority, needed, available, gap, status}]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Post(Base):
@@ -392,7 +432,8 @@ class Post(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
     pillar_id: Mapped[int | None] = mapped_column(ForeignKey("content_pillars.id", ondelete="SET NULL"))
-    candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="RESTRICT"))
+    # A winner's candidate, or None for a post of a source photo (library_item_id says which).
+    candidate_id: Mapped[int | None] = mapped_column(ForeignKey("candidates.id", ondelete="RESTRICT"))
     account: Mapped[str] = mapped_column(String(120))  # instagram user id, or outbox:<slug>
     status: Mapped[str] = mapped_column(String(24), default="draft", index=True)
     caption: Mapped[str] = mapped_column(Text)
@@ -403,11 +444,25 @@ class Post(Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     review_note: Mapped[str | None] = mapped_column(Text)  # why a reviewer rejected or moved it
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
+    retryable: Mapped[bool] = mapped_column(Boolean, default=True)  # False: a person must reschedule it
+    next_attempt_at: Mapped[datetime | None] = mapped_column()  # a retried post waits until then
     published_at: Mapped[datetime | None] = mapped_column()
+    library_item_id: Mapped[int | None] = mapped_column(ForeignKey("library_items.id", ondelete="SET NULL"))
+    theme: Mapped[str] = mapped_column(String(200), default="")
+    caption_source: Mapped[str | None] = mapped_column(String(120))  # template | gemini:<model> | reviewer
+    strategy_note: Mapped[str | None] = mapped_column(Text)  # why the strategy picked it, and what it relaxed
+    media_url: Mapped[str | None] = mapped_column(Text)  # the public URL Instagram fetched
+    media_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Crash safety: the container id is committed before media_publish is called.
+    container_id: Mapped[str | None] = mapped_column(String(200))
+    container_created_at: Mapped[datetime | None] = mapped_column()
+    permalink: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))  # the Dagster run publishing it
+    claimed_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
-    candidate: Mapped[Candidate] = relationship()
+    candidate: Mapped[Candidate | None] = relationship()
 
 
 class PostAttempt(Base):
@@ -417,7 +472,12 @@ class PostAttempt(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     post_id: Mapped[int] = mapped_column(ForeignKey("posts.id", ondelete="CASCADE"), index=True)
     publisher: Mapped[str] = mapped_column(String(40))
-    outcome: Mapped[str] = mapped_column(String(24))  # published | already_published | failed
+    step: Mapped[str | None] = mapped_column(String(16))  # quota | container | status | publish | reconcile | outbox
+    outcome: Mapped[str] = mapped_column(String(24))  # published | already_published | created | failed | ...
     external_id: Mapped[str | None] = mapped_column(String(200))
+    container_id: Mapped[str | None] = mapped_column(String(200))
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    error_code: Mapped[int | None] = mapped_column(Integer)
+    error_subcode: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -331,7 +331,8 @@ def _transition(post: models.Post, new_status: str) -> None:
         raise ReviewError(f"post {post.id}: {exc}") from None
 
 
-EDITABLE = (post_states.DRAFT, post_states.AWAITING_APPROVAL, post_states.SCHEDULED)
+# A failed post can be edited and moved too: a caption over the limits is fixed, then retried.
+EDITABLE = (post_states.DRAFT, post_states.AWAITING_APPROVAL, post_states.SCHEDULED, post_states.FAILED)
 _HASHTAG = re.compile(r"^#?(\w+)$")
 
 
@@ -386,6 +387,34 @@ def reject_post(session: Session, post_id: int, reviewer: str, reason: str = "")
     post.status = post_states.CANCELLED  # checked by _transition above
     post.review_note = f"rejected by {reviewer}" + (f": {reason}" if reason else "")
     _event(session, post.persona_id, "reject_post", "post", post.id, reviewer, {"reason": reason})
+    session.flush()
+    return post
+
+
+def retry_post(session: Session, post_id: int, reviewer: str, now: datetime | None = None) -> models.Post:
+    """Send a failed post again (a person's decision, e.g. after a spam block or a fixed token):
+    it becomes `scheduled` at once, or at its slot if that is still ahead."""
+    post = _post(session, post_id)
+    _transition(post, post_states.SCHEDULED)
+    now = now or datetime.now(timezone.utc)
+    reason = post.failure_reason
+    post.status, post.retryable, post.next_attempt_at = post_states.SCHEDULED, True, None
+    post.review_note = f"retried by {reviewer} after: {reason}"
+    _event(session, post.persona_id, "retry_post", "post", post.id, reviewer,
+           {"failure_reason": reason, "retry_count": post.retry_count,
+            "due": max(post.scheduled_at, now).isoformat()})
+    session.flush()
+    return post
+
+
+def abandon_post(session: Session, post_id: int, reviewer: str, reason: str = "") -> models.Post:
+    """Give up on a failed post; its image goes back to the library for another post."""
+    post = _post(session, post_id)
+    _transition(post, post_states.ABANDONED)
+    post.status = post_states.ABANDONED  # checked by _transition above
+    post.review_note = f"abandoned by {reviewer}" + (f": {reason}" if reason else "")
+    _event(session, post.persona_id, "abandon_post", "post", post.id, reviewer,
+           {"reason": reason, "failure_reason": post.failure_reason})
     session.flush()
     return post
 

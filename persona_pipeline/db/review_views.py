@@ -103,8 +103,9 @@ def step_view(session: Session, step_id: int) -> StepView:
 
 
 def posts_to_review(session: Session, slug: str | None = None) -> list[models.Post]:
-    """Posts awaiting approval, soonest slot first (optionally of one persona)."""
-    query = select(models.Post).where(models.Post.status == post_states.AWAITING_APPROVAL)
+    """Posts awaiting approval, and failed posts that wait for a person (retry or abandon), soonest
+    slot first (optionally of one persona)."""
+    query = select(models.Post).where(models.Post.status.in_((post_states.AWAITING_APPROVAL, post_states.FAILED)))
     if slug:
         persona = session.scalar(select(models.Persona).where(models.Persona.slug == slug))
         if persona is None:

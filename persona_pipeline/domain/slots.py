@@ -49,3 +49,33 @@ def next_free_slot(
         if in_window(moment, windows, tz_name) and free(moment):
             return moment
     raise ValueError(f"no free posting slot within {horizon_days} days of {after.isoformat()}")
+
+
+def spaced_slots(
+    now: datetime,
+    count: int,
+    every: timedelta,
+    windows: list[tuple[time, time]],
+    tz_name: str,
+    taken: Iterable[datetime],
+    min_gap: timedelta,
+    until: datetime,
+) -> list[datetime]:
+    """Up to `count` free slots before `until`, about `every` apart, queued after the last taken
+    slot (so new posts follow the ones already planned rather than crowding them). UTC."""
+    taken = sorted(t.astimezone(timezone.utc) for t in taken)
+    after = now.astimezone(timezone.utc)
+    upcoming = [t for t in taken if t >= after]
+    if upcoming:
+        after = max(after, upcoming[-1] + every)
+    out: list[datetime] = []
+    for _ in range(max(0, count)):
+        try:
+            slot = next_free_slot(after, windows, tz_name, taken + out, min_gap)
+        except ValueError:
+            break
+        if slot >= until:
+            break
+        out.append(slot)
+        after = slot + every
+    return out

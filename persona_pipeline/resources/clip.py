@@ -18,6 +18,11 @@ class ClipModel(dg.ConfigurableResource):
     pretrained: str = ""
     device: str = "cpu"
 
+    @property
+    def model_id(self) -> str:
+        """What an embedding was made with: a change of model re-embeds the whole library."""
+        return f"{self.model_name}:{self.pretrained or 'random'}"
+
     def embed_images(self, paths: list[Path], batch_size: int = 32) -> np.ndarray:
         """L2-normalised image embeddings, one row per path."""
         import torch

@@ -622,10 +622,11 @@ def _posts(session: Session, slug: str | None, home: Path) -> list[dict[str, Any
         result.append({
             "id": post.id, "persona_slug": persona.slug, "timezone": persona.timezone, "status": post.status,
             "caption": post.caption, "hashtags": list(post.hashtags or []), "account": post.account,
-            "url": media_url(home, post.media_path) or media_url(home, post.candidate.image_path),
+            "url": media_url(home, post.media_path) or (media_url(home, post.candidate.image_path) if post.candidate else None),
             "slot_local": _fmt(post.scheduled_at, zone), "slot_utc": _fmt(post.scheduled_at),
             "slot_input": post.scheduled_at.astimezone(zone).strftime("%Y-%m-%dT%H:%M"),
             "candidate_id": post.candidate_id,
+            "failure_reason": post.failure_reason, "retry_count": post.retry_count, "retryable": post.retryable,
         })
     return result
 
@@ -635,7 +636,12 @@ async def _render_posts(request: Request, slug: str | None, *, errors: dict[int,
     posts = await in_db(request, _posts, slug, _home(request))
     for post in posts:  # after a refused change, show what the reviewer typed, not the stored text
         post["form"] = (errors or {}).get(post["id"], {})
-    return render(request, "posts.html", {"posts": posts, "persona": slug, "title": "Posts to approve"}, status)
+    shown = {p["id"] for p in posts}
+    # A refused change to a post the list no longer shows (e.g. already abandoned) is said at the top.
+    page_errors = [f"Post {post_id}: {typed['error']}" for post_id, typed in (errors or {}).items()
+                   if post_id not in shown and typed.get("error")]
+    return render(request, "posts.html", {"posts": posts, "persona": slug, "title": "Posts to approve",
+                                          "page_errors": page_errors}, status)
 
 
 def _slug_param(value: str | None) -> str | None:
@@ -664,7 +670,7 @@ def _post_tz(session: Session, post_id: int) -> str:
 
 @page
 async def post_action(request: Request, reviewer: str, form: FormData) -> Response:
-    """approve | edit | reject | move one post (the action is the last path segment)."""
+    """approve | edit | reject | move | retry | abandon one post (the action is the last path segment)."""
     post_id = _path_id(request, "post_id")
     action = request.path_params["action"]
     slug = _slug_param(_form_text(form, "persona", 64) or None)
@@ -687,6 +693,13 @@ async def post_action(request: Request, reviewer: str, form: FormData) -> Respon
             new_time = parse_local_slot(typed["new_time"], tz_name)
             await in_db(request, review.move_post, post_id, new_time, reviewer)
             message = f"Post {post_id} moved to {typed['new_time'].replace('T', ' ')} ({tz_name})."
+        elif action == "retry":
+            await in_db(request, review.retry_post, post_id, reviewer)
+            message = f"Post {post_id} will be published again."
+        elif action == "abandon":
+            typed.update(reason=_form_text(form, "reason", 500))
+            await in_db(request, lambda s: review.abandon_post(s, post_id, reviewer, reason=typed["reason"]))
+            message = f"Post {post_id} abandoned; its image is back in the library."
         else:
             raise HTTPException(404, f"unknown post action {action!r}")
     except (review.ReviewError, BadInput) as exc:

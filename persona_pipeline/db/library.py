@@ -1,0 +1,188 @@
+"""The content library: which approved images (and, by a persona setting, source photos) a persona
+can post, which pillar and theme each belongs to, and which are used.
+
+An item is *available* until a published post uses it. A post that is waiting, publishing or
+failed-and-retrying holds its item so two posts never share an image; a cancelled or abandoned
+post lets it go again, so a failed post never uses its image up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from persona_pipeline.db import models, registry
+from persona_pipeline.domain import gaps as gap_rules
+from persona_pipeline.domain import post_states
+from persona_pipeline.personas import PersonaConfig
+
+# Statuses of a post that keep its library item away from other posts (published ones use it up).
+HOLDING = tuple(sorted(post_states.HOLDS_IMAGE - {post_states.PUBLISHED}))
+
+
+@dataclass(frozen=True)
+class LibrarySync:
+    added: list[int]  # new item ids
+    removed: int  # items whose source went away (never used ones only)
+    restored: int
+
+
+def _winner_rows(session: Session, persona_id: int):
+    return session.execute(
+        select(models.Candidate, models.GenerationRun.pillar_id, models.GenerationRun.prompt, models.ContentPrompt.theme)
+        .join(models.GenerationRun, models.Candidate.run_id == models.GenerationRun.id)
+        .outerjoin(models.ContentPrompt, models.GenerationRun.content_prompt_id == models.ContentPrompt.id)
+        .where(models.GenerationRun.persona_id == persona_id, models.Candidate.status == "winner")
+        .order_by(models.Candidate.id)).all()
+
+
+def _photo_caption(session: Session, photo: models.SourcePhoto) -> str:
+    if photo.caption:
+        return photo.caption
+    generated = session.scalars(select(models.PhotoCaption.caption).where(
+        models.PhotoCaption.persona_id == photo.persona_id, models.PhotoCaption.pixel_sha256 == photo.pixel_sha256)
+        .order_by(models.PhotoCaption.kind)).first()  # "edited" sorts before "generated"
+    return generated or ""
+
+
+def sync_library(session: Session, persona_id: int, include_source_photos: bool) -> LibrarySync:
+    """Add every approved winner (and accepted source photo, when included) that is not in the
+    library yet; take out unused items whose source went away; put back ones that returned."""
+    items = {i.image_sha256: i for i in session.scalars(select(models.LibraryItem).where(
+        models.LibraryItem.persona_id == persona_id))}
+    wanted: set[str] = set()
+    added: list[models.LibraryItem] = []
+    for candidate, pillar_id, prompt, theme in _winner_rows(session, persona_id):
+        wanted.add(candidate.image_sha256)
+        if candidate.image_sha256 in items:
+            item = items[candidate.image_sha256]
+            item.score = candidate.bt_score if candidate.bt_score is not None else float(candidate.elo)
+            continue
+        item = models.LibraryItem(
+            persona_id=persona_id, kind="winner", candidate_id=candidate.id, image_path=candidate.image_path,
+            image_sha256=candidate.image_sha256, pillar_id=pillar_id, theme=theme or "", caption=prompt or "",
+            score=candidate.bt_score if candidate.bt_score is not None else float(candidate.elo), status="available")
+        session.add(item)
+        items[item.image_sha256] = item
+        added.append(item)
+    if include_source_photos:
+        for photo in session.scalars(select(models.SourcePhoto).where(
+                models.SourcePhoto.persona_id == persona_id, models.SourcePhoto.status == "accepted")
+                .order_by(models.SourcePhoto.id)):
+            sha = photo.pixel_sha256 or photo.sha256
+            wanted.add(sha)
+            if sha in items:
+                continue
+            item = models.LibraryItem(
+                persona_id=persona_id, kind="source_photo", source_photo_id=photo.id, image_path=photo.path,
+                image_sha256=sha, pillar_id=None, theme="", caption=_photo_caption(session, photo), score=None,
+                status="available")
+            session.add(item)
+            items[sha] = item
+            added.append(item)
+    removed = restored = 0
+    for sha, item in items.items():
+        if sha not in wanted and item.status == "available":
+            item.status, removed = "removed", removed + 1
+        elif sha in wanted and item.status == "removed":
+            item.status, restored = "available", restored + 1
+    session.flush()
+    return LibrarySync([i.id for i in added], removed, restored)
+
+
+def embedding_of(item: models.LibraryItem) -> np.ndarray:
+    return np.frombuffer(item.embedding, dtype=np.float32)
+
+
+def set_embedding(item: models.LibraryItem, vector: np.ndarray, model_name: str) -> None:
+    item.embedding = np.asarray(vector, dtype=np.float32).tobytes()
+    item.embedding_model = model_name
+
+
+def held_item_ids(session: Session, persona_id: int, exclude_post_id: int | None = None) -> set[int]:
+    """Items a post still holds (waiting, scheduled, publishing, or failed and to be retried)."""
+    query = select(models.Post.library_item_id).where(
+        models.Post.persona_id == persona_id, models.Post.library_item_id.is_not(None),
+        models.Post.status.in_(HOLDING))
+    if exclude_post_id is not None:
+        query = query.where(models.Post.id != exclude_post_id)
+    return set(session.scalars(query))
+
+
+def available_items(session: Session, persona_id: int) -> list[models.LibraryItem]:
+    """Items no post has used or holds, oldest first."""
+    held = held_item_ids(session, persona_id)
+    return [i for i in session.scalars(select(models.LibraryItem).where(
+        models.LibraryItem.persona_id == persona_id, models.LibraryItem.status == "available")
+        .order_by(models.LibraryItem.id)) if i.id not in held]
+
+
+def unposted_per_pillar(session: Session, persona_id: int) -> dict[int | None, int]:
+    """Unposted items per pillar id (None: not mapped to a pillar yet). An item a scheduled post
+    holds still counts: the gap analysis needs cover every post of the horizon, scheduled ones too."""
+    rows = session.execute(select(models.LibraryItem.pillar_id, func.count()).where(
+        models.LibraryItem.persona_id == persona_id, models.LibraryItem.status == "available")
+        .group_by(models.LibraryItem.pillar_id)).all()
+    return {pillar_id: n for pillar_id, n in rows}
+
+
+def build_gap_report(session: Session, persona: models.Persona, config: PersonaConfig) -> models.PillarGapReport:
+    """The gap analysis (domain/gaps.py) of the persona's active pillars over its library, stored."""
+    pillars = registry.active_pillars(session, persona.id)
+    available = unposted_per_pillar(session, persona.id)
+    today = datetime.now(ZoneInfo(config.timezone)).date()
+    horizon, rate = config.strategy.gap_horizon_days, config.strategy.posts_per_week
+    gaps = gap_rules.analyse_gaps([gap_rules.PillarInput(
+        name=p.name, weight=p.weight, priority=p.priority, available=available.get(p.id, 0), starts_on=p.starts_on,
+        ends_on=p.ends_on, target_posts_per_week=p.target_posts_per_week) for p in pillars], today,
+        days=horizon, posts_per_week=rate)
+    ids = {p.name: p.id for p in pillars}
+    report = models.PillarGapReport(
+        persona_id=persona.id, today=today, horizon_days=horizon, posts_per_week=rate,
+        rows=[{"pillar": g.name, "pillar_id": ids[g.name], "weight": g.weight, "priority": g.priority,
+               "needed": g.needed, "available": g.available, "gap": g.gap, "status": g.status} for g in gaps])
+    session.add(report)
+    session.flush()
+    return report
+
+
+def latest_gap_report(session: Session, persona_id: int) -> models.PillarGapReport | None:
+    return session.scalars(select(models.PillarGapReport).where(models.PillarGapReport.persona_id == persona_id)
+                           .order_by(models.PillarGapReport.id.desc()).limit(1)).first()
+
+
+def current_gap_report(session: Session, persona: models.Persona, config: PersonaConfig) -> models.PillarGapReport:
+    """The latest report while it still holds (same local day, same settings, no library change
+    since); otherwise a new one. content_plan plans from this."""
+    report = latest_gap_report(session, persona.id)
+    if report is not None:
+        today = datetime.now(ZoneInfo(config.timezone)).date()
+        changed = session.scalar(select(func.max(func.coalesce(models.LibraryItem.used_at, models.LibraryItem.created_at)))
+                                 .where(models.LibraryItem.persona_id == persona.id))
+        active = sorted(p.name for p in registry.active_pillars(session, persona.id))
+        if (report.today == today and report.horizon_days == config.strategy.gap_horizon_days
+                and report.posts_per_week == config.strategy.posts_per_week
+                and sorted(r["pillar"] for r in report.rows) == active
+                and (changed is None or changed <= report.created_at)):
+            return report
+    return build_gap_report(session, persona, config)
+
+
+def mark_used(session: Session, post: models.Post, when: datetime) -> None:
+    """The published post's item is used up (in the caller's transaction, with the post's status)."""
+    if post.library_item_id is None:
+        return
+    item = session.get(models.LibraryItem, post.library_item_id)
+    if item is not None:
+        item.status, item.used_by_post_id, item.used_at = "used", post.id, when
+
+
+def counts_by_status(session: Session, persona_id: int) -> dict[str, int]:
+    rows = session.execute(select(models.LibraryItem.status, func.count()).where(
+        models.LibraryItem.persona_id == persona_id).group_by(models.LibraryItem.status)).all()
+    return {status: n for status, n in rows}
