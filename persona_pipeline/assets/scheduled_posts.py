@@ -28,6 +28,7 @@ RECENT_CAPTIONS = 30  # captions scanned for repeated phrases to avoid
 # Posts that are in the feed or hold a slot: the strategy's history.
 IN_PLAY = (post_states.AWAITING_APPROVAL, post_states.SCHEDULED, post_states.PUBLISHING, post_states.PUBLISHED,
            post_states.FAILED, post_states.DRAFT)
+WAITING = (post_states.DRAFT, post_states.AWAITING_APPROVAL, post_states.SCHEDULED, post_states.PUBLISHING)
 
 
 def _caption(gemini: GeminiClient, config, item: models.LibraryItem, pillar: models.ContentPillar | None,
@@ -66,7 +67,10 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
         taken = [p.scheduled_at for p in session.scalars(select(models.Post).where(
             models.Post.account == account, models.Post.status.in_(post_states.HOLDS_IMAGE)))]
         until = now + timedelta(days=plan.plan_ahead_days)
-        upcoming = [p for p in in_play if p.status != post_states.PUBLISHED and now <= p.scheduled_at < until]
+        # Posts still on their way out count, overdue ones too (the next publish tick, a retry):
+        # they go out inside the plan's days.
+        upcoming = [p for p in in_play if p.scheduled_at < until and (p.status in WAITING or (
+            p.status == post_states.FAILED and p.retryable))]
         wanted = math.ceil(plan.posts_per_week * plan.plan_ahead_days / 7) - len(upcoming)
         every = timedelta(days=7 / plan.posts_per_week) if plan.posts_per_week else timedelta(days=plan.plan_ahead_days)
         slots = spaced_slots(now, wanted, every, config.windows(), config.timezone, taken,

@@ -131,8 +131,9 @@ def unposted_per_pillar(session: Session, persona_id: int) -> dict[int | None, i
     return {pillar_id: n for pillar_id, n in rows}
 
 
-def build_gap_report(session: Session, persona: models.Persona, config: PersonaConfig) -> models.PillarGapReport:
-    """The gap analysis (domain/gaps.py) of the persona's active pillars over its library, stored."""
+def _gap_analysis(session: Session, persona: models.Persona, config: PersonaConfig) -> tuple:
+    """(today, horizon, rate, rows): the gap analysis (domain/gaps.py) of the persona's active
+    pillars over its library, as a report stores it."""
     pillars = registry.active_pillars(session, persona.id)
     available = unposted_per_pillar(session, persona.id)
     today = datetime.now(ZoneInfo(config.timezone)).date()
@@ -142,13 +143,23 @@ def build_gap_report(session: Session, persona: models.Persona, config: PersonaC
         ends_on=p.ends_on, target_posts_per_week=p.target_posts_per_week) for p in pillars], today,
         days=horizon, posts_per_week=rate)
     ids = {p.name: p.id for p in pillars}
-    report = models.PillarGapReport(
-        persona_id=persona.id, today=today, horizon_days=horizon, posts_per_week=rate,
-        rows=[{"pillar": g.name, "pillar_id": ids[g.name], "weight": g.weight, "priority": g.priority,
-               "needed": g.needed, "available": g.available, "gap": g.gap, "status": g.status} for g in gaps])
+    rows = [{"pillar": g.name, "pillar_id": ids[g.name], "weight": g.weight, "priority": g.priority,
+             "needed": g.needed, "available": g.available, "gap": g.gap, "status": g.status} for g in gaps]
+    return today, horizon, rate, rows
+
+
+def _store(session: Session, persona: models.Persona, analysis: tuple) -> models.PillarGapReport:
+    today, horizon, rate, rows = analysis
+    report = models.PillarGapReport(persona_id=persona.id, today=today, horizon_days=horizon, posts_per_week=rate,
+                                    rows=rows)
     session.add(report)
     session.flush()
     return report
+
+
+def build_gap_report(session: Session, persona: models.Persona, config: PersonaConfig) -> models.PillarGapReport:
+    """The gap analysis of the persona's active pillars over its library, stored."""
+    return _store(session, persona, _gap_analysis(session, persona, config))
 
 
 def latest_gap_report(session: Session, persona_id: int) -> models.PillarGapReport | None:
@@ -157,20 +168,13 @@ def latest_gap_report(session: Session, persona_id: int) -> models.PillarGapRepo
 
 
 def current_gap_report(session: Session, persona: models.Persona, config: PersonaConfig) -> models.PillarGapReport:
-    """The latest report while it still holds (same local day, same settings, no library change
-    since); otherwise a new one. content_plan plans from this."""
+    """The latest report while it still says what a new analysis would (same local day, settings,
+    pillars and counts); otherwise a new one. content_plan plans from this."""
+    analysis = _gap_analysis(session, persona, config)
     report = latest_gap_report(session, persona.id)
-    if report is not None:
-        today = datetime.now(ZoneInfo(config.timezone)).date()
-        changed = session.scalar(select(func.max(func.coalesce(models.LibraryItem.used_at, models.LibraryItem.created_at)))
-                                 .where(models.LibraryItem.persona_id == persona.id))
-        active = sorted(p.name for p in registry.active_pillars(session, persona.id))
-        if (report.today == today and report.horizon_days == config.strategy.gap_horizon_days
-                and report.posts_per_week == config.strategy.posts_per_week
-                and sorted(r["pillar"] for r in report.rows) == active
-                and (changed is None or changed <= report.created_at)):
-            return report
-    return build_gap_report(session, persona, config)
+    if report is not None and (report.today, report.horizon_days, report.posts_per_week, report.rows) == analysis:
+        return report
+    return _store(session, persona, analysis)
 
 
 def mark_used(session: Session, post: models.Post, when: datetime) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -424,11 +426,16 @@ class PillarGapReport(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+LIVE_SLOT = "status NOT IN ('cancelled', 'abandoned')"
+
+
 class Post(Base):
     """One post with one status model (see domain/post_states.py for the legal transitions)."""
 
     __tablename__ = "posts"
-    __table_args__ = (UniqueConstraint("account", "scheduled_at"),)
+    # No two live posts of one account in one slot; a cancelled or abandoned post frees its slot.
+    __table_args__ = (Index("uq_posts_account_scheduled_at", "account", "scheduled_at", unique=True,
+                            sqlite_where=text(LIVE_SLOT), postgresql_where=text(LIVE_SLOT)),)
     id: Mapped[int] = mapped_column(primary_key=True)
     persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
     pillar_id: Mapped[int | None] = mapped_column(ForeignKey("content_pillars.id", ondelete="SET NULL"))

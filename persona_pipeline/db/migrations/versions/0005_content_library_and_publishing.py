@@ -14,6 +14,8 @@ down_revision = '0004'
 branch_labels = None
 depends_on = None
 
+LIVE_SLOT = "status NOT IN ('cancelled', 'abandoned')"
+
 
 def upgrade() -> None:
     # Clusters become persistent rows with a stable key; membership moves to library_items.
@@ -93,6 +95,10 @@ def upgrade() -> None:
         batch.add_column(sa.Column('claimed_at', sa.DateTime(timezone=True), nullable=True))
         batch.create_foreign_key(op.f('fk_posts_library_item_id_library_items'), 'library_items', ['library_item_id'], ['id'],
                                  ondelete='SET NULL')
+        # A cancelled or abandoned post frees its slot: only live posts are unique per account and slot.
+        batch.drop_constraint('uq_posts_account_scheduled_at', type_='unique')
+    op.create_index('uq_posts_account_scheduled_at', 'posts', ['account', 'scheduled_at'], unique=True,
+                    sqlite_where=sa.text(LIVE_SLOT), postgresql_where=sa.text(LIVE_SLOT))
     with op.batch_alter_table('library_items') as batch:
         batch.create_foreign_key(op.f('fk_library_items_used_by_post_id_posts'), 'posts', ['used_by_post_id'], ['id'],
                                  ondelete='SET NULL')
@@ -110,7 +116,9 @@ def downgrade() -> None:
             batch.drop_column(column)
     with op.batch_alter_table('library_items') as batch:
         batch.drop_constraint(op.f('fk_library_items_used_by_post_id_posts'), type_='foreignkey')
+    op.drop_index('uq_posts_account_scheduled_at', table_name='posts')
     with op.batch_alter_table('posts') as batch:
+        batch.create_unique_constraint('uq_posts_account_scheduled_at', ['account', 'scheduled_at'])
         batch.drop_constraint(op.f('fk_posts_library_item_id_library_items'), type_='foreignkey')
         for column in ('claimed_at', 'claimed_by', 'permalink', 'container_created_at', 'container_id', 'media_sha256',
                        'media_url', 'strategy_note', 'caption_source', 'theme', 'library_item_id', 'next_attempt_at',
