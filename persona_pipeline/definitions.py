@@ -36,7 +36,8 @@ from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline.resources.gemini import GeminiClient
 from persona_pipeline.resources.generation import GenerationDefaults
-from persona_pipeline.resources.publisher import OutboxPublisher
+from persona_pipeline.resources.instagram import InstagramGraphClient
+from persona_pipeline.resources.publisher import InstagramPublisher, OutboxPublisher, Publisher
 from persona_pipeline.resources.review_policy import AutoReviewer
 from persona_pipeline.resources.storage import PersonaFolders, PersonaStorage
 from persona_pipeline.settings import Settings
@@ -66,8 +67,22 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
         "gemini": GeminiClient(api_key=dg.EnvVar("GEMINI_API_KEY") if os.environ.get("GEMINI_API_KEY", "").strip() else "",
                                model=settings.gemini_model, base_url=settings.gemini_base_url),
         "auto_review": AutoReviewer(enabled=settings.auto_review),
-        "publisher": OutboxPublisher(home=str(settings.home)),
+        "publisher": build_publisher(settings),
     }
+
+
+def build_publisher(settings: Settings) -> Publisher:
+    """PERSONA_PUBLISHER: the dry-run outbox (default) or the Instagram Graph API."""
+    common = dict(workers=settings.publish_workers, max_retries=settings.publish_max_retries)
+    if settings.publisher == "outbox":
+        return OutboxPublisher(home=str(settings.home), **common)
+    if not settings.media_public_base_url:
+        raise ValueError("PERSONA_PUBLISHER=instagram needs MEDIA_PUBLIC_BASE_URL: the public URL where "
+                         f"{settings.public_media_dir} is served, so Instagram can fetch each post's JPEG")
+    return InstagramPublisher(
+        graph=InstagramGraphClient(base_url=settings.instagram_graph_url, poll_timeout_s=settings.instagram_poll_timeout_s),
+        media_public_base_url=settings.media_public_base_url, media_public_dir=str(settings.public_media_dir),
+        token_warn_days=settings.instagram_token_warn_days, **common)
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:

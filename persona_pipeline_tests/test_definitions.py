@@ -1,6 +1,7 @@
 """The whole Definitions loads, as `dagster dev -w workspace.yaml` would load it."""
 
 import dagster as dg
+import pytest
 
 from persona_pipeline.automation.jobs import CHAIN_ASSETS, GPU_TAG
 from persona_pipeline.definitions import build_definitions
@@ -17,7 +18,11 @@ def test_definitions_load_with_every_stage_partitioned_by_persona(tmp_path):
         assert graph.get(key).partitions_def.name == "personas"
     upstream = {k.to_user_string(): sorted(p.to_user_string() for p in graph.get(k).parent_keys) for k in graph.get_all_asset_keys()}
     assert upstream["lora_model"] == ["training_dataset"] and upstream["scheduled_posts"] == ["clusters"]
+    assert upstream["clusters"] == ["content_library"] and upstream["pillar_gaps"] == ["clusters"]
+    assert {c.to_user_string() for c in defs.resolve_asset_graph().asset_check_keys} >= {
+        "pillar_gaps:pillars_stocked", "post_calendar:calendar_slots_valid"}
     assert defs.resolve_job_def("persona_chain").tags[GPU_TAG] == "training"
+    assert defs.resolve_job_def("publish_job").tags["persona-pipeline/publish"] == "batch"  # one at a time (dagster.yaml)
     assert defs.resolve_sensor_def("persona_folders") is not None
     assert defs.resolve_schedule_def("publish_due_posts_schedule").cron_schedule == "*/5 * * * *"
 
@@ -30,6 +35,26 @@ def test_module_level_defs_use_the_environment(monkeypatch, tmp_path):
     assert defs.resolve_schedule_def("publish_due_posts_schedule").cron_schedule == "0 * * * *"
     database = defs.resources["database"]
     assert isinstance(database.url, dg.EnvVar)  # the URL's value never shows in the UI
+
+
+def test_the_publisher_setting_picks_outbox_or_instagram(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERSONA_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("PERSONA_DATABASE_URL", f"sqlite:///{tmp_path / 'x.db'}")
+    assert type(build_definitions().resources["publisher"]).__name__ == "OutboxPublisher"
+    monkeypatch.setenv("PERSONA_PUBLISHER", "instagram")
+    with pytest.raises(ValueError, match="needs MEDIA_PUBLIC_BASE_URL"):
+        build_definitions()
+    monkeypatch.setenv("MEDIA_PUBLIC_BASE_URL", "https://cdn.example.com/media/")
+    monkeypatch.setenv("INSTAGRAM_GRAPH_URL", "http://127.0.0.1:9/v23.0")
+    monkeypatch.setenv("PERSONA_PUBLISH_WORKERS", "8")
+    publisher = build_definitions().resources["publisher"]
+    assert type(publisher).__name__ == "InstagramPublisher" and publisher.workers == 8
+    assert publisher.graph.base_url == "http://127.0.0.1:9/v23.0"
+    assert publisher.media_public_base_url == "https://cdn.example.com/media"
+    assert publisher.media_public_dir == str((tmp_path / "h" / "public_media").resolve())
+    monkeypatch.setenv("PERSONA_PUBLISHER", "facebook")
+    with pytest.raises(ValueError, match="PERSONA_PUBLISHER='facebook'"):
+        build_definitions()
 
 
 def test_readme_documents_every_setting_and_starts_with_the_two_commands():

@@ -25,6 +25,7 @@ def test_production_instance_uses_postgres_and_limits_gpu_training_runs(tmp_path
             assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
             limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
             assert {"key": "persona-pipeline/gpu", "value": "training", "limit": 1} in limits
+            assert {"key": "persona-pipeline/publish", "value": "batch", "limit": 1} in limits
             assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
             run = instance.create_run_for_job(dg.GraphDefinition("noop").to_job(), tags={"persona-pipeline/gpu": "training"})
             assert instance.get_run_by_id(run.run_id).tags["persona-pipeline/gpu"] == "training"  # stored in PostgreSQL
