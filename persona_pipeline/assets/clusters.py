@@ -6,7 +6,6 @@ Each cluster maps to a pillar: the pillar most of its winners were made for, or,
 of source photos only, the pillar whose name and guidelines open_clip finds nearest its centroid.
 New clusters are named by Gemini when GEMINI_API_KEY is set, else from their captions' top terms."""
 
-import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -38,7 +37,7 @@ def clusters(context: dg.AssetExecutionContext, database: AppDatabase, clip: Cli
              gemini: GeminiClient) -> dg.MaterializeResult:
     slug = context.partition_key
     model_id = clip.model_id
-    version = context.run_id if context.run_id else uuid.uuid4().hex
+    version = context.run_id  # the run that last changed a cluster
     with database.session() as session:
         persona, config = persona_for(session, slug)
         items = [i for i in session.scalars(select(models.LibraryItem).where(

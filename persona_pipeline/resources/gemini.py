@@ -25,12 +25,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-import random
 import re
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +35,7 @@ import dagster as dg
 
 from persona_pipeline.domain.captions import MAX_MENTIONS, in_band, length_band, strip_hashtags, validate_post_text
 from persona_pipeline.domain.content_prompts import DEFAULT_NEGATIVE_PROMPT, ContentPrompt, check_prompt, has_trigger
+from persona_pipeline.domain.retry import backoff_wait, parse_retry_after
 from persona_pipeline.domain.training_captions import FIELD_NAMES, CaptionFields, CaptionFieldsError, strip_identity
 
 # Indirection so tests can record the waits instead of sleeping through them.
@@ -288,15 +286,9 @@ def _retry_after_seconds(error: Exception) -> float | None:
     """The wait the server asked for: a Retry-After header (seconds) or a google.rpc.RetryInfo."""
     response = getattr(error, "response", None)
     headers = getattr(response, "headers", None) or {}
-    value = headers.get("retry-after") if hasattr(headers, "get") else None
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:  # the other form RFC 9110 allows: an HTTP date
-                return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
-            except (TypeError, ValueError):
-                pass  # unparseable: our own backoff decides
+    wait = parse_retry_after(headers.get("retry-after") if hasattr(headers, "get") else None)
+    if wait is not None:
+        return wait
     details = getattr(error, "details", None)
     error_body = details.get("error", details) if isinstance(details, dict) else {}
     for item in (error_body.get("details") or []) if isinstance(error_body, dict) else []:
@@ -399,8 +391,7 @@ class GeminiClient(dg.ConfigurableResource):
             if attempt == self.max_retries:
                 raise GeminiError(f"Gemini gave up on {what} after {attempt + 1} attempts; last error: {last}")
             if wait is None:
-                wait = self.backoff_seconds * 2 ** attempt
-                wait += random.uniform(0, 0.25 * wait)  # jitter, so parallel workers do not retry in step
+                wait = backoff_wait(self.backoff_seconds, attempt, MAX_DELAY_SECONDS)
             wait = min(wait, MAX_DELAY_SECONDS)
             if log is not None:
                 log.warning(f"Gemini ({self.model}) {what}: {last}; retry {attempt + 1} of {self.max_retries} in {wait:.1f} s")

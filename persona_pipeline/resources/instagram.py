@@ -31,13 +31,11 @@ threads, so the publisher may run many accounts in parallel threads over one res
 from __future__ import annotations
 
 import json
-import random
 import re
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 
@@ -45,6 +43,7 @@ import dagster as dg
 import requests
 
 from persona_pipeline.domain.graph_errors import classify
+from persona_pipeline.domain.retry import backoff_wait, parse_retry_after
 
 __all__ = ["GraphError", "Quota", "TokenInfo", "InstagramGraphClient", "classify", "sleep"]
 
@@ -142,15 +141,9 @@ def scrub(text: str, *secrets: str) -> str:
 def _retry_after(response: requests.Response) -> float | None:
     """The wait the server asked for: Retry-After (seconds or an HTTP date), else the largest
     `estimated_time_to_regain_access` (minutes) of the X-Business-Use-Case-Usage header."""
-    value = response.headers.get("Retry-After")
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
-            except (TypeError, ValueError):
-                pass  # unparseable: our own backoff decides
+    wait = parse_retry_after(response.headers.get("Retry-After"))
+    if wait is not None:
+        return wait
     usage = response.headers.get("X-Business-Use-Case-Usage")
     if usage:
         try:
@@ -342,7 +335,7 @@ class InstagramGraphClient(dg.ConfigurableResource):
             if attempt == self.max_retries:
                 raise GraphError(**{**_fields(error), "message": f"gave up after {attempt + 1} attempts; "
                                                                  f"last error: {error.message}"})
-            wait = self._backoff(attempt)
+            wait = backoff_wait(self.backoff_s, attempt, MAX_BACKOFF_S)
             if error.retry_after_s is not None:
                 if error.retry_after_s > MAX_BACKOFF_S:
                     # Not worth holding a worker for: the caller reschedules.
@@ -351,10 +344,6 @@ class InstagramGraphClient(dg.ConfigurableResource):
             sleep(wait)
         raise AssertionError("unreachable")
 
-    def _backoff(self, attempt: int) -> float:
-        """backoff_s * 2^attempt, +-25 % jitter so parallel accounts do not retry in step, capped."""
-        base = self.backoff_s * 2 ** attempt
-        return min(MAX_BACKOFF_S, base * random.uniform(0.75, 1.25))
 
     def _attempt(self, method: str, url: str, call: str, token: str, payload: dict[str, Any]) -> dict[str, Any]:
         """One request. Raises _Failure (built outside any except block: see _call)."""
