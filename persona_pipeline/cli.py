@@ -1,4 +1,4 @@
-"""`persona-pipeline`: demo, db upgrade, personas check, demo-photos, trace, lora list/set, review."""
+"""`persona-pipeline`: demo, db upgrade, personas check, schedules, demo-photos, trace, lora list/set, review."""
 
 from __future__ import annotations
 
@@ -33,6 +33,45 @@ def cmd_personas_check(_args: argparse.Namespace) -> int:
     for persona in personas:
         print(f"ok      {persona.slug}: {persona.config.name}, {len(persona.photo_files())} photo files, "
               f"{len(persona.config.pillars)} pillars")
+    for slug, error in errors.items():
+        print(f"INVALID {slug}: {error}")
+    if not personas and not errors:
+        print(f"no persona folders under {settings.datasets_dir}")
+    return 1 if errors else 0
+
+
+def cmd_schedules(args: argparse.Namespace) -> int:
+    """Each persona's schedules (persona.yaml `schedules:`) with the next fire times in its timezone."""
+    from datetime import datetime, timezone
+
+    from persona_pipeline.automation.persona_schedules import SCHEDULE_KINDS, describe_schedules
+    from persona_pipeline.personas import discover_personas
+
+    settings = _settings()
+    try:
+        now = datetime.fromisoformat(args.now) if args.now else datetime.now(timezone.utc)
+    except ValueError:
+        print(f"error: --now {args.now!r} is not an ISO date-time (e.g. 2026-03-08T05:00:00+00:00)")
+        return 2
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=timezone.utc)
+    personas, errors = discover_personas(settings.datasets_dir)
+    if args.persona:
+        personas = [p for p in personas if p.slug == args.persona]
+        errors = {slug: error for slug, error in errors.items() if slug == args.persona}
+        if not personas and not errors:
+            print(f"error: no persona folder {args.persona!r} under {settings.datasets_dir}")
+            return 2
+    rows = describe_schedules(personas, now, count=args.count)
+    for persona in personas:
+        print(f"{persona.slug} ({persona.config.timezone})")
+        for row in (r for r in rows if r["slug"] == persona.slug):
+            job = SCHEDULE_KINDS[row["kind"]].name
+            if row["cron"] is None:
+                print(f"  {row['kind']:<11} off{'':<16} ({job})")
+                continue
+            upcoming = ", ".join(t.strftime("%Y-%m-%d %H:%M %Z") for t in row["next"])
+            print(f"  {row['kind']:<11} {row['cron']:<18} {upcoming}  ({job})")
     for slug, error in errors.items():
         print(f"INVALID {slug}: {error}")
     if not personas and not errors:
@@ -99,6 +138,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[{time.perf_counter() - started:5.1f}s] chain run {chain.run_id}: {'success' if chain.success else 'FAILED'}")
     publish = defs.resolve_job_def("publish_job").execute_in_process(instance=instance, run_config=quiet)
     print(f"[{time.perf_counter() - started:5.1f}s] publish run {publish.run_id}: {publish.output_for_node('publish_due_posts')}")
+    report = defs.resolve_job_def("weekly_reporting").execute_in_process(partition_key=args.persona, instance=instance,
+                                                                          run_config=quiet)
+    report_path = (report.asset_materializations_for_node("weekly_report")[0].metadata["path"].value
+                   if report.success else "FAILED")
+    print(f"[{time.perf_counter() - started:5.1f}s] weekly report run {report.run_id}: {report_path}")
 
     with session_scope(settings.database_url) as session:
         persona = session.scalar(select(models.Persona).where(models.Persona.slug == args.persona))
@@ -119,13 +163,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  rankings    Elo on every candidate (table `candidates`, {_redact(settings.database_url)}); "
               f"the ranking table is on the `rankings` asset in the UI")
         print(f"  outbox      {settings.home / 'outbox' / args.persona}  ({len(published)} published, {len(upcoming)} scheduled later)")
+        print(f"  report      {report_path}  (asset `weekly_report`)")
+        print(f"  schedules   `persona-pipeline schedules --persona {args.persona}`: when planning, generation, "
+              "posting and the report run on their own")
         if published:
             print(f"\nProvenance of post {published[0].id} (`persona-pipeline trace {published[0].id}`):")
             print(json.dumps(trace_post(session, published[0].id), indent=2))
     print(f"\nOpen it in the Dagster UI:\n  DAGSTER_HOME={dagster_home} PERSONA_HOME={settings.home} "
           f".venv/bin/dagster dev -w workspace.yaml   # then http://127.0.0.1:3000, asset group views")
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s")
-    return 0 if chain.success and publish.success and published else 1
+    return 0 if chain.success and publish.success and report.success and published else 1
 
 
 def cmd_lora_list(args: argparse.Namespace) -> int:
@@ -282,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     personas = sub.add_parser("personas", help="persona folders")
     personas_sub = personas.add_subparsers(dest="personas_command", required=True)
     personas_sub.add_parser("check", help="validate every persona.yaml").set_defaults(func=cmd_personas_check)
+    schedules = sub.add_parser("schedules", help="each persona's schedules and their next fire times, in its timezone")
+    schedules.add_argument("--persona", metavar="SLUG", help="only this persona")
+    schedules.add_argument("--count", type=int, default=3, help="fire times to show per schedule (default 3)")
+    schedules.add_argument("--now", metavar="ISO", help="show the fire times after this instant (default: now; naive = UTC)")
+    schedules.set_defaults(func=cmd_schedules)
     photos = sub.add_parser("demo-photos", help="draw the demo persona's source photos again")
     photos.add_argument("--out", default="datasets/demo/photos")
     photos.set_defaults(func=cmd_demo_photos)

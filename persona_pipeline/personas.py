@@ -99,6 +99,29 @@ class LibrarySettings(_Strict):
     max_clusters: int = Field(default=20, ge=1, le=100)
 
 
+class ScheduleSettings(_Strict):
+    """When the persona's jobs run on their own: five-field cron expressions in the persona's
+    timezone (README "Schedules"). `null` turns one off. Changing persona.yaml changes the schedule
+    at the next minute, without a code change or a reload."""
+
+    planning: str | None = "0 6 * * *"  # content_plan: prompts for the pillar gaps, themes in rotation
+    generation: str | None = "30 6 * * *"  # candidates: runs for the planned prompts, open runs moved along
+    posting: str | None = "0 7 * * *"  # the library job: library, clusters, gaps, scheduled posts, calendar
+    report: str | None = "0 9 * * 1"  # weekly_report
+
+    @field_validator("planning", "generation", "posting", "report")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        from persona_pipeline.domain.cron import CronError, parse_cron
+
+        if value is None:
+            return None
+        try:
+            return parse_cron(value).expression
+        except CronError as exc:
+            raise ValueError(str(exc)) from None
+
+
 class InstagramAccount(_Strict):
     user_id: str = Field(min_length=1)
     token_env: str = Field(min_length=1, pattern=r"^[A-Z_][A-Z0-9_]*$")
@@ -259,6 +282,7 @@ class PersonaConfig(_Strict):
     hashtags: HashtagSettings = HashtagSettings()
     strategy: StrategySettings = StrategySettings()
     library: LibrarySettings = LibrarySettings()
+    schedules: ScheduleSettings = ScheduleSettings()
     instagram: InstagramAccount | None = None
     training: TrainingOverrides = TrainingOverrides()
     generation: GenerationSettings = GenerationSettings()

@@ -58,3 +58,24 @@ post_calendar_job = dg.define_asset_job(
     partitions_def=persona_partitions,
     description="Re-check and show the persona's posting calendar after a post is approved, moved or rejected.",
 )
+
+content_planning_job = dg.define_asset_job(
+    "content_planning",
+    selection=dg.AssetSelection.assets("content_plan"),
+    partitions_def=persona_partitions,
+    description="Plan the next prompts: pillars in proportion to their weights where the gaps are, themes in rotation.",
+)
+
+generation_runs_job = dg.define_asset_job(
+    "generation_runs",
+    selection=dg.AssetSelection.assets("candidates", "rankings"),
+    partitions_def=persona_partitions,
+    description="Start a generation run for every planned prompt and move the open runs along.",
+)
+
+weekly_report_job = dg.define_asset_job(
+    "weekly_reporting",  # not "weekly_report": a job may not share its name with the asset's op
+    selection=dg.AssetSelection.assets("weekly_report"),
+    partitions_def=persona_partitions,
+    description="The persona's week: posts, votes, winners, gaps, LoRA and failures.",
+)
