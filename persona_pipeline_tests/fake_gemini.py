@@ -4,7 +4,8 @@ google-genai uses (`POST /v1beta/models/{model}:generateContent`, key in `x-goog
 It records every request and answers from a queue of injected faults first, then with a good
 answer: caption fields, or for a content-prompt request (its response schema is an ARRAY) one
 item per numbered slot of the instruction, each starting with the prefix the instruction asks
-for, as a model that follows it would. A post-caption request (its schema has a `caption`
+for (and, when the slot names a theme, about that theme, echoing it), as a model that follows it
+would. A post-caption request (its schema has a `caption`
 property) gets a caption in the middle of the length band the instruction names, or of
 `caption_length` characters when that is set; a cluster-label request (a `label` property) gets
 `label`. Use it as a context manager and point `GeminiClient(base_url=server.url)` at it.
@@ -32,7 +33,10 @@ _STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSI
                  429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 _PATH_RE = re.compile(r"^/(?P<version>v1|v1beta)/models/(?P<model>[^/:]+):generateContent$")
 # What the fake reads from a content-prompt instruction (GeminiClient.content_prompts writes it).
-_SLOT_RE = re.compile(r'^(?P<number>\d+)\. (?P<pillar>".*")$', re.MULTILINE)
+_JSON_STRING = r'"(?:[^"\\]|\\.)*"'
+# `1. "travel"`, or with the topic rotation's theme `1. "travel", theme "rooftop bar"`.
+_SLOT_RE = re.compile(rf'^(?P<number>\d+)\. (?P<pillar>{_JSON_STRING})(?:, theme (?P<theme>{_JSON_STRING}))?$',
+                      re.MULTILINE)
 _PREFIX_RE = re.compile(r'Start every prompt with exactly "(?P<prefix>[^"]*)"')
 # ...and from a post-caption instruction (GeminiClient.post_caption).
 _BAND_RE = re.compile(r"between (?P<low>\d+) and (?P<high>\d+) characters")
@@ -112,15 +116,24 @@ class RecordedRequest:
         """The pillar of each numbered slot in the instruction, in order."""
         return [json.loads(m.group("pillar")) for text in self.texts() for m in _SLOT_RE.finditer(text)]
 
+    def slot_themes(self) -> list[str | None]:
+        """The theme each numbered slot names (None for a slot without one), in order."""
+        return [json.loads(m.group("theme")) if m.group("theme") else None
+                for text in self.texts() for m in _SLOT_RE.finditer(text)]
+
     def good_prompt_items(self) -> list[dict[str, str]]:
-        """What an obedient model answers: one item per slot, starting with the asked-for prefix."""
+        """What an obedient model answers: one item per slot, starting with the asked-for prefix;
+        a slot with a theme gets a prompt about it and echoes it as the item's theme."""
         match = next((m for m in map(_PREFIX_RE.search, self.texts()) if m), None)
         prefix = match.group("prefix") if match else ""
-        return [{"pillar": pillar,
-                 "prompt": f"{prefix}{pillar} scene {i}, wearing outfit {i}, standing by a window, soft daylight",
-                 "negative_prompt": "blurry, watermark",
-                 "theme": f"{pillar} idea {i}"}
-                for i, pillar in enumerate(self.slots(), 1)]
+        items = []
+        for i, (pillar, theme) in enumerate(zip(self.slots(), self.slot_themes()), 1):
+            scene = f"{pillar} scene {i}" if theme is None else f"{theme}, {pillar} scene {i}"
+            items.append({"pillar": pillar,
+                          "prompt": f"{prefix}{scene}, wearing outfit {i}, standing by a window, soft daylight",
+                          "negative_prompt": "blurry, watermark",
+                          "theme": f"{pillar} idea {i}" if theme is None else theme})
+        return items
 
 
 class FakeGemini:

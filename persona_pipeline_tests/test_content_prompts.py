@@ -213,6 +213,23 @@ def test_template_prompts_use_given_themes_and_repair_a_base_without_the_trigger
     assert bare.theme == "gym" and bare.prompt.startswith("photo of m1ra woman, gym, ")
 
 
+def test_template_prompts_take_the_slot_themes_given():
+    allocation = ["travel", "everyday", "travel"]
+    slot_themes = ["rooftop bar", "tram  ride", "surf lesson"]
+    plain = template_prompts(trigger="m1ra", class_word="woman", pillars=PILLARS, allocation=allocation, seed=3)
+    themed = template_prompts(trigger="m1ra", class_word="woman", pillars=PILLARS, allocation=allocation, seed=3,
+                              slot_themes=slot_themes)
+    assert [p.theme for p in themed] == ["rooftop bar", "tram ride", "surf lesson"]
+    for before, after in zip(plain, themed):
+        assert after.prompt.startswith(f"{PILLARS[after.pillar][0]}, {after.theme}, ")
+        # Only the theme differs: the framing/light pair of the slot is the same.
+        assert after.prompt.removeprefix(f"{PILLARS[after.pillar][0]}, {after.theme}") == \
+            before.prompt.removeprefix(f"{PILLARS[before.pillar][0]}, {before.theme}")
+    with pytest.raises(ValueError, match=r"slot_themes has 2 theme\(s\) for 3 allocation slot\(s\)"):
+        template_prompts(trigger="m1ra", class_word="woman", pillars=PILLARS, allocation=allocation,
+                         slot_themes=slot_themes[:2])
+
+
 def test_template_prompts_refuse_an_unknown_pillar():
     with pytest.raises(ValueError, match="'food'.*not among"):
         template_prompts(trigger="m1ra", class_word="woman", pillars=PILLARS, allocation=["food"])
@@ -273,13 +290,14 @@ class Log:
 ALLOCATION = ["travel", "travel", "everyday", "outdoors"]
 
 
-def ask(fake: FakeGemini, log: Log | None = None, allocation=ALLOCATION, **overrides) -> list[ContentPrompt]:
+def ask(fake: FakeGemini, log: Log | None = None, allocation=ALLOCATION, themes=None,
+        **overrides) -> list[ContentPrompt]:
     values = dict(api_key="test-key", base_url=fake.url, model="gemini-2.5-flash", max_retries=3, backoff_seconds=0.5,
                   timeout_seconds=10)
     values.update(overrides)
     return GeminiClient(**values).content_prompts(
         persona_name="Mira Sol", trigger="m1ra", class_word="woman", guidelines_by_pillar=GUIDELINES,
-        allocation=allocation, avoid=["sunset selfie on a pier", "coffee shop window"], log=log)
+        allocation=allocation, avoid=["sunset selfie on a pier", "coffee shop window"], log=log, themes=themes)
 
 
 def test_gemini_sends_a_structured_text_only_request(fake, waits):
@@ -395,6 +413,34 @@ def test_gemini_defaults_for_empty_negative_prompt_and_theme(fake, waits):
     prompts = ask(fake)
     assert {p.negative_prompt for p in prompts} == {DEFAULT_NEGATIVE_PROMPT}
     assert [p.theme for p in prompts] == ALLOCATION
+
+
+SLOT_THEMES = ["rooftop bar", "surf lesson", "tram ride", "forest lake"]
+
+
+def test_gemini_is_asked_for_one_theme_per_slot_and_keeps_it(fake, waits):
+    prompts = ask(fake, themes=SLOT_THEMES)
+    [request] = fake.requests
+    [instruction] = request.texts()
+    assert '1. "travel", theme "rooftop bar"\n2. "travel", theme "surf lesson"' in instruction
+    assert "must be about" in instruction and "- sunset selfie on a pier" in instruction
+    assert "Avoid these themes" not in instruction  # the rotation decides the themes
+    assert request.slots() == ALLOCATION and request.slot_themes() == SLOT_THEMES
+    assert [p.theme for p in prompts] == SLOT_THEMES
+    assert all(p.prompt.startswith(f"photo of m1ra woman, {p.theme}, ") for p in prompts)
+
+    # The model's own labels do not replace the slot's theme.
+    fake.reply_prompts(lambda items: [{**i, "theme": "something else"} for i in items])
+    assert [p.theme for p in ask(fake, themes=SLOT_THEMES)] == SLOT_THEMES
+    # Items of one pillar swapped: each lands on the slot whose theme it echoes (any case).
+    fake.reply_prompts(lambda items: [{**items[1], "theme": "SURF  lesson"}, items[0], *items[2:]])
+    prompts = ask(fake, themes=SLOT_THEMES)
+    assert [p.theme for p in prompts] == SLOT_THEMES
+    assert "rooftop bar" in prompts[0].prompt and "surf lesson" in prompts[1].prompt
+    with pytest.raises(ValueError, match=r"one non-empty theme per slot: 3 theme\(s\)"):
+        ask(fake, themes=SLOT_THEMES[:3])
+    with pytest.raises(ValueError, match="one non-empty theme per slot"):
+        ask(fake, themes=["a", "b", " ", "d"])
 
 
 def test_gemini_content_prompts_edge_cases(fake, waits):

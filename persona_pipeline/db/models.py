@@ -488,3 +488,42 @@ class PostAttempt(Base):
     error_subcode: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TopicRotation(Base):
+    """Where a pillar stands in the persona's topic rotation (domain/rotation.py): its smooth
+    weighted round-robin credit and the themes already used in the current round. Kept here so a
+    restart goes on where the last plan stopped."""
+
+    __tablename__ = "topic_rotation"
+    __table_args__ = (UniqueConstraint("persona_id", "pillar_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    persona_id: Mapped[int] = mapped_column(ForeignKey("personas.id", ondelete="CASCADE"), index=True)
+    pillar_id: Mapped[int] = mapped_column(ForeignKey("content_pillars.id", ondelete="CASCADE"))
+    credit: Mapped[float] = mapped_column(Float, default=0.0)
+    round: Mapped[int] = mapped_column(Integer, default=0)  # full rounds of themes done
+    used_themes: Mapped[list[Any]] = mapped_column(JSON, default=list)  # themes used in the current round
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Alert(Base):
+    """A notification for ALERT_WEBHOOK_URL, kept as an outbox row: sensors add it (once per
+    `dedupe_key`) and deliver it with retries and backoff, so a webhook that is down never blocks a
+    sensor and the same failure is never sent twice."""
+
+    __tablename__ = "alerts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dedupe_key: Mapped[str] = mapped_column(String(300), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))  # run_failure | freshness | freshness_resolved | persona_file
+    persona_slug: Mapped[str | None] = mapped_column(String(64), index=True)
+    subject: Mapped[str] = mapped_column(String(200))  # the job, asset or check it is about
+    run_id: Mapped[str | None] = mapped_column(String(64))
+    link: Mapped[str | None] = mapped_column(Text)  # the run or asset in the Dagster UI
+    text: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending | sent | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    resolved_at: Mapped[datetime | None] = mapped_column()  # a freshness problem that has cleared
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column()

@@ -1,9 +1,10 @@
 """Generation prompts for the content pillars that need images most.
 
-`allocate_prompts` shares a run's N prompts among the pillars by their gap (domain/gaps.py);
-`template_prompts` writes them offline from each pillar's base prompt (persona.yaml) plus a
-variation drawn from its guidelines or themes; Gemini writes them when a key is set
-(resources/gemini.py), and both pass `check_prompt`.
+`allocate_prompts` shares a run's N prompts among the pillars by their gap (domain/gaps.py) in
+one go; content_plan instead picks pillars and themes by the persisted topic rotation
+(domain/rotation.py). `template_prompts` writes the prompts offline from each pillar's base
+prompt (persona.yaml) plus a theme and a framing/light variation; Gemini writes them when a key
+is set (resources/gemini.py), and both pass `check_prompt`.
 """
 
 from __future__ import annotations
@@ -106,25 +107,30 @@ def guideline_themes(guidelines: str) -> list[str]:
 
 def template_prompts(*, trigger: str, class_word: str, pillars: Mapping[str, tuple[str, str]],
                      allocation: Sequence[str], themes: Mapping[str, Sequence[str]] | None = None,
-                     seed: int = 0) -> list[ContentPrompt]:
+                     seed: int = 0, slot_themes: Sequence[str] | None = None) -> list[ContentPrompt]:
     """One prompt per allocation entry, offline.
 
     Each is the pillar's base prompt (`pillars[name] = (base prompt, guidelines)`, the base as
     persona.yaml gives it with the trigger filled in) followed by a theme, a framing/pose and a
-    light. Themes come from `themes[name]` when given, else from the guideline phrases, else the
-    pillar name. The k-th prompt of a pillar takes theme k and framing/light pair k of orders
+    light. `slot_themes` (one per allocation entry) gives each prompt's theme outright: content_plan
+    passes the topic rotation's themes (domain/rotation.py) so the prompts are about exactly those.
+    Without it, themes come from `themes[name]` when given, else from the guideline phrases, else
+    the pillar name, and the k-th prompt of a pillar takes theme k of an order shuffled by
+    (seed, pillar). Either way the k-th prompt of a pillar takes framing/light pair k of an order
     shuffled by (seed, pillar), so a pillar's prompts differ for at least 64 repeats and the same
     seed gives the same prompts. A base prompt without the trigger word gets
     "photo of <trigger> <class_word>, " in front, so the trigger group always comes first.
     """
     if not class_word.strip():
         raise ValueError("class word is empty")
+    if slot_themes is not None and len(slot_themes) != len(allocation):
+        raise ValueError(f"slot_themes has {len(slot_themes)} theme(s) for {len(allocation)} allocation slot(s)")
     themes = themes or {}
     pairs = [(f, light) for f in FRAMINGS for light in LIGHTS]
     orders: dict[str, tuple[list[str], list[tuple[str, str]]]] = {}
     seen: dict[str, int] = {}
     out: list[ContentPrompt] = []
-    for pillar in allocation:
+    for slot, pillar in enumerate(allocation):
         if pillar not in pillars:
             raise ValueError(f"allocation names pillar {pillar!r}, which is not among {sorted(pillars)}")
         base, guidelines = pillars[pillar]
@@ -140,6 +146,8 @@ def template_prompts(*, trigger: str, class_word: str, pillars: Mapping[str, tup
         k = seen.get(pillar, 0)
         seen[pillar] = k + 1
         theme = pillar_themes[k % len(pillar_themes)]
+        if slot_themes is not None:
+            theme = " ".join(str(slot_themes[slot]).split()) or pillar
         framing, light = pillar_pairs[k % len(pillar_pairs)]
         base = " ".join(base.split()).rstrip(",")
         if not has_trigger(base, trigger):

@@ -96,9 +96,11 @@ _CONTENT_FIELD_HELP = {
 
 def content_prompt_instruction(*, persona_name: str, trigger: str, class_word: str,
                                guidelines_by_pillar: Mapping[str, str], allocation: Sequence[str],
-                               avoid: Sequence[str] = ()) -> str:
+                               avoid: Sequence[str] = (), themes: Sequence[str] | None = None) -> str:
     """The text-only request for a run's prompts: the pillars with their guidelines, the recent
-    themes to avoid, and one numbered slot per prompt (pillar names JSON-quoted)."""
+    themes to avoid, and one numbered slot per prompt (pillar names JSON-quoted). With `themes`
+    (one per slot, from the topic rotation) each slot line also names its theme, JSON-quoted:
+    `1. "travel", theme "rooftop bar"`."""
     prefix = f"photo of {trigger} {class_word}, "
     pillars = list(dict.fromkeys(allocation))
     lines = [
@@ -114,13 +116,47 @@ def content_prompt_instruction(*, persona_name: str, trigger: str, class_word: s
         "Every prompt is a different idea; within one pillar vary the setting, outfit, pose and light.",
     ]
     recent = [" ".join(str(a).split())[:200] for a in avoid if str(a).strip()][:MAX_AVOID_ITEMS]
-    if recent:
+    if themes is not None:
+        # The rotation chose the themes; a theme comes back once the others had their turn, so
+        # the model is asked for a fresh take on it rather than told to avoid it.
+        lines.append("Each slot names the theme its prompt must be about; set the item's theme to exactly that theme. "
+                     "A theme may have been used before: find a new take on it.")
+        if recent:
+            lines.append("Do not repeat these recent prompts:")
+            lines.extend(f"- {a}" for a in recent)
+    elif recent:
         lines.append("Avoid these themes and ideas, used recently:")
         lines.extend(f"- {a}" for a in recent)
     lines.append("Each item has: " + "; ".join(f"{k}: {v}" for k, v in _CONTENT_FIELD_HELP.items()) + ".")
     lines.append(f"Answer with a JSON array of exactly {len(allocation)} items, one per slot, in this order:")
-    lines.extend(f"{i}. {json.dumps(p, ensure_ascii=False)}" for i, p in enumerate(allocation, 1))
+    for i, p in enumerate(allocation, 1):
+        slot = f"{i}. {json.dumps(p, ensure_ascii=False)}"
+        lines.append(slot if themes is None else f"{slot}, theme {json.dumps(themes[i - 1], ensure_ascii=False)}")
     return "\n".join(lines)
+
+
+def _match_slots(allocation: Sequence[str], queues: Mapping[str, list[tuple[int, dict[str, str]]]],
+                 themes: Sequence[str] | None) -> list[tuple[int, dict[str, str]]]:
+    """The answer item of each slot: per pillar, items in answer order; with `themes`, an item
+    that echoes a slot's theme (case and spaces ignored) goes to that slot first, so a model that
+    reorders a pillar's items still has each prompt land on the theme it is about."""
+    slots_of: dict[str, list[int]] = {}
+    for slot, pillar in enumerate(allocation):
+        slots_of.setdefault(pillar, []).append(slot)
+    chosen: dict[int, tuple[int, dict[str, str]]] = {}
+    for pillar, slots in slots_of.items():
+        items = list(queues[pillar])
+        if themes is not None:
+            for slot in slots:
+                wanted = " ".join(themes[slot].split()).casefold()
+                match = next((item for item in items if " ".join(item[1]["theme"].split()).casefold() == wanted), None)
+                if match is not None:
+                    chosen[slot] = match
+                    items.remove(match)
+        for slot in slots:
+            if slot not in chosen:
+                chosen[slot] = items.pop(0)
+    return [chosen[slot] for slot in range(len(allocation))]
 
 
 def _content_prompts_schema(allocation: Sequence[str]):
@@ -410,15 +446,20 @@ class GeminiClient(dg.ConfigurableResource):
 
     def content_prompts(self, *, persona_name: str, trigger: str, class_word: str,
                         guidelines_by_pillar: Mapping[str, str], allocation: Sequence[str],
-                        avoid: Sequence[str] = (), log: Any = None) -> list[ContentPrompt]:
+                        avoid: Sequence[str] = (), log: Any = None,
+                        themes: Sequence[str] | None = None) -> list[ContentPrompt]:
         """One prompt per allocation slot, in allocation order, from a single structured request.
 
         `guidelines_by_pillar` must cover every pillar of `allocation`; `avoid` lists recent themes
-        or prompts not to repeat; `log` (e.g. `context.log`) hears of retries and repairs. The
-        answer is validated: items are matched to the slots by pillar (case and spaces ignored),
+        or prompts not to repeat; `log` (e.g. `context.log`) hears of retries and repairs;
+        `themes` (one per slot, the topic rotation's) asks for prompt i about theme i. The answer
+        is validated: items are matched to the slots by pillar (case and spaces ignored) and,
+        with themes, within a pillar by the theme they echo first and their order after that;
         surplus items are dropped, too few for a pillar or an unknown pillar is a `GeminiError`. A
-        prompt without the trigger word gets "photo of <trigger> <class_word>, " in front. Without
-        a key this raises `GeminiError`; callers check `enabled` and use `template_prompts`.
+        prompt without the trigger word gets "photo of <trigger> <class_word>, " in front. With
+        themes, each prompt's theme is its slot's whatever the model wrote, so the rotation's record
+        stays true. Without a key this raises `GeminiError`; callers check `enabled` and use
+        `template_prompts`.
         """
         from google.genai import types
 
@@ -427,11 +468,16 @@ class GeminiClient(dg.ConfigurableResource):
         missing = [p for p in dict.fromkeys(allocation) if p not in guidelines_by_pillar]
         if missing:
             raise ValueError(f"no guidelines given for pillar(s) {missing}; known: {sorted(guidelines_by_pillar)}")
+        if themes is not None:
+            themes = [" ".join(str(t).split()) for t in themes]
+            if len(themes) != len(allocation) or not all(themes):
+                raise ValueError(f"themes must give one non-empty theme per slot: {len(themes)} theme(s) "
+                                 f"{themes} for {len(allocation)} slot(s)")
         if not allocation:
             return []
         instruction = content_prompt_instruction(persona_name=persona_name, trigger=trigger, class_word=class_word,
                                                  guidelines_by_pillar=guidelines_by_pillar, allocation=allocation,
-                                                 avoid=avoid)
+                                                 avoid=avoid, themes=themes)
         contents = [types.Content(role="user", parts=[types.Part.from_text(text=instruction)])]
         # Warmer than captions: these should be varied ideas, not one faithful description.
         config = types.GenerateContentConfig(response_mime_type="application/json",
@@ -439,10 +485,10 @@ class GeminiClient(dg.ConfigurableResource):
         with self._client("the template prompts (template_prompts)") as client:
             response = self._generate_with_retries(client, contents, config, "content prompts", log)
         return self._parse_content_prompts(response, trigger=trigger, class_word=class_word,
-                                           allocation=allocation, log=log)
+                                           allocation=allocation, log=log, themes=themes)
 
     def _parse_content_prompts(self, response: Any, *, trigger: str, class_word: str, allocation: Sequence[str],
-                               log: Any = None) -> list[ContentPrompt]:
+                               log: Any = None, themes: Sequence[str] | None = None) -> list[ContentPrompt]:
         who = f"Gemini ({self.model})"
         data, text = _json_answer(response, who, "content prompts")
         if not isinstance(data, list):
@@ -466,10 +512,7 @@ class GeminiClient(dg.ConfigurableResource):
         if surplus and log is not None:
             log.warning(f"{who} returned {len(data)} content prompts for {len(allocation)} slots; dropped {surplus} extra")
         out: list[ContentPrompt] = []
-        taken = {p: 0 for p in queues}
-        for pillar in allocation:
-            index, fields = queues[pillar][taken[pillar]]
-            taken[pillar] += 1
+        for slot, (pillar, (index, fields)) in enumerate(zip(allocation, _match_slots(allocation, queues, themes))):
             prompt = " ".join(fields["prompt"].split())
             if not prompt:
                 raise GeminiError(f"{who} content prompt {index} (pillar {pillar!r}) is empty")
@@ -486,7 +529,7 @@ class GeminiClient(dg.ConfigurableResource):
             if len(negative) > 1000:
                 raise GeminiError(f"{who} content prompt {index} (pillar {pillar!r}) has a negative prompt of "
                                   f"{len(negative)} characters, more than 1000")
-            theme = " ".join(fields["theme"].split()) or pillar
+            theme = themes[slot] if themes is not None else (" ".join(fields["theme"].split()) or pillar)
             out.append(ContentPrompt(pillar, prompt, negative, theme, self.name))
         return out
 
