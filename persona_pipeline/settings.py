@@ -50,6 +50,10 @@ SETTINGS: list[Setting] = [
     Setting("PERSONA_PUBLISH_MAX_RETRIES", "3", "Failed publishes retried (with growing waits) before a post is abandoned."),
     Setting("INSTAGRAM_POLL_TIMEOUT_S", "120", "Seconds a container may stay IN_PROGRESS before the attempt fails (it is retried later)."),
     Setting("INSTAGRAM_TOKEN_WARN_DAYS", "7", "Warn when an account's access token expires within this many days."),
+    Setting("PERSONA_FRESHNESS_DAYS", "3", "Freshness: warn (asset checks, alerts) when a persona's scheduled posts cover fewer days ahead than this, or its unposted library would run dry within it."),
+    Setting("ALERT_WEBHOOK_URL", "", "Slack-compatible incoming webhook for alerts (failed runs, freshness, bad persona files). Empty = no alerts."),
+    Setting("DAGSTER_UI_BASE_URL", "http://localhost:3000", "Base URL of the Dagster UI; alerts and reports link to runs and assets under it."),
+    Setting("ALERT_MAX_ATTEMPTS", "8", "Deliveries tried per alert (with growing waits, never blocking a sensor) before it is marked failed."),
     Setting("REVIEW_TOKENS", "", "Reviewer logins for the review form: `name:token,name:token` (tokens ≥ 16 characters; `persona-pipeline review-token NAME` makes one)."),
     Setting("REVIEW_SECRET_KEY", "$PERSONA_HOME/review_secret.key", "Key that signs the review form's session cookie; when unset, a random key is made once and kept in that file."),
     Setting("REVIEW_HOST", "127.0.0.1", "Address `persona-pipeline review` listens on (0.0.0.0 to reach it from a phone on the network)."),
@@ -106,6 +110,10 @@ class Settings:
     publish_max_retries: int = 3
     instagram_poll_timeout_s: float = 120.0
     instagram_token_warn_days: int = 7
+    freshness_days: float = 3.0
+    alert_webhook_url: str = ""
+    dagster_ui_base_url: str = "http://localhost:3000"
+    alert_max_attempts: int = 8
 
     @property
     def public_media_dir(self) -> Path:
@@ -166,6 +174,10 @@ class Settings:
             publish_max_retries=_number("PERSONA_PUBLISH_MAX_RETRIES", "3", int, 0, 20),
             instagram_poll_timeout_s=_number("INSTAGRAM_POLL_TIMEOUT_S", "120", float, 1, 24 * 3600),
             instagram_token_warn_days=_number("INSTAGRAM_TOKEN_WARN_DAYS", "7", int, 0, 365),
+            freshness_days=_number("PERSONA_FRESHNESS_DAYS", "3", float, 0, 365),
+            alert_webhook_url=_env("ALERT_WEBHOOK_URL", ""),
+            dagster_ui_base_url=_env("DAGSTER_UI_BASE_URL", "http://localhost:3000").rstrip("/"),
+            alert_max_attempts=_number("ALERT_MAX_ATTEMPTS", "8", int, 1, 100),
         )
 
     def reviewer_tokens(self) -> dict[str, str]:
