@@ -17,19 +17,27 @@ from persona_pipeline.assets.rankings import rankings
 from persona_pipeline.assets.scheduled_posts import scheduled_posts
 from persona_pipeline.assets.source_photos import source_photos
 from persona_pipeline.assets.training_dataset import training_dataset
+from persona_pipeline.assets.weekly_report import weekly_report
+from persona_pipeline.assets.freshness_checks import calendar_covers_ahead, library_runway
+from persona_pipeline.automation.alerts import alert_sensor, run_failure_alerts
 from persona_pipeline.automation.jobs import (
     advance_runs_job,
+    content_planning_job,
     generation_job,
+    generation_runs_job,
     library_job,
     lora_training_job,
     persona_chain_job,
     post_calendar_job,
     rankings_job,
+    weekly_report_job,
 )
 from persona_pipeline.automation.lora_import import lora_import_job, lora_incoming_sensor
+from persona_pipeline.automation.persona_schedules import persona_schedules
 from persona_pipeline.automation.persona_sensor import persona_sensor
 from persona_pipeline.automation.publishing import publish_job, publish_schedule
 from persona_pipeline.automation.review_sensor import review_sensor
+from persona_pipeline.resources.alerts import AlertWebhook, FreshnessRules
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.comfyui import ComfyUIPool
 from persona_pipeline.resources.database import AppDatabase
@@ -43,7 +51,7 @@ from persona_pipeline.resources.storage import PersonaFolders, PersonaStorage
 from persona_pipeline.settings import Settings
 
 ASSETS = [source_photos, training_dataset, lora_model, content_plan, candidates, rankings, content_library, clusters,
-          pillar_gaps, scheduled_posts, post_calendar]
+          pillar_gaps, scheduled_posts, post_calendar, weekly_report]
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -68,6 +76,10 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
                                model=settings.gemini_model, base_url=settings.gemini_base_url),
         "auto_review": AutoReviewer(enabled=settings.auto_review),
         "publisher": build_publisher(settings),
+        # A Slack webhook URL is a secret: like the keys above, pass the variable, not its value.
+        "alerts": AlertWebhook(url=dg.EnvVar("ALERT_WEBHOOK_URL") if os.environ.get("ALERT_WEBHOOK_URL", "").strip() == settings.alert_webhook_url and settings.alert_webhook_url else settings.alert_webhook_url,
+                               ui_base_url=settings.dagster_ui_base_url, max_attempts=settings.alert_max_attempts),
+        "freshness": FreshnessRules(min_days_ahead=settings.freshness_days),
     }
 
 
@@ -89,11 +101,12 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     return dg.Definitions(
         assets=ASSETS,
-        asset_checks=[calendar_slots_valid, pillars_stocked],
+        asset_checks=[calendar_slots_valid, pillars_stocked, calendar_covers_ahead, library_runway],
         jobs=[persona_chain_job, lora_training_job, generation_job, advance_runs_job, rankings_job, library_job,
-              post_calendar_job, publish_job, lora_import_job],
-        sensors=[persona_sensor, lora_incoming_sensor, review_sensor],
-        schedules=[publish_schedule(settings.publish_cron)],
+              post_calendar_job, publish_job, lora_import_job, content_planning_job, generation_runs_job,
+              weekly_report_job],
+        sensors=[persona_sensor, lora_incoming_sensor, review_sensor, run_failure_alerts, alert_sensor],
+        schedules=[publish_schedule(settings.publish_cron), *persona_schedules()],
         resources=build_resources(settings),
     )
 

@@ -13,17 +13,25 @@ def test_definitions_load_with_every_stage_partitioned_by_persona(tmp_path):
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == set(CHAIN_ASSETS)
+    assert keys == set(CHAIN_ASSETS) | {"weekly_report"}
     for key in graph.get_all_asset_keys():
         assert graph.get(key).partitions_def.name == "personas"
     upstream = {k.to_user_string(): sorted(p.to_user_string() for p in graph.get(k).parent_keys) for k in graph.get_all_asset_keys()}
     assert upstream["lora_model"] == ["training_dataset"] and upstream["scheduled_posts"] == ["clusters"]
     assert upstream["clusters"] == ["content_library"] and upstream["pillar_gaps"] == ["clusters"]
     assert {c.to_user_string() for c in defs.resolve_asset_graph().asset_check_keys} >= {
-        "pillar_gaps:pillars_stocked", "post_calendar:calendar_slots_valid"}
+        "pillar_gaps:pillars_stocked", "post_calendar:calendar_slots_valid", "post_calendar:calendar_covers_ahead",
+        "post_calendar:library_runway"}
     assert defs.resolve_job_def("persona_chain").tags[GPU_TAG] == "training"
     assert defs.resolve_job_def("publish_job").tags["persona-pipeline/publish"] == "batch"  # one at a time (dagster.yaml)
-    assert defs.resolve_sensor_def("persona_folders") is not None
+    for sensor in ("persona_folders", "review_events", "run_failure_alerts", "alerts"):
+        assert defs.resolve_sensor_def(sensor).default_status == dg.DefaultSensorStatus.RUNNING
+    # One schedule per kind of persona.yaml `schedules:` entry, each aimed at its partitioned job.
+    for kind, job in {"planning": "content_planning", "generation": "generation_runs", "posting": "library",
+                      "report": "weekly_reporting"}.items():
+        schedule = defs.resolve_schedule_def(f"persona_{kind}")
+        assert schedule.job_name == job and schedule.cron_schedule == "* * * * *"
+        assert defs.resolve_job_def(job).partitions_def.name == "personas"
     assert defs.resolve_schedule_def("publish_due_posts_schedule").cron_schedule == "*/5 * * * *"
 
 
@@ -35,6 +43,14 @@ def test_module_level_defs_use_the_environment(monkeypatch, tmp_path):
     assert defs.resolve_schedule_def("publish_due_posts_schedule").cron_schedule == "0 * * * *"
     database = defs.resources["database"]
     assert isinstance(database.url, dg.EnvVar)  # the URL's value never shows in the UI
+    assert defs.resources["alerts"].url == "" and not defs.resources["alerts"].enabled
+    monkeypatch.setenv("ALERT_WEBHOOK_URL", "https://hooks.slack.com/services/T0/B0/secret")
+    monkeypatch.setenv("DAGSTER_UI_BASE_URL", "https://dagster.example.com/")
+    monkeypatch.setenv("PERSONA_FRESHNESS_DAYS", "5")
+    defs = build_definitions()
+    assert isinstance(defs.resources["alerts"].url, dg.EnvVar)  # a webhook URL is a secret too
+    assert defs.resources["alerts"].ui_base_url == "https://dagster.example.com"
+    assert defs.resources["freshness"].min_days_ahead == 5
 
 
 def test_the_publisher_setting_picks_outbox_or_instagram(monkeypatch, tmp_path):

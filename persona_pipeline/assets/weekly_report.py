@@ -1,0 +1,135 @@
+"""weekly_report: one persona's week as markdown with thumbnails: posts published, votes cast and by
+whom, winners, pillar gaps, the LoRA in use and failures (domain/weekly_report.py has the layout).
+
+The report covers the `days` days before `end` (default: now) in the persona's timezone. It is
+written to PERSONA_HOME/reports/<slug>/weekly-<end date>.md with its contact sheets as PNG files
+beside it (relative links), and shown in the Dagster UI with the same sheets inlined as base64.
+"""
+
+import base64
+import re
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+
+from persona_pipeline.assets.common import contact_sheet_md, persona_for
+from persona_pipeline.db.weekly_report import collect_week
+from persona_pipeline.domain import weekly_report as wr
+from persona_pipeline.fileio import atomic_write
+from persona_pipeline.partitions import persona_partitions
+from persona_pipeline.resources.alerts import AlertWebhook
+from persona_pipeline.resources.database import AppDatabase
+from persona_pipeline.resources.storage import PersonaStorage
+
+# The sheets a report carries: section → file suffix.
+SHEETS = {wr.POSTS: "posts", wr.WINNERS: "winners"}
+_DATA_URI = re.compile(r"^!\[([^\]]*)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)(.*)$", re.S)
+ERROR_LIMIT = 300
+
+
+class WeeklyReportConfig(dg.Config):
+    days: int = 7  # 1..31: the report covers this many days before `end`
+    end: str | None = None  # ISO date (its local midnight) or datetime (naive = persona's local time); default now
+
+
+def failed_runs(instance: dg.DagsterInstance, slug: str, start: datetime, end: datetime,
+                alerts: AlertWebhook) -> list[wr.FailedRun]:
+    """Failed Dagster runs of the persona created in [start, end): runs of its partition and runs
+    tagged persona=<slug>, each with its link in the Dagster UI and its first step error."""
+    records = {}
+    for tags in ({"dagster/partition": slug}, {"persona": slug}):
+        for record in instance.get_run_records(dg.RunsFilter(
+                tags=tags, statuses=[dg.DagsterRunStatus.FAILURE], created_after=start, created_before=end)):
+            records[record.dagster_run.run_id] = record
+    runs = []
+    for record in sorted(records.values(), key=lambda r: (r.create_timestamp, r.dagster_run.run_id)):
+        run = record.dagster_run
+        runs.append(wr.FailedRun(run_id=run.run_id, job_name=run.job_name,
+                                 created_at=record.create_timestamp.astimezone(timezone.utc),
+                                 link=alerts.run_url(run.run_id), error=_run_error(instance, run.run_id)))
+    return runs
+
+
+def _run_error(instance: dg.DagsterInstance, run_id: str) -> str:
+    """The first step failure's message (else the run failure's), short. A run whose logs cannot be
+    read is still listed."""
+    try:
+        entries = instance.all_logs(run_id, of_type={dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE})
+    except Exception:  # noqa: BLE001 - the event log is a nicety here, never a reason to fail the report
+        return ""
+    for wanted in (dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE):
+        for entry in entries:
+            event = entry.dagster_event
+            if event is None or event.event_type != wanted:
+                continue
+            data = event.event_specific_data
+            error = getattr(data, "error", None)
+            # Dagster wraps the op's own exception (DagsterExecutionStepExecutionError): say the cause.
+            while error is not None and getattr(error, "cause", None) is not None:
+                error = error.cause
+            message = getattr(error, "message", None) or entry.user_message or event.message or ""
+            text = f"{event.step_key}: {message}" if event.step_key else message
+            text = " ".join(str(text).split())
+            return text if len(text) <= ERROR_LIMIT else text[: ERROR_LIMIT - 1] + "…"
+    return ""
+
+
+def _sheet(report: wr.WeeklyReport, section: str) -> str | None:
+    """The section's contact sheet (base64 markdown), or None when it has no images."""
+    if section == wr.POSTS:
+        items = [(p.image_path, f"post {p.post_id}") for p in report.posts if p.image_path]
+    else:
+        items = [(w.image_path, f"run {w.run_id}") for w in report.winners if w.image_path]
+    # A file that is gone is left out here, so the labels under the sheet match its tiles (one that
+    # is there but unreadable is skipped by contact_sheet_md: it never fails the report).
+    items = [(path, label) for path, label in items if Path(path).is_file()]
+    if not items:
+        return None
+    return contact_sheet_md([Path(path) for path, _ in items], [label for _, label in items])
+
+
+@dg.asset(partitions_def=persona_partitions, deps=["post_calendar", "rankings", "pillar_gaps"], group_name="reporting",
+          kinds={"markdown"})
+def weekly_report(context: dg.AssetExecutionContext, config: WeeklyReportConfig, database: AppDatabase,
+                  storage: PersonaStorage, alerts: AlertWebhook) -> dg.MaterializeResult:
+    """The persona's week as a markdown file with thumbnails (the weekly_report job; the persona's
+    `schedules.report` cron starts it)."""
+    slug = context.partition_key
+    now = datetime.now(timezone.utc)
+    with database.session() as session:
+        persona, _ = persona_for(session, slug)
+        try:
+            start, end, end_date = wr.report_window(config.end, config.days, persona.timezone, now)
+        except wr.ReportWindowError as exc:
+            raise dg.Failure(f"weekly_report config: {exc}") from None
+        report = collect_week(session, persona, start, end)
+    report = replace(report, failed_runs=failed_runs(context.instance, slug, start, end, alerts))
+
+    folder = storage.root / "reports" / slug
+    stem = f"weekly-{end_date.isoformat()}"
+    inline: dict[str, str] = {}
+    on_disk: dict[str, str] = {}
+    for section, suffix in SHEETS.items():
+        sheet = _sheet(report, section)
+        match = _DATA_URI.match(sheet) if sheet else None
+        if match is None:
+            continue
+        inline[section] = sheet
+        name = f"{stem}-{suffix}.png"
+        atomic_write(folder / name, base64.b64decode(match.group(2)))
+        on_disk[section] = f"![{match.group(1)}]({name}){match.group(3)}"
+    path = folder / f"{stem}.md"
+    atomic_write(path, wr.render_markdown(report, on_disk).encode())
+    counts = report.counts()
+    context.log.info(f"{slug}: weekly report {start.isoformat()} – {end.isoformat()} written to {path}: "
+                     + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return dg.MaterializeResult(metadata={
+        "report": dg.MetadataValue.md(wr.render_markdown(report, inline)),
+        "path": dg.MetadataValue.path(str(path)),
+        **counts,
+        "window_start": start.isoformat(),
+        "window_end": end.isoformat(),
+        "timezone": report.timezone,
+    })
