@@ -44,6 +44,8 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score  # noqa: E402
 
 from persona_pipeline.domain import clustering  # noqa: E402
 
+from _report import emit, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
+
 TARGET_S = 20.0
 TRUE_K = 12
 DIM = 512
@@ -116,6 +118,10 @@ def side_by_side(m: int, as_is: bool) -> None:
               f"{adjusted_rand_score(truth, result.labels):6.3f}")
     print(f"  reference/ours, both on one thread: {ref_s / ours_s:.1f}x"
           + (f"; reference as it ran/ours: {loose_s / ours_s:.1f}x" if as_is else ""))
+    record(f"clustering {m:,} x {DIM}: KMeans n_init=10 per k + silhouette vs fit_clusters (one thread)",
+           reference=ref_s, ours=ours_s, unit="s", better="lower",
+           note=f"k {ref.k} vs {ours.k} (true {TRUE_K}), ARI {adjusted_rand_score(truth, ref.labels):.3f} vs "
+                f"{adjusted_rand_score(truth, ours.labels):.3f}")
 
 
 def large(n: int, repeats: int) -> bool:
@@ -135,6 +141,9 @@ def large(n: int, repeats: int) -> bool:
           f"identical labels across runs: {same}")
     print(f"RESULT: {median:.2f} s for {n:,} points, target <= {TARGET_S:g} s at 100,000"
           f"{'' if n == 100_000 else ' (not the full size)'}, k and ARI >= 0.99 right: {'PASS' if ok else 'FAIL'}")
+    record(f"fit_clusters on {n:,} x {DIM} (median of {repeats})", reference=None, ours=median, unit="s",
+           better="lower", target=f"<= {TARGET_S:g} s at 100,000, right k, ARI >= 0.99", ok=ok,
+           note=f"k {results[0].k}, ARI {ari:.3f}")
     return ok
 
 
@@ -162,6 +171,9 @@ def incremental(n: int, added: int, repeats: int) -> bool:
     print(f"  joined the right cluster: {right:,}/{added:,}; outliers {update.outliers}; reclustered {update.reclustered}; "
           f"old items moved {update.moved}; new keys {update.new_keys}; retired {update.retired_keys}")
     print(f"RESULT: incremental update {'PASS' if ok else 'FAIL'} (all joined right, nothing moved, no recluster)")
+    record(f"update_clusters: {added:,} new points into {n:,} (median of {repeats})", reference=None, ours=median,
+           unit="s", better="lower", target="all join the right cluster, nothing moves, no recluster", ok=ok,
+           note=f"{right:,}/{added:,} joined right")
     return ok
 
 
@@ -185,4 +197,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    emit()
+    sys.exit(code)

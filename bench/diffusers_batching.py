@@ -46,6 +46,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _report import emit, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
+
 SPEED_TARGET = 1.5
 LORA_RANK = 16
 
@@ -242,10 +244,18 @@ def main() -> int:
         header = (f"\nDiffusers generation, model {args.model} ({base_model}), {size}x{size} px, {steps} steps euler, cfg 5, "
                   f"{len(loras)} LoRA(s) rank {LORA_RANK}, fp32, {device}\n"
                   f"  {images} images per run, batch size {args.batch_size} vs 1, {repeats} repeats, medians")
-        return 0 if report(reference_runs, our_runs, header, args.batch_size) else 1
+        ok = report(reference_runs, our_runs, header, args.batch_size)
+        where = "cuda" if args.device.startswith("cuda") else "cpu"
+        record(f"diffusers generation, {args.model} {size}px {steps} steps, {where}: one image per call vs "
+               f"batches of {args.batch_size}", reference=statistics.median(r.images_per_s for r in reference_runs),
+               ours=statistics.median(r.images_per_s for r in our_runs), unit="images/s", better="higher",
+               target=f">= {SPEED_TARGET}x", ok=ok, note=f"{images} images, median of {repeats}")
+        return 0 if ok else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    emit()
+    sys.exit(code)

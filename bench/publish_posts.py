@@ -65,6 +65,8 @@ from persona_pipeline.resources.publisher import InstagramPublisher  # noqa: E40
 from persona_pipeline_tests.conftest import make_database, write_persona  # noqa: E402
 from persona_pipeline_tests.fake_graph import FakeGraphAPI, MediaServer  # noqa: E402
 
+from _report import emit, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
+
 TARGET_S = 30.0
 
 
@@ -286,6 +288,10 @@ def main() -> int:
         print(f"RESULT: {total:,} posts in {ours_s:.2f} s (target <= {TARGET_S:g} s at 1,000 posts / 20 accounts / "
               f"100 ms{'' if full else '; not the full size'}), quotas respected, "
               f"{len(problems)} problem(s), zero double posts: {'PASS' if ok else 'FAIL'}")
+        record(f"publish {total:,} posts / {accounts} accounts, {args.latency * 1000:.0f} ms per Graph call, {backend}: "
+               f"one at a time vs accounts in parallel", reference=ref_extrapolated, ours=ours_s, unit="s", better="lower",
+               target=f"ours <= {TARGET_S:g} s at 1,000 posts, no double post, quotas kept", ok=ok,
+               note=f"reference extrapolated from {ref_posts} posts")
         return 0 if ok else 1
     finally:
         cleanup()
@@ -293,4 +299,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    emit()
+    sys.exit(code)

@@ -53,6 +53,8 @@ import numpy as np  # noqa: E402
 from persona_pipeline.domain import bradley_terry as bt  # noqa: E402
 from persona_pipeline.domain import pairing  # noqa: E402
 
+from _report import emit, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
+
 TARGET_RATIO = 0.5
 LEVEL = 0.9
 
@@ -200,6 +202,9 @@ def main() -> int:
         print(f"  {label:34s} votes to {LEVEL:.0%}: {results[method] or 'not reached':>5}   "
               f"[{marks}]  ({time.perf_counter() - started:.0f} s, choosing {1000 * choosing / (count * len(curve)):.1f} ms"
               f"/pair, {checked} fits checked against rank)", flush=True)
+    metric = (f"votes until the true top {k} of {n} is found in {LEVEL:.0%} of seeds: random unvoted pair vs "
+              f"choose_pair")
+    target = f"ours/reference <= {TARGET_RATIO:g} (ratio >= {1 / TARGET_RATIO:g}x)"
     if results["active"] is None:
         print("RESULT: active selection never reached the level: FAIL")
         return 1
@@ -209,13 +214,19 @@ def main() -> int:
         ok = ratio <= TARGET_RATIO
         print(f"RESULT: active {results['active']} votes, random not within all {len(pairs)} pairs, "
               f"active/random < {ratio:.2f}, target <= {TARGET_RATIO:g}: {'PASS' if ok else 'FAIL'}")
+        record(metric, reference=len(pairs), ours=results["active"], unit="votes", better="lower", target=target, ok=ok,
+               note=f"random not at {LEVEL:.0%} within all {len(pairs)} pairs: the reference is a lower bound")
         return 0 if ok else 1
     ratio = results["active"] / results["random"]
     ok = ratio <= TARGET_RATIO
     print(f"RESULT: active {results['active']} votes, random {results['random']} votes, "
           f"active/random = {ratio:.2f}, target <= {TARGET_RATIO:g}: {'PASS' if ok else 'FAIL'}")
+    record(metric, reference=results["random"], ours=results["active"], unit="votes", better="lower", target=target,
+           ok=ok, note=f"{count} seeds")
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    emit()
+    sys.exit(code)

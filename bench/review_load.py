@@ -82,6 +82,8 @@ from persona_pipeline.domain import elo  # noqa: E402
 from persona_pipeline_tests.conftest import make_database  # noqa: E402
 from persona_pipeline_tests.review_fixtures import seed_review  # noqa: E402
 
+from _report import emit, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
+
 STRENGTH_SD = 200.0       # hidden Bradley-Terry strengths, Elo scale
 DOUBLE_EVERY = 20         # reviewer index % 20 == 0: double-clicks every vote (5%)
 REPOST_EVERY = 20         # reviewer index % 20 == 10: re-posts every accepted vote (5%)
@@ -557,6 +559,10 @@ def main() -> int:
     for label, ok, detail in results:
         print(f"  RESULT: {label}: {detail}: {'PASS' if ok else 'FAIL'}")
     all_ok = all(ok for _, ok, _ in results)
+    record(f"review form on PostgreSQL, accepted votes/s: 1 reviewer sequential vs {args.reviewers} concurrent",
+           reference=seq_rate, ours=con_rate, unit="votes/s", better="higher",
+           target="zero lost or doubled votes, only 201/409, Elo = replay (no speed target)", ok=all_ok,
+           note=f"{total} votes per side" + (f", think {args.think:g} s" if args.think else ""))
     print(f"\nRESULT: {accepted['concurrent']} concurrent + {accepted['sequential']} sequential votes, "
           f"p50/p95 POST vote {p50['concurrent'] * 1000:.0f}/{percentile(seconds('concurrent', votes_kinds, 201), 0.95) * 1000:.0f} ms "
           f"concurrent: {'PASS' if all_ok else 'FAIL'}")
@@ -564,4 +570,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    emit()
+    sys.exit(code)

@@ -50,6 +50,8 @@ RANK = 4
 LEARNING_RATE = 1e-4
 SPEED_TARGET, RSS_TARGET = 1.3, 1.05
 
+from _report import emit, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
+
 # SD1.5's layout, scaled down: VAE with 4 blocks (8x downsampling) and 2 resnets per block, UNet
 # with two cross-attention levels and 8 attention heads, a 77-token CLIP text encoder.
 BENCH_MODEL = {
@@ -382,6 +384,13 @@ def report(reference: list[SideRun], ours: list[SideRun], header: str) -> bool:
     print(f"    mean loss, last 5 steps  reference {final(reference):.4f}  ours {final(ours):.4f}")
     print()
     print(f"  RESULT: speed {'PASS' if speed_ok else 'FAIL'} ({speed:.2f}x), RSS {'PASS' if rss_ok else 'FAIL'} ({rss:.3f}x)")
+    steps = ours[0].steps
+    record(f"LoRA training steps/s ({steps} steps, caching included): diffusers example loop vs ours",
+           reference=_median(reference, "steps_per_s"), ours=_median(ours, "steps_per_s"), unit="steps/s",
+           better="higher", target=f">= {SPEED_TARGET}x", ok=speed_ok, note=f"median of {len(ours)}")
+    record("LoRA training peak RSS: diffusers example loop vs ours", reference=_median(reference, "peak_rss") / MIB,
+           ours=_median(ours, "peak_rss") / MIB, unit="MiB", better="lower", target=f"ours <= {RSS_TARGET}x reference",
+           ok=rss_ok)
     return speed_ok and rss_ok
 
 
@@ -444,4 +453,6 @@ def run_benchmark(base: str, work: Path, steps: int, repeats: int, images: int, 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    emit()
+    sys.exit(code)

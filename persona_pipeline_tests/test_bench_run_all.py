@@ -1,0 +1,193 @@
+"""`bench/run_all`: the real benchmarks' BENCH_RESULT lines become one table whose ratios are theirs,
+with the machine named; a benchmark that crashes, prints no result, misses its target or runs past
+its time limit is a row saying so and makes run_all exit 1; helpers are not run as benchmarks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from persona_pipeline_tests.conftest import REPO
+
+RUN_ALL = REPO / "bench" / "run_all"
+PREFIX = "BENCH_RESULT "
+# The fastest two (bt_fit: a few seconds; review_effort --quick: about 20 s on 2 cores).
+FAST = ("bt_fit", "review_effort")
+
+
+def run_all(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(RUN_ALL), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def markdown_rows(stdout: str) -> tuple[list[str], list[dict]]:
+    """(header names, rows as dicts) of the one markdown table in the output."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3, stdout
+    split = [[cell.strip() for cell in line.strip().strip("|").split(" | ")] for line in lines]
+    header = split[0]
+    assert set(lines[1].replace("|", "").replace("-", "").replace(":", "")) == set(), lines[1]
+    rows = [dict(zip(header, cells)) for cells in split[2:]]
+    assert all(len(cells) == len(header) for cells in split[2:]), lines
+    return header, rows
+
+
+def results_in(log: Path) -> list[dict]:
+    return [json.loads(line[len(PREFIX):]) for line in log.read_text().splitlines() if line.startswith(PREFIX)]
+
+
+def shown(value: float) -> str:
+    """The table's number format, written out again here so a change to it has to be deliberate."""
+    size = abs(value)
+    return (f"{value:,.0f}" if size >= 100 else f"{value:.1f}" if size >= 10 else f"{value:.2f}" if size >= 1
+            else f"{value:.3g}")
+
+
+def test_real_benchmarks_table_matches_their_results(tmp_path):
+    logs = tmp_path / "logs"
+    started = time.monotonic()
+    done = run_all("--quick", "--only", ",".join(FAST), "--markdown", "--log-dir", str(logs), "--timeout", "200")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert time.monotonic() - started < 230
+
+    machine = next(line for line in done.stdout.splitlines() if line.startswith("**Machine:**"))
+    assert f"{os.cpu_count()} cores" in machine and "GiB RAM" in machine
+    assert f"Python {sys.version.split()[0]}" in machine and "torch " in machine
+    assert "Total " in done.stdout and "all PASS" in done.stdout
+
+    header, rows = markdown_rows(done.stdout)
+    assert header[:6] == ["benchmark", "measured (reference vs ours)", "reference", "ours", "ratio", "better"]
+    for name in FAST:
+        results = results_in(logs / f"{name}.log")
+        assert results, f"{name} printed no BENCH_RESULT line"
+        # BENCH_RESULT lines are the benchmark's last lines.
+        tail = [line for line in (logs / f"{name}.log").read_text().splitlines() if line.strip()][-len(results):]
+        assert all(line.startswith(PREFIX) for line in tail), tail
+        bench_rows = [row for row in rows if row["benchmark"] == name]
+        assert [row["measured (reference vs ours)"] for row in bench_rows] == [r["metric"] for r in results]
+        assert bench_rows[0]["status"] == "PASS"
+        compared = 0
+        for row, result in zip(bench_rows, results):
+            assert result["name"] == name and result["better"] in ("lower", "higher")
+            assert row["ours"] == f"{shown(result['ours'])} {result['unit']}"
+            assert row["better"] == result["better"]
+            if result["reference"] is None:
+                assert result["ratio"] is None and row["ratio"] == "-" and row["reference"] == "-"
+                continue
+            compared += 1
+            expected = (result["reference"] / result["ours"] if result["better"] == "lower"
+                        else result["ours"] / result["reference"])
+            assert math.isclose(result["ratio"], expected, rel_tol=1e-12)
+            assert row["reference"] == f"{shown(result['reference'])} {result['unit']}"
+            assert row["ratio"].endswith("x")
+            assert math.isclose(float(row["ratio"][:-1].replace(",", "")), expected, rel_tol=0.006, abs_tol=0.006)
+        assert compared >= 1, f"{name} has no reference-vs-ours row"
+    # Our two fast comparisons are wins by their own targets (bt_fit's loop is ~10x slower even at
+    # --quick; active pairing needs at most half the votes).
+    effort = next(r for r in results_in(logs / "review_effort.log") if r["reference"] is not None)
+    assert effort["ratio"] >= 2 and effort["ok"] is True
+
+
+FAKES = {
+    "good.py": """
+        import json
+        print("human output stays")
+        print("BENCH_RESULT " + json.dumps({"name": "good", "metric": "rate: old vs new", "reference": 2.0,
+              "ours": 5.0, "unit": "items/s", "better": "higher", "ratio": 2.5, "target": ">= 2x", "ok": True,
+              "note": ""}))
+        if __name__ == "__main__":
+            pass
+    """,
+    "broken.py": """
+        import sys
+        if __name__ == "__main__":
+            print("boom: the benchmark crashed", file=sys.stderr)
+            sys.exit(3)
+    """,
+    "silent.py": """
+        if __name__ == "__main__":
+            print("ran, but reported nothing")
+    """,
+    "missed.py": """
+        import json, sys
+        if __name__ == "__main__":
+            print("BENCH_RESULT " + json.dumps({"name": "missed", "metric": "time: old vs new", "reference": 3.0,
+                  "ours": 4.0, "unit": "s", "better": "lower", "ratio": 0.75, "target": ">= 1x", "ok": False,
+                  "note": ""}))
+            sys.exit(1)
+    """,
+    "sleepy.py": """
+        import os, subprocess, sys, time
+        from pathlib import Path
+        if __name__ == "__main__":
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+            Path(sys.argv[0]).with_suffix(".pids").write_text(f"{os.getpid()} {child.pid}")
+            time.sleep(300)
+    """,
+    "helper.py": """
+        def shared():
+            return 1
+    """,
+    "_private.py": """
+        if __name__ == "__main__":
+            raise SystemExit(9)
+    """,
+}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ", 1)[1].startswith("Z"))
+
+
+def test_failing_silent_missed_and_timed_out_benchmarks_are_rows_and_exit_nonzero(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    for name, source in FAKES.items():
+        (bench / name).write_text(textwrap.dedent(source))
+    done = run_all("--quick", "--bench-dir", str(bench), "--timeout", "4", timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    table = done.stdout.splitlines()
+    assert table[0].startswith("Machine: ") and f"{os.cpu_count()} cores" in table[0]
+
+    def row(name: str) -> str:
+        found = [line for line in table if line.split("  ")[0].strip() == name]
+        assert len(found) == 1, (name, done.stdout)
+        return found[0]
+
+    assert "FAILED (exit 3, no BENCH_RESULT)" in row("broken")
+    assert "boom: the benchmark crashed" in done.stderr          # the log's tail, for the reader
+    assert "FAILED (exit 0, no BENCH_RESULT)" in row("silent")
+    assert "TIMEOUT after 4 s" in row("sleepy")
+    missed = row("missed")
+    assert "FAIL (exit 1, target missed)" in missed and "0.75x" in missed and ">= 1x: FAIL" in missed
+    good = row("good")
+    assert "PASS" in good and "2.50x" in good and "higher" in good and "2.00 items/s" in good
+    assert "5.00 items/s" in good
+    # Helpers (no main block) and _-prefixed files are not benchmarks.
+    assert not any(line.startswith(("helper", "_private")) for line in table)
+    assert "4 not PASS: broken, missed, silent, sleepy" in done.stdout
+
+    # The timed-out benchmark and the process it started were ended, not left running.
+    pids = [int(p) for p in (bench / "sleepy.pids").read_text().split()]
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids), pids
+
+    # --only picks; an unknown name is refused with the available ones listed.
+    only = run_all("--bench-dir", str(bench), "--only", "good", timeout=60)
+    assert only.returncode == 0, only.stdout + only.stderr
+    assert "all PASS" in only.stdout and "broken" not in only.stdout
+    unknown = run_all("--bench-dir", str(bench), "--only", "helper", timeout=60)
+    assert unknown.returncode == 2 and "unknown benchmark(s) helper" in unknown.stderr
