@@ -48,6 +48,19 @@ def test_sensor_adds_partitions_syncs_settings_and_requests_ingestion(tmp_path, 
     assert json.loads(third.cursor)["alpha"] == load_persona(folder).photo_set_hash()
 
 
+def test_a_changed_photo_set_starts_ingestion_dataset_and_lora_in_one_training_run(tmp_path):
+    """A new photo set means a new dataset version and a new LoRA: the sensor's runs are `photo_set`
+    runs (source_photos → training_dataset → lora_model), tagged for the one-training-run-per-GPU limit."""
+    from persona_pipeline.automation.jobs import GPU_TAG
+    from persona_pipeline.definitions import build_definitions
+
+    defs = build_definitions(make_settings(tmp_path, f"sqlite:///{tmp_path / 'a.db'}"))
+    assert defs.resolve_sensor_def("persona_folders").job_name == "photo_set"
+    job = defs.resolve_job_def("photo_set")
+    assert set(job.graph.node_names()) == {"source_photos", "training_dataset", "lora_model"}
+    assert job.tags[GPU_TAG] == "training" and job.partitions_def.name == "personas"
+
+
 def test_settings_change_is_synced_and_removed_folder_keeps_its_partition(tmp_path, db_url):
     settings = make_settings(tmp_path, db_url)
     folder = write_persona(settings.datasets_dir, "gamma", photos=1)

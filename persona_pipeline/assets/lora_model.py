@@ -28,10 +28,22 @@ from persona_pipeline.training.lora_files import inspect_lora_file
 from persona_pipeline.training.loss_curve import loss_curve_png
 
 GPU_POOL = "gpu_training"
+# Read only by the scale-out executors (deploy/README.md; deploy/k8s/training_tags.yaml is the same
+# value, checked by a test); the default executor ignores them. dagster-k8s's k8s_job_executor runs
+# this step in a pod with one GPU and PERSONA_DEVICE=cuda; dagster-celery's celery_executor sends it
+# to the workers on the `gpu` queue. No other step asks for a GPU.
+TRAINING_OP_TAGS = {
+    "dagster-k8s/config": {
+        "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}},
+                             "env": [{"name": "PERSONA_DEVICE", "value": "cuda"}]},
+        "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    },
+    "dagster-celery/queue": "gpu",
+}
 
 
 @dg.asset(partitions_def=persona_partitions, deps=["training_dataset"], group_name="training",
-          kinds={"pytorch", "diffusers"}, pool=GPU_POOL)
+          kinds={"pytorch", "diffusers"}, pool=GPU_POOL, op_tags=TRAINING_OP_TAGS)
 def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
                diffusion: DiffusionBackend, clip: ClipModel) -> dg.MaterializeResult:
     slug = context.partition_key

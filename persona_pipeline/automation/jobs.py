@@ -1,10 +1,20 @@
-"""Asset jobs. Runs that train carry GPU_TAG, which dagster.yaml limits to one run at a time."""
+"""Asset jobs, and the run tags that dagster.yaml's `concurrency: runs: tag_concurrency_limits` count:
+
+- GPU_TAG=training: runs that train a LoRA (one at a time: one training run per GPU);
+- GENERATION_TAG=batch: runs that materialise `candidates` (capped, so a burst of schedule ticks and
+  review decisions cannot pile generation runs onto the GPU / ComfyUI servers);
+- `persona-pipeline/publish=batch` (publishing.PUBLISH_TAG): one publish run at a time.
+A run that does both (`persona_chain`) carries both tags and counts against both limits."""
 
 import dagster as dg
 
 from persona_pipeline.partitions import persona_partitions
 
 GPU_TAG = "persona-pipeline/gpu"
+GENERATION_TAG = "persona-pipeline/generation"
+TRAINING_TAGS = {GPU_TAG: "training"}
+GENERATION_TAGS = {GENERATION_TAG: "batch"}
+PHOTO_SET_ASSETS = ["source_photos", "training_dataset", "lora_model"]
 CHAIN_ASSETS = ["source_photos", "training_dataset", "lora_model", "content_plan", "candidates", "rankings",
                 "content_library", "clusters", "pillar_gaps", "scheduled_posts", "post_calendar"]
 
@@ -12,14 +22,24 @@ persona_chain_job = dg.define_asset_job(
     "persona_chain",
     selection=dg.AssetSelection.assets(*CHAIN_ASSETS),
     partitions_def=persona_partitions,
-    tags={GPU_TAG: "training"},
+    tags={**TRAINING_TAGS, **GENERATION_TAGS},
     description="The whole chain for one persona: photos → dataset → LoRA → prompts → candidates → rankings → library → clusters → gaps → posts.",
+)
+
+photo_set_job = dg.define_asset_job(
+    "photo_set",
+    selection=dg.AssetSelection.assets(*PHOTO_SET_ASSETS),
+    partitions_def=persona_partitions,
+    tags=TRAINING_TAGS,
+    description="A new or changed photo set: ingest the photos, build the captioned dataset, train the LoRA. "
+                "The persona sensor starts it when a persona folder's photo set changes.",
 )
 
 generation_job = dg.define_asset_job(
     "generation",
     selection=dg.AssetSelection.assets("content_plan", "candidates", "rankings"),
     partitions_def=persona_partitions,
+    tags=GENERATION_TAGS,
     description="Plan prompts from the pillar gaps, start runs for them and move every open run along its steps.",
 )
 
@@ -28,6 +48,7 @@ advance_runs_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("candidates", "rankings"),
     partitions_def=persona_partitions,
     config={"ops": {"candidates": {"config": {"start_runs": False}}}},
+    tags=GENERATION_TAGS,
     description="Move open runs along (next steps after approvals, replacements after kills) without starting new ones.",
 )
 
@@ -35,7 +56,7 @@ lora_training_job = dg.define_asset_job(
     "lora_training",
     selection=dg.AssetSelection.assets("lora_model"),
     partitions_def=persona_partitions,
-    tags={GPU_TAG: "training"},
+    tags=TRAINING_TAGS,
 )
 
 rankings_job = dg.define_asset_job(
@@ -70,6 +91,7 @@ generation_runs_job = dg.define_asset_job(
     "generation_runs",
     selection=dg.AssetSelection.assets("candidates", "rankings"),
     partitions_def=persona_partitions,
+    tags=GENERATION_TAGS,
     description="Start a generation run for every planned prompt and move the open runs along.",
 )
 

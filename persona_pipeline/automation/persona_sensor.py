@@ -1,5 +1,8 @@
 """The persona sensor: finds persona folders, adds them as dynamic partitions, syncs their
-settings into the database, and requests a `source_photos` run when a photo set changes.
+settings into the database, and starts a `photo_set` run (source_photos → training_dataset →
+lora_model, tagged for the one-training-run-per-GPU limit) when a photo set changes: a new photo
+set means a new dataset version and a new LoRA, and the persona's generation schedule needs that
+LoRA. Content plans, generation and posting stay with the persona's schedules.
 
 The cursor maps slug → photo-set hash; the run key is `<slug>:<hash>`, so a restart, or a lost
 cursor, neither loses nor repeats an ingestion.
@@ -15,6 +18,7 @@ import dagster as dg
 from sqlalchemy.orm import Session
 
 from persona_pipeline.automation.alerts import deliver_quietly
+from persona_pipeline.automation.jobs import photo_set_job
 from persona_pipeline.db import alerts as outbox
 from persona_pipeline.db import registry
 from persona_pipeline.partitions import persona_partitions
@@ -23,7 +27,7 @@ from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.storage import PersonaFolders
 
 
-@dg.sensor(name="persona_folders", target=dg.AssetSelection.assets("source_photos"), minimum_interval_seconds=30,
+@dg.sensor(name="persona_folders", job=photo_set_job, minimum_interval_seconds=30,
            default_status=dg.DefaultSensorStatus.RUNNING)
 def persona_sensor(context: dg.SensorEvaluationContext, database: AppDatabase, persona_folders: PersonaFolders,
                    alerts: AlertWebhook) -> dg.SensorResult:
