@@ -19,11 +19,12 @@ def persona_for(session: Session, slug: str) -> tuple[models.Persona, PersonaCon
     return row, PersonaConfig.model_validate(row.settings)
 
 
-def contact_sheet_md(paths: Sequence[Path], labels: Sequence[str] | None = None, thumb: int = 96, columns: int = 8) -> str:
-    """A contact sheet as one base64 PNG inside markdown (Dagster has no image metadata type)."""
+def contact_sheet_png(paths: Sequence[Path], thumb: int = 96, columns: int = 8) -> bytes | None:
+    """A contact sheet of `paths` as PNG bytes (None for no paths). An unreadable image leaves its
+    tile empty: a preview must never fail the asset."""
     paths = list(paths)
     if not paths:
-        return "_no images_"
+        return None
     rows = (len(paths) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * thumb, rows * thumb), (245, 245, 245))
     for index, path in enumerate(paths):
@@ -33,12 +34,22 @@ def contact_sheet_md(paths: Sequence[Path], labels: Sequence[str] | None = None,
                 image.thumbnail((thumb - 4, thumb - 4))
                 sheet.paste(image, ((index % columns) * thumb + 2, (index // columns) * thumb + 2))
         except OSError:
-            continue  # a preview must never fail the asset
+            continue
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG", optimize=True)
-    encoded = base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
+
+
+def contact_sheet_md(paths: Sequence[Path], labels: Sequence[str] | None = None, thumb: int = 96, columns: int = 8) -> str:
+    """A contact sheet as one base64 PNG inside markdown (Dagster has no image metadata type)."""
+    png = contact_sheet_png(paths, thumb, columns)
+    return "_no images_" if png is None else sheet_md(f"data:image/png;base64,{base64.b64encode(png).decode()}", labels)
+
+
+def sheet_md(source: str, labels: Sequence[str] | None = None) -> str:
+    """Markdown for a contact sheet at `source` (a data URI or a relative file name), labels below."""
     caption = "" if not labels else "\n\n" + " · ".join(labels)
-    return f"![contact sheet](data:image/png;base64,{encoded}){caption}"
+    return f"![contact sheet]({source}){caption}"
 
 
 def table(rows: list[dict[str, Any]]) -> dg.MetadataValue:

@@ -7,14 +7,13 @@ beside it (relative links), and shown in the Dagster UI with the same sheets inl
 """
 
 import base64
-import re
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
 
-from persona_pipeline.assets.common import contact_sheet_md, persona_for
+from persona_pipeline.assets.common import contact_sheet_png, persona_for, sheet_md
 from persona_pipeline.db.weekly_report import collect_week
 from persona_pipeline.domain import weekly_report as wr
 from persona_pipeline.fileio import atomic_write
@@ -25,7 +24,6 @@ from persona_pipeline.resources.storage import PersonaStorage
 
 # The sheets a report carries: section → file suffix.
 SHEETS = {wr.POSTS: "posts", wr.WINNERS: "winners"}
-_DATA_URI = re.compile(r"^!\[([^\]]*)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)(.*)$", re.S)
 ERROR_LIMIT = 300
 
 
@@ -76,18 +74,18 @@ def _run_error(instance: dg.DagsterInstance, run_id: str) -> str:
     return ""
 
 
-def _sheet(report: wr.WeeklyReport, section: str) -> str | None:
-    """The section's contact sheet (base64 markdown), or None when it has no images."""
+def _sheet(report: wr.WeeklyReport, section: str) -> tuple[bytes, list[str]] | None:
+    """The section's contact sheet (PNG bytes) and its tile labels, or None when it has no images."""
     if section == wr.POSTS:
         items = [(p.image_path, f"post {p.post_id}") for p in report.posts if p.image_path]
     else:
         items = [(w.image_path, f"run {w.run_id}") for w in report.winners if w.image_path]
     # A file that is gone is left out here, so the labels under the sheet match its tiles (one that
-    # is there but unreadable is skipped by contact_sheet_md: it never fails the report).
+    # is there but unreadable is skipped by contact_sheet_png: it never fails the report).
     items = [(path, label) for path, label in items if Path(path).is_file()]
     if not items:
         return None
-    return contact_sheet_md([Path(path) for path, _ in items], [label for _, label in items])
+    return contact_sheet_png([Path(path) for path, _ in items]), [label for _, label in items]
 
 
 @dg.asset(partitions_def=persona_partitions, deps=["post_calendar", "rankings", "pillar_gaps"], group_name="reporting",
@@ -113,13 +111,13 @@ def weekly_report(context: dg.AssetExecutionContext, config: WeeklyReportConfig,
     on_disk: dict[str, str] = {}
     for section, suffix in SHEETS.items():
         sheet = _sheet(report, section)
-        match = _DATA_URI.match(sheet) if sheet else None
-        if match is None:
+        if sheet is None:
             continue
-        inline[section] = sheet
+        png, labels = sheet
         name = f"{stem}-{suffix}.png"
-        atomic_write(folder / name, base64.b64decode(match.group(2)))
-        on_disk[section] = f"![{match.group(1)}]({name}){match.group(3)}"
+        atomic_write(folder / name, png)
+        inline[section] = sheet_md(f"data:image/png;base64,{base64.b64encode(png).decode()}", labels)
+        on_disk[section] = sheet_md(name, labels)
     path = folder / f"{stem}.md"
     atomic_write(path, wr.render_markdown(report, on_disk).encode())
     counts = report.counts()
