@@ -12,10 +12,13 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
+from sqlalchemy import select
 
 from persona_pipeline import cli
 from persona_pipeline.automation.persona_schedules import SCHEDULE_KINDS, describe_schedules
 from persona_pipeline.automation.persona_sensor import persona_sensor
+from persona_pipeline.db import models, registry
+from persona_pipeline.db.session import session_scope
 from persona_pipeline.definitions import build_definitions, build_resources
 from persona_pipeline.personas import PersonaFileError, load_persona
 from persona_pipeline.settings import Settings
@@ -65,14 +68,26 @@ class Env:
     def add_partitions(self, *slugs: str) -> None:
         self.instance.add_dynamic_partitions("personas", list(slugs))
 
+    def give_lora(self, *slugs: str) -> None:
+        """A primary LoRA row for each persona (generation runs are only requested for those)."""
+        with session_scope(self.settings.database_url) as session:
+            for slug in slugs:
+                persona = session.scalar(select(models.Persona).where(models.Persona.slug == slug))
+                if persona is None:
+                    persona = registry.sync_persona(session, load_persona(self.datasets / slug))
+                registry.register_lora(session, persona.id, name=f"{slug}-v1", path=self.settings.home / f"{slug}.safetensors",
+                                       sha256=slug.ljust(64, "0"), base_model="tiny", trigger_word=None,
+                                       dataset_id=None, training={})
+
     def tick(self, kind: str, at: datetime | None) -> Tick:
         """One evaluation of `persona_<kind>` from the code location's Definitions, as the daemon does
         it at the scheduled time `at`."""
         schedule = self.repository.get_schedule_def(f"persona_{kind}")
         log = Records()
-        # only the resource the schedule uses: building all of them per tick would be slow
+        # only the resources the schedule uses: building all of them per tick would be slow
         with dg.build_schedule_context(instance=self.instance, scheduled_execution_time=at,
-                                       resources={"persona_folders": self.resources["persona_folders"]},
+                                       resources={"persona_folders": self.resources["persona_folders"],
+                                                  "database": self.resources["database"]},
                                        repository_def=self.repository) as context:
             context.log.addHandler(log)
             data = schedule.evaluate_tick(context)
@@ -89,10 +104,15 @@ class Env:
 
 @pytest.fixture
 def env(tmp_path):
-    # The schedules read persona folders only; the database URL is never opened by them.
-    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'unused.db'}")
-    with dg.instance_for_test() as instance:
-        yield Env(settings, build_definitions(settings), instance)
+    # The schedules read the persona folders; the generation schedule also asks the database
+    # which personas have a primary LoRA.
+    url, cleanup = make_database("sqlite", tmp_path)
+    settings = make_settings(tmp_path, url)
+    try:
+        with dg.instance_for_test() as instance:
+            yield Env(settings, build_definitions(settings), instance)
+    finally:
+        cleanup()
 
 
 def sensor_tick(instance: dg.DagsterInstance, settings: Settings, cursor: str | None = None) -> str:
@@ -123,6 +143,7 @@ def test_one_schedule_per_kind_every_minute_in_utc_running_by_default(env):
 def test_default_schedules_fire_at_their_local_times(env):
     write_persona(env.datasets, "alpha", photos=0)  # no `schedules:`; Europe/Lisbon, UTC+1 in May
     env.add_partitions("alpha")
+    env.give_lora("alpha")
     assert env.tick("planning", utc(2026, 5, 1, 4, 59)).requests == []
     first = env.tick("planning", utc(2026, 5, 1, 5, 0))  # 06:00 local
     assert env.tick("planning", utc(2026, 5, 1, 5, 1)).requests == []
@@ -152,6 +173,7 @@ def test_default_schedules_fire_at_their_local_times(env):
 def test_a_custom_cron_and_an_edit_between_ticks_take_effect_without_a_reload(env):
     folder = write_persona(env.datasets, "beta", photos=0, timezone="Asia/Tokyo", schedules={"planning": "15 8 * * MON-FRI"})
     env.add_partitions("beta")
+    env.give_lora("beta")
     monday = utc(2026, 5, 3, 23, 15)  # 08:15 Monday in Tokyo (UTC+9)
     assert [r.tags["persona-pipeline/fire-time"] for r in env.tick("planning", monday).requests] == ["2026-05-04T08:15:00+09:00"]
     assert env.tick("planning", utc(2026, 5, 1, 21, 0)).requests == []  # the default 06:00 is replaced
@@ -167,6 +189,29 @@ def test_a_custom_cron_and_an_edit_between_ticks_take_effect_without_a_reload(en
         tick = env.tick("planning", at)
         assert tick.requests == [] and "fires" in tick.skip
     assert len(env.tick("generation", utc(2026, 5, 5, 21, 30)).requests) == 1  # the other kinds still run
+
+
+def test_generation_waits_for_a_primary_lora_and_the_other_kinds_do_not(env):
+    write_persona(env.datasets, "ready", photos=0)
+    write_persona(env.datasets, "fresh", photos=0)  # its photo_set run has not trained a LoRA yet
+    env.add_partitions("ready", "fresh")
+    env.give_lora("ready")
+    at = utc(2026, 5, 1, 5, 30)  # 06:30 Lisbon: both personas' generation is due
+    tick = env.tick("generation", at)
+    assert [r.partition_key for r in tick.requests] == ["ready"]
+    [warning] = [m for m in tick.log.at(logging.WARNING) if "fresh" in m]
+    assert "no primary LoRA" in warning and "generation" in warning
+    assert sorted(r.partition_key for r in env.tick("planning", utc(2026, 5, 1, 5, 0)).requests) == ["fresh", "ready"]
+
+    env.give_lora("fresh")  # trained: from the next due time on, it is generated for too
+    assert sorted(r.partition_key for r in env.tick("generation", at + timedelta(days=1)).requests) == ["fresh", "ready"]
+
+
+def test_generation_with_no_lora_anywhere_is_a_skip_that_says_why(env):
+    write_persona(env.datasets, "fresh", photos=0)
+    env.add_partitions("fresh")
+    tick = env.tick("generation", utc(2026, 5, 1, 5, 30))
+    assert tick.requests == [] and "fresh (no primary LoRA yet)" in tick.skip
 
 
 def test_a_malformed_cron_skips_that_persona_with_an_error_naming_file_and_field(env):
@@ -242,6 +287,7 @@ def test_a_removed_persona_folder_stops_its_schedules_and_keeps_its_partition(en
     try:
         settings = make_settings(tmp_path, url)
         cursor = sensor_tick(env.instance, settings)
+        env.give_lora("gone")
         due = {"planning": utc(2026, 5, 1, 5, 0), "generation": utc(2026, 5, 1, 5, 30),
                "posting": utc(2026, 5, 1, 6, 0), "report": utc(2026, 5, 1, 8, 0)}
         for kind, at in due.items():

@@ -10,6 +10,10 @@ not found any more, so its schedules stop, while its dynamic partition stays for
 
 The run key `<kind>:<slug>:<fire instant UTC>` makes a tick evaluated twice ask for the same run,
 which Dagster then drops.
+
+A generation run needs the persona's primary LoRA (`candidates` fails without one), so the generation
+schedule leaves out a persona that has none yet (a new persona whose `photo_set` run is still
+training) with a warning, instead of starting a run that can only fail and raise an alert every day.
 """
 
 from __future__ import annotations
@@ -20,10 +24,14 @@ from functools import lru_cache
 
 import dagster as dg
 
+from sqlalchemy import select
+
 from persona_pipeline.automation.jobs import content_planning_job, generation_runs_job, library_job, weekly_report_job
 from persona_pipeline.domain.cron import CronSpec, fire_times, next_fire_times, parse_cron, zone
+from persona_pipeline.db import models
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.personas import Persona
+from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.storage import PersonaFolders
 
 # kind (the field under persona.yaml `schedules:`) → the job its runs start
@@ -33,6 +41,8 @@ SCHEDULE_KINDS = {
     "posting": library_job,
     "report": weekly_report_job,
 }
+# kinds whose runs need the persona's primary LoRA
+NEEDS_LORA = {"generation"}
 SCHEDULE_TAG = "persona-pipeline/schedule"
 FIRE_TIME_TAG = "persona-pipeline/fire-time"
 TICK = timedelta(seconds=60)
@@ -74,6 +84,17 @@ def plan_schedule_runs(kind: str, personas: Iterable[Persona], existing_partitio
     return requests, waiting
 
 
+def personas_with_primary_lora(database: AppDatabase, slugs: set[str]) -> set[str]:
+    """Those of `slugs` that have a primary LoRA in the app database (one query)."""
+    if not slugs:
+        return set()
+    with database.session() as session:
+        return set(session.scalars(
+            select(models.Persona.slug)
+            .join(models.PersonaLora, models.PersonaLora.persona_id == models.Persona.id)
+            .where(models.Persona.slug.in_(sorted(slugs)), models.PersonaLora.is_primary.is_(True))))
+
+
 def _scheduled_time(context: dg.ScheduleEvaluationContext) -> datetime | None:
     try:
         return context.scheduled_execution_time
@@ -81,8 +102,8 @@ def _scheduled_time(context: dg.ScheduleEvaluationContext) -> datetime | None:
         return None
 
 
-def evaluate_persona_schedule(kind: str, context: dg.ScheduleEvaluationContext,
-                              persona_folders: PersonaFolders) -> list[dg.RunRequest] | dg.SkipReason:
+def evaluate_persona_schedule(kind: str, context: dg.ScheduleEvaluationContext, persona_folders: PersonaFolders,
+                              database: AppDatabase) -> list[dg.RunRequest] | dg.SkipReason:
     """One tick of `persona_<kind>`: the runs of every persona whose `kind` cron fired in the last minute."""
     start, end = tick_window(_scheduled_time(context))
     personas, errors = persona_folders.discover()  # read afresh every tick: file edits apply at once
@@ -93,10 +114,19 @@ def evaluate_persona_schedule(kind: str, context: dg.ScheduleEvaluationContext,
     for slug, fire in sorted(waiting.items()):
         context.log.warning(f"persona {slug}: {kind} is due at {fire.isoformat()} but its partition is not added "
                             "yet (the persona_folders sensor adds it within 30 s); not started")
+    no_lora: list[str] = []
+    if kind in NEEDS_LORA and requests:
+        ready = personas_with_primary_lora(database, {r.partition_key for r in requests})
+        no_lora = sorted({r.partition_key for r in requests} - ready)
+        for slug in no_lora:
+            context.log.warning(f"persona {slug}: {kind} is due but it has no primary LoRA yet (its photo_set run "
+                                "trains one, or import one into the library); not started")
+        requests = [r for r in requests if r.partition_key in ready]
     if requests:
         return requests
     skipped = [f"{slug} (invalid persona.yaml)" for slug in sorted(errors)]
     skipped += [f"{slug} (partition not added yet)" for slug in sorted(waiting)]
+    skipped += [f"{slug} (no primary LoRA yet)" for slug in no_lora]
     window = f"({start.isoformat()}, {end.isoformat()}]"
     if skipped:
         return dg.SkipReason(f"no {kind} run requested for {window}; skipped: {', '.join(skipped)}")
@@ -110,8 +140,8 @@ def _persona_schedule(kind: str, job) -> dg.ScheduleDefinition:
         description=(f"Every minute: a `{job.name}` run for each persona whose persona.yaml `schedules.{kind}` cron "
                      "fired in the last minute, in the persona's timezone (partition = the persona)."),
     )
-    def _schedule(context: dg.ScheduleEvaluationContext, persona_folders: PersonaFolders):
-        return evaluate_persona_schedule(kind, context, persona_folders)
+    def _schedule(context: dg.ScheduleEvaluationContext, persona_folders: PersonaFolders, database: AppDatabase):
+        return evaluate_persona_schedule(kind, context, persona_folders, database)
 
     return _schedule
 
