@@ -12,7 +12,7 @@ which hold the URL, are not passed on.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import dagster as dg
 import requests
@@ -47,6 +47,16 @@ class AlertDeliveryError(Exception):
 def _escape(text: str) -> str:
     """Slack mrkdwn treats &, < and > as control characters (links, mentions)."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def redact_webhook(text: str, url: str) -> str:
+    """`text` without the webhook URL or its path: the path is the secret, and an error page (a proxy's
+    "Cannot POST /services/...") may echo it back into a log line or `alerts.last_error`."""
+    url = url.strip()
+    path = urlsplit(url).path
+    for secret in sorted({url, path, quote(path)} - {"", "/"}, key=len, reverse=True):
+        text = text.replace(secret, "<ALERT_WEBHOOK_URL>")
+    return text
 
 
 def _clip(text: str, limit: int) -> str:
@@ -109,7 +119,7 @@ class AlertWebhook(dg.ConfigurableResource):
             raise AlertDeliveryError(f"ALERT_WEBHOOK_URL could not be reached ({type(exc).__name__})") from None
         if 200 <= response.status_code < 300:
             return
-        body = _clip(" ".join(response.text.split()), 200) if response.text else ""
+        body = _clip(" ".join(redact_webhook(response.text, self.url).split()), 200) if response.text else ""
         detail = f"ALERT_WEBHOOK_URL answered HTTP {response.status_code}" + (f": {body}" if body else "")
         if response.status_code == 429 or response.status_code >= 500:
             raise AlertDeliveryError(detail, retry_after=parse_retry_after(response.headers.get("Retry-After")),
