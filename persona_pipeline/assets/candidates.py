@@ -95,6 +95,7 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
     threshold = persona_config.generation.identity_threshold
     made: list[int] = []
     tally: Counter = Counter()
+    unreachable: dict[int, str] = {}  # step id -> the error of a job no server could take
     for _ in range(MAX_PASSES):
         with database.session() as session:
             planned, notes = runs.plan_jobs(session, persona_id, dagster_run_id, _locate_image)
@@ -117,12 +118,12 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
         built = [b for b in built if b.planned.step_id not in broken]
         tally["steps_failed"] += len(broken)
 
-        new_ids = _execute(executor, built, database, slug, context, tally)
+        new_ids = _execute(executor, built, database, slug, context, tally, unreachable)
         made.extend(new_ids)
         with database.session() as session:
             counts = curation.score(session, clip, new_ids, reference, threshold)
             tally.update(counts)
-            reached = runs.finish_steps(session, persona_id)
+            reached = runs.finish_steps(session, persona_id, hold=unreachable)
             approved = 0
             for step in reached:
                 votes = auto_review.vote_step(session, _live(session, step.id))
@@ -130,8 +131,8 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
                 last = step.position == len(step.run.steps)
                 if not last and auto_review.approve_step(session, step, review.default_top_k(step)):
                     approved += 1
-        if not built and not broken and not approved:
-            break
+        if unreachable or (not built and not broken and not approved):
+            break  # with no server up, another pass would only fail the same way
 
     with database.session() as session:
         rows = [session.get(models.Candidate, cid) for cid in made]
@@ -147,6 +148,15 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
                         models.GenerationRun.status.in_(("running", "awaiting_review", "failed")))
                         .order_by(models.GenerationRun.id.desc()).limit(50))]
     log(f"{slug}: {len(made)} candidate(s) made; {dict(tally)}")
+    if unreachable:
+        # A batch cut short by a server outage is not a finished batch: the run fails (and alerts),
+        # the images already made stay registered, and the next run makes only the missing ones.
+        raise dg.Failure(
+            f"{slug}: {tally['jobs_unavailable']} job(s) in {len(unreachable)} step(s) could not run: "
+            f"{next(iter(unreachable.values()))}. {len(made)} image(s) made before that are kept; the steps stay "
+            "generating, so materialise candidates again once a ComfyUI server is back and only the missing images are made.",
+            metadata={"candidates": len(made), "jobs_unavailable": tally["jobs_unavailable"],
+                      "steps_waiting": ", ".join(map(str, sorted(unreachable)))})
     return dg.MaterializeResult(metadata={
         "runs_started": len(started),
         "candidates": len(made),
@@ -176,8 +186,10 @@ def _start_runs(session, persona_id: int, steps: list[runs.StepSpec], dagster_ru
     return started
 
 
-def _execute(executor: GenerationExecutor, built, database: AppDatabase, slug: str, context, tally: Counter) -> list[int]:
-    """Run the batch; record each outcome in its own transaction as it arrives."""
+def _execute(executor: GenerationExecutor, built, database: AppDatabase, slug: str, context, tally: Counter,
+             unreachable: dict[int, str]) -> list[int]:
+    """Run the batch; record each outcome in its own transaction as it arrives. A job no server could
+    take is abandoned (not failed: it never ran) and its step noted in `unreachable`."""
     lock = threading.Lock()
     new_ids: list[int] = []
 
@@ -187,6 +199,13 @@ def _execute(executor: GenerationExecutor, built, database: AppDatabase, slug: s
             job.attempts = outcome.attempts
             job.server = outcome.server
             job.finished_at = models.utcnow()
+            if outcome.unavailable:
+                job.status, job.error = "abandoned", outcome.error
+                tally["jobs_unavailable"] += 1
+                unreachable.setdefault(job.step_id, outcome.error)
+                context.log.error(f"{slug}: job {job.id} (run {job.run_id}, step {outcome.planned.step_position}) "
+                                  f"not run: {outcome.error}")
+                return
             if outcome.error:
                 job.status, job.error, job.permanent = "failed", outcome.error, outcome.permanent
                 tally["jobs_failed"] += 1

@@ -59,6 +59,9 @@ class JobOutcome:
     server: str | None = None
     error: str | None = None
     permanent: bool = False
+    # No server could take it (every ComfyUI server down): the job never ran, so it is neither a
+    # failure of its graph nor of its parent, and it is made when a server is back.
+    unavailable: bool = False
     attempts: int = 1
     timings: dict = field(default_factory=dict)
 
@@ -181,7 +184,7 @@ class GenerationExecutor:
         return JobOutcome(b.planned, image_path, manifest_path, sha, server, timings=timings, attempts=attempts)
 
     def _run_comfyui(self, built: list[BuiltJob], on_outcome: Callable[[JobOutcome], None]) -> None:
-        from persona_pipeline.resources.comfyui import ComfyJob, ComfyResult
+        from persona_pipeline.resources.comfyui import ComfyJob, ComfyResult, ComfyUIUnavailable
 
         by_key = {str(b.planned.job_id): b for b in built}
         jobs = [ComfyJob(key=key, graph=b.graph, output_dir=b.folder, file_stem=b.stem, uploads=b.uploads)
@@ -200,6 +203,7 @@ class GenerationExecutor:
                                            attempts=len(result.attempts) + 1)
                 else:
                     outcome = JobOutcome(b.planned, error=str(result.error), permanent=result.permanent,
+                                         unavailable=isinstance(result.error, ComfyUIUnavailable),
                                          attempts=len(result.attempts) or 1)
             except Exception as exc:  # a disk error while storing must still settle the job
                 outcome = JobOutcome(b.planned, error=f"storing the image failed: {exc}")

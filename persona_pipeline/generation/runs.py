@@ -8,7 +8,7 @@ No Dagster here: the `candidates` asset calls these in order, and the review for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable, Collection
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -182,13 +182,16 @@ def fail_step(session: Session, step_id: int, reason: str) -> None:
     session.flush()
 
 
-def finish_steps(session: Session, persona_id: int) -> list[models.RunStep]:
+def finish_steps(session: Session, persona_id: int, hold: Collection[int] = ()) -> list[models.RunStep]:
     """Steps whose jobs are all settled move to voting (the run then awaits review); a step left
-    with no image fails. Returns the steps that just reached voting."""
+    with no image fails. Steps in `hold` (some of their jobs could not reach a server) stay
+    generating, so the next run makes their missing images. Returns the steps that just reached voting."""
     reached = []
     steps = session.scalars(select(models.RunStep).join(models.GenerationRun)
                             .where(models.GenerationRun.persona_id == persona_id, models.RunStep.status == "generating"))
     for step in list(steps):
+        if step.id in hold:
+            continue
         open_jobs = session.scalar(select(func.count()).select_from(models.GenerationJob).where(
             models.GenerationJob.step_id == step.id, models.GenerationJob.status.in_(("pending", "running")))) or 0
         if open_jobs:
