@@ -95,7 +95,7 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
     threshold = persona_config.generation.identity_threshold
     made: list[int] = []
     tally: Counter = Counter()
-    unreachable: dict[int, str] = {}  # step id -> the error of a job no server could take
+    unreachable: dict[int, str] = {}  # step id -> the error of a job to make again later (server down, disk full)
     for _ in range(MAX_PASSES):
         with database.session() as session:
             planned, notes = runs.plan_jobs(session, persona_id, dagster_run_id, _locate_image)
@@ -132,7 +132,7 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
                 if not last and auto_review.approve_step(session, step, review.default_top_k(step)):
                     approved += 1
         if unreachable or (not built and not broken and not approved):
-            break  # with no server up, another pass would only fail the same way
+            break  # with no server up or no disk space, another pass would only fail the same way
 
     with database.session() as session:
         rows = [session.get(models.Candidate, cid) for cid in made]
@@ -149,13 +149,14 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
                         .order_by(models.GenerationRun.id.desc()).limit(50))]
     log(f"{slug}: {len(made)} candidate(s) made; {dict(tally)}")
     if unreachable:
-        # A batch cut short by a server outage is not a finished batch: the run fails (and alerts),
+        # A batch cut short by an outage (no server, a full disk) is not a finished batch: the run fails (and alerts),
         # the images already made stay registered, and the next run makes only the missing ones.
         raise dg.Failure(
-            f"{slug}: {tally['jobs_unavailable']} job(s) in {len(unreachable)} step(s) could not run: "
+            f"{slug}: {tally['jobs_left_for_next_run']} job(s) in {len(unreachable)} step(s) could not be completed: "
             f"{next(iter(unreachable.values()))}. {len(made)} image(s) made before that are kept; the steps stay "
-            "generating, so materialise candidates again once a ComfyUI server is back and only the missing images are made.",
-            metadata={"candidates": len(made), "jobs_unavailable": tally["jobs_unavailable"],
+            "generating, so materialise candidates again once that is fixed (a ComfyUI server back, disk space freed) "
+            "and only the missing images are made.",
+            metadata={"candidates": len(made), "jobs_left_for_next_run": tally["jobs_left_for_next_run"],
                       "steps_waiting": ", ".join(map(str, sorted(unreachable)))})
     return dg.MaterializeResult(metadata={
         "runs_started": len(started),
@@ -189,7 +190,8 @@ def _start_runs(session, persona_id: int, steps: list[runs.StepSpec], dagster_ru
 def _execute(executor: GenerationExecutor, built, database: AppDatabase, slug: str, context, tally: Counter,
              unreachable: dict[int, str]) -> list[int]:
     """Run the batch; record each outcome in its own transaction as it arrives. A job no server could
-    take is abandoned (not failed: it never ran) and its step noted in `unreachable`."""
+    take, or whose image could not be stored, is abandoned (not failed: it is not the job's fault) and
+    its step noted in `unreachable`."""
     lock = threading.Lock()
     new_ids: list[int] = []
 
@@ -199,9 +201,9 @@ def _execute(executor: GenerationExecutor, built, database: AppDatabase, slug: s
             job.attempts = outcome.attempts
             job.server = outcome.server
             job.finished_at = models.utcnow()
-            if outcome.unavailable:
+            if outcome.retry_later:
                 job.status, job.error = "abandoned", outcome.error
-                tally["jobs_unavailable"] += 1
+                tally["jobs_left_for_next_run"] += 1  # left for the next run
                 unreachable.setdefault(job.step_id, outcome.error)
                 context.log.error(f"{slug}: job {job.id} (run {job.run_id}, step {outcome.planned.step_position}) "
                                   f"not run: {outcome.error}")

@@ -59,9 +59,9 @@ class JobOutcome:
     server: str | None = None
     error: str | None = None
     permanent: bool = False
-    # No server could take it (every ComfyUI server down): the job never ran, so it is neither a
-    # failure of its graph nor of its parent, and it is made when a server is back.
-    unavailable: bool = False
+    # Not the job's fault: no ComfyUI server could take it, or its image could not be stored (a full
+    # disk). It counts against neither its graph nor its parent and is made again once that is fixed.
+    retry_later: bool = False
     attempts: int = 1
     timings: dict = field(default_factory=dict)
 
@@ -203,10 +203,10 @@ class GenerationExecutor:
                                            attempts=len(result.attempts) + 1)
                 else:
                     outcome = JobOutcome(b.planned, error=str(result.error), permanent=result.permanent,
-                                         unavailable=isinstance(result.error, ComfyUIUnavailable),
+                                         retry_later=isinstance(result.error, ComfyUIUnavailable),
                                          attempts=len(result.attempts) or 1)
             except Exception as exc:  # a disk error while storing must still settle the job
-                outcome = JobOutcome(b.planned, error=f"storing the image failed: {exc}")
+                outcome = JobOutcome(b.planned, error=f"storing the image failed: {exc}", retry_later=isinstance(exc, OSError))
             on_outcome(outcome)
 
         self.comfyui.run_jobs(jobs, log=self.ctx.log, on_done=done)
@@ -250,5 +250,5 @@ class GenerationExecutor:
                                            {"batch_s": round(elapsed, 4), "batch_size": len(chunk),
                                             "per_image_s": round(elapsed / len(chunk), 4)}, {"diffusers": fields})
                 except Exception as exc:
-                    outcome = JobOutcome(b.planned, error=f"storing the image failed: {exc}")
+                    outcome = JobOutcome(b.planned, error=f"storing the image failed: {exc}", retry_later=isinstance(exc, OSError))
                 on_outcome(outcome)

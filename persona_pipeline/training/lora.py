@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -28,7 +27,7 @@ from typing import Callable
 
 from PIL import Image
 
-from persona_pipeline.fileio import sha256_file
+from persona_pipeline.fileio import sha256_file, write_via_temp
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -270,10 +269,8 @@ def save_checkpoint(unet, alpha: float, path: Path, metadata: dict[str, str]) ->
     """Write a .safetensors checkpoint atomically; return its sha256."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(kohya_state_dict(unet, alpha), str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    state = kohya_state_dict(unet, alpha)
+    write_via_temp(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     return sha256_file(path)
 
 
@@ -459,10 +456,7 @@ def _cached_inputs(model: FrozenModel, dataset: KohyaDataset, resolution: int, c
                     columns["pooled"].append(pooled)
                     columns["time_ids"].append(torch.tensor([[*original_size, *crop, resolution, resolution]], dtype=torch.float32))
         tensors = {k: torch.cat(v).float().cpu().contiguous() for k, v in columns.items() if v}
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        write_via_temp(path, lambda tmp: save_file(tensors, str(tmp)))
         log(f"cached latents and text embeddings for {len(dataset.items)} images in {time.perf_counter() - started:.1f}s")
         tensors = {k: v.to(device) for k, v in tensors.items()}
         model.vae.to("cpu")
@@ -503,9 +497,7 @@ def _save_state(path: Path, step: int, params: LoraTrainingParams, unet, optimiz
         "numpy_rng": rng.bit_generator.state, "losses": losses,
         "checkpoints": [(s, p.name) for s, p in checkpoints],
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-save leaves the previous state whole
+    write_via_temp(path, lambda tmp: torch.save(state, tmp))  # a kill mid-save leaves the previous state whole
 
 
 def _resume(path: Path, params: LoraTrainingParams, unet, optimizer, rng):

@@ -361,7 +361,7 @@ def test_the_only_comfyui_server_killed_mid_batch_then_back(tmp_path, pg, figure
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     message = failure.step_failure_data.error.message
-    assert "could not run" in message and doomed.url in message and "again" in message, message
+    assert "could not be completed" in message and doomed.url in message and "again" in message, message
     with session_scope(pg) as session:
         run = session.scalars(select(models.GenerationRun)).one()
         assert run.steps[0].status == "generating"  # waiting for its missing images, not voting on a short batch
@@ -383,9 +383,9 @@ def test_the_only_comfyui_server_killed_mid_batch_then_back(tmp_path, pg, figure
         step_after = step.status
     assert len(rows_after) == BATCH and step_after == "voting"  # the rerun completed the batch
     figure("fault", "the only ComfyUI server SIGKILLed mid-batch, then back for a rerun",
-           f"{first_outcome} with {len(kept)}/{BATCH} images kept and registered, {len(failed)} job(s) failed naming "
+           f"{first_outcome} with {len(kept)}/{BATCH} images kept and registered, {len(failed)} job(s) left for the next run, each naming "
            f"the server; rerun: {resubmitted} resubmitted, {reused} reused, batch {len(rows_after)}/{BATCH}, step {step_after}",
-           images_before_kill=len(kept), failed_jobs=len(failed), gave_up_after_kill_s=round(gave_up_s, 2),
+           images_before_kill=len(kept), jobs_left=len(failed), gave_up_after_kill_s=round(gave_up_s, 2),
            rerun_submitted=resubmitted, reused=reused, batch_after_rerun=f"{len(rows_after)}/{BATCH}")
 
 
@@ -402,6 +402,7 @@ MAX_TICKS = 3
 def test_graph_api_faults_during_a_posting_batch(world, figure):
     from persona_pipeline.automation.publishing import publish_job
     from persona_pipeline.resources.database import AppDatabase
+    from persona_pipeline.resources.storage import PersonaStorage
     from persona_pipeline_tests.fake_graph import Fault
     from persona_pipeline_tests.test_publishing import (ENV_B, TOKEN_A, TOKEN_B, USER_A, USER_B, assert_no_token_leaked,
                                                         assert_published_once, persona, posts)
@@ -415,7 +416,8 @@ def test_graph_api_faults_during_a_posting_batch(world, figure):
     fake.inject("status", Fault.status("EXPIRED"), times=1, account=USER_B)
     fake.inject("publish", Fault.graph(190, message="Error validating access token"), times=1, account=USER_B)
     # retry_wait_s=0: a post that failed retryably is due again at the next tick (the real wait is minutes)
-    resources = {"database": AppDatabase(url=world.url), "publisher": world.publisher(retry_wait_s=0.0)}
+    resources = {"database": AppDatabase(url=world.url), "publisher": world.publisher(retry_wait_s=0.0),
+                 "storage": PersonaStorage(home=str(world.tmp / "home"))}
     instance = dg.DagsterInstance.ephemeral()
 
     ticks, statuses_after_first, first_errors = [], None, ""
