@@ -125,7 +125,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     defs = build_definitions(settings)
     instance = dg.DagsterInstance.get()
     resources = build_resources(settings)
-    result = persona_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    with dg.build_sensor_context(instance=instance, resources=resources) as context:
+        result = persona_sensor(context)
     for request in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     if args.persona not in instance.get_dynamic_partitions("personas"):
@@ -268,6 +269,15 @@ def review_secret(settings) -> str:
     return path.read_text().strip()
 
 
+def review_mirror(settings):
+    """With an s3:// PERSONA_HOME, the mirror that fetches images the local cache lacks; else None."""
+    if not settings.artifact_store:
+        return None
+    from persona_pipeline.objectstore import ArtifactMirror
+
+    return ArtifactMirror.for_settings(settings.artifact_store, settings.home, settings.s3_endpoint_url)
+
+
 def cmd_review(args: argparse.Namespace) -> int:
     """Serve the review form (Starlette under uvicorn) on the application database."""
     import uvicorn
@@ -290,7 +300,8 @@ def cmd_review(args: argparse.Namespace) -> int:
         return 2
     config = ReviewConfig(database_url=settings.database_url, home=settings.home, tokens=tokens,
                           secret_key=review_secret(settings), max_body_bytes=settings.review_max_body_bytes,
-                          exploration=settings.review_exploration, https_only=settings.review_https_only)
+                          exploration=settings.review_exploration, https_only=settings.review_https_only,
+                          mirror=review_mirror(settings))
     try:
         app = create_app(config)
     except ValueError as exc:  # a weak secret key or token: refused before anything listens

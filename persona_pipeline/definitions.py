@@ -60,7 +60,9 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     database_url = dg.EnvVar("PERSONA_DATABASE_URL") if os.environ.get("PERSONA_DATABASE_URL", "").strip() == settings.database_url else settings.database_url
     return {
         "database": AppDatabase(url=database_url),
-        "storage": PersonaStorage(home=str(settings.home)),
+        # With an s3:// PERSONA_HOME, home is the local cache and the bucket is mirrored at each step.
+        "storage": PersonaStorage(home=str(settings.home), artifact_store=settings.artifact_store,
+                                  s3_endpoint_url=settings.s3_endpoint_url),
         "persona_folders": PersonaFolders(datasets_dir=str(settings.datasets_dir)),
         "diffusion": DiffusionBackend(base_model=settings.base_model, device=settings.device,
                                       models_dir=str(settings.home / "models"), candidates_per_run=settings.candidates_per_run,

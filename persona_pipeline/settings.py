@@ -7,8 +7,10 @@ outbox publisher, no network). README.md has the table; keep it in step with `SE
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,9 @@ class Setting:
 
 
 SETTINGS: list[Setting] = [
-    Setting("PERSONA_HOME", "./.persona_home", "Root folder for every artifact (photos, datasets, LoRAs, images, outbox)."),
+    Setting("PERSONA_HOME", "./.persona_home", "Root folder for every artifact (photos, datasets, LoRAs, images, outbox), or an `s3://bucket/prefix` URL (see \"Object storage\")."),
+    Setting("PERSONA_CACHE_DIR", "~/.cache/persona-pipeline/<bucket>/<prefix>", "With an s3:// PERSONA_HOME: the local working copy. Use the same path on every machine (rows store absolute paths)."),
+    Setting("PERSONA_S3_ENDPOINT_URL", "", "Endpoint of an S3-compatible server (MinIO, Ceph, a test server). Empty = AWS S3."),
     Setting("PERSONA_DATABASE_URL", "sqlite:///$PERSONA_HOME/persona.db", "Application database (SQLAlchemy URL); PostgreSQL in production."),
     Setting("PERSONA_DATASETS_DIR", "./datasets", "Folder of persona folders (`<slug>/persona.yaml` + `photos/`) the persona sensor watches."),
     Setting("DAGSTER_HOME", "$PERSONA_HOME/dagster (demo only)", "The Dagster instance folder. Put the repo's dagster.yaml there for PostgreSQL storage."),
@@ -72,11 +76,49 @@ def _env(name: str, default: str) -> str:
     return value if value else default
 
 
+S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3's bucket naming rules
+
+
+def parse_home(raw: str, cache_dir: str = "") -> tuple[Path, str]:
+    """PERSONA_HOME (+ PERSONA_CACHE_DIR) as (local folder, artifact store URL). A local path gives
+    (that folder, ""); `s3://bucket/prefix` gives (the cache folder, the normalised URL)."""
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        return Path(raw).expanduser().resolve(), ""
+    if scheme.lower() != "s3":
+        raise ValueError(f"PERSONA_HOME={raw!r}: the scheme {scheme}:// is not supported; "
+                         "use a local folder or an s3://bucket/prefix URL")
+    bucket, _, prefix = rest.partition("/")
+    prefix = "/".join(part for part in prefix.split("/") if part)
+    if not bucket:
+        raise ValueError(f"PERSONA_HOME={raw!r} names no bucket (s3://bucket/prefix)")
+    if not S3_BUCKET.match(bucket):
+        raise ValueError(f"PERSONA_HOME={raw!r}: {bucket!r} is not a valid S3 bucket name "
+                         "(3-63 lowercase letters, digits, dots and hyphens)")
+    if any(part in (".", "..") for part in prefix.split("/")):
+        raise ValueError(f"PERSONA_HOME={raw!r}: the prefix may not hold `.` or `..` segments")
+    url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    default = Path("~/.cache/persona-pipeline") / bucket / prefix
+    return Path(cache_dir or default).expanduser().resolve(), url
+
+
+def _endpoint_url(raw: str) -> str:
+    """PERSONA_S3_ENDPOINT_URL: empty, or an http(s) URL with a host."""
+    if not raw:
+        return ""
+    parsed = urlsplit(raw)
+    if parsed.scheme not in {"http", "https"} or not parsed.netloc:
+        raise ValueError(f"PERSONA_S3_ENDPOINT_URL={raw!r} must be an http:// or https:// URL with a host")
+    return raw.rstrip("/")
+
+
 @dataclass(frozen=True)
 class Settings:
-    home: Path
+    home: Path  # with an s3:// PERSONA_HOME, the local cache folder (PERSONA_CACHE_DIR)
     database_url: str
     datasets_dir: Path
+    artifact_store: str = ""  # the s3:// URL that holds the durable copy of `home`; "" = `home` is all there is
+    s3_endpoint_url: str = ""
     base_model: str = "tiny"
     clip_model: str = "tiny"
     clip_pretrained: str = ""
@@ -121,7 +163,7 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> "Settings":
-        home = Path(_env("PERSONA_HOME", "./.persona_home")).expanduser().resolve()
+        home, artifact_store = parse_home(_env("PERSONA_HOME", "./.persona_home"), _env("PERSONA_CACHE_DIR", ""))
         database_url = _env("PERSONA_DATABASE_URL", f"sqlite:///{home / 'persona.db'}")
         try:
             candidates = int(_env("PERSONA_CANDIDATES_PER_RUN", "4"))
@@ -140,6 +182,8 @@ class Settings:
         return cls(
             home=home,
             database_url=database_url,
+            artifact_store=artifact_store,
+            s3_endpoint_url=_endpoint_url(_env("PERSONA_S3_ENDPOINT_URL", "")),
             datasets_dir=Path(_env("PERSONA_DATASETS_DIR", "./datasets")).expanduser().resolve(),
             base_model=_env("PERSONA_BASE_MODEL", "tiny"),
             clip_model=_env("PERSONA_CLIP_MODEL", "tiny"),

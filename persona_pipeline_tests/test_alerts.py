@@ -354,7 +354,8 @@ def test_library_runway_counts_available_items_at_the_posting_rate(db_url, tmp_p
 
 
 def _tick(db_url: str, webhook: AlertWebhook):
-    return alert_sensor(dg.build_sensor_context(resources=_resources(db_url, webhook)))
+    with dg.build_sensor_context(resources=_resources(db_url, webhook)) as context:
+        return alert_sensor(context)
 
 
 def test_a_stale_persona_is_alerted_once_per_episode_and_its_recovery_once(db_url, tmp_path, hook):
@@ -410,8 +411,9 @@ def test_alerts_off_records_and_sends_nothing(failed_run, db_url, tmp_path, hook
     _evaluate_run_failure(failed_run, db_url, off)
     settings = make_settings(tmp_path, db_url)
     (settings.datasets_dir / "stale" / "persona.yaml").write_text("name: x\ntimezone: Nowhere/City\n")
-    persona_sensor(dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(),
-                                           resources={**build_resources(settings), "alerts": off}))
+    with dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(),
+                                 resources={**build_resources(settings), "alerts": off}) as context:
+        persona_sensor(context)
     assert _alerts(db_url) == [] and hook.received == []
     assert outbox.deliver_due(AppDatabase(url=db_url), off) == {"sent": 0, "retrying": 0, "failed": 0, "left": 0}
 
@@ -469,7 +471,8 @@ def test_a_bad_persona_file_is_alerted_once_per_error_and_a_removal_once(db_url,
     resources = {**build_resources(settings), "alerts": _webhook(hook)}
 
     def tick(cursor=None):
-        result = persona_sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor))
+        with dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor) as context:
+            result = persona_sensor(context)
         for request in result.dynamic_partitions_requests:
             instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
         return result.cursor

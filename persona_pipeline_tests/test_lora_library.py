@@ -193,7 +193,8 @@ def _drop(settings, source: Path, relpath: str, *, old: bool = True, data: bytes
 
 
 def _tick(resources, cursor=None) -> dg.SensorResult:
-    return lora_incoming_sensor(dg.build_sensor_context(cursor=cursor, resources=resources))
+    with dg.build_sensor_context(cursor=cursor, resources=resources) as context:
+        return lora_incoming_sensor(context)
 
 
 def _import(resources, relpath: str, path: Path):

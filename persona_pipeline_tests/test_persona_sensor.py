@@ -16,7 +16,8 @@ from persona_pipeline_tests.conftest import make_settings, write_persona
 
 
 def _tick(instance, resources, cursor=None):
-    result = persona_sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor))
+    with dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor) as context:
+        result = persona_sensor(context)
     for request in result.dynamic_partitions_requests:  # what the daemon does before the run requests
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     return result

@@ -27,6 +27,7 @@ from persona_pipeline.domain.media import MAX_MEDIA_BYTES
 from persona_pipeline.personas import load_persona
 from persona_pipeline.resources import instagram
 from persona_pipeline.resources.database import AppDatabase
+from persona_pipeline.resources.storage import PersonaStorage
 from persona_pipeline.resources.instagram import InstagramGraphClient
 from persona_pipeline.resources.publisher import InstagramPublisher, OutboxPublisher
 from persona_pipeline_tests.conftest import REPO, write_persona
@@ -602,7 +603,8 @@ def test_the_dagster_job_reports_quotas_and_fails_on_a_rejected_token(world, mon
     pid_b = persona(world, "bea", USER_B, ENV_B)
     posts(world, pid, "anna", USER_A, 2)
     ids_b = posts(world, pid_b, "bea", USER_B, 1)
-    resources = {"database": AppDatabase(url=world.url), "publisher": world.publisher()}
+    resources = {"database": AppDatabase(url=world.url), "publisher": world.publisher(),
+                 "storage": PersonaStorage(home=str(world.tmp / "home"))}
     result = publish_job.execute_in_process(resources=resources, instance=dg.DagsterInstance.ephemeral())
     assert result.success and result.output_for_node("publish_due_posts")["published"] == 3
     (output,) = [e for e in result.events_for_node("publish_due_posts") if e.is_successful_output]

@@ -148,6 +148,7 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
                         models.GenerationRun.status.in_(("running", "awaiting_review", "failed")))
                         .order_by(models.GenerationRun.id.desc()).limit(50))]
     log(f"{slug}: {len(made)} candidate(s) made; {dict(tally)}")
+    storage.push_written()  # object storage: a failed upload fails the step (a teardown failure only logs)
     if unreachable:
         # A batch cut short by an outage (no server, a full disk) is not a finished batch: the run fails (and alerts),
         # the images already made stay registered, and the next run makes only the missing ones.

@@ -119,6 +119,7 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
     rows = metadata["checkpoints"]
     renders = sorted((folder / "validation").glob("*.png"))
     losses = metadata["losses"]
+    storage.push_written()  # object storage: a failed upload fails the step (a teardown failure only logs)
     return dg.MaterializeResult(metadata={
         "lora_id": lora_id,
         "library_version": lora_version,

@@ -129,6 +129,7 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
         previews = [(Path(p.media_path), f"post {p.id}") for p in created]
     for entry in skipped:
         context.log.info(f"{slug}: slot {entry['slot_utc']} left empty: {entry['why']}")
+    storage.push_written()  # object storage: a failed upload fails the step (a teardown failure only logs)
     return dg.MaterializeResult(metadata={
         "new_posts": len(created),
         "slots_considered": len(slots),

@@ -93,6 +93,7 @@ def source_photos(context: dg.AssetExecutionContext, database: AppDatabase, stor
 
     usable = len(accepted)
     enough = usable >= training.min_photos
+    storage.push_written()  # object storage: a failed upload fails the step (a teardown failure only logs)
     return dg.MaterializeResult(
         metadata={
             "usable": usable,

@@ -135,6 +135,7 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
     caption_files = {image.name: (image.with_suffix(".txt").read_text(encoding="utf-8").strip()
                                   if image.with_suffix(".txt").is_file() else "") for image in images}
     sources = [s for _, s in captions]
+    storage.push_written()  # object storage: a failed upload fails the step (a teardown failure only logs)
     return dg.MaterializeResult(
         metadata={
             "dataset_version": version,

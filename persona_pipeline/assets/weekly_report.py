@@ -123,6 +123,7 @@ def weekly_report(context: dg.AssetExecutionContext, config: WeeklyReportConfig,
     counts = report.counts()
     context.log.info(f"{slug}: weekly report {start.isoformat()} – {end.isoformat()} written to {path}: "
                      + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    storage.push_written()  # object storage: a failed upload fails the step (a teardown failure only logs)
     return dg.MaterializeResult(metadata={
         "report": dg.MetadataValue.md(wr.render_markdown(report, inline)),
         "path": dg.MetadataValue.path(str(path)),

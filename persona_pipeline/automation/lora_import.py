@@ -156,6 +156,7 @@ def import_lora(context: dg.OpExecutionContext, config: LoraImportConfig, databa
     context.log.info(f"{config.path}: {status.replace('_', ' ')} as LoRA {result['lora_id']} version "
                      f"{result['version']} ({info.family}, {info.key_format}, rank {info.rank}); moved to {where[0]}")
     context.add_output_metadata({**result, "path": dg.MetadataValue.path(result["path"])})
+    storage.push_written()  # object storage: a failed upload fails the step (a teardown failure only logs)
     return result
 
 

@@ -59,6 +59,7 @@ from persona_pipeline.personas import PersonaConfig
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.instagram import GraphError
 from persona_pipeline.resources.publisher import InstagramPublisher, MediaProblem, OutboxPublisher, Publisher
+from persona_pipeline.resources.storage import PersonaStorage
 
 # A post in `publishing` whose claim has not moved for this long is taken over, when the claiming
 # run's liveness cannot be asked (no Dagster instance). Far above one post's work (seconds).
@@ -864,15 +865,24 @@ def _reconcile(account: _Account, post: _Post, cid: str, seen: list) -> None:
 # --- Dagster ---------------------------------------------------------------------------------------
 
 @dg.op(description="Publish every due post through the configured publisher (outbox or Instagram).")
-def publish_due_posts(context: dg.OpExecutionContext, database: AppDatabase, publisher: Publisher) -> dict:
+def publish_due_posts(context: dg.OpExecutionContext, database: AppDatabase, publisher: Publisher,
+                      storage: PersonaStorage) -> dict:
     instance = context.instance
+    now = datetime.now(timezone.utc)
+    # With object storage, a fresh machine's cache lacks the due posts' JPEGs: fetch them first.
+    with database.session() as session:
+        media = [Path(p) for p in session.scalars(select(models.Post.media_path).where(
+            models.Post.status.in_((post_states.SCHEDULED, post_states.PUBLISHING, post_states.FAILED)),
+            models.Post.scheduled_at <= now,
+            models.Post.media_path.is_not(None)))]
+    storage.ensure_local(media)
 
     def is_run_alive(run_id: str) -> bool:
         run = instance.get_run_by_id(run_id)
         return run is not None and not run.is_finished
 
-    report = run_batch(database, publisher, datetime.now(timezone.utc), context.log, run_id=context.run_id,
-                       is_run_alive=is_run_alive)
+    report = run_batch(database, publisher, now, context.log, run_id=context.run_id, is_run_alive=is_run_alive)
+    storage.push_written()  # the outbox records and exported media, with object storage
     metadata: dict[str, Any] = {**report.counts, "publisher": publisher.name,
                                 "quotas": dg.MetadataValue.json(report.quotas),
                                 "token_warnings": dg.MetadataValue.json(report.token_warnings)}

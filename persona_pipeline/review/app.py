@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from persona_pipeline.db import models, review, review_views
 from persona_pipeline.db.session import session_scope
+from persona_pipeline.objectstore import ObjectStoreError
 from persona_pipeline.review import auth
 
 HERE = Path(__file__).parent
@@ -56,6 +57,9 @@ class ReviewConfig:
     max_body_bytes: int = 1_000_000
     exploration: float = 0.1
     https_only: bool = False
+    # An s3:// PERSONA_HOME: `home` is the local cache and this ArtifactMirror fetches an image the
+    # cache lacks (persona_pipeline.objectstore). None: `home` holds everything.
+    mirror: Any = None
 
 
 # --------------------------------------------------------------------------- ASGI middleware
@@ -224,15 +228,28 @@ def media_url(home: Path, image_path: str | None) -> str | None:
     return "/media/" + quote(relative.as_posix())
 
 
+def media_name_ok(raw: str) -> bool:
+    """No `..`, `.` or empty segment, no absolute or drive path, no backslash or NUL, an image suffix."""
+    if not raw or "\x00" in raw or "\\" in raw or raw.startswith("/") or re.match(r"^[A-Za-z]:", raw):
+        return False
+    if any(part in ("", ".", "..") for part in raw.split("/")):
+        return False
+    return Path(raw).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _lands_inside(home: Path, raw: str) -> bool:
+    """Whether home/raw, symlinks followed as far as they exist, stays inside `home`."""
+    try:
+        return (home / raw).resolve().is_relative_to(home)
+    except (OSError, RuntimeError):
+        return False
+
+
 def resolve_media(home: Path, raw: str) -> Path | None:
     """The image file `raw` names relative to `home` (already resolved), or None: no `..`, `.` or
     empty segment, no absolute or drive path, no backslash or NUL, an image suffix, and the real
     path (symlinks followed) inside home."""
-    if not raw or "\x00" in raw or "\\" in raw or raw.startswith("/") or re.match(r"^[A-Za-z]:", raw):
-        return None
-    if any(part in ("", ".", "..") for part in raw.split("/")):
-        return None
-    if Path(raw).suffix.lower() not in IMAGE_SUFFIXES:
+    if not media_name_ok(raw):
         return None
     try:
         target = (home / raw).resolve(strict=True)
@@ -738,7 +755,17 @@ async def audit_page(request: Request, reviewer: str) -> Response:
 async def media(request: Request) -> Response:
     if auth.current_reviewer(request, _config(request).tokens) is None:
         raise HTTPException(401, "log in first")
-    target = resolve_media(_home(request), request.path_params["path"])
+    home, raw = _home(request), request.path_params["path"]
+    target = resolve_media(home, raw)
+    mirror = _config(request).mirror
+    # Not in the cache: fetch it from object storage, but only a safe name whose real folder is
+    # inside PERSONA_HOME (the same containment check as above, before any request leaves).
+    if target is None and mirror is not None and media_name_ok(raw) and _lands_inside(home, raw):
+        try:
+            await run_in_threadpool(mirror.pull, home / raw)
+        except ObjectStoreError:
+            raise HTTPException(503, "the image is not cached here and object storage did not answer") from None
+        target = resolve_media(home, raw)
     if target is None:
         raise HTTPException(404, "no such image")
     # Candidate images never change under their path: let the browser keep them (privately).
