@@ -497,3 +497,36 @@ def test_failed_posts_are_shown_with_their_reason_and_can_be_retried_or_abandone
         assert [session.get(models.Post, i).status for i in (first, second)] == ["scheduled", "abandoned"]
     assert [e.subject_id for e in events(form.url, "retry_post")] == [first]
     assert [e.payload["reason"] for e in events(form.url, "abandon_post")] == ["old news"]
+
+
+def test_login_throttle_counts_failures_per_address_in_a_sliding_window() -> None:
+    from persona_pipeline.review.auth import LoginThrottle
+
+    now = [100.0]
+    throttle = LoginThrottle(max_failures=3, window_s=10, clock=lambda: now[0])
+    for _ in range(3):
+        assert throttle.retry_after("1.2.3.4") is None
+        throttle.failed("1.2.3.4")
+        now[0] += 1
+    assert throttle.retry_after("1.2.3.4") == 7  # failures at t=100, 101, 102; the first leaves the window at t=110; now 103
+    assert throttle.retry_after("5.6.7.8") is None  # another address is not held back
+    now[0] = 110.0
+    assert throttle.retry_after("1.2.3.4") is None  # one failure left the window: one more try
+    throttle.failed("1.2.3.4")
+    assert throttle.retry_after("1.2.3.4") == 1
+    throttle.succeeded("1.2.3.4")
+    assert throttle.retry_after("1.2.3.4") is None
+    with pytest.raises(ValueError, match="max_failures"):
+        LoginThrottle(max_failures=0)
+
+
+def test_too_many_wrong_tokens_from_one_address_answer_429_even_for_the_right_token(sqlite_form: Form) -> None:
+    client = sqlite_form.client
+    page = client.get("/login")
+    csrf = csrf_of(page.text)
+    statuses = [client.post("/login", data={"csrf_token": csrf, "token": f"wrong-token-{i:04d}"}).status_code
+                for i in range(12)]
+    assert statuses == [401] * 10 + [429] * 2  # the default: 10 failures a minute
+    held = client.post("/login", data={"csrf_token": csrf, "token": "alice-token-123"}, follow_redirects=False)
+    assert held.status_code == 429 and 1 <= int(held.headers["Retry-After"]) <= 60
+    assert "Too many failed logins" in held.text

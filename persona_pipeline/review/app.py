@@ -60,6 +60,9 @@ class ReviewConfig:
     # An s3:// PERSONA_HOME: `home` is the local cache and this ArtifactMirror fetches an image the
     # cache lacks (persona_pipeline.objectstore). None: `home` holds everything.
     mirror: Any = None
+    # Failed logins allowed per client address per window before logins from it answer 429.
+    login_max_failures: int = 10
+    login_window_s: float = 60.0
 
 
 # --------------------------------------------------------------------------- ASGI middleware
@@ -408,12 +411,23 @@ async def login(request: Request) -> Response:
     form = await request.form(max_files=0, max_fields=10)
     if not auth.csrf_ok(request, form.get(auth.CSRF_FIELD)):
         raise HTTPException(403, "missing or wrong CSRF token; reload the login page and try again")
+    throttle: auth.LoginThrottle = request.app.state.login_throttle
+    address = request.client.host if request.client else "unknown"
+    target = auth.safe_next(form.get("next") if isinstance(form.get("next"), str) else None)
+    wait = throttle.retry_after(address)
+    if wait is not None:  # checked before the token, so a guess made now tells nothing
+        response = render(request, "login.html", {"next": target, "title": "Log in",
+                                                  "error": f"Too many failed logins from your address; try again in {wait} s."},
+                          status=429)
+        response.headers["Retry-After"] = str(wait)
+        return response
     token = form.get("token", "")
     name = auth.reviewer_for_token(_config(request).tokens, token if isinstance(token, str) else "")
-    target = auth.safe_next(form.get("next") if isinstance(form.get("next"), str) else None)
     if name is None:
+        throttle.failed(address)
         return render(request, "login.html", {"next": target, "title": "Log in",
                                               "error": "That reviewer token is not valid."}, status=401)
+    throttle.succeeded(address)
     auth.log_in(request, name)
     return RedirectResponse(target, status_code=303)
 
@@ -815,5 +829,6 @@ def create_app(config: ReviewConfig) -> Starlette:
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={HTTPException: http_error, review.ReviewError: review_error})
     app.state.config = config
+    app.state.login_throttle = auth.LoginThrottle(config.login_max_failures, config.login_window_s)
     app.state.home = Path(config.home).resolve()
     return app

@@ -9,7 +9,12 @@ every form POST sends it in a hidden field and every fetch() POST in the `X-CSRF
 from __future__ import annotations
 
 import hmac
+import math
 import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 
 from starlette.requests import Request
 
@@ -73,3 +78,48 @@ def safe_next(target: str | None) -> str:
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return "/"
     return target
+
+
+class LoginThrottle:
+    """Failed logins per client address in a sliding window. Past `max_failures` failures within
+    `window_s`, every login from that address, right token or not, is refused (429, Retry-After)
+    until the oldest failure leaves the window: a guesser gets `max_failures` tries a window, and a
+    real reviewer behind the same address waits at most `window_s`. A success clears the address."""
+
+    MAX_ADDRESSES = 10_000  # past this, addresses with no failure left in the window are forgotten
+
+    def __init__(self, max_failures: int = 10, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        if max_failures < 1 or window_s <= 0:
+            raise ValueError(f"login throttle needs max_failures >= 1 and window_s > 0 (got {max_failures}, {window_s})")
+        self.max_failures, self.window_s, self.clock = max_failures, window_s, clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, address: str, now: float) -> deque[float]:
+        times = self._failures.get(address, deque())
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        return times
+
+    def retry_after(self, address: str) -> int | None:
+        """Whole seconds until `address` may try again, or None when it may try now."""
+        with self._lock:
+            now = self.clock()
+            times = self._recent(address, now)
+            if len(times) < self.max_failures:
+                return None
+            return max(1, math.ceil(times[0] + self.window_s - now))
+
+    def failed(self, address: str) -> None:
+        with self._lock:
+            now = self.clock()
+            if len(self._failures) >= self.MAX_ADDRESSES:
+                for known in [a for a in self._failures if not self._recent(a, now)]:
+                    del self._failures[known]
+            times = self._recent(address, now)
+            times.append(now)
+            self._failures[address] = times
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(address, None)

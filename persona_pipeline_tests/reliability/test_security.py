@@ -285,6 +285,10 @@ class Served:
     seed: ReviewSeed
 
 
+LOGIN_MAX_FAILURES = 10
+LOGIN_WINDOW_S = 3.0
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[Served]:
     """The review form under real uvicorn on a free port, on PostgreSQL, with files outside
@@ -308,7 +312,9 @@ def served(tmp_path_factory) -> Iterator[Served]:
         (home / "persona.db").write_bytes(DB_MARK)
         (home / "escape.png").symlink_to(outside / "secret.png")  # inside home, pointing outside
         (home / "key.png").symlink_to(home / "review_secret.key")  # an image name for a non-image
-        app = create_app(ReviewConfig(database_url=url, home=home, tokens=TOKENS, secret_key=SECRET_KEY))
+        # the login throttle as configured by default but with a short window, so the test can wait it out
+        app = create_app(ReviewConfig(database_url=url, home=home, tokens=TOKENS, secret_key=SECRET_KEY,
+                                      login_max_failures=LOGIN_MAX_FAILURES, login_window_s=LOGIN_WINDOW_S))
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
@@ -421,7 +427,7 @@ def test_review_auth_holds_on_every_route(served: Served, figure) -> None:
         page = session.get(f"{served.base}/login")
         response = session.post(f"{served.base}/login", data={"csrf_token": csrf_of(page.text), "token": "alice-security-token-0124"},
                                 allow_redirects=False)
-        assert response.status_code == 401
+        assert response.status_code in (401, 429)  # refused; 429 once the login throttle holds the address back
         return session
 
     payload, _, signature = valid_cookie.partition(".")
@@ -480,24 +486,36 @@ def test_review_auth_holds_on_every_route(served: Served, figure) -> None:
     page = brute.get(f"{served.base}/login")
     csrf = csrf_of(page.text)
     statuses: list[int] = []
+    retry_afters: list[int] = []
     started = time.perf_counter()
     for i in range(60):
-        statuses.append(brute.post(f"{served.base}/login", data={"csrf_token": csrf, "token": f"guess-{i:04d}-xxxxxxxxxxxx"},
-                                   allow_redirects=False).status_code)
+        answer = brute.post(f"{served.base}/login", data={"csrf_token": csrf, "token": f"guess-{i:04d}-xxxxxxxxxxxx"},
+                            allow_redirects=False)
+        statuses.append(answer.status_code)
+        if answer.status_code == 429:
+            retry_afters.append(int(answer.headers["Retry-After"]))
     elapsed = time.perf_counter() - started
     limited = sum(1 for s in statuses if s == 429)
     guessed = sum(1 for s in statuses if s == 303)
+    evaluated = statuses.count(401)  # guesses actually checked against the tokens
     assert guessed == 0 and set(statuses) <= {401, 429}
-    # After the burst, the right token still logs in (no lockout of the real reviewer).
+    # at most LOGIN_MAX_FAILURES guesses per window are even checked; the rest wait
+    assert evaluated <= LOGIN_MAX_FAILURES and limited >= len(statuses) - LOGIN_MAX_FAILURES
+    assert retry_afters and all(1 <= wait <= LOGIN_WINDOW_S + 1 for wait in retry_afters), retry_afters
+    # While the address is held back, even the right token waits; after Retry-After it logs in.
+    held = brute.post(f"{served.base}/login", data={"csrf_token": csrf, "token": "bob-security-token-45678"}, allow_redirects=False)
+    assert held.status_code == 429
+    time.sleep(int(held.headers["Retry-After"]) + 0.2)
     ok = brute.post(f"{served.base}/login", data={"csrf_token": csrf, "token": "bob-security-token-45678"}, allow_redirects=False)
     assert ok.status_code == 303
     rate = len(statuses) / elapsed
     figure("security", "review form: no session, wrong token, forged/tampered/foreign-key cookies, bad CSRF, wrong methods",
            f"{accepted} of {tried} attacks accepted across {len(routes)} routes; login brute force "
-           f"{'rate limited' if limited else 'NOT rate limited'} ({limited} of {len(statuses)} answered 429, {rate:.0f} guesses/s)",
+           f"{'rate limited' if limited else 'NOT rate limited'} ({evaluated} of {len(statuses)} guesses checked, {limited} answered "
+           f"429 with Retry-After <= {max(retry_afters)} s; the right token got in after the wait)",
            routes=len(routes), attackers=len(attackers), attacks_tried=tried, attacks_accepted=accepted,
            csrf_attacks=csrf_tried, method_attacks=method_tried, brute_force_attempts=len(statuses),
-           brute_force_429=limited, guesses_per_s=round(rate, 1))
+           brute_force_429=limited, guesses_checked=evaluated, attempts_per_s=round(rate, 1))
 
 
 def _raw_get(served: Served, target: str, cookie: str) -> tuple[int, bytes]:
