@@ -5,6 +5,7 @@ their bytes, and the server's own request log), never from our code's account of
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
+import dagster as dg
 import pytest
 import s3fs
 from sqlalchemy import select
@@ -25,16 +27,20 @@ from persona_pipeline.assets.content_plan import content_plan
 from persona_pipeline.assets.lora_model import lora_model
 from persona_pipeline.assets.source_photos import source_photos
 from persona_pipeline.assets.training_dataset import training_dataset
+from persona_pipeline.automation.publishing import publish_job
 from persona_pipeline.cli import review_mirror
 from persona_pipeline.db import models
 from persona_pipeline.db.session import session_scope
+from persona_pipeline.definitions import build_resources
 from persona_pipeline.fileio import sha256_file
 from persona_pipeline.objectstore import ArtifactMirror, ObjectStoreError
+from persona_pipeline.resources.storage import PersonaStorage
 from persona_pipeline.review.app import ReviewConfig, create_app
 from persona_pipeline.settings import SETTINGS, Settings
 from persona_pipeline_tests.conftest import make_database, materialise_persona, write_persona
 from persona_pipeline_tests.reliability.conftest import figure  # noqa: F401  (the fixture)
 from persona_pipeline_tests.review_fixtures import seed_review
+from persona_pipeline_tests.test_publishing import Log, World, image, persona, posts
 from persona_pipeline_tests.test_review_form import SECRET, TOKENS, Form
 
 # The test credentials moto accepts; the real ones come from the same standard AWS variables.
@@ -362,5 +368,113 @@ def test_review_form_fetches_an_image_only_in_the_bucket_and_still_refuses_outsi
         # A name that is safe but in neither place: the bucket is asked, and the answer is 404.
         assert form.client.get("/media/personas/tester/media/never-made.png").status_code == 404
         assert len(s3.requests) > gets_before
+    finally:
+        drop()
+
+
+# --------------------------------------------------------------------------- steps that write, on S3
+
+
+def test_publish_job_on_a_cold_cache_fetches_the_media_and_pushes_the_outbox(s3, tmp_path, monkeypatch):
+    """A machine whose cache lacks a due post's JPEG publishes it: the job pulls the JPEG from the
+    bucket, the dry-run outbox writes its record, and the record and its JPEG end up in the bucket."""
+    url, drop = make_database("postgresql", tmp_path)
+    try:
+        bucket, cache = s3.new_bucket(), tmp_path / "cache"
+        settings = settings_from_env(monkeypatch, {
+            "PERSONA_HOME": f"s3://{bucket}/studio", "PERSONA_CACHE_DIR": str(cache), "PERSONA_S3_ENDPOINT_URL": s3.endpoint,
+            "PERSONA_DATABASE_URL": url, "PERSONA_DATASETS_DIR": str(tmp_path / "datasets")})
+        assert settings.publisher == "outbox"  # the default: the dry run
+        # test_publishing's helpers need only the database URL and a folder (no Graph API for the outbox).
+        world = World(url, tmp_path, fake=None, media=None, public=None, log=Log())
+        persona_id = persona(world, "olga", user_id=None)
+        media = image(cache / "personas" / "olga" / "media" / "post-a.jpg", colour=(30, 140, 200))
+        (post_id,) = posts(world, persona_id, "olga", "outbox:olga", 1, media=media)
+        original = media.read_bytes()
+        recorded = hashlib.sha256(original).hexdigest()
+        with session_scope(url) as session:  # as scheduled_posts records it
+            session.get(models.Post, post_id).media_sha256 = recorded
+        media_key = f"studio/{media.relative_to(cache).as_posix()}"
+        ArtifactMirror.for_settings(settings.artifact_store, cache, settings.s3_endpoint_url).push([media])
+        assert s3.objects(bucket, media_key) == {media_key: recorded}
+        media.unlink()  # this machine's cache lacks it; the bucket has it
+
+        gets_before = len(s3.calls("GET", bucket))
+        result = publish_job.execute_in_process(resources=build_resources(settings), instance=dg.DagsterInstance.ephemeral())
+        assert result.success and result.output_for_node("publish_due_posts")["published"] == 1
+        assert media_key in s3.calls("GET", bucket)[gets_before:]  # fetched from the bucket
+        assert media.is_file() and sha256_file(media) == recorded
+        with session_scope(url) as session:
+            post = session.get(models.Post, post_id)
+            assert (post.status, post.external_id, post.failure_reason) == ("published", f"outbox-olga-{post_id}", None)
+
+        client = s3.client()
+        record_key, jpeg_key = (f"studio/outbox/olga/post-{post_id:06d}.{ext}" for ext in ("json", "jpg"))
+        record_bytes = client.get_object(Bucket=bucket, Key=record_key)["Body"].read()
+        jpeg_bytes = client.get_object(Bucket=bucket, Key=jpeg_key)["Body"].read()
+        local_record = cache / "outbox" / "olga" / f"post-{post_id:06d}.json"
+        assert record_bytes == local_record.read_bytes()
+        assert jpeg_bytes == original  # the outbox copies the post's JPEG as it is
+        record = json.loads(record_bytes)
+        assert (record["post_id"], record["external_id"], record["image"]) == (post_id, post.external_id, f"post-{post_id:06d}.jpg")
+        assert record["source_sha256"] == recorded and record["image_sha256"] == hashlib.sha256(jpeg_bytes).hexdigest()
+        # The record vouches for the image: it went up after it.
+        puts = s3.calls("PUT", bucket)
+        assert puts.index(jpeg_key) < puts.index(record_key)
+    finally:
+        drop()
+
+
+def test_a_failed_upload_at_the_end_of_an_asset_fails_the_step_and_keeps_the_files(s3, tmp_path, monkeypatch, figure):
+    """The bucket disappears after the step's setup pull: the upload at the end of source_photos is
+    refused by the server, the step fails naming the key, the photos stay in the cache on the
+    pending list, and a push once the bucket is back uploads them."""
+    url, drop = make_database("postgresql", tmp_path)
+    try:
+        bucket, cache = s3.new_bucket(), tmp_path / "cache"
+        (tmp_path / "datasets").mkdir()
+        settings = settings_from_env(monkeypatch, {
+            "PERSONA_HOME": f"s3://{bucket}/studio", "PERSONA_CACHE_DIR": str(cache), "PERSONA_S3_ENDPOINT_URL": s3.endpoint,
+            "PERSONA_DATABASE_URL": url, "PERSONA_DATASETS_DIR": str(tmp_path / "datasets")})
+        folder = write_persona(settings.datasets_dir, "tester", photos=3)
+        original_setup = PersonaStorage.setup_for_execution
+        removed = []
+
+        def setup_then_lose_the_bucket(self, context):
+            original_setup(self, context)
+            s3.client().delete_bucket(Bucket=bucket)  # empty: the setup pull found nothing to fetch
+            removed.append(bucket)
+
+        monkeypatch.setattr(PersonaStorage, "setup_for_execution", setup_then_lose_the_bucket)
+        result, _ = materialise_persona([source_photos], settings, folder, raise_on_error=False)
+        assert removed == [bucket] and not result.success
+        (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        assert failure.step_key == "source_photos"
+        message = failure.event_specific_data.error.to_string()
+        assert "ObjectStoreError" in message and f"s3://{bucket}/studio/personas/tester/photos/" in message, message
+        assert "does not exist" in message, message  # the server's own NoSuchBucket answer, as the cause
+
+        with session_scope(url) as session:
+            photos = {Path(row.path): row.sha256 for row in session.scalars(
+                select(models.SourcePhoto).where(models.SourcePhoto.status == "accepted"))}
+        assert len(photos) == 3
+        for path in photos:
+            assert path.is_file() and path.relative_to(cache).parts[:3] == ("personas", "tester", "photos"), path
+        mirror = ArtifactMirror.for_settings(settings.artifact_store, cache, settings.s3_endpoint_url)
+        pending = set(mirror.pending())
+        assert set(photos) <= pending, (sorted(photos), sorted(pending))
+
+        s3.client().create_bucket(Bucket=bucket)  # the bucket is back, empty
+        report = mirror.push([])
+        written = [p for p in cache.rglob("*") if p.is_file() and mirror.mirrored(p.relative_to(cache))]
+        expected = {f"studio/{p.relative_to(cache).as_posix()}": sha256_file(p) for p in written}
+        assert set(photos) <= set(written)
+        assert s3.objects(bucket, "studio/") == expected
+        assert sorted(report.uploaded) == sorted(f"s3://{bucket}/{key}" for key in expected)
+        assert mirror.pending() == []
+        figure("fault", "the bucket refuses the upload at the end of source_photos",
+               f"step failed naming the key; {len(photos)} accepted photo(s) kept in the cache and pending; "
+               f"the next push uploaded {len(report.uploaded)} and the bucket matches by sha256",
+               files_kept=len(photos), uploaded_later=len(report.uploaded))
     finally:
         drop()
