@@ -227,11 +227,17 @@ def test_a_reviewer_works_through_the_form(served: Served, chromium, tmp_path: P
     kill_step = served.killing.step_ids[0]
     page.goto(f"{base}/steps/{kill_step}/vote")
     wait_next_ready(page)
-    doomed = int(current_pair(page)["left"])
+    before_kill = current_pair(page)
+    doomed = int(before_kill["left"])
     page.keyboard.press("K")
     wait_for(lambda: count(url, models.Candidate, models.Candidate.id == doomed, models.Candidate.status == "killed"),
              "the kill")
     page.wait_for_function(f"() => document.getElementById('status').textContent.includes('Killed #{doomed}')")
+    # When the preloaded pair held the doomed image too, the page waits (busy) for a fresh pair asked
+    # for after the kill landed: wait until a pair other than the one killed from is on screen.
+    page.wait_for_function("(old) => { const v = document.getElementById('vote');"
+                           " return v.dataset.done === '1' || (!v.classList.contains('busy') && v.dataset.offerId !== old); }",
+                           arg=before_kill["offer"], timeout=10000)
     assert doomed not in (int(current_pair(page)["left"] or 0), int(current_pair(page)["right"] or 0))
     assert count(url, models.ReviewEvent, models.ReviewEvent.kind == "kill", models.ReviewEvent.subject_id == doomed) == 1
     shots(page, "vote-after-kill")

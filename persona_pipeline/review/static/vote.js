@@ -107,6 +107,9 @@
   function finish() {
     current = null;
     root.dataset.done = "1";
+    delete root.dataset.offerId;  // nothing on screen: no stale pair (a killed image) stays in the page
+    img.left.src = img.right.src = "data:,";
+    label.left.textContent = label.right.textContent = "";
     root.classList.remove("busy");
     doneBox.hidden = false;
     document.querySelector(".pair").hidden = true;
