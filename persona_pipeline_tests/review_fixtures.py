@@ -4,10 +4,16 @@ votes, real (tiny) PNGs under PERSONA_HOME, and posts waiting for approval."""
 from __future__ import annotations
 
 import hashlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import uvicorn
 from PIL import Image
 
 from persona_pipeline.db import models, registry
@@ -70,3 +76,26 @@ def seed_review(url: str, home: Path, *, candidates: int = 6, steps: int = 2, po
         session.add_all(post_rows)
         session.flush()
         return ReviewSeed(persona.id, slug, run.id, [s.id for s in step_rows], [c.id for c in rows], [p.id for p in post_rows])
+
+
+@contextmanager
+def serve_app(app, start_timeout_s: float = 30) -> Iterator[tuple[str, int]]:
+    """`app` under real uvicorn on a free loopback port, in a thread: yields (base URL, port)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start the app")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}", port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -9,8 +9,6 @@ import http.client
 import os
 import re
 import shutil
-import socket
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -18,14 +16,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-import uvicorn
 from sqlalchemy import func, select
 
 from persona_pipeline.db import models
 from persona_pipeline.db.session import session_scope
 from persona_pipeline.review.app import ReviewConfig, create_app
 from persona_pipeline_tests.conftest import make_database
-from persona_pipeline_tests.review_fixtures import ReviewSeed, seed_review
+from persona_pipeline_tests.review_fixtures import ReviewSeed, seed_review, serve_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -57,24 +54,10 @@ def served(tmp_path_factory) -> Iterator[Served]:
     outside = folder / "outside.png"
     shutil.copy(voting_image(url, voting), outside)
     app = create_app(ReviewConfig(database_url=url, home=home, tokens={TOKEN: "alice"}, secret_key="browser-test-secret-0123456789"))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("uvicorn did not start the review form")
-        time.sleep(0.02)
     try:
-        yield Served(f"http://127.0.0.1:{port}", url, home, outside, voting, final, killing)
+        with serve_app(app, start_timeout_s=15) as (base, _):
+            yield Served(base, url, home, outside, voting, final, killing)
     finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
         cleanup()
 
 

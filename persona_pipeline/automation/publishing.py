@@ -869,13 +869,12 @@ def publish_due_posts(context: dg.OpExecutionContext, database: AppDatabase, pub
                       storage: PersonaStorage) -> dict:
     instance = context.instance
     now = datetime.now(timezone.utc)
-    # With object storage, a fresh machine's cache lacks the due posts' JPEGs: fetch them first.
-    with database.session() as session:
-        media = [Path(p) for p in session.scalars(select(models.Post.media_path).where(
-            models.Post.status.in_((post_states.SCHEDULED, post_states.PUBLISHING, post_states.FAILED)),
-            models.Post.scheduled_at <= now,
-            models.Post.media_path.is_not(None)))]
-    storage.ensure_local(media)
+    if storage.mirror is not None:  # object storage: a fresh machine's cache lacks the due posts' JPEGs
+        with database.session() as session:
+            media = [Path(p) for p in session.scalars(select(models.Post.media_path).where(
+                models.Post.status.in_((post_states.SCHEDULED, post_states.PUBLISHING, post_states.FAILED)),
+                models.Post.scheduled_at <= now, models.Post.media_path.is_not(None)))]
+        storage.ensure_local(media)
 
     def is_run_alive(run_id: str) -> bool:
         run = instance.get_run_by_id(run_id)

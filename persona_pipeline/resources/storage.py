@@ -80,7 +80,12 @@ class PersonaStorage(dg.ConfigurableResource):
         left pending. Raises ObjectStoreError (the files stay in the cache for the next push)."""
         if self.mirror is None or self._since_ns is None:
             return None
-        return self.mirror.push(self.mirror.changed_since(self._since_ns))
+        walked_at = time.time_ns() - CTIME_SLACK_NS
+        report = self.mirror.push(self.mirror.changed_since(self._since_ns))
+        # Pushed: the next push (the teardown's backstop after an asset's own) looks only at what
+        # changed since, instead of hashing and asking the bucket about every file again.
+        self._since_ns = walked_at
+        return report
 
     # ----------------------------------------------------------------- layout
 

@@ -356,7 +356,7 @@ def test_a_full_disk_while_writing_the_lora_and_the_candidates(tmp_path, figure)
            f"(LoRA + {len(made)} images, every sha256 as recorded); error names the file: "
            f"LoRA {names_file['lora']}, image {names_file['candidates']}",
            lora_free_bytes_at_failure=lora_free_after, lora_room_bytes=lora_room, lora_bytes=lora_bytes,
-           image_free_bytes_at_failure=run_free_after, image_room_bytes=run_room, jobs_failed=len(errors),
+           image_free_bytes_at_failure=run_free_after, image_room_bytes=run_room, jobs_left_for_next_run=len(errors),
            leftovers=len(lora_left) + len(run_left), error_names_file_lora=names_file["lora"],
            error_names_file_image=names_file["candidates"])
 

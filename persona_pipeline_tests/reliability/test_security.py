@@ -8,8 +8,6 @@ import base64
 import http.client
 import json
 import logging
-import socket
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -22,7 +20,6 @@ import itsdangerous
 import pytest
 import requests
 import sqlalchemy as sa
-import uvicorn
 from dagster._serdes import serialize_value
 from sqlalchemy import func, select
 
@@ -44,7 +41,7 @@ from persona_pipeline_tests.conftest import make_database, write_persona
 from persona_pipeline_tests.fake_gemini import FakeGemini
 from persona_pipeline_tests.fake_graph import Fault, FakeGraphAPI, MediaServer
 from persona_pipeline_tests.fake_webhook import SECRET_PATH, FakeWebhook
-from persona_pipeline_tests.review_fixtures import ReviewSeed, seed_review
+from persona_pipeline_tests.review_fixtures import ReviewSeed, seed_review, serve_app
 from persona_pipeline_tests.test_publishing import Log, World
 from persona_pipeline_tests.test_publishing import posts as due_posts
 from persona_pipeline_tests.test_review_form import csrf_of
@@ -299,7 +296,6 @@ def served(tmp_path_factory) -> Iterator[Served]:
     home.mkdir()
     outside = folder / "outside"
     outside.mkdir()
-    server = thread = sock = None
     try:
         seed = seed_review(url, home, candidates=4, steps=2, posts=1)
         from PIL import Image
@@ -315,26 +311,9 @@ def served(tmp_path_factory) -> Iterator[Served]:
         # the login throttle as configured by default but with a short window, so the test can wait it out
         app = create_app(ReviewConfig(database_url=url, home=home, tokens=TOKENS, secret_key=SECRET_KEY,
                                       login_max_failures=LOGIN_MAX_FAILURES, login_window_s=LOGIN_WINDOW_S))
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                pytest.fail("uvicorn did not start the review form")
-            time.sleep(0.02)
-        yield Served(f"http://127.0.0.1:{port}", port, url, home, outside, seed)
+        with serve_app(app) as (base, port):
+            yield Served(base, port, url, home, outside, seed)
     finally:
-        if server is not None:
-            server.should_exit = True
-        if thread is not None:
-            thread.join(10)
-        if sock is not None:
-            sock.close()
         drop()
 
 
