@@ -10,17 +10,56 @@ import time
 from pathlib import Path
 
 
+class CliError(Exception):
+    """An ordinary failure with a known fix: `main` prints it as one `error:` line and exits 2."""
+
+
 def _settings():
     from persona_pipeline.settings import Settings
 
-    return Settings.from_env()
+    try:
+        return Settings.from_env()
+    except ValueError as exc:  # a bad environment variable: the message names it and its value
+        raise CliError(str(exc)) from None
+
+
+def _database_url(settings) -> str:
+    """The application database's URL, once it answers and is at the latest revision; else the
+    one-line reason with the command that fixes it."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from persona_pipeline.db.session import current_revision, head_revision
+
+    url = settings.database_url
+    try:
+        revision = current_revision(url)
+    except SQLAlchemyError as exc:
+        raise CliError(f"cannot open the application database {_redact(url)}: {_first_line(exc)}") from None
+    if revision is None:
+        raise CliError(f"the application database {_redact(url)} has no tables yet: run `persona-pipeline db upgrade`")
+    head = head_revision()
+    if revision != head:
+        raise CliError(f"the application database {_redact(url)} is at revision {revision}, not the latest {head}: "
+                       "run `persona-pipeline db upgrade`")
+    return url
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message without the SQL, parameters and background links SQLAlchemy appends."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def cmd_db_upgrade(_args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from persona_pipeline.db.session import current_revision, upgrade
 
     settings = _settings()
-    upgrade(settings.database_url)
+    try:
+        upgrade(settings.database_url)
+    except SQLAlchemyError as exc:
+        raise CliError(f"cannot upgrade the application database {_redact(settings.database_url)}: {_first_line(exc)}") from None
     print(f"application database at revision {current_revision(settings.database_url)}: {_redact(settings.database_url)}")
     return 0
 
@@ -51,8 +90,7 @@ def cmd_schedules(args: argparse.Namespace) -> int:
     try:
         now = datetime.fromisoformat(args.now) if args.now else datetime.now(timezone.utc)
     except ValueError:
-        print(f"error: --now {args.now!r} is not an ISO date-time (e.g. 2026-03-08T05:00:00+00:00)")
-        return 2
+        raise CliError(f"--now {args.now!r} is not an ISO date-time (e.g. 2026-03-08T05:00:00+00:00)") from None
     if now.tzinfo is None:
         now = now.replace(tzinfo=timezone.utc)
     personas, errors = discover_personas(settings.datasets_dir)
@@ -60,8 +98,7 @@ def cmd_schedules(args: argparse.Namespace) -> int:
         personas = [p for p in personas if p.slug == args.persona]
         errors = {slug: error for slug, error in errors.items() if slug == args.persona}
         if not personas and not errors:
-            print(f"error: no persona folder {args.persona!r} under {settings.datasets_dir}")
-            return 2
+            raise CliError(f"no persona folder {args.persona!r} under {settings.datasets_dir}")
     rows = describe_schedules(personas, now, count=args.count)
     for persona in personas:
         print(f"{persona.slug} ({persona.config.timezone})")
@@ -91,7 +128,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from persona_pipeline.db.session import session_scope
     from persona_pipeline.trace import trace_post
 
-    with session_scope(_settings().database_url) as session:
+    with session_scope(_database_url(_settings())) as session:
         print(json.dumps(trace_post(session, args.post_id), indent=2))
     return 0
 
@@ -130,8 +167,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for request in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     if args.persona not in instance.get_dynamic_partitions("personas"):
-        print(f"persona {args.persona!r} was not found under {settings.datasets_dir}; see `persona-pipeline personas check`")
-        return 2
+        raise CliError(f"persona {args.persona!r} was not found under {settings.datasets_dir}; "
+                       "see `persona-pipeline personas check`")
     print(f"[{time.perf_counter() - started:5.1f}s] persona {args.persona!r} registered; materialising the chain")
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     chain = defs.resolve_job_def("persona_chain").execute_in_process(partition_key=args.persona, instance=instance,
@@ -180,12 +217,8 @@ def cmd_lora_list(args: argparse.Namespace) -> int:
     from persona_pipeline.db import registry
     from persona_pipeline.db.session import session_scope
 
-    with session_scope(_settings().database_url) as session:
-        try:
-            persona = registry.get_persona(session, args.slug)
-        except registry.UnknownPersona as exc:
-            print(f"error: {exc}")
-            return 2
+    with session_scope(_database_url(_settings())) as session:
+        persona = registry.get_persona(session, args.slug)  # UnknownPersona is a LookupError: one line
         mappings = registry.list_loras(session, persona.id)
         if not mappings:
             print(f"persona {args.slug!r} has no LoRA yet (train one, or drop a .safetensors into "
@@ -204,18 +237,16 @@ def cmd_lora_set(args: argparse.Namespace) -> int:
     from persona_pipeline.db.session import session_scope
 
     if args.weight is None and args.primary is None and args.chain is None:
-        print("nothing to change: give --weight W, --primary/--no-primary or --chain/--no-chain")
-        return 2
-    try:
-        with session_scope(_settings().database_url) as session:
-            persona = registry.get_persona(session, args.slug)
+        raise CliError("nothing to change: give --weight W, --primary/--no-primary or --chain/--no-chain")
+    with session_scope(_database_url(_settings())) as session:
+        persona = registry.get_persona(session, args.slug)
+        try:
             mapping = registry.set_lora_mapping(session, persona.id, args.lora_id, weight=args.weight, primary=args.primary,
                                                 chained=args.chain)
-            print(f"{args.slug}: LoRA {args.lora_id} weight {mapping.weight:.2f}{', primary' if mapping.is_primary else ''}"
-                  f"{', chained' if mapping.chained else ''}")
-    except (LookupError, ValueError) as exc:
-        print(f"error: {exc}")
-        return 2
+        except ValueError as exc:  # a weight out of range, too many chained LoRAs
+            raise CliError(str(exc)) from None
+        print(f"{args.slug}: LoRA {args.lora_id} weight {mapping.weight:.2f}{', primary' if mapping.is_primary else ''}"
+              f"{', chained' if mapping.chained else ''}")
     return 0
 
 
@@ -233,10 +264,9 @@ def cmd_lora_export_comfyui(args: argparse.Namespace) -> int:
     names = GenerationDefaults(workflows_dir=str(settings.workflows_dir), comfyui_lora_prefix=settings.comfyui_lora_prefix)
     dest = Path(args.loras_dir)
     if not dest.is_dir():
-        print(f"error: {dest} is not a folder (give the ComfyUI server's models/loras folder)")
-        return 2
+        raise CliError(f"{dest} is not a folder (give the ComfyUI server's models/loras folder)")
     copied = 0
-    with session_scope(settings.database_url) as session:
+    with session_scope(_database_url(settings)) as session:
         for persona in session.scalars(select(models.Persona).where(models.Persona.active.is_(True))):
             for mapping in registry.list_loras(session, persona.id):
                 if not (mapping.is_primary or mapping.chained):
@@ -282,31 +312,24 @@ def cmd_review(args: argparse.Namespace) -> int:
     """Serve the review form (Starlette under uvicorn) on the application database."""
     import uvicorn
 
-    from persona_pipeline.db.session import current_revision, head_revision
     from persona_pipeline.review.app import ReviewConfig, create_app
 
     settings = _settings()
     try:
         tokens = settings.reviewer_tokens()
     except ValueError as exc:
-        print(f"error: {exc}")
-        return 2
+        raise CliError(str(exc)) from None
     if not tokens:
-        print("error: REVIEW_TOKENS is empty, so nobody could log in; set it to `name:token,...` "
-              "(`persona-pipeline review-token NAME` prints one)")
-        return 2
-    if current_revision(settings.database_url) != head_revision():
-        print("error: the application database is not at the latest revision: run `persona-pipeline db upgrade`")
-        return 2
-    config = ReviewConfig(database_url=settings.database_url, home=settings.home, tokens=tokens,
+        raise CliError("REVIEW_TOKENS is empty, so nobody could log in; set it to `name:token,...` "
+                       "(`persona-pipeline review-token NAME` prints one)")
+    config = ReviewConfig(database_url=_database_url(settings), home=settings.home, tokens=tokens,
                           secret_key=review_secret(settings), max_body_bytes=settings.review_max_body_bytes,
                           exploration=settings.review_exploration, https_only=settings.review_https_only,
                           mirror=review_mirror(settings))
     try:
         app = create_app(config)
     except ValueError as exc:  # a weak secret key or token: refused before anything listens
-        print(f"error: {exc}")
-        return 2
+        raise CliError(str(exc)) from None
     host, port = args.host or settings.review_host, args.port or settings.review_port
     print(f"review form for {', '.join(sorted(set(tokens.values())))} on http://{host}:{port}/ ({_redact(settings.database_url)})")
     uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=True)
@@ -320,6 +343,12 @@ def cmd_review_token(args: argparse.Namespace) -> int:
     print(f"{args.name}:{token}")
     print("add it to REVIEW_TOKENS (comma-separated) and give the token to the reviewer", file=sys.stderr)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
 
 
 def _redact(url: str) -> str:
@@ -342,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     personas_sub.add_parser("check", help="validate every persona.yaml").set_defaults(func=cmd_personas_check)
     schedules = sub.add_parser("schedules", help="each persona's schedules and their next fire times, in its timezone")
     schedules.add_argument("--persona", metavar="SLUG", help="only this persona")
-    schedules.add_argument("--count", type=int, default=3, help="fire times to show per schedule (default 3)")
+    schedules.add_argument("--count", type=_positive_int, default=3, help="fire times to show per schedule (default 3)")
     schedules.add_argument("--now", metavar="ISO", help="show the fire times after this instant (default: now; naive = UTC)")
     schedules.set_defaults(func=cmd_schedules)
     photos = sub.add_parser("demo-photos", help="draw the demo persona's source photos again")
@@ -375,7 +404,28 @@ def main(argv: list[str] | None = None) -> int:
     review_token.add_argument("name")
     review_token.set_defaults(func=cmd_review_token)
     args = parser.parse_args(argv)
-    return args.func(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Ordinary failures (bad settings, an unknown id or persona, a database that is down or not
+    upgraded, a file that cannot be read or written) end in one `error:` line and exit 2; only a
+    bug prints a traceback."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from persona_pipeline.trace import TraceError
+
+    try:
+        return args.func(args)
+    except (CliError, TraceError, LookupError) as exc:
+        message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    except (OperationalError, ProgrammingError) as exc:  # e.g. the database went away mid-command
+        message = f"the application database failed: {_first_line(exc)} (is it up and at the latest revision? " \
+                  "`persona-pipeline db upgrade`)"
+    except OSError as exc:
+        message = f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}"
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

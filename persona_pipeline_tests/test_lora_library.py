@@ -377,4 +377,4 @@ def test_cli_lists_and_sets(tmp_path, db_url, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "weight 0.70" in out and "primary" not in out.splitlines()[-1]
     assert cli.main(["lora", "set", "mira", str(lora_id), "--weight", "3"]) == 2
-    assert "out of range" in capsys.readouterr().out
+    assert "out of range" in capsys.readouterr().err

@@ -350,4 +350,4 @@ def test_cli_schedules_prints_each_persona_and_flags_invalid_files(env, monkeypa
     assert invalid.startswith("INVALID bad: ") and "field 'schedules.generation'" in invalid and "never fires" in invalid
 
     assert cli.main(["schedules", "--persona", "nobody"]) == 2
-    assert "no persona folder 'nobody'" in capsys.readouterr().out
+    assert "error: no persona folder 'nobody'" in capsys.readouterr().err

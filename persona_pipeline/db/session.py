@@ -16,13 +16,21 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
+def _make_sqlite_folder(url: str) -> bool:
+    """For a SQLite file URL, create the file's folder (SQLite creates the file, not its folder);
+    True for any SQLite URL."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    return True
+
+
 @lru_cache(maxsize=16)
 def get_engine(url: str) -> Engine:
     """One engine per URL per process. SQLite gets foreign keys on, WAL and a busy timeout."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    if _make_sqlite_folder(url):
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -59,6 +67,7 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply the Alembic migrations (`persona-pipeline db upgrade`)."""
+    _make_sqlite_folder(url)  # a fresh PERSONA_HOME: Alembic opens its own engine
     command.upgrade(alembic_config(url), revision)
 
 
