@@ -95,3 +95,110 @@ def test_too_few_photos_fail_the_blocking_check(tmp_path, db_url):
     (check,) = result.get_asset_check_evaluations()
     assert not check.passed
     assert "3 usable photos" in check.description and "min_photos is 10" in check.description
+
+
+# --------------------------------------------------------------------------- 16-bit and float images
+
+
+def _grey16_png(value: int, size=(320, 320)) -> bytes:
+    """A real 16-bit greyscale PNG file (PNG bit depth 16, colour type 0)."""
+    buffer = io.BytesIO()
+    Image.new("I;16", size, value).save(buffer, format="PNG")
+    assert buffer.getvalue()[24:26] == b"\x10\x00"  # IHDR: bit depth 16, greyscale
+    return buffer.getvalue()
+
+
+def _rgb16_png(rgb: tuple[int, int, int], size=(320, 320), alpha: int | None = None) -> bytes:
+    """A real 48-bit RGB (or 64-bit RGBA) PNG, written by hand: Pillow cannot write one."""
+    import struct
+    import zlib
+
+    channels = rgb + ((alpha,) if alpha is not None else ())
+    row = b"\x00" + struct.pack(f">{len(channels)}H", *channels) * size[0]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", size[0], size[1], 16, 6 if alpha is not None else 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * size[1]))
+            + chunk(b"IEND", b""))
+
+
+def _close(pixel, expected, tolerance=1):
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, expected)), (pixel, expected)
+
+
+def _tiff(image: Image.Image) -> bytes:
+    """The image as a real TIFF file: TIFF keeps I;16, I;16B, I (32-bit integer) and F (float)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF")
+    with Image.open(io.BytesIO(buffer.getvalue())) as check:
+        assert check.mode == (image.mode if image.mode != "I;16L" else "I;16")
+    return buffer.getvalue()
+
+
+def _inspected(data: bytes) -> Image.Image:
+    from persona_pipeline.domain.photos import AcceptedPhoto, inspect_photo
+
+    outcome = inspect_photo(data, min_side=8, max_side=1024)
+    assert isinstance(outcome, AcceptedPhoto), outcome
+    image = Image.open(io.BytesIO(outcome.png))
+    assert image.mode == "RGB"
+    return image
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I"])
+def test_a_16_bit_value_keeps_its_grey(mode):
+    """30000 of 65535 is grey 117 of 255, not white (a plain convert clips it to 255)."""
+    pixel = _inspected(_tiff(Image.new(mode, (8, 8), 30000))).getpixel((0, 0))
+    ok, detail = _close(pixel, (117, 117, 117))
+    assert ok, detail
+
+
+def test_a_32_bit_integer_image_beyond_16_bits_is_scaled_by_its_range():
+    image = Image.new("I", (8, 8), 100_000)
+    image.paste(300_000, (4, 0, 8, 8))  # right half at the top of the range
+    rgb = _inspected(_tiff(image))
+    assert rgb.getpixel((0, 0)) == (0, 0, 0) and rgb.getpixel((7, 0)) == (255, 255, 255)
+
+
+def test_a_float_image_is_scaled_by_0_to_1_or_its_range():
+    unit = _inspected(_tiff(Image.new("F", (8, 8), 30000 / 65535))).getpixel((0, 0))
+    ok, detail = _close(unit, (117, 117, 117))
+    assert ok, detail  # a plain convert truncates 0.46 to 0: black
+    wide = Image.new("F", (8, 8), -2.0)
+    wide.paste(6.0, (4, 0, 8, 8))
+    wide.paste(2.0, (0, 4, 4, 8))
+    rgb = _inspected(_tiff(wide))
+    assert rgb.getpixel((0, 0)) == (0, 0, 0) and rgb.getpixel((7, 0)) == (255, 255, 255)
+    ok, detail = _close(rgb.getpixel((0, 7)), (128, 128, 128))
+    assert ok, detail
+
+
+def test_16_bit_png_files_decode_to_their_grey_and_colour():
+    for data, expected in ((_grey16_png(30000), (117, 117, 117)),
+                           (_rgb16_png((30000, 10000, 60000)), (117, 39, 233)),
+                           (_rgb16_png((30000, 10000, 60000), alpha=65535), (117, 39, 233))):
+        ok, detail = _close(_inspected(data).getpixel((5, 5)), expected)
+        assert ok, detail
+
+
+def test_two_different_16_bit_photos_are_not_duplicates(tmp_path, db_url):
+    """Through source_photos: two 16-bit greys (30000 and 20000) were both white, so the second was
+    quarantined as a duplicate of the first."""
+    settings = make_settings(tmp_path, db_url)
+    folder = write_persona(settings.datasets_dir, "grey", photos=10)
+    (folder / "photos" / "grey16-a.png").write_bytes(_grey16_png(30000))
+    (folder / "photos" / "grey16-b.png").write_bytes(_grey16_png(20000))
+    (folder / "photos" / "rgb16.png").write_bytes(_rgb16_png((30000, 10000, 60000)))
+    result, _ = materialise_persona([source_photos], settings, folder)
+    assert result.success
+    with session_scope(db_url) as session:
+        rows = {r.original_name: r for r in session.scalars(select(models.SourcePhoto))}
+        session.expunge_all()
+    for name, grey in (("grey16-a.png", 117), ("grey16-b.png", 78)):
+        assert rows[name].status == "accepted", (name, rows[name].reason)
+        with Image.open(rows[name].path) as image:
+            ok, detail = _close(image.getpixel((10, 10)), (grey, grey, grey))
+            assert ok, (name, detail)
+    assert rows["rgb16.png"].status == "accepted", rows["rgb16.png"].reason

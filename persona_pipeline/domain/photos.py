@@ -7,6 +7,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
@@ -70,7 +71,10 @@ def inspect_photo(data: bytes, *, min_side: int, max_side: int) -> AcceptedPhoto
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with transparency flattened onto white (dropping alpha would turn it black)."""
+    """RGB with transparency flattened onto white (dropping alpha would turn it black), and
+    high-bit-depth greys scaled by their real range (PIL's convert clips them: see _grey_to_8bit)."""
+    if image.mode.startswith("I") or image.mode == "F":
+        return _grey_to_8bit(image).convert("RGB")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -80,3 +84,32 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         # for a training photo and far better than refusing it.
         return image.convert("RGB")
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _grey_to_8bit(image: Image.Image) -> Image.Image:
+    """One 8-bit grey ("L") from a 16-bit, 32-bit integer or float grey, by the range its values
+    really use. PIL's own convert clips at 255 (a 16-bit 30000 becomes white, and two different
+    16-bit photos become the same "duplicate") and truncates a float 0.46 to black.
+
+    - I;16, I;16B, I;16L...: 16-bit samples, 0..65535 -> 0..255.
+    - I (32-bit integer): values within 0..65535 are 16-bit samples (what a 16-bit file decoded
+      as I holds; the file does not say it used less); anything beyond is stretched from the
+      image's own minimum..maximum.
+    - F (float): values within 0..1 are the usual normalised range; anything else is stretched
+      from its own minimum..maximum (NaN and -inf count as the minimum, +inf as the maximum).
+    A constant image outside those ranges (no range to stretch) is clipped into 0..255.
+    """
+    values = np.asarray(image).astype(np.float32)  # float32: exact for 16-bit, plenty for an 8-bit result
+    finite = np.isfinite(values)
+    low, high = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (0.0, 0.0)
+    if not finite.all():
+        values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+        scaled = values * (255.0 / 65535.0)
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255.0
+    elif high > low:
+        scaled = (values - low) * (255.0 / (high - low))
+    else:
+        scaled = values
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
