@@ -151,6 +151,7 @@ def assert_published_once(world: World, post_ids: list[int]) -> None:
         assert post.external_id in published_media and post.permalink.startswith("https://www.instagram.com/p/")
         item = world.item(post_id)
         assert item.status == "used" and item.used_by_post_id == post_id and item.used_at is not None
+        assert post.failure_reason is None  # an earlier attempt's reason does not outlive the publish
 
 
 def assert_no_token_leaked(world: World) -> None:
@@ -245,6 +246,8 @@ def test_http_5xx_is_retried_by_the_client_then_fails_retryable_then_publishes(w
     later = world.publish(now + timedelta(seconds=RETRY_WAIT_S + 1))
     assert later["published"] == 1
     assert_published_once(world, ids)
+    published = world.post(failed.id)  # the failed attempt stays in post_attempts, not on the post
+    assert published.failure_reason is None and published.next_attempt_at is None and published.retry_count == 1
 
 
 def test_failed_posts_wait_longer_each_time_then_are_abandoned(world):
@@ -539,12 +542,14 @@ def _child() -> None:
         graph=InstagramGraphClient(base_url=config["graph"], timeout_s=5, max_retries=1, backoff_s=0.01,
                                    poll_interval_s=0.01, poll_timeout_s=2),
         media_public_base_url=config["media"], media_public_dir=config["public"], prepare_ahead=0)
-    publish_due(AppDatabase(url=config["db"]), publisher, datetime.now(timezone.utc), Log(), run_id="run-that-dies")
+    publish_due(AppDatabase(url=config["db"]), publisher, datetime.now(timezone.utc), Log(),
+                run_id=config.get("run_id", "run-that-dies"))
     print("the batch ended without the crash hook firing")
 
 
-def crash_run(world: World, where: str) -> subprocess.CompletedProcess:
-    config = {"graph": world.fake.url, "media": world.media.url, "public": str(world.public), "db": world.url}
+def crash_run(world: World, where: str, run_id: str = "run-that-dies") -> subprocess.CompletedProcess:
+    config = {"graph": world.fake.url, "media": world.media.url, "public": str(world.public), "db": world.url,
+              "run_id": run_id}
     env = {**os.environ, CRASH_ENV: where}
     code = "from persona_pipeline_tests.test_publishing import _child; _child()"
     return subprocess.run([sys.executable, "-c", code, json.dumps(config)], cwd=REPO, env=env, capture_output=True,
@@ -596,6 +601,92 @@ def test_without_run_liveness_a_crashed_claim_waits_for_the_lease(world):
     counts = world.publish(now + LEASE + timedelta(seconds=30))
     assert counts["reclaimed"] == 1 and counts["published"] == 1
     assert_published_once(world, [post_id])
+
+
+def test_a_killed_run_that_dagster_still_calls_started_loses_its_claim_after_the_lease(world):
+    """kill -9 leaves the run STARTED in Dagster (nothing marks it failed): its claims must still
+    expire on their lease, or its posts stay `publishing` for ever."""
+    pid = persona(world)
+    ids = posts(world, pid, "anna", USER_A, 2)
+    instance = dg.DagsterInstance.ephemeral()
+    dead = instance.add_run(dg.DagsterRun(job_name="publish_job", run_id="killed-publish-run",
+                                          status=dg.DagsterRunStatus.STARTED))
+    assert crash_run(world, "after_container", run_id=dead.run_id).returncode == 137
+    assert {p.claimed_by for p in world.posts()} == {dead.run_id}
+    resources = {"database": AppDatabase(url=world.url), "publisher": world.publisher(),
+                 "storage": PersonaStorage(home=str(world.tmp / "home"))}
+    within = publish_job.execute_in_process(resources=resources, instance=instance)
+    assert within.output_for_node("publish_due_posts")["reclaimed"] == 0  # its lease still runs: left alone
+    assert [p.status for p in world.posts()] == ["publishing", "publishing"]
+    # 11 minutes pass (the stamps move back: the op reads the wall clock), and Dagster still says STARTED
+    with session_scope(world.url) as session:
+        for post in session.scalars(select(models.Post)):
+            post.claimed_at -= LEASE + timedelta(minutes=1)
+    assert instance.get_run_by_id(dead.run_id).status == dg.DagsterRunStatus.STARTED
+    after = publish_job.execute_in_process(resources=resources, instance=instance)
+    counts = after.output_for_node("publish_due_posts")
+    assert counts["reclaimed"] == 2 and counts["published"] == 2
+    assert_published_once(world, ids)
+    assert len(world.fake.requests_to("create")) == 2  # the killed run's committed container was used, not remade
+
+
+def test_a_live_run_renews_its_lease_so_a_slow_batch_keeps_its_posts(world):
+    """A batch slower than the lease (each container costs 6 minutes on its clock) renews the
+    claims it holds; a run started mid-batch, more than a lease after the claims were made, takes none."""
+    pid = persona(world)
+    ids = posts(world, pid, "anna", USER_A, 3)
+    start = datetime.now(timezone.utc)
+    clock = [start]
+    create, rival = world.fake._create, {}
+
+    def slow_create(user_id: str, params: dict) -> dict:
+        clock[0] += timedelta(minutes=6)
+        if len(world.fake.requests_to("create")) == 2 and not rival:  # the second post's container
+            rival["at"] = clock[0]  # set first: the rival's own calls come through here too
+            # Graph calls of this rival would move the clock too: it has none to make when it takes nothing.
+            rival["counts"] = world.publish(clock[0], run_id="rival-run")  # no Dagster: the lease alone decides
+        return create(user_id, params)
+
+    world.fake._create = slow_create
+    counts = world.publish(start, publisher=world.publisher(prepare_ahead=0), run_id="slow-run",
+                           is_run_alive=lambda run_id: True, clock=lambda: clock[0])
+    assert rival["at"] - start > LEASE  # the rival came when the batch had run past one lease
+    assert rival["counts"]["reclaimed"] == 0 and rival["counts"]["published"] == 0
+    assert counts["published"] == 3 and counts["reclaimed"] == 0
+    assert_published_once(world, ids)
+    assert len(world.fake.requests_to("publish")) == 3
+    assert {world.post(i).claimed_by for i in ids} == {"slow-run"}
+
+
+def test_a_run_that_lost_its_claim_stops_touching_the_post(world):
+    """A run stuck past its lease loses the post to another run; when it wakes up it checks its
+    claim before its next call and leaves the post alone (here the new owner hit the daily limit
+    and gave the post back: the stuck run must not publish it behind its back)."""
+    pid = persona(world)
+    (post_id,) = posts(world, pid, "anna", USER_A, 1)
+    start = datetime.now(timezone.utc)
+    clock = [start]
+    status, taken = world.fake._status, {}
+
+    def stuck_status(container_id: str, params: dict) -> dict:
+        if not taken:  # the first run is stuck here past its lease; another run takes the post over
+            taken["at"] = clock[0] = clock[0] + LEASE + timedelta(minutes=1)
+            world.fake.inject("publish", Fault.graph(9, 2207042, message="maximum number of posts"), times=1)
+            taken["counts"] = world.publish(clock[0], run_id="new-owner", publisher=world.publisher(prepare_ahead=0))
+        return status(container_id, params)
+
+    world.fake._status = stuck_status
+    counts = world.publish(start, publisher=world.publisher(prepare_ahead=0), run_id="stuck-run",
+                           clock=lambda: clock[0])
+    assert taken["counts"]["reclaimed"] == 1 and taken["counts"]["deferred"] == 1
+    assert counts["published"] == 0 and counts["failed"] == 0
+    assert any("no longer claimed by this run" in line for line in world.log.lines)
+    assert world.fake.published == [] and len(world.fake.requests_to("publish")) == 1  # the refused one only
+    post = world.post(post_id)
+    assert post.status == "scheduled" and post.container_id  # given back with its container, untouched since
+    assert world.publish(clock[0])["published"] == 1
+    assert_published_once(world, [post_id])
+    assert len(world.fake.requests_to("create")) == 1  # the one container went out, once
 
 
 def test_the_dagster_job_reports_quotas_and_fails_on_a_rejected_token(world, monkeypatch):

@@ -5,12 +5,15 @@ One batch (`run_batch`, or `publish_due` for its counts):
 1. Retry sweep: a failed, retryable post with retries left goes back to `scheduled` (its
    `next_attempt_at` keeps it waiting); one without retries left is `abandoned`.
 2. Due posts: `scheduled`, slot passed, `next_attempt_at` passed or unset; plus posts left in
-   `publishing` by a run that died: its Dagster run is no longer alive (`is_run_alive`), or, when
-   that cannot be asked, the post has not moved for LEASE.
+   `publishing` whose claim expired: its lease (`claimed_at`) is older than LEASE, whatever Dagster
+   says of the claiming run (a run killed with kill -9 stays STARTED there), or, sooner, Dagster
+   reports the claiming run finished (`is_run_alive`). A live run renews the lease of the posts it
+   holds as it goes (`_renew`), so only a dead or stuck run loses them.
 3. Accounts run in parallel (`workers` threads); one account's posts go out in slot order.
 4. Every post is claimed with a conditional UPDATE (scheduled → publishing, claimed_by = the run)
-   before anything else, so overlapping runs never take the same post; every later write checks
-   the claim is still ours.
+   before anything else, so overlapping runs never take the same post; every later write, and
+   every Graph call, first checks the claim is still ours (and renews its lease): a run whose
+   claim was taken over leaves that post alone.
 
 Instagram (REFERENCES.md §3), per account: the token's expiry is checked and the quota read once;
 at most `total − usage` posts are claimed, and a unit is reserved before each media_publish call
@@ -61,9 +64,11 @@ from persona_pipeline.resources.instagram import GraphError
 from persona_pipeline.resources.publisher import InstagramPublisher, MediaProblem, OutboxPublisher, Publisher
 from persona_pipeline.resources.storage import PersonaStorage
 
-# A post in `publishing` whose claim has not moved for this long is taken over, when the claiming
-# run's liveness cannot be asked (no Dagster instance). Far above one post's work (seconds).
+# A post in `publishing` whose lease (`claimed_at`) is older than this is taken over, whatever
+# Dagster says of the claiming run. A live run renews it before every call for a post, and the
+# leases of its posts still waiting every RENEW_EVERY; one call (HTTP timeouts and retries) takes far less.
 LEASE = timedelta(minutes=10)
+RENEW_EVERY = LEASE / 5
 MAX_RETRY_WAIT = timedelta(hours=6)
 LOCAL_CLAIM = "local-"  # claimed_by of a batch run outside Dagster (publish_due without run_id)
 # Test hook: PERSONA_TEST_CRASH_AT=after_container (container id committed, publish not called) or
@@ -121,6 +126,7 @@ class _Post:
     library_item_id: int | None
     candidate_id: int | None
     claimed_by: str | None
+    claimed_at: datetime | None
     updated_at: datetime | None
 
     @property
@@ -141,9 +147,12 @@ class _Batch:
     token: str  # claimed_by of this run
     report: BatchReport
     started: float = field(default_factory=time.monotonic)
+    timer: Callable[[], datetime] | None = None  # an injected clock (tests); None: `now` + monotonic time
 
     def clock(self) -> datetime:
         """`now` moved on by the time the batch has run: claims are stamped on the batch's clock."""
+        if self.timer is not None:
+            return self.timer()
         return self.now + timedelta(seconds=time.monotonic() - self.started)
 
     def info(self, msg: str) -> None:
@@ -159,14 +168,20 @@ class _Batch:
 # --- the batch ------------------------------------------------------------------------------------
 
 def publish_due(database: AppDatabase, publisher: Publisher, now: datetime, log, *, run_id: str | None = None,
-                is_run_alive: Callable[[str], bool] | None = None, workers: int | None = None) -> dict[str, int]:
+                is_run_alive: Callable[[str], bool] | None = None, workers: int | None = None,
+                clock: Callable[[], datetime] | None = None) -> dict[str, int]:
     """Publish every due post; the counts per outcome (see `run_batch` for the whole report)."""
-    return run_batch(database, publisher, now, log, run_id=run_id, is_run_alive=is_run_alive, workers=workers).counts
+    return run_batch(database, publisher, now, log, run_id=run_id, is_run_alive=is_run_alive, workers=workers,
+                     clock=clock).counts
 
 
 def run_batch(database: AppDatabase, publisher: Publisher, now: datetime, log, *, run_id: str | None = None,
-              is_run_alive: Callable[[str], bool] | None = None, workers: int | None = None) -> BatchReport:
-    batch = _Batch(database, publisher, now, log, run_id or f"{LOCAL_CLAIM}{uuid.uuid4().hex[:16]}", BatchReport())
+              is_run_alive: Callable[[str], bool] | None = None, workers: int | None = None,
+              clock: Callable[[], datetime] | None = None) -> BatchReport:
+    """One batch. `clock` tells the time as the batch goes on (claims and leases are stamped with
+    it); by default `now` moved on by the monotonic time the batch has run."""
+    batch = _Batch(database, publisher, now, log, run_id or f"{LOCAL_CLAIM}{uuid.uuid4().hex[:16]}", BatchReport(),
+                   timer=clock)
     _sweep(batch)
     groups = _due_groups(batch, is_run_alive)
     if not groups:
@@ -207,7 +222,7 @@ def _snapshot(post: models.Post, persona: models.Persona) -> _Post:
     return _Post(post.id, post.status, post.persona_id, persona.slug, persona.folder, dict(persona.settings or {}),
                  post.account, post.caption, list(post.hashtags or []), post.media_path, post.scheduled_at,
                  post.retry_count, post.container_id, post.container_created_at, post.library_item_id,
-                 post.candidate_id, post.claimed_by, post.updated_at)
+                 post.candidate_id, post.claimed_by, post.claimed_at, post.updated_at)
 
 
 def _due_groups(batch: _Batch, is_run_alive: Callable[[str], bool] | None) -> dict[str, list[_Post]]:
@@ -230,20 +245,24 @@ def _due_groups(batch: _Batch, is_run_alive: Callable[[str], bool] | None) -> di
     return groups
 
 
-def _reclaimable(batch: _Batch, post: _Post, is_run_alive, cache: dict[str, bool]) -> bool:
+def _reclaimable(batch: _Batch, post: _Post, is_run_alive, cache: dict[str, bool | None]) -> bool:
+    """An expired lease frees the post whatever Dagster says (a killed run can stay STARTED there for
+    ever); within its lease, only a claiming run that Dagster reports finished gives it up early."""
     if post.claimed_by == batch.token:
         return False
+    lease = post.claimed_at or post.updated_at  # claimed_at is the lease; older rows may lack it
+    if lease is None or lease < batch.clock() - LEASE:
+        return True
     # A claim made outside Dagster (no run id) cannot be asked about: only the lease frees it.
-    if post.claimed_by and not post.claimed_by.startswith(LOCAL_CLAIM) and is_run_alive is not None:
-        if post.claimed_by not in cache:
-            try:
-                cache[post.claimed_by] = bool(is_run_alive(post.claimed_by))
-            except Exception as exc:  # noqa: BLE001 - fall back to the lease
-                batch.warn(f"could not ask whether run {post.claimed_by} is alive ({exc}); using the {LEASE} lease")
-                cache[post.claimed_by] = None
-        if cache[post.claimed_by] is not None:
-            return not cache[post.claimed_by]
-    return post.updated_at is None or post.updated_at < batch.now - LEASE
+    if not post.claimed_by or post.claimed_by.startswith(LOCAL_CLAIM) or is_run_alive is None:
+        return False
+    if post.claimed_by not in cache:
+        try:
+            cache[post.claimed_by] = bool(is_run_alive(post.claimed_by))
+        except Exception as exc:  # noqa: BLE001 - the lease still frees it
+            batch.warn(f"could not ask whether run {post.claimed_by} is alive ({exc}); waiting for its {LEASE} lease")
+            cache[post.claimed_by] = None
+    return cache[post.claimed_by] is False
 
 
 def _account_key(publisher: Publisher, post: _Post) -> str:
@@ -267,9 +286,10 @@ def _claim(batch: _Batch, posts: list[_Post]) -> list[_Post]:
             if post.status == post_states.SCHEDULED:
                 post_states.check_transition(post_states.SCHEDULED, post_states.PUBLISHING)
                 condition = and_(models.Post.status == post_states.SCHEDULED, models.Post.scheduled_at <= batch.now)
-            else:  # taking over a dead run's claim: only if nobody took it over since we looked
+            else:  # taking over an expired claim: only if nobody took it over or renewed it since we looked
                 owner = models.Post.claimed_by.is_(None) if post.claimed_by is None else models.Post.claimed_by == post.claimed_by
-                condition = and_(models.Post.status == post_states.PUBLISHING, owner)
+                lease = models.Post.claimed_at.is_(None) if post.claimed_at is None else models.Post.claimed_at == post.claimed_at
+                condition = and_(models.Post.status == post_states.PUBLISHING, owner, lease)
             claimed = session.connection().execute(update(models.Post).where(models.Post.id == post.id, condition).values(
                 status=post_states.PUBLISHING, claimed_by=batch.token, claimed_at=stamp, updated_at=stamp)).rowcount
             if claimed:
@@ -300,15 +320,42 @@ def _ours(batch: _Batch, post_id: int):
                 models.Post.claimed_by == batch.token)
 
 
+def _renew(batch: _Batch, post: _Post) -> None:
+    """Before a call for `post`: prove the claim is still ours and renew its lease; _LostClaim if
+    another run took it over (our lease ran out while we were stuck), which then owns it alone."""
+    stamp = batch.clock()
+    with batch.database.session() as session:
+        renewed = session.connection().execute(update(models.Post).where(_ours(batch, post.id)).values(
+            claimed_at=stamp)).rowcount
+    if not renewed:
+        raise _LostClaim(f"post {post.id} is no longer claimed by this run")
+
+
+def _renew_waiting(batch: _Batch, post_ids: list[int], since: datetime) -> datetime:
+    """Posts claimed up front wait their turn without a call of their own: once RENEW_EVERY has
+    passed `since` (the last renewal), renew the leases of those still ours, so a long batch keeps
+    them. Returns the time of the last renewal."""
+    stamp = batch.clock()
+    if stamp - since < RENEW_EVERY or not post_ids:
+        return since
+    with batch.database.session() as session:
+        session.connection().execute(update(models.Post).where(
+            models.Post.id.in_(post_ids), models.Post.status == post_states.PUBLISHING,
+            models.Post.claimed_by == batch.token).values(claimed_at=stamp))
+    return stamp
+
+
 def _write(batch: _Batch, post: _Post, values: dict[str, Any], attempts: list[dict],
            library: bool = False) -> None:
-    """One transaction: the post's row (only while our claim holds), its attempts, and with
-    `library` its library item marked used."""
+    """One transaction: the post's row (only while our claim holds; a post that stays
+    `publishing` has its lease renewed), its attempts, and with `library` its library item marked used."""
+    stamp = batch.clock()
+    lease = {} if "status" in values else {"claimed_at": stamp}
     with batch.database.session() as session:
         # Core statements on the session's connection: the ORM's bulk-update bookkeeping is not needed here.
         connection = session.connection()
         changed = connection.execute(update(models.Post).where(_ours(batch, post.id)).values(
-            updated_at=batch.clock(), **values)).rowcount
+            updated_at=stamp, **lease, **values)).rowcount
         if not changed:
             raise _LostClaim(f"post {post.id} is no longer claimed by this run")
         if attempts:
@@ -326,7 +373,9 @@ def _published(batch: _Batch, post: _Post, *, external_id: str | None, permalink
                attempts: list[dict] = ()) -> None:
     post_states.check_transition(post_states.PUBLISHING, post_states.PUBLISHED)
     outcome = "already_published" if already else "published"
-    values = dict(status=post_states.PUBLISHED, external_id=external_id, published_at=datetime.now(timezone.utc))
+    # An earlier failed attempt's reason and wait stay in post_attempts, not on a published post.
+    values = dict(status=post_states.PUBLISHED, external_id=external_id, published_at=datetime.now(timezone.utc),
+                  failure_reason=None, next_attempt_at=None)
     if permalink:
         values["permalink"] = permalink
     _write(batch, post, values, [*attempts, _attempt(batch, post.id, step, outcome, container_id=container_id,
@@ -369,8 +418,12 @@ def _back_to_scheduled(batch: _Batch, post: _Post, outcome: str, detail: str, *,
 
 def _outbox_account(batch: _Batch, key: str, posts: list[_Post]) -> None:
     publisher: OutboxPublisher = batch.publisher  # type: ignore[assignment]
-    for post in _claim(batch, posts):
+    claimed = _claim(batch, posts)
+    renewed = batch.clock()
+    for index, post in enumerate(claimed):
         try:
+            renewed = _renew_waiting(batch, [p.id for p in claimed[index + 1:]], renewed)
+            _renew(batch, post)
             try:
                 outcome = publisher.publish(post_id=post.id, persona_slug=post.slug, account=post.account,
                                             media_path=Path(post.media_path or ""), caption=post.caption,
@@ -579,9 +632,11 @@ def _pipeline(account: _Account, posts: list[_Post], budget: _Quota, stats: dict
             post = pending.popleft()
             inflight.append((post, pool.submit(_prepare, account, post) if pool else None))
 
+    renewed = account.batch.clock()  # when the claims were made
     try:
         fill()
         while inflight:
+            renewed = _renew_waiting(account.batch, [p.id for p, _ in inflight] + [p.id for p in pending], renewed)
             post, future = inflight.popleft()
             ready = future.result() if future else _prepare(account, post)
             fill()
@@ -627,6 +682,7 @@ def _prepare(account: _Account, post: _Post) -> _Ready:
     if account.stop.is_set():
         _back_to_scheduled(batch, post, "deferred", account.stop_reason, step="publish")
         return _Ready(post, done=True)
+    _renew(batch, post)
     if post.container_id:
         return _resume(account, post)
     return _new_container(account, post, [])
@@ -702,6 +758,7 @@ def _new_container(account: _Account, post: _Post, seen: list, recreated: int = 
                                                                          detail=problem)])
         return _Ready(post, done=True)
     text = post.text
+    _renew(batch, post)  # staging may have taken a while: never make a container for a post lost meanwhile
     try:
         cid = account.graph.create_container(account.user_id, account.token, staged.url, text)
     except GraphError as exc:
@@ -776,6 +833,8 @@ def _publish(account: _Account, ready: _Ready, budget: _Quota, stats: dict, afte
         if account.stop.is_set():
             _back_to_scheduled(batch, post, "deferred", account.stop_reason, step="publish", attempts=ready.attempts)
             return
+        # The post may have waited its turn since it was prepared: publish only while it is still ours.
+        _renew(batch, post)
         if not budget.reserve():
             _back_to_scheduled(batch, post, "quota", "this run's share of the account's 24 h quota is used up",
                                step="quota", attempts=ready.attempts)
