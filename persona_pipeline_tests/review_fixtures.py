@@ -7,6 +7,7 @@ import hashlib
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,9 +16,12 @@ from pathlib import Path
 
 import uvicorn
 from PIL import Image
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
 from persona_pipeline.db import models, registry
-from persona_pipeline.db.session import session_scope
+from persona_pipeline.db.session import get_engine, session_scope
 from persona_pipeline.personas import load_persona
 from persona_pipeline_tests.conftest import write_persona
 
@@ -99,3 +103,36 @@ def serve_app(app, start_timeout_s: float = 30) -> Iterator[tuple[str, int]]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@contextmanager
+def racing_votes(url: str, timeout_s: float = 20) -> Iterator[None]:
+    """While open, the first flush of each session that adds a vote waits until a second vote is
+    racing it, so two votes sent at once really overlap every time: on SQLite (no row locks) until
+    a second session reaches its flush too, both having passed every check; on PostgreSQL until
+    another connection is blocked on a row lock, i.e. inside its own vote. A vote that never comes
+    fails the wait (BrokenBarrierError or TimeoutError) instead of hanging."""
+    sqlite = make_url(url).get_backend_name() == "sqlite"
+    barrier = threading.Barrier(2, timeout=timeout_s)
+    held: weakref.WeakSet = weakref.WeakSet()
+
+    def lock_waiter() -> None:
+        deadline = time.monotonic() + timeout_s
+        query = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+        with get_engine(url).connect() as conn:
+            while not conn.execute(query).scalar():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no second vote blocked on a lock within {timeout_s} s")
+                time.sleep(0.01)
+
+    def hold(session, _context, _instances) -> None:
+        if session in held or not any(isinstance(row, models.Vote) for row in session.new):
+            return
+        held.add(session)
+        barrier.wait() if sqlite else lock_waiter()
+
+    event.listen(Session, "before_flush", hold)
+    try:
+        yield
+    finally:
+        event.remove(Session, "before_flush", hold)

@@ -9,12 +9,13 @@ from itertools import combinations
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from persona_pipeline.db import models, review, review_views
 from persona_pipeline.db.session import session_scope
 from persona_pipeline.domain import elo
 from persona_pipeline_tests.conftest import make_database
-from persona_pipeline_tests.review_fixtures import seed_review
+from persona_pipeline_tests.review_fixtures import racing_votes, seed_review
 
 
 def _events(url, kind):
@@ -279,3 +280,99 @@ def test_a_failed_post_waits_for_a_person_to_retry_or_abandon_it(db_url, tmp_pat
         review.retry_post(session, second, "ana")
     assert [(e.kind, e.subject_id) for e in _events(db_url, "retry_post") + _events(db_url, "abandon_post")] == \
         [("retry_post", first), ("abandon_post", second)]
+
+
+def test_two_identical_votes_at_once_one_is_refused_as_a_duplicate(db_url, tmp_path):
+    """Two sessions record the same vote at the same moment (real threads, overlapping for sure):
+    one is stored, the other is a DuplicateVote (the form's 409), never a raw database error."""
+    seed = seed_review(db_url, tmp_path / "home", candidates=4, posts=0)
+    with session_scope(db_url) as session:
+        offer = review.next_pair(session, seed.step_ids[0], "ana", rng=random.Random(4))
+        offer_id, left, right = offer.id, offer.left_id, offer.right_id
+    outcomes: list[object] = []
+    lock = threading.Lock()
+
+    def vote() -> None:
+        try:
+            with session_scope(db_url) as session:
+                outcome: object = review.cast_vote(session, left, right, "ana", offer_id=offer_id).id
+        except Exception as exc:  # whatever escapes is the outcome the test judges
+            outcome = exc
+        with lock:
+            outcomes.append(outcome)
+
+    with racing_votes(db_url):
+        threads = [threading.Thread(target=vote) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    refused = [o for o in outcomes if isinstance(o, Exception)]
+    assert len(outcomes) == 2 and len(refused) == 1, outcomes
+    assert isinstance(refused[0], review.DuplicateVote), repr(refused[0])
+    assert refused[0].status_code == 409 and "already been voted" in str(refused[0])
+    with session_scope(db_url) as session:
+        [vote] = session.scalars(select(models.Vote)).all()
+        assert (vote.offer_id, vote.winner_id, vote.loser_id) == (offer_id, left, right)
+        assert (session.get(models.Candidate, left).elo, session.get(models.Candidate, right).elo) == elo.apply_vote(1000, 1000)
+    assert len(_events(db_url, "vote")) == 1
+
+
+def test_a_vote_answers_an_open_offer_shown_to_its_reviewer(db_url, tmp_path):
+    """The form's vote carries its offer: it counts only for the reviewer it was offered to, only
+    once the page showed it (not while it was the preloaded next pair), and once."""
+    seed = seed_review(db_url, tmp_path / "home", candidates=5, posts=0)
+    step = seed.step_ids[0]
+    with session_scope(db_url) as session:
+        shown = review.next_pair(session, step, "ana", rng=random.Random(5))
+        preloaded = review.next_pair(session, step, "ana", exclude_offer_ids=[shown.id], shown=False, rng=random.Random(6))
+        for_bo = review.next_pair(session, step, "bo", rng=random.Random(7))
+        skipped = review.next_pair(session, step, "ana", rng=random.Random(8))
+        assert shown.shown_at is not None and preloaded.shown_at is None
+        offers = {o.id: (o.left_id, o.right_id) for o in (shown, preloaded, for_bo, skipped)}
+    with session_scope(db_url) as session:
+        review.skip_offer(session, skipped.id, "ana")
+
+    def vote(offer_id: int, reviewer: str = "ana", reverse: bool = False) -> models.Vote:
+        left, right = offers[offer_id]
+        with session_scope(db_url) as session:
+            return review.cast_vote(session, *((right, left) if reverse else (left, right)), reviewer, offer_id=offer_id)
+
+    with pytest.raises(review.ReviewError, match=f"pair offer {preloaded.id} .*not shown") as refused:
+        vote(preloaded.id)
+    assert refused.value.status_code == 409
+    with pytest.raises(review.ReviewError, match=f"pair offer {for_bo.id} was offered to bo, not ana") as refused:
+        vote(for_bo.id)
+    assert refused.value.status_code == 403
+    with pytest.raises(review.ReviewError, match=rf"pair offer {skipped.id} was already answered \(skipped\)") as refused:
+        vote(skipped.id)
+    assert refused.value.status_code == 409
+    with pytest.raises(review.ReviewError, match=f"pair offer {preloaded.id} was offered to ana, not bo"):
+        with session_scope(db_url) as session:
+            review.show_offer(session, preloaded.id, "bo")
+    with session_scope(db_url) as session:
+        assert review.show_offer(session, preloaded.id, "ana").shown_at is not None
+    assert vote(preloaded.id).offer_id == preloaded.id  # shown now: it counts
+    assert vote(shown.id).offer_id == shown.id
+    with pytest.raises(review.DuplicateVote, match=f"pair offer {shown.id} has already been voted on"):
+        vote(shown.id, reverse=True)
+    assert vote(for_bo.id, "bo").reviewer == "bo"
+    with session_scope(db_url) as session:
+        assert sorted(session.scalars(select(models.Vote.offer_id))) == sorted([shown.id, preloaded.id, for_bo.id])
+        assert session.get(models.PairOffer, skipped.id).outcome == "skipped"
+
+
+def test_the_database_stores_one_vote_per_offer(db_url, tmp_path):
+    """Keyed by the offer, not by the pair (a pair may be offered again): a second vote row naming
+    an offer that already has one is refused by the database itself."""
+    seed = seed_review(db_url, tmp_path / "home", candidates=4, posts=0)
+    with session_scope(db_url) as session:
+        offer = review.next_pair(session, seed.step_ids[0], "ana", rng=random.Random(9))
+        first = review.cast_vote(session, offer.left_id, offer.right_id, "ana", offer_id=offer.id)
+        other = sorted(c for c in seed.candidate_ids if c not in (offer.left_id, offer.right_id))
+    with pytest.raises(IntegrityError, match="offer_id"), session_scope(db_url) as session:
+        session.add(models.Vote(step_id=first.step_id, winner_id=other[0], loser_id=other[1], pair_low_id=other[0],
+                                pair_high_id=other[1], winner_elo_before=1000, loser_elo_before=1000, elo_delta=16,
+                                reviewer="ana", offer_id=offer.id))
+    with session_scope(db_url) as session:
+        assert session.scalars(select(models.Vote.offer_id)).all() == [offer.id]

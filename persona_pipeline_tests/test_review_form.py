@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
 from sqlalchemy import func, select
 from starlette.testclient import TestClient
@@ -19,7 +21,7 @@ from persona_pipeline.db import models
 from persona_pipeline.db.session import get_engine, session_scope
 from persona_pipeline.review.app import ReviewConfig, create_app, parse_local_slot, resolve_media
 from persona_pipeline_tests.conftest import make_database
-from persona_pipeline_tests.review_fixtures import ReviewSeed, seed_review
+from persona_pipeline_tests.review_fixtures import ReviewSeed, racing_votes, seed_review, serve_app
 
 TOKENS = {"alice-token-123": "alice", "bob-token-4567": "bob"}
 SECRET = "test-secret-key-0123456789abcdef"
@@ -160,6 +162,76 @@ def test_vote_flow_records_offers_votes_and_events(form: Form) -> None:
     with session_scope(form.url) as session:
         assert session.get(models.Candidate, third["left"]["id"]).status == "killed"
     assert queue_counts(form)["pairs_to_vote"] < 14  # 5 live candidates: at most 10 pairs
+
+
+def test_a_vote_counts_once_and_only_on_the_pair_the_page_showed(form: Form) -> None:
+    """The page preloads its next pair (?preload=1): a vote on it is refused until the page says it
+    is on screen (POST /api/offers/{id}/shown); each offer takes one vote, from its own reviewer."""
+    csrf = form.login()
+    headers, step = {"X-CSRF-Token": csrf}, form.seed.step_ids[0]
+    shown = form.pair()
+    response = form.client.get(f"/api/steps/{step}/pair?preload=1&exclude={shown['offer_id']}")
+    assert response.status_code == 200, response.text
+    preloaded = response.json()
+
+    def body(offer: dict, reverse: bool = False) -> dict:
+        left, right = offer["left"]["id"], offer["right"]["id"]
+        return {"offer_id": offer["offer_id"], "winner_id": right if reverse else left, "loser_id": left if reverse else right}
+
+    early = form.client.post("/api/votes", json=body(preloaded), headers=headers)
+    assert early.status_code == 409 and "not shown yet" in early.json()["error"]
+    bob = TestClient(form.client.app)
+    bob_csrf = Form(bob, form.url, form.home, form.seed).login("bob-token-4567")
+    foreign = bob.post("/api/votes", json=body(shown), headers={"X-CSRF-Token": bob_csrf})
+    assert foreign.status_code == 403 and f"offered to alice, not bob" in foreign.json()["error"]
+    assert bob.post(f"/api/offers/{preloaded['offer_id']}/shown", json={}, headers={"X-CSRF-Token": bob_csrf}).status_code == 403
+    assert form.client.post(f"/api/offers/{preloaded['offer_id']}/shown", json={}).status_code == 403  # CSRF header missing
+    assert form.client.get(f"/api/steps/{step}/pair?preload=yes").status_code == 400
+
+    on_screen = form.client.post(f"/api/offers/{preloaded['offer_id']}/shown", json={}, headers=headers)
+    assert on_screen.status_code == 200 and on_screen.json()["offer_id"] == preloaded["offer_id"]
+    for offer in (preloaded, shown):
+        assert form.client.post("/api/votes", json=body(offer), headers=headers).status_code == 201
+        for again in (body(offer), body(offer, reverse=True)):
+            twice = form.client.post("/api/votes", json=again, headers=headers)
+            assert twice.status_code == 409 and f"pair offer {offer['offer_id']} has already been voted on" in twice.json()["error"]
+    late = form.client.post(f"/api/offers/{shown['offer_id']}/shown", json={}, headers=headers)
+    assert late.status_code == 409
+    with session_scope(form.url) as session:
+        votes = session.execute(select(models.Vote.offer_id, models.Vote.reviewer).order_by(models.Vote.id)).all()
+        assert votes == [(preloaded["offer_id"], "alice"), (shown["offer_id"], "alice")]
+
+
+def test_two_identical_votes_at_once_answer_201_and_409(db_url, tmp_path: Path) -> None:
+    """A double click sent on two connections of one session, under real uvicorn, both requests
+    inside the vote at the same moment: one 201, one 409 naming the offer, never a 500."""
+    home = tmp_path / "home"
+    seed = seed_review(db_url, home, candidates=4, posts=0)
+    app = create_app(ReviewConfig(database_url=db_url, home=home, tokens=TOKENS, secret_key=SECRET))
+    with serve_app(app) as (base, _), httpx.Client(base_url=base, timeout=60) as first:
+        page = first.get("/login")
+        first.post("/login", data={"csrf_token": csrf_of(page.text), "token": "alice-token-123", "next": "/"})
+        csrf = csrf_of(first.get("/").text)
+        offer = first.get(f"/api/steps/{seed.step_ids[0]}/pair").json()
+        body = {"offer_id": offer["offer_id"], "winner_id": offer["left"]["id"], "loser_id": offer["right"]["id"]}
+        answers: list[httpx.Response] = []
+        start = threading.Barrier(2)
+
+        def click(client: httpx.Client) -> None:
+            start.wait()
+            answers.append(client.post("/api/votes", json=body, headers={"X-CSRF-Token": csrf}))
+
+        with httpx.Client(base_url=base, timeout=60, cookies=first.cookies) as second, racing_votes(db_url):
+            threads = [threading.Thread(target=click, args=(client,)) for client in (first, second)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    assert sorted(a.status_code for a in answers) == [201, 409], [(a.status_code, a.text[:200]) for a in answers]
+    refused = next(a for a in answers if a.status_code == 409)
+    assert "already been voted on" in refused.json()["error"]
+    with session_scope(db_url) as session:
+        assert session.scalars(select(models.Vote.offer_id)).all() == [offer["offer_id"]]
 
 
 def test_gallery_approve_pick_and_posts(form: Form, tmp_path: Path) -> None:

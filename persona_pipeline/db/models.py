@@ -327,8 +327,9 @@ class Vote(Base):
     elo_delta: Mapped[int] = mapped_column(Integer)
     selection_probability: Mapped[float | None] = mapped_column(Float)
     reviewer: Mapped[str] = mapped_column(String(80))
-    # The pair offer the reviewer answered (NULL for votes cast without the form, e.g. auto-review).
-    offer_id: Mapped[int | None] = mapped_column(ForeignKey("pair_offers.id", ondelete="SET NULL"))
+    # The pair offer the reviewer answered (NULL for votes cast without the form, e.g. auto-review);
+    # unique: one vote per offer, however often its pair is offered.
+    offer_id: Mapped[int | None] = mapped_column(ForeignKey("pair_offers.id", ondelete="SET NULL"), index=True, unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -346,6 +347,9 @@ class PairOffer(Base):
     reviewer: Mapped[str] = mapped_column(String(80))
     outcome: Mapped[str | None] = mapped_column(String(16))  # NULL (open) | voted | skipped | killed
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When the page put the pair on screen; NULL while it is only the preloaded next pair, which
+    # cannot be answered yet.
+    shown_at: Mapped[datetime | None] = mapped_column()
 
 
 class ReviewEvent(Base):

@@ -43,6 +43,16 @@ class DuplicateVote(ReviewError):
     status_code = 409
 
 
+class OfferClosed(ReviewError):
+    """The offer cannot be answered now: it was answered already, or the page has not shown it."""
+
+    status_code = 409
+
+
+class NotYourOffer(ReviewError):
+    status_code = 403
+
+
 def _event(session: Session, persona_id: int, kind: str, subject_type: str, subject_id: int, reviewer: str,
            payload: dict[str, Any] | None = None) -> models.ReviewEvent:
     if not reviewer or not reviewer.strip():
@@ -83,17 +93,61 @@ def _offer(session: Session, offer_id: int, lock: bool = False) -> models.PairOf
     return offer
 
 
+def _open_offer(session: Session, offer_id: int, reviewer: str) -> models.PairOffer:
+    """The offer, row-locked, if it was made to `reviewer` and is not answered yet."""
+    offer = _offer(session, offer_id, lock=True)
+    if offer.reviewer != reviewer:
+        raise NotYourOffer(f"pair offer {offer_id} was offered to {offer.reviewer}, not {reviewer}")
+    if offer.outcome == "voted":
+        raise DuplicateVote(f"pair offer {offer_id} has already been voted on")
+    if offer.outcome is not None:
+        raise OfferClosed(f"pair offer {offer_id} was already answered ({offer.outcome})")
+    return offer
+
+
+def _answerable_offer(session: Session, offer_id: int, reviewer: str) -> models.PairOffer:
+    """The open offer `reviewer` may answer now: the one on their screen. A preloaded next pair
+    cannot be answered until the page says it showed it (`show_offer`), so a click meant for the
+    pair before it never lands on it."""
+    offer = _open_offer(session, offer_id, reviewer)
+    if offer.shown_at is None:
+        raise OfferClosed(f"pair offer {offer_id} was preloaded but not shown yet; only the pair on screen can be answered")
+    return offer
+
+
+def show_offer(session: Session, offer_id: int, reviewer: str) -> models.PairOffer:
+    """The page put this preloaded offer on screen: from now on it can be answered."""
+    offer = _open_offer(session, offer_id, reviewer)
+    if offer.shown_at is None:
+        offer.shown_at = models.utcnow()
+        session.flush()
+    return offer
+
+
+def _vote_that_won(session: Session, offer_id: int | None, low: int, high: int) -> tuple[int, int | None] | None:
+    """After a vote's insert broke a unique key: the vote already stored on this offer or pair,
+    read on a fresh connection (this transaction is aborted on PostgreSQL)."""
+    same = (models.Vote.pair_low_id == low) & (models.Vote.pair_high_id == high)
+    if offer_id is not None:
+        same = same | (models.Vote.offer_id == offer_id)
+    with session.get_bind().connect() as conn:
+        row = conn.execute(select(models.Vote.id, models.Vote.offer_id).where(same).limit(1)).first()
+    return (row.id, row.offer_id) if row else None
+
+
 def cast_vote(session: Session, winner_id: int, loser_id: int, reviewer: str,
               selection_probability: float | None = None, offer_id: int | None = None) -> models.Vote:
     """Record one pairwise vote and apply Elo to both candidates in the caller's transaction.
 
-    With `offer_id` (the form), the vote must be on exactly the offered pair and records the
-    probability that pair had of being shown."""
+    With `offer_id` (the form), the vote answers that offer: made to this reviewer, shown, not
+    answered yet (one vote per offer), on exactly the offered pair; it records the probability the
+    pair had of being shown. Any duplicate, also one that commits while this vote is being
+    recorded, is a DuplicateVote."""
     if winner_id == loser_id:
         raise ReviewError(f"candidate {winner_id} cannot be voted against itself")
     offer = None
     if offer_id is not None:
-        offer = _offer(session, offer_id, lock=True)
+        offer = _answerable_offer(session, offer_id, reviewer)
         if {winner_id, loser_id} != {offer.left_id, offer.right_id}:
             raise ReviewError(f"candidates {winner_id} and {loser_id} are not the pair of offer {offer_id} "
                               f"({offer.left_id} and {offer.right_id})")
@@ -105,6 +159,9 @@ def cast_vote(session: Session, winner_id: int, loser_id: int, reviewer: str,
     if winner.step_id != loser.step_id:
         raise ReviewError(f"candidates {winner_id} and {loser_id} belong to different runs or steps")
     step = _open_step(session, winner.step_id)
+    # Read before anything changes: a lazy load after the vote is added would autoflush it outside
+    # the try below, and a duplicate would escape as a raw IntegrityError.
+    persona_id = step.run.persona_id
     for cand in (winner, loser):
         if cand.status not in LIVE:
             raise ReviewError(f"candidate {cand.id} is {cand.status} and cannot be voted on")
@@ -112,18 +169,25 @@ def cast_vote(session: Session, winner_id: int, loser_id: int, reviewer: str,
         raise DuplicateVote(f"the pair {low}/{high} has already been voted on")
 
     winner_before, loser_before = winner.elo, loser.elo
-    winner.elo, loser.elo = elo.apply_vote(winner_before, loser_before)
+    winner_after, loser_after = elo.apply_vote(winner_before, loser_before)
     vote = models.Vote(step_id=step.id, winner_id=winner.id, loser_id=loser.id, pair_low_id=low, pair_high_id=high,
                        winner_elo_before=winner_before, loser_elo_before=loser_before,
-                       elo_delta=winner.elo - winner_before, selection_probability=selection_probability,
+                       elo_delta=winner_after - winner_before, selection_probability=selection_probability,
                        reviewer=reviewer, offer_id=offer.id if offer else None)
-    session.add(vote)
-    if offer is not None:
-        offer.outcome = "voted"
-    persona_id = winner.run.persona_id
-    try:
+    try:  # every change, and the one flush that writes them, in here
+        winner.elo, loser.elo = winner_after, loser_after
+        if offer is not None:
+            offer.outcome = "voted"
+        session.add(vote)
         session.flush()
     except IntegrityError:
+        # SQLite has no row locks: a concurrent identical vote passes the checks above and is
+        # refused only here, by the unique keys on the offer and the pair.
+        won = _vote_that_won(session, offer_id, low, high)
+        if won is None:
+            raise
+        if offer_id is not None and won[1] == offer_id:
+            raise DuplicateVote(f"pair offer {offer_id} has already been voted on") from None
         raise DuplicateVote(f"the pair {low}/{high} has already been voted on") from None
     _event(session, persona_id, "vote", "vote", vote.id, reviewer,
            {"winner_id": winner.id, "loser_id": loser.id, "step_id": step.id, "offer_id": vote.offer_id,
@@ -144,12 +208,13 @@ def _step_votes(session: Session, step_id: int) -> list[tuple[int, int]]:
 
 
 def next_pair(session: Session, step_id: int, reviewer: str, exclude_offer_ids: Iterable[int] = (),
-              exploration: float = 0.1, rng: random.Random | None = None) -> models.PairOffer | None:
+              exploration: float = 0.1, rng: random.Random | None = None, shown: bool = True) -> models.PairOffer | None:
     """Choose and record the next pair to show on a step (None when every live pair is voted).
 
     Pairs already voted, pairs of the caller's still-held offers (`exclude_offer_ids`, the pair the
     page has preloaded) and pairs offered to anyone in the last OFFER_HOLD without an answer are
-    never offered, so two reviewers are not shown the same pair at once."""
+    never offered, so two reviewers are not shown the same pair at once. `shown=False` is the page
+    preloading its next pair: that offer can be answered only after `show_offer`."""
     # One next_pair per step at a time (row lock on the step until commit), so each one sees the
     # offers committed before it; without it, concurrent requests all pick the same greedy pair.
     session.scalar(select(models.RunStep.id).where(models.RunStep.id == step_id).with_for_update(key_share=True))
@@ -174,7 +239,7 @@ def next_pair(session: Session, step_id: int, reviewer: str, exclude_offer_ids: 
         return None
     left, right = (choice.left_id, choice.right_id) if rng.random() < 0.5 else (choice.right_id, choice.left_id)
     offer = models.PairOffer(step_id=step_id, left_id=left, right_id=right, probability=choice.probability,
-                             strategy=choice.strategy, reviewer=reviewer)
+                             strategy=choice.strategy, reviewer=reviewer, shown_at=models.utcnow() if shown else None)
     session.add(offer)
     session.flush()
     return offer
@@ -182,9 +247,7 @@ def next_pair(session: Session, step_id: int, reviewer: str, exclude_offer_ids: 
 
 def skip_offer(session: Session, offer_id: int, reviewer: str) -> models.PairOffer:
     """The reviewer could not decide: the pair is closed for this offer and may come back later."""
-    offer = _offer(session, offer_id, lock=True)
-    if offer.outcome is not None:
-        raise ReviewError(f"pair offer {offer_id} was already answered ({offer.outcome})")
+    offer = _answerable_offer(session, offer_id, reviewer)
     offer.outcome = "skipped"
     step = session.get(models.RunStep, offer.step_id)
     _event(session, step.run.persona_id, "skip", "offer", offer.id, reviewer,

@@ -394,7 +394,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 async def review_error(request: Request, exc: Exception) -> Response:
-    """db/review.py's refusals: ReviewError 400, NotFound 404, DuplicateVote 409."""
+    """db/review.py's refusals: ReviewError 400, NotYourOffer 403, NotFound 404, DuplicateVote and
+    OfferClosed 409."""
     return await http_error(request, HTTPException(getattr(exc, "status_code", 400), str(exc)))
 
 
@@ -485,8 +486,8 @@ def _candidate_json(home: Path, candidate: models.Candidate) -> dict[str, Any]:
 
 
 def _next_pair(session: Session, step_id: int, reviewer: str, exclude: list[int], home: Path,
-               exploration: float) -> dict[str, Any]:
-    offer = review.next_pair(session, step_id, reviewer, exclude_offer_ids=exclude, exploration=exploration)
+               exploration: float, shown: bool) -> dict[str, Any]:
+    offer = review.next_pair(session, step_id, reviewer, exclude_offer_ids=exclude, exploration=exploration, shown=shown)
     remaining = review_views.unvoted_pairs(session, step_id)
     if offer is None:
         return {"offer_id": None, "remaining": remaining}
@@ -504,8 +505,23 @@ async def api_pair(request: Request, reviewer: str) -> Response:
     if len(parts) > MAX_EXCLUDE:
         raise BadInput(f"exclude lists {len(parts)} offers; at most {MAX_EXCLUDE}")
     exclude = [_int_value(p, "exclude") for p in parts]
-    data = await in_db(request, _next_pair, step_id, reviewer, exclude, _home(request), _config(request).exploration)
+    # ?preload=1: the page's next pair, held off screen; it can be answered after POST .../shown.
+    preload = request.query_params.get("preload", "0")
+    if preload not in ("0", "1"):
+        raise BadInput(f"preload must be 0 or 1, got {preload[:40]!r}")
+    data = await in_db(request, _next_pair, step_id, reviewer, exclude, _home(request), _config(request).exploration,
+                       preload == "0")
     return JSONResponse(data, headers={"Cache-Control": "no-store"})
+
+
+def _shown(session: Session, offer_id: int, reviewer: str) -> dict[str, Any]:
+    offer = review.show_offer(session, offer_id, reviewer)
+    return {"offer_id": offer.id, "shown_at": offer.shown_at.isoformat()}
+
+
+@api
+async def api_shown(request: Request, reviewer: str, body: dict[str, Any]) -> Response:
+    return JSONResponse(await in_db(request, _shown, _path_id(request, "offer_id"), reviewer))
 
 
 def _vote(session: Session, offer_id: int, winner_id: int, loser_id: int, reviewer: str) -> dict[str, Any]:
@@ -816,6 +832,7 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/media/{path:path}", media, methods=["GET"]),
         Route("/api/steps/{step_id:int}/pair", api_pair, methods=["GET"]),
         Route("/api/votes", api_vote, methods=["POST"]),
+        Route("/api/offers/{offer_id:int}/shown", api_shown, methods=["POST"]),
         Route("/api/offers/{offer_id:int}/skip", api_skip, methods=["POST"]),
         Route("/api/candidates/{candidate_id:int}/kill", api_kill, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
