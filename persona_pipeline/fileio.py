@@ -1,5 +1,6 @@
-"""Files written so that none is ever half there, and their hashes. No Dagster import: the
-training loop, the importer and the storage resource all use these."""
+"""Files written so that none is ever half there, their hashes, and the one rule for reading a
+folder a user fills (no symbolic links). No Dagster import: the training loop, the importer and the
+storage resource all use these."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -60,21 +63,23 @@ def write_via_temp(path: Path, write: Callable[[Path], None]) -> None:
         raise named from exc
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, *, follow_links: bool = True) -> str:
+    """sha256 of the file's bytes; `follow_links=False` refuses a link (open_regular)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with (open(path, "rb") if follow_links else open_regular(path)) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def atomic_copy(source: Path, target: Path, sha256: str | None = None) -> None:
+def atomic_copy(source: Path, target: Path, sha256: str | None = None, *, follow_links: bool = True) -> None:
     """Copy in blocks via a temp file + fsync + rename (a LoRA can be hundreds of MB, so it is not
-    read into memory); with `sha256`, check the copy before it takes the final name."""
+    read into memory); with `sha256`, check the copy before it takes the final name.
+    `follow_links=False`: a source that is a link is refused, not copied (open_regular)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix="." + target.name + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+        with os.fdopen(fd, "wb") as out, (open(source, "rb") if follow_links else open_regular(source)) as src:
             shutil.copyfileobj(src, out, 1 << 20)
             out.flush()
             os.fsync(out.fileno())
@@ -87,3 +92,111 @@ def atomic_copy(source: Path, target: Path, sha256: str | None = None) -> None:
         if named is exc:
             raise
         raise named from exc
+
+
+# --------------------------------------------------------------------------- folders a user fills
+
+
+class UnsafePath(ValueError):
+    """A path in a user's folder that is not read: a symbolic link, `..`, or not a regular file.
+    The message names the path (and a link's target, which is not followed)."""
+
+
+def _link_text(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def link_refusal(root: Path, path: Path) -> str | None:
+    """Why `path` may not be read as part of the folder `root`, or None. The rule for every folder a
+    user fills (persona photos, the LoRA drop folder, the object-storage cache): no component below
+    `root` is a symbolic link (to a file or folder, inside or outside, or dangling) and none is `..`,
+    so nothing resolves outside `root` and no link's target is ever opened. `root` itself may be a
+    link (a datasets folder on another disk); nothing above it is checked. Hard links are not
+    refused: a hard link is the file itself (it cannot name another file system, and Linux's
+    protected_hardlinks stops linking files one does not own), and refusing st_nlink > 1 would
+    refuse photos kept by snapshot/deduplicating backups."""
+    root, path = Path(os.path.abspath(root)), Path(path)
+    relative = path.relative_to(root) if path.is_absolute() and path.is_relative_to(root) else path
+    if relative.is_absolute():
+        return f"{path} is outside {root}"
+    current = root
+    for part in relative.parts:
+        if part in ("..", "."):
+            return f"{relative.as_posix()}: a '{part}' path component is not followed"
+        current = current / part
+        if current.is_symlink():
+            name = current.relative_to(root).as_posix()
+            return f"{name} is a symbolic link (to {_link_text(current)}); links are not followed and their target is not read"
+    return None
+
+
+@dataclass
+class FolderScan:
+    """The entries of a user's folder: regular files to read, and those refused, with why."""
+
+    files: list[Path] = field(default_factory=list)  # regular files (not links), sorted
+    refused: list[tuple[Path, str]] = field(default_factory=list)  # (entry, reason), sorted
+    folders: list[Path] = field(default_factory=list)  # real sub-folders (not links), not descended
+
+
+def scan_folder(folder: Path, root: Path) -> FolderScan:
+    """List `folder` (inside `root`) without following a link: regular files in `files`; links of
+    any kind and special files (FIFOs, devices, sockets: reading one would hang or misbehave) in
+    `refused`. When `folder` itself is reached through a link, the folder is the one refused entry
+    and nothing in it is listed. A missing folder is empty."""
+    scan = FolderScan()
+    reason = link_refusal(root, folder)
+    if reason:
+        scan.refused.append((Path(folder), reason))
+        return scan
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return scan
+    for entry in entries:
+        path = Path(folder) / entry.name
+        if entry.is_symlink():
+            scan.refused.append((path, f"{entry.name} is a symbolic link (to {_link_text(path)}); "
+                                       "links are not followed and their target is not read"))
+        elif entry.is_file(follow_symlinks=False):
+            scan.files.append(path)
+        elif entry.is_dir(follow_symlinks=False):
+            scan.folders.append(path)
+        else:
+            scan.refused.append((path, f"{entry.name} is {_kind(entry.stat(follow_symlinks=False).st_mode)}, "
+                                       "not a regular file; it is not read"))
+    return scan
+
+
+def open_regular(path: Path):
+    """Open `path` for reading only if it is a regular file and not a symbolic link (O_NOFOLLOW:
+    a file swapped for a link after it was listed is refused, not followed). Raises UnsafePath."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePath(f"{Path(path).name} is a symbolic link (to {_link_text(Path(path))}); "
+                             "links are not followed and their target is not read") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UnsafePath(f"{Path(path).name} is {_kind(mode)}, not a regular file; it is not read")
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of a regular file that is not a link (see open_regular)."""
+    with open_regular(path) as handle:
+        return handle.read()

@@ -15,6 +15,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from persona_pipeline.fileio import FolderScan, UnsafePath, read_regular, scan_folder
+
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic"}
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 WINDOW_RE = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
@@ -353,18 +355,32 @@ class Persona(BaseModel):
     def photos_dir(self) -> Path:
         return self.folder / "photos"
 
+    def photo_scan(self) -> FolderScan:
+        """photos/ listed without following links (fileio.scan_folder): a link in it, or photos/
+        itself as a link, is refused by name and its target is never read."""
+        scan = scan_folder(self.photos_dir, self.folder)
+        scan.files = [p for p in scan.files if not p.name.startswith(".")]
+        scan.refused = [(p, why) for p, why in scan.refused if not p.name.startswith(".")]
+        return scan
+
     def photo_files(self) -> list[Path]:
-        """Every file in photos/ that is not a caption sidecar (bad files included: ingestion judges them)."""
-        if not self.photos_dir.is_dir():
-            return []
-        return sorted(p for p in self.photos_dir.iterdir() if p.is_file() and p.suffix.lower() != ".txt" and not p.name.startswith("."))
+        """Every regular file in photos/ that is not a caption sidecar (bad files included: ingestion
+        judges them). Links are not here: `photo_scan().refused` has them."""
+        return [p for p in self.photo_scan().files if p.suffix.lower() != ".txt"]
 
     def photo_set_hash(self) -> str:
-        """Content hash of the photo set (names, bytes and sidecar captions); changes trigger ingestion."""
+        """Content hash of the photo set (names, bytes and sidecar captions, and each refused entry's
+        name and reason: a link's text, never its target's bytes); changes trigger ingestion."""
         digest = hashlib.sha256()
-        if self.photos_dir.is_dir():
-            for path in sorted(p for p in self.photos_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
-                digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+        scan = self.photo_scan()
+        for path in scan.files:
+            try:
+                content = hashlib.sha256(read_regular(path)).digest()
+            except (OSError, UnsafePath) as exc:  # swapped or removed since the listing: hash the refusal
+                content = b"unreadable\0" + str(exc).encode()
+            digest.update(path.name.encode() + b"\0" + content)
+        for path, reason in scan.refused:
+            digest.update(path.name.encode() + b"\0refused\0" + reason.encode())
         return digest.hexdigest()
 
 

@@ -100,3 +100,27 @@ def test_sensor_refuses_an_unmigrated_database(tmp_path):
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'empty.db'}")
     with pytest.raises(Exception, match="persona-pipeline db upgrade"):
         _tick(dg.DagsterInstance.ephemeral(), build_resources(settings))
+
+
+def test_the_photo_set_hash_never_reads_through_a_link(tmp_path, db_url):
+    """link.jpg -> a file outside the persona folder: the sensor hashed the target's bytes (reading
+    /etc/passwd, say) and started an ingestion whenever that outside file changed. It hashes the
+    link's name and text only: the target changing starts nothing, the link changing starts one."""
+    settings = make_settings(tmp_path, db_url)
+    folder = write_persona(settings.datasets_dir, "delta", photos=2)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("first version of a file outside the persona folder\n")
+    (folder / "photos" / "link.jpg").symlink_to(outside)
+    instance = dg.DagsterInstance.ephemeral()
+    resources = build_resources(settings)
+    first = _tick(instance, resources)
+    assert [r.partition_key for r in first.run_requests] == ["delta"]
+
+    outside.write_text("second version: the sensor must not notice, it never reads this file\n")
+    second = _tick(instance, resources, first.cursor)
+    assert second.run_requests == []
+
+    (folder / "photos" / "link.jpg").unlink()
+    (folder / "photos" / "link.jpg").symlink_to("/etc/passwd")
+    third = _tick(instance, resources, second.cursor)
+    assert [r.partition_key for r in third.run_requests] == ["delta"]

@@ -81,3 +81,26 @@ def test_bad_generation_settings_name_the_field(tmp_path, step, field):
     with pytest.raises(PersonaFileError) as error:
         load_persona(folder)
     assert f"field '{field}'" in str(error.value) and "persona.yaml" in str(error.value)
+
+
+def test_photo_set_hash_and_files_skip_links_and_a_linked_photos_folder(tmp_path):
+    """A link in photos/ (or photos/ as a link) is refused by name; the hash holds its name and
+    text, not its target's bytes; photo_files lists only regular files."""
+    folder = write_persona(tmp_path, "links", photos=2)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.jpg").write_bytes(b"one")
+    (folder / "photos" / "link.jpg").symlink_to(outside / "a.jpg")
+    persona = load_persona(folder)
+    before = persona.photo_set_hash()
+    (outside / "a.jpg").write_bytes(b"two")
+    assert persona.photo_set_hash() == before
+    assert "link.jpg" not in [p.name for p in persona.photo_files()]
+    assert [(p.name, "link.jpg is a symbolic link" in why) for p, why in persona.photo_scan().refused] == [("link.jpg", True)]
+
+    linked = write_persona(tmp_path, "linkedphotos", photos=0)
+    (linked / "photos").rmdir()
+    (linked / "photos").symlink_to(folder / "photos", target_is_directory=True)
+    persona = load_persona(linked)
+    assert persona.photo_files() == []
+    assert [p.name for p, _ in persona.photo_scan().refused] == ["photos"]

@@ -1,7 +1,9 @@
 """source_photos on a corpus of bad photos: each gets the right outcome and none stops the run."""
 
 import io
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -202,3 +204,69 @@ def test_two_different_16_bit_photos_are_not_duplicates(tmp_path, db_url):
             ok, detail = _close(image.getpixel((10, 10)), (grey, grey, grey))
             assert ok, (name, detail)
     assert rows["rgb16.png"].status == "accepted", rows["rgb16.png"].reason
+
+
+# --------------------------------------------------------------------------- symbolic links
+
+
+def _tree_holds(folder, secret: bytes) -> list[str]:
+    """Files under `folder` (links not followed) whose bytes contain `secret`."""
+    return [str(p) for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and secret in p.read_bytes()]
+
+
+def test_links_in_photos_are_quarantined_as_links_and_never_read(tmp_path, db_url):
+    """link.jpg -> /etc/passwd was quarantined as "not an image" with a byte copy of /etc/passwd
+    in quarantine/; a link to an outside JPEG was accepted as a photo. Each link (to a file outside
+    or inside, to a folder, dangling) is now quarantined as a link, naming it, and nothing of its
+    target reaches the quarantine, the normalised photos or the database."""
+    settings = make_settings(tmp_path, db_url)
+    folder = write_persona(settings.datasets_dir, "linked", photos=10)
+    photos = folder / "photos"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = b"root:x:0:0:SECRET-" + b"7f3a" * 8 + b"\n"
+    (outside / "passwd").write_bytes(secret)
+    portrait = Image.new("RGB", (400, 400), (12, 34, 56))
+    portrait.save(outside / "portrait.jpg", quality=95)
+    (photos / "link.jpg").symlink_to(outside / "passwd")
+    (photos / "etc.jpg").symlink_to("/etc/passwd")
+    (photos / "outside-photo.jpg").symlink_to(outside / "portrait.jpg")
+    (photos / "inside-copy.jpg").symlink_to(sorted(photos.glob("*.jpg"))[0])
+    (photos / "folder.jpg").symlink_to(outside, target_is_directory=True)
+    (photos / "dangling.jpg").symlink_to(outside / "missing.jpg")
+    (photos / "caption-link.txt").symlink_to(outside / "passwd")
+    links = ["link.jpg", "etc.jpg", "outside-photo.jpg", "inside-copy.jpg", "folder.jpg", "dangling.jpg", "caption-link.txt"]
+
+    result, _ = materialise_persona([source_photos], settings, folder)
+    assert result.success
+    with session_scope(db_url) as session:
+        rows = {r.original_name: r for r in session.scalars(select(models.SourcePhoto))}
+        session.expunge_all()
+    assert _tree_holds(settings.home, secret) == []  # no copy of a target anywhere under PERSONA_HOME
+    assert _tree_holds(settings.home, Path("/etc/passwd").read_bytes()[:64]) == []
+    quarantine = settings.home / "personas" / "linked" / "photos" / "quarantine"
+    assert sorted(p.name for p in quarantine.iterdir()) == ["reasons.json"]
+    for name in links:
+        assert rows[name].status == "quarantined", (name, rows.get(name))
+        assert f"{name} is a symbolic link" in rows[name].reason, (name, rows[name].reason)
+        assert rows[name].path is None and rows[name].sha256 == ""
+    assert sum(1 for r in rows.values() if r.status == "accepted") == 10  # the real photos only
+    reasons = json.loads((quarantine / "reasons.json").read_text())
+    assert set(reasons) == set(links)
+    assert all((photos / name).is_symlink() for name in links)  # the user's links are left as they were
+
+
+def test_a_linked_photos_folder_is_refused_by_name(tmp_path, db_url):
+    """photos/ itself as a link to a folder elsewhere: nothing in it is read."""
+    settings = make_settings(tmp_path, db_url)
+    folder = write_persona(settings.datasets_dir, "elsewhere", photos=10)
+    moved = tmp_path / "real-photos"
+    shutil.move(folder / "photos", moved)
+    (folder / "photos").symlink_to(moved, target_is_directory=True)
+    result, _ = materialise_persona([source_photos], settings, folder, raise_on_error=False)
+    with session_scope(db_url) as session:
+        rows = {r.original_name: (r.status, r.reason) for r in session.scalars(select(models.SourcePhoto))}
+    assert list(rows) == ["photos"], rows
+    assert rows["photos"][0] == "quarantined" and "photos is a symbolic link" in rows["photos"][1]
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and "0 usable photos" in check.description

@@ -1,5 +1,9 @@
 """source_photos: decode and check every file in the persona's photos/ folder, quarantine the bad
-ones with a reason each, and normalise the good ones (EXIF orientation, RGB, size) to PNG."""
+ones with a reason each, and normalise the good ones (EXIF orientation, RGB, size) to PNG.
+
+A symbolic link in photos/ (or photos/ itself as a link) is quarantined as a link, by name: its
+target is never opened, so the quarantine holds no copy of it, only the reason (the link itself
+stays where the user put it)."""
 
 import hashlib
 import json
@@ -14,7 +18,7 @@ from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.personas import load_persona
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.storage import PersonaStorage
-from persona_pipeline.fileio import atomic_write
+from persona_pipeline.fileio import UnsafePath, atomic_write, read_regular
 
 ENOUGH_PHOTOS = "enough_usable_photos"
 
@@ -38,9 +42,16 @@ def source_photos(context: dg.AssetExecutionContext, database: AppDatabase, stor
     quarantined: list[dict] = []
     seen_files: dict[str, str] = {}
     seen_pixels: dict[str, str] = {}
+    scan = persona.photo_scan()
+    regular = set(scan.files)
+    for path, reason in scan.refused:  # "data": None = nothing of it is read or copied
+        quarantined.append({"file": path.name, "sha256": "", "reason": reason, "data": None})
     for path in persona.photo_files():
         try:
-            data = path.read_bytes()
+            data = read_regular(path)
+        except UnsafePath as exc:  # swapped for a link since the listing
+            quarantined.append({"file": path.name, "sha256": "", "reason": str(exc), "data": None})
+            continue
         except OSError as exc:
             quarantined.append({"file": path.name, "sha256": "", "reason": f"unreadable: {exc}", "data": b""})
             continue
@@ -74,13 +85,19 @@ def source_photos(context: dg.AssetExecutionContext, database: AppDatabase, stor
             row = rows.pop(name, None) or models.SourcePhoto(persona_id=persona_row.id, original_name=name)
             row.sha256, row.status, row.reason, row.path = file_sha, "accepted", None, str(target)
             row.pixel_sha256, row.width, row.height = photo.pixel_sha256, photo.width, photo.height
-            row.caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
+            row.caption = read_regular(sidecar).decode("utf-8").strip() if sidecar in regular else None
             session.add(row)
         for item in quarantined:
             target = quarantine_dir / item["file"]
-            atomic_write(target, item["data"])
+            if item["data"] is None:
+                # A link: no copy. One left under its name by an earlier version held the target's bytes.
+                if target.is_symlink() or target.is_file():
+                    target.unlink()
+            else:
+                atomic_write(target, item["data"])
             row = rows.pop(item["file"], None) or models.SourcePhoto(persona_id=persona_row.id, original_name=item["file"])
-            row.sha256, row.status, row.reason, row.path = item["sha256"], "quarantined", item["reason"], str(target)
+            row.sha256, row.status, row.reason = item["sha256"], "quarantined", item["reason"]
+            row.path = str(target) if item["data"] is not None else None
             row.pixel_sha256 = row.width = row.height = row.caption = None
             session.add(row)
         for gone in rows.values():

@@ -56,7 +56,8 @@ def persona_sensor(context: dg.SensorEvaluationContext, database: AppDatabase, p
     for persona in personas:
         photos_hash = persona.photo_set_hash()
         cursor[persona.slug] = photos_hash
-        if seen.get(persona.slug) != photos_hash and persona.photo_files():
+        # A folder of links only runs too: ingestion quarantines each link by name, where the user sees it.
+        if seen.get(persona.slug) != photos_hash and (persona.photo_files() or persona.photo_scan().refused):
             run_requests.append(dg.RunRequest(run_key=f"{persona.slug}:{photos_hash}", partition_key=persona.slug,
                                               tags={"persona": persona.slug}))
     for slug in gone:
