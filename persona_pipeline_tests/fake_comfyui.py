@@ -11,7 +11,9 @@ works against a real ComfyUI.
 - Outputs are deterministic PNGs (colour from the KSampler seed, size from EmptyLatentImage or the
   uploaded LoadImage image), kept in memory and served by `/view`.
 - Faults, settable at runtime (attributes, or `POST /fake/faults` for a subprocess):
-  `fail_next_submits` (with `fail_mode` "503", "reset" or "reset_after_queue"), `execution_error_next`,
+  `fail_next_submits` (with `fail_mode` "503", "reset" or "reset_after_queue"), `execution_error_next`
+  (KSampler raises a graph fault: a RuntimeError on mismatched shapes), `out_of_memory_next` (KSampler
+  raises torch.OutOfMemoryError, reported as ComfyUI reports it, tips included),
   `drop_socket_after_progress`, `hang_next`, `fail_system_stats`, `refuse_websockets`,
   `refuse_websockets_after_drop`, `omit_executed`.
 - Counters and `finished_at[prompt_id]` (time.time() when the outputs and history were written,
@@ -192,6 +194,7 @@ class FakeComfyUI:
         # "reset_after_queue": the prompt is queued, then the answer breaks
         self.fail_mode = "503"
         self.execution_error_next = 0
+        self.out_of_memory_next = 0
         self.drop_socket_after_progress = False
         self.hang_next = 0
         self.fail_system_stats = False
@@ -572,9 +575,13 @@ class FakeComfyUI:
         hang = self.hang_next > 0
         if hang:
             self.hang_next -= 1
-        fail = self.execution_error_next > 0
-        if fail:
+        fail = None
+        if self.out_of_memory_next > 0:
+            self.out_of_memory_next -= 1
+            fail = OUT_OF_MEMORY
+        elif self.execution_error_next > 0:
             self.execution_error_next -= 1
+            fail = GRAPH_FAULT
         order = topological_order(item.graph)
         planned = self._plan_outputs(item)   # the "GPU work": encoded before the clock runs out
         outputs: dict[str, dict] = {}
@@ -585,12 +592,14 @@ class FakeComfyUI:
             await emit("executing", {"node": node_id, "display_node": node_id, "prompt_id": pid})
             if node["class_type"] == "KSampler":
                 if fail:
+                    # The shape of ComfyUI's execute(): exception_type is the full class name, the
+                    # message is "{ex}\n{tips}" (tips only for an OOM), traceback is format_tb's frames.
                     error = {"node_id": node_id, "node_type": "KSampler", "executed": list(executed),
-                             "exception_message": "Allocation on device would exceed allowed memory. (injected)",
-                             "exception_type": "torch.OutOfMemoryError",
-                             "traceback": ["  File \"execution.py\", line 496, in execute\n",
-                                           "torch.OutOfMemoryError: injected\n"],
-                             "current_inputs": {}, "current_outputs": {}}
+                             "exception_message": fail[1], "exception_type": fail[0],
+                             "traceback": ['  File "/ComfyUI/execution.py", line 496, in execute\n',
+                                           '  File "/ComfyUI/comfy/samplers.py", line 1094, in sample\n'],
+                             "current_inputs": {"seed": [str(item.graph[node_id]["inputs"].get("seed"))]},
+                             "current_outputs": list(executed)}
                     await emit("execution_error", error, record=True)
                     status = "error"
                     break
@@ -677,10 +686,20 @@ class FakeComfyUI:
             return image.size
 
 
-_KNOBS = {"fail_next_submits", "fail_mode", "execution_error_next", "drop_socket_after_progress", "hang_next",
+# (exception_type, exception_message) of the injected execution errors, as a real ComfyUI sends them.
+OUT_OF_MEMORY = ("torch.OutOfMemoryError",
+                 "CUDA out of memory. Tried to allocate 2.25 GiB. GPU 0 has a total capacity of 23.65 GiB of which "
+                 "1.09 GiB is free. Of the allocated memory 20.80 GiB is allocated by PyTorch, and 615.21 MiB is "
+                 "reserved by PyTorch but unallocated.\nThis error means you ran out of memory on your GPU.\n\n"
+                 "TIPS: If the workflow worked before you might have accidentally set the batch_size to a large number.")
+GRAPH_FAULT = ("RuntimeError", "mat1 and mat2 shapes cannot be multiplied (154x2048 and 768x320)\n")
+
+_KNOBS = {"fail_next_submits", "fail_mode", "execution_error_next", "out_of_memory_next",
+          "drop_socket_after_progress", "hang_next",
           "fail_system_stats", "job_time_s", "refuse_websockets", "refuse_websockets_after_drop", "omit_executed"}
 _COUNTERS = ("submitted", "submit_requests", "interrupts", "uploads", "views", "history_gets", "system_stats_gets",
              "object_info_gets", "ws_connects", "max_queue_depth", "fail_next_submits", "execution_error_next",
+             "out_of_memory_next",
              "hang_next", "job_time_s")
 
 
@@ -915,6 +934,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fail-next-submits", type=int, default=0)
     parser.add_argument("--fail-mode", choices=["503", "reset", "reset_after_queue"], default="503")
     parser.add_argument("--execution-error-next", type=int, default=0)
+    parser.add_argument("--out-of-memory-next", type=int, default=0)
     parser.add_argument("--hang-next", type=int, default=0)
     parser.add_argument("--drop-socket-after-progress", action="store_true")
     parser.add_argument("--log-level", default="critical")
@@ -925,7 +945,8 @@ def main(argv: list[str] | None = None) -> None:
             kwargs[name] = values
     server = FakeComfyUI(job_time_s=args.job_time, port=args.port, log_level=args.log_level, **kwargs)
     server.set_faults(fail_next_submits=args.fail_next_submits, fail_mode=args.fail_mode,
-                      execution_error_next=args.execution_error_next, hang_next=args.hang_next,
+                      execution_error_next=args.execution_error_next, out_of_memory_next=args.out_of_memory_next,
+                      hang_next=args.hang_next,
                       drop_socket_after_progress=args.drop_socket_after_progress)
     server.serve_forever()
 

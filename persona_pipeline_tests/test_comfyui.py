@@ -14,10 +14,10 @@ import pytest
 import requests
 from PIL import Image
 
-from persona_pipeline.resources.comfyui import (ComfyFailure, ComfyJob, ComfyResult, ComfyUIInterrupted, ComfyUIPool,
-                                                ComfyUITimeout, ComfyUITransientError, ComfyUIUnavailable,
-                                                ComfyUIWorkflowError, NodeError, required_models)
-from persona_pipeline_tests.fake_comfyui import FakeComfyUI, FakeComfyUIProcess
+from persona_pipeline.resources.comfyui import (ComfyFailure, ComfyJob, ComfyResult, ComfyUIInterrupted,
+                                                ComfyUIOutOfMemory, ComfyUIPool, ComfyUITimeout, ComfyUITransientError,
+                                                ComfyUIUnavailable, ComfyUIWorkflowError, NodeError, required_models)
+from persona_pipeline_tests.fake_comfyui import GRAPH_FAULT, OUT_OF_MEMORY, FakeComfyUI, FakeComfyUIProcess
 
 LORA = "persona-pipeline/t.safetensors"
 
@@ -231,18 +231,82 @@ def test_unknown_node_class_and_no_output_node(servers, tmp_path):
     assert server.submit_requests == 2 and files_in(tmp_path) == []
 
 
-def test_execution_error_is_surfaced_and_not_retried(servers, tmp_path):
+def test_execution_error_of_the_graph_is_surfaced_and_not_retried(servers, tmp_path):
     a, b = servers(2)
     a.execution_error_next = b.execution_error_next = 1
-    (failure,) = pool_for(a, b).run_jobs(jobs_for(tmp_path, 1), log=Log())
+    (failure,) = pool_for(a, b, oom_retry_delay_s=0.05).run_jobs(jobs_for(tmp_path, 1), log=Log())
 
     assert isinstance(failure, ComfyFailure) and failure.permanent
     error = failure.error
     assert isinstance(error, ComfyUIWorkflowError) and error.error_type == "execution_error"
-    assert error.node_errors == [NodeError("3", "KSampler", "Allocation on device would exceed allowed memory. (injected)")]
-    assert "node 3 (KSampler): Allocation on device" in str(error)
-    assert error.details["exception_type"] == "torch.OutOfMemoryError" and error.details["traceback"]
+    assert error.node_errors == [NodeError("3", "KSampler", GRAPH_FAULT[1].strip())]
+    assert "node 3 (KSampler): mat1 and mat2 shapes cannot be multiplied" in str(error)
+    assert error.details["exception_type"] == "RuntimeError" and error.details["traceback"]
+    assert [x["kind"] for x in failure.attempts] == ["workflow"]
     assert total((a, b), "submitted") == 1 and files_in(tmp_path) == []
+
+
+# --- out of memory: a resource fault, retried a bounded number of times ------------------------------
+
+def test_out_of_memory_on_one_server_is_retried_on_another(servers, tmp_path):
+    a, b = servers(2)
+    a.out_of_memory_next = 1
+    log = Log()
+    started = time.perf_counter()
+    # a long pause before a server it ran out of memory on: the other server is used at once
+    (result,) = pool_for(a, b, oom_retry_delay_s=30).run_jobs(jobs_for(tmp_path, 1), log=log)
+
+    assert isinstance(result, ComfyResult), result
+    assert result.server == b.url and result.timings["attempts"] == 2 and time.perf_counter() - started < 10
+    assert [(x["server"], x["kind"]) for x in result.attempts] == [(a.url, "resource")]
+    assert "torch.OutOfMemoryError" in result.attempts[0]["error"] and "CUDA out of memory" in result.attempts[0]["error"]
+    assert (a.submitted, b.submitted) == (1, 1)
+    assert log.having(f"ran out of GPU memory on {a.url}") and log.having(f"retrying on another server ({b.url})")
+    assert files_in(tmp_path) == ["cand0.png"]
+
+
+def test_out_of_memory_on_the_only_server_is_retried_there_after_a_pause(servers, tmp_path):
+    (a,) = servers(1)
+    a.out_of_memory_next = 1
+    log = Log()
+    (result,) = pool_for(a, oom_retry_delay_s=0.4).run_jobs(jobs_for(tmp_path, 1), log=log)
+
+    assert isinstance(result, ComfyResult), result
+    assert result.server == a.url and result.timings["attempts"] == 2 and a.submitted == 2
+    assert [(x["server"], x["kind"]) for x in result.attempts] == [(a.url, "resource")]
+    first, second = sorted(a.finished_at.values())  # the failed prompt's history was written too
+    assert second - first >= 0.4  # sent again only after the pause (ComfyUI frees its models meanwhile)
+    assert log.having(f"on {a.url} again in 0.4 s")
+    assert files_in(tmp_path) == ["cand0.png"]
+
+
+def test_out_of_memory_every_time_fails_after_the_attempts_naming_the_servers(servers, tmp_path):
+    a, b = servers(2)
+    a.out_of_memory_next = b.out_of_memory_next = 10
+    log = Log()
+    (failure,) = pool_for(a, b, max_attempts=3, oom_retry_delay_s=0.05).run_jobs(jobs_for(tmp_path, 1), log=log)
+
+    assert isinstance(failure, ComfyFailure) and not failure.permanent  # a later run may find the memory free
+    error = failure.error
+    assert isinstance(error, ComfyUIOutOfMemory) and error.kind == "resource"
+    assert [x["kind"] for x in failure.attempts] == ["resource"] * 3
+    assert {x["server"] for x in failure.attempts} == {a.url, b.url}  # the other server was tried
+    assert total((a, b), "submitted") == 3  # bounded: max_attempts, then no more
+    message = str(error)
+    assert "out of GPU memory (torch.OutOfMemoryError) 3 time(s) in 3 attempt(s)" in message
+    assert a.url in message and b.url in message and "no attempts left" in message
+    assert error.node_errors[0].node_id == "3" and "CUDA out of memory" in error.node_errors[0].message
+    assert log.having("no attempts left") and files_in(tmp_path) == []
+
+
+def test_an_out_of_memory_job_does_not_hold_up_the_others(servers, tmp_path):
+    (a,) = servers(1)
+    a.out_of_memory_next = 1
+    results = pool_for(a, oom_retry_delay_s=0.3, max_in_flight_per_server=1).run_jobs(jobs_for(tmp_path, 3), log=Log())
+
+    assert all(isinstance(r, ComfyResult) for r in results), results
+    assert [r.timings["attempts"] for r in results] == [2, 1, 1]  # job0 ran out of memory, then ran again
+    assert a.submitted == 4 and files_in(tmp_path) == ["cand0.png", "cand1.png", "cand2.png"]
 
 
 # --- transient faults ---------------------------------------------------------------------------------

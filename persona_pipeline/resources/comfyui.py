@@ -24,7 +24,13 @@ timed out, or the server stops answering.
 
 Failures:
 - `ComfyUIWorkflowError` (permanent, never retried): a 400 from `/prompt` (every node error, with
-  node id, class and message), an `execution_error`, a LoRA/checkpoint/ControlNet that no server has.
+  node id, class and message), an `execution_error` of the graph (a node's ValueError, a bad
+  shape...), a LoRA/checkpoint/ControlNet that no server has.
+- `ComfyUIOutOfMemory`: an `execution_error` that is the GPU running out of memory
+  (`domain/comfy_errors.py` tells the two apart). A resource fault, not the graph's: the job goes to
+  a server it has not run out of memory on if there is one (waiting for its slot), else back to the
+  same server after `oom_retry_delay_s`; `max_attempts` attempts in all, then it fails naming the
+  servers and the OOM (not permanent: a later run may find the memory free).
 - `ComfyUITransientError`: refused or reset connections, 5xx, a dropped socket with an unreachable
   server. The server is marked down for this call and the job is retried on another server, up to
   `max_attempts` attempts in all. A `POST /prompt` whose connection breaks before the answer is
@@ -65,6 +71,7 @@ import websocket
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from persona_pipeline.domain.comfy_errors import is_out_of_memory
 from persona_pipeline.fileio import atomic_write
 
 PROGRESS_LOG_INTERVAL_S = 2.0
@@ -119,6 +126,20 @@ class ComfyUITransientError(ComfyUIError):
     """The server failed, not the graph: worth another server."""
 
     kind = "transient"
+
+
+class ComfyUIOutOfMemory(ComfyUIError):
+    """The server ran out of (GPU) memory running the job: the graph may well run elsewhere or later."""
+
+    kind = "resource"
+
+    def __init__(self, message: str, node_errors: list[NodeError] | tuple = (), *, server: str | None = None,
+                 details: dict | None = None) -> None:
+        self.node_errors = list(node_errors)
+        self.error_type = "out_of_memory"
+        self.details = details or {}
+        lines = [message] + [f"  {error}" for error in self.node_errors]
+        super().__init__("\n".join(lines), server=server)
 
 
 class ComfyUITimeout(ComfyUIError):
@@ -250,13 +271,17 @@ def _node_errors_from_400(body: dict) -> tuple[str, str, list[NodeError]]:
     return kind, message, node_errors
 
 
-def _execution_error(data: dict, server: str, key: str) -> ComfyUIWorkflowError:
-    node = NodeError(str(data.get("node_id", "?")), str(data.get("node_type", "?")),
-                     str(data.get("exception_message", "")).strip() or "(no message)")
+def _execution_error(data: dict, server: str, key: str) -> ComfyUIWorkflowError | ComfyUIOutOfMemory:
+    """An `execution_error` (WebSocket message or /history entry): out of memory, or the graph's fault."""
+    message = str(data.get("exception_message", "")).strip()
+    node = NodeError(str(data.get("node_id", "?")), str(data.get("node_type", "?")), message or "(no message)")
     kind = str(data.get("exception_type", "")) or "execution_error"
+    details = {"traceback": data.get("traceback"), "exception_type": kind}
+    if is_out_of_memory(kind, message):
+        return ComfyUIOutOfMemory(f"ComfyUI at {server} ran out of GPU memory on job {key} ({kind})", [node],
+                                  server=server, details=details)
     return ComfyUIWorkflowError(f"ComfyUI at {server} failed job {key} while executing ({kind})", [node],
-                                server=server, error_type="execution_error",
-                                details={"traceback": data.get("traceback"), "exception_type": kind})
+                                server=server, error_type="execution_error", details=details)
 
 
 def _message(payload: Any) -> tuple[str | None, dict]:
@@ -470,8 +495,9 @@ class ComfyUIPool(dg.ConfigurableResource):
     urls: str = ""
     max_in_flight_per_server: int = 2
     job_timeout_s: float = 600.0
-    max_attempts: int = 3
+    max_attempts: int = 3             # per job, transient failures and out-of-memory errors together
     request_timeout_s: float = 10.0
+    oom_retry_delay_s: float = 5.0    # before a job goes back to a server it ran out of memory on
 
     def server_urls(self) -> list[str]:
         seen: list[str] = []
@@ -556,6 +582,8 @@ class _JobState:
     eligible: list[_Server] = field(default_factory=list)
     attempts: list[dict] = field(default_factory=list)
     graph: dict | None = None
+    out_of_memory_on: set[str] = field(default_factory=set)   # servers this job ran out of memory on
+    not_before: float = 0.0        # monotonic time before which it does not go back to one of those
 
 
 class _Run:
@@ -741,11 +769,24 @@ class _Run:
     # --- scheduling ---
 
     def _pick(self, state: _JobState) -> _Server | None:
+        """The least busy free server; after an out-of-memory error, one the job has not run out of
+        memory on (waiting for its slot if it is busy), else the same one once `not_before` passed."""
         limit = max(1, self.pool.max_in_flight_per_server)
         free = [s for s in state.eligible if s.up and s.in_flight < limit]
+        if state.out_of_memory_on:
+            if any(s.up and s.url not in state.out_of_memory_on for s in state.eligible):
+                free = [s for s in free if s.url not in state.out_of_memory_on]
+            elif time.monotonic() < state.not_before:
+                return None
         if not free:
             return None
         return min(free, key=lambda s: (s.queue_length + s.in_flight, s.in_flight, s.index))
+
+    def _retry_wait(self) -> float | None:
+        """Seconds until the first pending job that ran out of memory may go back to its server."""
+        now = time.monotonic()
+        waits = [state.not_before - now for state in self.pending if state.not_before > now]
+        return max(0.0, min(waits)) if waits else None
 
     def _dispatch(self, pending: deque[_JobState], executor: ThreadPoolExecutor) -> None:
         self.pending = pending
@@ -765,9 +806,9 @@ class _Run:
                         self._fail_unavailable(state)
                     elif self.running and not any(s.up and s.in_flight < limit for s in self.servers):
                         break   # every slot is busy: the next job to leave one wakes us (O(1), not O(pending))
-                wait = self._revive_down_servers()
+                waits = [w for w in (self._revive_down_servers(), self._retry_wait()) if w is not None]
                 if self.pending or self.running:
-                    self.cond.wait(wait)
+                    self.cond.wait(min(waits) if waits else None)
 
     def _revive_down_servers(self) -> float | None:
         """Probe servers that went down mid-call when a pending job has nowhere else to go; returns
@@ -841,6 +882,10 @@ class _Run:
             state.attempts.append({"server": server.url, "error": str(exc), "kind": exc.kind})
             self.log(f"{state.job.key}: refused by {server.url}: {exc}")
             outcome = ComfyFailure(state.job.key, exc, True, state.attempts, state.graph)
+        except ComfyUIOutOfMemory as exc:
+            # The server is fine (ComfyUI unloaded its models after the OOM): not marked down.
+            state.attempts.append({"server": server.url, "error": str(exc), "kind": exc.kind})
+            outcome = self._after_out_of_memory(state, server, exc)
         except ComfyUITransientError as exc:
             state.attempts.append({"server": server.url, "error": str(exc), "kind": exc.kind})
             with self.cond:
@@ -870,6 +915,25 @@ class _Run:
                 self.cond.notify_all()
         if outcome is not None:
             self._finish(state, outcome)
+
+    def _after_out_of_memory(self, state: _JobState, server: _Server, exc: ComfyUIOutOfMemory) -> ComfyFailure | None:
+        """A failure once the job has used its attempts; else None, and it is retried (see `_pick`)."""
+        state.out_of_memory_on.add(server.url)
+        state.not_before = time.monotonic() + self.pool.oom_retry_delay_s
+        if len(state.attempts) >= max(1, self.pool.max_attempts):
+            ooms = [a["server"] for a in state.attempts if a["kind"] == exc.kind]
+            error = ComfyUIOutOfMemory(
+                f"job {state.job.key}: ComfyUI ran out of GPU memory ({exc.details.get('exception_type')}) "
+                f"{len(ooms)} time(s) in {len(state.attempts)} attempt(s), on {', '.join(dict.fromkeys(ooms))}; "
+                f"no attempts left (last on {server.url})", exc.node_errors, server=server.url, details=exc.details)
+            self.log(f"{state.job.key}: ran out of GPU memory on {server.url}; no attempts left")
+            return ComfyFailure(state.job.key, error, False, state.attempts, state.graph)
+        others = [s.url for s in state.eligible if s.up and s.url not in state.out_of_memory_on]
+        where = (f"on another server ({', '.join(others)})" if others else
+                 f"on {server.url} again in {self.pool.oom_retry_delay_s:g} s")
+        self.log(f"{state.job.key}: ran out of GPU memory on {server.url} ({exc.details.get('exception_type')}); "
+                 f"retrying {where}")
+        return None
 
     def _finish(self, state: _JobState, outcome: ComfyResult | ComfyFailure, locked: bool = False) -> None:
         self.results[state.index] = outcome
