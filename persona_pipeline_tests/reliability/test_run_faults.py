@@ -8,6 +8,8 @@ database on PostgreSQL and the files under PERSONA_HOME, each fault measured.
    server killed mid-batch, then back for a rerun.
 3. Graph API faults during two ticks of `publish_job`: 5xx, throttling, a lost publish answer, an
    expired container and a token rejected mid-batch.
+4. kill -9 of a `publish_job` run mid-batch: Dagster still calls it STARTED; the next run leaves its
+   posts alone while their lease runs, takes them over after it, and each goes out once.
 
 The unit tests (test_training.py, test_comfyui.py, test_publishing.py) prove each mechanism; these
 prove the assembled run keeps its promises, and record the figures."""
@@ -470,3 +472,98 @@ def test_graph_api_faults_during_a_posting_batch(world, figure):
            scheduled_after_tick1=first_counts["scheduled"], failed_after_tick1=first_counts["failed"],
            retried_by_sweep=retried, reconciled=reconciled, graph_calls=len(fake.requests), create_calls=creates,
            publish_calls=publishes, double_publishes=len(fake.double_publishes()), seconds=round(elapsed, 2))
+
+
+# --- 4. kill -9 of a publish run mid-batch, its Dagster run still STARTED -----------------------------------
+
+# The child runs the real publish_job on a Dagster instance kept in a folder the parent opens too, so
+# the parent sees the killed run as Dagster does: STARTED for ever (nothing marks a SIGKILLed run).
+PUBLISH_CHILD = textwrap.dedent("""
+    import json, sys
+    import dagster as dg
+    from persona_pipeline.automation.publishing import publish_job
+    from persona_pipeline.resources.database import AppDatabase
+    from persona_pipeline.resources.instagram import InstagramGraphClient
+    from persona_pipeline.resources.publisher import InstagramPublisher
+    from persona_pipeline.resources.storage import PersonaStorage
+    args = json.loads(sys.argv[1])
+    graph = InstagramGraphClient(base_url=args["graph"], timeout_s=5, max_retries=1, backoff_s=0.01,
+                                 poll_interval_s=0.01, poll_timeout_s=5)
+    resources = {"database": AppDatabase(url=args["db"]), "storage": PersonaStorage(home=args["home"]),
+                 "publisher": InstagramPublisher(graph=graph, media_public_base_url=args["media"],
+                                                 media_public_dir=args["public"], prepare_ahead=0)}
+    instance = dg.DagsterInstance.local_temp(tempdir=args["dagster"])
+    publish_job.execute_in_process(resources=resources, instance=instance)
+    print("the batch ended before the kill", flush=True)
+""")
+
+
+def test_kill_minus_9_of_a_publish_run_mid_batch_then_the_lease(world, figure):
+    from datetime import timedelta
+
+    from persona_pipeline.automation.publishing import LEASE, publish_job
+    from persona_pipeline.resources.database import AppDatabase
+    from persona_pipeline.resources.storage import PersonaStorage
+    from persona_pipeline_tests.test_publishing import USER_A, assert_published_once, persona, posts
+
+    ids = posts(world, persona(world), "anna", USER_A, 6)
+    world.fake.latency_s = 0.15  # a slow API: the kill lands mid-batch whatever the machine's speed
+    dagster_home = world.tmp / "dagster"
+    dagster_home.mkdir()
+    args = {"graph": world.fake.url, "media": world.media.url, "public": str(world.public), "db": world.url,
+            "home": str(world.tmp / "home"), "dagster": str(dagster_home)}
+    out = world.tmp / "child.out"
+    with out.open("w") as stdout:
+        child = subprocess.Popen([sys.executable, "-c", PUBLISH_CHILD, json.dumps(args)], cwd=REPO, stdout=stdout,
+                                 stderr=subprocess.STDOUT, text=True, env={**os.environ, **ONE_THREAD})
+    try:
+        def mid_batch():
+            assert child.poll() is None, out.read_text()[-3000:]
+            statuses = [world.post(i).status for i in ids]
+            return "published" in statuses and statuses.count("publishing") >= 2
+
+        poll(mid_batch, "the publish child to be mid-batch")
+        os.kill(child.pid, signal.SIGKILL)
+        killed_at = time.perf_counter()
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(30)
+    assert child.returncode == -signal.SIGKILL
+    world.fake.latency_s = 0.0
+    instance = dg.DagsterInstance.local_temp(tempdir=str(dagster_home))
+    (killed,) = instance.get_runs()
+    assert killed.status == dg.DagsterRunStatus.STARTED  # what Dagster says of a run killed with kill -9
+    stuck = [i for i in ids if world.post(i).status == "publishing"]
+    assert stuck and {world.post(i).claimed_by for i in stuck} == {killed.run_id}
+    published_before = len(ids) - len(stuck)
+
+    resources = {"database": AppDatabase(url=world.url), "publisher": world.publisher(),
+                 "storage": PersonaStorage(home=str(world.tmp / "home"))}
+    within = publish_job.execute_in_process(resources=resources, instance=instance).output_for_node("publish_due_posts")
+    assert within["reclaimed"] == 0  # the lease still runs: the posts are left to their run
+    assert [i for i in ids if world.post(i).status == "publishing"] == stuck
+    # the lease runs out (the op reads the wall clock: the stamps move back by 11 minutes)
+    with session_scope(world.url) as session:
+        for post in session.scalars(select(models.Post).where(models.Post.id.in_(stuck))):
+            post.claimed_at -= LEASE + timedelta(minutes=1)
+    after = publish_job.execute_in_process(resources=resources, instance=instance).output_for_node("publish_due_posts")
+    recovered_s = time.perf_counter() - killed_at
+    assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.STARTED  # still, and no matter
+    assert after["reclaimed"] == len(stuck)
+    assert after["published"] + after["already_published"] == len(stuck)
+    assert_published_once(world, stuck)
+    # those the killed run published are recorded (the permalinks, read at the end of an account's
+    # batch, were not: a crash leaves them empty)
+    media = {m for _user, _container, m, _caption in world.fake.published}
+    assert all(world.post(i).status == "published" and world.post(i).external_id in media for i in ids)
+    assert world.fake.double_publishes() == [] and len(world.fake.published) == len(ids)
+    figure("fault", "kill -9 of a publish_job run mid-batch (its Dagster run stays STARTED), then the lease",
+           f"{len(stuck)} post(s) left publishing by the killed run; the next run left them alone within the "
+           f"lease and took all {after['reclaimed']} over after it; all {len(ids)} published exactly once "
+           f"({after['already_published']} reconciled, {len(world.fake.double_publishes())} double publishes)",
+           posts=len(ids), published_before_kill=published_before, left_publishing=len(stuck),
+           reclaimed_within_lease=within["reclaimed"], reclaimed_after_lease=after["reclaimed"],
+           already_published=after["already_published"], double_publishes=len(world.fake.double_publishes()),
+           kill_to_recovered_s=round(recovered_s, 2))
