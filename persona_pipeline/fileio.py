@@ -141,6 +141,22 @@ def link_refusal(root: Path, path: Path) -> str | None:
     return None
 
 
+def entry_refusal(root: Path, path: Path) -> str | None:
+    """`link_refusal`, or why the entry itself is not read: a FIFO, socket or device (reading one
+    would hang or misbehave). A missing path, a regular file or a real folder: None."""
+    reason = link_refusal(root, path)
+    if reason:
+        return reason
+    full = Path(path) if Path(path).is_absolute() else Path(root) / path
+    try:
+        mode = full.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return f"{full.name} is {_kind(mode)}, not a regular file; it is not read"
+
+
 @dataclass
 class FolderScan:
     """The entries of a user's folder: regular files to read, and those refused, with why."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -378,3 +379,83 @@ def test_cli_lists_and_sets(tmp_path, db_url, monkeypatch, capsys):
     assert "weight 0.70" in out and "primary" not in out.splitlines()[-1]
     assert cli.main(["lora", "set", "mira", str(lora_id), "--weight", "3"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+# --- symbolic links in the drop folder -------------------------------------------------------------
+
+def _link(settings, relpath: str, target: Path, *, folder: bool = False) -> Path:
+    link = settings.home / "loras" / "incoming" / relpath
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target, target_is_directory=folder)
+    past = time.time() - SETTLE_SECONDS - 5
+    os.utime(link, (past, past), follow_symlinks=False)
+    return link
+
+
+def test_a_linked_lora_is_refused_by_name_and_its_target_never_read(library, tiny_loras, tmp_path, db_url):
+    """mira/linked.safetensors -> a real LoRA outside the drop folder was hashed by the sensor and
+    copied into the library by the import. Now the sensor fingerprints the link's text, and the
+    import refuses it by name, moves the link (not its target) to rejected/, and imports nothing."""
+    settings, resources = library
+    outside = tmp_path / "elsewhere" / "real.safetensors"
+    outside.parent.mkdir()
+    shutil.copy(tiny_loras["kohya"], outside)
+    past = time.time() - SETTLE_SECONDS - 5
+    os.utime(outside, (past, past))  # settled too: only the link decides
+    link = _link(settings, "mira/linked.safetensors", outside)
+
+    (request,) = _tick(resources).run_requests
+    path, sha = request.run_key.rsplit(":", 1)
+    assert path == "mira/linked.safetensors" and sha != sha256_file(outside)  # the target was not hashed
+
+    config = request.run_config["ops"]["import_lora"]["config"]
+    result = lora_import_job.execute_in_process(run_config={"ops": {"import_lora": {"config": config}}},
+                                                resources=resources, raise_on_error=False)
+    assert not result.success
+    assert _failure(result).startswith("mira/linked.safetensors is a symbolic link")
+    assert _library_count(db_url) == 0 and not (settings.home / "loras" / "library").exists()
+    rejected = settings.home / "loras" / "incoming" / "rejected" / "mira" / "linked.safetensors"
+    assert rejected.is_symlink() and not link.is_symlink()  # the link itself was moved
+    assert outside.read_bytes() == tiny_loras["kohya"].read_bytes()  # the target is where it was, untouched
+    assert "symbolic link" in rejected.with_name("linked.safetensors.reason.txt").read_text()
+
+
+def test_a_linked_persona_folder_and_linked_metadata_are_refused(library, tiny_loras, tmp_path, db_url):
+    settings, resources = library
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(tiny_loras["kohya"], elsewhere / "inside.safetensors")
+    (elsewhere / "secret.json").write_text(json.dumps({"name": "SECRET-NAME"}))
+    past = time.time() - SETTLE_SECONDS - 5
+    os.utime(elsewhere / "inside.safetensors", (past, past))  # settled too: only the link decides
+    _link(settings, "other", elsewhere, folder=True)
+
+    # The linked folder is one entry: nothing in it is listed, and its import moves only the link.
+    (request,) = _tick(resources).run_requests
+    assert request.run_key.startswith("other:")
+    config = request.run_config["ops"]["import_lora"]["config"]
+    result = lora_import_job.execute_in_process(run_config={"ops": {"import_lora": {"config": config}}},
+                                                resources=resources, raise_on_error=False)
+    assert _failure(result).startswith("other is a symbolic link")
+    assert (settings.home / "loras" / "incoming" / "rejected" / "other").is_symlink()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["inside.safetensors", "secret.json"]
+
+    # A LoRA whose metadata sidecar is a link: refused naming the sidecar; its JSON is not read.
+    dropped = _drop(settings, tiny_loras["peft"], "mira/p.safetensors")
+    _link(settings, "mira/p.metadata.json", elsewhere / "secret.json")
+    result = _import(resources, "mira/p.safetensors", dropped)
+    assert _failure(result).startswith("mira/p.metadata.json is a symbolic link")
+    assert _library_count(db_url) == 0
+
+
+def test_a_path_through_dot_dot_is_refused_and_nothing_moved(library, tiny_loras, db_url):
+    """A launched config naming `../x.safetensors` (outside the drop folder) is refused; the file
+    there is neither read nor moved into rejected/."""
+    settings, resources = library
+    outside = settings.home / "loras" / "x.safetensors"
+    (settings.home / "loras" / "incoming").mkdir(parents=True)
+    shutil.copy(tiny_loras["kohya"], outside)
+    result = _import(resources, "../x.safetensors", outside)
+    assert not result.success and "'..'" in _failure(result) and "nothing was read or moved" in _failure(result)
+    assert outside.read_bytes() == tiny_loras["kohya"].read_bytes()
+    assert not (settings.home / "loras" / "incoming" / "rejected").exists()

@@ -13,9 +13,15 @@ Layout (one folder per persona; `imported` and `rejected` are the import's own f
 metadata.json keys the import reads (all optional): name, trigger_word, weight (0..2), primary
 (bool); the whole object is kept as the LoRA's `training` record. Nothing is ever deleted: a
 refused file is moved to rejected/ with the reason next to it, an imported one to imported/.
+
+Symbolic links are never followed (fileio.link_refusal): a dropped link (a LoRA, its metadata, or a
+persona folder) is refused by name and the link itself moved to rejected/; its target is neither
+hashed, read nor copied. A path with `..` or through a linked folder is refused and nothing moved.
 """
 
+import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +31,7 @@ import dagster as dg
 from sqlalchemy import select
 
 from persona_pipeline.db import models, registry
-from persona_pipeline.fileio import atomic_copy, sha256_file
+from persona_pipeline.fileio import atomic_copy, entry_refusal, link_refusal, read_regular, scan_folder, sha256_file
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline.resources.storage import PersonaStorage
@@ -38,32 +44,48 @@ SETTLE_SECONDS = 10.0
 IN_PROGRESS_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".download")
 
 
-def _is_candidate(path: Path) -> bool:
-    """A dropped file the import should look at: not metadata, not hidden, not half-written."""
-    name = path.name.lower()
-    return (path.is_file() and not name.startswith(".") and not name.endswith((".json", ".reason.txt"))
-            and not name.endswith(IN_PROGRESS_SUFFIXES))
+def _candidate_name(name: str) -> bool:
+    """A dropped entry the import should look at: not metadata, not hidden, not half-written."""
+    name = name.lower()
+    return not name.startswith(".") and not name.endswith((".json", ".reason.txt")) and not name.endswith(IN_PROGRESS_SUFFIXES)
 
 
 def dropped_files(incoming: Path) -> list[Path]:
-    """Files waiting in the drop folder: `<slug>/<file>`, and top-level files (refused by the job
-    with a pointer to the layout, so a misplaced file does not sit there unnoticed)."""
+    """Entries waiting in the drop folder: `<slug>/<file>`, and top-level files (refused by the job
+    with a pointer to the layout, so a misplaced file does not sit there unnoticed). Links and
+    special files are listed too (fileio.scan_folder, never followed): the job refuses them by name.
+    A linked `<slug>` folder is one entry; nothing in it is listed."""
     if not incoming.is_dir():
         return []
-    found = [p for p in incoming.iterdir() if _is_candidate(p)]
-    for folder in incoming.iterdir():
-        if folder.is_dir() and folder.name not in (IMPORTED, REJECTED) and not folder.name.startswith("."):
-            found.extend(p for p in folder.iterdir() if _is_candidate(p))
+    top = scan_folder(incoming, incoming)
+    found = [p for p in top.files if _candidate_name(p.name)]
+    found += [p for p, _ in top.refused if _candidate_name(p.name) and p.name not in (IMPORTED, REJECTED)]
+    for folder in top.folders:
+        if folder.name not in (IMPORTED, REJECTED) and not folder.name.startswith("."):
+            scan = scan_folder(folder, incoming)
+            found += [p for p in scan.files if _candidate_name(p.name)]
+            found += [p for p, _ in scan.refused if _candidate_name(p.name)]
     return sorted(found)
 
 
+def _fingerprint(path: Path) -> str:
+    """sha256 of a dropped regular file; of a link's text (or a special file's kind) otherwise: the
+    sensor never opens a link's target, or a FIFO that would block it."""
+    if path.is_symlink():
+        return hashlib.sha256(b"symlink\0" + os.fsencode(os.readlink(path))).hexdigest()
+    if not path.is_file():
+        return hashlib.sha256(b"special\0" + str(path.lstat().st_mode).encode()).hexdigest()
+    return sha256_file(path, follow_links=False)
+
+
 def metadata_file_for(lora: Path) -> Path | None:
-    """`<name>.metadata.json` next to the LoRA, else `metadata.json` when it is the folder's only LoRA."""
+    """`<name>.metadata.json` next to the LoRA, else `metadata.json` when it is the folder's only
+    LoRA. A link under either name is returned too (the import refuses it, naming it)."""
     sidecar = lora.with_name(lora.stem + ".metadata.json")
-    if sidecar.is_file():
+    if sidecar.is_file() or sidecar.is_symlink():
         return sidecar
     shared = lora.parent / "metadata.json"
-    if shared.is_file() and [p for p in lora.parent.glob("*.safetensors") if p.is_file()] == [lora]:
+    if (shared.is_file() or shared.is_symlink()) and [p for p in lora.parent.glob("*.safetensors") if p.is_file()] == [lora]:
         return shared
     return None
 
@@ -80,6 +102,12 @@ def import_lora(context: dg.OpExecutionContext, config: LoraImportConfig, databa
     incoming = storage.lora_incoming_dir()
     source = incoming / config.path
     slug = source.parent.name if source.parent != incoming else None
+    above = link_refusal(incoming, Path(config.path).parent)
+    if above:  # `..` or a linked folder: what is there is not ours to read or move
+        raise dg.Failure(f"{config.path}: {above}; nothing was read or moved")
+    refusal = entry_refusal(incoming, Path(config.path))
+    if refusal:  # the dropped entry is a link (or a FIFO...): move it, never its target
+        _reject(context, config, refusal, source, None, incoming, slug)
     if not source.is_file():
         with database.session() as session:
             known = session.scalar(select(models.LoraModel).where(models.LoraModel.sha256 == config.sha256))
@@ -87,13 +115,16 @@ def import_lora(context: dg.OpExecutionContext, config: LoraImportConfig, databa
             context.log.info(f"{config.path}: already imported as LoRA {known.id}")
             return {"lora_id": known.id, "status": "already_imported"}
         raise dg.Failure(f"{config.path}: no longer in {incoming} (moved or removed before the import ran)")
-    sha256 = sha256_file(source)
+    sha256 = sha256_file(source, follow_links=False)
     if sha256 != config.sha256:
         raise dg.Failure(f"{config.path}: changed since the sensor saw it (sha256 {config.sha256[:16]} → "
                          f"{sha256[:16]}); the sensor requests a new import once it settles")
     metadata_path = metadata_file_for(source)
 
     try:
+        metadata_refusal = metadata_path and entry_refusal(incoming, metadata_path)
+        if metadata_refusal:
+            raise LoraFileError(metadata_refusal)
         if slug is None:
             raise LoraFileError(f"{source.name}: not in a persona folder; put it at "
                                 f"loras/incoming/<persona-slug>/{source.name}")
@@ -119,13 +150,7 @@ def import_lora(context: dg.OpExecutionContext, config: LoraImportConfig, databa
             context.log.warning(f"base model {diffusion.base_model} is not a local folder: the LoRA's family is not checked")
         info = inspect_lora_file(source, expected, base_model=diffusion.base_model)
     except LoraFileError as exc:
-        reason = str(exc)
-        where = _move_all(source, metadata_path, incoming / REJECTED / (slug or ""))
-        reason_file = where[0].with_name(where[0].name + ".reason.txt")
-        reason_file.write_text(reason + "\n", encoding="utf-8")
-        context.log.error(f"refused {config.path}: {reason}; moved to {where[0]}")
-        raise dg.Failure(description=reason, metadata={"file": config.path, "moved_to": str(where[0]),
-                                                       "reason_file": str(reason_file)}) from None
+        _reject(context, config, str(exc), source, metadata_path, incoming, slug)
 
     # Copy into the library first and register second, so the row never points at a missing file;
     # the dropped file is moved out last, so a crash in between leaves it to be imported again.
@@ -138,9 +163,9 @@ def import_lora(context: dg.OpExecutionContext, config: LoraImportConfig, databa
         else:
             target = storage.lora_library_dir(slug) / f"{sha256[:16]}.safetensors"
             if known is None:
-                atomic_copy(source, target, sha256)
+                atomic_copy(source, target, sha256, follow_links=False)
                 if metadata_path:
-                    atomic_copy(metadata_path, target.with_name(f"{sha256[:16]}.metadata.json"))
+                    atomic_copy(metadata_path, target.with_name(f"{sha256[:16]}.metadata.json"), follow_links=False)
             training = dict(metadata)
             training.setdefault("imported_from", config.path)
             # A file another persona already has keeps its row (and version); this persona gets a mapping.
@@ -152,7 +177,7 @@ def import_lora(context: dg.OpExecutionContext, config: LoraImportConfig, databa
             status = "imported" if known is None else "mapped"
         result = {"lora_id": lora.id, "version": lora.version, "status": status, "family": info.family,
                   "key_format": info.key_format, "rank": info.rank, "path": lora.path}
-    where = _move_all(source, metadata_path, incoming / IMPORTED / slug)
+    where = _move_all(source, metadata_path, incoming / IMPORTED / slug, incoming)
     context.log.info(f"{config.path}: {status.replace('_', ' ')} as LoRA {result['lora_id']} version "
                      f"{result['version']} ({info.family}, {info.key_format}, rank {info.rank}); moved to {where[0]}")
     context.add_output_metadata({**result, "path": dg.MetadataValue.path(result["path"])})
@@ -178,14 +203,14 @@ def lora_incoming_sensor(context: dg.SensorEvaluationContext, storage: PersonaSt
     now = time.time()
     for path in dropped_files(incoming):
         relpath = path.relative_to(incoming).as_posix()
-        stat = path.stat()
+        stat = path.lstat()  # a link's own times: its target is not looked at
         previous = seen.get(relpath)
         if previous and previous[:2] == [stat.st_size, stat.st_mtime_ns]:
             cursor[relpath] = previous  # requested already; its run moves it out of the folder
             continue
         if now - stat.st_mtime < SETTLE_SECONDS:
             continue  # still being written, perhaps: look again next tick
-        sha256 = sha256_file(path)
+        sha256 = _fingerprint(path)
         cursor[relpath] = [stat.st_size, stat.st_mtime_ns, sha256]
         slug = path.parent.name if path.parent != incoming else ""
         run_requests.append(dg.RunRequest(
@@ -196,11 +221,22 @@ def lora_incoming_sensor(context: dg.SensorEvaluationContext, storage: PersonaSt
                            skip_reason=None if run_requests else "no new LoRA file in loras/incoming/")
 
 
+def _reject(context, config: LoraImportConfig, reason: str, source: Path, metadata_path: Path | None,
+            incoming: Path, slug: str | None):
+    """Move the dropped entry (and its metadata) to rejected/ with the reason next to it; raise."""
+    where = _move_all(source, metadata_path, incoming / REJECTED / (slug or ""), incoming)
+    reason_file = where[0].with_name(where[0].name + ".reason.txt")
+    reason_file.write_text(reason + "\n", encoding="utf-8")
+    context.log.error(f"refused {config.path}: {reason}; moved to {where[0]}")
+    raise dg.Failure(description=reason, metadata={"file": config.path, "moved_to": str(where[0]),
+                                                   "reason_file": str(reason_file)}) from None
+
+
 def _read_metadata(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular(path).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise LoraFileError(f"{path.name}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
@@ -208,9 +244,13 @@ def _read_metadata(path: Path | None) -> dict[str, Any]:
     return data
 
 
-def _move_all(lora: Path, metadata: Path | None, folder: Path) -> list[Path]:
+def _move_all(lora: Path, metadata: Path | None, folder: Path, incoming: Path) -> list[Path]:
     """Move a dropped file (and its metadata, renamed `<stem>.metadata.json` so the pair stays
-    together) into `folder`, never overwriting: a name already taken there gets -2, -3, ..."""
+    together) into `folder`, never overwriting: a name already taken there gets -2, -3, ...
+    A link is moved as the link (a rename); `folder` reached through a link is refused."""
+    above = link_refusal(incoming, folder)
+    if above:
+        raise dg.Failure(f"{lora.name}: cannot be moved to {folder}: {above}")
     folder.mkdir(parents=True, exist_ok=True)
     n = 1
     while True:
