@@ -137,8 +137,37 @@ def current_pair(page) -> dict:
 
 
 def wait_next_ready(page) -> None:
+    """A pair on screen that takes input (it has been shown for a moment) and the next one preloaded."""
     page.wait_for_function("() => { const v = document.getElementById('vote');"
-                           " return v.dataset.nextReady === '1' && v.dataset.offerId; }", timeout=5000)
+                           " return v.dataset.nextReady === '1' && v.dataset.offerId && v.dataset.inputReady !== '0'; }",
+                           timeout=5000)
+
+
+def open_vote_page(chromium, served: Served, slug: str):
+    """A fresh one-step run for `slug` and a logged-in page on its vote page, ready for input."""
+    seed = seed_review(served.url, served.home, slug=slug, candidates=5, steps=1, posts=0)
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    log_in(page, served.base)
+    page.goto(f"{served.base}/steps/{seed.step_ids[0]}/vote")
+    wait_next_ready(page)
+    return seed, context, page
+
+
+def vote_requests(page) -> tuple[list, list]:
+    """(vote POSTs the page sent, those that got an answer), filled as the page works."""
+    sent, answered = [], []
+    page.on("request", lambda r: sent.append(r) if r.url.endswith("/api/votes") else None)
+    page.on("requestfinished", lambda r: answered.append(r) if r.url.endswith("/api/votes") else None)
+    page.on("requestfailed", lambda r: answered.append(r) if r.url.endswith("/api/votes") else None)
+    return sent, answered
+
+
+def settled_after(page, offer_id: str) -> None:
+    """Wait until a pair other than `offer_id` (or the done state) is on screen and takes input."""
+    page.wait_for_function("(old) => { const v = document.getElementById('vote'); return v.dataset.done === '1' ||"
+                           " (v.dataset.offerId && v.dataset.offerId !== old && v.dataset.inputReady !== '0'); }",
+                           arg=offer_id, timeout=5000)
 
 
 def test_a_reviewer_works_through_the_form(served: Served, chromium, tmp_path: Path) -> None:
@@ -179,6 +208,9 @@ def test_a_reviewer_works_through_the_form(served: Served, chromium, tmp_path: P
         assert (after["leftSrc"], after["rightSrc"]) != (before["leftSrc"], before["rightSrc"])
         assert after["leftSrc"].startswith("/media/") and after["rightSrc"].startswith("/media/")
         pressed.append((key, before))
+    deadline = time.monotonic() + 5
+    while len(held) < 4 and time.monotonic() < deadline:  # a vote is sent once its pair's "shown" is answered
+        page.wait_for_timeout(20)
     assert count(url, models.Vote) == 0 and len(held) == 4  # every vote was still in flight
     for route in held:
         route.continue_()
@@ -341,3 +373,50 @@ def test_raw_dot_dot_paths_are_404_under_uvicorn(served: Served) -> None:
                  f"/media/{served.outside}", f"/media/%2F{str(served.outside).lstrip('/')}"):
         assert _raw_get(served.base, path, cookie) == 404, path
     assert _raw_get(served.base, f"/media/{image}") == 401  # and never without a session
+
+
+LEFT_WINS = ".actions button[data-action='left']"
+
+
+def test_a_double_click_casts_one_vote_on_the_pair_on_screen(served: Served, chromium) -> None:
+    """Double-clicking "Left wins" used to store two votes 22 ms apart, the second on the preloaded
+    pair, on screen for about 20 ms. The page now ignores input until a new pair has been on screen
+    for a moment: one vote, on the pair that was shown; a click after that moment counts again."""
+    seed, context, page = open_vote_page(chromium, served, "dee")
+    sent, answered = vote_requests(page)
+    shown = current_pair(page)
+    page.dblclick(LEFT_WINS)
+    settled_after(page, shown["offer"])
+    page.wait_for_function("() => document.getElementById('vote').dataset.votes !== '0'", timeout=5000)
+    while len(answered) < len(sent):  # every vote POST the page made has its answer
+        page.wait_for_timeout(20)
+    assert len(sent) == 1, [r.post_data for r in sent]
+    with session_scope(served.url) as session:
+        votes = session.scalars(select(models.Vote).where(models.Vote.step_id == seed.step_ids[0])).all()
+        assert [(v.offer_id, v.winner_id, v.loser_id) for v in votes] == [
+            (int(shown["offer"]), int(shown["left"]), int(shown["right"]))]
+    after = current_pair(page)
+    page.click(LEFT_WINS)  # the next pair has been on screen for a moment: this click is a vote
+    wait_for(lambda: count(served.url, models.Vote, models.Vote.offer_id == int(after["offer"]),
+                           models.Vote.winner_id == int(after["left"])), "the vote on the second pair")
+    context.close()
+
+
+def test_an_expired_session_names_the_pair_whose_vote_was_lost(served: Served, chromium) -> None:
+    """A vote the server refuses is not passed over: the page names the pair it was cast on (and,
+    with the session gone, takes no more votes, which could only be lost too)."""
+    seed, context, page = open_vote_page(chromium, served, "eve")
+    sent, answered = vote_requests(page)
+    shown = current_pair(page)
+    context.clear_cookies()  # the session ends while the pair is on screen
+    page.click(LEFT_WINS)
+    page.wait_for_function("() => document.getElementById('status').classList.contains('is-error')", timeout=5000)
+    status = page.locator("#status").inner_text()
+    assert f"#{shown['left']} / #{shown['right']}" in status and "not recorded" in status and "log in again" in status, status
+    assert f"#{shown['left']} / #{shown['right']}" in page.locator("#lost").inner_text()
+    settled_after(page, shown["offer"])  # the next pair takes input again: a click now would count if it could
+    assert page.locator(LEFT_WINS).is_disabled()
+    page.click(LEFT_WINS, force=True)
+    page.keyboard.press("ArrowRight")
+    assert len(sent) == 1 and count(served.url, models.Vote, models.Vote.step_id == seed.step_ids[0]) == 0
+    context.close()
