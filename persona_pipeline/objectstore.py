@@ -11,10 +11,15 @@ No Dagster import: the storage resource and the review form both use `ArtifactMi
 - `pull` downloads what the cache lacks, each object through a temp file + sha256 check + rename.
 - A failure is one `ObjectStoreError` naming the URL, the key and the cause. Files whose upload
   failed stay in the cache and are written to a pending list that every later push retries.
+- Symbolic links are never followed (fileio.link_refusal, the rule for every folder a user can
+  put files in): a push skips a link, or a file reached through a linked folder, and reports it
+  (uploading it would send the target, a system file say, to the bucket); a pull refuses to write
+  through one (it would write outside the cache).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import uuid
@@ -22,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from persona_pipeline.fileio import atomic_write, sha256_file
+from persona_pipeline.fileio import UnsafePath, atomic_write, entry_refusal, link_refusal, sha256_file
+
+log = logging.getLogger(__name__)
 
 SHA_KEY = "sha256"  # user metadata of each object (x-amz-meta-sha256)
 PENDING_DIR = ".persona-mirror"  # under the cache root: lists of files whose upload failed
@@ -42,6 +49,7 @@ class ObjectStoreError(RuntimeError):
 class PushReport:
     uploaded: list[str] = field(default_factory=list)  # keys, in upload order
     skipped: list[str] = field(default_factory=list)  # already there with the same sha256
+    refused: dict[str, str] = field(default_factory=dict)  # key -> why it is not uploaded (a link...)
 
 
 @dataclass
@@ -121,8 +129,8 @@ class ArtifactMirror:
             dirs[:] = [d for d in dirs if self.mirrored((base / d).relative_to(self.cache_root))]
             for name in files:
                 path = base / name
-                try:
-                    if path.stat().st_ctime_ns >= since_ns and self.mirrored(path.relative_to(self.cache_root)):
+                try:  # lstat: a link's own ctime (push refuses links; a target's times mean nothing here)
+                    if path.lstat().st_ctime_ns >= since_ns and self.mirrored(path.relative_to(self.cache_root)):
                         found.append(path)
                 except FileNotFoundError:  # removed while we walked
                     continue
@@ -135,18 +143,29 @@ class ArtifactMirror:
         bucket lacks or holds with another sha256, markers last. Raises ObjectStoreError."""
         pending_files = sorted((self.cache_root / PENDING_DIR).glob("pending-*.txt"))
         wanted: set[Path] = set()
+        report = PushReport()
         for path in list(paths) + self._read_pending(pending_files):
             path = Path(os.path.abspath(path))
-            if path.is_file() and self.mirrored(self.relative(path)):
+            rel = self.relative(path)
+            if not self.mirrored(rel):
+                continue
+            refusal = entry_refusal(self.cache_root, rel)
+            if refusal:
+                report.refused[f"{self.url}/{rel.as_posix()}"] = refusal
+                log.warning("object storage %s: not uploaded: %s", self.url, refusal)
+            elif path.is_file():
                 wanted.add(path)
         ordered = sorted(wanted, key=lambda p: (_tier(self.relative(p)), self.relative(p).as_posix()))
-        report = PushReport()
         for index, path in enumerate(ordered):
             rel = self.relative(path)
             key = f"{self.url}/{rel.as_posix()}"
             try:
-                sha = sha256_file(path)
+                sha = sha256_file(path, follow_links=False)  # swapped for a link since: refused, not followed
             except FileNotFoundError:  # removed since it was listed: nothing to keep
+                continue
+            except UnsafePath as exc:
+                report.refused[key] = str(exc)
+                log.warning("object storage %s: not uploaded: %s", self.url, exc)
                 continue
             try:
                 if self._remote_sha(rel) == sha:
@@ -211,6 +230,10 @@ class ArtifactMirror:
             if not self.mirrored(relative):
                 continue
             target = self.cache_root / relative
+            refusal = link_refusal(self.cache_root, relative)
+            if refusal:
+                raise ObjectStoreError(f"object storage {self.url}: {self.url}/{relative.as_posix()} is not written "
+                                       f"into the cache: {refusal}")
             if target.is_file() and not self._stale(target, info):
                 report.kept += 1
                 continue

@@ -217,6 +217,50 @@ def test_push_uploads_markers_after_data_and_skips_unchanged_files(s3, tmp_path)
         "studio/personas/a/datasets/v1/img/0001.txt": hashlib.sha256(b"caption One").hexdigest()}
 
 
+def test_push_never_uploads_through_a_link(s3, tmp_path):
+    """A link in the cache to a file outside (a system file, say) was uploaded with the target's
+    bytes, and so was a file behind a linked folder. Links are reported, not followed, whether
+    named to push or found by changed_since."""
+    bucket, cache = s3.new_bucket(), tmp_path / "cache"
+    mirror = ArtifactMirror(f"s3://{bucket}/studio", cache, {"client_kwargs": {"endpoint_url": s3.endpoint}})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = b"SECRET-" + b"e1d2" * 16
+    (outside / "passwd").write_bytes(secret)
+    (outside / "inner.png").write_bytes(secret + b"-inner")
+    (real,) = _tree(cache, {"personas/a/media/real.png": b"real image"})
+    leak = cache / "personas" / "a" / "media" / "leak.png"
+    leak.symlink_to(outside / "passwd")
+    (cache / "personas" / "a" / "linked").symlink_to(outside, target_is_directory=True)
+    through = cache / "personas" / "a" / "linked" / "inner.png"
+
+    report = mirror.push([leak, through, real] + mirror.changed_since(0))
+    stored = s3.objects(bucket, "studio/")
+    assert hashlib.sha256(secret).hexdigest() not in stored.values()
+    assert hashlib.sha256(secret + b"-inner").hexdigest() not in stored.values()
+    assert list(stored) == ["studio/personas/a/media/real.png"]
+    assert [key.removeprefix(f"s3://{bucket}/studio/") for key in report.refused] == [
+        "personas/a/media/leak.png", "personas/a/linked/inner.png"]
+    assert "personas/a/media/leak.png is a symbolic link" in report.refused[f"s3://{bucket}/studio/personas/a/media/leak.png"]
+    assert "personas/a/linked is a symbolic link" in report.refused[f"s3://{bucket}/studio/personas/a/linked/inner.png"]
+
+
+def test_pull_never_writes_through_a_linked_folder(s3, tmp_path):
+    """The bucket has personas/b/media/x.png; this cache's personas/b/media is a link to a folder
+    outside the cache: the pull refuses, naming the link, and writes nothing there."""
+    bucket, cache = s3.new_bucket(), tmp_path / "cache"
+    mirror = ArtifactMirror(f"s3://{bucket}/studio", cache, {"client_kwargs": {"endpoint_url": s3.endpoint}})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    s3.client().put_object(Bucket=bucket, Key="studio/personas/b/media/x.png", Body=b"from the bucket")
+    (cache / "personas" / "b").mkdir(parents=True)
+    (cache / "personas" / "b" / "media").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ObjectStoreError, match=r"personas/b/media/x.png is not written into the cache: "
+                                               r"personas/b/media is a symbolic link"):
+        mirror.pull(cache / "personas" / "b")
+    assert list(outside.iterdir()) == []  # nothing written outside
+
+
 def test_s3_down_fails_clearly_keeps_the_files_and_a_later_push_uploads_them(s3, tmp_path, figure):
     bucket, cache = s3.new_bucket(), tmp_path / "cache"
     paths = _tree(cache, {"personas/a/loras/v1/a.safetensors": b"lora" * 1000, "personas/a/loras/v1/metadata.json": b"{}"})
