@@ -157,7 +157,35 @@ def _photo(name: str) -> Callable[[Env], Fed]:
     return feed
 
 
+# Links in photos/: their targets must never be read or copied (the corpus above is bytes).
+PHOTO_LINKS = {"passwd_link.jpg": Path("/etc/passwd")}
+
+
+def _photo_link(name: str) -> Callable[[Env], Fed]:
+    def feed(env: Env) -> Fed:
+        row = env.photos.get(name)
+        if row is None:
+            return Fed("", [f"{name}: no source_photos row"])
+        lost = []
+        if row.status != "quarantined":
+            lost.append(f"{name} is {row.status}, not quarantined")
+        if row.path is not None:
+            lost.append(f"{name}: the row points at a copy ({row.path}); a link's target must not be copied")
+        target_start = PHOTO_LINKS[name].read_bytes()[:64]
+        copies = [str(f) for f in env.photo_home.rglob("*") if f.is_file() and target_start in f.read_bytes()]
+        if copies:
+            lost.append(f"{name}: the link's target was copied to {copies}")
+        if not (env.tmp / "datasets" / "tester" / "photos" / name).is_symlink():
+            lost.append(f"{name}: the user's link was removed")
+        reasons = json.loads((env.photo_home / "quarantine" / "reasons.json").read_text())
+        if reasons.get(name) != row.reason:
+            lost.append(f"{name}: reasons.json says {reasons.get(name)!r}, the row {row.reason!r}")
+        return Fed(f"{row.original_name}: {row.reason}", lost)
+    return feed
+
+
 PHOTO_CASES = [
+    Case("photos", "link to /etc/passwd", _photo_link("passwd_link.jpg"), ("passwd_link.jpg", "symbolic link", "/etc/passwd")),
     Case("photos", "empty file", _photo("zero.jpg"), ("zero.jpg", "empty file")),
     Case("photos", "truncated PNG", _photo("truncated.png"), ("truncated.png", "corrupt image")),
     Case("photos", "half a JPEG", _photo("half_jpeg.jpg"), ("half_jpeg.jpg", "corrupt image")),
@@ -433,7 +461,16 @@ def _good_header(path: Path) -> None:
     _raw_safetensors(path, {"lora_unet_x.lora_down.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)
 
 
+def _outside_link(path: Path) -> None:
+    """`path` as a link to a LoRA-looking file outside the drop folder (incoming/../)."""
+    outside = path.parents[2] / f"outside-{path.name}"
+    _good_header(outside)
+    path.symlink_to(outside)
+
+
 LORA_CASES = [
+    Case("lora import", "link to a file outside the drop folder", _lora("tester/linked.safetensors", _outside_link),
+         ("tester/linked.safetensors", "symbolic link")),
     Case("lora import", "two-byte file", _lora("tester/short.safetensors", lambda p: p.write_bytes(b"\x01\x02")),
          ("short.safetensors", "too short")),
     Case("lora import", "header length past the end", _lora("tester/past.safetensors", lambda p: _raw_safetensors(p, b'{"a": 1}', length=5000)),
@@ -634,6 +671,8 @@ def env(tmp_path_factory) -> Iterator[Env]:
         for name, make in PHOTO_CORPUS.items():
             originals[name] = make()
             (folder / "photos" / name).write_bytes(originals[name])
+        for name, target in PHOTO_LINKS.items():
+            (folder / "photos" / name).symlink_to(target)
         result, resources = materialise_persona([source_photos], settings, folder)
         with session_scope(url) as session:
             rows = {r.original_name: r for r in session.scalars(select(models.SourcePhoto))}
