@@ -402,3 +402,39 @@ def test_diffusers_backend_runs_the_tree_and_a_manifest_reproduces_its_pixels(tm
         again = backend.reproduce(manifest["diffusers"])
         with Image.open(path) as stored:
             assert np.array_equal(np.asarray(again.convert("RGB")), np.asarray(stored.convert("RGB")))
+
+
+@pytest.mark.parametrize("pose, problem", [
+    ("poses/link.png", "poses/link.png is a symbolic link"),
+    ("linked-poses/pose.png", "linked-poses is a symbolic link"),
+    ("../outside.png", "'..'"),
+])
+def test_a_pose_image_through_a_link_or_outside_the_persona_folder_is_refused(tmp_path, pose, problem):
+    """params.pose_image is read from the persona folder: a link (or `..`) would hand a file from
+    anywhere to ComfyUI or diffusers. Refused naming it, before anything is built or sent."""
+    from persona_pipeline.domain.workflows import TemplateError
+    from persona_pipeline.generation.executor import GenerationContext, GenerationExecutor
+    from persona_pipeline.resources.storage import PersonaStorage
+    from persona_pipeline.settings import REPO_WORKFLOWS
+
+    folder = tmp_path / "datasets" / "tester"
+    (folder / "poses").mkdir(parents=True)
+    outside = tmp_path / "datasets" / "outside.png"
+    outside.write_bytes(b"a file outside the persona folder")
+    (folder / "poses" / "link.png").symlink_to(outside)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "pose.png").write_bytes(b"outside too")
+    (folder / "linked-poses").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    ctx = GenerationContext(slug="tester", persona_folder=folder, templates_dir=REPO_WORKFLOWS, checkpoint="tiny.safetensors",
+                            base_model="tiny", loras=[], default_size=64, min_side_local=32, dagster_run_id=None,
+                            log=lambda _: None)
+    executor = GenerationExecutor(ctx, PersonaStorage(home=str(tmp_path / "home")), None, None)
+    job = runs.PlannedJob(job_id=1, run_id=1, step_id=1, step_position=1, step_name="posed", template="txt2img_pose",
+                          backend="comfyui", params={"pose_image": pose, "controlnet": "control_v11p_sd15_openpose.pth",
+                                                     "control_strength": 0.65, "steps": 4, "cfg": 7.0, "sampler": "euler",
+                                                     "scheduler": "normal", "denoise": 1.0},
+                          prompt="photo of t3st woman", negative_prompt="", parent_id=None, parent_image=None,
+                          parent_sha256=None, slot=0, seed=1)
+    with pytest.raises(TemplateError) as refused:
+        executor.build(job)
+    assert f"pose_image {pose!r}" in str(refused.value) and problem in str(refused.value)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from persona_pipeline.domain import workflows as wf
-from persona_pipeline.fileio import atomic_write, sha256_file
+from persona_pipeline.fileio import atomic_write, entry_refusal, sha256_file
 from persona_pipeline.generation.runs import PlannedJob
 
 DEFAULT_CONTROLNET = "control_v11p_sd15_openpose.pth"
@@ -115,6 +115,10 @@ class GenerationExecutor:
         width, height = params.get("width") or size, params.get("height") or size
         pose_image = None
         if params.get("pose_image"):
+            # Read from the persona folder under the user-folder rule: no link, no `..` (fileio).
+            refusal = entry_refusal(self.ctx.persona_folder, Path(params["pose_image"]))
+            if refusal:
+                raise wf.TemplateError(f"pose_image {params['pose_image']!r} is refused: {refusal}")
             pose_path = (self.ctx.persona_folder / params["pose_image"]).resolve()
             if not pose_path.is_file():
                 raise wf.TemplateError(f"pose_image {params['pose_image']!r} not found: {pose_path}")
