@@ -335,7 +335,8 @@ def _state(url: str) -> tuple:
                      for model in (models.Vote, models.ReviewEvent, models.PairOffer)) + tuple(
             (s.status, s.top_k) for s in session.scalars(select(models.RunStep).order_by(models.RunStep.id))) + tuple(
             (p.status, p.caption) for p in session.scalars(select(models.Post).order_by(models.Post.id))) + tuple(
-            c.status for c in session.scalars(select(models.Candidate).order_by(models.Candidate.id)))
+            c.status for c in session.scalars(select(models.Candidate).order_by(models.Candidate.id))) + tuple(
+            (o.outcome, o.shown_at) for o in session.scalars(select(models.PairOffer).order_by(models.PairOffer.id)))
 
 
 def _routes(served: Served) -> list[tuple[str, str, dict]]:
@@ -351,7 +352,8 @@ def _routes(served: Served) -> list[tuple[str, str, dict]]:
         ("POST", f"/posts/{s.post_ids[0]}/approve", {}), ("POST", f"/posts/{s.post_ids[0]}/edit", {"caption": "pwned", "hashtags": ""}),
         ("POST", f"/posts/{s.post_ids[0]}/reject", {"reason": "x"}),
         ("POST", "/api/votes", {"offer_id": 1, "winner_id": s.candidate_ids[0], "loser_id": s.candidate_ids[1]}),
-        ("POST", "/api/offers/1/skip", {}), ("POST", f"/api/candidates/{s.candidate_ids[2]}/kill", {}),
+        ("POST", "/api/offers/1/shown", {}), ("POST", "/api/offers/1/skip", {}),
+        ("POST", f"/api/candidates/{s.candidate_ids[2]}/kill", {}),
     ]
 
 
