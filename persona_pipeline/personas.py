@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from persona_pipeline.fileio import FolderScan, UnsafePath, read_regular, scan_folder
+from persona_pipeline.fileio import FolderScan, UnsafePath, entry_refusal, read_regular, scan_folder
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic"}
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -395,8 +395,11 @@ def load_persona(folder: Path) -> Persona:
     slug = folder.name
     if not SLUG_RE.match(slug):
         raise PersonaFileError(f"{folder}: folder name {slug!r} is not a valid persona slug (lowercase letters, digits, - and _)")
+    refusal = entry_refusal(folder, Path("persona.yaml"))  # the user-folder rule: a link's target is not read
+    if refusal:
+        raise PersonaFileError(f"{path}: {refusal}")
     try:
-        raw_text = path.read_text(encoding="utf-8")
+        raw_text = read_regular(path).decode("utf-8")
     except FileNotFoundError:
         raise PersonaFileError(f"{path}: file not found") from None
     except UnicodeDecodeError as exc:

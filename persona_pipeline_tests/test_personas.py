@@ -104,3 +104,18 @@ def test_photo_set_hash_and_files_skip_links_and_a_linked_photos_folder(tmp_path
     persona = load_persona(linked)
     assert persona.photo_files() == []
     assert [p.name for p, _ in persona.photo_scan().refused] == ["photos"]
+
+
+def test_a_linked_persona_yaml_is_refused_naming_it_and_not_read(tmp_path):
+    """persona.yaml as a link to a file elsewhere: its text would reach the error message (and the
+    alert webhook) when it does not parse. Refused by name, the target unread."""
+    root = tmp_path / "datasets"
+    write_persona(root, "good", photos=0)
+    folder = write_persona(root, "linked", photos=0)
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text("SECRET-LINE: [unclosed\n")
+    (folder / "persona.yaml").unlink()
+    (folder / "persona.yaml").symlink_to(elsewhere)
+    personas, errors = discover_personas(root)
+    assert [p.slug for p in personas] == ["good"]
+    assert "persona.yaml is a symbolic link" in errors["linked"] and "SECRET-LINE" not in errors["linked"]
