@@ -192,7 +192,7 @@ def test_crash_between_publishing_and_recording_never_posts_twice(chain):
     files_before = sorted(p.name for p in outbox.iterdir())
     with session_scope(settings.database_url) as session:  # as if the process died after the outbox write
         post = session.scalar(select(models.Post).order_by(models.Post.id))
-        post.status, post.updated_at = "publishing", later - timedelta(hours=1)
+        post.status, post.claimed_at = "publishing", later - timedelta(hours=1)  # and its lease ran out
     recovered = publish_due(db, publisher, later, _Log())
     assert recovered["already_published"] == 1 and recovered["published"] == 0
     assert sorted(p.name for p in outbox.iterdir()) == files_before
