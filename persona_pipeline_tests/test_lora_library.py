@@ -403,6 +403,7 @@ def test_a_linked_lora_is_refused_by_name_and_its_target_never_read(library, tin
     past = time.time() - SETTLE_SECONDS - 5
     os.utime(outside, (past, past))  # settled too: only the link decides
     link = _link(settings, "mira/linked.safetensors", outside)
+    _drop(settings, tiny_loras["kohya"], "mira/linked.metadata.json", data=b'{"name": "kept with its LoRA"}')
 
     (request,) = _tick(resources).run_requests
     path, sha = request.run_key.rsplit(":", 1)
@@ -418,6 +419,7 @@ def test_a_linked_lora_is_refused_by_name_and_its_target_never_read(library, tin
     assert rejected.is_symlink() and not link.is_symlink()  # the link itself was moved
     assert outside.read_bytes() == tiny_loras["kohya"].read_bytes()  # the target is where it was, untouched
     assert "symbolic link" in rejected.with_name("linked.safetensors.reason.txt").read_text()
+    assert rejected.with_name("linked.metadata.json").read_bytes() == b'{"name": "kept with its LoRA"}'  # moved along
 
 
 def test_a_linked_persona_folder_and_linked_metadata_are_refused(library, tiny_loras, tmp_path, db_url):

@@ -107,7 +107,7 @@ def import_lora(context: dg.OpExecutionContext, config: LoraImportConfig, databa
         raise dg.Failure(f"{config.path}: {above}; nothing was read or moved")
     refusal = entry_refusal(incoming, Path(config.path))
     if refusal:  # the dropped entry is a link (or a FIFO...): move it, never its target
-        _reject(context, config, refusal, source, None, incoming, slug)
+        _reject(context, config, refusal, source, metadata_file_for(source), incoming, slug)
     if not source.is_file():
         with database.session() as session:
             known = session.scalar(select(models.LoraModel).where(models.LoraModel.sha256 == config.sha256))
