@@ -1,0 +1,57 @@
+"""fileio's rule for folders a user fills: no symbolic link is followed, no `..`, no special file."""
+
+import os
+
+import pytest
+
+from persona_pipeline.fileio import UnsafePath, entry_refusal, link_refusal, read_regular, scan_folder, sha256_file
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "real.jpg").write_bytes(b"real")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    (root / "sub" / "link.jpg").symlink_to(outside / "secret")
+    (root / "sub" / "inside-link.jpg").symlink_to(root / "sub" / "real.jpg")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    os.mkfifo(root / "sub" / "pipe.jpg")
+    os.link(root / "sub" / "real.jpg", root / "sub" / "hard.jpg")
+    return root, outside
+
+
+def test_link_refusal_names_the_first_link_and_dot_dot(tree):
+    root, _ = tree
+    assert link_refusal(root, root / "sub" / "real.jpg") is None
+    assert link_refusal(root, "sub/real.jpg") is None
+    assert link_refusal(root, "sub/link.jpg").startswith("sub/link.jpg is a symbolic link (to ")
+    assert link_refusal(root, "sub/inside-link.jpg").startswith("sub/inside-link.jpg is a symbolic link")
+    assert link_refusal(root, "linked/secret").startswith("linked is a symbolic link")
+    assert "'..'" in link_refusal(root, "sub/../../outside/secret")
+    assert "is outside" in link_refusal(root, "/etc/passwd")
+    assert "a FIFO" in entry_refusal(root, "sub/pipe.jpg")
+
+
+def test_scan_folder_lists_regular_files_and_refuses_the_rest(tree):
+    root, _ = tree
+    scan = scan_folder(root / "sub", root)
+    # A hard link is the file itself (same inode): accepted, by decision (see link_refusal).
+    assert [p.name for p in scan.files] == ["hard.jpg", "real.jpg"]
+    assert [p.name for p, _ in scan.refused] == ["inside-link.jpg", "link.jpg", "pipe.jpg"]
+    whole = scan_folder(root / "linked", root)
+    assert whole.files == [] and [p.name for p, _ in whole.refused] == ["linked"]
+    assert [p.name for p in scan_folder(root, root).folders] == ["sub"]
+
+
+def test_read_regular_never_opens_a_link_or_a_fifo(tree):
+    root, _ = tree
+    assert read_regular(root / "sub" / "real.jpg") == b"real"
+    with pytest.raises(UnsafePath, match="link.jpg is a symbolic link"):
+        read_regular(root / "sub" / "link.jpg")
+    with pytest.raises(UnsafePath, match="pipe.jpg is a FIFO"):  # opened non-blocking: no hang
+        read_regular(root / "sub" / "pipe.jpg")
+    with pytest.raises(UnsafePath):
+        sha256_file(root / "sub" / "link.jpg", follow_links=False)
