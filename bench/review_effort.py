@@ -1,39 +1,45 @@
-"""Reviewer effort: votes until the true top 3 is found, active pair selection against random pairs.
+"""Reviewer effort: votes until the fitted top 3 is the true one and stays so, over a grid of review
+steps nobody tuned to; `choose_pair` against two references run in the same process.
 
-    python bench/review_effort.py [--quick] [--seeds S] [--candidates N] [--top-k K] [--spread SD]
-                                  [--gap G] [--lapse L] [--exploration E]
+    python bench/review_effort.py [--quick] [--seeds S] [--sigmas 1,2,3,5] [--sizes 20,30,60]
+                                  [--flips 0,0.1,0.2] [--top-k K] [--exploration E] [--jobs J]
 
-Simulation (the same for both methods):
-- N = 30 candidates per seed, top K = 3. Hidden Bradley–Terry strengths r_c ~ Normal(1000, SD = 300
-  Elo), drawn per seed from numpy's Generator(seed); the draw is repeated until the true K-th and
-  (K+1)-th best are at least GAP = 400 Elo apart (see "Why a gap" below).
-- Noisy voters: asked about (i, j), a voter picks i with probability
-      (1 − lapse)·σ(ln10·(r_i − r_j)/400) + lapse/2,
-  i.e. a Bradley–Terry voter (a 200 Elo better image still loses 24% of the time) who, with the
-  lapse rate (5%), clicks at random instead (misclicks, inattention) — votes the fit cannot explain.
-- A pair can be voted once (as in the form: the votes table has one row per pair). Each pair's
-  answer is drawn once per seed up front, so both methods get the same answer when they ask the
-  same pair (common random numbers), and the same strengths.
-- Methods: "random" = `pairing.random_unvoted_pair` (the older tool); "active" =
-  `pairing.choose_pair(top_k=K)` with its default exploration. Each gets random.Random(seed).
-- After every vote, every seed's votes are fitted with the Bradley–Terry fit of `rank`/`fit` (same
-  objective and prior, solved for all seeds at once by `bradley_terry.newton_batch`; a sample of
-  the checks is recomputed with `bradley_terry.rank(..., rounds=0)` and must agree) and we record
-  whether its top K (with `rank`'s tie-break) is exactly the true top K.
-- Reported: for each method the first vote count at which the top K is right in >= 90% of the seeds,
-  and active/random (target <= 0.5). If random never gets there (its end point is the full round
-  robin, which can fall just short of 90% on a small set of seeds), active/435 is printed as an
-  upper bound of the ratio.
+Grid (full): hidden Bradley–Terry strengths θ ~ Normal(0, σ) in logits (natural units; 1 logit =
+174 Elo) for σ in {1, 2, 3, 5}, N in {20, 30, 60} candidates, voters who flip {0, 10, 20}% of their
+answers, 40 seeds per cell, top K = 3. No condition on the draw: the K-th and (K+1)-th are as close
+as chance makes them (an older version redrew until they were 400 Elo apart, which hid that the
+selector stopped learning). --quick: σ in {1, 3}, N = 20, flips {0, 0.2}, 20 seeds.
 
-Why a gap: one vote per pair caps the data at N(N−1)/2 votes, identical for both methods at the end.
-With i.i.d. normal strengths the K-th and (K+1)-th are often a few Elo apart, and then no number of
-votes finds the top K: with all 435 votes, no gap condition and a 5% lapse the fit finds the top 3
-in only ~35% of the seeds, so neither method could ever reach 90%. Lapses hurt most: a loss to a
-much weaker candidate is an outlier a Bradley–Terry fit cannot explain away. Measured over 300
-seeds (all pairs voted): GAP 200 → 76%, 300 → 89%, 400 → 95%. GAP = 400 is the smallest round
-number whose round robin clears 90% with a margin; it was chosen from that criterion, before and
-independently of the methods' results. A near-tie at the boundary is also a choice no reviewer
-needs made.
+Voter: asked about (i, j), picks i with probability (1 − flip)·σ(θ_i − θ_j) + flip·σ(θ_j − θ_i).
+A pair can be asked again. The m-th answer on a pair comes from a uniform drawn for (seed, pair, m),
+so every method gets the same answer when it asks the same pair the same time (common random
+numbers), and the same strengths; the flip rates share the strengths and uniforms too.
+
+Methods, each given random.Random(seed), each allowed any pair at any time:
+- random: any of the least-voted pairs, uniformly (the older tool's "random unvoted pair", continued
+  into second votes once every pair has one; a shuffled round robin);
+- boundary: the simple rule: of the (member, outsider) pairs of the current top K by posterior
+  mean, the one whose order is the least certain, min |μ_a − μ_b|/s_ab (Laplace posterior; ties
+  uniformly); no exploration;
+- ours: `pairing.choose_pair(top_k=K)` with its default exploration (0.1). The simulation fits all
+  seeds at once (`bradley_terry.laplace_batch`, warm-started) and calls `pairing.select`, the rule
+  `choose_pair` applies to its own fit; a sample of choices is recomputed with `choose_pair` itself
+  from the vote list and must be the same pair with the same probability.
+
+After every vote each seed's votes are fitted (the fit of `rank`; a sample is recomputed with
+`bradley_terry.rank(..., rounds=0)` and must agree), and the top K with `rank`'s tie-break is
+compared with the true top K. Budget: B = max(435, 10·N) votes per seed (435: every pair of 30
+once; 10 votes per candidate for larger steps), the same for every method.
+
+Reported per cell and method: the median over seeds of the votes until the fitted top K is right
+and stays right to the end of the budget ("-" = not reached within B in at least half the seeds),
+and the share of seeds right after 100, 200 and 300 votes.
+
+Targets, per cell: ours' median <= the boundary rule's, and ours' median <= 0.5 x random's. Where
+the reference does not reach it within B, its count is above B, so ours <= limit x (B + 1) meets the
+target; otherwise the budget cannot decide and the cell is reported as undetermined (counted neither
+way; the RESULT lines and BENCH_RESULT notes name those cells). Where ours does not reach it and the
+reference does, the target is missed.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ import itertools
 import random
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,175 +63,246 @@ from persona_pipeline.domain import pairing  # noqa: E402
 
 from _report import emit, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
-TARGET_RATIO = 0.5
-LEVEL = 0.9
+METHODS = ("random", "boundary", "ours")
+MARKS = (100, 200, 300)
+RANDOM_RATIO = 0.5          # ours' median votes <= this x random's
+CHECK_EVERY = 37            # every so many votes, one seed's fit and choice are recomputed the slow way
+BLOCK = 32                  # answers drawn per pair at a time
 
 
-def draw_strengths(seed: int, n: int, k: int, spread: float, gap: float) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    while True:
-        batch = rng.normal(1000.0, spread, size=(256, n))
-        ordered = -np.sort(-batch, axis=1)
-        ok = np.flatnonzero(ordered[:, k - 1] - ordered[:, k] >= gap)
-        if len(ok):
-            return batch[ok[0]]
+def budget(n: int) -> int:
+    return max(435, 10 * n)
 
 
-class Seed:
-    """One simulated review step: hidden strengths and every pair's pre-drawn answer."""
+@dataclass(frozen=True)
+class Cell:
+    sigma: float
+    n: int
+    flip: float
+    seeds: int
+    top_k: int
+    exploration: float
 
-    def __init__(self, seed: int, n: int, k: int, spread: float, gap: float, lapse: float,
-                 pairs: np.ndarray):
+    @property
+    def label(self) -> str:
+        return f"sigma={self.sigma:g} N={self.n} flip={self.flip:.0%}"
+
+
+class Voter:
+    """One seed's hidden strengths and its stream of answers per pair."""
+
+    def __init__(self, cell: Cell, seed: int, pairs: np.ndarray):
         self.seed = seed
-        self.strength = draw_strengths(seed, n, k, spread, gap)
-        self.ids = list(range(1, n + 1))
-        truth = sorted(range(n), key=lambda c: -self.strength[c])[:k]
-        self.true_top = frozenset(self.ids[c] for c in truth)
-        p = (1 - lapse) * bt.sigmoid((self.strength[pairs[:, 0]] - self.strength[pairs[:, 1]]) / bt.ELO_SCALE) \
-            + lapse / 2
-        answers = np.random.default_rng([seed, 1]).random(len(pairs)) < p     # True: the lower index wins
-        self.answer = {(int(a), int(b)): bool(w) for (a, b), w in zip(pairs, answers)}
+        self.theta = np.random.default_rng([seed, cell.n, round(cell.sigma * 1000)]).normal(0.0, cell.sigma, cell.n)
+        self.true_top = frozenset(int(c) + 1 for c in np.argsort(-self.theta, kind="stable")[:cell.top_k])
+        d = self.theta[pairs[:, 0]] - self.theta[pairs[:, 1]]
+        self.p_low = (1 - cell.flip) * bt.sigmoid(d) + cell.flip * bt.sigmoid(-d)   # P(lower index wins)
+        self.key = [seed, cell.n, round(cell.sigma * 1000)]
+        self.uniforms: dict[int, np.ndarray] = {}
 
-    def vote(self, left: int, right: int) -> tuple[int, int]:
-        a, b = sorted((left - 1, right - 1))
-        low_wins = self.answer[(a, b)]
-        winner, loser = (a, b) if low_wins else (b, a)
-        return self.ids[winner], self.ids[loser]
+    def low_wins(self, u: int, m: int) -> bool:
+        """The answer to the m-th question on pair u (0-based m)."""
+        block, offset = divmod(m, BLOCK)
+        draws = self.uniforms.get(u * 1_000_000 + block)
+        if draws is None:
+            draws = np.random.default_rng(self.key + [u, block]).random(BLOCK)
+            self.uniforms[u * 1_000_000 + block] = draws
+        return bool(draws[offset] < self.p_low[u])
 
 
 def top_sets(theta: np.ndarray, wins: np.ndarray, losses: np.ndarray, k: int) -> list[frozenset]:
     """Top k per seed with `rank`'s order: rounded score desc, wins desc, losses asc, id asc."""
     scores = np.round(bt.MEAN_SCORE + bt.ELO_SCALE * (theta - theta.mean(axis=1, keepdims=True)), bt.SCORE_DECIMALS)
-    out = []
-    for s in range(theta.shape[0]):
-        ids = np.arange(1, theta.shape[1] + 1)
-        order = np.lexsort((ids, losses[s], -wins[s], -scores[s]))
-        out.append(frozenset(int(ids[c]) for c in order[:k]))
-    return out
+    ids = np.arange(1, theta.shape[1] + 1)
+    return [frozenset(int(ids[c]) for c in np.lexsort((ids, losses[s], -wins[s], -scores[s]))[:k])
+            for s in range(theta.shape[0])]
 
 
-def simulate(method: str, seeds: list[Seed], n: int, k: int, exploration: float, pairs: np.ndarray,
-             check_every: int) -> tuple[list[float], float, int]:
-    """P(top k right) after each vote, until it first reaches LEVEL (or the pairs run out).
-    Returns (curve, seconds spent choosing pairs, fits cross-checked against `rank`)."""
+def boundary_rule(theta: np.ndarray, covariance: np.ndarray, k: int, rng: random.Random) -> tuple[int, int]:
+    """The simple reference rule for one seed: the least certain (member, outsider) order."""
+    order = np.argsort(-theta, kind="stable")
+    members, outsiders = order[:k], order[k:]
+    var = np.diag(covariance)
+    s2 = var[members][:, None] + var[outsiders][None, :] - 2.0 * covariance[np.ix_(members, outsiders)]
+    z = np.abs(theta[members][:, None] - theta[outsiders][None, :]) / np.sqrt(s2)
+    tied = np.argwhere(z <= z.min() + 1e-12)
+    a, b = tied[rng.randrange(len(tied))]
+    return int(members[a]), int(outsiders[b])
+
+
+def simulate(cell: Cell, method: str) -> dict:
+    """One method on one cell: per seed, whether the fitted top K is right after each vote."""
+    n, k, horizon = cell.n, cell.top_k, budget(cell.n)
+    pairs = np.array(list(itertools.combinations(range(n), 2)), dtype=np.int64)
     column = {(int(a), int(b)): u for u, (a, b) in enumerate(pairs)}
+    voters = [Voter(cell, seed, pairs) for seed in range(cell.seeds)]
+    count = len(voters)
     data = bt.PairData(n, pairs[:, 0], pairs[:, 1], np.zeros(len(pairs)), np.ones(len(pairs)))
-    wins_a = np.zeros((len(seeds), len(pairs)))
-    total = np.zeros((len(seeds), len(pairs)))
-    wins = np.zeros((len(seeds), n), dtype=np.int64)
-    losses = np.zeros((len(seeds), n), dtype=np.int64)
-    votes: list[list[tuple[int, int]]] = [[] for _ in seeds]
-    rngs = [random.Random(s.seed) for s in seeds]
-    theta = np.zeros((len(seeds), n))
-    curve: list[float] = []
+    wins_a = np.zeros((count, len(pairs)))
+    total = np.zeros((count, len(pairs)))
+    wins = np.zeros((count, n), dtype=np.int64)
+    losses = np.zeros((count, n), dtype=np.int64)
+    votes: list[list[tuple[int, int]]] = [[] for _ in voters]
+    rngs = [random.Random(v.seed) for v in voters]
+    rounds: list[list[int]] = [[] for _ in voters]          # random: this round's remaining pairs
+    theta, precision = bt.laplace_batch(data, wins_a, total, np.zeros(n))
+    right = np.zeros((count, horizon), dtype=bool)
     choosing = 0.0
     checked = 0
-    for t in range(1, len(pairs) + 1):
-        for s, sim in enumerate(seeds):
+    for t in range(horizon):
+        with bt.single_threaded_blas():
+            covariance = np.linalg.inv(precision)
+        for s, voter in enumerate(voters):
             started = time.perf_counter()
             if method == "random":
-                left, right = pairing.random_unvoted_pair(sim.ids, votes[s], rngs[s])
+                if not rounds[s]:
+                    rounds[s] = list(range(len(pairs)))
+                    rngs[s].shuffle(rounds[s])
+                i, j = pairs[rounds[s].pop()]
+            elif method == "boundary":
+                i, j = boundary_rule(theta[s], covariance[s], k, rngs[s])
             else:
-                choice = pairing.choose_pair(sim.ids, votes[s], k, exploration=exploration, rng=rngs[s])
-                left, right = choice.left_id, choice.right_id
+                state = rngs[s].getstate() if t % CHECK_EVERY == s % CHECK_EVERY else None
+                index, probability, _ = pairing.select(theta[s], covariance[s], k, pairs,
+                                                       exploration=cell.exploration, rng=rngs[s])
+                i, j = pairs[index]
+                if state is not None:                     # the same choice as choose_pair's own
+                    replay = random.Random()
+                    replay.setstate(state)
+                    ids = list(range(1, n + 1))
+                    choice = pairing.choose_pair(ids, votes[s], k, exploration=cell.exploration, rng=replay)
+                    if {choice.left_id, choice.right_id} != {i + 1, j + 1} or \
+                            not np.isclose(choice.probability, probability, rtol=1e-9, atol=0):
+                        raise SystemExit(f"{cell.label} seed {s}, vote {t + 1}: choose_pair picked "
+                                         f"{choice} but the simulation's select picked {(i + 1, j + 1)} "
+                                         f"with probability {probability}")
+                    checked += 1
             choosing += time.perf_counter() - started
-            winner, loser = sim.vote(left, right)
-            votes[s].append((winner, loser))
-            a, b = sorted((winner - 1, loser - 1))
+            a, b = (int(i), int(j)) if i < j else (int(j), int(i))
             u = column[(a, b)]
-            total[s, u] = 1.0
-            wins_a[s, u] = 1.0 if winner - 1 == a else 0.0
-            wins[s, winner - 1] += 1
-            losses[s, loser - 1] += 1
-        theta = bt.newton_batch(data, wins_a, total, theta)          # warm start from the last vote
+            low_wins = voter.low_wins(u, int(total[s, u]))
+            winner, loser = (a, b) if low_wins else (b, a)
+            votes[s].append((winner + 1, loser + 1))
+            total[s, u] += 1.0
+            wins_a[s, u] += 1.0 if low_wins else 0.0
+            wins[s, winner] += 1
+            losses[s, loser] += 1
+        theta, precision = bt.laplace_batch(data, wins_a, total, theta)      # warm start from the last vote
         tops = top_sets(theta, wins, losses, k)
-        if t % check_every == 0:                                      # the batched fit is `rank`'s fit
-            s = t % len(seeds)
-            standings = bt.rank(seeds[s].ids, votes[s], rounds=0)
+        if t % CHECK_EVERY == 0:                                             # the batched fit is `rank`'s fit
+            s = (t // CHECK_EVERY) % count
+            standings = bt.rank(list(range(1, n + 1)), votes[s], rounds=0)
             if frozenset(x.candidate_id for x in standings[:k]) != tops[s]:
-                raise SystemExit(f"batched fit disagrees with bradley_terry.rank (seed {seeds[s].seed}, {t} votes)")
+                raise SystemExit(f"{cell.label}: batched fit disagrees with bradley_terry.rank (seed {s}, {t + 1} votes)")
             checked += 1
-        curve.append(float(np.mean([top == sim.true_top for top, sim in zip(tops, seeds)])))
-        if curve[-1] >= LEVEL:
-            break
-    return curve, choosing, checked
+        right[:, t] = [top == v.true_top for top, v in zip(tops, voters)]
+    # Votes until right and staying right: one past the last wrong fit (horizon + 1: not reached).
+    wrong = ~right
+    last_wrong = np.where(wrong.any(axis=1), horizon - np.argmax(wrong[:, ::-1], axis=1), 0)
+    until = np.where(right[:, -1], last_wrong + 1, horizon + 1)
+    median = float(np.median(until))
+    return {"cell": cell, "method": method, "until": until.tolist(),
+            "median": None if median > horizon else median,
+            "accuracy": {m: float(right[:, m - 1].mean()) for m in MARKS if m <= horizon},
+            "choose_ms": 1000 * choosing / (count * horizon), "checked": checked}
 
 
-def round_robin(seeds: list[Seed], n: int, k: int, pairs: np.ndarray) -> float:
-    """Share of seeds whose top k the fit gets right once every pair has its vote (both methods' end)."""
-    data = bt.PairData(n, pairs[:, 0], pairs[:, 1], np.zeros(len(pairs)), np.ones(len(pairs)))
-    wins_a = np.array([[1.0 if sim.answer[(int(a), int(b))] else 0.0 for a, b in pairs] for sim in seeds])
-    total = np.ones_like(wins_a)
-    wins = np.zeros((len(seeds), n), dtype=np.int64)
-    losses = np.zeros((len(seeds), n), dtype=np.int64)
-    for s in range(len(seeds)):
-        np.add.at(wins[s], np.where(wins_a[s] > 0, pairs[:, 0], pairs[:, 1]), 1)
-        np.add.at(losses[s], np.where(wins_a[s] > 0, pairs[:, 1], pairs[:, 0]), 1)
-    tops = top_sets(bt.newton_batch(data, wins_a, total, np.zeros(n)), wins, losses, k)
-    return float(np.mean([top == sim.true_top for top, sim in zip(tops, seeds)]))
-
-
-def first_at(curve: list[float]) -> int | None:
-    for t, value in enumerate(curve, start=1):
-        if value >= LEVEL:
-            return t
-    return None
+def show(median: float | None) -> str:
+    return "-" if median is None else f"{median:g}"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer seeds (under a minute)")
-    parser.add_argument("--seeds", type=int, help="simulated review steps per method (default 200, quick 40)")
-    parser.add_argument("--candidates", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="sigma 1,3, N 20, flips 0,0.2, 20 seeds")
+    parser.add_argument("--seeds", type=int, help="seeds per cell (default 40, quick 20)")
+    parser.add_argument("--sigmas", help="strength SDs in logits (default 1,2,3,5)")
+    parser.add_argument("--sizes", help="candidates per step (default 20,30,60)")
+    parser.add_argument("--flips", help="share of answers flipped (default 0,0.1,0.2)")
     parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--spread", type=float, default=300.0, help="SD of the hidden strengths, Elo (300)")
-    parser.add_argument("--gap", type=float, default=400.0, help="min gap between true K-th and K+1-th, Elo")
-    parser.add_argument("--lapse", type=float, default=0.05, help="share of votes clicked at random (0.05)")
     parser.add_argument("--exploration", type=float, default=0.1, help="choose_pair's exploration (0.1)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells simulated in parallel processes (1)")
     args = parser.parse_args()
-    count = args.seeds or (40 if args.quick else 200)
-    n, k = args.candidates, args.top_k
-    pairs = np.array(list(itertools.combinations(range(n), 2)), dtype=np.int64)
-    seeds = [Seed(seed, n, k, args.spread, args.gap, args.lapse, pairs) for seed in range(count)]
-    print(f"Reviewer effort: {n} candidates, true top {k}, {count} seeds, {len(pairs)} pairs (one vote each)")
-    print(f"  strengths ~ Normal(1000, {args.spread:g} Elo), redrawn until true #{k} - #{k + 1} >= {args.gap:g} Elo; "
-          f"voter: Bradley-Terry with lapse {args.lapse:g} (random click)")
-    print(f"  found = top {k} of the Bradley-Terry fit after each vote == true top {k}; level {LEVEL:.0%} of seeds")
-    print(f"  all {len(pairs)} pairs voted (the end point for both methods): top {k} right in "
-          f"{round_robin(seeds, n, k, pairs):.0%} of seeds")
-    results = {}
-    for method in ("random", "active"):
-        started = time.perf_counter()
-        curve, choosing, checked = simulate(method, seeds, n, k, args.exploration, pairs, check_every=7)
-        results[method] = first_at(curve)
-        label = "random unvoted pair (older tool)" if method == "random" else \
-            f"choose_pair (exploration {args.exploration:g})"
-        marks = "  ".join(f"{t}:{curve[t - 1]:.0%}" for t in (25, 50, 100, 150, 200, 300, 400) if t <= len(curve))
-        print(f"  {label:34s} votes to {LEVEL:.0%}: {results[method] or 'not reached':>5}   "
-              f"[{marks}]  ({time.perf_counter() - started:.0f} s, choosing {1000 * choosing / (count * len(curve)):.1f} ms"
-              f"/pair, {checked} fits checked against rank)", flush=True)
-    metric = (f"votes until the true top {k} of {n} is found in {LEVEL:.0%} of seeds: random unvoted pair vs "
-              f"choose_pair")
-    target = f"ours/reference <= {TARGET_RATIO:g} (ratio >= {1 / TARGET_RATIO:g}x)"
-    if results["active"] is None:
-        print("RESULT: active selection never reached the level: FAIL")
-        return 1
-    if results["random"] is None:
-        # Random would need more votes than there are pairs: the ratio is below active/#pairs.
-        ratio = results["active"] / len(pairs)
-        ok = ratio <= TARGET_RATIO
-        print(f"RESULT: active {results['active']} votes, random not within all {len(pairs)} pairs, "
-              f"active/random < {ratio:.2f}, target <= {TARGET_RATIO:g}: {'PASS' if ok else 'FAIL'}")
-        record(metric, reference=len(pairs), ours=results["active"], unit="votes", better="lower", target=target, ok=ok,
-               note=f"random not at {LEVEL:.0%} within all {len(pairs)} pairs: the reference is a lower bound")
-        return 0 if ok else 1
-    ratio = results["active"] / results["random"]
-    ok = ratio <= TARGET_RATIO
-    print(f"RESULT: active {results['active']} votes, random {results['random']} votes, "
-          f"active/random = {ratio:.2f}, target <= {TARGET_RATIO:g}: {'PASS' if ok else 'FAIL'}")
-    record(metric, reference=results["random"], ours=results["active"], unit="votes", better="lower", target=target,
-           ok=ok, note=f"{count} seeds")
-    return 0 if ok else 1
+    floats = lambda text: [float(x) for x in text.split(",")]     # noqa: E731
+    sigmas = floats(args.sigmas) if args.sigmas else ([1.0, 3.0] if args.quick else [1.0, 2.0, 3.0, 5.0])
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([20] if args.quick else [20, 30, 60])
+    flips = floats(args.flips) if args.flips else ([0.0, 0.2] if args.quick else [0.0, 0.1, 0.2])
+    seeds = args.seeds or (20 if args.quick else 40)
+    cells = [Cell(sigma, n, flip, seeds, args.top_k, args.exploration)
+             for n in sizes for sigma in sigmas for flip in flips]
+    print(f"Reviewer effort: true top {args.top_k}; strengths ~ Normal(0, sigma) logits; {seeds} seeds per cell; "
+          f"budget max(435, 10N) votes; {len(cells)} cells")
+    print("  median = votes until the fitted top K is right and stays so to the end of the budget "
+          "(median over seeds, '-' = not within the budget); acc@v = share of seeds right after v votes")
+    started = time.perf_counter()
+    jobs = [(cell, method) for cell in cells for method in METHODS]
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(simulate, *zip(*jobs)))
+    else:
+        results = [simulate(cell, method) for cell, method in jobs]
+    by = {(r["cell"], r["method"]): r for r in results}
+
+    head = f"  {'sigma':>5} {'N':>3} {'flip':>4} {'budget':>6} | {'median votes':^23} |" + \
+        "".join(f" {'acc@' + str(m) + ' r/b/o':^17} |" for m in MARKS) + " ours ms/pair"
+    print(head)
+    print("  " + "-" * (len(head) - 2))
+    verdicts: dict[str, dict[str, list[str]]] = {"boundary": {}, "random": {}}
+    worst: dict[str, tuple] = {}                # reference -> (ratio, cell, reference votes, ours votes)
+    for cell in cells:
+        r, b, o = (by[(cell, m)] for m in METHODS)
+        horizon = budget(cell.n)
+        accs = "".join(" " + " / ".join(f"{x['accuracy'].get(m, float('nan')):4.0%}" for x in (r, b, o)) + "  |"
+                       for m in MARKS)
+        print(f"  {cell.sigma:5g} {cell.n:3d} {cell.flip:4.0%} {horizon:6d} | {show(r['median']):>6} {show(b['median']):>7} "
+              f"{show(o['median']):>7} |{accs} {o['choose_ms']:.2f}", flush=True)
+        for name, reference, limit in (("boundary", b["median"], 1.0), ("random", r["median"], RANDOM_RATIO)):
+            # Not reached within the budget: B + 1 stands in (a lower bound of the true count).
+            ref_votes = horizon + 1 if reference is None else reference
+            ours = horizon + 1 if o["median"] is None else o["median"]
+            if o["median"] is None:
+                # Neither reaches it: the budget cannot tell them apart.
+                verdict = "undetermined" if reference is None else "missed"
+            elif ours <= limit * ref_votes:
+                verdict = "met"                    # also when the reference's true count is above B + 1
+            else:
+                # A reference that did not reach it needs more than B votes, by how much is unknown.
+                verdict = "undetermined" if reference is None else "missed"
+            verdicts[name].setdefault(verdict, []).append(cell.label)
+            ratio = ours / ref_votes
+            if verdict != "undetermined" and (name not in worst or ratio > worst[name][0]):
+                worst[name] = (ratio, cell, ref_votes, ours)
+    checked = sum(x["checked"] for x in results)
+    print(f"  ({time.perf_counter() - started:.0f} s; {checked} fits and choices recomputed with rank/choose_pair, all equal)")
+
+    oks = {}
+    grid = f"{len(cells)} cells x {seeds} seeds"
+    for name, label, target in (("boundary", "simple boundary rule", "ours <= reference"),
+                                ("random", "random least-voted pair", f"ours <= {RANDOM_RATIO:g}x reference")):
+        v = verdicts[name]
+        oks[name] = not v.get("missed")
+        print(f"RESULT: median votes, {target} ({label}): met in {len(v.get('met', []))}/{len(cells)} cells"
+              + "".join(f"; {kind} in {len(v[kind])}: {', '.join(v[kind])}" for kind in ("missed", "undetermined") if v.get(kind))
+              + f": {'PASS' if oks[name] else 'FAIL'}")
+        undetermined = len(v.get("undetermined", []))
+        note = f"{grid}; met in {len(v.get('met', []))}, missed in {len(v.get('missed', []))}" + \
+            (f", undetermined in {undetermined} (neither within the budget)" if undetermined else "")
+        if name in worst:
+            ratio, cell, reference, ours = worst[name]
+            bound = "; B+1 = not reached within the budget" if max(reference, ours) > budget(cell.n) else ""
+            record(f"median votes until the top {args.top_k} is right and stays, worst decided cell: {label} vs choose_pair",
+                   reference=reference, ours=ours, unit="votes", better="lower", target=f"{target} in every cell",
+                   ok=oks[name], note=f"{note}; worst cell {cell.label}{bound}")
+        else:
+            record(f"median votes until the top {args.top_k} is right and stays: {label} vs choose_pair",
+                   reference=None, ours=budget(cells[-1].n) + 1, unit="votes", better="lower", target=f"{target} in every cell",
+                   ok=oks[name], note=f"{note}; no cell decided")
+    for mark in MARKS:
+        rows = [c for c in cells if mark <= budget(c.n)]
+        mean = {m: float(np.mean([by[(c, m)]["accuracy"][mark] for c in rows])) for m in METHODS}
+        record(f"share of seeds with the right top {args.top_k} after {mark} votes, mean over the grid: random vs choose_pair",
+               reference=100 * mean["random"], ours=100 * mean["ours"], unit="%", better="higher",
+               note=f"{grid}; simple boundary rule {100 * mean['boundary']:.0f}%")
+    return 0 if all(oks.values()) else 1
 
 
 if __name__ == "__main__":

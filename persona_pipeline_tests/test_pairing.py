@@ -1,12 +1,14 @@
-"""Pair selection for the review form: active at the top-K boundary, never a pair twice."""
+"""Pair selection for the review form: active at the top-K boundary, a close pair asked again until
+the top K is settled."""
 
 import itertools
+import math
 import random
 from collections import Counter
 
 import pytest
 
-from persona_pipeline.domain import pairing
+from persona_pipeline.domain import bradley_terry, pairing
 
 
 def consistent_votes(ids, unvoted):
@@ -15,58 +17,35 @@ def consistent_votes(ids, unvoted):
     return [(a, b) for a, b in itertools.combinations(sorted(ids), 2) if frozenset((a, b)) not in unvoted]
 
 
-def play_until_exhausted(choose, ids, strengths_rng):
-    votes, shown = [], []
-    while (pair := choose(votes)) is not None:
-        left, right = pair
-        shown.append(frozenset((left, right)))
-        votes.append((left, right) if strengths_rng.random() < 0.5 else (right, left))
-        assert len(votes) <= len(ids) * (len(ids) - 1) // 2
-    return votes, shown
-
-
-def test_choose_pair_never_repeats_a_voted_or_excluded_pair_and_ends_with_none():
+def test_choose_pair_offers_voted_pairs_again_but_never_an_excluded_one():
     ids = [3, 7, 11, 12, 20, 21]
     exclude = frozenset({frozenset((3, 7)), frozenset((20, 21))})
-    rng = random.Random(1)
-
-    def choose(votes):
+    rng, answers = random.Random(1), random.Random(2)
+    votes, shown = [], Counter()
+    for _ in range(60):                      # four times as many votes as pairs
         choice = pairing.choose_pair(ids, votes, 2, exclude=exclude, rng=rng)
-        if choice is None:
-            return None
-        assert choice.left_id != choice.right_id
-        assert {choice.left_id, choice.right_id} <= set(ids)
-        assert 0.0 < choice.probability <= 1.0
-        assert choice.strategy in ("active", "explore")
-        return choice.left_id, choice.right_id
-
-    votes, shown = play_until_exhausted(choose, ids, random.Random(2))
-    assert len(shown) == len(set(shown)) == 15 - 2            # every other pair, each once
+        assert choice.left_id != choice.right_id and {choice.left_id, choice.right_id} <= set(ids)
+        assert 0.0 < choice.probability <= 1.0 and choice.strategy in ("active", "explore")
+        pair = frozenset((choice.left_id, choice.right_id))
+        shown[pair] += 1
+        votes.append((choice.left_id, choice.right_id) if answers.random() < 0.5 else (choice.right_id, choice.left_id))
     assert not set(shown) & exclude
-    # Votes in either order count as voted.
-    reversed_votes = [(b, a) for a, b in votes]
-    assert pairing.choose_pair(ids, reversed_votes, 2, exclude=exclude, rng=rng) is None
-    # Without the exclusions, the excluded pairs are what is left.
-    left_over = pairing.choose_pair(ids, votes, 2, rng=rng)
-    assert frozenset((left_over.left_id, left_over.right_id)) in exclude
-
-
-def test_random_unvoted_pair_covers_every_pair_once_then_none():
-    ids = [1, 2, 3, 4, 5]
-    rng = random.Random(3)
-    votes, shown = play_until_exhausted(lambda v: pairing.random_unvoted_pair(ids, v, rng), ids, random.Random(4))
-    assert sorted(map(sorted, shown)) == sorted(map(sorted, map(frozenset, itertools.combinations(ids, 2))))
-    assert pairing.random_unvoted_pair(ids, votes, rng) is None
-    assert pairing.random_unvoted_pair([1], [], rng) is None
+    assert max(shown.values()) > 1                            # a pair with votes is offered again
+    # Votes in either order are the same pair's votes; with every pair excluded there is nothing to show.
+    everything = frozenset(frozenset(p) for p in itertools.combinations(ids, 2))
+    assert pairing.choose_pair(ids, [(b, a) for a, b in votes], 2, exclude=everything, rng=rng) is None
+    only = everything - {frozenset((3, 7))}
+    left_over = pairing.choose_pair(ids, votes, 2, exclude=only, rng=rng)
+    assert {left_over.left_id, left_over.right_id} == {3, 7} and left_over.probability == 1.0
 
 
 def test_killed_candidates_are_left_out_and_their_votes_ignored():
-    # 9 was killed: it is not listed; its old votes must neither fail nor block pairs.
+    # 9 was killed: it is not listed; its old votes must neither fail nor count.
     votes = [(9, 1), (2, 9), (1, 2)]
     seen = {frozenset((c.left_id, c.right_id))
             for s in range(40)
             if (c := pairing.choose_pair([1, 2, 3], votes, 1, exploration=1.0, rng=random.Random(s)))}
-    assert seen == {frozenset((1, 3)), frozenset((2, 3))}
+    assert seen == {frozenset((1, 2)), frozenset((1, 3)), frozenset((2, 3))}
 
 
 def test_reported_probabilities_match_the_mixture_and_observed_frequencies():
@@ -85,14 +64,14 @@ def test_reported_probabilities_match_the_mixture_and_observed_frequencies():
         counts[pair] += 1
         reported.setdefault(pair, set()).add(round(choice.probability, 12))
         strategies[choice.strategy] += 1
-    unvoted = 20
-    assert len(counts) == unvoted                                 # exploration reaches every pair
+    allowed = 28                                                  # every pair, voted or not
+    assert len(counts) == allowed                                 # exploration reaches every pair
     assert all(len(p) == 1 for p in reported.values())            # one probability per pair
     probability = {pair: next(iter(p)) for pair, p in reported.items()}
     assert sum(probability.values()) == pytest.approx(1.0, abs=1e-9)
     greedy = max(probability, key=probability.get)
-    assert probability[greedy] == pytest.approx(1 - exploration + exploration / unvoted)
-    assert sorted(probability.values())[-2] == pytest.approx(exploration / unvoted)
+    assert probability[greedy] == pytest.approx(1 - exploration + exploration / allowed)
+    assert sorted(probability.values())[-2] == pytest.approx(exploration / allowed)
     # Observed frequencies agree with the reported probabilities (binomial, 4 standard deviations).
     for pair, p in probability.items():
         sd = (draws * p * (1 - p)) ** 0.5
@@ -138,10 +117,12 @@ def test_no_boundary_when_top_k_covers_everyone_still_offers_pairs():
     ids = [1, 2, 3, 4]
     votes = [(1, 2), (3, 4)]
     for top_k in (4, 9):
-        choice = pairing.choose_pair(ids, votes, top_k, rng=random.Random(0))
-        assert choice.strategy == "explore"
-        assert choice.probability == pytest.approx(1 / 4)
-        assert frozenset((choice.left_id, choice.right_id)) not in {frozenset((1, 2)), frozenset((3, 4))}
+        shown = set()
+        for seed in range(30):
+            choice = pairing.choose_pair(ids, votes, top_k, rng=random.Random(seed))
+            assert choice.strategy == "explore" and choice.probability == pytest.approx(1 / 6)
+            shown.add(frozenset((choice.left_id, choice.right_id)))
+        assert len(shown) == 6
 
 
 def test_bad_arguments_are_refused():
@@ -152,3 +133,36 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="against itself"):
         pairing.choose_pair([1, 2, 3], [(2, 2)], 1, rng=random.Random(0))
     assert pairing.choose_pair([1], [], 1, rng=random.Random(0)) is None
+
+
+def test_keeps_learning_until_a_close_top_k_boundary_is_settled():
+    """Eight candidates whose 3rd and 4th (and 4th and 5th) are 0.6 logits apart: one vote between
+    them goes the wrong way 35% of the time. Each seed hides the order behind shuffled ids, answers
+    like a Bradley–Terry voter, and fits the votes with `bradley_terry.fit` after 60, 80 and 100
+    votes (about 3.6 per pair). With one vote per pair the data stop at 28 votes: the round robin
+    finds this top 3 in 13 of these 20 seeds, and so do random pairs with repeats at 100 votes
+    (13/20). A selector that keeps asking the pairs that decide the boundary has the top 3 right at
+    all three checks in at least 17 of 20 seeds (the 10% exploration and the first votes spent
+    finding the boundary leave room for a few misses)."""
+    strengths = [3.0, 2.0, 0.6, 0.0, -0.6, -1.2, -1.8, -2.4]
+    ids = list(range(1, 9))
+    settled = 0
+    for seed in range(20):
+        rng, answers = random.Random(seed), random.Random(seed + 1000)
+        order = ids[:]
+        rng.shuffle(order)
+        strength = dict(zip(order, strengths))
+        votes = []
+        right = []
+        while len(votes) < 100:
+            choice = pairing.choose_pair(ids, votes, 3, rng=rng)
+            if choice is None:          # nothing left to ask: the fit stays where it is
+                break
+            a, b = choice.left_id, choice.right_id
+            a_wins = answers.random() < 1.0 / (1.0 + math.exp(strength[b] - strength[a]))
+            votes.append((a, b) if a_wins else (b, a))
+        for count in (60, 80, 100):
+            scores = bradley_terry.fit(ids, votes[:count])
+            right.append(set(sorted(ids, key=lambda c: -scores[c])[:3]) == set(order[:3]))
+        settled += all(right)
+    assert settled >= 17, f"top 3 settled in only {settled} of 20 seeds"

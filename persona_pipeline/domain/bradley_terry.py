@@ -253,10 +253,18 @@ def laplace(data: PairData, *, prior_sd: float = PRIOR_SD) -> tuple[np.ndarray, 
     """Laplace approximation of the posterior: the MAP θ (natural units, mean 0) and the Hessian of
     the negative log posterior there (the posterior precision, n × n). Dense Newton: meant for a
     review step's tens of candidates, where it is faster than L-BFGS-B and gives the Hessian too."""
-    theta = newton_batch(data, data.wins_a[None], data.total[None], np.zeros(data.n), prior_sd=prior_sd,
-                         tol=1e-10)
-    hessian = _batch_hessian(theta, data, data.total[None], _prior_precision(prior_sd))[0]
-    return theta[0] - theta[0].mean(), hessian
+    theta, hessian = laplace_batch(data, data.wins_a[None], data.total[None], np.zeros(data.n), prior_sd=prior_sd)
+    return theta[0], hessian[0]
+
+
+def laplace_batch(data: PairData, wins_a: np.ndarray, total: np.ndarray, theta0: np.ndarray, *,
+                  prior_sd: float = PRIOR_SD) -> tuple[np.ndarray, np.ndarray]:
+    """`laplace` for R count vectors over `data`'s pairs at once (wins_a, total: (R, U)), from `theta0`
+    ((R, n) or (n,); a warm start only saves Newton steps): θ (R, n), each centred, and the
+    precisions (R, n, n). Used by the review-effort simulation to fit every seed after each vote."""
+    theta = newton_batch(data, wins_a, total, theta0, prior_sd=prior_sd, tol=1e-10)
+    hessian = _batch_hessian(theta, data, total, _prior_precision(prior_sd))
+    return theta - theta.mean(axis=1, keepdims=True), hessian
 
 
 # --- ids in, standings out ---------------------------------------------------------------------------
