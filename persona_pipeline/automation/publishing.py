@@ -682,7 +682,6 @@ def _prepare(account: _Account, post: _Post) -> _Ready:
     if account.stop.is_set():
         _back_to_scheduled(batch, post, "deferred", account.stop_reason, step="publish")
         return _Ready(post, done=True)
-    _renew(batch, post)
     if post.container_id:
         return _resume(account, post)
     return _new_container(account, post, [])
@@ -691,6 +690,7 @@ def _prepare(account: _Account, post: _Post) -> _Ready:
 def _resume(account: _Account, post: _Post) -> _Ready:
     """A claimed post that has a container already (a crash, or a batch that stopped): ask first."""
     batch, cid = account.batch, post.container_id
+    _renew(batch, post)
     try:
         status = account.graph.container_status(cid, account.token)
     except GraphError as exc:
