@@ -207,6 +207,10 @@ def simulate(cell: Cell, method: str) -> dict:
             "choose_ms": 1000 * choosing / (count * horizon), "checked": checked}
 
 
+def simulate_cell(cell: Cell) -> list[dict]:
+    return [simulate(cell, method) for method in METHODS]
+
+
 def show(median: float | None) -> str:
     return "-" if median is None else f"{median:g}"
 
@@ -234,22 +238,18 @@ def main() -> int:
     print("  median = votes until the fitted top K is right and stays so to the end of the budget "
           "(median over seeds, '-' = not within the budget); acc@v = share of seeds right after v votes")
     started = time.perf_counter()
-    jobs = [(cell, method) for cell in cells for method in METHODS]
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(simulate, *zip(*jobs)))
-    else:
-        results = [simulate(cell, method) for cell, method in jobs]
-    by = {(r["cell"], r["method"]): r for r in results}
-
     head = f"  {'sigma':>5} {'N':>3} {'flip':>4} {'budget':>6} | {'median votes':^23} |" + \
         "".join(f" {'acc@' + str(m) + ' r/b/o':^17} |" for m in MARKS) + " ours ms/pair"
     print(head)
     print("  " + "-" * (len(head) - 2))
     verdicts: dict[str, dict[str, list[str]]] = {"boundary": {}, "random": {}}
     worst: dict[str, tuple] = {}                # reference -> (ratio, cell, reference votes, ours votes)
-    for cell in cells:
-        r, b, o = (by[(cell, m)] for m in METHODS)
+    by: dict[tuple, dict] = {}
+    pool = ProcessPoolExecutor(args.jobs) if args.jobs > 1 else None
+    done = pool.map(simulate_cell, cells) if pool else map(simulate_cell, cells)     # rows print as cells finish
+    for cell, results in zip(cells, done):
+        by.update({(cell, x["method"]): x for x in results})
+        r, b, o = results
         horizon = budget(cell.n)
         accs = "".join(" " + " / ".join(f"{x['accuracy'].get(m, float('nan')):4.0%}" for x in (r, b, o)) + "  |"
                        for m in MARKS)
@@ -271,7 +271,9 @@ def main() -> int:
             ratio = ours / ref_votes
             if verdict != "undetermined" and (name not in worst or ratio > worst[name][0]):
                 worst[name] = (ratio, cell, ref_votes, ours)
-    checked = sum(x["checked"] for x in results)
+    if pool:
+        pool.shutdown()
+    checked = sum(x["checked"] for x in by.values())
     print(f"  ({time.perf_counter() - started:.0f} s; {checked} fits and choices recomputed with rank/choose_pair, all equal)")
 
     oks = {}
