@@ -12,23 +12,24 @@ from sqlalchemy.exc import IntegrityError
 
 from persona_pipeline.db import models, registry, review
 from persona_pipeline.db.session import alembic_config, current_revision, get_engine, head_revision, session_scope, upgrade
+from persona_pipeline.domain import elo
 from persona_pipeline.personas import load_persona
 from persona_pipeline_tests.conftest import write_persona
 
 
 def test_migrations_match_the_models(db_url):
-    assert current_revision(db_url) == head_revision() == "0007"
+    assert current_revision(db_url) == head_revision() == "0008"
     with get_engine(db_url).connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), models.Base.metadata)
     assert diff == []
     upgrade(db_url)  # applying again is a no-op
-    assert current_revision(db_url) == "0007"
+    assert current_revision(db_url) == "0008"
     command.downgrade(alembic_config(db_url), "0001")  # 0002 steps back without touching 0001's tables
     assert current_revision(db_url) == "0001"
     command.downgrade(alembic_config(db_url), "base")
     assert current_revision(db_url) is None
     upgrade(db_url)
-    assert current_revision(db_url) == "0007"
+    assert current_revision(db_url) == "0008"
 
 
 def _seed(session, tmp_path, n=4, runs=1):
@@ -72,7 +73,6 @@ def test_refused_votes_change_nothing(db_url, tmp_path):
     with session_scope(db_url) as session:
         review.cast_vote(session, a_ids[0], a_ids[1], "ana")
     cases = [
-        ((a_ids[1], a_ids[0]), review.DuplicateVote, 409, "already been voted"),
         ((a_ids[0], a_ids[0]), review.ReviewError, 400, "against itself"),
         ((a_ids[0], b_ids[0]), review.ReviewError, 400, "different runs or steps"),
         ((a_ids[0], 999999), review.NotFound, 404, "does not exist"),
@@ -87,7 +87,9 @@ def test_refused_votes_change_nothing(db_url, tmp_path):
         assert {c.elo for c in session.scalars(select(models.Candidate).where(models.Candidate.id.in_(a_ids)))} == {1016, 984}
 
 
-def test_concurrent_votes_on_one_pair_record_exactly_one(db_url, tmp_path):
+def test_concurrent_votes_on_one_pair_are_each_recorded_once_and_elo_matches_a_replay(db_url, tmp_path):
+    # A pair may have several votes (pair selection asks a close pair again): six reviewers voting
+    # on it at once are each recorded exactly once or refused, never doubled.
     with session_scope(db_url) as session:
         _, [(_, _, cands)] = _seed(session, tmp_path, n=2)
         x, y = cands[0].id, cands[1].id
@@ -99,8 +101,6 @@ def test_concurrent_votes_on_one_pair_record_exactly_one(db_url, tmp_path):
             with session_scope(db_url) as session:
                 review.cast_vote(session, *((x, y) if i % 2 else (y, x)), f"r{i}")
             outcomes.append("ok")
-        except review.DuplicateVote:
-            outcomes.append(409)
         except Exception as exc:  # SQLite may report the lock; it must still not double-count
             outcomes.append(type(exc).__name__)
 
@@ -109,10 +109,16 @@ def test_concurrent_votes_on_one_pair_record_exactly_one(db_url, tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert outcomes.count("ok") == 1, outcomes
+    assert outcomes.count("ok") >= 1, outcomes
     with session_scope(db_url) as session:
-        assert session.scalar(select(func.count(models.Vote.id))) == 1
-        assert sorted(c.elo for c in session.scalars(select(models.Candidate))) == [984, 1016]
+        votes = session.execute(select(models.Vote.winner_id, models.Vote.loser_id).order_by(models.Vote.id)).all()
+        assert len(votes) == outcomes.count("ok")
+        if db_url.startswith("postgresql"):
+            # Row locks serialise the Elo updates. SQLite has none: concurrent votes sharing a
+            # candidate can overwrite each other's Elo there (as votes on two pairs with a common
+            # candidate always could); the votes themselves, which the ranking is fitted on, are kept.
+            replay = elo.replay([x, y], [tuple(v) for v in votes])
+            assert {c.id: c.elo for c in session.scalars(select(models.Candidate))} == {c: s.elo for c, s in replay.items()}
 
 
 def test_pick_winner_and_post_approval_go_through_legal_transitions(db_url, tmp_path):

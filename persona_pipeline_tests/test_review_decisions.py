@@ -54,7 +54,7 @@ def test_a_vote_must_match_its_offer_and_records_its_probability(db_url, tmp_pat
         assert vote.selection_probability == pytest.approx(probability) and vote.offer_id == offer_id
         assert session.get(models.PairOffer, offer_id).outcome == "voted"
     with pytest.raises(review.DuplicateVote), session_scope(db_url) as session:
-        review.cast_vote(session, left, right, "bo")
+        review.cast_vote(session, left, right, "ana", offer_id=offer_id)
     [event] = _events(db_url, "vote")
     assert event.reviewer == "ana" and event.payload["offer_id"] == offer_id and event.created_at is not None
 
@@ -201,12 +201,31 @@ def test_concurrent_votes_on_postgres_lose_nothing_and_match_a_replay(tmp_path):
             votes = session.execute(select(models.Vote.winner_id, models.Vote.loser_id).order_by(models.Vote.id)).all()
             stored = {c.id: c.elo for c in session.scalars(select(models.Candidate))}
             events = session.scalar(select(func.count()).select_from(models.ReviewEvent).where(models.ReviewEvent.kind == "vote"))
-        assert len(votes) == len(pairs) == outcomes.count("ok") == events
+        # A pair may be voted more than once: every send is recorded, none lost or doubled.
+        assert len(votes) == len(outcomes) == outcomes.count("ok") == events
         assert len({frozenset(v) for v in votes}) == len(pairs)
         replay = elo.replay(seed.candidate_ids, votes)
         assert {cid: s.elo for cid, s in replay.items()} == stored
     finally:
         drop()
+
+
+def test_a_voted_pair_is_offered_and_voted_on_again(db_url, tmp_path):
+    # Two candidates, one pair: its second and third votes are what a close pair needs.
+    seed = seed_review(db_url, tmp_path / "home", candidates=2, posts=0)
+    offers = []
+    for round_ in range(3):
+        with session_scope(db_url) as session:
+            offer = review.next_pair(session, seed.step_ids[0], "ana", rng=random.Random(round_))
+            assert offer is not None and {offer.left_id, offer.right_id} == set(seed.candidate_ids)
+            review.cast_vote(session, offer.left_id, offer.right_id, "ana", offer_id=offer.id)
+            offers.append(offer.id)
+    with session_scope(db_url) as session:
+        votes = session.scalars(select(models.Vote).where(models.Vote.step_id == seed.step_ids[0])).all()
+        assert sorted(v.offer_id for v in votes) == sorted(offers) and len(set(offers)) == 3
+        assert review_views.unvoted_pairs(session, seed.step_ids[0]) == 0      # distinct pairs, not votes
+    with pytest.raises(review.DuplicateVote), session_scope(db_url) as session:   # still one vote per offer
+        review.cast_vote(session, *seed.candidate_ids, "ana", offer_id=offers[0])
 
 
 def test_a_skipped_pair_is_not_put_to_the_same_reviewer_again(db_url, tmp_path):

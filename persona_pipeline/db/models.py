@@ -309,11 +309,12 @@ class Candidate(Base):
 
 
 class Vote(Base):
-    """One pairwise vote. The pair is stored low id first so the unique key refuses a second vote."""
+    """One pairwise vote. The pair is stored low id first; a pair may have several votes (a close
+    pair at the top-K boundary is asked again), one per offer."""
 
     __tablename__ = "votes"
     __table_args__ = (
-        UniqueConstraint("pair_low_id", "pair_high_id"),
+        Index(None, "pair_low_id", "pair_high_id"),
         CheckConstraint("winner_id <> loser_id", name="not_self"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)

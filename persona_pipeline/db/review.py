@@ -124,14 +124,15 @@ def show_offer(session: Session, offer_id: int, reviewer: str) -> models.PairOff
     return offer
 
 
-def _vote_that_won(session: Session, offer_id: int | None, low: int, high: int) -> tuple[int, int | None] | None:
-    """After a vote's insert broke a unique key: the vote already stored on this offer or pair,
-    read on a fresh connection (this transaction is aborted on PostgreSQL)."""
-    same = (models.Vote.pair_low_id == low) & (models.Vote.pair_high_id == high)
-    if offer_id is not None:
-        same = same | (models.Vote.offer_id == offer_id)
+def _vote_that_won(session: Session, offer_id: int | None) -> tuple[int, int | None] | None:
+    """After a vote's insert broke a unique key: the vote already stored on this offer, read on a
+    fresh connection (this transaction is aborted on PostgreSQL). A pair may have several votes
+    (pairing asks a close pair again); an offer has one."""
+    if offer_id is None:
+        return None
     with session.get_bind().connect() as conn:
-        row = conn.execute(select(models.Vote.id, models.Vote.offer_id).where(same).limit(1)).first()
+        row = conn.execute(select(models.Vote.id, models.Vote.offer_id).where(models.Vote.offer_id == offer_id)
+                           .limit(1)).first()
     return (row.id, row.offer_id) if row else None
 
 
@@ -142,7 +143,7 @@ def cast_vote(session: Session, winner_id: int, loser_id: int, reviewer: str,
     With `offer_id` (the form), the vote answers that offer: made to this reviewer, shown, not
     answered yet (one vote per offer), on exactly the offered pair; it records the probability the
     pair had of being shown. Any duplicate, also one that commits while this vote is being
-    recorded, is a DuplicateVote."""
+    recorded, is a DuplicateVote. A pair may have several votes (each its own offer, or none)."""
     if winner_id == loser_id:
         raise ReviewError(f"candidate {winner_id} cannot be voted against itself")
     offer = None
@@ -165,8 +166,6 @@ def cast_vote(session: Session, winner_id: int, loser_id: int, reviewer: str,
     for cand in (winner, loser):
         if cand.status not in LIVE:
             raise ReviewError(f"candidate {cand.id} is {cand.status} and cannot be voted on")
-    if session.scalar(select(models.Vote.id).where(models.Vote.pair_low_id == low, models.Vote.pair_high_id == high)):
-        raise DuplicateVote(f"the pair {low}/{high} has already been voted on")
 
     winner_before, loser_before = winner.elo, loser.elo
     winner_after, loser_after = elo.apply_vote(winner_before, loser_before)
@@ -182,13 +181,10 @@ def cast_vote(session: Session, winner_id: int, loser_id: int, reviewer: str,
         session.flush()
     except IntegrityError:
         # SQLite has no row locks: a concurrent identical vote passes the checks above and is
-        # refused only here, by the unique keys on the offer and the pair.
-        won = _vote_that_won(session, offer_id, low, high)
-        if won is None:
+        # refused only here, by the unique key on the offer.
+        if _vote_that_won(session, offer_id) is None:
             raise
-        if offer_id is not None and won[1] == offer_id:
-            raise DuplicateVote(f"pair offer {offer_id} has already been voted on") from None
-        raise DuplicateVote(f"the pair {low}/{high} has already been voted on") from None
+        raise DuplicateVote(f"pair offer {offer_id} has already been voted on") from None
     _event(session, persona_id, "vote", "vote", vote.id, reviewer,
            {"winner_id": winner.id, "loser_id": loser.id, "step_id": step.id, "offer_id": vote.offer_id,
             "selection_probability": selection_probability})
@@ -209,11 +205,14 @@ def _step_votes(session: Session, step_id: int) -> list[tuple[int, int]]:
 
 def next_pair(session: Session, step_id: int, reviewer: str, exclude_offer_ids: Iterable[int] = (),
               exploration: float = 0.1, rng: random.Random | None = None, shown: bool = True) -> models.PairOffer | None:
-    """Choose and record the next pair to show on a step (None when every live pair is voted).
+    """Choose and record the next pair to show on a step (None when no pair can be offered: fewer
+    than two live candidates, or every pair held or skipped as below).
 
-    Pairs already voted, pairs of the caller's still-held offers (`exclude_offer_ids`, the pair the
-    page has preloaded) and pairs offered to anyone in the last OFFER_HOLD without an answer are
-    never offered, so two reviewers are not shown the same pair at once. `shown=False` is the page
+    A pair with votes may be offered again (`pairing.choose_pair` asks a close pair at the top-K
+    boundary until its order is settled). Pairs of the caller's still-held offers
+    (`exclude_offer_ids`, the pair the page has preloaded), pairs this reviewer skipped and pairs
+    offered to anyone in the last OFFER_HOLD without an answer are never offered, so two reviewers
+    are not shown the same pair at once. `shown=False` is the page
     preloading its next pair: that offer can be answered only after `show_offer`."""
     # One next_pair per step at a time (row lock on the step until commit), so each one sees the
     # offers committed before it; without it, concurrent requests all pick the same greedy pair.

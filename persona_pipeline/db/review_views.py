@@ -34,8 +34,10 @@ def unvoted_pairs(session: Session, step_id: int) -> int:
     """Pairs of the step's live candidates nobody has voted on yet."""
     live = set(session.scalars(select(models.Candidate.id).where(
         models.Candidate.step_id == step_id, models.Candidate.status.in_(LIVE))))
-    voted = sum(1 for low, high in session.execute(select(models.Vote.pair_low_id, models.Vote.pair_high_id)
-                                                   .where(models.Vote.step_id == step_id)) if low in live and high in live)
+    # Distinct pairs: a close pair may have several votes.
+    voted = len({(low, high) for low, high in session.execute(select(models.Vote.pair_low_id, models.Vote.pair_high_id)
+                                                              .where(models.Vote.step_id == step_id))
+                 if low in live and high in live})
     return len(live) * (len(live) - 1) // 2 - voted
 
 
