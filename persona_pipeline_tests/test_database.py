@@ -1,7 +1,7 @@
 """The data layer on SQLite and PostgreSQL: migrations, votes, decisions, post states."""
 
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from alembic import command
@@ -134,7 +134,7 @@ def test_pick_winner_and_post_approval_go_through_legal_transitions(db_url, tmp_
         with pytest.raises(review.ReviewError, match="'draft' cannot become 'scheduled'"):
             review.approve_post(session, post.id, "bo")
         review.set_post_status(session, post, "awaiting_approval")
-        review.approve_post(session, post.id, "bo")
+        review.approve_post(session, post.id, "bo", now=slot - timedelta(days=1))  # approved before its slot
         assert post.status == "scheduled"
         kinds = [e.kind for e in session.scalars(select(models.ReviewEvent).order_by(models.ReviewEvent.id))]
         assert kinds == ["pick_winner", "approve_post"]

@@ -107,7 +107,7 @@ def test_publishes_a_post_through_every_call(fake, media, client, waits):
 
 
 def test_token_info_reads_validity_and_expiry(fake, client):
-    expiry = datetime(2031, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    expiry = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=60)  # a long-lived token's life
     fake.set_token_expiry(USER, expiry)
     assert client.token_info(TOKEN) == TokenInfo(valid=True, expires_at=expiry)
     assert client.token_info(OTHER_TOKEN) == TokenInfo(valid=True, expires_at=None)  # 0 = never expires

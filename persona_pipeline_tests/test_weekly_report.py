@@ -156,7 +156,7 @@ def seed_week(url: str, tmp_path: Path, start: datetime, end: datetime) -> dict:
 
         # Posts.
         media = home / "personas" / SLUG / "media"
-        slot = datetime(2030, 1, 1, 12, tzinfo=timezone.utc)
+        slot = end + timedelta(days=30)  # planned slots after the window, whatever today is
 
         def post(status, n, **values):
             row = models.Post(persona_id=persona.id, pillar_id=city.id, account=f"outbox:{SLUG}", status=status,
