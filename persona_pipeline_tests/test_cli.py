@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from persona_pipeline import cli
-from persona_pipeline.db.session import upgrade
+from persona_pipeline.db.session import head_revision, upgrade
 
 from .conftest import write_persona
 
@@ -58,7 +58,7 @@ def test_database_commands_on_an_empty_home_say_to_upgrade(argv, empty_home, tmp
 def test_a_database_behind_the_code_says_to_upgrade(empty_home, capsys):
     upgrade(f"sqlite:///{empty_home / 'persona.db'}", "0005")
     assert cli.main(["trace", "1"]) == 2
-    assert "is at revision 0005, not the latest 0006: run `persona-pipeline db upgrade`" in _one_error_line(capsys)
+    assert f"is at revision 0005, not the latest {head_revision()}: run `persona-pipeline db upgrade`" in _one_error_line(capsys)
 
 
 def test_unknown_ids_and_personas_are_one_line(empty_home, tmp_path, capsys):
