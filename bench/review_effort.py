@@ -2,13 +2,16 @@
 steps nobody tuned to; `choose_pair` against two references run in the same process.
 
     python bench/review_effort.py [--quick] [--seeds S] [--sigmas 1,2,3,5] [--sizes 20,30,60]
-                                  [--flips 0,0.1,0.2] [--top-k K] [--exploration E] [--jobs J]
+                                  [--flips 0,0.1,0.2] [--cells S:N:F,...] [--top-k K] [--exploration E]
+                                  [--jobs J]
 
 Grid (full): hidden Bradley–Terry strengths θ ~ Normal(0, σ) in logits (natural units; 1 logit =
 174 Elo) for σ in {1, 2, 3, 5}, N in {20, 30, 60} candidates, voters who flip {0, 10, 20}% of their
 answers, 40 seeds per cell, top K = 3. No condition on the draw: the K-th and (K+1)-th are as close
 as chance makes them (an older version redrew until they were 400 Elo apart, which hid that the
-selector stopped learning). --quick: σ in {1, 3}, N = 20, flips {0, 0.2}, 20 seeds.
+selector stopped learning). --quick: σ in {1, 3}, N = 20, flips {0, 0.2}, 20 seeds. --cells
+3:20:0,5:60:0.1 runs only those (σ, N, flip) cells of the grid, each with the same draws as in the
+full grid (the draws depend on the seed, N and σ only), e.g. to recheck the cells a change targets.
 
 Voter: asked about (i, j), picks i with probability (1 − flip)·σ(θ_i − θ_j) + flip·σ(θ_j − θ_i).
 A pair can be asked again. The m-th answer on a pair comes from a uniform drawn for (seed, pair, m),
@@ -222,6 +225,7 @@ def main() -> int:
     parser.add_argument("--sigmas", help="strength SDs in logits (default 1,2,3,5)")
     parser.add_argument("--sizes", help="candidates per step (default 20,30,60)")
     parser.add_argument("--flips", help="share of answers flipped (default 0,0.1,0.2)")
+    parser.add_argument("--cells", help="only these cells, as sigma:N:flip separated by commas (e.g. 3:20:0,5:60:0.1)")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--exploration", type=float, default=0.1, help="choose_pair's exploration (0.1)")
     parser.add_argument("--jobs", type=int, default=1, help="cells simulated in parallel processes (1)")
@@ -231,8 +235,18 @@ def main() -> int:
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([20] if args.quick else [20, 30, 60])
     flips = floats(args.flips) if args.flips else ([0.0, 0.2] if args.quick else [0.0, 0.1, 0.2])
     seeds = args.seeds or (20 if args.quick else 40)
-    cells = [Cell(sigma, n, flip, seeds, args.top_k, args.exploration)
-             for n in sizes for sigma in sigmas for flip in flips]
+    if args.cells:
+        if args.quick or args.sigmas or args.sizes or args.flips:
+            parser.error("--cells names whole cells: it cannot be combined with --quick, --sigmas, --sizes or --flips")
+        try:
+            chosen = [(float(sigma), int(n), float(flip)) for sigma, n, flip in
+                      (text.split(":") for text in args.cells.split(","))]
+        except ValueError:
+            parser.error(f"--cells {args.cells!r}: expected sigma:N:flip separated by commas, e.g. 3:20:0,5:60:0.1")
+        cells = [Cell(sigma, n, flip, seeds, args.top_k, args.exploration) for sigma, n, flip in chosen]
+    else:
+        cells = [Cell(sigma, n, flip, seeds, args.top_k, args.exploration)
+                 for n in sizes for sigma in sigmas for flip in flips]
     print(f"Reviewer effort: true top {args.top_k}; strengths ~ Normal(0, sigma) logits; {seeds} seeds per cell; "
           f"budget max(435, 10N) votes; {len(cells)} cells")
     print("  median = votes until the fitted top K is right and stays so to the end of the budget "
