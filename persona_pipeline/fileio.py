@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,22 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
+
+
+def filesystem_now(folder: Path) -> float:
+    """Now, on the clock that stamps files in `folder`: the mtime of a probe file made and removed
+    there. A file's age is measured on this clock, not the process's, which may differ (a network
+    share's server clock, a process whose clock was moved). Falls back to time.time() where the
+    folder cannot be written."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".clock-probe-", dir=folder)
+    except OSError:
+        return time.time()
+    try:
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        os.unlink(name)
 
 
 def link_refusal(root: Path, path: Path) -> str | None:

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import struct
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -187,8 +186,8 @@ def _drop(settings, source: Path, relpath: str, *, old: bool = True, data: bytes
     target = settings.home / "loras" / "incoming" / relpath
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(source.read_bytes() if data is None else data)
-    if old:  # settled: older than the sensor's wait
-        past = time.time() - SETTLE_SECONDS - 5
+    if old:  # settled: older than the sensor's wait, on the file system's clock
+        past = target.stat().st_mtime - SETTLE_SECONDS - 5
         os.utime(target, (past, past))
     return target
 
@@ -226,7 +225,7 @@ def test_sensor_requests_one_run_per_settled_file_and_none_again(library, tiny_l
     again = _tick(resources, result.cursor)
     assert again.run_requests == [] and json.loads(again.cursor) == json.loads(result.cursor)
 
-    past = time.time() - SETTLE_SECONDS - 5
+    past = young.stat().st_mtime - SETTLE_SECONDS - 5
     os.utime(young, (past, past))  # it settled
     later = _tick(resources, again.cursor)
     assert [r.run_key.split(":")[0] for r in later.run_requests] == ["mira/young.safetensors"]
@@ -387,7 +386,7 @@ def _link(settings, relpath: str, target: Path, *, folder: bool = False) -> Path
     link = settings.home / "loras" / "incoming" / relpath
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(target, target_is_directory=folder)
-    past = time.time() - SETTLE_SECONDS - 5
+    past = link.lstat().st_mtime - SETTLE_SECONDS - 5
     os.utime(link, (past, past), follow_symlinks=False)
     return link
 
@@ -400,7 +399,7 @@ def test_a_linked_lora_is_refused_by_name_and_its_target_never_read(library, tin
     outside = tmp_path / "elsewhere" / "real.safetensors"
     outside.parent.mkdir()
     shutil.copy(tiny_loras["kohya"], outside)
-    past = time.time() - SETTLE_SECONDS - 5
+    past = outside.stat().st_mtime - SETTLE_SECONDS - 5
     os.utime(outside, (past, past))  # settled too: only the link decides
     link = _link(settings, "mira/linked.safetensors", outside)
     _drop(settings, tiny_loras["kohya"], "mira/linked.metadata.json", data=b'{"name": "kept with its LoRA"}')
@@ -428,7 +427,7 @@ def test_a_linked_persona_folder_and_linked_metadata_are_refused(library, tiny_l
     elsewhere.mkdir()
     shutil.copy(tiny_loras["kohya"], elsewhere / "inside.safetensors")
     (elsewhere / "secret.json").write_text(json.dumps({"name": "SECRET-NAME"}))
-    past = time.time() - SETTLE_SECONDS - 5
+    past = (elsewhere / "inside.safetensors").stat().st_mtime - SETTLE_SECONDS - 5
     os.utime(elsewhere / "inside.safetensors", (past, past))  # settled too: only the link decides
     _link(settings, "other", elsewhere, folder=True)
 

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,8 @@ import dagster as dg
 from sqlalchemy import select
 
 from persona_pipeline.db import models, registry
-from persona_pipeline.fileio import atomic_copy, entry_refusal, link_refusal, read_regular, scan_folder, sha256_file
+from persona_pipeline.fileio import (atomic_copy, entry_refusal, filesystem_now, link_refusal, read_regular, scan_folder,
+                                     sha256_file)
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline.resources.storage import PersonaStorage
@@ -200,7 +200,7 @@ def lora_incoming_sensor(context: dg.SensorEvaluationContext, storage: PersonaSt
     seen: dict[str, list[Any]] = json.loads(context.cursor) if context.cursor else {}
     cursor: dict[str, list[Any]] = {}
     run_requests = []
-    now = time.time()
+    now = None  # the drop folder's own clock, read once a file needs it
     for path in dropped_files(incoming):
         relpath = path.relative_to(incoming).as_posix()
         stat = path.lstat()  # a link's own times: its target is not looked at
@@ -208,6 +208,7 @@ def lora_incoming_sensor(context: dg.SensorEvaluationContext, storage: PersonaSt
         if previous and previous[:2] == [stat.st_size, stat.st_mtime_ns]:
             cursor[relpath] = previous  # requested already; its run moves it out of the folder
             continue
+        now = filesystem_now(incoming) if now is None else now
         if now - stat.st_mtime < SETTLE_SECONDS:
             continue  # still being written, perhaps: look again next tick
         sha256 = _fingerprint(path)
