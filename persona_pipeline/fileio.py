@@ -118,17 +118,17 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def filesystem_now(folder: Path) -> float:
-    """Now, on the clock that stamps files in `folder`: the mtime of a probe file made and removed
-    there. A file's age is measured on this clock, not the process's, which may differ (a network
-    share's server clock, a process whose clock was moved). Falls back to time.time() where the
-    folder cannot be written."""
+def filesystem_now_ns(folder: Path) -> int:
+    """Now, in ns, on the clock that stamps files in `folder`: the mtime of a probe file made and
+    removed there. A file's age or newness is measured on this clock, not the process's, which may
+    differ (a network share's server clock, a process whose clock was moved). Falls back to
+    time.time_ns() where the folder cannot be written."""
     try:
         fd, name = tempfile.mkstemp(prefix=".clock-probe-", dir=folder)
     except OSError:
-        return time.time()
+        return time.time_ns()
     try:
-        return os.fstat(fd).st_mtime
+        return os.fstat(fd).st_mtime_ns
     finally:
         os.close(fd)
         os.unlink(name)

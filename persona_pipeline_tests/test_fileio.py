@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 import time_machine
 
-from persona_pipeline.fileio import (UnsafePath, entry_refusal, filesystem_now, link_refusal, read_regular, scan_folder,
+from persona_pipeline.fileio import (UnsafePath, entry_refusal, filesystem_now_ns, link_refusal, read_regular, scan_folder,
                                      sha256_file)
 
 
@@ -61,12 +61,12 @@ def test_read_regular_never_opens_a_link_or_a_fifo(tree):
         sha256_file(root / "sub" / "link.jpg", follow_links=False)
 
 
-def test_filesystem_now_reads_the_folders_clock_not_the_process_clock(tmp_path):
+def test_filesystem_now_ns_reads_the_folders_clock_not_the_process_clock(tmp_path):
     """A file's age is measured on the clock that stamps it: with the process clock a year off, a
     file written just now is still seconds old, and the probe leaves nothing behind."""
     fresh = tmp_path / "fresh.safetensors"
     fresh.write_bytes(b"x")
     with time_machine.travel(timedelta(days=400), tick=True):
         assert abs(time.time() - fresh.stat().st_mtime) > 300 * 86400  # the process clock moved
-        assert abs(filesystem_now(tmp_path) - fresh.stat().st_mtime) < 60
+        assert abs(filesystem_now_ns(tmp_path) / 1e9 - fresh.stat().st_mtime) < 60
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.safetensors"]

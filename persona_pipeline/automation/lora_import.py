@@ -30,7 +30,7 @@ import dagster as dg
 from sqlalchemy import select
 
 from persona_pipeline.db import models, registry
-from persona_pipeline.fileio import (atomic_copy, entry_refusal, filesystem_now, link_refusal, read_regular, scan_folder,
+from persona_pipeline.fileio import (atomic_copy, entry_refusal, filesystem_now_ns, link_refusal, read_regular, scan_folder,
                                      sha256_file)
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
@@ -208,7 +208,7 @@ def lora_incoming_sensor(context: dg.SensorEvaluationContext, storage: PersonaSt
         if previous and previous[:2] == [stat.st_size, stat.st_mtime_ns]:
             cursor[relpath] = previous  # requested already; its run moves it out of the folder
             continue
-        now = filesystem_now(incoming) if now is None else now
+        now = filesystem_now_ns(incoming) / 1e9 if now is None else now
         if now - stat.st_mtime < SETTLE_SECONDS:
             continue  # still being written, perhaps: look again next tick
         sha256 = _fingerprint(path)

@@ -8,17 +8,17 @@ folder the first time it asks for it, and pushes every file written under the ca
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import dagster as dg
 from pydantic import PrivateAttr
 
+from persona_pipeline.fileio import filesystem_now_ns
 from persona_pipeline.objectstore import ArtifactMirror, PushReport
 
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# ctime comes from the kernel's coarse clock, a few ms behind time.time_ns(): look back a second
-# (a file pushed twice is only compared by its sha256 and skipped).
+# Times are read on the cache's own clock (fileio.filesystem_now_ns), the one that stamps ctimes;
+# look back a second anyway (a file pushed twice is only compared by its sha256 and skipped).
 CTIME_SLACK_NS = 1_000_000_000
 
 
@@ -62,10 +62,15 @@ class PersonaStorage(dg.ConfigurableResource):
             self.lora_library_dir(slug)
             self.models_dir()
         # After the pull: what it downloaded is in the bucket already.
-        self._since_ns = time.time_ns() - CTIME_SLACK_NS
+        self._since_ns = self._cache_now_ns() - CTIME_SLACK_NS
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         self.push_written()
+
+    def _cache_now_ns(self) -> int:
+        """Now on the clock that stamps the cache's files, which changed_since compares ctimes with."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return filesystem_now_ns(self.root)
 
     def ensure_local(self, paths: list[Path]) -> None:
         """With object storage: fetch each of `paths` (files named by database rows) that the cache lacks."""
@@ -80,7 +85,7 @@ class PersonaStorage(dg.ConfigurableResource):
         left pending. Raises ObjectStoreError (the files stay in the cache for the next push)."""
         if self.mirror is None or self._since_ns is None:
             return None
-        walked_at = time.time_ns() - CTIME_SLACK_NS
+        walked_at = self._cache_now_ns() - CTIME_SLACK_NS
         report = self.mirror.push(self.mirror.changed_since(self._since_ns))
         # Pushed: the next push (the teardown's backstop after an asset's own) looks only at what
         # changed since, instead of hashing and asking the bucket about every file again.
