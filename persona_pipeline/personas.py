@@ -84,7 +84,7 @@ class HashtagSettings(_Strict):
 
 
 class StrategySettings(_Strict):
-    """How the posting strategy picks and spaces posts (domain/strategy.py, README "Strategy")."""
+    """How the posting strategy picks and spaces posts (domain/strategy.py, docs/posting.md#strategy)."""
 
     posts_per_week: float = Field(default=3, ge=0, le=50)  # the gap analysis plans for this rate
     weekly_cap: int = Field(default=5, ge=0, le=100)  # never more posts in any 7 days
@@ -103,7 +103,7 @@ class LibrarySettings(_Strict):
 
 class ScheduleSettings(_Strict):
     """When the persona's jobs run on their own: five-field cron expressions in the persona's
-    timezone (README "Schedules"). `null` turns one off. Changing persona.yaml changes the schedule
+    timezone (docs/operations.md#schedules). `null` turns one off. Changing persona.yaml changes the schedule
     at the next minute, without a code change or a reload."""
 
     planning: str | None = "0 6 * * *"  # content_plan: prompts for the pillar gaps, themes in rotation
@@ -139,7 +139,7 @@ class RegularizationSettings(_Strict):
 
 
 class QualitySettings(_Strict):
-    """Thresholds of the training set's quality checks (README "Dataset quality checks")."""
+    """Thresholds of the training set's quality checks (docs/training.md#dataset-quality-checks)."""
 
     blur_min_variance: float = Field(default=100.0, ge=0)
     duplicate_cosine: float = Field(default=0.95, gt=0, le=1)
@@ -148,7 +148,7 @@ class QualitySettings(_Strict):
 
 class TrainingOverrides(_Strict):
     """Per-persona dataset and training settings; every unset training field takes the base
-    model's preset (README "Training presets")."""
+    model's preset (docs/training.md#training-presets)."""
 
     # Captions: a sidecar .txt next to the photo always wins; else `auto` uses Gemini when
     # GEMINI_API_KEY is set and open_clip zero-shot otherwise; `template` fills caption_template.
@@ -251,7 +251,7 @@ class PipelineStep(_Strict):
 
 
 class GenerationSettings(_Strict):
-    """How a persona's candidates are made (README "Generation")."""
+    """How a persona's candidates are made (docs/generation.md)."""
 
     backend: Literal["comfyui", "diffusers"] | None = None  # None: PERSONA_GENERATION_BACKEND
     checkpoint: str | None = None  # ComfyUI ckpt_name; None: COMFYUI_CHECKPOINT

@@ -1,4 +1,4 @@
-"""Bradley–Terry ranking (REFERENCES.md §4): fit, bootstrap intervals, deterministic order."""
+"""Bradley–Terry ranking (docs/rules.md#bradley-terry): fit, bootstrap intervals, deterministic order."""
 
 import math
 import random

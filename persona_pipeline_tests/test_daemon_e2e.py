@@ -6,7 +6,7 @@ Two phases, as a studio onboards a persona:
 1. the persona folder arrives with its schedules off (`null`): the persona sensor adds the partition
    and starts `photo_set` (photos → dataset → LoRA);
 2. once the LoRA exists, the test switches the persona's schedules on by editing persona.yaml
-   (planning + posting in the next minute, generation two minutes later; no reload, as the README
+   (planning + posting in the next minute, generation two minutes later; no reload, as docs/operations.md#schedules
    says). From there the generation schedule's run votes and picks winners (PERSONA_AUTO_REVIEW=1),
    the review sensor turns those decisions into `advance_runs` / `library` / `post_calendar_refresh`
    runs, and the publish schedule (every minute here) writes the post to the outbox.

@@ -73,13 +73,14 @@ def test_the_publisher_setting_picks_outbox_or_instagram(monkeypatch, tmp_path):
         build_definitions()
 
 
-def test_readme_documents_every_setting_and_starts_with_the_two_commands():
+def test_docs_name_every_setting_and_readme_starts_with_the_two_commands():
     from persona_pipeline.settings import SETTINGS
     from persona_pipeline_tests.conftest import REPO
 
     readme = (REPO / "README.md").read_text()
+    docs = readme + "".join(path.read_text() for path in sorted((REPO / "docs").glob("*.md")))
     for setting in SETTINGS:
-        assert f"`{setting.env}`" in readme, setting.env
+        assert f"`{setting.env}`" in docs, setting.env
     demo_at, test_at = readme.index("<!-- demo-command -->"), readme.index("<!-- test-command -->")
     assert demo_at < test_at < readme.index("## What it is")
     assert "persona-pipeline demo" in readme[demo_at:test_at] and "pytest" in readme[test_at:test_at + 300]

@@ -1,4 +1,4 @@
-"""Elo exactly as REFERENCES.md §1."""
+"""Elo exactly as docs/rules.md#elo states it, worked values included."""
 
 import pytest
 

@@ -1,5 +1,5 @@
 """content_plan: prompts that fill the pillar gaps of the latest `pillar_gaps` report
-(REFERENCES.md §1): through Gemini with structured JSON output when GEMINI_API_KEY is set, else
+(docs/rules.md#gap-analysis): through Gemini with structured JSON output when GEMINI_API_KEY is set, else
 from templates. Each prompt is stored as a `content_prompts` row; `candidates` starts one run per prompt.
 
 Which pillar and theme each prompt is for comes from the topic rotation (domain/rotation.py): the

@@ -1,4 +1,4 @@
-"""Freshness checks on post_calendar (README "Freshness"): a persona whose scheduled posts cover
+"""Freshness checks on post_calendar (docs/operations.md#freshness): a persona whose scheduled posts cover
 fewer than PERSONA_FRESHNESS_DAYS ahead, or whose approved-but-unposted images would run dry within
 that many days at its posting rate, gets a warning. The alert sensor
 (persona_pipeline.automation.alerts) evaluates the same rules on its own clock and notifies."""

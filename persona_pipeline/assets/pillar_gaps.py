@@ -1,4 +1,4 @@
-"""pillar_gaps: the gap analysis of REFERENCES.md §1 over the persona's content library: per pillar
+"""pillar_gaps: the gap analysis of docs/rules.md#gap-analysis over the persona's content library: per pillar
 needed, available, gap and status (exhausted / critical / low / ready). content_plan plans its
 prompts from the latest report; the check warns when a pillar has run out."""
 

@@ -1,6 +1,6 @@
 """rankings: per run step, a Bradley–Terry fit of its votes with bootstrap 95% intervals (the
-ranking that decides top-K and winners) written to the candidates, beside Elo replayed exactly by
-REFERENCES.md §1 (kept for compatibility and display). With auto-review on, the best candidate of
+ranking that decides top-K and winners) written to the candidates, beside Elo replayed exactly as the
+older voting tool computed it (docs/rules.md#elo; kept for compatibility and display). With auto-review on, the best candidate of
 each undecided run's final step is picked."""
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Alerts to ALERT_WEBHOOK_URL (README "Alerts"), through the outbox in persona_pipeline.db.alerts.
+"""Alerts to ALERT_WEBHOOK_URL (docs/operations.md#alerts), through the outbox in persona_pipeline.db.alerts.
 
 - `run_failure_alerts`: a run failed → one message naming the persona (the run's partition), the
   job, the failed assets or steps and the first line of the error, with a link to the run.

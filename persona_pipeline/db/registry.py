@@ -138,7 +138,7 @@ def list_loras(session: Session, persona_id: int) -> list[models.PersonaLora]:
     ))
 
 
-MAX_CHAINED_LORAS = 5  # REFERENCES.md §1; generation refuses more, so the library does too
+MAX_CHAINED_LORAS = 5  # docs/rules.md#generation-limits; generation refuses more, so the library does too
 
 
 def set_lora_mapping(session: Session, persona_id: int, lora_id: int, *, weight: float | None = None,

@@ -1,4 +1,4 @@
-"""Bradley–Terry ranking from pairwise votes, with bootstrap confidence intervals (REFERENCES.md §4).
+"""Bradley–Terry ranking from pairwise votes, with bootstrap confidence intervals (docs/rules.md#bradley-terry).
 
 Model: P(a beats b) = σ(ln10·(r_a − r_b)/400), the Elo curve, so scores read like Elo points. Unlike
 online Elo (domain/elo.py) the fit does not depend on the order of the votes.

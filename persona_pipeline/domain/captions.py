@@ -1,8 +1,8 @@
 """Caption and hashtag rules shared by training captions and post captions.
 
-Post captions (REFERENCES.md §1): a length band per persona, the phrases repeated in its recent
+Post captions (docs/rules.md#captions-and-hashtags): a length band per persona, the phrases repeated in its recent
 captions (sent to the caption model as phrases to avoid), template captions when no model is
-configured, hashtags picked by the persona's size mix, and Instagram's limits (§3), checked in one
+configured, hashtags picked by the persona's size mix, and Instagram's limits (docs/rules.md#graph-api-limits), checked in one
 place: `validate_post_text`.
 """
 

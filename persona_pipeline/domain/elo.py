@@ -1,4 +1,4 @@
-"""Elo exactly as the older voting system computed it (REFERENCES.md §1).
+"""Elo exactly as the older voting system computed it (docs/rules.md#elo).
 
 K = 32, every candidate starts at 1000, scores are whole numbers, the change is
 round(32·(S − E)) with halves rounded away from zero, and both sides use the pre-vote scores.

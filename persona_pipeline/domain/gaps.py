@@ -1,5 +1,5 @@
 """Content-pillar gap analysis over the coming days, as the older content planner did it
-(REFERENCES.md §1, "Content planning").
+(docs/rules.md#gap-analysis).
 
 Over a horizon of `days` (30) starting today:
 - total posts = ⌈posts_per_week × days / 7⌉ (3/week over 30 days: ⌈12.86⌉ = 13);

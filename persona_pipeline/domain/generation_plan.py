@@ -1,4 +1,4 @@
-"""The generation tree's rules (REFERENCES.md §1), as pure functions over counts.
+"""The generation tree's rules (docs/rules.md#generation-tree), as pure functions over counts.
 
 - Step 1 makes `n` roots; step k+1 makes `n` children for each of step k's approved top-K.
 - Every image is one job in a numbered slot under its parent. A slot is never reused, so a

@@ -20,7 +20,7 @@
 
 Subcodes are checked before codes because Instagram puts a specific subcode under a generic code:
 2207051 (spam) comes with code 4, which alone means throttling. Source: Meta's "Instagram Platform
-error codes" table and the Graph API error handling guide (REFERENCES.md §3).
+error codes" table and the Graph API error handling guide (docs/rules.md#graph-api-errors).
 """
 
 from __future__ import annotations

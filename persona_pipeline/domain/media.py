@@ -1,4 +1,4 @@
-"""The JPEG a post publishes: what Instagram's content-publishing API accepts (REFERENCES.md §3:
+"""The JPEG a post publishes: what Instagram's content-publishing API accepts (docs/rules.md#graph-api-limits:
 JPEG only, at most 8 MiB, aspect ratio between 4:5 and 1.91:1).
 
 `export_post_jpeg` turns any readable image into such a JPEG; `check_post_jpeg` says what is wrong

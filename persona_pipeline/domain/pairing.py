@@ -1,4 +1,4 @@
-"""Which pair a reviewer sees next (REFERENCES.md §4): active selection at the top-K boundary.
+"""Which pair a reviewer sees next (docs/rules.md#pair-choice): active selection at the top-K boundary.
 
 `choose_pair` shows, of the pairs straddling the top-K boundary, the one whose order is the most in
 doubt weighted by how much one vote can still settle it (`boundary_score`), and with probability

@@ -1,5 +1,5 @@
 """Which library image goes into which free posting slot, as the older content planner decided it
-(REFERENCES.md §1, "Content planning"): the pillar furthest below its weight over the last 30 days,
+(docs/rules.md#posting-strategy): the pillar furthest below its weight over the last 30 days,
 variety rules for themes, a weekly post cap, and relaxation when the rules leave nothing.
 
 Rules, per slot, slots taken in time order (each slot gets at most one post, each option is used

@@ -23,7 +23,7 @@ CTIME_SLACK_NS = 1_000_000_000
 
 
 class PersonaStorage(dg.ConfigurableResource):
-    """Layout under PERSONA_HOME (see README.md)."""
+    """Layout under PERSONA_HOME (README.md, "What each stage writes")."""
 
     home: str
     artifact_store: str = ""  # s3://bucket/prefix holding the durable copy of `home`; "" = local only

@@ -1,7 +1,7 @@
 """The reliability suite: faults, load, bad input and security, each measured. Every test records
 what it measured with the `figure` fixture; with PERSONA_RELIABILITY_FIGURES=<file> set, the
 figures are appended there as JSON lines, and `python -m persona_pipeline_tests.reliability.report
-<file>` turns them into the README's table."""
+<file>` turns them into the list in docs/reliability.md."""
 
 from __future__ import annotations
 
