@@ -17,7 +17,7 @@ Catalogue = dict[tuple[str, str], dict[str, str]]
 
 
 def normalise_name(name: str) -> str:
-    """One spelling for a model file name: Windows servers list "persona\\\\x.safetensors" where a
+    """One spelling for a model file name: Windows servers list "persona\\x.safetensors" where a
     Linux one lists "persona/x.safetensors"."""
     return name.replace("\\", "/")
 
@@ -57,7 +57,7 @@ def combo_values(object_info: dict, class_name: str, input_name: str) -> dict[st
 
 def server_spelling(graph: dict, needs: list[ModelNeed], catalogue: Catalogue | None) -> None:
     """Write each model file name of `graph` as the server lists it (a Windows server lists
-    "persona\\\\x.safetensors"); a name it does not list stays as it is."""
+    "persona\\x.safetensors"); a name it does not list stays as it is."""
     for node_id, _, input_name, value, class_name in needs:
         names = catalogue.get((class_name, input_name), {}) if catalogue else {}
         graph[node_id]["inputs"][input_name] = names.get(normalise_name(value), value)
