@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from persona_pipeline.db import models, registry
 from persona_pipeline.db.session import session_scope
-from persona_pipeline.resources.comfyui import ComfyUIPool, _combo_values, _normalise_name
+from persona_pipeline.resources.comfyui import ComfyUIPool, combo_values, normalise_name
 from persona_pipeline.resources.generation import GenerationDefaults
 from persona_pipeline.settings import Settings
 
@@ -40,7 +40,7 @@ def library_lora_names(settings: Settings) -> list[str]:
 def catalogue(pool: ComfyUIPool, url: str, class_name: str, input_name: str) -> set[str]:
     answer = requests.get(f"{url}/object_info/{class_name}", timeout=pool.request_timeout_s)
     answer.raise_for_status()
-    return set(_combo_values(answer.json(), class_name, input_name))
+    return set(combo_values(answer.json(), class_name, input_name))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print("COMFYUI_URLS is empty: no ComfyUI server to check")
         return 2
     loras = library_lora_names(settings)
-    checkpoint = _normalise_name(settings.comfyui_checkpoint)
+    checkpoint = normalise_name(settings.comfyui_checkpoint)
     print(f"{len(urls)} server(s), at most {settings.comfyui_max_in_flight} job(s) in flight on each; "
           f"checkpoint {settings.comfyui_checkpoint}; {len(loras)} LoRA(s) in the library")
     problems, ready = 0, 0
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"DOWN     {health.url}: /object_info failed: {exc}")
             continue
         missing = ([settings.comfyui_checkpoint] if checkpoint not in checkpoints else []) + \
-                  [name for name in loras if _normalise_name(name) not in listed]
+                  [name for name in loras if normalise_name(name) not in listed]
         vram = (f", VRAM free {health.vram_free / 2**30:.1f} of {health.vram_total / 2**30:.1f} GiB"
                 if health.vram_free is not None and health.vram_total else "")
         state = "ok" if not missing else "MISSING"
