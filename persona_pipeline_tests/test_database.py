@@ -10,7 +10,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from persona_pipeline.db import models, registry, review
+from persona_pipeline.db import models, registry, review, review_posts
 from persona_pipeline.db.session import alembic_config, current_revision, get_engine, head_revision, session_scope, upgrade
 from persona_pipeline.domain import elo
 from persona_pipeline.personas import load_persona
@@ -132,9 +132,9 @@ def test_pick_winner_and_post_approval_go_through_legal_transitions(db_url, tmp_
         session.add(post)
         session.flush()
         with pytest.raises(review.ReviewError, match="'draft' cannot become 'scheduled'"):
-            review.approve_post(session, post.id, "bo")
-        review.set_post_status(session, post, "awaiting_approval")
-        review.approve_post(session, post.id, "bo", now=slot - timedelta(days=1))  # approved before its slot
+            review_posts.approve_post(session, post.id, "bo")
+        review_posts.set_post_status(session, post, "awaiting_approval")
+        review_posts.approve_post(session, post.id, "bo", now=slot - timedelta(days=1))  # approved before its slot
         assert post.status == "scheduled"
         kinds = [e.kind for e in session.scalars(select(models.ReviewEvent).order_by(models.ReviewEvent.id))]
         assert kinds == ["pick_winner", "approve_post"]

@@ -26,7 +26,7 @@ from persona_pipeline.assets.content_plan import content_plan
 from persona_pipeline.assets.pillar_gaps import pillar_gaps, pillars_stocked
 from persona_pipeline.assets.scheduled_posts import scheduled_posts
 from persona_pipeline.automation.publishing import publish_due
-from persona_pipeline.db import library, models, registry, review
+from persona_pipeline.db import library, models, registry, review_posts
 from persona_pipeline.db.session import session_scope
 from persona_pipeline.definitions import build_resources
 from persona_pipeline.domain import post_states
@@ -695,10 +695,10 @@ def test_released_items_are_offered_again_and_a_published_one_is_used_up(tmp_pat
                          max(datetime.now(timezone.utc), first.scheduled_at), logging.getLogger("test"))
     assert counts.get("published") == 1
     with session_scope(lib.url) as session:
-        review.reject_post(session, second.id, "reviewer", "not this one")
+        review_posts.reject_post(session, second.id, "reviewer", "not this one")
         post = session.get(models.Post, third.id)
         for status in (post_states.PUBLISHING, post_states.FAILED, post_states.ABANDONED):
-            review.set_post_status(session, post, status, reason="media refused")
+            review_posts.set_post_status(session, post, status, reason="media refused")
     used = next(i for i in lib.items() if i.id == items[0])
     assert (used.status, used.used_by_post_id) == ("used", first.id) and used.used_at is not None
     assert [i.id for i in _available(lib)] == items[1:]
@@ -720,7 +720,7 @@ def test_a_rejected_post_frees_its_slot_for_the_next_plan(tmp_path, db_url):
     lib.materialise(scheduled_posts)
     posts = _new_posts(lib)
     with session_scope(lib.url) as session:
-        review.reject_post(session, posts[-1].id, "reviewer")
+        review_posts.reject_post(session, posts[-1].id, "reviewer")
 
     result = lib.materialise(scheduled_posts, raise_on_error=False)
     assert result.success, _failure(result)

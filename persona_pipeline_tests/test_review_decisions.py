@@ -1,4 +1,4 @@
-"""The review decisions the form calls (db/review.py, db/review_views.py) on SQLite and PostgreSQL:
+"""The review decisions the form calls (db/review.py, db/review_posts.py, db/review_views.py) on SQLite and PostgreSQL:
 pair offers, votes bound to offers, Bradley–Terry approval, winners from the final step, post edits,
 moves and rejections, and the queue. Concurrency runs on PostgreSQL."""
 
@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from persona_pipeline.db import models, review, review_views
+from persona_pipeline.db import models, review, review_posts, review_views
 from persona_pipeline.db.session import session_scope
 from persona_pipeline.domain import elo
 from persona_pipeline_tests.conftest import make_database
@@ -122,33 +122,33 @@ def test_post_edit_move_reject_and_approve(db_url, tmp_path):
     seed = seed_review(db_url, tmp_path / "home", posts=3)
     first, second, third = seed.post_ids
     with pytest.raises(review.ReviewError, match="the limit is 2"), session_scope(db_url) as session:
-        review.edit_post(session, first, "New words", ["a", "b", "c"], "ana")  # the test persona allows 2
+        review_posts.edit_post(session, first, "New words", ["a", "b", "c"], "ana")  # the test persona allows 2
     with pytest.raises(review.ReviewError, match="2200"), session_scope(db_url) as session:
-        review.edit_post(session, first, "x" * 2300, [], "ana")
+        review_posts.edit_post(session, first, "x" * 2300, [], "ana")
     with pytest.raises(review.ReviewError, match="'#not ok'"), session_scope(db_url) as session:
-        review.edit_post(session, first, "fine", ["#not ok"], "ana")
+        review_posts.edit_post(session, first, "fine", ["#not ok"], "ana")
     with session_scope(db_url) as session:
-        post = review.edit_post(session, first, "  <b>New</b> words  ", ["sun", "#sea", "sun"], "ana")
+        post = review_posts.edit_post(session, first, "  <b>New</b> words  ", ["sun", "#sea", "sun"], "ana")
         assert post.caption == "<b>New</b> words" and post.hashtags == ["#sun", "#sea"]
         slot = post.scheduled_at
     # moving next to another post of the account is refused (the test persona keeps 60 min apart)
     with pytest.raises(review.ReviewError, match="within 60 minutes"), session_scope(db_url) as session:
-        review.move_post(session, second, slot + timedelta(minutes=20), "ana")
+        review_posts.move_post(session, second, slot + timedelta(minutes=20), "ana")
     with pytest.raises(review.ReviewError, match="in the past"), session_scope(db_url) as session:
-        review.move_post(session, second, datetime.now(timezone.utc) - timedelta(hours=1), "ana")
+        review_posts.move_post(session, second, datetime.now(timezone.utc) - timedelta(hours=1), "ana")
     with session_scope(db_url) as session:
-        moved = review.move_post(session, second, slot + timedelta(days=2), "ana")
+        moved = review_posts.move_post(session, second, slot + timedelta(days=2), "ana")
         assert moved.scheduled_at == slot + timedelta(days=2)
-        review.reject_post(session, third, "bo", "off brand")
+        review_posts.reject_post(session, third, "bo", "off brand")
         assert session.get(models.Post, third).status == "cancelled"
     with pytest.raises(review.ReviewError, match="cannot become"), session_scope(db_url) as session:
-        review.approve_post(session, third, "ana")
+        review_posts.approve_post(session, third, "ana")
     # a slot that passed while the post waited moves to the next free one
     with session_scope(db_url) as session:
         session.get(models.Post, first).scheduled_at = datetime.now(timezone.utc) - timedelta(hours=3)
     with session_scope(db_url) as session:
         now = datetime.now(timezone.utc)
-        post = review.approve_post(session, first, "ana", now=now)
+        post = review_posts.approve_post(session, first, "ana", now=now)
         assert post.status == "scheduled" and post.scheduled_at >= now.replace(microsecond=0)
     kinds = [e.kind for e in _events(db_url, "edit_post") + _events(db_url, "move_post") + _events(db_url, "reject_post")
              + _events(db_url, "approve_post")]
@@ -163,7 +163,7 @@ def test_the_queue_counts_what_needs_a_person(db_url, tmp_path):
             (seed.slug, 6, [seed.step_ids[0]], [seed.step_ids[0]], 2)
         a, b = seed.candidate_ids[:2]
         review.cast_vote(session, a, b, "ana")
-        review.approve_post(session, seed.post_ids[0], "ana")
+        review_posts.approve_post(session, seed.post_ids[0], "ana")
     with session_scope(db_url) as session:
         [queue] = review_views.review_queue(session)
         assert queue.pairs_to_vote == 5 and queue.posts_to_approve == 1 and queue.runs_to_pick == []
@@ -286,17 +286,17 @@ def test_a_failed_post_waits_for_a_person_to_retry_or_abandon_it(db_url, tmp_pat
             post.failure_reason = "GraphError spam: code 4 subcode 2207051"
     with session_scope(db_url) as session:
         assert [p.id for p in review_views.posts_to_review(session)] == [first, second]
-        edited = review.edit_post(session, first, "Fixed words", ["#sun"], "ana")  # a failed post can be fixed
+        edited = review_posts.edit_post(session, first, "Fixed words", ["#sun"], "ana")  # a failed post can be fixed
         assert edited.caption == "Fixed words"
-        retried = review.retry_post(session, first, "ana")
+        retried = review_posts.retry_post(session, first, "ana")
         assert (retried.status, retried.retryable, retried.next_attempt_at) == ("scheduled", True, None)
         assert "spam" in retried.review_note and retried.retry_count == 1
-        abandoned = review.abandon_post(session, second, "bo", "not worth it")
+        abandoned = review_posts.abandon_post(session, second, "bo", "not worth it")
         assert abandoned.status == "abandoned" and abandoned.review_note == "abandoned by bo: not worth it"
     with pytest.raises(review.ReviewError, match="'scheduled' cannot become 'abandoned'"), session_scope(db_url) as session:
-        review.abandon_post(session, first, "ana")
+        review_posts.abandon_post(session, first, "ana")
     with pytest.raises(review.ReviewError, match="'abandoned' cannot become 'scheduled'"), session_scope(db_url) as session:
-        review.retry_post(session, second, "ana")
+        review_posts.retry_post(session, second, "ana")
     assert [(e.kind, e.subject_id) for e in _events(db_url, "retry_post") + _events(db_url, "abandon_post")] == \
         [("retry_post", first), ("abandon_post", second)]
 

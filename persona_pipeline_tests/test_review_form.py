@@ -19,7 +19,9 @@ from starlette.testclient import TestClient
 
 from persona_pipeline.db import models
 from persona_pipeline.db.session import get_engine, session_scope
-from persona_pipeline.review.app import ReviewConfig, create_app, parse_local_slot, resolve_media
+from persona_pipeline.review.app import ReviewConfig, create_app
+from persona_pipeline.review.inputs import parse_local_slot
+from persona_pipeline.review.media import resolve_media
 from persona_pipeline_tests.conftest import make_database
 from persona_pipeline_tests.review_fixtures import ReviewSeed, racing_votes, seed_review, serve_app
 

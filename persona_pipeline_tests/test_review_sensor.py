@@ -8,7 +8,7 @@ import dagster as dg
 from sqlalchemy import select
 
 from persona_pipeline.automation.review_sensor import VOTE_MAX_WAIT, VOTE_QUIET, ReviewCursor, plan_review_runs, review_sensor
-from persona_pipeline.db import models, review
+from persona_pipeline.db import models, review, review_posts
 from persona_pipeline.db.session import session_scope
 from persona_pipeline.definitions import build_definitions
 from persona_pipeline_tests.conftest import make_settings
@@ -72,8 +72,8 @@ def test_each_decision_starts_its_job(db_url, tmp_path):
         review.cast_vote(session, a, b, "ana")
         review.approve_step(session, seed.step_ids[0], 2, "ana")
         review.pick_winner(session, solo.run_id, solo.candidate_ids[0], "ana")
-        review.approve_post(session, seed.post_ids[0], "ana")
-        review.reject_post(session, seed.post_ids[1], "ana")
+        review_posts.approve_post(session, seed.post_ids[0], "ana")
+        review_posts.reject_post(session, seed.post_ids[1], "ana")
     last = _last_event(db_url)
     requests, cursor, _ = _plan(db_url, ReviewCursor(), last.created_at)
     got = sorted((r.job_name, r.partition_key) for r in requests)

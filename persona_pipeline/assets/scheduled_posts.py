@@ -12,7 +12,7 @@ import dagster as dg
 from sqlalchemy import select
 
 from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
-from persona_pipeline.db import library, models, review
+from persona_pipeline.db import library, models, review_posts
 from persona_pipeline.domain import post_states, strategy
 from persona_pipeline.domain.captions import repeated_phrases, select_hashtags, template_caption, validate_post_text
 from persona_pipeline.domain.media import MediaError, export_post_jpeg
@@ -118,7 +118,7 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
             media = storage.media_dir(slug) / f"post-{post.id:06d}.jpg"
             post.media_sha256 = atomic_write(media, jpeg)
             post.media_path = str(media)
-            review.set_post_status(session, post, post_states.AWAITING_APPROVAL)
+            review_posts.set_post_status(session, post, post_states.AWAITING_APPROVAL)
             auto_review.approve_post(session, post)
             created.append(post)
             rows.append({"post": post.id, "slot_utc": post.scheduled_at.isoformat(),

@@ -1,30 +1,26 @@
-"""Reviewer decisions. The review form and the auto-reviewer call exactly these functions, so
-every decision has one code path, one set of checks and one `ReviewEvent` row."""
+"""Reviewer decisions on candidates: pair offers and votes, kills, step approvals and winners (the
+decisions on posts are in db/review_posts.py). The review form and the auto-reviewer call exactly
+these functions, so every decision has one code path, one set of checks and one `ReviewEvent` row."""
 
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any, Iterable
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from persona_pipeline.db import models
-from persona_pipeline.domain import bradley_terry, elo, pairing, post_states
-from persona_pipeline.domain.captions import validate_post_text
-from persona_pipeline.domain.slots import in_window, next_free_slot
-from persona_pipeline.personas import PersonaConfig
+from persona_pipeline.domain import bradley_terry, elo, pairing
 
 LIVE = ("active", "winner")
 OPEN_STEP = ("generating", "voting")  # a step whose candidates can still be voted on or killed
 # An offer nobody answered stops blocking its pair after this long (a reviewer closed the tab).
 OFFER_HOLD = timedelta(minutes=10)
-# Bootstrap rounds for the ranking that decides top-K and winners (REFERENCES.md §4: about 1000).
+# Bootstrap rounds for the ranking that decides top-K and winners (about 1000; docs/rules.md).
 BOOTSTRAP_ROUNDS = 1000
 LOW_VOTES = 5  # a top-K candidate with fewer votes than this gets a warning before approval
 
@@ -53,8 +49,10 @@ class NotYourOffer(ReviewError):
     status_code = 403
 
 
-def _event(session: Session, persona_id: int, kind: str, subject_type: str, subject_id: int, reviewer: str,
-           payload: dict[str, Any] | None = None) -> models.ReviewEvent:
+def record_event(session: Session, persona_id: int, kind: str, subject_type: str, subject_id: int, reviewer: str,
+                 payload: dict[str, Any] | None = None) -> models.ReviewEvent:
+    """The `ReviewEvent` row every decision leaves (who, what, on which subject); the review sensor
+    and the audit trail read these."""
     if not reviewer or not reviewer.strip():
         raise ReviewError("a decision needs a reviewer name")
     event = models.ReviewEvent(persona_id=persona_id, kind=kind, subject_type=subject_type, subject_id=subject_id,
@@ -185,9 +183,9 @@ def cast_vote(session: Session, winner_id: int, loser_id: int, reviewer: str,
         if _vote_that_won(session, offer_id) is None:
             raise
         raise DuplicateVote(f"pair offer {offer_id} has already been voted on") from None
-    _event(session, persona_id, "vote", "vote", vote.id, reviewer,
-           {"winner_id": winner.id, "loser_id": loser.id, "step_id": step.id, "offer_id": vote.offer_id,
-            "selection_probability": selection_probability})
+    record_event(session, persona_id, "vote", "vote", vote.id, reviewer,
+                 {"winner_id": winner.id, "loser_id": loser.id, "step_id": step.id, "offer_id": vote.offer_id,
+                  "selection_probability": selection_probability})
     session.flush()
     return vote
 
@@ -249,8 +247,8 @@ def skip_offer(session: Session, offer_id: int, reviewer: str) -> models.PairOff
     offer = _answerable_offer(session, offer_id, reviewer)
     offer.outcome = "skipped"
     step = session.get(models.RunStep, offer.step_id)
-    _event(session, step.run.persona_id, "skip", "offer", offer.id, reviewer,
-           {"step_id": offer.step_id, "left_id": offer.left_id, "right_id": offer.right_id})
+    record_event(session, step.run.persona_id, "skip", "offer", offer.id, reviewer,
+                 {"step_id": offer.step_id, "left_id": offer.left_id, "right_id": offer.right_id})
     session.flush()
     return offer
 
@@ -277,7 +275,7 @@ def pick_winner(session: Session, run_id: int, candidate_id: int, reviewer: str)
     run.winner_candidate_id = candidate.id
     run.status = "done"
     candidate.status = "winner"
-    _event(session, run.persona_id, "pick_winner", "run", run.id, reviewer, {"candidate_id": candidate.id})
+    record_event(session, run.persona_id, "pick_winner", "run", run.id, reviewer, {"candidate_id": candidate.id})
     session.flush()
     return run
 
@@ -328,8 +326,8 @@ def kill_candidate(session: Session, candidate_id: int, reviewer: str, reason: s
     if step.status == "voting" and step.run.status != "done":  # the freed place gets a replacement
         step.status = "generating"
         step.run.status = "running"
-    _event(session, candidate.run.persona_id, "kill", "candidate", candidate.id, reviewer,
-           {"step_id": step.id, "reason": reason})
+    record_event(session, candidate.run.persona_id, "kill", "candidate", candidate.id, reviewer,
+                 {"step_id": step.id, "reason": reason})
     session.flush()
     return candidate
 
@@ -355,157 +353,8 @@ def approve_step(session: Session, step_id: int, top_k: int, reviewer: str) -> m
         nxt.parent_ids = parents
         nxt.status = "generating"
         step.run.status = "running"
-    _event(session, step.run.persona_id, "approve_step", "step", step.id, reviewer, {"top_k": top_k, "parents": parents, "low_vote_candidates": low_votes,
-                                                                        "scores": {str(r.candidate_id): round(r.score, 1) for r in ranking[:top_k]}})
+    record_event(session, step.run.persona_id, "approve_step", "step", step.id, reviewer,
+                 {"top_k": top_k, "parents": parents, "low_vote_candidates": low_votes,
+                  "scores": {str(r.candidate_id): round(r.score, 1) for r in ranking[:top_k]}})
     session.flush()
     return step
-
-
-def set_post_status(session: Session, post: models.Post, new_status: str, reason: str | None = None) -> None:
-    post_states.check_transition(post.status, new_status)
-    post.status = new_status
-    if new_status == post_states.FAILED:
-        post.failure_reason = reason
-        post.retry_count += 1
-
-
-def _post(session: Session, post_id: int) -> models.Post:
-    post = session.scalar(select(models.Post).where(models.Post.id == post_id).with_for_update())
-    if post is None:
-        raise NotFound(f"post {post_id} does not exist")
-    return post
-
-
-def _post_config(session: Session, post: models.Post) -> PersonaConfig:
-    return PersonaConfig.model_validate(session.get(models.Persona, post.persona_id).settings)
-
-
-def _taken_slots(session: Session, post: models.Post) -> list[datetime]:
-    return list(session.scalars(select(models.Post.scheduled_at).where(
-        models.Post.account == post.account, models.Post.id != post.id,
-        models.Post.status.in_(post_states.HOLDS_IMAGE - {post_states.PUBLISHED}))))
-
-
-def _transition(post: models.Post, new_status: str) -> None:
-    try:
-        post_states.check_transition(post.status, new_status)
-    except post_states.IllegalTransition as exc:
-        raise ReviewError(f"post {post.id}: {exc}") from None
-
-
-# A failed post can be edited and moved too: a caption over the limits is fixed, then retried.
-EDITABLE = (post_states.DRAFT, post_states.AWAITING_APPROVAL, post_states.SCHEDULED, post_states.FAILED)
-_HASHTAG = re.compile(r"^#?(\w+)$")
-
-
-def approve_post(session: Session, post_id: int, reviewer: str, now: datetime | None = None) -> models.Post:
-    """Approve a post: it becomes `scheduled`. A slot that passed while it waited moves to the next
-    free one inside the persona's posting windows (the event records both)."""
-    post = _post(session, post_id)
-    _transition(post, post_states.SCHEDULED)
-    now = now or datetime.now(timezone.utc)
-    config = _post_config(session, post)
-    planned = post.scheduled_at
-    if planned < now or not in_window(planned, config.windows(), config.timezone):
-        post.scheduled_at = next_free_slot(max(now, planned), config.windows(), config.timezone, _taken_slots(session, post),
-                                           timedelta(minutes=config.min_minutes_between_posts))
-    post.status = post_states.SCHEDULED  # checked by _transition above
-    _event(session, post.persona_id, "approve_post", "post", post.id, reviewer,
-           {"scheduled_at": post.scheduled_at.isoformat(), "planned_at": planned.isoformat()})
-    session.flush()
-    return post
-
-
-def edit_post(session: Session, post_id: int, caption: str, hashtags: list[str], reviewer: str) -> models.Post:
-    """Change a post's caption and hashtags, validated as the posting step validates them."""
-    post = _post(session, post_id)
-    if post.status not in EDITABLE:
-        raise ReviewError(f"post {post_id} is {post.status}; only a post not yet publishing can be edited")
-    tags = []
-    for raw in hashtags:
-        match = _HASHTAG.match(raw.strip())
-        if not match:
-            raise ReviewError(f"hashtag {raw!r} is not a single word of letters, digits or _")
-        tags.append("#" + match.group(1))
-    tags = list(dict.fromkeys(tags))
-    caption = caption.strip()
-    if not caption:
-        raise ReviewError("the caption is empty")
-    problems = validate_post_text(caption, tags, _post_config(session, post).hashtags.max_per_post)
-    if problems:
-        raise ReviewError(f"post {post_id}: " + "; ".join(problems))
-    before = {"caption": post.caption, "hashtags": list(post.hashtags)}
-    post.caption, post.hashtags = caption, tags
-    _event(session, post.persona_id, "edit_post", "post", post.id, reviewer,
-           {"before": before, "after": {"caption": caption, "hashtags": tags}})
-    session.flush()
-    return post
-
-
-def reject_post(session: Session, post_id: int, reviewer: str, reason: str = "") -> models.Post:
-    """Cancel a post; its image goes back to the library for another post."""
-    post = _post(session, post_id)
-    _transition(post, post_states.CANCELLED)
-    post.status = post_states.CANCELLED  # checked by _transition above
-    post.review_note = f"rejected by {reviewer}" + (f": {reason}" if reason else "")
-    _event(session, post.persona_id, "reject_post", "post", post.id, reviewer, {"reason": reason})
-    session.flush()
-    return post
-
-
-def retry_post(session: Session, post_id: int, reviewer: str, now: datetime | None = None) -> models.Post:
-    """Send a failed post again (a person's decision, e.g. after a spam block or a fixed token):
-    it becomes `scheduled` at once, or at its slot if that is still ahead."""
-    post = _post(session, post_id)
-    _transition(post, post_states.SCHEDULED)
-    now = now or datetime.now(timezone.utc)
-    reason = post.failure_reason
-    post.status, post.retryable, post.next_attempt_at = post_states.SCHEDULED, True, None
-    post.review_note = f"retried by {reviewer} after: {reason}"
-    _event(session, post.persona_id, "retry_post", "post", post.id, reviewer,
-           {"failure_reason": reason, "retry_count": post.retry_count,
-            "due": max(post.scheduled_at, now).isoformat()})
-    session.flush()
-    return post
-
-
-def abandon_post(session: Session, post_id: int, reviewer: str, reason: str = "") -> models.Post:
-    """Give up on a failed post; its image goes back to the library for another post."""
-    post = _post(session, post_id)
-    _transition(post, post_states.ABANDONED)
-    post.status = post_states.ABANDONED  # checked by _transition above
-    post.review_note = f"abandoned by {reviewer}" + (f": {reason}" if reason else "")
-    _event(session, post.persona_id, "abandon_post", "post", post.id, reviewer,
-           {"reason": reason, "failure_reason": post.failure_reason})
-    session.flush()
-    return post
-
-
-def move_post(session: Session, post_id: int, new_time: datetime, reviewer: str, now: datetime | None = None) -> models.Post:
-    """Move a post to another slot: in the future, inside a posting window (persona's timezone),
-    and at least the persona's minimum gap from the account's other posts."""
-    post = _post(session, post_id)
-    if post.status not in EDITABLE:
-        raise ReviewError(f"post {post_id} is {post.status}; only a post not yet publishing can be moved")
-    if new_time.tzinfo is None:
-        raise ReviewError(f"slot {new_time.isoformat()} has no timezone")
-    new_time = new_time.astimezone(timezone.utc).replace(microsecond=0)
-    now = now or datetime.now(timezone.utc)
-    config = _post_config(session, post)
-    if new_time <= now:
-        raise ReviewError(f"slot {new_time.isoformat()} is in the past")
-    if not in_window(new_time, config.windows(), config.timezone):
-        raise ReviewError(f"slot {new_time.astimezone(ZoneInfo(config.timezone)).strftime('%Y-%m-%d %H:%M')} "
-                          f"({config.timezone}) is outside the posting windows {', '.join(config.posting_windows)}")
-    gap = timedelta(minutes=config.min_minutes_between_posts)
-    clash = [t for t in _taken_slots(session, post) if abs(t - new_time) < gap]
-    if clash:
-        raise ReviewError(f"slot {new_time.isoformat()} is within {config.min_minutes_between_posts} minutes of another "
-                          f"post of {post.account} at {clash[0].isoformat()}")
-    before = post.scheduled_at
-    post.scheduled_at = new_time
-    post.review_note = f"moved by {reviewer} from {before.isoformat()}"
-    _event(session, post.persona_id, "move_post", "post", post.id, reviewer,
-           {"from": before.isoformat(), "to": new_time.isoformat()})
-    session.flush()
-    return post

@@ -1,5 +1,5 @@
 """Read-only views the review form shows: what needs a person now, one step's ranking, the posts
-waiting for approval. Writes go through db/review.py only."""
+waiting for approval. Writes go through db/review.py and db/review_posts.py only."""
 
 from __future__ import annotations
 

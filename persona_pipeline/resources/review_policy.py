@@ -1,6 +1,6 @@
 """Auto-review (the demo, and a studio with no reviewer on shift): votes, step approvals, winners and
 post approvals cast from open_clip scores, through the same database calls the review form uses
-(db/review.py), so each is a review event like a person's."""
+(db/review.py, db/review_posts.py), so each is a review event like a person's."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import dagster as dg
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from persona_pipeline.db import models, review
+from persona_pipeline.db import models, review, review_posts
 
 
 class AutoReviewer(dg.ConfigurableResource):
@@ -52,5 +52,5 @@ class AutoReviewer(dg.ConfigurableResource):
     def approve_post(self, session: Session, post: models.Post) -> bool:
         if not self.enabled:
             return False
-        review.approve_post(session, post.id, self.reviewer)
+        review_posts.approve_post(session, post.id, self.reviewer)
         return True

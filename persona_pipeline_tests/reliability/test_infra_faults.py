@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 
 from persona_pipeline.automation.alerts import alert_sensor
 from persona_pipeline.automation.review_sensor import ReviewCursor, review_sensor
-from persona_pipeline.db import models, review
+from persona_pipeline.db import models, review_posts
 from persona_pipeline.db.session import get_engine, session_scope, upgrade
 from persona_pipeline.definitions import build_definitions
 from persona_pipeline.resources.alerts import AlertWebhook, FreshnessRules
@@ -86,7 +86,7 @@ def _decide(url: str, post_ids: list[int]) -> tuple[int, list[str]]:
     for index, post_id in enumerate(post_ids):
         try:
             with session_scope(url) as session:
-                (review.approve_post if index % 2 == 0 else review.reject_post)(session, post_id, "ana")
+                (review_posts.approve_post if index % 2 == 0 else review_posts.reject_post)(session, post_id, "ana")
             recorded += 1
         except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,89 @@
+"""Serving candidate and post images from PERSONA_HOME (/media/...), and the URLs pages use for
+them. Only an image file whose real path stays inside PERSONA_HOME is served; with an s3://
+PERSONA_HOME a file the local cache lacks is fetched first."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import quote
+
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+
+from persona_pipeline.objectstore import ObjectStoreError
+from persona_pipeline.review import auth
+from persona_pipeline.review.web import config_of, home_of
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+
+
+def media_url(home: Path, image_path: str | None) -> str | None:
+    """The /media URL of a file under `home`, or None when it is elsewhere."""
+    if not image_path:
+        return None
+    path = Path(image_path)
+    if not path.is_absolute():
+        path = home / path
+    try:
+        relative = path.relative_to(home)
+    except ValueError:
+        try:
+            relative = path.resolve().relative_to(home)
+        except (ValueError, OSError):
+            return None
+    return "/media/" + quote(relative.as_posix())
+
+
+def media_name_ok(raw: str) -> bool:
+    """No `..`, `.` or empty segment, no absolute or drive path, no backslash or NUL, an image suffix."""
+    if not raw or "\x00" in raw or "\\" in raw or raw.startswith("/") or re.match(r"^[A-Za-z]:", raw):
+        return False
+    if any(part in ("", ".", "..") for part in raw.split("/")):
+        return False
+    return Path(raw).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _lands_inside(home: Path, raw: str) -> bool:
+    """Whether home/raw, symlinks followed as far as they exist, stays inside `home`."""
+    try:
+        return (home / raw).resolve().is_relative_to(home)
+    except (OSError, RuntimeError):
+        return False
+
+
+def resolve_media(home: Path, raw: str) -> Path | None:
+    """The image file `raw` names relative to `home` (already resolved), or None: no `..`, `.` or
+    empty segment, no absolute or drive path, no backslash or NUL, an image suffix, and the real
+    path (symlinks followed) inside home."""
+    if not media_name_ok(raw):
+        return None
+    try:
+        target = (home / raw).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    if not target.is_relative_to(home) or not target.is_file() or target.suffix.lower() not in IMAGE_SUFFIXES:
+        return None
+    return target
+
+
+async def media(request: Request) -> Response:
+    if auth.current_reviewer(request, config_of(request).tokens) is None:
+        raise HTTPException(401, "log in first")
+    home, raw = home_of(request), request.path_params["path"]
+    target = resolve_media(home, raw)
+    mirror = config_of(request).mirror
+    # Not in the cache: fetch it from object storage, but only a safe name whose real folder is
+    # inside PERSONA_HOME (the same containment check as above, before any request leaves).
+    if target is None and mirror is not None and media_name_ok(raw) and _lands_inside(home, raw):
+        try:
+            await run_in_threadpool(mirror.pull, home / raw)
+        except ObjectStoreError:
+            raise HTTPException(503, "the image is not cached here and object storage did not answer") from None
+        target = resolve_media(home, raw)
+    if target is None:
+        raise HTTPException(404, "no such image")
+    # Candidate images never change under their path: let the browser keep them (privately).
+    return FileResponse(target, headers={"Cache-Control": "private, max-age=3600"})

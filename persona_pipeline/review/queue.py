@@ -1,0 +1,33 @@
+"""The start page: what each persona needs from a reviewer now."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.requests import Request
+from starlette.responses import Response
+
+from persona_pipeline.db import models, review_views
+from persona_pipeline.review.web import in_db, page, render
+
+
+def _queue(session: Session) -> list[dict[str, Any]]:
+    result = []
+    for queue in review_views.review_queue(session):
+        final_steps = {}
+        for run_id in queue.runs_to_pick:
+            final_steps[run_id] = session.scalar(select(models.RunStep.id).where(models.RunStep.run_id == run_id)
+                                                 .order_by(models.RunStep.position.desc()).limit(1))
+        result.append({"slug": queue.slug, "name": queue.name, "pairs_to_vote": queue.pairs_to_vote,
+                       "steps_to_vote": list(queue.steps_to_vote), "steps_to_approve": list(queue.steps_to_approve),
+                       "runs_to_pick": [(run_id, final_steps[run_id]) for run_id in queue.runs_to_pick],
+                       "posts_to_approve": queue.posts_to_approve, "total": queue.total})
+    return result
+
+
+@page
+async def queue_page(request: Request, reviewer: str) -> Response:
+    queues = await in_db(request, _queue)
+    return render(request, "queue.html", {"queues": queues, "title": "Review queue"})
