@@ -1,4 +1,4 @@
-"""Content prompts for generation runs: pillar gap analysis (REFERENCES.md §1), the allocation of a
+"""Content prompts for generation runs: pillar gap analysis (docs/rules.md), the allocation of a
 run's prompts among pillars, offline template prompts, and Gemini's structured prompts over real
 HTTP against the local fake server."""
 

@@ -1,5 +1,5 @@
 """Post captions and hashtags: length bands, repeated phrases, the hashtag size mix, template
-captions and Instagram's text limits (REFERENCES.md §1, §3); Gemini's post captions and cluster
+captions and Instagram's text limits (docs/rules.md); Gemini's post captions and cluster
 labels over real HTTP against the local fake server."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from persona_pipeline.domain.captions import (
     LENGTH_BANDS, TemplateError, in_band, length_band, repeated_phrases, select_hashtags, size_quotas,
     strip_hashtags, template_caption, tidy_caption, validate_post_text,
 )
-from persona_pipeline.resources.gemini import GeminiClient, GeminiError, post_caption_instruction
+from persona_pipeline.domain.gemini_prompts import post_caption_instruction
+from persona_pipeline.resources.gemini import GeminiClient, GeminiError
 from persona_pipeline_tests.fake_gemini import FakeGemini, caption_of_length
 
 # --- length bands -------------------------------------------------------------------------------

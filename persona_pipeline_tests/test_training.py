@@ -245,6 +245,22 @@ def test_latents_are_cached_once_per_dataset_version(tmp_path, tiny_sd, monkeypa
     assert any("using cached latents" in m for m in second)
 
 
+def test_caption_conditioning_per_family(tiny_sd, tiny_sdxl):
+    """SD1.5 is conditioned on the text encoder's hidden state alone; SDXL also on the second
+    encoder's pooled projection and the image's original size, crop and target size."""
+    from persona_pipeline.training.stable_diffusion import caption_conditioning, load_frozen_model_with_lora
+
+    for base, names in ((tiny_sd, ["hidden"]), (tiny_sdxl, ["hidden", "pooled", "time_ids"])):
+        model = load_frozen_model_with_lora(base, rank=4, alpha=4.0)
+        with torch.no_grad():
+            conditioning = caption_conditioning(model, model.text_encoders, "t3st woman", "cpu",
+                                                original_size=(96, 80), crop=(16, 0), resolution=64)
+        assert list(conditioning) == names
+        assert conditioning["hidden"].shape[-1] == model.unet.config.cross_attention_dim
+    assert conditioning["time_ids"].tolist() == [[96, 80, 16, 0, 64, 64]]
+    assert conditioning["pooled"].shape[0] == 1
+
+
 def test_progress_lines_are_bounded_and_carry_rate_and_eta(tmp_path, tiny_sd):
     messages: list[str] = []
     train_lora(tiny_sd, make_dataset(tmp_path / "ds", n=2), tmp_path / "out", LoraTrainingParams(steps=25),

@@ -1,0 +1,92 @@
+"""A training dataset in kohya's layout, and its images as the VAE takes them.
+
+The layout: `<repeats>_<trigger> <class>/` folders of images, each with a `.txt` caption beside
+it, or a `dataset.toml` naming the subsets (image_dir, num_repeats, is_reg, flip_aug). Repeats are
+the sampling weight of a subset; `is_reg` marks regularisation images (prior preservation).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from persona_pipeline.training.params import TrainingConfigError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+@dataclass(frozen=True)
+class DatasetItem:
+    image: Path
+    caption: str
+    repeats: int
+    is_reg: bool = False
+
+
+@dataclass(frozen=True)
+class KohyaDataset:
+    items: list[DatasetItem]
+    flip: bool = False
+
+
+def read_kohya_dataset(dataset_dir: Path) -> KohyaDataset:
+    """The subsets of a kohya dataset: from `dataset.toml` when there is one (image_dir, num_repeats,
+    is_reg, flip_aug), else every `<repeats>_<trigger> <class>/` folder. Every image needs a caption."""
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise TrainingConfigError(f"{dataset_dir}: dataset folder not found")
+    toml_path = dataset_dir / "dataset.toml"
+    subsets: list[tuple[Path, int, bool]] = []
+    flip = False
+    if toml_path.is_file():
+        try:
+            config = tomllib.loads(toml_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise TrainingConfigError(f"{toml_path}: invalid TOML: {exc}") from None
+        flip = bool(config.get("general", {}).get("flip_aug", False))
+        for dataset in config.get("datasets", []):
+            flip = bool(dataset.get("flip_aug", flip))
+            for subset in dataset.get("subsets", []):
+                image_dir = Path(subset["image_dir"])
+                if not image_dir.is_absolute():
+                    image_dir = dataset_dir / image_dir
+                subsets.append((image_dir, int(subset.get("num_repeats", 1)), bool(subset.get("is_reg", False))))
+    else:
+        for sub in sorted(p for p in dataset_dir.iterdir() if p.is_dir()):
+            repeats_text, _, _ = sub.name.partition("_")
+            if repeats_text.isdigit():
+                subsets.append((sub, int(repeats_text), False))
+    items = []
+    for image_dir, repeats, is_reg in subsets:
+        if not image_dir.is_dir():
+            raise TrainingConfigError(f"{toml_path}: image_dir {image_dir} does not exist")
+        for image in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            caption_file = image.with_suffix(".txt")
+            if not caption_file.is_file():
+                raise TrainingConfigError(f"{image}: caption file {caption_file.name} is missing")
+            items.append(DatasetItem(image, caption_file.read_text(encoding="utf-8").strip(), repeats, is_reg))
+    if not any(not item.is_reg for item in items):
+        raise TrainingConfigError(f"{dataset_dir}: the dataset has no training images "
+                                  "(no `<repeats>_<trigger> <class>/` folder with images)")
+    return KohyaDataset(items=items, flip=flip)
+
+
+def load_pixels(path: Path, resolution: int):
+    """Resize the short side to `resolution`, centre-crop, scale to [-1, 1], NCHW. Also returns the
+    original (height, width) and the crop's (top, left), which SDXL is conditioned on."""
+    import numpy as np
+    import torch
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        original = (image.height, image.width)
+        scale = resolution / min(image.size)
+        image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
+                             Image.Resampling.BICUBIC)
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0), original, (top, left)

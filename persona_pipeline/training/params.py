@@ -1,0 +1,84 @@
+"""The settings of a LoRA training run and the error a wrong one raises.
+
+Every setting is checked here, before any model is loaded, and each error names the setting
+(`training.<name>`, as persona.yaml spells it) and what it must be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+class TrainingConfigError(ValueError):
+    """A training setting, the dataset or the base model is unusable; the message names which."""
+
+
+@dataclass(frozen=True)
+class LoraTrainingParams:
+    rank: int = 4
+    alpha: float = 4.0
+    steps: int = 30
+    learning_rate: float = 1e-3
+    batch_size: int = 2
+    resolution: int = 64
+    seed: int = 0
+    optimizer: str = "adamw"  # adamw | adamw8bit (needs bitsandbytes)
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16; auto = bf16 on a GPU that has it, else fp16; no on CPU
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float = 0.0  # 0 = off; 5 is the paper's value
+    noise_offset: float = 0.0  # 0 = off; 0.05-0.1 helps very dark/bright images
+    prior_loss_weight: float = 1.0  # weight of the regularisation images' loss (prior preservation)
+    checkpoint_every: int = 0  # 0 = one checkpoint, at the end
+
+    # Numeric bounds checked before any model is loaded; each error names the field and the bound.
+    BOUNDS = {
+        "rank": (1, 256), "alpha": (0.01, 512), "steps": (1, 100000), "learning_rate": (1e-7, 1e-2),
+        "batch_size": (1, 64), "resolution": (32, 2048), "min_snr_gamma": (0, 20), "noise_offset": (0, 1),
+        "prior_loss_weight": (0, 10), "checkpoint_every": (0, 100000),
+    }
+    OPTIMIZERS = ("adamw", "adamw8bit")
+    PRECISIONS = ("auto", "no", "fp16", "bf16")
+
+    def validate(self, device: str | None = None) -> None:
+        for name, (low, high) in self.BOUNDS.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise TrainingConfigError(f"training.{name}={value} is out of range [{low}, {high}]")
+        if self.resolution % 8:
+            raise TrainingConfigError(f"training.resolution={self.resolution} must be a multiple of 8")
+        if self.optimizer not in self.OPTIMIZERS:
+            raise TrainingConfigError(f"training.optimizer={self.optimizer!r} must be one of {', '.join(self.OPTIMIZERS)}")
+        if self.optimizer == "adamw8bit":
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise TrainingConfigError("training.optimizer='adamw8bit' needs bitsandbytes (pip install bitsandbytes); "
+                                          "use 'adamw' or install it")
+        if self.mixed_precision not in self.PRECISIONS:
+            raise TrainingConfigError(f"training.mixed_precision={self.mixed_precision!r} must be one of {', '.join(self.PRECISIONS)}")
+        if device is not None:
+            resolve_mixed_precision(self.mixed_precision, device)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def resolve_mixed_precision(choice: str, device: str) -> str:
+    """`auto` → bf16 on a GPU that supports it, fp16 on an older GPU, none on a CPU (CPU fp16 has no
+    fast kernels). An explicit choice the device cannot run is refused."""
+    on_cuda = device.startswith("cuda")
+    if choice == "auto":
+        if not on_cuda:
+            return "no"
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if choice == "fp16" and not on_cuda:
+        raise TrainingConfigError(f"training.mixed_precision='fp16' needs a CUDA device; the device is {device!r} (use 'no' or 'bf16')")
+    if choice == "bf16" and on_cuda:
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise TrainingConfigError(f"training.mixed_precision='bf16': {device} does not support bf16; use 'fp16'")
+    return choice
+

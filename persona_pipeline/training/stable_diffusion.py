@@ -1,0 +1,142 @@
+"""The Stable Diffusion family (SD 1.x/2.x and SDXL: a UNet conditioned on CLIP text encoders), as
+the LoRA training loop in `training.lora` needs to know it.
+
+Everything that differs between model families lives here: how the family of a base model is
+detected, how the frozen model is loaded and where the LoRA adapter goes (the UNet's attention
+projections), how a caption becomes the UNet's conditioning, how the UNet is called, and the key
+format the LoRA is written in (kohya's, which ComfyUI and diffusers both read). Another family
+(FLUX) gets a module of its own with the same pieces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from persona_pipeline.fileio import sha256_file, write_via_temp
+from persona_pipeline.training.params import TrainingConfigError
+
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+@lru_cache(maxsize=8)
+def model_family(base_model: str) -> str:
+    """`sdxl` or `sd15` from the pipeline class in model_index.json; a wrong path is a clear error."""
+    from diffusers import DiffusionPipeline
+
+    local = Path(base_model)
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise TrainingConfigError(f"base model {base_model}: not a diffusers model folder (no model_index.json)")
+    if not local.exists() and (base_model.startswith((".", "/", "~")) or base_model.count("/") != 1):
+        raise TrainingConfigError(f"base model {base_model!r}: no such folder, and not a hub id (owner/name)")
+    try:
+        config = DiffusionPipeline.load_config(base_model)
+    except Exception as exc:  # hub errors come in many classes; the message is what matters
+        raise TrainingConfigError(f"base model {base_model!r} could not be opened: {exc}") from None
+    name = config.get("_class_name", "")
+    if "XL" in name:
+        return "sdxl"
+    if name.startswith("StableDiffusion"):
+        return "sd15"
+    raise TrainingConfigError(f"base model {base_model!r} is a {name or 'unknown pipeline'}; only Stable Diffusion 1.x/2.x and SDXL are supported")
+
+
+@dataclass
+class FrozenModel:
+    family: str
+    tokenizers: list
+    text_encoders: list
+    vae: object
+    unet: object
+    noise_scheduler: object
+
+
+def load_frozen_model_with_lora(base_model: str, rank: int, alpha: float, *, weight_dtype=None) -> FrozenModel:
+    """Tokenizer(s), text encoder(s), VAE and UNet, all frozen, plus a trainable LoRA adapter on the
+    UNet's attention projections (kept in fp32 even when the frozen weights are half precision)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    family = model_family(base_model)
+    tokenizers = [CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer")]
+    text_encoders = [CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder")]
+    if family == "sdxl":
+        tokenizers.append(CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer_2"))
+        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(base_model, subfolder="text_encoder_2"))
+    vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
+    noise_scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler")
+    for model in (vae, unet, *text_encoders):
+        model.requires_grad_(False)
+    if weight_dtype is not None and weight_dtype != torch.float32:
+        unet.to(dtype=weight_dtype)
+        for encoder in text_encoders:
+            encoder.to(dtype=weight_dtype)
+        # SD1.5's VAE overflows in fp16; keep it in fp32 (as the SDXL example does with its fp16-fix VAE).
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
+    for parameter in unet.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return FrozenModel(family, tokenizers, text_encoders, vae, unet, noise_scheduler)
+
+
+def kohya_state_dict(unet, alpha: float) -> dict:
+    """The UNet's LoRA weights in kohya's format: `lora_unet_<diffusers module path, dots as
+    underscores>.lora_down.weight / .lora_up.weight / .alpha`. ComfyUI maps exactly these names
+    onto its UNet (comfy/lora.py), and diffusers' load_lora_weights converts them on load."""
+    import torch
+    from peft.utils import get_peft_model_state_dict
+
+    out = {}
+    for key, tensor in get_peft_model_state_dict(unet).items():
+        module, _, kind = key.rpartition(".lora_")  # "...to_q", "A.weight"
+        name = "lora_unet_" + module.replace(".", "_")
+        out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.detach().to("cpu", torch.float32).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def save_checkpoint(unet, alpha: float, path: Path, metadata: dict[str, str]) -> str:
+    """Write a .safetensors checkpoint atomically; return its sha256."""
+    from safetensors.torch import save_file
+
+    state = kohya_state_dict(unet, alpha)
+    write_via_temp(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return sha256_file(path)
+
+
+def caption_conditioning(model: FrozenModel, encoders, caption: str, device, *, original_size: tuple[int, int],
+                         crop: tuple[int, int], resolution: int) -> dict:
+    """The UNet's conditioning for one training image, by the names the latents cache stores it
+    under. SD1.5: `hidden`, the text encoder's last hidden state. SDXL: `hidden`, the penultimate
+    hidden states of both encoders concatenated, `pooled`, the second encoder's pooled projection
+    (as the SDXL pipeline does), and `time_ids`, the image's original size, crop and target size."""
+    import torch
+
+    if model.family != "sdxl":
+        ids = model.tokenizers[0](caption, padding="max_length", max_length=model.tokenizers[0].model_max_length,
+                                  truncation=True, return_tensors="pt").input_ids.to(device)
+        return {"hidden": encoders[0](ids)[0].float()}
+    states, pooled = [], None
+    for tokenizer, encoder in zip(model.tokenizers, encoders):
+        ids = tokenizer(caption, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        output = encoder(ids, output_hidden_states=True)
+        pooled = output[0]  # the last encoder's text_embeds
+        states.append(output.hidden_states[-2])
+    time_ids = torch.tensor([[*original_size, *crop, resolution, resolution]], dtype=torch.float32)
+    return {"hidden": torch.cat(states, dim=-1).float(), "pooled": pooled.float(), "time_ids": time_ids}
+
+
+def predict_noise(unet, noisy, timesteps, cache: dict, index, family: str):
+    """One UNet call with the cached conditioning (SDXL adds the pooled text embedding and the
+    size/crop time ids). A function of its own so a test can make it misbehave."""
+    hidden = cache["hidden"][index].to(noisy.dtype)
+    if family != "sdxl":
+        return unet(noisy, timesteps, hidden, return_dict=False)[0]
+    time_ids = cache["time_ids"][index].clone()
+    added = {"text_embeds": cache["pooled"][index].to(noisy.dtype), "time_ids": time_ids.to(noisy.dtype)}
+    return unet(noisy, timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
