@@ -19,7 +19,7 @@ from persona_pipeline.resources.captioners import ClipCaptioner
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.gemini import GeminiClient, GeminiError
 from persona_pipeline_tests.conftest import DEMO
-from persona_pipeline_tests.fake_gemini import GOOD_FIELDS, FakeGemini
+from persona_fakes.gemini import GOOD_FIELDS, FakeGemini
 
 PHOTOS = sorted((DEMO / "photos").glob("*.jpg"))
 

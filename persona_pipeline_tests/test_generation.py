@@ -17,7 +17,7 @@ from persona_pipeline.db import models, registry, review
 from persona_pipeline.db.session import session_scope
 from persona_pipeline.generation import runs
 from persona_pipeline_tests.conftest import REPO, make_settings, materialise_persona, write_persona
-from persona_pipeline_tests.fake_comfyui import FakeComfyUI
+from persona_fakes.comfyui import FakeComfyUI
 
 COMFY_STEPS = [
     {"name": "base", "template": "txt2img_lora", "n": 3, "top_k": 2,

@@ -22,7 +22,7 @@ from persona_pipeline.resources import gemini as gemini_module
 from persona_pipeline.resources.captioners import ClipCaptioner
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline_tests.conftest import make_database, make_settings, materialise_persona, write_persona
-from persona_pipeline_tests.fake_gemini import GOOD_FIELDS, FakeGemini
+from persona_fakes.gemini import GOOD_FIELDS, FakeGemini
 
 PIPELINE = [source_photos, training_dataset]
 SUBSET = "10_t3st woman"  # <repeats>_<trigger> <class> with write_persona's defaults
