@@ -13,8 +13,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from persona_pipeline_tests.conftest import REPO
 from persona_pipeline_tests.helpers import wait_until
+
+pytestmark = pytest.mark.slow
 
 RUN_ALL = REPO / "bench" / "run_all"
 PREFIX = "BENCH_RESULT "

@@ -260,6 +260,7 @@ def test_strip_identity_keeps_photo_words(text):
 # --- Offline open_clip captioner -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_clip_captioner_draws_every_field_from_the_vocabularies():
     captioner = ClipCaptioner(ClipModel(model_name="tiny"))
     paths = PHOTOS[:5]
@@ -276,6 +277,7 @@ def test_clip_captioner_draws_every_field_from_the_vocabularies():
     assert captioner.caption_fields([]) == []
 
 
+@pytest.mark.slow
 def test_tiny_clip_has_the_same_weights_in_every_process():
     """Captions, dataset checks and checkpoint scores on the tiny model depend on it."""
     import subprocess

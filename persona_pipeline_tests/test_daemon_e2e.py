@@ -45,6 +45,8 @@ from persona_pipeline_tests.conftest import DEMO, REPO
 from persona_pipeline_tests.helpers import wait_until
 from persona_pipeline_tests.test_instance_config import dagster_pg_env
 
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.daemon]
+
 BIN = Path(sys.executable).parent
 SLUG = "e2e"  # a copy of the demo persona under its own slug
 DEADLINE = timedelta(minutes=20)  # from the daemon's start to the first published post (2 shared cores)

@@ -496,6 +496,7 @@ def test_lost_publish_answer_is_reconciled_not_repeated(world):
 
 # --- concurrency and crashes ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_overlapping_runs_publish_each_post_once(world):
     world.fake.latency_s = 0.02
     pid, pid_b = persona(world), persona(world, "bea", USER_B, ENV_B)
@@ -538,6 +539,7 @@ def crash_run(world: World, where: str, run_id: str = "run-that-dies") -> subpro
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_killed_between_container_and_publish_then_restarted(world):
     pid = persona(world)
     ids = posts(world, pid, "anna", USER_A, 2)
@@ -558,6 +560,7 @@ def test_killed_between_container_and_publish_then_restarted(world):
     assert len(world.fake.requests_to("create")) == 2 and len(world.fake.requests_to("publish")) == 2
 
 
+@pytest.mark.slow
 def test_killed_after_publish_before_recording_reconciles_without_publishing_again(world):
     pid = persona(world)
     (post_id,) = posts(world, pid, "anna", USER_A, 1)
@@ -574,6 +577,7 @@ def test_killed_after_publish_before_recording_reconciles_without_publishing_aga
                                                                            ("reconcile", "already_published")]
 
 
+@pytest.mark.slow
 def test_without_run_liveness_a_crashed_claim_waits_for_the_lease(world):
     pid = persona(world)
     (post_id,) = posts(world, pid, "anna", USER_A, 1)
@@ -585,6 +589,7 @@ def test_without_run_liveness_a_crashed_claim_waits_for_the_lease(world):
     assert_published_once(world, [post_id])
 
 
+@pytest.mark.slow
 def test_a_killed_run_that_dagster_still_calls_started_loses_its_claim_after_the_lease(world):
     """kill -9 leaves the run STARTED in Dagster (nothing marks it failed): its claims must still
     expire on their lease, or its posts stay `publishing` for ever."""
@@ -671,6 +676,7 @@ def test_a_run_that_lost_its_claim_stops_touching_the_post(world):
     assert len(world.fake.requests_to("create")) == 1  # the one container went out, once
 
 
+@pytest.mark.slow
 def test_the_dagster_job_reports_quotas_and_fails_on_a_rejected_token(world, monkeypatch):
     pid = persona(world)
     pid_b = persona(world, "bea", USER_B, ENV_B)

@@ -25,6 +25,8 @@ from persona_pipeline_tests.conftest import make_database
 from persona_pipeline_tests.helpers import wait_until
 from persona_pipeline_tests.review_fixtures import ReviewSeed, seed_review, serve_app
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]

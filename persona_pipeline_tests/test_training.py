@@ -23,6 +23,8 @@ from persona_pipeline.training.tiny_models import build_tiny_sd, build_tiny_sdxl
 from persona_pipeline_tests.conftest import DEMO, REPO
 from persona_pipeline_tests.helpers import wait_until
 
+pytestmark = pytest.mark.slow
+
 PHOTOS = sorted((DEMO / "photos").glob("*.jpg"))
 
 

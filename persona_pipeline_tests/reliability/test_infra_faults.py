@@ -35,6 +35,8 @@ from persona_pipeline_tests.reliability.pg_cluster import PrivateCluster
 from persona_pipeline_tests.review_fixtures import seed_review
 from persona_pipeline_tests.test_instance_config import dagster_pg_env
 
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.daemon]
+
 RUN_KEY_TAG = "dagster/run_key"
 OUTAGE_TICKS = 10  # failed ticks to see before the server comes back
 TICK_PAUSE_S = 0.1

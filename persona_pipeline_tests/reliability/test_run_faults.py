@@ -38,6 +38,8 @@ from persona_pipeline_tests.conftest import REPO, make_database, make_settings, 
 from persona_pipeline_tests.helpers import wait_until
 from persona_pipeline_tests.test_publishing import world  # noqa: F401  (its fixture, on PostgreSQL: see db_url)
 
+pytestmark = pytest.mark.slow
+
 WAIT_S = 240.0  # ceiling of every poll: generous for a loaded 2-core machine; a poll ends as soon as it holds
 
 

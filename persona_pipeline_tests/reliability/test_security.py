@@ -46,6 +46,8 @@ from persona_pipeline_tests.test_publishing import Log, World
 from persona_pipeline_tests.test_publishing import posts as due_posts
 from persona_pipeline_tests.test_review_form import csrf_of
 
+pytestmark = pytest.mark.slow
+
 # --------------------------------------------------------------------------- secrets
 
 GEMINI_KEY = "AIzaSyCensus-gemini-key-Qx7Rt2Lm9"
