@@ -362,7 +362,6 @@ def test_socket_dropped_and_refused_falls_back_to_polling_history(servers, tmp_p
     assert files_in(tmp_path) == ["cand0.png"]
 
 
-@pytest.mark.slow
 def test_server_killed_mid_job_is_retried_elsewhere(servers, tmp_path):
     (survivor,) = servers(1)
     log = Log()

@@ -674,6 +674,7 @@ def test_comfyui_example_env_loads_as_settings(monkeypatch):
         Settings.from_env()
 
 
+@pytest.mark.slow
 def test_sync_and_check_the_servers(tmp_path, app_env, monkeypatch, capsys):
     """sync-loras.sh exports the library and rsyncs it to two server folders; check_servers.py then
     sees one server without the LoRA and one down, as the pool would."""
