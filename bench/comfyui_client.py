@@ -1,6 +1,6 @@
 """ComfyUI client benchmark: our pool (`persona_pipeline.resources.comfyui.ComfyUIPool`: WebSocket
 finish detection, /view download, several servers) against fake ComfyUI servers that run as
-subprocesses (`persona_pipeline_tests.fake_comfyui`, so no server shares our GIL).
+subprocesses (`persona_fakes.comfyui`, so no server shares our GIL).
 
     python bench/comfyui_client.py [--quick] [--jobs J] [--scale-jobs N] [--job-time S] [--repeats R]
 
@@ -42,7 +42,7 @@ import requests  # noqa: E402
 
 from persona_pipeline.fileio import atomic_write  # noqa: E402
 from persona_pipeline.resources.comfyui import ComfyJob, ComfyResult, ComfyUIPool  # noqa: E402
-from persona_pipeline_tests.fake_comfyui import FakeComfyUIProcess  # noqa: E402
+from persona_fakes.comfyui import FakeComfyUIProcess  # noqa: E402
 
 from _report import emit, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
 

@@ -7,7 +7,7 @@
 Set-up: a fresh, migrated PostgreSQL database (`make_database("postgresql", ...)`, dropped at the
 end; `--sqlite` for a SQLite file), A personas each with its own Instagram account (user id +
 token env var) and N / A due posts with their own small JPEG and library item, the fake Graph API
-(persona_pipeline_tests/fake_graph.py, real HTTP, `latency_s` on every answer, quota Q per account,
+(persona_fakes/graph.py, real HTTP, `latency_s` on every answer, quota Q per account,
 the images fetched by the fake from the local media server as Meta would) and the media server
 over MEDIA_PUBLIC_DIR. Full size: 1,000 posts over 20 accounts, 100 ms per call, quota 50;
 --quick: 200 over 10.
@@ -62,8 +62,9 @@ from persona_pipeline.personas import load_persona  # noqa: E402
 from persona_pipeline.resources.database import AppDatabase  # noqa: E402
 from persona_pipeline.resources.instagram import InstagramGraphClient  # noqa: E402
 from persona_pipeline.resources.publisher import InstagramPublisher  # noqa: E402
-from persona_pipeline_tests.conftest import make_database, write_persona  # noqa: E402
-from persona_pipeline_tests.fake_graph import FakeGraphAPI, MediaServer  # noqa: E402
+from persona_fakes.databases import make_database  # noqa: E402
+from persona_fakes.personas import write_persona  # noqa: E402
+from persona_fakes.graph import FakeGraphAPI, MediaServer  # noqa: E402
 
 from _report import emit, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
 

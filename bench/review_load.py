@@ -56,7 +56,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -78,8 +77,9 @@ from urllib3.util.retry import Retry  # noqa: E402
 from persona_pipeline.db import models  # noqa: E402
 from persona_pipeline.db.session import session_scope  # noqa: E402
 from persona_pipeline.domain import elo  # noqa: E402
-from persona_pipeline_tests.conftest import make_database  # noqa: E402
-from persona_pipeline_tests.review_fixtures import seed_review  # noqa: E402
+from persona_fakes.databases import make_database  # noqa: E402
+from persona_fakes.review import seed_review  # noqa: E402
+from persona_fakes.serving import free_port  # noqa: E402
 
 from _report import emit, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
@@ -94,12 +94,6 @@ CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
 # --- the server ---------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 class FormServer:
     """`persona-pipeline review` in a subprocess, its output in a log file."""

@@ -1,108 +1,22 @@
-"""Review-form test data: a persona with one generation run whose first step is waiting for
-votes, real (tiny) PNGs under PERSONA_HOME, and posts waiting for approval."""
+"""Review-form test helpers: review data and the form's server come from persona_fakes (review.py,
+serving.py); racing_votes makes two votes overlap for the concurrency tests."""
 
 from __future__ import annotations
 
-import hashlib
-import socket
 import threading
 import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
-import uvicorn
-from PIL import Image
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from persona_pipeline.db import models, registry
-from persona_pipeline.db.session import get_engine, session_scope
-from persona_pipeline.personas import load_persona
-from persona_pipeline_tests.conftest import write_persona
-
-
-@dataclass(frozen=True)
-class ReviewSeed:
-    persona_id: int
-    slug: str
-    run_id: int
-    step_ids: list[int]
-    candidate_ids: list[int]
-    post_ids: list[int]
-
-
-def _png(path: Path, index: int) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    colour = ((index * 67) % 256, (index * 131 + 40) % 256, (index * 29 + 90) % 256)
-    Image.new("RGB", (64, 80), colour).save(path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def seed_review(url: str, home: Path, *, candidates: int = 6, steps: int = 2, posts: int = 1, slug: str = "tester",
-                top_k: int = 2, caption: str = "A day in the city.") -> ReviewSeed:
-    """Step 1 of a `steps`-step run is `voting` with `candidates` live candidates; later steps are
-    `pending`. Each post (awaiting approval, slot tomorrow 12:00 UTC + i hours) uses a candidate."""
-    folder = write_persona(home.parent / f"datasets-{slug}", slug, photos=0)
-    with session_scope(url) as session:
-        persona = registry.sync_persona(session, load_persona(folder))
-        pipeline = {"steps": [{"name": f"step{i}", "template": "txt2img_lora", "n": candidates, "top_k": top_k}
-                              for i in range(1, steps + 1)]}
-        run = models.GenerationRun(persona_id=persona.id, prompt="photo of t3st woman in the city", backend="diffusers",
-                                   status="awaiting_review", pipeline=pipeline)
-        session.add(run)
-        session.flush()
-        step_rows = [models.RunStep(run_id=run.id, position=i, name=f"step{i}", workflow="txt2img_lora",
-                                    n_candidates=candidates, status="voting" if i == 1 else "pending")
-                     for i in range(1, steps + 1)]
-        session.add_all(step_rows)
-        session.flush()
-        folder_out = home / "personas" / slug / "runs" / f"run-{run.id}" / "step-1"
-        rows = []
-        for i in range(candidates):
-            image = folder_out / f"p0-s{i}-{1000 + i}.png"
-            rows.append(models.Candidate(run_id=run.id, step_id=step_rows[0].id, seed=1000 + i, image_path=str(image),
-                                         image_sha256=_png(image, i), manifest_path=str(image.with_suffix(".json"))))
-        session.add_all(rows)
-        session.flush()
-        tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).replace(hour=12, minute=0, second=0, microsecond=0)
-        post_rows = []
-        for i in range(posts):
-            media = home / "personas" / slug / "media" / f"post-seed-{i}.jpg"
-            _png(media, 100 + i)
-            post_rows.append(models.Post(persona_id=persona.id, candidate_id=rows[i % len(rows)].id, account=f"outbox:{slug}",
-                                         status="awaiting_approval", caption=caption, hashtags=["#one", "#two"],
-                                         media_path=str(media), scheduled_at=tomorrow + timedelta(hours=i)))
-        session.add_all(post_rows)
-        session.flush()
-        return ReviewSeed(persona.id, slug, run.id, [s.id for s in step_rows], [c.id for c in rows], [p.id for p in post_rows])
-
-
-@contextmanager
-def serve_app(app, start_timeout_s: float = 30) -> Iterator[tuple[str, int]]:
-    """`app` under real uvicorn on a free loopback port, in a thread: yields (base URL, port)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + start_timeout_s
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start the app")
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}", port
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+from persona_fakes.review import ReviewSeed, seed_review  # noqa: F401  (the tests import them from here)
+from persona_fakes.serving import serve_app  # noqa: F401
+from persona_pipeline.db import models
+from persona_pipeline.db.session import get_engine
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """Alerts and freshness: the run-failure sensor through Dagster's own evaluation of a real failed
 run, the freshness sensor and asset checks, the persona-file alerts, and delivery against a local
-webhook (persona_pipeline_tests/fake_webhook.py) that answers, refuses, stalls and rate-limits."""
+webhook (persona_fakes/webhook.py) that answers, refuses, stalls and rate-limits."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from persona_pipeline.resources.alerts import AlertDeliveryError, AlertWebhook, 
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.settings import Settings
 from persona_pipeline_tests.conftest import make_settings, write_persona
-from persona_pipeline_tests.fake_webhook import SECRET_PATH, FakeWebhook
+from persona_fakes.webhook import SECRET_PATH, FakeWebhook
 
 UI = "http://dagster.test:3000"
 TIMEOUT_S = 0.3

@@ -3,7 +3,11 @@
 import subprocess
 import sys
 
+import pytest
+
 from persona_pipeline_tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
 
 SCRIPT = REPO / "bench" / "review_effort.py"
 

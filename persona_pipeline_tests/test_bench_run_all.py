@@ -13,7 +13,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from persona_pipeline_tests.conftest import REPO
+from persona_pipeline_tests.helpers import wait_until
+
+pytestmark = pytest.mark.slow
 
 RUN_ALL = REPO / "bench" / "run_all"
 PREFIX = "BENCH_RESULT "
@@ -184,10 +189,7 @@ def test_failing_silent_missed_and_timed_out_benchmarks_are_rows_and_exit_nonzer
 
     # The timed-out benchmark and the process it started were ended, not left running.
     pids = [int(p) for p in (bench / "sleepy.pids").read_text().split()]
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(pid) for pid in pids), pids
+    wait_until(lambda: not any(alive(pid) for pid in pids), f"the benchmark's processes {pids} to end", 10, every_s=0.1)
 
     # --only picks; an unknown name is refused with the available ones listed.
     only = run_all("--bench-dir", str(bench), "--only", "good", timeout=60)

@@ -19,7 +19,7 @@ from persona_pipeline.resources.captioners import ClipCaptioner
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.gemini import GeminiClient, GeminiError
 from persona_pipeline_tests.conftest import DEMO
-from persona_pipeline_tests.fake_gemini import GOOD_FIELDS, FakeGemini
+from persona_fakes.gemini import GOOD_FIELDS, FakeGemini
 
 PHOTOS = sorted((DEMO / "photos").glob("*.jpg"))
 
@@ -260,6 +260,7 @@ def test_strip_identity_keeps_photo_words(text):
 # --- Offline open_clip captioner -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_clip_captioner_draws_every_field_from_the_vocabularies():
     captioner = ClipCaptioner(ClipModel(model_name="tiny"))
     paths = PHOTOS[:5]
@@ -276,6 +277,7 @@ def test_clip_captioner_draws_every_field_from_the_vocabularies():
     assert captioner.caption_fields([]) == []
 
 
+@pytest.mark.slow
 def test_tiny_clip_has_the_same_weights_in_every_process():
     """Captions, dataset checks and checkpoint scores on the tiny model depend on it."""
     import subprocess

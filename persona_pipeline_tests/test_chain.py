@@ -20,19 +20,12 @@ from persona_pipeline.db import registry
 from persona_pipeline.fileio import sha256_file
 from persona_pipeline.trace import trace_post
 from persona_pipeline_tests.conftest import make_database, make_settings, materialise_persona, write_persona
+from persona_pipeline_tests.helpers import LogCapture as _Log
+
+pytestmark = pytest.mark.slow
 
 MANIFEST_FIELDS = {"prompt", "negative_prompt", "seed", "steps", "cfg", "sampler", "scheduler", "width", "height",
                    "base_model", "loras", "template", "template_sha256", "backend", "timings", "workflow", "diffusers", "sha256"}
-
-
-class _Log:
-    def __init__(self):
-        self.lines = []
-
-    def info(self, msg):
-        self.lines.append(msg)
-
-    error = info
 
 
 def _materialise_chain(folder: Path, db_url: str):
@@ -41,7 +34,7 @@ def _materialise_chain(folder: Path, db_url: str):
     return settings, result, resources
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def built_chain(request, tmp_path_factory):
     """One materialised chain per backend, shared by the tests that only read it."""
     folder = tmp_path_factory.mktemp(f"chain-{request.param}")

@@ -61,6 +61,7 @@ def test_a_database_behind_the_code_says_to_upgrade(empty_home, capsys):
     assert f"is at revision 0005, not the latest {head_revision()}: run `persona-pipeline db upgrade`" in _one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_unknown_ids_and_personas_are_one_line(empty_home, tmp_path, capsys):
     assert cli.main(["db", "upgrade"]) == 0
     capsys.readouterr()
@@ -99,6 +100,7 @@ def test_bad_settings_and_arguments_are_one_line(empty_home, monkeypatch, capsys
     assert exit_info.value.code == 2 and "'0' is not a whole number of 1 or more" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_installed_command_answers_trace_of_a_missing_post_in_one_line(empty_home):
     """The reproduction from the report: `persona-pipeline trace 999` on an empty home, then after
     `db upgrade`, through the real console script."""

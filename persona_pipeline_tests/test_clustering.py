@@ -53,6 +53,7 @@ def test_silhouette_picks_the_true_k_on_separated_blobs():
     assert np.allclose(result.distances, own, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_large_inputs_choose_k_on_a_sample_in_a_pca_projection_and_label_every_item():
     # 128 dimensions (> 64: the PCA projection is used) and more items than the sample.
     x, truth, _ = blobs([900, 700, 500, 400, 300], dim=128, noise=0.8, seed=3)
@@ -62,6 +63,7 @@ def test_large_inputs_choose_k_on_a_sample_in_a_pca_projection_and_label_every_i
     assert adjusted_rand_score(truth, result.labels) == 1.0
 
 
+@pytest.mark.slow
 def test_fit_is_deterministic_for_the_same_input_and_seed():
     x, _, _ = blobs([200, 150, 120], dim=96, noise=0.9, seed=5)
     first, second = fit_clusters(x, sample_size=200), fit_clusters(x, sample_size=200)
@@ -92,6 +94,7 @@ def test_small_inputs_identical_rows_and_bad_input():
     assert clustering.cluster_embeddings(blobs([6, 6, 6])[0]).k == 3   # the earlier name still works
 
 
+@pytest.mark.slow
 def test_a_20k_point_library_of_512_d_embeddings_clusters_correctly():
     # Production shape: 512-d unit vectors, noise like real image embeddings (silhouette ~0.27).
     x, truth, _ = blobs([4000, 3000, 2500, 2000, 1500, 3000, 2000, 2000], dim=512, noise=1.0, seed=7)

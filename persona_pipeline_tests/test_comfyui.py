@@ -17,7 +17,8 @@ from PIL import Image
 from persona_pipeline.resources.comfyui import (ComfyFailure, ComfyJob, ComfyResult, ComfyUIInterrupted,
                                                 ComfyUIOutOfMemory, ComfyUIPool, ComfyUITimeout, ComfyUITransientError,
                                                 ComfyUIUnavailable, ComfyUIWorkflowError, NodeError, required_models)
-from persona_pipeline_tests.fake_comfyui import GRAPH_FAULT, OUT_OF_MEMORY, FakeComfyUI, FakeComfyUIProcess
+from persona_fakes.comfyui import GRAPH_FAULT, OUT_OF_MEMORY, FakeComfyUI, FakeComfyUIProcess
+from persona_pipeline_tests.helpers import LogCapture as Log
 
 LORA = "persona-pipeline/t.safetensors"
 
@@ -77,26 +78,6 @@ def servers():
     yield start
     for server in started:
         server.stop()
-
-
-class Log:
-    """A thread-safe `log` callback; `wait_for(text)` blocks until a line containing it arrives."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-
-    def __call__(self, line: str) -> None:
-        with self._cond:
-            self.lines.append(line)
-            self._cond.notify_all()
-
-    def wait_for(self, text: str, timeout: float = 10) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: any(text in line for line in self.lines), timeout)
-
-    def having(self, text: str) -> list[str]:
-        return [line for line in self.lines if text in line]
 
 
 def pool_for(*servers, **kwargs) -> ComfyUIPool:

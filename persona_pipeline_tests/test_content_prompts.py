@@ -17,7 +17,8 @@ from persona_pipeline.domain.gaps import PillarGap, PillarInput, active_days, an
 from persona_pipeline.personas import load_persona
 from persona_pipeline.resources.gemini import GeminiClient, GeminiError
 from persona_pipeline_tests.conftest import DEMO
-from persona_pipeline_tests.fake_gemini import FakeGemini
+from persona_fakes.gemini import FakeGemini
+from persona_pipeline_tests.helpers import LogCapture as Log
 
 TODAY = date(2025, 3, 1)
 GUIDELINES = {
@@ -276,17 +277,6 @@ def test_demo_persona_from_gaps_to_template_prompts():
 # `waits` and `fake` (a local Gemini) come from conftest.py.
 
 
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def info(self, message: str) -> None:
-        self.lines.append(("info", message))
-
-    def warning(self, message: str) -> None:
-        self.lines.append(("warning", message))
-
-
 ALLOCATION = ["travel", "travel", "everyday", "outdoors"]
 
 
@@ -338,7 +328,7 @@ def test_gemini_retries_429_with_retry_after_and_500(fake, waits):
     assert len(ask(fake, log)) == 4
     assert len(fake.content_requests()) == 3
     assert waits[0] == 3.0 and 1.0 <= waits[1] <= 1.25
-    warnings = [m for level, m in log.lines if level == "warning"]
+    warnings = [m for level, m in log.records if level == "warning"]
     assert len(warnings) == 2 and "content prompts: HTTP 429" in warnings[0] and "retry 1 of 3 in 3.0 s" in warnings[0]
 
 
@@ -377,7 +367,7 @@ def test_gemini_forgotten_trigger_is_prefixed(fake, waits):
     prompts = ask(fake, log)
     assert prompts[0].prompt == "photo of m1ra woman, travel scene 1, wearing outfit 1, standing by a window, soft daylight"
     assert all(check_prompt(p.prompt, "m1ra") == p.prompt for p in prompts)
-    assert any("lacked the trigger word 'm1ra'; prefixed it" in m for _, m in log.lines)
+    assert any("lacked the trigger word 'm1ra'; prefixed it" in m for _, m in log.records)
 
 
 def test_gemini_answer_is_put_in_allocation_order(fake, waits):
@@ -392,7 +382,7 @@ def test_gemini_wrong_pillars_or_counts(fake, waits):
     log = Log()
     fake.reply_prompts(lambda items: [*items, {**items[0], "theme": "extra"}])
     assert [p.theme for p in ask(fake, log)] == ["travel idea 1", "travel idea 2", "everyday idea 3", "outdoors idea 4"]
-    assert any("returned 5 content prompts for 4 slots; dropped 1 extra" in m for _, m in log.lines)
+    assert any("returned 5 content prompts for 4 slots; dropped 1 extra" in m for _, m in log.records)
 
     fake.reply_prompts(lambda items: items[1:])
     with pytest.raises(GeminiError, match=r"too few content prompts: asked 2 for 'travel', got 1 \(3 items for 4 slots\)"):

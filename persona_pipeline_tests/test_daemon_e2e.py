@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,8 +39,13 @@ from sqlalchemy import func, select
 
 from persona_pipeline.db import models
 from persona_pipeline.db.session import get_engine, session_scope
-from persona_pipeline_tests.conftest import DEMO, REPO, _postgres_database
+from persona_fakes.databases import postgres_database
+from persona_fakes.serving import free_port
+from persona_pipeline_tests.conftest import DEMO, REPO
+from persona_pipeline_tests.helpers import wait_until
 from persona_pipeline_tests.test_instance_config import dagster_pg_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.daemon]
 
 BIN = Path(sys.executable).parent
 SLUG = "e2e"  # a copy of the demo persona under its own slug
@@ -51,12 +55,6 @@ OUR_ENV_PREFIXES = ("PERSONA_", "DAGSTER_", "GEMINI_", "COMFYUI_", "ALERT_", "IN
 LAUNCHERS = ("dagster/sensor_name", "dagster/schedule_name")
 BAD = {DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED, DagsterRunStatus.CANCELING}
 IN_FLIGHT = {DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -141,12 +139,12 @@ def _cron_at(minutes: list[datetime], tz: ZoneInfo) -> str:
 
 
 def test_sensors_and_schedules_carry_a_persona_from_photos_to_a_published_post(tmp_path, monkeypatch):
-    dagster_url, drop_dagster_db = _postgres_database()
-    app_url, drop_app_db = _postgres_database()
+    dagster_url, drop_dagster_db = postgres_database()
+    app_url, drop_app_db = postgres_database()
     dagster_home, persona_home, datasets = tmp_path / "dagster_home", tmp_path / "persona_home", tmp_path / "datasets"
     dagster_home.mkdir()
     shutil.copy(REPO / "dagster.yaml", dagster_home / "dagster.yaml")
-    port = _free_port()
+    port = free_port()
     workspace = dagster_home / "workspace.yaml"
     workspace.write_text(yaml.safe_dump({"load_from": [{"grpc_server": {
         "host": "127.0.0.1", "port": port, "location_name": "persona_pipeline"}}]}))
@@ -212,15 +210,15 @@ def test_sensors_and_schedules_carry_a_persona_from_photos_to_a_published_post(t
 
         def wait_for(what: str, check) -> object:
             last = 0.0
-            while (result := check()) is None:
-                if datetime.now(timezone.utc) >= deadline:
-                    progress()
-                    pytest.fail(f"{what}: not reached within {DEADLINE} of the daemon's start", pytrace=False)
-                if time.monotonic() - last >= 20:
+
+            def report() -> None:  # every 20 s, and once more before the deadline fails the test
+                nonlocal last
+                if time.monotonic() - last >= 20 or datetime.now(timezone.utc) >= deadline:
                     progress()
                     last = time.monotonic()
-                time.sleep(3)
-            return result
+
+            return wait_until(check, f"{what} (within {DEADLINE} of the daemon's start)",
+                              (deadline - datetime.now(timezone.utc)).total_seconds(), every_s=3, while_waiting=report)
 
         # Phase 1: the persona sensor alone ingests the photos and trains the LoRA.
         lora_id = wait_for("a LoRA trained by the persona sensor's run", lambda: _primary_lora(app_url))

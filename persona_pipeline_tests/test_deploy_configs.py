@@ -58,8 +58,9 @@ from persona_pipeline.db.session import session_scope
 from persona_pipeline.definitions import build_definitions, build_resources
 from persona_pipeline.personas import load_persona
 from persona_pipeline.settings import SETTINGS, Settings
-from persona_pipeline_tests.conftest import REPO, _postgres_database, make_database, make_settings, write_persona
-from persona_pipeline_tests.fake_comfyui import FakeComfyUI
+from persona_fakes.databases import postgres_database
+from persona_pipeline_tests.conftest import REPO, make_database, make_settings, write_persona
+from persona_fakes.comfyui import FakeComfyUI
 
 DEPLOY = REPO / "deploy"
 K8S, CELERY, SINGLE, COMFY = DEPLOY / "k8s", DEPLOY / "celery", DEPLOY / "single-server", DEPLOY / "comfyui"
@@ -135,7 +136,7 @@ def env_file(path: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def dagster_pg():
     """One PostgreSQL database for the Dagster storage of the deploy instances, via DAGSTER_PG_*."""
-    url, drop = _postgres_database()
+    url, drop = postgres_database()
     parsed = sa.engine.make_url(url)
     with pytest.MonkeyPatch.context() as patch:
         for key, value in {"DAGSTER_PG_HOST": parsed.host, "DAGSTER_PG_PORT": str(parsed.port or 5432),
@@ -673,6 +674,7 @@ def test_comfyui_example_env_loads_as_settings(monkeypatch):
         Settings.from_env()
 
 
+@pytest.mark.slow
 def test_sync_and_check_the_servers(tmp_path, app_env, monkeypatch, capsys):
     """sync-loras.sh exports the library and rsyncs it to two server folders; check_servers.py then
     sees one server without the LoRA and one down, as the pool would."""

@@ -79,6 +79,7 @@ def one(backend: DiffusionBackend, **changes) -> tuple[Image.Image, dict]:
     return backend.generate_with_manifests([DiffusersJob(**{**BASE, "seed": 7, **changes})], log=lambda _: None)[0]
 
 
+@pytest.mark.slow
 def test_batch_with_two_loras_is_reproduced_exactly_from_its_manifests(backend, files):
     loras = ((files["a"], 0.8), (files["b"], 0.5))
     jobs = [DiffusersJob(**BASE, seed=seed, loras=loras) for seed in (11, 12, 13, 14)]
@@ -113,6 +114,7 @@ def test_batch_with_two_loras_is_reproduced_exactly_from_its_manifests(backend, 
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_lora_weight_is_really_applied_and_other_renders_are_untouched(backend, files):
     diffusion._load_runtime.cache_clear()  # a pipeline that has never had an adapter
     plain_before = backend.generate_plain("photo of a woman", [5], size=32)[0]
@@ -130,6 +132,7 @@ def test_lora_weight_is_really_applied_and_other_renders_are_untouched(backend, 
     assert same(again, without)
 
 
+@pytest.mark.slow
 def test_a_changed_lora_file_is_reloaded_and_its_old_manifest_refused(backend, files, tmp_path, monkeypatch):
     monkeypatch.setattr(diffusion, "MAX_CACHED_ADAPTERS", 1)  # and adapters beyond the cache size are dropped
     path = tmp_path / "persona.safetensors"
@@ -162,6 +165,7 @@ def test_a_lora_that_does_not_fit_the_model_fails_before_any_image(backend, file
     assert logs == []
 
 
+@pytest.mark.slow
 def test_img2img_refines_the_parent(backend, files):
     parent = Image.open(files["parent"])
     txt2img, _ = one(backend, sampler="dpmpp_2m", scheduler="karras")
@@ -176,6 +180,7 @@ def test_img2img_refines_the_parent(backend, files):
     assert resized.size == (40, 48)
 
 
+@pytest.mark.slow
 def test_openpose_controlnet_follows_the_pose_image(backend, files):
     free, _ = one(backend)
     posed, _ = one(backend, control_image=files["pose"])

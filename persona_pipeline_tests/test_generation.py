@@ -17,7 +17,7 @@ from persona_pipeline.db import models, registry, review
 from persona_pipeline.db.session import session_scope
 from persona_pipeline.generation import runs
 from persona_pipeline_tests.conftest import REPO, make_settings, materialise_persona, write_persona
-from persona_pipeline_tests.fake_comfyui import FakeComfyUI
+from persona_fakes.comfyui import FakeComfyUI
 
 COMFY_STEPS = [
     {"name": "base", "template": "txt2img_lora", "n": 3, "top_k": 2,
@@ -66,6 +66,7 @@ def sync_and_add_lora(settings, folder, tmp_path):
     return add_lora(settings, folder.name, tmp_path)
 
 
+@pytest.mark.slow
 def test_comfyui_runs_two_steps_with_provenance_and_lora_injection(tmp_path, db_url):
     with FakeComfyUI(job_time_s=0.02, loras=[lora_name("tester")], checkpoints=["tiny.safetensors"]) as server:
         settings, folder = comfy_persona(tmp_path, db_url, server)
@@ -130,6 +131,7 @@ def test_a_run_waiting_for_approval_does_not_hold_up_another(tmp_path, db_url):
             models.Candidate.step_id == first.steps[1].id)) == 0
 
 
+@pytest.mark.slow
 def test_a_killed_candidate_gets_one_replacement(tmp_path, db_url):
     with FakeComfyUI(job_time_s=0.01, loras=[lora_name("tester")], checkpoints=["tiny.safetensors"]) as server:
         settings, folder = comfy_persona(tmp_path, db_url, server, steps=COMFY_STEPS[:1], auto_review=False)
@@ -262,6 +264,7 @@ def test_three_failed_jobs_reject_a_parent(tmp_path, db_url):
         assert run.steps[1].status == "failed" and "connection refused" in run.steps[1].failure_reason
 
 
+@pytest.mark.slow
 def test_identity_gate_and_keep_best(tmp_path, db_url):
     steps = [dict(COMFY_STEPS[0], n=3, keep=2)]
     with FakeComfyUI(job_time_s=0.01, loras=[lora_name("tester")], checkpoints=["tiny.safetensors"]) as server:
@@ -308,6 +311,7 @@ def test_identity_gate_and_keep_best(tmp_path, db_url):
         assert step.status == "failed" and "rejected" in step.failure_reason
 
 
+@pytest.mark.slow
 def test_an_image_written_before_a_crash_is_adopted_not_lost(tmp_path, db_url):
     with FakeComfyUI(job_time_s=0.01, loras=[lora_name("tester")], checkpoints=["tiny.safetensors"]) as server:
         settings, folder = comfy_persona(tmp_path, db_url, server, steps=COMFY_STEPS[:1], auto_review=False)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from persona_pipeline.resources import instagram
 from persona_pipeline.resources.instagram import GraphError, InstagramGraphClient, Quota, TokenInfo
-from persona_pipeline_tests.fake_graph import FakeGraphAPI, Fault, MediaServer
+from persona_fakes.graph import FakeGraphAPI, Fault, MediaServer
 
 USER = "17841400000000001"
 TOKEN = "EAAGsecret-token-0123456789abcdef"

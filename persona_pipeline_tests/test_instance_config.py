@@ -23,7 +23,8 @@ from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, Postgr
 from persona_pipeline.automation.jobs import GENERATION_TAG, GPU_TAG
 from persona_pipeline.automation.publishing import PUBLISH_TAG
 from persona_pipeline.definitions import build_definitions
-from persona_pipeline_tests.conftest import REPO, _postgres_database, make_settings
+from persona_fakes.databases import postgres_database
+from persona_pipeline_tests.conftest import REPO, make_settings
 
 PG_VARS = ("DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB")
 
@@ -39,7 +40,7 @@ def dagster_pg_env(url: str) -> dict[str, str]:
 def production_instance(home: Path, monkeypatch, extra: dict | None = None):
     """A DagsterInstance from the repo's dagster.yaml (plus `extra` top-level keys) on a fresh
     PostgreSQL database, dropped afterwards."""
-    url, drop = _postgres_database()
+    url, drop = postgres_database()
     try:
         for key, value in dagster_pg_env(url).items():
             monkeypatch.setenv(key, value)

@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from persona_pipeline.objectstore import ArtifactMirror, ObjectStoreError
 from persona_pipeline.resources.storage import PersonaStorage
 from persona_pipeline.review.app import ReviewConfig, create_app
 from persona_pipeline.settings import SETTINGS, Settings
+from persona_fakes.serving import free_port
 from persona_pipeline_tests.conftest import make_database, materialise_persona, write_persona
 from persona_pipeline_tests.reliability.conftest import figure  # noqa: F401  (the fixture)
 from persona_pipeline_tests.review_fixtures import seed_review
@@ -86,12 +86,6 @@ class _RequestLog(logging.Handler):
         self.sink.append(record.getMessage())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
     from moto.server import ThreadedMotoServer
@@ -101,7 +95,7 @@ def s3():
             patch.setenv(name, value)
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
             patch.delenv(name, raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
         server.start()
         host, port = server.get_host_and_port()
         state = S3Server(f"http://{host}:{port}")
@@ -264,7 +258,7 @@ def test_pull_never_writes_through_a_linked_folder(s3, tmp_path):
 def test_s3_down_fails_clearly_keeps_the_files_and_a_later_push_uploads_them(s3, tmp_path, figure):
     bucket, cache = s3.new_bucket(), tmp_path / "cache"
     paths = _tree(cache, {"personas/a/loras/v1/a.safetensors": b"lora" * 1000, "personas/a/loras/v1/metadata.json": b"{}"})
-    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     down = ArtifactMirror(f"s3://{bucket}/studio", cache, {"client_kwargs": {"endpoint_url": dead}, **FAST_FAIL})
     with pytest.raises(ObjectStoreError) as raised:
         down.push(paths)
@@ -357,7 +351,7 @@ def test_a_run_fails_at_setup_when_object_storage_is_down(s3, tmp_path, monkeypa
     url, drop = make_database("postgresql", tmp_path)
     try:
         (tmp_path / "datasets").mkdir()
-        dead = f"http://127.0.0.1:{_free_port()}"
+        dead = f"http://127.0.0.1:{free_port()}"
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries: fail in seconds
         settings = settings_from_env(monkeypatch, {
             "PERSONA_HOME": "s3://some-bucket/studio", "PERSONA_CACHE_DIR": str(tmp_path / "cache"),

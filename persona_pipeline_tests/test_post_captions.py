@@ -17,7 +17,8 @@ from persona_pipeline.domain.captions import (
 )
 from persona_pipeline.domain.gemini_prompts import post_caption_instruction
 from persona_pipeline.resources.gemini import GeminiClient, GeminiError
-from persona_pipeline_tests.fake_gemini import FakeGemini, caption_of_length
+from persona_fakes.gemini import FakeGemini, caption_of_length
+from persona_pipeline_tests.helpers import LogCapture as Log
 
 # --- length bands -------------------------------------------------------------------------------
 
@@ -213,17 +214,6 @@ SETTINGS = dict(
 )
 
 
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def info(self, message: str) -> None:
-        self.lines.append(("info", message))
-
-    def warning(self, message: str) -> None:
-        self.lines.append(("warning", message))
-
-
 @pytest.fixture
 def photo(tmp_path) -> Path:
     path = tmp_path / "post-000001.jpg"
@@ -291,7 +281,7 @@ def test_out_of_band_answer_is_asked_for_exactly_once_more(fake, waits, photo):
     assert json.loads(second.texts()[1]) == {"caption": caption_of_length(900)}
     assert second.texts()[2].startswith("That caption is 900 characters long; it must be between 450 and 700 "
                                         "characters (medium).")
-    assert any(level == "info" and "900 characters, outside the medium band (450-700)" in m for level, m in log.lines)
+    assert any(level == "info" and "900 characters, outside the medium band (450-700)" in m for level, m in log.records)
 
 
 def test_still_out_of_band_is_kept_with_a_warning_naming_the_band(fake, waits, photo):
@@ -300,7 +290,7 @@ def test_still_out_of_band_is_kept_with_a_warning_naming_the_band(fake, waits, p
 
     assert write(fake, photo, log) == caption_of_length(120)
     assert len(fake.requests) == 2  # never a third ask
-    warnings = [m for level, m in log.lines if level == "warning"]
+    warnings = [m for level, m in log.records if level == "warning"]
     assert len(warnings) == 1 and "kept a caption of 120 characters, outside the medium band (450-700 characters)" in warnings[0]
 
 
@@ -343,7 +333,7 @@ def test_429_and_5xx_are_retried(fake, waits, photo):
     assert len(write(fake, photo, log)) == 575
     assert len(fake.caption_requests()) == 3
     assert waits[0] == 2.0 and 1.0 <= waits[1] <= 1.25
-    warnings = [m for level, m in log.lines if level == "warning"]
+    warnings = [m for level, m in log.records if level == "warning"]
     assert len(warnings) == 2 and "post caption for post-000001.jpg: HTTP 429" in warnings[0]
 
 

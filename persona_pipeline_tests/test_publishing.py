@@ -31,24 +31,14 @@ from persona_pipeline.resources.storage import PersonaStorage
 from persona_pipeline.resources.instagram import InstagramGraphClient
 from persona_pipeline.resources.publisher import InstagramPublisher, OutboxPublisher
 from persona_pipeline_tests.conftest import REPO, write_persona
-from persona_pipeline_tests.fake_graph import Fault, FakeGraphAPI, MediaServer, _Server
+from persona_fakes.graph import Fault, FakeGraphAPI, MediaServer
+from persona_fakes.serving import HTTPFake, free_port
+from persona_pipeline_tests.helpers import LogCapture as Log
 
 USER_A, USER_B = "17841400000000001", "17841400000000002"
 TOKEN_A, TOKEN_B = "EAAG-token-of-account-a-0123456789", "EAAG-token-of-account-b-9876543210"
 ENV_A, ENV_B = "IG_TOKEN_TEST_A", "IG_TOKEN_TEST_B"
 RETRY_WAIT_S = 60.0
-
-
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._lock = threading.Lock()
-
-    def _add(self, msg: str) -> None:
-        with self._lock:
-            self.lines.append(str(msg))
-
-    info = warning = error = _add
 
 
 @dataclass
@@ -388,14 +378,8 @@ class _OversizeHost(BaseHTTPRequestHandler):
 def test_image_over_8_mib_at_the_url_fails_for_good(world):
     pid = persona(world)
     (post_id,) = posts(world, pid, "anna", USER_A, 1)
-    server = _Server(("127.0.0.1", 0), _OversizeHost)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        host = f"http://127.0.0.1:{server.server_address[1]}"
-        counts = world.publish(publisher=world.publisher(media_public_base_url=host))
-    finally:
-        server.shutdown()
-        server.server_close()
+    with HTTPFake(_OversizeHost) as server:
+        counts = world.publish(publisher=world.publisher(media_public_base_url=server.origin))
     post = world.post(post_id)
     assert counts["failed"] == 1 and post.status == "failed" and not post.retryable
     assert "2207004" in post.failure_reason and world.attempts(post_id)[-1].error_subcode == 2207004
@@ -478,9 +462,7 @@ def test_persona_without_instagram_or_token_fails_for_good_naming_the_setting(wo
 def test_unreachable_media_url_fails_retryable_without_a_container(world):
     pid = persona(world)
     (post_id,) = posts(world, pid, "anna", USER_A, 1)
-    dead = _Server(("127.0.0.1", 0), _OversizeHost)
-    port = dead.server_address[1]
-    dead.server_close()  # nothing listens there now
+    port = free_port()  # nothing listens there
     counts = world.publish(publisher=world.publisher(media_public_base_url=f"http://127.0.0.1:{port}/media"))
     post = world.post(post_id)
     assert counts["failed"] == 1 and post.status == "failed" and post.retryable
@@ -514,6 +496,7 @@ def test_lost_publish_answer_is_reconciled_not_repeated(world):
 
 # --- concurrency and crashes ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_overlapping_runs_publish_each_post_once(world):
     world.fake.latency_s = 0.02
     pid, pid_b = persona(world), persona(world, "bea", USER_B, ENV_B)
@@ -556,6 +539,7 @@ def crash_run(world: World, where: str, run_id: str = "run-that-dies") -> subpro
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_killed_between_container_and_publish_then_restarted(world):
     pid = persona(world)
     ids = posts(world, pid, "anna", USER_A, 2)
@@ -576,6 +560,7 @@ def test_killed_between_container_and_publish_then_restarted(world):
     assert len(world.fake.requests_to("create")) == 2 and len(world.fake.requests_to("publish")) == 2
 
 
+@pytest.mark.slow
 def test_killed_after_publish_before_recording_reconciles_without_publishing_again(world):
     pid = persona(world)
     (post_id,) = posts(world, pid, "anna", USER_A, 1)
@@ -592,6 +577,7 @@ def test_killed_after_publish_before_recording_reconciles_without_publishing_aga
                                                                            ("reconcile", "already_published")]
 
 
+@pytest.mark.slow
 def test_without_run_liveness_a_crashed_claim_waits_for_the_lease(world):
     pid = persona(world)
     (post_id,) = posts(world, pid, "anna", USER_A, 1)
@@ -603,6 +589,7 @@ def test_without_run_liveness_a_crashed_claim_waits_for_the_lease(world):
     assert_published_once(world, [post_id])
 
 
+@pytest.mark.slow
 def test_a_killed_run_that_dagster_still_calls_started_loses_its_claim_after_the_lease(world):
     """kill -9 leaves the run STARTED in Dagster (nothing marks it failed): its claims must still
     expire on their lease, or its posts stay `publishing` for ever."""
@@ -689,6 +676,7 @@ def test_a_run_that_lost_its_claim_stops_touching_the_post(world):
     assert len(world.fake.requests_to("create")) == 1  # the one container went out, once
 
 
+@pytest.mark.slow
 def test_the_dagster_job_reports_quotas_and_fails_on_a_rejected_token(world, monkeypatch):
     pid = persona(world)
     pid_b = persona(world, "bea", USER_B, ENV_B)

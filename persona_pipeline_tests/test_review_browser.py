@@ -13,7 +13,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 from sqlalchemy import func, select
@@ -22,7 +22,10 @@ from persona_pipeline.db import models
 from persona_pipeline.db.session import session_scope
 from persona_pipeline.review.app import ReviewConfig, create_app
 from persona_pipeline_tests.conftest import make_database
+from persona_pipeline_tests.helpers import wait_until
 from persona_pipeline_tests.review_fixtures import ReviewSeed, seed_review, serve_app
+
+pytestmark = pytest.mark.browser
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -64,17 +67,6 @@ def served(tmp_path_factory) -> Iterator[Served]:
 def voting_image(url: str, seed: ReviewSeed) -> Path:
     with session_scope(url) as session:
         return Path(session.get(models.Candidate, seed.candidate_ids[0]).image_path)
-
-
-def wait_for(check: Callable[[], object], what: str, timeout: float = 5.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def count(url: str, model, *where) -> int:
@@ -215,7 +207,7 @@ def test_a_reviewer_works_through_the_form(served: Served, chromium, tmp_path: P
     for route in held:
         route.continue_()
     page.unroute("**/api/votes")
-    wait_for(lambda: page.evaluate("document.getElementById('vote').dataset.votes") == "4", "4 votes to land")
+    wait_until(lambda: page.evaluate("document.getElementById('vote').dataset.votes") == "4", "4 votes to land", 5)
     with session_scope(url) as session:
         votes = {v.offer_id: v for v in session.scalars(select(models.Vote))}
         assert len(votes) == 4
@@ -234,8 +226,8 @@ def test_a_reviewer_works_through_the_form(served: Served, chromium, tmp_path: P
     skipped = current_pair(page)
     page.keyboard.press("s")
     assert current_pair(page)["offer"] != skipped["offer"]
-    wait_for(lambda: count(url, models.PairOffer, models.PairOffer.id == int(skipped["offer"]),
-                           models.PairOffer.outcome == "skipped"), "the skip")
+    wait_until(lambda: count(url, models.PairOffer, models.PairOffer.id == int(skipped["offer"]),
+                             models.PairOffer.outcome == "skipped"), "the skip", 5)
     assert count(url, models.ReviewEvent, models.ReviewEvent.kind == "skip") == 1
 
     # K kills the left image (on another run: a kill sends its step back to generating).
@@ -245,8 +237,8 @@ def test_a_reviewer_works_through_the_form(served: Served, chromium, tmp_path: P
     before_kill = current_pair(page)
     doomed = int(before_kill["left"])
     page.keyboard.press("K")
-    wait_for(lambda: count(url, models.Candidate, models.Candidate.id == doomed, models.Candidate.status == "killed"),
-             "the kill")
+    wait_until(lambda: count(url, models.Candidate, models.Candidate.id == doomed, models.Candidate.status == "killed"),
+               "the kill", 5)
     page.wait_for_function(f"() => document.getElementById('status').textContent.includes('Killed #{doomed}')")
     # When the preloaded pair held the doomed image too, the page waits (busy) for a fresh pair asked
     # for after the kill landed: wait until a pair other than the one killed from is on screen.
@@ -397,8 +389,8 @@ def test_a_double_click_casts_one_vote_on_the_pair_on_screen(served: Served, chr
             (int(shown["offer"]), int(shown["left"]), int(shown["right"]))]
     after = current_pair(page)
     page.click(LEFT_WINS)  # the next pair has been on screen for a moment: this click is a vote
-    wait_for(lambda: count(served.url, models.Vote, models.Vote.offer_id == int(after["offer"]),
-                           models.Vote.winner_id == int(after["left"])), "the vote on the second pair")
+    wait_until(lambda: count(served.url, models.Vote, models.Vote.offer_id == int(after["offer"]),
+                             models.Vote.winner_id == int(after["left"])), "the vote on the second pair", 5)
     context.close()
 
 

@@ -166,6 +166,7 @@ def test_vote_flow_records_offers_votes_and_events(form: Form) -> None:
     assert queue_counts(form)["pairs_to_vote"] < 14  # 5 live candidates: at most 10 pairs
 
 
+@pytest.mark.slow
 def test_a_vote_counts_once_and_only_on_the_pair_the_page_showed(form: Form) -> None:
     """The page preloads its next pair (?preload=1): a vote on it is refused until the page says it
     is on screen (POST /api/offers/{id}/shown); each offer takes one vote, from its own reviewer."""
@@ -352,6 +353,7 @@ def test_login_and_logout_need_csrf_and_next_stays_local(sqlite_form: Form) -> N
     assert client.get("/", follow_redirects=False).status_code == 303
 
 
+@pytest.mark.slow
 def test_missing_or_wrong_csrf_is_403_and_changes_nothing(sqlite_form: Form) -> None:
     csrf = sqlite_form.login()
     client, seed = sqlite_form.client, sqlite_form.seed

@@ -21,6 +21,9 @@ from persona_pipeline.training.lora import (LoraTrainingParams, TrainingConfigEr
                                             train_lora)
 from persona_pipeline.training.tiny_models import build_tiny_sd, build_tiny_sdxl
 from persona_pipeline_tests.conftest import DEMO, REPO
+from persona_pipeline_tests.helpers import wait_until
+
+pytestmark = pytest.mark.slow
 
 PHOTOS = sorted((DEMO / "photos").glob("*.jpg"))
 
@@ -171,11 +174,12 @@ def test_kill_minus_9_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_
                    log=lambda m: print(m, flush=True))
     """)
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while not (out / "training_state.pt").is_file():
+
+    def step_4_written() -> bool:
         assert child.poll() is None, child.stdout.read()
-        assert time.time() < deadline, "the child never wrote its step-4 state"
-        time.sleep(0.05)
+        return (out / "training_state.pt").is_file()
+
+    wait_until(step_4_written, "the child's step-4 state", timeout_s=240)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert child.returncode == -signal.SIGKILL

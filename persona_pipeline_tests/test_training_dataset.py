@@ -22,7 +22,7 @@ from persona_pipeline.resources import gemini as gemini_module
 from persona_pipeline.resources.captioners import ClipCaptioner
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline_tests.conftest import make_database, make_settings, materialise_persona, write_persona
-from persona_pipeline_tests.fake_gemini import GOOD_FIELDS, FakeGemini
+from persona_fakes.gemini import GOOD_FIELDS, FakeGemini
 
 PIPELINE = [source_photos, training_dataset]
 SUBSET = "10_t3st woman"  # <repeats>_<trigger> <class> with write_persona's defaults
@@ -100,6 +100,7 @@ def stored_captions(settings, kind: str) -> dict[str, tuple[int, str, str]]:
 # --- caption sources and the kohya folder -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sidecars_win_clip_captions_the_rest_and_the_folder_is_kohya(tmp_path, db_url, clip_calls):
     settings = make_settings(tmp_path, db_url)
     folder = write_persona(settings.datasets_dir, photos=4, training=SMALL)
@@ -145,6 +146,7 @@ def test_sidecars_win_clip_captions_the_rest_and_the_folder_is_kohya(tmp_path, d
     assert all(checks(result)[name].passed for name in ("captions_start_with_trigger", "image_count_in_range"))
 
 
+@pytest.mark.slow
 def test_caption_edits_survive_rematerialisation_and_generated_captions_are_kept(tmp_path, db_url, clip_calls):
     settings = make_settings(tmp_path, db_url)
     folder = write_persona(settings.datasets_dir, photos=4, training=SMALL)
@@ -185,6 +187,7 @@ def test_caption_edits_survive_rematerialisation_and_generated_captions_are_kept
         assert session.scalar(select(func.count(models.Dataset.id))) == 2
 
 
+@pytest.mark.slow
 def test_reverting_an_edit_leads_back_to_the_old_version_with_its_own_caption_files(tmp_path, sqlite_url):
     settings = make_settings(tmp_path, sqlite_url)
     folder = write_persona(settings.datasets_dir, photos=3, training=SMALL)
@@ -212,6 +215,7 @@ def test_reverting_an_edit_leads_back_to_the_old_version_with_its_own_caption_fi
 # --- settings that change the dataset -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_flip_augment_off_is_in_the_toml_and_makes_another_version(tmp_path, sqlite_url):
     settings = make_settings(tmp_path, sqlite_url)
     folder = write_persona(settings.datasets_dir, photos=3, training=SMALL)
@@ -229,6 +233,7 @@ def test_flip_augment_off_is_in_the_toml_and_makes_another_version(tmp_path, sql
     assert caption_rows(plain) == caption_rows(flipped)  # only the setting differs
 
 
+@pytest.mark.slow
 def test_regularisation_set_is_a_reg_subset_generated_once(tmp_path, sqlite_url, monkeypatch):
     settings = make_settings(tmp_path, sqlite_url)
     folder = write_persona(settings.datasets_dir, photos=3, training={**SMALL, "regularization": {"images": 2}})
@@ -267,6 +272,7 @@ def test_regularisation_set_is_a_reg_subset_generated_once(tmp_path, sqlite_url,
 # --- quality checks -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_caption_without_trigger_fails_the_blocking_check_and_stops_lora_model(tmp_path, sqlite_url):
     settings = make_settings(tmp_path, sqlite_url)
     folder = write_persona(settings.datasets_dir, photos=3, training=SMALL)
@@ -319,6 +325,7 @@ def flawed(tmp_path_factory):
     monkeypatch.undo()
 
 
+@pytest.mark.slow
 def test_too_many_images_fails_the_image_count_check_naming_the_range(flawed):
     result, images = flawed
     assert len(images) == 6  # both near duplicates and the dark photo were accepted
@@ -368,6 +375,7 @@ def requested_photos(server, settings) -> list[str]:
     return [by_bytes[base64.urlsafe_b64decode(r.inline_images()[0][1])] for r in server.requests]
 
 
+@pytest.mark.slow
 def test_gemini_captions_the_photos_without_a_sidecar(tmp_path, sqlite_url, gemini, clip_calls):
     settings = gemini_settings(tmp_path, sqlite_url, gemini)
     folder = write_persona(settings.datasets_dir, photos=4, training=SMALL)
@@ -389,6 +397,7 @@ def test_gemini_captions_the_photos_without_a_sidecar(tmp_path, sqlite_url, gemi
     assert (dataset_dir(result) / SUBSET / "0002.txt").read_text().strip() == rows["mira_02.jpg"]["caption"]
 
 
+@pytest.mark.slow
 def test_gemini_failure_midway_keeps_the_captions_made_and_the_rerun_asks_only_for_the_rest(tmp_path, sqlite_url, gemini):
     settings = gemini_settings(tmp_path, sqlite_url, gemini)
     folder = write_persona(settings.datasets_dir, photos=6, training=SMALL)  # mira_02, _04, _06 lack a sidecar

@@ -10,13 +10,14 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import sqlalchemy as sa
+
+from persona_fakes.serving import free_port
 
 
 def _bin(name: str) -> str:
@@ -28,12 +29,6 @@ def _bin(name: str) -> str:
     if not path:
         raise FileNotFoundError(f"PostgreSQL's {name} is not installed (looked in /usr/lib/postgresql/*/bin and PATH)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class PrivateCluster:

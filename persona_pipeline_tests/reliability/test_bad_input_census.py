@@ -50,6 +50,8 @@ from persona_pipeline_tests.test_lora_library import _foreign_lora, _raw_safeten
 from persona_pipeline_tests.test_parameters import GOOD as GOOD_GENERATION
 from persona_pipeline_tests.test_review_form import Form, make_form
 
+pytestmark = pytest.mark.slow
+
 # --------------------------------------------------------------------------- the table
 
 

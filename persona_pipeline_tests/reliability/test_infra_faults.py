@@ -29,14 +29,18 @@ from persona_pipeline.db.session import get_engine, session_scope, upgrade
 from persona_pipeline.definitions import build_definitions
 from persona_pipeline.resources.alerts import AlertWebhook, FreshnessRules
 from persona_pipeline_tests.conftest import REPO, make_settings
-from persona_pipeline_tests.fake_webhook import FakeWebhook
+from persona_pipeline_tests.helpers import wait_until
+from persona_fakes.webhook import FakeWebhook
 from persona_pipeline_tests.reliability.pg_cluster import PrivateCluster
 from persona_pipeline_tests.review_fixtures import seed_review
 from persona_pipeline_tests.test_instance_config import dagster_pg_env
 
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.daemon]
+
 RUN_KEY_TAG = "dagster/run_key"
 OUTAGE_TICKS = 10  # failed ticks to see before the server comes back
 TICK_PAUSE_S = 0.1
+WAIT_S = 60.0  # how long a step of these tests may take before it fails
 LORA_ROOM = 16 << 10  # bytes left free for the LoRA: less than one checkpoint
 RUN_ROOM = 4 << 10  # bytes left free for a generation run: less than one image and its manifest
 
@@ -127,14 +131,14 @@ def test_postgres_restarted_while_the_review_sensor_ticks(tmp_path, monkeypatch,
             ticker.start()
             before, _ = _decide(app_url, posts[:3])
             # wait (poll) until a tick has covered the first decisions, then decide more that no tick saw yet
-            _wait_for(lambda: any(t[2] and t[3] > 0 for t in log.ticks), "a first successful tick")
+            wait_until(lambda: any(t[2] and t[3] > 0 for t in log.ticks), "a first successful tick", WAIT_S)
             pending, _ = _decide(app_url, posts[3:5])
             down_at = time.monotonic()
             pg.stop("fast")
             stopped_at = time.monotonic()
             during_ok, during_errors = _decide(app_url, posts[5:7])  # refused: the server is down
-            _wait_for(lambda: sum(1 for t in log.ticks if not t[2] and t[0] >= stopped_at) >= OUTAGE_TICKS,
-                      f"{OUTAGE_TICKS} ticks in the outage")
+            wait_until(lambda: sum(1 for t in log.ticks if not t[2] and t[0] >= stopped_at) >= OUTAGE_TICKS,
+                       f"{OUTAGE_TICKS} ticks in the outage", WAIT_S)
             start_at = time.monotonic()
             pg.start()
             up_at = time.monotonic()
@@ -143,8 +147,9 @@ def test_postgres_restarted_while_the_review_sensor_ticks(tmp_path, monkeypatch,
             with session_scope(app_url) as session:
                 decision_ids = list(session.scalars(select(models.ReviewEvent.id).where(
                     models.ReviewEvent.kind.in_(["approve_post", "reject_post"])).order_by(models.ReviewEvent.id)))
-            _wait_for(lambda: ReviewCursor.load(log.cursor).last_id >= decision_ids[-1], "the cursor to cover every decision")
-            _wait_for(lambda: set(_alert_statuses(app_url).values()) == {"sent"}, "the alerts to be sent")
+            wait_until(lambda: ReviewCursor.load(log.cursor).last_id >= decision_ids[-1], "the cursor to cover every decision",
+                       WAIT_S)
+            wait_until(lambda: set(_alert_statuses(app_url).values()) == {"sent"}, "the alerts to be sent", WAIT_S)
             stop.set()
             ticker.join(timeout=60)
             _tick(instance, database, log)  # once more: nothing new may start
@@ -203,15 +208,6 @@ def test_postgres_restarted_while_the_review_sensor_ticks(tmp_path, monkeypatch,
 def _alert_statuses(url: str) -> dict[int, str]:
     with session_scope(url) as session:
         return dict(session.execute(select(models.Alert.id, models.Alert.status)).all())
-
-
-def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
-    """Poll `condition` until true; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- 2. a full disk
@@ -397,7 +393,7 @@ def review_server(tmp_path):
     import requests
 
     from persona_pipeline_tests.conftest import make_database
-    from persona_pipeline_tests.reliability.pg_cluster import free_port
+    from persona_fakes.serving import free_port
 
     url, drop = make_database("postgresql", tmp_path)
     server = None
@@ -422,7 +418,7 @@ def review_server(tmp_path):
             except requests.ConnectionError:
                 return False
 
-        _wait_for(answers, "the review form to answer")
+        wait_until(answers, "the review form to answer", WAIT_S)
         yield base, url, seed, tokens
     finally:
         if server is not None:

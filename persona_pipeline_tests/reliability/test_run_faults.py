@@ -35,7 +35,10 @@ from persona_pipeline.db import models
 from persona_pipeline.db.session import session_scope
 from persona_pipeline.fileio import sha256_file
 from persona_pipeline_tests.conftest import REPO, make_database, make_settings, materialise_persona, write_persona
+from persona_pipeline_tests.helpers import wait_until
 from persona_pipeline_tests.test_publishing import world  # noqa: F401  (its fixture, on PostgreSQL: see db_url)
+
+pytestmark = pytest.mark.slow
 
 WAIT_S = 240.0  # ceiling of every poll: generous for a loaded 2-core machine; a poll ends as soon as it holds
 
@@ -66,17 +69,6 @@ def one_torch_thread():
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def poll(condition, what: str, timeout_s: float = WAIT_S, every_s: float = 0.05):
-    """Wait until `condition()` is truthy and return it; fail naming `what` past the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
-        time.sleep(every_s)
 
 
 # --- 1. kill -9 of a training run, then resume ---------------------------------------------------------
@@ -125,7 +117,7 @@ def test_kill_minus_9_of_a_training_run_then_resume(tmp_path, pg, figure):
         assert upstream.success
         diffusion = resources["diffusion"]
         diffusion.base_model_path()  # build the tiny model once, before two processes want it
-        poll(lambda: "ready" in out.read_text() or child.poll() is not None, "the training child to start")
+        wait_until(lambda: "ready" in out.read_text() or child.poll() is not None, "the training child to start", WAIT_S)
         child.stdin.write(json.dumps({"tmp": str(tmp_path), "url": pg, "folder": str(folder)}) + "\n")
         child.stdin.flush()
         loras = settings.home / "personas" / folder.name / "loras"
@@ -134,7 +126,7 @@ def test_kill_minus_9_of_a_training_run_then_resume(tmp_path, pg, figure):
             assert child.poll() is None, out.read_text()[-3000:]
             return next(iter(loras.glob("*.partial/training_state.pt")), None) if loras.is_dir() else None
 
-        state = poll(first_state, "the first checkpoint of the training child")
+        state = wait_until(first_state, "the first checkpoint of the training child", WAIT_S)
         os.kill(child.pid, signal.SIGKILL)
         killed_at = time.perf_counter()
         child.wait(30)
@@ -232,7 +224,7 @@ def comfy_persona(tmp_path: Path, db_url: str, urls: str):
 
 def fake_process(port: int = 0, job_time_s: float = 1.0):
     """A fake ComfyUI in its own process (so SIGKILL is real), listing the persona's LoRA."""
-    from persona_pipeline_tests.fake_comfyui import FakeComfyUIProcess
+    from persona_fakes.comfyui import FakeComfyUIProcess
     from persona_pipeline_tests.test_generation import lora_name
 
     return FakeComfyUIProcess(job_time_s=job_time_s, port=port,
@@ -303,7 +295,7 @@ def disk_matches_rows(settings, url: str) -> tuple[list[models.Candidate], list[
 
 
 def test_a_comfyui_server_killed_mid_batch_is_replaced_by_the_survivor(tmp_path, pg, figure):
-    from persona_pipeline_tests.fake_comfyui import FakeComfyUI
+    from persona_fakes.comfyui import FakeComfyUI
     from persona_pipeline_tests.test_generation import lora_name, materialise
 
     with fake_process(job_time_s=1.5) as doomed, \
@@ -405,7 +397,7 @@ def test_graph_api_faults_during_a_posting_batch(world, figure):
     from persona_pipeline.automation.publishing import publish_job
     from persona_pipeline.resources.database import AppDatabase
     from persona_pipeline.resources.storage import PersonaStorage
-    from persona_pipeline_tests.fake_graph import Fault
+    from persona_fakes.graph import Fault
     from persona_pipeline_tests.test_publishing import (ENV_B, TOKEN_A, TOKEN_B, USER_A, USER_B, assert_no_token_leaked,
                                                         assert_published_once, persona, posts)
 
@@ -522,7 +514,7 @@ def test_kill_minus_9_of_a_publish_run_mid_batch_then_the_lease(world, figure):
             statuses = [world.post(i).status for i in ids]
             return "published" in statuses and statuses.count("publishing") >= 2
 
-        poll(mid_batch, "the publish child to be mid-batch")
+        wait_until(mid_batch, "the publish child to be mid-batch", WAIT_S)
         os.kill(child.pid, signal.SIGKILL)
         killed_at = time.perf_counter()
         child.wait(30)

@@ -38,13 +38,15 @@ from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.review.app import ReviewConfig, create_app
 from persona_pipeline.settings import Settings
 from persona_pipeline_tests.conftest import make_database, write_persona
-from persona_pipeline_tests.fake_gemini import FakeGemini
-from persona_pipeline_tests.fake_graph import Fault, FakeGraphAPI, MediaServer
-from persona_pipeline_tests.fake_webhook import SECRET_PATH, FakeWebhook
+from persona_fakes.gemini import FakeGemini
+from persona_fakes.graph import Fault, FakeGraphAPI, MediaServer
+from persona_fakes.webhook import SECRET_PATH, FakeWebhook
 from persona_pipeline_tests.review_fixtures import ReviewSeed, seed_review, serve_app
 from persona_pipeline_tests.test_publishing import Log, World
 from persona_pipeline_tests.test_publishing import posts as due_posts
 from persona_pipeline_tests.test_review_form import csrf_of
+
+pytestmark = pytest.mark.slow
 
 # --------------------------------------------------------------------------- secrets
 

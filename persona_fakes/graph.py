@@ -1,5 +1,5 @@
 """A local Instagram Graph API for tests: real HTTP on 127.0.0.1 speaking the content-publishing
-protocol of REFERENCES.md §3, so `InstagramGraphClient(base_url=fake.url)` runs unchanged.
+protocol (docs/rules.md), so `InstagramGraphClient(base_url=fake.url)` runs unchanged.
 
 Endpoints (the token is the `access_token` query parameter or form field):
 
@@ -61,10 +61,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
-from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from persona_fakes.serving import FaultQueue, HTTPFake
 
 MAX_MEDIA_BYTES = 8 * 1024 * 1024
 MIN_ASPECT, MAX_ASPECT = 4 / 5, 1.91
@@ -74,20 +76,6 @@ QUOTA_WINDOW_S = 86400
 CONTAINER_TTL_S = 86400
 ENDPOINTS = ("create", "status", "publish", "quota", "permalink", "media_list", "debug_token")
 _SECRET_PARAMS = ("access_token", "input_token")
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    # The default backlog of 5 refuses connections when dozens of clients connect at once.
-    request_queue_size = 256
-
-    def handle_error(self, request, client_address) -> None:
-        # A client that hangs up early (the fake stops reading an image past 8 MiB, a client
-        # times out) is part of the tests, not a server failure worth a traceback.
-        import sys
-
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
 
 
 @dataclass(frozen=True)
@@ -186,7 +174,7 @@ def _graph_error(code: int | None, subcode: int | None, message: str, *, transie
     return _Answer(status, {"error": error})
 
 
-class FakeGraphAPI:
+class FakeGraphAPI(HTTPFake):
     def __init__(self, accounts: dict[str, str] | None = None, quota_total: int = 50, latency_s: float = 0.0,
                  container_ready_after_s: float = 0.0, fetch_media: bool = True, max_hashtags: int = 5,
                  fetch_timeout_s: float = 10.0) -> None:
@@ -202,19 +190,17 @@ class FakeGraphAPI:
         self.requests: list[RecordedRequest] = []
         self.published: list[tuple[str, str, str, str]] = []
         self.repeat_publishes: list[str] = []  # containers someone tried to publish again
-        self._faults: list[list[Any]] = []  # [endpoint, account, fault, remaining]
+        self._faults: FaultQueue[Fault] = FaultQueue()
         self._clock_offset = 0.0
         self._next_id = 0
         self._lock = threading.RLock()
         for user_id, token in (accounts or {}).items():
             self.add_account(user_id, token)
-        self._server = _Server(("127.0.0.1", 0), _handler_for(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        super().__init__(_handler_for(self))
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v23.0"
+        return f"{self.origin}/v23.0"
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -236,8 +222,7 @@ class FakeGraphAPI:
     def inject(self, endpoint: str, fault: Fault, times: int = 1, account: str | None = None) -> "FakeGraphAPI":
         if endpoint not in ENDPOINTS:
             raise ValueError(f"unknown endpoint {endpoint!r}; one of {ENDPOINTS}")
-        with self._lock:
-            self._faults.append([endpoint, None if account is None else str(account), fault, times])
+        self._faults.push(fault, times, endpoint=endpoint, account=None if account is None else str(account))
         return self
 
     def expire(self, container_id: str) -> None:
@@ -275,31 +260,11 @@ class FakeGraphAPI:
         with self._lock:
             return [r for r in self.requests if r.endpoint == endpoint]
 
-    # --- lifecycle ----------------------------------------------------------------------------
-
-    def __enter__(self) -> "FakeGraphAPI":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
     # --- request handling (called from handler threads) -----------------------------------------
 
     def _new_id(self, prefix: int) -> str:
         self._next_id += 1
         return str(prefix * 10**13 + self._next_id)
-
-    def _take_fault(self, endpoint: str, account: str | None) -> Fault | None:
-        with self._lock:
-            for entry in self._faults:
-                if entry[0] == endpoint and entry[1] in (None, account) and entry[3] > 0:
-                    entry[3] -= 1
-                    if entry[3] == 0:
-                        self._faults.remove(entry)
-                    return entry[2]
-        return None
 
     def _route(self, method: str, path: str, params: dict[str, str]) -> tuple[str, str | None, Any]:
         """(endpoint, account the request is about, handler)."""
@@ -546,7 +511,7 @@ def _handler_for(fake: FakeGraphAPI) -> type[BaseHTTPRequestHandler]:
                     endpoint, token_in))
             if fake.latency_s > 0:
                 time.sleep(fake.latency_s)
-            fault = fake._take_fault(endpoint, account)
+            fault = fake._faults.take(endpoint=endpoint, account=account)
             if fault is not None and not (fault.kind == "drop" and fault.after):
                 return self._fault(fault, params, endpoint, account)
             try:
@@ -573,31 +538,20 @@ def _handler_for(fake: FakeGraphAPI) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class MediaServer:
+class MediaServer(HTTPFake):
     """Static files from `directory` over real HTTP on 127.0.0.1 (the public image host the fake
     Graph API fetches from). `url_for(name)` gives a file's URL."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
-        handler = partial(_QuietFiles, directory=str(self.directory))
-        self._server = _Server(("127.0.0.1", 0), handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        super().__init__(partial(_QuietFiles, directory=str(self.directory)))
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return self.origin
 
     def url_for(self, name: str) -> str:
         return f"{self.url}/{name}"
-
-    def __enter__(self) -> "MediaServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 class _QuietFiles(SimpleHTTPRequestHandler):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import threading
-from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from persona_fakes.serving import FaultQueue, HTTPFake
 
 SECRET_PATH = "/services/T0SECRET/B0SECRET/xoxSecretToken123"
 
@@ -25,26 +26,24 @@ class Answer:
     body: str = "ok"
 
 
-class FakeWebhook:
+class FakeWebhook(HTTPFake):
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
         self.delivered: list[dict[str, Any]] = []
-        self.answers: deque[Answer] = deque()
+        self.answers: FaultQueue[Answer] = FaultQueue()
         self.delay_s = 0.0
         self._lock = threading.Lock()
         self._release = threading.Event()  # cuts a delay short when the server stops
-        self._port = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__(_handler_for(self))
 
     @property
     def url(self) -> str:
         """The webhook URL; its path plays the part of Slack's secret token."""
-        return f"http://127.0.0.1:{self._port}{SECRET_PATH}"
+        return f"{self.origin}{SECRET_PATH}"
 
     def respond(self, status: int, headers: dict[str, str] | None = None, body: str = "") -> "FakeWebhook":
         """Queue one answer; once the queue is empty every request gets 200 "ok"."""
-        self.answers.append(Answer(status, dict(headers or {}), body))
+        self.answers.push(Answer(status, dict(headers or {}), body))
         return self
 
     def texts(self) -> list[str]:
@@ -53,27 +52,12 @@ class FakeWebhook:
 
     def start(self) -> "FakeWebhook":
         self._release.clear()
-        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), _handler_for(self))
-        self._server.daemon_threads = True
-        self._port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self._thread.start()
-        return self
+        return super().start()
 
     def stop(self) -> None:
         """Close the listening socket: from now on connections are refused."""
         self._release.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(timeout=5)
-            self._server = None
-
-    def __enter__(self) -> "FakeWebhook":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().stop()
 
 
 def _handler_for(hook: FakeWebhook) -> type[BaseHTTPRequestHandler]:
@@ -90,7 +74,7 @@ def _handler_for(hook: FakeWebhook) -> type[BaseHTTPRequestHandler]:
                 body = {"_invalid_json": raw.decode(errors="replace")}
             with hook._lock:
                 hook.received.append(body)
-                answer = hook.answers.popleft() if hook.answers else Answer()
+                answer = hook.answers.take() or Answer()
             if hook.delay_s:
                 hook._release.wait(hook.delay_s)
             if self.path != SECRET_PATH:

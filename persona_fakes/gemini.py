@@ -17,10 +17,11 @@ import json
 import re
 import socket
 import threading
-from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
+
+from persona_fakes.serving import FaultQueue, HTTPFake
 
 GOOD_FIELDS = {
     "framing": "close-up portrait",
@@ -136,7 +137,7 @@ class RecordedRequest:
         return items
 
 
-class FakeGemini:
+class FakeGemini(HTTPFake):
     def __init__(self, api_key: str = "test-key", fields: dict[str, str] | None = None,
                  caption_length: int | None = None, label: str = "Sunny Street Style") -> None:
         self.api_key = api_key
@@ -144,17 +145,13 @@ class FakeGemini:
         self.caption_length = caption_length  # None: the middle of the band the instruction asks for
         self.label = label
         self.requests: list[RecordedRequest] = []
-        self.faults: deque[Fault] = deque()
+        self.faults: FaultQueue[Fault] = FaultQueue()
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._server.daemon_threads = True
-        # A short poll interval so that shutdown() at the end of each test returns at once.
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        super().__init__(_handler_for(self))
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return self.origin
 
     # --- fault injection ---
     def fail(self, status: int, message: str = "", retry_after: str | None = None,
@@ -163,18 +160,18 @@ class FakeGemini:
         google.rpc.RetryInfo detail that Gemini's quota errors carry."""
         headers = {"Retry-After": retry_after} if retry_after is not None else {}
         details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay}] if retry_delay else []
-        self.faults.append(Fault("status", status, message or f"injected {status}", headers=headers, details=details))
+        self.faults.push(Fault("status", status, message or f"injected {status}", headers=headers, details=details))
         return self
 
     def reply_text(self, text: str) -> "FakeGemini":
         """A 200 whose model text is `text` (malformed JSON, a missing field...)."""
-        self.faults.append(Fault("text", text=text))
+        self.faults.push(Fault("text", text=text))
         return self
 
     def reply_prompts(self, transform: Callable[[list[dict[str, str]]], Any]) -> "FakeGemini":
         """A 200 for a content-prompt request whose answer is `transform(good items)` as JSON: drop
         the trigger, reorder, leave items out, name an unknown pillar, change the shape..."""
-        self.faults.append(Fault("prompts", transform=transform))
+        self.faults.push(Fault("prompts", transform=transform))
         return self
 
     def reply_caption(self, length: int | None = None, *, text: str | None = None,
@@ -184,7 +181,7 @@ class FakeGemini:
         body = text if text is not None else caption_of_length(length or 0)
         if hashtags:
             body += "\n\n" + " ".join(hashtags)
-        self.faults.append(Fault("caption", text=body))
+        self.faults.push(Fault("caption", text=body))
         return self
 
     def content_requests(self) -> list[RecordedRequest]:
@@ -213,21 +210,8 @@ class FakeGemini:
 
     def drop(self) -> "FakeGemini":
         """Close the connection without an answer."""
-        self.faults.append(Fault("drop"))
+        self.faults.push(Fault("drop"))
         return self
-
-    # --- lifecycle ---
-    def __enter__(self) -> "FakeGemini":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _next(self) -> Fault | None:
-        with self._lock:
-            return self.faults.popleft() if self.faults else None
 
 
 def _error_body(status: int, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -274,7 +258,7 @@ def _handler_for(fake: FakeGemini) -> type[BaseHTTPRequestHandler]:
             if self.headers.get("x-goog-api-key") != fake.api_key:
                 # Gemini answers a bad key with 400 INVALID_ARGUMENT, not 401.
                 return self._send(400, _error_body(400, "API key not valid. Please pass a valid API key."))
-            fault = fake._next()
+            fault = fake.faults.take()
             if fault is None:
                 return self._send(200, _success_body(json.dumps(fake.good_answer(request))))
             if fault.kind == "caption":
