@@ -1,4 +1,4 @@
-"""The Graph API error classification table (REFERENCES.md §3), case by case."""
+"""The Graph API error classification table (docs/rules.md, "Graph API error classes"), case by case."""
 
 from __future__ import annotations
 
