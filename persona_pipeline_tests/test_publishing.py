@@ -29,7 +29,9 @@ from persona_pipeline.resources import instagram
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.storage import PersonaStorage
 from persona_pipeline.resources.instagram import InstagramGraphClient
-from persona_pipeline.resources.publisher import InstagramPublisher, OutboxPublisher
+from persona_pipeline.db.publishing import PostClaims
+from persona_pipeline.resources.publish_batch import BatchReport, PublishBatch
+from persona_pipeline.resources.publisher import InstagramPublisher, OutboxPublisher, Publisher
 from persona_pipeline_tests.conftest import REPO, write_persona
 from persona_fakes.graph import Fault, FakeGraphAPI, MediaServer
 from persona_fakes.serving import HTTPFake, free_port
@@ -212,6 +214,61 @@ def test_images_are_exported_when_they_break_instagrams_rules(world):
         with Image.open(served) as img:
             assert img.format == "JPEG" and 0.8 <= img.width / img.height <= 1.91
         assert "(exported)" in world.attempts(post_id)[0].detail
+
+
+# --- one protocol ---------------------------------------------------------------------------------
+
+def test_both_publishers_publish_an_account_through_the_same_call(world):
+    """The op knows one method of a publisher: publish_account(batch, posts). Given the same
+    batch, the Instagram and the outbox publisher claim their posts and record the same outcomes."""
+    anna, olga = persona(world), persona(world, "olga", user_id=None)
+    instagram_ids = posts(world, anna, "anna", USER_A, 2)
+    outbox_ids = posts(world, olga, "olga", "outbox:olga", 2)
+    claims = PostClaims(world.url, "run-protocol", datetime.now(timezone.utc), publisher="protocol",
+                        retry_wait_s=RETRY_WAIT_S, clock=lambda: datetime.now(timezone.utc))
+    batch = PublishBatch(claims, BatchReport(), world.log)
+    due = claims.due()
+    publishers = [(world.publisher(), instagram_ids, USER_A),
+                  (OutboxPublisher(home=str(world.tmp / "home")), outbox_ids, "outbox:olga")]
+    for publisher, ids, account in publishers:
+        theirs = [post for post in due if post.id in ids]
+        assert {publisher.account_key(post) for post in theirs} == {account}
+        publisher.publish_account(batch, theirs)
+    assert batch.report.counts["published"] == 4 and batch.report.counts["failed"] == 0 and not batch.report.errors
+    assert batch.report.quotas[USER_A]["published"] == 2
+    for post_id in instagram_ids + outbox_ids:
+        post = world.post(post_id)
+        assert (post.status, post.claimed_by) == ("published", "run-protocol") and world.item(post_id).status == "used"
+    assert_published_once(world, instagram_ids)
+    assert [world.post(i).external_id for i in outbox_ids] == [f"outbox-olga-{i}" for i in outbox_ids]
+    assert len(world.fake.requests_to("publish")) == 2  # the outbox posts never reached the Graph API
+
+
+RECORDED: list[list[tuple[str, int]]] = []
+
+
+class RecordingPublisher(Publisher):
+    """A publisher the op has never heard of: it records what it was given and publishes it."""
+
+    name: str = "recording"
+
+    def publish_account(self, batch: PublishBatch, posts: list) -> None:
+        RECORDED.append([(post.account, post.id) for post in posts])
+        for post in batch.claim(posts):
+            batch.published(post, external_id=f"recorded-{post.id}", permalink=None, already=False, step="record")
+
+
+def test_the_batch_runs_any_publisher_one_account_at_a_time_in_slot_order(world):
+    RECORDED.clear()
+    anna, bea = persona(world), persona(world, "bea", USER_B, ENV_B)
+    ids = posts(world, anna, "anna", "account-a", 2) + posts(world, bea, "bea", "account-b", 1) \
+        + posts(world, anna, "anna", "account-a", 1)
+    counts = world.publish(publisher=RecordingPublisher())
+    assert counts["published"] == 4
+    assert sorted(RECORDED) == [[("account-a", ids[0]), ("account-a", ids[1]), ("account-a", ids[3])],
+                                [("account-b", ids[2])]]
+    assert [world.post(i).external_id for i in ids] == [f"recorded-{i}" for i in ids]
+    assert [(a.publisher, a.step, a.outcome) for a in world.attempts(ids[0])] == [("recording", "record", "published")]
 
 
 # --- faults ---------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 - GPU_TAG=training: runs that train a LoRA (one at a time: one training run per GPU);
 - GENERATION_TAG=batch: runs that materialise `candidates` (capped, so a burst of schedule ticks and
   review decisions cannot pile generation runs onto the GPU / ComfyUI servers);
-- `persona-pipeline/publish=batch` (publishing.PUBLISH_TAG): one publish run at a time.
+- PUBLISH_TAG `persona-pipeline/publish=batch`: one publish run at a time (quota reads must not overlap).
 A run that does both (`persona_chain`) carries both tags and counts against both limits."""
 
 import dagster as dg
@@ -14,6 +14,7 @@ GPU_TAG = "persona-pipeline/gpu"
 GENERATION_TAG = "persona-pipeline/generation"
 TRAINING_TAGS = {GPU_TAG: "training"}
 GENERATION_TAGS = {GENERATION_TAG: "batch"}
+PUBLISH_TAG = {"persona-pipeline/publish": "batch"}
 PHOTO_SET_ASSETS = ["source_photos", "training_dataset", "lora_model"]
 CHAIN_ASSETS = ["source_photos", "training_dataset", "lora_model", "content_plan", "candidates", "rankings",
                 "content_library", "clusters", "pillar_gaps", "scheduled_posts", "post_calendar"]

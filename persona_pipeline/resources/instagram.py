@@ -1,4 +1,4 @@
-"""The Instagram Graph API content-publishing client (REFERENCES.md §3).
+"""The Instagram Graph API content-publishing client (docs/rules.md, "Graph API error classes").
 
 Three steps publish a photo: create a container from a public JPEG URL (`create_container`), wait
 until Meta has fetched and processed it (`wait_for_container`), publish it (`publish_container`).

@@ -1,34 +1,38 @@
 """Publishers: the one `publisher` resource the publish op takes.
 
+Every publisher implements one method, `publish_account(batch, posts)`: publish one account's due
+posts (in slot order), claiming each through `batch` and recording each outcome there (published,
+failed, given back). The op groups the due posts by `account_key` and runs the accounts in
+parallel threads; it knows nothing of any one publisher.
+
 - `OutboxPublisher` (the default, a dry run): the post's JPEG and a caption JSON under
   PERSONA_HOME/outbox/<persona>/. Idempotent per post id, so a rerun, or a crash between publishing
   and recording it, never posts twice.
-- `InstagramPublisher`: the Instagram Graph API (REFERENCES.md §3) through `InstagramGraphClient`.
-  It holds the settings and the media steps (the public JPEG and its URL check); the flow itself
-  (claims, quota, container, status, publish, crash recovery) is in automation/publishing.py.
-
-Both share `Publisher`: its retry settings and worker count are read by `publish_due`.
+- `InstagramPublisher`: the Instagram Graph API (docs/rules.md, "Graph API") through
+  `InstagramGraphClient`. It holds the settings and the media steps (the public JPEG and its URL
+  check); the Graph flow (token, quota, containers, publish, crash recovery, permalinks) is in
+  instagram_account.py, instagram_pipeline.py and instagram_containers.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import json
 import os
-import urllib.request
+from abc import abstractmethod
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
 
 import dagster as dg
-import requests
 
-from persona_pipeline.domain import media
+from persona_pipeline.db.publishing import DuePost, LostClaim
 from persona_pipeline.fileio import atomic_write, sha256_file
+from persona_pipeline.resources import instagram_account
 from persona_pipeline.resources.instagram import InstagramGraphClient
+from persona_pipeline.resources.public_media import MediaProblem, StagedMedia, stage_jpeg, url_problem
+from persona_pipeline.resources.publish_batch import PublishBatch
+
+__all__ = ["InstagramPublisher", "MediaProblem", "OutboxPublisher", "PublishOutcome", "Publisher", "StagedMedia"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,15 @@ class Publisher(dg.ConfigurableResource):
     max_retries: int = 3  # PERSONA_PUBLISH_MAX_RETRIES
     retry_wait_s: float = 300.0
 
+    def account_key(self, post: DuePost) -> str:
+        """The account `post` goes out on: posts of one key are published in slot order, one after another."""
+        return post.account
+
+    @abstractmethod
+    def publish_account(self, batch: PublishBatch, posts: list[DuePost]) -> None:
+        """Publish `posts` (one account's, in slot order): claim them through `batch`, then record
+        each outcome there. A post whose claim is lost meanwhile is left alone."""
+
 
 class OutboxPublisher(Publisher):
     home: str
@@ -56,6 +69,25 @@ class OutboxPublisher(Publisher):
 
     def outbox_dir(self, persona_slug: str) -> Path:
         return Path(self.home) / "outbox" / persona_slug
+
+    def publish_account(self, batch: PublishBatch, posts: list[DuePost]) -> None:
+        claimed = batch.claim(posts)
+        renewed = batch.clock()
+        for index, post in enumerate(claimed):
+            try:
+                renewed = batch.claims.renew_waiting([p.id for p in claimed[index + 1:]], renewed)
+                batch.claims.renew(post)
+                try:
+                    outcome = self.publish(post_id=post.id, persona_slug=post.slug, account=post.account,
+                                           media_path=Path(post.media_path or ""), caption=post.caption,
+                                           hashtags=list(post.hashtags), scheduled_at=post.scheduled_at)
+                except Exception as exc:  # noqa: BLE001 - recorded on the post, never lost
+                    batch.failed(post, f"{type(exc).__name__}: {exc}", retryable=True, step="outbox")
+                    continue
+                batch.published(post, external_id=outcome.external_id, permalink=None,
+                                already=outcome.already_published, step="outbox", detail=outcome.location)
+            except LostClaim as exc:
+                batch.warn(str(exc))
 
     def publish(self, *, post_id: int, persona_slug: str, account: str, media_path: Path, caption: str,
                 hashtags: list[str], scheduled_at: datetime) -> PublishOutcome:
@@ -79,18 +111,6 @@ class OutboxPublisher(Publisher):
         return PublishOutcome(external_id, False, str(record))
 
 
-@dataclass(frozen=True)
-class StagedMedia:
-    path: Path
-    url: str
-    sha256: str
-    exported: bool  # True: re-encoded by export_post_jpeg; False: the source bytes as they were
-
-
-class MediaProblem(ValueError):
-    """The post's image cannot be put online as it is; the message names the file."""
-
-
 class InstagramPublisher(Publisher):
     """Publishes through the Graph API. Each persona's token is read at publish time from the
     environment variable its persona.yaml names (`instagram.token_env`), never stored."""
@@ -104,84 +124,24 @@ class InstagramPublisher(Publisher):
     prepare_ahead: int = 4
     media_check_timeout_s: float = 5.0
 
+    def account_key(self, post: DuePost) -> str:
+        """The persona's Instagram user id; a persona without one is a group of its own (its posts fail)."""
+        instagram = (post.settings or {}).get("instagram") or {}
+        return str(instagram.get("user_id")) if instagram.get("user_id") else f"no-instagram:{post.slug}"
+
+    def publish_account(self, batch: PublishBatch, posts: list[DuePost]) -> None:
+        instagram_account.publish_account(self, batch, posts)
+
     def token(self, token_env: str) -> str | None:
         value = os.environ.get(token_env, "").strip()
         return value or None
 
     def stage_media(self, persona_slug: str, post_id: int, source: Path) -> StagedMedia:
-        """Put the post's JPEG at MEDIA_PUBLIC_DIR/<slug>/<post-id>-<sha12>.jpg: the source bytes
-        when they already meet Instagram's rules (domain/media.check_post_jpeg), else an export
-        (JPEG ≤ 8 MiB, aspect fitted by padding). The name holds the content hash, so a changed
-        image gets a new URL and a CDN never serves a stale copy."""
-        source = Path(source)
-        try:
-            data = source.read_bytes()
-        except OSError as exc:
-            raise MediaProblem(f"post {post_id}: media file {source} cannot be read ({exc.strerror or exc})") from None
-        exported = bool(media.check_post_jpeg(data))
-        if exported:
-            try:
-                data = media.export_post_jpeg(source)
-            except media.MediaError as exc:
-                raise MediaProblem(f"post {post_id}: {exc}") from None
-            problems = media.check_post_jpeg(data)
-            if problems:  # export_post_jpeg promises this cannot happen; say so if it does
-                raise MediaProblem(f"post {post_id}: the export of {source} still breaks Instagram's rules: "
-                                   + "; ".join(problems))
-        sha = hashlib.sha256(data).hexdigest()
-        name = f"{post_id}-{sha[:12]}.jpg"
-        target = Path(self.media_public_dir) / persona_slug / name
-        if not (target.is_file() and sha256_file(target) == sha):
-            atomic_write(target, data)
-        return StagedMedia(target, f"{self.media_public_base_url.rstrip('/')}/{persona_slug}/{name}", sha, exported)
+        """The post's JPEG under MEDIA_PUBLIC_DIR, exported when it breaks Instagram's rules (public_media.stage_jpeg)."""
+        return stage_jpeg(self.media_public_dir, self.media_public_base_url, persona_slug, post_id, source)
 
     def check_media_url(self, url: str) -> str | None:
-        """None when `url` answers 200 (HEAD, or GET when HEAD is not allowed; up to 3 redirects
-        followed), else the problem. Instagram fetches the image itself; an unreachable URL would
-        cost a container and an obscure 2207052, so it is checked first. http.client directly
-        (a quarter of requests' CPU per call), unless the environment routes this host through a proxy."""
+        """None when Instagram can fetch `url`, else the problem (public_media.url_problem)."""
         if not self.media_public_base_url:
             return "MEDIA_PUBLIC_BASE_URL is not set: Instagram needs a public URL to fetch the image from"
-        try:
-            status = _url_status(url, self.media_check_timeout_s)
-        except (OSError, http.client.HTTPException, requests.RequestException, ValueError) as exc:
-            return f"media URL {url} is unreachable ({type(exc).__name__}: {exc})"
-        if status != 200:
-            return f"media URL {url} answered HTTP {status}"
-        return None
-
-
-@lru_cache(maxsize=64)
-def _proxied(scheme: str, host: str) -> bool:
-    proxies = urllib.request.getproxies()
-    return scheme in proxies and not urllib.request.proxy_bypass(host)
-
-
-def _url_status(url: str, timeout: float) -> int:
-    for _hop in range(4):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url}")
-        if _proxied(parts.scheme, parts.hostname):
-            response = requests.head(url, timeout=timeout, allow_redirects=True)
-            if response.status_code in (405, 501):
-                with requests.get(url, timeout=timeout, stream=True) as response:
-                    pass
-            return response.status_code
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        for method in ("HEAD", "GET"):
-            connection = kind(parts.hostname, parts.port, timeout=timeout)
-            try:
-                connection.request(method, path)
-                response = connection.getresponse()
-                status, location = response.status, response.getheader("Location")
-            finally:
-                connection.close()  # a GET's body is never read: closing drops it
-            if status not in (405, 501):
-                break
-        if status in (301, 302, 303, 307, 308) and location:
-            url = urljoin(url, location)
-            continue
-        return status
-    raise ValueError(f"more than 3 redirects from {url}")
+        return url_problem(url, self.media_check_timeout_s)
