@@ -32,8 +32,9 @@ LORA = LoraInUse(lora_id=3, path="/loras/v1.safetensors", sha256="a" * 64, weigh
 
 
 def request(**changes) -> GenerationRequest:
-    fields = dict(template=TXT2IMG, prompt="photo of t3st woman", negative_prompt="blurry", seed=7, steps=8, cfg=6.5,
-                  sampler="euler", scheduler="karras", width=512, height=512, loras=(LORA,))
+    fields = dict(prompt="photo of t3st woman", negative_prompt="blurry", width=512, height=512, steps=8, cfg=6.5,
+                  sampler="euler", scheduler="karras", seed=7, denoise=1.0, parent_image=None, control_image=None,
+                  control_strength=0.65, controlnet="control_v11p_sd15_openpose.pth", loras=(LORA,), template=TXT2IMG)
     return GenerationRequest(**{**fields, **changes})
 
 

@@ -9,11 +9,11 @@ Sampler and scheduler are spelled as ComfyUI spells them whatever the backend
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from persona_pipeline.domain.generation_params import (CFG_RANGE, COMFY_SAMPLERS, COMFY_SCHEDULERS,
-                                                       CONTROL_STRENGTH_DEFAULT, CONTROL_STRENGTH_RANGE, DENOISE_RANGE,
+                                                       CONTROL_STRENGTH_RANGE, DENOISE_RANGE,
                                                        MAX_LORAS, SEED_MAX, STEPS_RANGE, ParamError, check_choice,
                                                        check_int, check_lora_weight, check_number, check_side)
 from persona_pipeline.domain.workflows import TemplateError, WorkflowTemplate
@@ -38,22 +38,22 @@ class GenerationRequest:
     (a refinement keeps its parent's); `min_side` is the smallest side the chosen backend's model
     draws, the one limit that depends on where the image is made."""
 
-    template: WorkflowTemplate
     prompt: str
     negative_prompt: str
-    seed: int
+    width: int | None
+    height: int | None
     steps: int
     cfg: float
     sampler: str
     scheduler: str
-    width: int | None
-    height: int | None
-    denoise: float = 1.0
-    parent_image: str | None = None  # the image a refinement starts from (img2img)
-    control_image: str | None = None  # a pose reference for the ControlNet
-    control_strength: float = CONTROL_STRENGTH_DEFAULT
-    controlnet: str = DEFAULT_CONTROLNET
-    loras: tuple[LoraInUse, ...] = field(default=())  # applied in this order
+    seed: int
+    denoise: float
+    parent_image: str | None  # the image a refinement starts from (img2img)
+    control_image: str | None  # a pose reference for the ControlNet
+    control_strength: float
+    controlnet: str  # the ControlNet model a ComfyUI server loads for it
+    loras: tuple[LoraInUse, ...]  # applied in this order
+    template: WorkflowTemplate
     min_side: int = 256
 
     def __post_init__(self) -> None:

@@ -10,7 +10,6 @@ parameter fails once, with a message naming the file, node, field or value, and 
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import re

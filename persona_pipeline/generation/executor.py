@@ -21,7 +21,7 @@ from persona_pipeline.fileio import atomic_write, entry_refusal, sha256_file
 from persona_pipeline.generation.backends import GenerationBackend, ImageJob, ImageResult, PreparedJob, storing_failed
 from persona_pipeline.generation.runs import PlannedJob
 
-__all__ = ["BuiltJob", "GenerationContext", "GenerationExecutor", "JobOutcome", "LoraInUse", "job_stem"]
+__all__ = ["BuiltJob", "GenerationContext", "GenerationExecutor", "JobOutcome", "job_stem"]
 
 
 def job_stem(job) -> str:
