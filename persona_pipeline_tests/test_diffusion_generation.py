@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from persona_pipeline.resources import diffusion
+from persona_pipeline.resources import diffusion_runtime
 from persona_pipeline.resources.diffusion import (DiffusersJob, DiffusionBackend, GenerationInputError, GenerationParamError,
                                                   ReproductionError, plan_batches)
 from persona_pipeline.training.lora import LORA_TARGET_MODULES, save_checkpoint
@@ -103,7 +103,7 @@ def test_batch_with_two_loras_is_reproduced_exactly_from_its_manifests(backend, 
         assert same(backend.reproduce(manifest, log=lambda _: None), image)
     # And from a freshly loaded pipeline, the LoRAs read again from their files, in a process now set
     # to another torch thread count (CPU sums split by thread; reproduce uses the recorded count).
-    diffusion._load_runtime.cache_clear()
+    diffusion_runtime._load_runtime.cache_clear()
     threads = torch.get_num_threads()
     assert manifests[3]["torch_threads"] == threads
     torch.set_num_threads(2 if threads == 1 else 1)
@@ -116,7 +116,7 @@ def test_batch_with_two_loras_is_reproduced_exactly_from_its_manifests(backend, 
 
 @pytest.mark.slow
 def test_lora_weight_is_really_applied_and_other_renders_are_untouched(backend, files):
-    diffusion._load_runtime.cache_clear()  # a pipeline that has never had an adapter
+    diffusion_runtime._load_runtime.cache_clear()  # a pipeline that has never had an adapter
     plain_before = backend.generate_plain("photo of a woman", [5], size=32)[0]
     render_before = backend.render_checkpoints([Path(files["b"])], ["t3st woman"], [3])[0][0]
     without, _ = one(backend)
@@ -134,7 +134,7 @@ def test_lora_weight_is_really_applied_and_other_renders_are_untouched(backend, 
 
 @pytest.mark.slow
 def test_a_changed_lora_file_is_reloaded_and_its_old_manifest_refused(backend, files, tmp_path, monkeypatch):
-    monkeypatch.setattr(diffusion, "MAX_CACHED_ADAPTERS", 1)  # and adapters beyond the cache size are dropped
+    monkeypatch.setattr(diffusion_runtime, "MAX_CACHED_ADAPTERS", 1)  # and adapters beyond the cache size are dropped
     path = tmp_path / "persona.safetensors"
     shutil.copyfile(files["a"], path)
     first, manifest = one(backend, loras=((str(path), 1.0),))
@@ -142,7 +142,7 @@ def test_a_changed_lora_file_is_reloaded_and_its_old_manifest_refused(backend, f
     second, _ = one(backend, loras=((str(path), 1.0),))
     from_b, _ = one(backend, loras=((files["b"], 1.0),))
     assert not same(first, second) and same(second, from_b)
-    assert len(diffusion._runtime(backend.base_model_path(), "cpu").pipe.get_list_adapters()["unet"]) == 1
+    assert len(diffusion_runtime.shared_runtime(backend.base_model_path(), "cpu").pipe.get_list_adapters()["unet"]) == 1
     assert same(one(backend, loras=((files["a"], 1.0),))[0], first)  # dropped, then loaded again
     with pytest.raises(ReproductionError, match=rf"LoRA file {path} has sha256 \w+, the manifest recorded {manifest['loras'][0]['sha256']}"):
         backend.reproduce(manifest)

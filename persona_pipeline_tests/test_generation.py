@@ -417,6 +417,7 @@ def test_a_pose_image_through_a_link_or_outside_the_persona_folder_is_refused(tm
     """params.pose_image is read from the persona folder: a link (or `..`) would hand a file from
     anywhere to ComfyUI or diffusers. Refused naming it, before anything is built or sent."""
     from persona_pipeline.domain.workflows import TemplateError
+    from persona_pipeline.generation.backends.comfyui import ComfyUIBackend
     from persona_pipeline.generation.executor import GenerationContext, GenerationExecutor
     from persona_pipeline.resources.storage import PersonaStorage
     from persona_pipeline.settings import REPO_WORKFLOWS
@@ -429,10 +430,10 @@ def test_a_pose_image_through_a_link_or_outside_the_persona_folder_is_refused(tm
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "pose.png").write_bytes(b"outside too")
     (folder / "linked-poses").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
-    ctx = GenerationContext(slug="tester", persona_folder=folder, templates_dir=REPO_WORKFLOWS, checkpoint="tiny.safetensors",
-                            base_model="tiny", loras=[], default_size=64, min_side_local=32, dagster_run_id=None,
-                            log=lambda _: None)
-    executor = GenerationExecutor(ctx, PersonaStorage(home=str(tmp_path / "home")), None, None)
+    ctx = GenerationContext(slug="tester", persona_folder=folder, templates_dir=REPO_WORKFLOWS, loras=[],
+                            dagster_run_id=None, log=lambda _: None)
+    backends = {"comfyui": ComfyUIBackend(None, checkpoint="tiny.safetensors", log=lambda _: None)}
+    executor = GenerationExecutor(ctx, PersonaStorage(home=str(tmp_path / "home")), backends)
     job = runs.PlannedJob(job_id=1, run_id=1, step_id=1, step_position=1, step_name="posed", template="txt2img_pose",
                           backend="comfyui", params={"pose_image": pose, "controlnet": "control_v11p_sd15_openpose.pth",
                                                      "control_strength": 0.65, "steps": 4, "cfg": 7.0, "sampler": "euler",

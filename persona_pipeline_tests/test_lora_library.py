@@ -358,7 +358,7 @@ def test_versions_weight_and_a_single_primary(tmp_path, db_url):
         assert registry.primary_lora(session, other_id) is not None  # another persona's primary is untouched
         registry.set_lora_mapping(session, mira_id, two_id, primary=False)
         assert registry.primary_lora(session, mira_id) is None
-        with pytest.raises(ValueError, match=r"weight=2\.5 is out of range \[0\.0, 2\.0\]"):
+        with pytest.raises(ValueError, match=r"weight = 2\.5 is out of range: allowed 0\.0 to 2\.0"):
             registry.set_lora_mapping(session, mira_id, one_id, weight=2.5)
         with pytest.raises(LookupError, match="not in persona"):
             registry.set_lora_mapping(session, other_id, one_id, weight=1.0)

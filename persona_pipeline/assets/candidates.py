@@ -18,6 +18,7 @@ from persona_pipeline.db import models, review
 from persona_pipeline.domain import workflows as wf
 from persona_pipeline.generation import curation, runs
 from persona_pipeline.fileio import sha256_file
+from persona_pipeline.generation.backends import make_backends
 from persona_pipeline.generation.executor import GenerationContext, GenerationExecutor, JobOutcome, job_stem
 from persona_pipeline.generation.lora_chain import LoraChainError, loras_in_use
 from persona_pipeline.partitions import persona_partitions
@@ -86,11 +87,11 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
     if started:
         log(f"{slug}: started run(s) {', '.join(map(str, started))}")
 
-    ctx = GenerationContext(slug=slug, persona_folder=folder, templates_dir=generation.templates_dir(),
-                            checkpoint=persona_config.generation.checkpoint or generation.comfyui_checkpoint,
-                            base_model=diffusion.base_model, loras=loras, default_size=diffusion.default_size(),
-                            min_side_local=32 if diffusion.is_tiny else 256, dagster_run_id=dagster_run_id, log=log)
-    executor = GenerationExecutor(ctx, storage, diffusion, comfyui)
+    ctx = GenerationContext(slug=slug, persona_folder=folder, templates_dir=generation.templates_dir(), loras=loras,
+                            dagster_run_id=dagster_run_id, log=log)
+    backends = make_backends(comfyui=comfyui, diffusion=diffusion, log=log,
+                             checkpoint=persona_config.generation.checkpoint or generation.comfyui_checkpoint)
+    executor = GenerationExecutor(ctx, storage, backends)
     reference = curation.identity_reference(clip, photo_paths)
     threshold = persona_config.generation.identity_threshold
     made: list[int] = []

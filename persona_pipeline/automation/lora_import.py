@@ -30,6 +30,7 @@ import dagster as dg
 from sqlalchemy import select
 
 from persona_pipeline.db import models, registry
+from persona_pipeline.domain.generation_params import ParamError, check_lora_weight
 from persona_pipeline.fileio import (atomic_copy, entry_refusal, filesystem_now_ns, link_refusal, read_regular, scan_folder,
                                      sha256_file)
 from persona_pipeline.resources.database import AppDatabase
@@ -137,8 +138,10 @@ def import_lora(context: dg.OpExecutionContext, config: LoraImportConfig, databa
             persona_id, persona_trigger = persona.id, persona.trigger_word
         metadata = _read_metadata(metadata_path)
         weight, primary = metadata.get("weight", 1.0), metadata.get("primary", False)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 2.0:
-            raise LoraFileError(f"{metadata_path.name}: weight={weight!r} must be a number from 0.0 to 2.0")
+        try:
+            check_lora_weight(weight)
+        except ParamError as exc:
+            raise LoraFileError(f"{metadata_path.name}: {exc}") from None
         if not isinstance(primary, bool):
             raise LoraFileError(f"{metadata_path.name}: primary={primary!r} must be true or false")
         trigger_word = metadata.get("trigger_word") or persona_trigger

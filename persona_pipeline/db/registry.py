@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from persona_pipeline import personas as persona_files
 from persona_pipeline.db import models
+from persona_pipeline.domain.generation_params import MAX_LORAS, check_lora_weight
 
 
 class UnknownPersona(LookupError):
@@ -120,15 +121,6 @@ def register_lora(
     return lora
 
 
-LORA_WEIGHT_RANGE = (0.0, 2.0)
-
-
-def check_lora_weight(weight: float) -> None:
-    low, high = LORA_WEIGHT_RANGE
-    if not low <= weight <= high:
-        raise ValueError(f"weight={weight} is out of range [{low}, {high}]")
-
-
 def list_loras(session: Session, persona_id: int) -> list[models.PersonaLora]:
     """The persona's LoRA library: its mappings (weight, primary) with `.lora`, oldest version first."""
     return list(session.scalars(
@@ -138,7 +130,7 @@ def list_loras(session: Session, persona_id: int) -> list[models.PersonaLora]:
     ))
 
 
-MAX_CHAINED_LORAS = 5  # docs/rules.md#generation-limits; generation refuses more, so the library does too
+MAX_CHAINED_LORAS = MAX_LORAS  # docs/rules.md#generation-limits; generation refuses more, so the library does too
 
 
 def set_lora_mapping(session: Session, persona_id: int, lora_id: int, *, weight: float | None = None,

@@ -1,5 +1,5 @@
 """ComfyUI workflow templates: loading, typed placeholder filling, graph and parameter validation,
-and LoRA injection (REFERENCES.md §2).
+and LoRA injection (the API format is restated in docs/rules.md, "ComfyUI protocol").
 
 A template is an API-format graph `{node_id: {"class_type": str, "inputs": {...}}}` whose literal
 inputs may hold `{{name}}` placeholders from a fixed vocabulary. A link is `[node_id, output_index]`.
@@ -10,7 +10,6 @@ parameter fails once, with a message naming the file, node, field or value, and 
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import re
@@ -18,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-
-class WorkflowError(ValueError):
-    """Base of every workflow problem; the message names the template, node, field or value."""
+from persona_pipeline.domain.generation_params import (BATCH_RANGE, CFG_RANGE, COMFY_SAMPLERS, COMFY_SCHEDULERS,
+                                                       CONTROL_STRENGTH_DEFAULT, CONTROL_STRENGTH_RANGE, DENOISE_RANGE,
+                                                       MAX_LORAS, SEED_MAX, STEPS_RANGE, ParamError, WorkflowError,
+                                                       check_choice, check_int, check_lora_weight, check_number,
+                                                       check_params, check_side, is_number)
 
 
 class TemplateError(WorkflowError):
@@ -30,48 +31,6 @@ class TemplateError(WorkflowError):
 class GraphError(WorkflowError):
     """Dangling link, bad output index, no SaveImage, a cycle, or a LoRA injection that cannot be done."""
 
-
-class ParamError(WorkflowError):
-    """A sampling parameter outside its allowed range or set."""
-
-
-# comfy/samplers.py: KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"] (SAMPLER_NAMES), current spelling.
-COMFY_SAMPLERS: tuple[str, ...] = (
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2",
-    "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive",
-    "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu",
-    "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
-    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu",
-    "ddpm", "lcm", "ipndm", "ipndm_v", "deis",
-    "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
-    "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3",
-    "sa_solver", "sa_solver_pece",
-    "ddim", "uni_pc", "uni_pc_bh2",
-)
-# comfy/samplers.py SCHEDULER_HANDLERS, in ComfyUI's order.
-COMFY_SCHEDULERS: tuple[str, ...] = (
-    "simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
-    "linear_quadratic", "kl_optimal",
-)
-
-# Other UIs' sampler spellings (A1111/diffusers) that users paste in; named in the error as a hint only,
-# since ComfyUI itself refuses them.
-_SAMPLER_ALIASES = {
-    "euler_a": "euler_ancestral", "euler a": "euler_ancestral", "k_euler_a": "euler_ancestral",
-    "k_euler": "euler", "dpm++ 2m": "dpmpp_2m", "dpm++ 2m sde": "dpmpp_2m_sde", "dpm++ sde": "dpmpp_sde",
-    "dpm++ 2s a": "dpmpp_2s_ancestral", "dpm2": "dpm_2", "dpm2 a": "dpm_2_ancestral", "unipc": "uni_pc",
-}
-
-MAX_LORAS = 5
-CONTROL_STRENGTH_DEFAULT = 0.65
-CONTROL_STRENGTH_RANGE = (0.4, 0.9)
-SIDE_MAX = 2048
-STEPS_RANGE = (1, 150)
-CFG_RANGE = (1.0, 30.0)
-DENOISE_RANGE = (0.0, 1.0)
-BATCH_RANGE = (1, 64)
-LORA_STRENGTH_RANGE = (-5.0, 5.0)
-SEED_MAX = 0xFFFF_FFFF_FFFF_FFFF  # ComfyUI's own upper bound for KSampler seeds
 
 # Output types per class, in output-index order; used to check a link's output index.
 NODE_OUTPUTS: dict[str, tuple[str, ...]] = {
@@ -356,78 +315,30 @@ def validate_params(graph: dict, *, min_side: int = 256, source: str = "<graph>"
                 checker(inputs[field], f"{source}: node {node_id} ({class_type}) input {field!r}", *args)
 
         if class_type == "EmptyLatentImage":
-            check("width", _check_side, min_side)
-            check("height", _check_side, min_side)
-            check("batch_size", _check_int, *BATCH_RANGE)
+            check("width", check_side, min_side)
+            check("height", check_side, min_side)
+            check("batch_size", check_int, *BATCH_RANGE)
         elif class_type in ("KSampler", "KSamplerAdvanced"):
-            check("seed", _check_int, 0, SEED_MAX)
-            check("noise_seed", _check_int, 0, SEED_MAX)
-            check("steps", _check_int, *STEPS_RANGE)
-            check("cfg", _check_number, *CFG_RANGE)
-            check("denoise", _check_number, *DENOISE_RANGE)
-            check("sampler_name", _check_choice, COMFY_SAMPLERS)
-            check("scheduler", _check_choice, COMFY_SCHEDULERS)
-            check("start_at_step", _check_int, 0, 10_000)
-            check("end_at_step", _check_int, 0, 10_000)
+            check("seed", check_int, 0, SEED_MAX)
+            check("noise_seed", check_int, 0, SEED_MAX)
+            check("steps", check_int, *STEPS_RANGE)
+            check("cfg", check_number, *CFG_RANGE)
+            check("denoise", check_number, *DENOISE_RANGE)
+            check("sampler_name", check_choice, COMFY_SAMPLERS)
+            check("scheduler", check_choice, COMFY_SCHEDULERS)
+            check("start_at_step", check_int, 0, 10_000)
+            check("end_at_step", check_int, 0, 10_000)
         elif class_type in ("ControlNetApply", "ControlNetApplyAdvanced"):
-            check("strength", _check_number, *CONTROL_STRENGTH_RANGE)
-            check("start_percent", _check_number, 0.0, 1.0)
-            check("end_percent", _check_number, 0.0, 1.0)
+            check("strength", check_number, *CONTROL_STRENGTH_RANGE)
+            check("start_percent", check_number, 0.0, 1.0)
+            check("end_percent", check_number, 0.0, 1.0)
             start, end = inputs.get("start_percent"), inputs.get("end_percent")
-            if _is_number(start) and _is_number(end) and start > end:
+            if is_number(start) and is_number(end) and start > end:
                 raise ParamError(f"{source}: node {node_id} ({class_type}) start_percent {start} is after "
                                  f"end_percent {end}; start must be <= end")
         elif class_type in ("LoraLoader", "LoraLoaderModelOnly"):
-            check("strength_model", _check_number, *LORA_STRENGTH_RANGE)
-            check("strength_clip", _check_number, *LORA_STRENGTH_RANGE)
-
-
-def check_params(*, width: int, height: int, steps: int, cfg: float, denoise: float = 1.0, sampler: str,
-                 scheduler: str, control_strength: float | None = None, min_side: int = 256) -> None:
-    """The same ranges as validate_params on plain values, for backends that build no graph."""
-    _check_side(width, "width", min_side)
-    _check_side(height, "height", min_side)
-    _check_int(steps, "steps", *STEPS_RANGE)
-    _check_number(cfg, "cfg", *CFG_RANGE)
-    _check_number(denoise, "denoise", *DENOISE_RANGE)
-    _check_choice(sampler, "sampler", COMFY_SAMPLERS)
-    _check_choice(scheduler, "scheduler", COMFY_SCHEDULERS)
-    if control_strength is not None:
-        _check_number(control_strength, "control_strength", *CONTROL_STRENGTH_RANGE)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_int(value: object, where: str, lo: int, hi: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ParamError(f"{where} = {value!r} must be a whole number from {lo} to {hi}")
-    if not lo <= value <= hi:
-        raise ParamError(f"{where} = {value} is out of range: allowed {lo} to {hi}")
-
-
-def _check_number(value: object, where: str, lo: float, hi: float) -> None:
-    if not _is_number(value):
-        raise ParamError(f"{where} = {value!r} must be a number from {lo} to {hi}")
-    # Written so that NaN fails too.
-    if not (lo <= value <= hi):
-        raise ParamError(f"{where} = {value} is out of range: allowed {lo} to {hi}")
-
-
-def _check_side(value: object, where: str, min_side: int) -> None:
-    _check_int(value, where, min_side, SIDE_MAX)
-    if value % 8:
-        raise ParamError(f"{where} = {value} must be a multiple of 8 (from {min_side} to {SIDE_MAX})")
-
-
-def _check_choice(value: object, where: str, choices: tuple[str, ...]) -> None:
-    if value in choices:
-        return
-    alias = _SAMPLER_ALIASES.get(str(value).lower()) if choices is COMFY_SAMPLERS else None
-    close = [alias] if alias else difflib.get_close_matches(str(value), choices, n=3, cutoff=0.5)
-    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-    raise ParamError(f"{where} = {value!r} is not a name ComfyUI knows{hint}; allowed: {', '.join(choices)}")
+            check("strength_model", check_lora_weight)
+            check("strength_clip", check_lora_weight)
 
 
 # ---------------------------------------------------------------- LoRA injection
@@ -445,7 +356,7 @@ def inject_loras(graph: dict, loras: Sequence[LoraRef], source: str = "<graph>")
         if not isinstance(lora.name, str) or not lora.name.strip():
             raise GraphError(f"{source}: a LoRA has no file name ({lora!r})")
         for field in ("strength_model", "strength_clip"):
-            _check_number(getattr(lora, field), f"{source}: LoRA {lora.name} {field}", *LORA_STRENGTH_RANGE)
+            check_lora_weight(getattr(lora, field), f"{source}: LoRA {lora.name} {field}")
     _check_shape(result, source, GraphError)
     checkpoints = _ids_of_class(result, "CheckpointLoaderSimple")
     if len(checkpoints) != 1:

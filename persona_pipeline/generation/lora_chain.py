@@ -8,9 +8,9 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from persona_pipeline.db import registry
-from persona_pipeline.domain.workflows import MAX_LORAS
+from persona_pipeline.domain.generation_params import MAX_LORAS
+from persona_pipeline.domain.generation_request import LoraInUse
 from persona_pipeline.fileio import sha256_file
-from persona_pipeline.generation.executor import LoraInUse
 
 
 class LoraChainError(ValueError):

@@ -489,7 +489,7 @@ LORA_CASES = [
     Case("lora import", "folder of an unknown persona", _lora("nobody/x.safetensors", lambda p: _foreign_lora(p, 32)),
          ("x.safetensors", "unknown persona 'nobody'")),
     Case("lora import", "metadata weight 3.5", _lora("tester/heavy.safetensors", lambda p: _foreign_lora(p, 32), {"weight": 3.5}),
-         ("heavy.metadata.json", "weight=3.5", "0.0 to 2.0")),
+         ("heavy.metadata.json", "weight = 3.5", "0.0 to 2.0")),
     Case("lora import", "metadata primary 'yes'", _lora("tester/prim.safetensors", lambda p: _foreign_lora(p, 32), {"primary": "yes"}),
          ("prim.metadata.json", "primary='yes'")),
 ]

@@ -1,0 +1,143 @@
+"""One diffusers image job and how jobs share pipeline calls: jobs equal but for the seed run as one
+batch (one torch.Generator per image), and everything a job names is checked before any model
+loads. Why a manifest records its batch: resources/diffusion.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+from persona_pipeline.domain.generation_params import CONTROL_STRENGTH_DEFAULT, MAX_LORAS
+from persona_pipeline.resources.diffusion_runtime import GenerationInputError
+from persona_pipeline.resources.diffusion_samplers import GenerationParamError, check_generation_params
+
+
+@dataclass(frozen=True)
+class DiffusersJob:
+    """One image. Sampler and scheduler are spelled as ComfyUI spells them."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    cfg: float
+    sampler: str
+    scheduler: str
+    width: int
+    height: int
+    denoise: float = 1.0  # < 1 with init_image: img2img strength, with ComfyUI's meaning (see call_arguments)
+    init_image: str | None = None  # the parent (img2img); resized to width x height when its size differs
+    control_image: str | None = None  # an OpenPose skeleton image for the ControlNet
+    control_strength: float = CONTROL_STRENGTH_DEFAULT
+    loras: tuple[tuple[str, float], ...] = field(default=())  # (safetensors path, weight), applied in this order
+
+    def __post_init__(self) -> None:
+        # Normalised so that jobs compare and hash by value (batch grouping) whatever the caller passed.
+        object.__setattr__(self, "loras", tuple((str(path), float(weight)) for path, weight in self.loras))
+        for name in ("init_image", "control_image"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(getattr(self, name)))
+
+    def batch_key(self) -> "DiffusersJob":
+        """Everything but the seed: jobs with equal keys can share a pipeline call."""
+        return replace(self, seed=0)
+
+
+def plan_batches(jobs: Sequence[DiffusersJob], batch_size: int) -> list[list[int]]:
+    """Indices of `jobs` grouped into pipeline calls: jobs equal but for the seed, in input order,
+    at most `batch_size` per call; groups in order of their first job."""
+    if batch_size < 1:
+        raise GenerationParamError(f"batch_size={batch_size} must be at least 1")
+    groups: dict[DiffusersJob, list[int]] = {}
+    for index, job in enumerate(jobs):
+        groups.setdefault(job.batch_key(), []).append(index)
+    return [members[start:start + batch_size] for members in groups.values()
+            for start in range(0, len(members), batch_size)]
+
+
+
+def check_job(job: DiffusersJob, where: str, minimum_side: int) -> None:
+    """Refuse a job before any model loads: parameters, then every file it names."""
+    try:
+        check_generation_params(steps=job.steps, cfg=job.cfg, sampler=job.sampler, scheduler=job.scheduler,
+                                width=job.width, height=job.height, minimum_side=minimum_side,
+                                denoise=job.denoise, control_strength=job.control_strength if job.control_image else None)
+        if job.denoise < 1 and not job.init_image:
+            raise GenerationParamError(f"denoise={job.denoise} needs an init_image (img2img); txt2img runs at denoise=1")
+        if len(job.loras) > MAX_LORAS:
+            raise GenerationParamError(f"{len(job.loras)} LoRAs given, at most {MAX_LORAS}: "
+                                       f"{', '.join(Path(path).name for path, _ in job.loras)}")
+    except GenerationParamError as exc:
+        raise GenerationParamError(f"{where}: {exc}") from None
+    for path, _ in job.loras:
+        _check_lora_file(path, where)
+    for kind, path in (("init_image", job.init_image), ("control_image", job.control_image)):
+        if path is not None:
+            _check_image_file(path, kind, where)
+
+
+def call_arguments(job: DiffusersJob, seeds: list[int], train_timesteps: int) -> dict:
+    import torch
+
+    arguments = {
+        "prompt": job.prompt, "negative_prompt": job.negative_prompt or None, "guidance_scale": job.cfg,
+        "num_images_per_prompt": len(seeds), "width": job.width, "height": job.height,
+        # CPU generators whatever the device: the starting noise of a seed is the same everywhere.
+        "generator": [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
+    }
+    if job.init_image:
+        # ComfyUI's denoise d runs `steps` steps: the last ones of a steps/d schedule. diffusers'
+        # strength s runs int(n * s) of n steps from the same end, so n = steps/d and s is chosen
+        # to give exactly `steps` (the 0.5 keeps int() from rounding down).
+        total = max(job.steps, min(int(job.steps / job.denoise), train_timesteps))
+        arguments.update(num_inference_steps=total, strength=min(1.0, (job.steps + 0.5) / total),
+                         image=_load_rgb(job.init_image, (job.width, job.height)))
+    else:
+        arguments["num_inference_steps"] = job.steps
+    if job.control_image:
+        control = _load_rgb(job.control_image, None)  # the pipeline resizes it to width x height
+        arguments["controlnet_conditioning_scale"] = job.control_strength
+        arguments["control_image" if job.init_image else "image"] = control
+    elif job.init_image:
+        # The plain img2img pipeline takes its size from the (resized) parent.
+        del arguments["width"], arguments["height"]
+    return arguments
+
+
+def describe_mode(job: DiffusersJob) -> str:
+    return ("img2img" if job.init_image else "txt2img") + (" + ControlNet" if job.control_image else "")
+
+
+def _load_rgb(path: str, size: tuple[int, int] | None) -> Image.Image:
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    if size and image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
+
+
+def _check_lora_file(path: str, where: str) -> None:
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise GenerationInputError(f"{where}: LoRA file {path} not found")
+    try:
+        with safe_open(path, "pt") as handle:
+            if not list(handle.keys()):
+                raise ValueError("it holds no tensors")
+    except Exception as exc:  # safetensors raises several classes for a bad header
+        raise GenerationInputError(f"{where}: LoRA file {path} is not a readable safetensors file ({exc})") from None
+
+
+def _check_image_file(path: str, kind: str, where: str) -> None:
+    if not Path(path).is_file():
+        raise GenerationInputError(f"{where}: {kind} {path} not found")
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as exc:  # Pillow raises several classes for a bad file
+        raise GenerationInputError(f"{where}: {kind} {path} is not a readable image ({exc})") from None
+
