@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import dagster as dg
 
 from persona_pipeline.assets.candidates import candidates
@@ -62,9 +64,9 @@ def from_settings(settings: Settings, attr: str):
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
-    def env(attr: str):
-        return from_settings(settings, attr)
-
+    """Every resource from the settings: `env(attr)` for a setting as it is (an EnvVar where the environment
+    gave it), `str(settings.<folder>)` for a folder (made absolute on load, so passed as its value)."""
+    env = partial(from_settings, settings)
     return {
         "database": AppDatabase(url=env("database_url")),
         # With an s3:// PERSONA_HOME, home is the local cache and the bucket is mirrored at each step.
@@ -75,35 +77,33 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
                                       models_dir=str(settings.home / "models"), candidates_per_run=env("candidates_per_run"),
                                       controlnet_model=env("controlnet_model"), batch_size=env("generation_batch_size")),
         "comfyui": ComfyUIPool(urls=env("comfyui_urls"), max_in_flight_per_server=env("comfyui_max_in_flight"),
-                               job_timeout_s=settings.comfyui_job_timeout_s),
+                               job_timeout_s=env("comfyui_job_timeout_s")),
         "generation": GenerationDefaults(backend=env("generation_backend"), workflows_dir=str(settings.workflows_dir),
                                          comfyui_checkpoint=env("comfyui_checkpoint"),
                                          comfyui_lora_prefix=env("comfyui_lora_prefix")),
         "clip": ClipModel(model_name=env("clip_model"), pretrained=env("clip_pretrained"), device=env("device")),
         "gemini": GeminiClient(api_key=env("gemini_api_key"), model=env("gemini_model"), base_url=env("gemini_base_url")),
-        "auto_review": AutoReviewer(enabled=settings.auto_review),
+        "auto_review": AutoReviewer(enabled=env("auto_review")),
         "publisher": build_publisher(settings),
         "alerts": AlertWebhook(url=env("alert_webhook_url"), ui_base_url=env("dagster_ui_base_url"),
                                max_attempts=env("alert_max_attempts")),
-        "freshness": FreshnessRules(min_days_ahead=settings.freshness_days),
+        "freshness": FreshnessRules(min_days_ahead=env("freshness_days")),
     }
 
 
 def build_publisher(settings: Settings) -> Publisher:
     """PERSONA_PUBLISHER: the dry-run outbox (default) or the Instagram Graph API."""
-    common = dict(workers=from_settings(settings, "publish_workers"),
-                  max_retries=from_settings(settings, "publish_max_retries"))
+    env = partial(from_settings, settings)
+    common = dict(workers=env("publish_workers"), max_retries=env("publish_max_retries"))
     if settings.publisher == "outbox":
         return OutboxPublisher(home=str(settings.home), **common)
     if not settings.media_public_base_url:
         raise ValueError("PERSONA_PUBLISHER=instagram needs MEDIA_PUBLIC_BASE_URL: the public URL where "
                          f"{settings.public_media_dir} is served, so Instagram can fetch each post's JPEG")
     return InstagramPublisher(
-        graph=InstagramGraphClient(base_url=from_settings(settings, "instagram_graph_url"),
-                                   poll_timeout_s=settings.instagram_poll_timeout_s),
-        media_public_base_url=from_settings(settings, "media_public_base_url"),
-        media_public_dir=str(settings.public_media_dir),
-        token_warn_days=from_settings(settings, "instagram_token_warn_days"), **common)
+        graph=InstagramGraphClient(base_url=env("instagram_graph_url"), poll_timeout_s=env("instagram_poll_timeout_s")),
+        media_public_base_url=env("media_public_base_url"), media_public_dir=str(settings.public_media_dir),
+        token_warn_days=env("instagram_token_warn_days"), **common)
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:

@@ -61,34 +61,31 @@ class Choice(Kind):
         return text
 
 
-class Integer(Kind):
-    carried = "int"
+class Range(Kind):
+    """An integer (`int`) or a number with a fraction (`float`) within [low, high]."""
 
-    def __init__(self, low: int, high: int) -> None:
-        self.low, self.high = low, high
-        self.label = f"integer {low}..{high}"
+    def __init__(self, type_: type, low: float, high: float) -> None:
+        self.type_, self.low, self.high = type_, low, high
+        self.noun = "integer" if type_ is int else "number"
+        self.label = f"{self.noun} {low}..{high}"
+        self.carried = "int" if type_ is int else None
 
-    def parse(self, env: str, text: str) -> int:
+    def parse(self, env: str, text: str) -> Any:
         try:
-            value = int(text)
+            value = self.type_(text)
         except ValueError:
-            raise ValueError(f"{env}={text!r} is not an integer") from None
-        return _within(env, value, self.low, self.high)
+            raise ValueError(f"{env}={text!r} is not {'an' if self.type_ is int else 'a'} {self.noun}") from None
+        if not self.low <= value <= self.high:
+            raise ValueError(f"{env}={value} is out of range {self.low}..{self.high}")
+        return value
 
 
-class Number(Kind):
-    carried = None
+def Integer(low: int, high: int) -> Range:
+    return Range(int, low, high)
 
-    def __init__(self, low: float, high: float) -> None:
-        self.low, self.high = low, high
-        self.label = f"number {low:g}..{high:g}"
 
-    def parse(self, env: str, text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"{env}={text!r} is not a number") from None
-        return _within(env, value, self.low, self.high)
+def Number(low: float, high: float) -> Range:
+    return Range(float, low, high)
 
 
 class Flag(Kind):
@@ -122,12 +119,6 @@ class EndpointUrl(Kind):
         if parsed.scheme not in {"http", "https"} or not parsed.netloc:
             raise ValueError(f"{env}={text!r} must be an http:// or https:// URL with a host")
         return text.rstrip("/")
-
-
-def _within(env: str, value: float, low: float, high: float) -> Any:
-    if not low <= value <= high:
-        raise ValueError(f"{env}={value} is out of range {low:g}..{high:g}")
-    return value
 
 
 TEXT = Text()
@@ -190,6 +181,9 @@ def setting(env: str, kind: Kind, default: str, help: str, *, secret: bool = Fal
 
 @dataclass(frozen=True)
 class Settings:
+    """The application's settings: `Settings.from_env()` in the code location and the CLI; tests
+    build one directly (nothing then counts as from the environment)."""
+
     home: Path = setting(
         "PERSONA_HOME", Home(), "./.persona_home",
         "Root folder for every artifact (photos, datasets, LoRAs, images, media, outbox, tiny models), or an "
