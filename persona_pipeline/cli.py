@@ -1,4 +1,5 @@
-"""`persona-pipeline`: demo, db upgrade, personas check, schedules, demo-photos, trace, lora list/set, review."""
+"""`persona-pipeline`: demo, db upgrade, personas check, schedules, demo-photos, trace, lora list/set, review,
+settings."""
 
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     os.environ.setdefault("PERSONA_AUTO_REVIEW", "1")  # no reviewer in the demo: open_clip scores vote
     settings = _settings()
-    dagster_home = Path(os.environ.get("DAGSTER_HOME") or settings.home / "dagster")
+    dagster_home = settings.dagster_home or settings.home / "dagster"
     dagster_home.mkdir(parents=True, exist_ok=True)
     if not (dagster_home / "dagster.yaml").exists():
         (dagster_home / "dagster.yaml").write_text("# embedded SQLite storage (quickstart)\ntelemetry:\n  enabled: false\n")
@@ -336,6 +337,15 @@ def cmd_review(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Every setting: variable, type, default, secret, meaning (the plain table adds what is set now,
+    never a secret's value); `--markdown` prints docs/settings.md."""
+    from persona_pipeline.settings import settings_markdown, settings_table
+
+    print(settings_markdown() if args.markdown else settings_table(), end="")
+    return 0
+
+
 def cmd_review_token(args: argparse.Namespace) -> int:
     import secrets
 
@@ -400,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     review_form.add_argument("--host", help="default REVIEW_HOST (127.0.0.1)")
     review_form.add_argument("--port", type=int, help="default REVIEW_PORT (8090)")
     review_form.set_defaults(func=cmd_review)
+    settings_cmd = sub.add_parser("settings", help="every environment setting: type, default, secret, meaning")
+    settings_cmd.add_argument("--markdown", action="store_true", help="print docs/settings.md (generated from the declarations)")
+    settings_cmd.set_defaults(func=cmd_settings)
     review_token = sub.add_parser("review-token", help="print a new reviewer login `NAME:TOKEN` for REVIEW_TOKENS")
     review_token.add_argument("name")
     review_token.set_defaults(func=cmd_review_token)

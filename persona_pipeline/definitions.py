@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from functools import partial
 
 import dagster as dg
 
@@ -54,49 +54,56 @@ ASSETS = [source_photos, training_dataset, lora_model, content_plan, candidates,
           pillar_gaps, scheduled_posts, post_calendar, weekly_report]
 
 
+def from_settings(settings: Settings, attr: str):
+    """The value a resource field gets for the setting `attr`: `dg.EnvVar` naming its variable when the
+    environment gave the value (so the Dagster UI shows the name, never the value), else the value."""
+    declared = settings.variable_for(attr)
+    if declared is None:
+        return getattr(settings, attr)
+    return dg.EnvVar.int(declared.env) if declared.kind.carried == "int" else dg.EnvVar(declared.env)
+
+
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
-    # The database URL may hold a password: when it comes from the environment, pass it as an
-    # EnvVar so the UI shows the variable's name, not its value.
-    database_url = dg.EnvVar("PERSONA_DATABASE_URL") if os.environ.get("PERSONA_DATABASE_URL", "").strip() == settings.database_url else settings.database_url
+    """Every resource from the settings: `env(attr)` for a setting as it is (an EnvVar where the environment
+    gave it), `str(settings.<folder>)` for a folder (made absolute on load, so passed as its value)."""
+    env = partial(from_settings, settings)
     return {
-        "database": AppDatabase(url=database_url),
+        "database": AppDatabase(url=env("database_url")),
         # With an s3:// PERSONA_HOME, home is the local cache and the bucket is mirrored at each step.
         "storage": PersonaStorage(home=str(settings.home), artifact_store=settings.artifact_store,
-                                  s3_endpoint_url=settings.s3_endpoint_url),
+                                  s3_endpoint_url=env("s3_endpoint_url")),
         "persona_folders": PersonaFolders(datasets_dir=str(settings.datasets_dir)),
-        "diffusion": DiffusionBackend(base_model=settings.base_model, device=settings.device,
-                                      models_dir=str(settings.home / "models"), candidates_per_run=settings.candidates_per_run,
-                                      controlnet_model=settings.controlnet_model, batch_size=settings.generation_batch_size),
-        "comfyui": ComfyUIPool(urls=settings.comfyui_urls, max_in_flight_per_server=settings.comfyui_max_in_flight,
-                               job_timeout_s=settings.comfyui_job_timeout_s),
-        "generation": GenerationDefaults(backend=settings.generation_backend, workflows_dir=str(settings.workflows_dir),
-                                         comfyui_checkpoint=settings.comfyui_checkpoint,
-                                         comfyui_lora_prefix=settings.comfyui_lora_prefix),
-        "clip": ClipModel(model_name=settings.clip_model, pretrained=settings.clip_pretrained, device=settings.device),
-        # The key is passed as an EnvVar, never as its value, so the UI cannot show it.
-        "gemini": GeminiClient(api_key=dg.EnvVar("GEMINI_API_KEY") if os.environ.get("GEMINI_API_KEY", "").strip() else "",
-                               model=settings.gemini_model, base_url=settings.gemini_base_url),
-        "auto_review": AutoReviewer(enabled=settings.auto_review),
+        "diffusion": DiffusionBackend(base_model=env("base_model"), device=env("device"),
+                                      models_dir=str(settings.home / "models"), candidates_per_run=env("candidates_per_run"),
+                                      controlnet_model=env("controlnet_model"), batch_size=env("generation_batch_size")),
+        "comfyui": ComfyUIPool(urls=env("comfyui_urls"), max_in_flight_per_server=env("comfyui_max_in_flight"),
+                               job_timeout_s=env("comfyui_job_timeout_s")),
+        "generation": GenerationDefaults(backend=env("generation_backend"), workflows_dir=str(settings.workflows_dir),
+                                         comfyui_checkpoint=env("comfyui_checkpoint"),
+                                         comfyui_lora_prefix=env("comfyui_lora_prefix")),
+        "clip": ClipModel(model_name=env("clip_model"), pretrained=env("clip_pretrained"), device=env("device")),
+        "gemini": GeminiClient(api_key=env("gemini_api_key"), model=env("gemini_model"), base_url=env("gemini_base_url")),
+        "auto_review": AutoReviewer(enabled=env("auto_review")),
         "publisher": build_publisher(settings),
-        # A Slack webhook URL is a secret: like the keys above, pass the variable, not its value.
-        "alerts": AlertWebhook(url=dg.EnvVar("ALERT_WEBHOOK_URL") if os.environ.get("ALERT_WEBHOOK_URL", "").strip() == settings.alert_webhook_url and settings.alert_webhook_url else settings.alert_webhook_url,
-                               ui_base_url=settings.dagster_ui_base_url, max_attempts=settings.alert_max_attempts),
-        "freshness": FreshnessRules(min_days_ahead=settings.freshness_days),
+        "alerts": AlertWebhook(url=env("alert_webhook_url"), ui_base_url=env("dagster_ui_base_url"),
+                               max_attempts=env("alert_max_attempts")),
+        "freshness": FreshnessRules(min_days_ahead=env("freshness_days")),
     }
 
 
 def build_publisher(settings: Settings) -> Publisher:
     """PERSONA_PUBLISHER: the dry-run outbox (default) or the Instagram Graph API."""
-    common = dict(workers=settings.publish_workers, max_retries=settings.publish_max_retries)
+    env = partial(from_settings, settings)
+    common = dict(workers=env("publish_workers"), max_retries=env("publish_max_retries"))
     if settings.publisher == "outbox":
         return OutboxPublisher(home=str(settings.home), **common)
     if not settings.media_public_base_url:
         raise ValueError("PERSONA_PUBLISHER=instagram needs MEDIA_PUBLIC_BASE_URL: the public URL where "
                          f"{settings.public_media_dir} is served, so Instagram can fetch each post's JPEG")
     return InstagramPublisher(
-        graph=InstagramGraphClient(base_url=settings.instagram_graph_url, poll_timeout_s=settings.instagram_poll_timeout_s),
-        media_public_base_url=settings.media_public_base_url, media_public_dir=str(settings.public_media_dir),
-        token_warn_days=settings.instagram_token_warn_days, **common)
+        graph=InstagramGraphClient(base_url=env("instagram_graph_url"), poll_timeout_s=env("instagram_poll_timeout_s")),
+        media_public_base_url=env("media_public_base_url"), media_public_dir=str(settings.public_media_dir),
+        token_warn_days=env("instagram_token_warn_days"), **common)
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:

@@ -1,82 +1,372 @@
-"""Environment settings in one place.
+"""Every environment setting, declared once.
 
-Every setting has a default that runs the embedded quickstart (SQLite, tiny local models, dry-run
-outbox publisher, no network). README.md has the table; keep it in step with `SETTINGS` below.
+Each `Settings` field the environment fills is declared with `setting(...)`: the variable's name, its
+kind (how its text becomes a value, and the type the docs show), its default, its help text and whether
+it is a secret. Everything else is derived from these declarations: `Settings.from_env`, the Dagster
+resources (definitions.py passes each value the environment gave as `dg.EnvVar`, so the UI shows the
+variable's name, never its value), `persona-pipeline settings`, and docs/settings.md, which is generated
+(`persona-pipeline settings --markdown > docs/settings.md`) and compared with them by a test.
+
+Every default runs the embedded quickstart (SQLite, tiny local models, dry-run outbox publisher, no network).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
+
+REPO_WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3's bucket naming rules
+TRUE_WORDS = {"1", "true", "yes", "on"}
+MIN_TOKEN_CHARS = 16
+
+
+# --- kinds: how a variable's text becomes a value ---------------------------------------------------------
+
+class Kind:
+    """How a variable's (stripped, non-empty) text becomes a value; errors name the variable and value.
+
+    `carried`: what a Dagster `EnvVar` can hand a resource field of this kind, "str" or "int"; None
+    where it cannot (Dagster's EnvVar carries text and integers only) or where the value is not the
+    text itself (a folder made absolute)."""
+
+    label = "text"
+    carried: str | None = "str"
+
+    def parse(self, env: str, text: str) -> Any:
+        return text
+
+
+class Text(Kind):
+    def __init__(self, label: str = "text", tidy: Callable[[str], str] | None = None) -> None:
+        self.label, self.tidy = label, tidy
+
+    def parse(self, env: str, text: str) -> str:
+        return self.tidy(text) if self.tidy else text
+
+
+class Choice(Kind):
+    def __init__(self, *options: str) -> None:
+        self.options = options
+        self.label = " or ".join(f"`{option}`" for option in options)
+
+    def parse(self, env: str, text: str) -> str:
+        if text not in self.options:
+            raise ValueError(f"{env}={text!r} must be {self.label}")
+        return text
+
+
+class Range(Kind):
+    """An integer (`int`) or a number with a fraction (`float`) within [low, high]."""
+
+    def __init__(self, type_: type, low: float, high: float) -> None:
+        self.type_, self.low, self.high = type_, low, high
+        self.noun = "integer" if type_ is int else "number"
+        self.label = f"{self.noun} {low}..{high}"
+        self.carried = "int" if type_ is int else None
+
+    def parse(self, env: str, text: str) -> Any:
+        try:
+            value = self.type_(text)
+        except ValueError:
+            raise ValueError(f"{env}={text!r} is not {'an' if self.type_ is int else 'a'} {self.noun}") from None
+        if not self.low <= value <= self.high:
+            raise ValueError(f"{env}={value} is out of range {self.low}..{self.high}")
+        return value
+
+
+def Integer(low: int, high: int) -> Range:
+    return Range(int, low, high)
+
+
+def Number(low: float, high: float) -> Range:
+    return Range(float, low, high)
+
+
+class Flag(Kind):
+    label = "flag (`1` or `0`)"
+    carried = None
+
+    def parse(self, env: str, text: str) -> bool:
+        return text.lower() in TRUE_WORDS
+
+
+class Folder(Kind):
+    label = "folder"
+    carried = None
+
+    def parse(self, env: str, text: str) -> Path:
+        return Path(text).expanduser().resolve()
+
+
+class Home(Kind):
+    """PERSONA_HOME: a folder or an s3:// URL; `Settings.from_env` resolves it with `parse_home`."""
+
+    label = "folder or `s3://bucket/prefix`"
+    carried = None
+
+
+class EndpointUrl(Kind):
+    label = "URL"
+
+    def parse(self, env: str, text: str) -> str:
+        parsed = urlsplit(text)
+        if parsed.scheme not in {"http", "https"} or not parsed.netloc:
+            raise ValueError(f"{env}={text!r} must be an http:// or https:// URL with a host")
+        return text.rstrip("/")
+
+
+TEXT = Text()
+URL = Text("URL")
+BASE_URL = Text("URL", tidy=lambda text: text.rstrip("/"))
+FOLDER = Folder()
+FLAG = Flag()
+
+
+# --- the declarations ------------------------------------------------------------------------------------
+
+PARSE_DEFAULT = object()  # `Setting.unset`: the value when unset is `default` parsed
 
 
 @dataclass(frozen=True)
 class Setting:
+    """One environment variable. `default` is the text the docs show and, unless `unset` is given, the
+    text parsed when the variable is unset or blank (`$PERSONA_HOME` in it stands for the home folder)."""
+
     env: str
+    kind: Kind
     default: str
     help: str
+    secret: bool = False
+    unset: Any = PARSE_DEFAULT
+    attr: str = ""  # the Settings field it fills
+
+    @property
+    def type(self) -> str:
+        return self.kind.label
+
+    def value(self, text: str, home: Path) -> Any:
+        """The value of the variable's stripped text, or the default when it is blank."""
+        if text:
+            return self.kind.parse(self.env, text)
+        if self.unset is not PARSE_DEFAULT:
+            return self.unset
+        return self.kind.parse(self.env, self.default.replace("$PERSONA_HOME", str(home)))
+
+    def carries_verbatim(self, raw: str, value: Any) -> bool:
+        """Whether a resource field may take this variable as `dg.EnvVar` and read `value` from it: it
+        is set, Dagster can carry its kind, and the loader did not tidy it. Secrets always go as
+        EnvVar, tidied or not, so their value never reaches the UI."""
+        if not raw.strip() or self.kind.carried is None:
+            return False
+        return self.secret or self.kind.carried == "int" or raw == value
 
 
-SETTINGS: list[Setting] = [
-    Setting("PERSONA_HOME", "./.persona_home", "Root folder for every artifact (photos, datasets, LoRAs, images, outbox), or an `s3://bucket/prefix` URL (see \"Object storage\")."),
-    Setting("PERSONA_CACHE_DIR", "~/.cache/persona-pipeline/<bucket>/<prefix>", "With an s3:// PERSONA_HOME: the local working copy. Use the same path on every machine (rows store absolute paths)."),
-    Setting("PERSONA_S3_ENDPOINT_URL", "", "Endpoint of an S3-compatible server (MinIO, Ceph, a test server). Empty = AWS S3."),
-    Setting("PERSONA_DATABASE_URL", "sqlite:///$PERSONA_HOME/persona.db", "Application database (SQLAlchemy URL); PostgreSQL in production."),
-    Setting("PERSONA_DATASETS_DIR", "./datasets", "Folder of persona folders (`<slug>/persona.yaml` + `photos/`) the persona sensor watches."),
-    Setting("DAGSTER_HOME", "$PERSONA_HOME/dagster (demo only)", "The Dagster instance folder. Put the repo's dagster.yaml there for PostgreSQL storage."),
-    Setting("PERSONA_BASE_MODEL", "tiny", "Base model for training and generation: `tiny` (random, built locally), a local folder or a hub id."),
-    Setting("PERSONA_CLIP_MODEL", "tiny", "open_clip model: `tiny` (random, built locally) or an architecture name such as `ViT-B-32`."),
-    Setting("PERSONA_CLIP_PRETRAINED", "", "open_clip weights for a real architecture: a local file path or a pretrained tag. Empty = random."),
-    Setting("GEMINI_API_KEY", "", "Gemini API key for captioning training photos; empty = the offline open_clip captioner."),
-    Setting("GEMINI_BASE_URL", "", "Gemini API base URL, for proxies and tests. Empty = Google's endpoint."),
-    Setting("PERSONA_GEMINI_MODEL", "gemini-2.5-flash", "Gemini model that captions training photos."),
-    Setting("PERSONA_DEVICE", "cpu", "torch device for training and generation (`cpu`, `cuda`, `cuda:1`)."),
-    Setting("PERSONA_CANDIDATES_PER_RUN", "4", "Images per run when persona.yaml sets no generation.steps."),
-    Setting("PERSONA_GENERATION_BACKEND", "diffusers", "Default generation backend: `diffusers` (local, PERSONA_BASE_MODEL + LoRA) or `comfyui`; persona.yaml `generation.backend` and each step's `backend` override it."),
-    Setting("PERSONA_CONTROLNET_MODEL", "tiny", "OpenPose ControlNet for the diffusers backend: `tiny` (random, built locally) or a local folder / hub id."),
-    Setting("PERSONA_GENERATION_BATCH_SIZE", "4", "Images per diffusers pipeline call (jobs that differ only in seed share one)."),
-    Setting("PERSONA_WORKFLOWS_DIR", "<repo>/workflows", "Folder of ComfyUI API-format workflow templates (`<name>.json`)."),
-    Setting("COMFYUI_URLS", "", "ComfyUI servers, comma-separated base URLs (`http://gpu1:8188,http://gpu2:8188`)."),
-    Setting("COMFYUI_CHECKPOINT", "v1-5-pruned-emaonly.safetensors", "The `ckpt_name` the templates load on the ComfyUI servers (persona.yaml `generation.checkpoint` overrides it)."),
-    Setting("COMFYUI_LORA_PREFIX", "persona-pipeline", "Folder under the servers' `models/loras/` where `persona-pipeline lora export-comfyui` puts the library: LoRAs are named `<prefix>/<slug>/<file>`."),
-    Setting("COMFYUI_MAX_IN_FLIGHT", "2", "Jobs queued at once on one ComfyUI server."),
-    Setting("COMFYUI_JOB_TIMEOUT_S", "600", "Seconds before a ComfyUI job is interrupted (`POST /interrupt`) and failed."),
-    Setting("PERSONA_AUTO_REVIEW", "0", "1 = cast votes, pick winners and approve posts from open_clip scores (the demo turns it on)."),
-    Setting("PERSONA_PUBLISH_CRON", "*/5 * * * *", "Cron of the schedule that publishes due posts."),
-    Setting("PERSONA_PUBLISHER", "outbox", "`outbox` (dry run: JPEG + JSON under `$PERSONA_HOME/outbox/<slug>/`) or `instagram` (the Graph API, see \"Publishing\")."),
-    Setting("INSTAGRAM_GRAPH_URL", "https://graph.facebook.com/v23.0", "Base URL of the Instagram Graph API (a local fake in tests)."),
-    Setting("MEDIA_PUBLIC_BASE_URL", "", "Public URL under which MEDIA_PUBLIC_DIR is served; Instagram fetches each post's JPEG from there. Required by the `instagram` publisher."),
-    Setting("MEDIA_PUBLIC_DIR", "$PERSONA_HOME/public_media", "Folder the publisher copies post JPEGs into (`<slug>/<post>-<sha>.jpg`) for the web server behind MEDIA_PUBLIC_BASE_URL."),
-    Setting("PERSONA_PUBLISH_WORKERS", "32", "Posts published at once (accounts in parallel; each account's quota is reserved before each publish call)."),
-    Setting("PERSONA_PUBLISH_MAX_RETRIES", "3", "Failed publishes retried (with growing waits) before a post is abandoned."),
-    Setting("INSTAGRAM_POLL_TIMEOUT_S", "120", "Seconds a container may stay IN_PROGRESS before the attempt fails (it is retried later)."),
-    Setting("INSTAGRAM_TOKEN_WARN_DAYS", "7", "Warn when an account's access token expires within this many days."),
-    Setting("PERSONA_FRESHNESS_DAYS", "3", "Freshness: warn (asset checks, alerts) when a persona's scheduled posts cover fewer days ahead than this, or its unposted library would run dry within it."),
-    Setting("ALERT_WEBHOOK_URL", "", "Slack-compatible incoming webhook for alerts (failed runs, freshness, bad persona files). Empty = no alerts."),
-    Setting("DAGSTER_UI_BASE_URL", "http://localhost:3000", "Base URL of the Dagster UI; alerts and reports link to runs and assets under it."),
-    Setting("ALERT_MAX_ATTEMPTS", "8", "Deliveries tried per alert (with growing waits, never blocking a sensor) before it is marked failed."),
-    Setting("REVIEW_TOKENS", "", "Reviewer logins for the review form: `name:token,name:token` (tokens ≥ 16 characters; `persona-pipeline review-token NAME` makes one)."),
-    Setting("REVIEW_SECRET_KEY", "$PERSONA_HOME/review_secret.key", "Key that signs the review form's session cookie; when unset, a random key is made once and kept in that file."),
-    Setting("REVIEW_HOST", "127.0.0.1", "Address `persona-pipeline review` listens on (0.0.0.0 to reach it from a phone on the network)."),
-    Setting("REVIEW_PORT", "8090", "Port of the review form."),
-    Setting("REVIEW_MAX_BODY_BYTES", "1000000", "Largest request body the review form accepts (bigger: 413)."),
-    Setting("REVIEW_EXPLORATION", "0.1", "Share of vote pairs chosen uniformly at random instead of at the top-K boundary (0..1)."),
-    Setting("REVIEW_HTTPS_ONLY", "0", "1 = the session cookie is sent over HTTPS only (set it behind a TLS proxy)."),
+def setting(env: str, kind: Kind, default: str, help: str, *, secret: bool = False, unset: Any = PARSE_DEFAULT,
+            required: bool = False) -> Any:
+    """A `Settings` field filled from `env`. `required`: no default when Settings is built directly
+    (from_env still fills it); otherwise the field defaults to the value an unset variable gives."""
+    declared = Setting(env, kind, default, help, secret, unset)
+    metadata = {"setting": declared}
+    if required:
+        return field(metadata=metadata, repr=not secret)
+    fallback = unset if unset is not PARSE_DEFAULT else kind.parse(env, default)
+    return field(default=fallback, metadata=metadata, repr=not secret)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The application's settings: `Settings.from_env()` in the code location and the CLI; tests
+    build one directly (nothing then counts as from the environment)."""
+
+    home: Path = setting(
+        "PERSONA_HOME", Home(), "./.persona_home",
+        "Root folder for every artifact (photos, datasets, LoRAs, images, media, outbox, tiny models), or an "
+        "`s3://bucket/prefix` URL (see \"Object storage\"); with an s3:// URL this is the local cache folder.",
+        required=True)
+    database_url: str = setting(
+        "PERSONA_DATABASE_URL", URL, "sqlite:///$PERSONA_HOME/persona.db",
+        "Application database (SQLAlchemy URL). PostgreSQL in production, e.g. "
+        "`postgresql+psycopg2://user:pw@host/db`.", secret=True, required=True)
+    datasets_dir: Path = setting(
+        "PERSONA_DATASETS_DIR", FOLDER, "./datasets",
+        "Folder of persona folders (`<slug>/persona.yaml` + `photos/`) that the persona sensor watches.", required=True)
+    artifact_store: str = ""  # from PERSONA_HOME: the s3:// URL of the durable copy of `home`; "" = `home` is all
+    cache_dir: Path | None = setting(
+        "PERSONA_CACHE_DIR", FOLDER, "~/.cache/persona-pipeline/<bucket>/<prefix>",
+        "With an `s3://` `PERSONA_HOME`: the local working copy. Use the same path on every machine (database "
+        "rows store absolute paths).", unset=None)
+    s3_endpoint_url: str = setting(
+        "PERSONA_S3_ENDPOINT_URL", EndpointUrl(), "",
+        "Endpoint of an S3-compatible server (MinIO, Ceph, a test server), `http(s)://host:port`. Empty = AWS S3.",
+        unset="")
+    dagster_home: Path | None = setting(
+        "DAGSTER_HOME", FOLDER, "",
+        "The Dagster instance folder (read by Dagster itself). Embedded SQLite unless it holds the repo's "
+        "`dagster.yaml`. Unset, `persona-pipeline demo` uses `$PERSONA_HOME/dagster`.", unset=None)
+    base_model: str = setting(
+        "PERSONA_BASE_MODEL", TEXT, "tiny",
+        "Base model for training and generation: `tiny` (random, built locally), or a local folder / hub id of a "
+        "diffusers SD1.5 (or 2.x) or SDXL model; the family is read from its `model_index.json`.")
+    clip_model: str = setting(
+        "PERSONA_CLIP_MODEL", TEXT, "tiny",
+        "open_clip model: `tiny` (random, built locally) or an architecture such as `ViT-B-32`.")
+    clip_pretrained: str = setting(
+        "PERSONA_CLIP_PRETRAINED", TEXT, "",
+        "Weights for a real open_clip architecture: a local file, or a pretrained tag. Empty = random.")
+    gemini_api_key: str = setting(
+        "GEMINI_API_KEY", TEXT, "",
+        "Gemini API key (captions of training photos and posts, content prompts, cluster names). Empty = the "
+        "offline fallbacks (open_clip zero-shot captions, templates).", secret=True)
+    gemini_base_url: str = setting(
+        "GEMINI_BASE_URL", URL, "", "Gemini API base URL, for proxies and tests. Empty = Google's endpoint.")
+    gemini_model: str = setting("PERSONA_GEMINI_MODEL", TEXT, "gemini-2.5-flash", "Gemini model to call.")
+    device: str = setting(
+        "PERSONA_DEVICE", TEXT, "cpu", "torch device for training and generation (`cpu`, `cuda`, `cuda:1`).")
+    candidates_per_run: int = setting(
+        "PERSONA_CANDIDATES_PER_RUN", Integer(2, 64), "4", "Images per run when `persona.yaml` sets no `generation.steps`.")
+    auto_review: bool = setting(
+        "PERSONA_AUTO_REVIEW", FLAG, "0",
+        "`1` casts votes, picks winners and approves posts from open_clip scores (the demo sets it).")
+    publish_cron: str = setting("PERSONA_PUBLISH_CRON", TEXT, "*/5 * * * *", "Cron of the schedule that publishes due posts.")
+    generation_backend: str = setting(
+        "PERSONA_GENERATION_BACKEND", Choice("diffusers", "comfyui"), "diffusers",
+        "Default generation backend: `diffusers` (local, `PERSONA_BASE_MODEL` + LoRA) or `comfyui`; `persona.yaml` "
+        "`generation.backend` and a step's `backend` override it.")
+    controlnet_model: str = setting(
+        "PERSONA_CONTROLNET_MODEL", TEXT, "tiny",
+        "OpenPose ControlNet for the diffusers backend: `tiny` (random, built locally) or a local folder / hub id.")
+    generation_batch_size: int = setting(
+        "PERSONA_GENERATION_BATCH_SIZE", Integer(1, 64), "4",
+        "Images per diffusers pipeline call (jobs that differ only in seed share one).")
+    workflows_dir: Path = setting(
+        "PERSONA_WORKFLOWS_DIR", FOLDER, "<repo>/workflows",
+        "Folder of ComfyUI API-format workflow templates (`<name>.json`).", unset=REPO_WORKFLOWS)
+    comfyui_urls: str = setting(
+        "COMFYUI_URLS", Text("URL list"), "",
+        "ComfyUI servers, comma-separated base URLs (`http://gpu1:8188,http://gpu2:8188`).")
+    comfyui_checkpoint: str = setting(
+        "COMFYUI_CHECKPOINT", TEXT, "v1-5-pruned-emaonly.safetensors",
+        "The `ckpt_name` the templates load on the servers (`persona.yaml` `generation.checkpoint` overrides it).")
+    comfyui_lora_prefix: str = setting(
+        "COMFYUI_LORA_PREFIX", Text(tidy=lambda text: text.strip("/")), "persona-pipeline",
+        "Folder under the servers' `models/loras/` where `persona-pipeline lora export-comfyui` puts the library: "
+        "LoRAs are named `<prefix>/<slug>/<file>`.")
+    comfyui_max_in_flight: int = setting(
+        "COMFYUI_MAX_IN_FLIGHT", Integer(1, 64), "2", "Jobs queued at once on one ComfyUI server.")
+    comfyui_job_timeout_s: float = setting(
+        "COMFYUI_JOB_TIMEOUT_S", Number(1, 24 * 3600), "600",
+        "Seconds before a ComfyUI job is interrupted (`POST /interrupt`) and failed.")
+    review_tokens: str = setting(
+        "REVIEW_TOKENS", Text("`name:token` list"), "",
+        "Reviewer logins for the review form: `name:token,name:token`; tokens of at least 16 characters "
+        "(`persona-pipeline review-token NAME` prints one).", secret=True)
+    review_secret_key: str = setting(
+        "REVIEW_SECRET_KEY", TEXT, "",
+        "Signs the review form's session cookie; set the same value on every form process. Empty = a random key "
+        "made once and kept in `$PERSONA_HOME/review_secret.key`.", secret=True)
+    review_host: str = setting(
+        "REVIEW_HOST", TEXT, "127.0.0.1",
+        "Address `persona-pipeline review` listens on (`0.0.0.0` to reach it from a phone on the network).")
+    review_port: int = setting("REVIEW_PORT", Integer(1, 65535), "8090", "Port of the review form.")
+    review_max_body_bytes: int = setting(
+        "REVIEW_MAX_BODY_BYTES", Integer(1024, 1 << 30), "1000000",
+        "Largest request body the review form accepts; a bigger one gets 413.")
+    review_exploration: float = setting(
+        "REVIEW_EXPLORATION", Number(0, 1), "0.1",
+        "Share of vote pairs picked uniformly at random rather than at the top-K boundary.")
+    review_https_only: bool = setting(
+        "REVIEW_HTTPS_ONLY", FLAG, "0", "`1` sends the session cookie over HTTPS only (set it behind a TLS proxy).")
+    publisher: str = setting(
+        "PERSONA_PUBLISHER", Choice("outbox", "instagram"), "outbox",
+        "`outbox` (dry run: JPEG + JSON under `$PERSONA_HOME/outbox/<slug>/`) or `instagram` (the Graph API; see "
+        "\"Publishing\").")
+    instagram_graph_url: str = setting(
+        "INSTAGRAM_GRAPH_URL", BASE_URL, "https://graph.facebook.com/v23.0",
+        "Base URL of the Instagram Graph API (tests point it at a local fake).")
+    media_public_base_url: str = setting(
+        "MEDIA_PUBLIC_BASE_URL", BASE_URL, "",
+        "Public URL under which `MEDIA_PUBLIC_DIR` is served; Instagram fetches each post's JPEG from there. "
+        "Required by the `instagram` publisher.")
+    media_public_dir: Path | None = setting(
+        "MEDIA_PUBLIC_DIR", FOLDER, "$PERSONA_HOME/public_media",
+        "Folder the publisher copies post JPEGs into (`<slug>/<post>-<sha12>.jpg`) for the web server (or bucket "
+        "sync) behind `MEDIA_PUBLIC_BASE_URL`.", unset=None)
+    publish_workers: int = setting(
+        "PERSONA_PUBLISH_WORKERS", Integer(1, 256), "32",
+        "Posts in flight at once (accounts run in parallel; each account's quota is reserved before every "
+        "publish call).")
+    publish_max_retries: int = setting(
+        "PERSONA_PUBLISH_MAX_RETRIES", Integer(0, 20), "3",
+        "Failed publishes retried (with growing waits) before a post is abandoned.")
+    instagram_poll_timeout_s: float = setting(
+        "INSTAGRAM_POLL_TIMEOUT_S", Number(1, 24 * 3600), "120",
+        "Seconds a media container may stay `IN_PROGRESS` before the attempt fails (it is retried later).")
+    instagram_token_warn_days: int = setting(
+        "INSTAGRAM_TOKEN_WARN_DAYS", Integer(0, 365), "7",
+        "Warn (log + run metadata) when an account's access token expires within this many days.")
+    freshness_days: float = setting(
+        "PERSONA_FRESHNESS_DAYS", Number(0, 365), "3",
+        "Freshness: the checks `calendar_covers_ahead` and `library_runway` (and their alerts) warn when a "
+        "persona's scheduled posts cover fewer days ahead than this, or its unposted library would run dry within it.")
+    alert_webhook_url: str = setting(
+        "ALERT_WEBHOOK_URL", URL, "",
+        "Slack-compatible incoming webhook that gets alerts (failed runs, freshness, bad persona files). "
+        "Empty = no alerts.", secret=True)
+    dagster_ui_base_url: str = setting(
+        "DAGSTER_UI_BASE_URL", BASE_URL, "http://localhost:3000",
+        "Base URL of the Dagster UI; alerts and the weekly report link to runs and assets under it.")
+    alert_max_attempts: int = setting(
+        "ALERT_MAX_ATTEMPTS", Integer(1, 100), "8",
+        "Deliveries tried per alert (waits grow from 30 s to 1 h; a sensor never waits on the webhook) before "
+        "the alert is marked failed.")
+    # The fields whose value the environment gave verbatim (see `Setting.carries_verbatim`).
+    from_environment: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+
+    @property
+    def public_media_dir(self) -> Path:
+        return self.media_public_dir or self.home / "public_media"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
+        """The settings from the environment; a bad value raises ValueError naming the variable and value."""
+        raw = {s.env: environ.get(s.env, "") for s in SETTINGS}
+        text = {name: value.strip() for name, value in raw.items()}
+        home, artifact_store = parse_home(text["PERSONA_HOME"] or BY_ATTR["home"].default, text["PERSONA_CACHE_DIR"])
+        values: dict[str, Any] = {"home": home, "artifact_store": artifact_store}
+        for declared in SETTINGS:
+            if declared.attr != "home":
+                values[declared.attr] = declared.value(text[declared.env], home)
+        verbatim = {s.attr for s in SETTINGS if s.carries_verbatim(raw[s.env], values[s.attr])}
+        return cls(**values, from_environment=frozenset(verbatim))
+
+    def variable_for(self, attr: str) -> Setting | None:
+        """The declaration of `attr` when its value came verbatim from the environment, else None."""
+        return BY_ATTR[attr] if attr in self.from_environment else None
+
+    def reviewer_tokens(self) -> dict[str, str]:
+        """REVIEW_TOKENS as token → reviewer name. Errors name the entry, never the token."""
+        return parse_reviewer_tokens(self.review_tokens)
+
+
+SETTINGS: tuple[Setting, ...] = tuple(replace(f.metadata["setting"], attr=f.name)
+                                      for f in fields(Settings) if "setting" in f.metadata)
+BY_ATTR: dict[str, Setting] = {s.attr: s for s in SETTINGS}
+
+# Variables the application does not read itself; listed in docs/settings.md next to the settings.
+OTHER_VARIABLES = [
+    ("`DAGSTER_PG_HOST`, `DAGSTER_PG_PORT`, `DAGSTER_PG_USER`, `DAGSTER_PG_PASSWORD`, `DAGSTER_PG_DB`",
+     "Dagster's own PostgreSQL storage, read by the repo's `dagster.yaml`."),
+    ("`PERSONA_TEST_POSTGRES_URL`", "Tests only: the server on which each PostgreSQL test creates and drops its own "
+     "database (default `postgresql+psycopg2://postgres@127.0.0.1:5432/postgres`)."),
+    ("the token variable a `persona.yaml` names (`instagram.token_env`)", "The persona's long-lived Instagram token, "
+     "read by the `instagram` publisher at publish time (never stored or logged)."),
 ]
-
-
-REPO_WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-
-
-def _env(name: str, default: str) -> str:
-    value = os.environ.get(name, "").strip()
-    return value if value else default
-
-
-S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3's bucket naming rules
 
 
 def parse_home(raw: str, cache_dir: str = "") -> tuple[Path, str]:
@@ -102,136 +392,6 @@ def parse_home(raw: str, cache_dir: str = "") -> tuple[Path, str]:
     return Path(cache_dir or default).expanduser().resolve(), url
 
 
-def _endpoint_url(raw: str) -> str:
-    """PERSONA_S3_ENDPOINT_URL: empty, or an http(s) URL with a host."""
-    if not raw:
-        return ""
-    parsed = urlsplit(raw)
-    if parsed.scheme not in {"http", "https"} or not parsed.netloc:
-        raise ValueError(f"PERSONA_S3_ENDPOINT_URL={raw!r} must be an http:// or https:// URL with a host")
-    return raw.rstrip("/")
-
-
-@dataclass(frozen=True)
-class Settings:
-    home: Path  # with an s3:// PERSONA_HOME, the local cache folder (PERSONA_CACHE_DIR)
-    database_url: str
-    datasets_dir: Path
-    artifact_store: str = ""  # the s3:// URL that holds the durable copy of `home`; "" = `home` is all there is
-    s3_endpoint_url: str = ""
-    base_model: str = "tiny"
-    clip_model: str = "tiny"
-    clip_pretrained: str = ""
-    gemini_model: str = "gemini-2.5-flash"
-    gemini_base_url: str = ""
-    device: str = "cpu"
-    candidates_per_run: int = 4
-    auto_review: bool = False
-    publish_cron: str = "*/5 * * * *"
-    generation_backend: str = "diffusers"
-    controlnet_model: str = "tiny"
-    generation_batch_size: int = 4
-    workflows_dir: Path = REPO_WORKFLOWS
-    comfyui_urls: str = ""
-    comfyui_checkpoint: str = "v1-5-pruned-emaonly.safetensors"
-    comfyui_lora_prefix: str = "persona-pipeline"
-    comfyui_max_in_flight: int = 2
-    comfyui_job_timeout_s: float = 600.0
-    review_tokens: str = ""
-    review_secret_key: str = ""
-    review_host: str = "127.0.0.1"
-    review_port: int = 8090
-    review_max_body_bytes: int = 1_000_000
-    review_exploration: float = 0.1
-    review_https_only: bool = False
-    publisher: str = "outbox"
-    instagram_graph_url: str = "https://graph.facebook.com/v23.0"
-    media_public_base_url: str = ""
-    media_public_dir: Path | None = None  # None: home / "public_media"
-    publish_workers: int = 32
-    publish_max_retries: int = 3
-    instagram_poll_timeout_s: float = 120.0
-    instagram_token_warn_days: int = 7
-    freshness_days: float = 3.0
-    alert_webhook_url: str = ""
-    dagster_ui_base_url: str = "http://localhost:3000"
-    alert_max_attempts: int = 8
-
-    @property
-    def public_media_dir(self) -> Path:
-        return self.media_public_dir or self.home / "public_media"
-
-    @classmethod
-    def from_env(cls) -> "Settings":
-        home, artifact_store = parse_home(_env("PERSONA_HOME", "./.persona_home"), _env("PERSONA_CACHE_DIR", ""))
-        database_url = _env("PERSONA_DATABASE_URL", f"sqlite:///{home / 'persona.db'}")
-        try:
-            candidates = int(_env("PERSONA_CANDIDATES_PER_RUN", "4"))
-        except ValueError as exc:
-            raise ValueError(f"PERSONA_CANDIDATES_PER_RUN must be an integer: {exc}") from None
-        if not 2 <= candidates <= 64:
-            raise ValueError(f"PERSONA_CANDIDATES_PER_RUN={candidates} is out of range 2..64")
-        backend = _env("PERSONA_GENERATION_BACKEND", "diffusers")
-        if backend not in {"diffusers", "comfyui"}:
-            raise ValueError(f"PERSONA_GENERATION_BACKEND={backend!r} must be `diffusers` or `comfyui`")
-        in_flight = _number("COMFYUI_MAX_IN_FLIGHT", "2", int, 1, 64)
-        publisher = _env("PERSONA_PUBLISHER", "outbox")
-        if publisher not in {"outbox", "instagram"}:
-            raise ValueError(f"PERSONA_PUBLISHER={publisher!r} must be `outbox` or `instagram`")
-        timeout = _number("COMFYUI_JOB_TIMEOUT_S", "600", float, 1, 24 * 3600)
-        return cls(
-            home=home,
-            database_url=database_url,
-            artifact_store=artifact_store,
-            s3_endpoint_url=_endpoint_url(_env("PERSONA_S3_ENDPOINT_URL", "")),
-            datasets_dir=Path(_env("PERSONA_DATASETS_DIR", "./datasets")).expanduser().resolve(),
-            base_model=_env("PERSONA_BASE_MODEL", "tiny"),
-            clip_model=_env("PERSONA_CLIP_MODEL", "tiny"),
-            clip_pretrained=_env("PERSONA_CLIP_PRETRAINED", ""),
-            gemini_model=_env("PERSONA_GEMINI_MODEL", "gemini-2.5-flash"),
-            gemini_base_url=_env("GEMINI_BASE_URL", ""),
-            device=_env("PERSONA_DEVICE", "cpu"),
-            candidates_per_run=candidates,
-            auto_review=_env("PERSONA_AUTO_REVIEW", "0").lower() in {"1", "true", "yes", "on"},
-            publish_cron=_env("PERSONA_PUBLISH_CRON", "*/5 * * * *"),
-            generation_backend=backend,
-            controlnet_model=_env("PERSONA_CONTROLNET_MODEL", "tiny"),
-            generation_batch_size=_number("PERSONA_GENERATION_BATCH_SIZE", "4", int, 1, 64),
-            workflows_dir=Path(_env("PERSONA_WORKFLOWS_DIR", str(REPO_WORKFLOWS))).expanduser().resolve(),
-            comfyui_urls=_env("COMFYUI_URLS", ""),
-            comfyui_checkpoint=_env("COMFYUI_CHECKPOINT", "v1-5-pruned-emaonly.safetensors"),
-            comfyui_lora_prefix=_env("COMFYUI_LORA_PREFIX", "persona-pipeline").strip("/"),
-            comfyui_max_in_flight=in_flight,
-            comfyui_job_timeout_s=timeout,
-            review_tokens=_env("REVIEW_TOKENS", ""),
-            review_secret_key=_env("REVIEW_SECRET_KEY", ""),
-            review_host=_env("REVIEW_HOST", "127.0.0.1"),
-            review_port=_number("REVIEW_PORT", "8090", int, 1, 65535),
-            review_max_body_bytes=_number("REVIEW_MAX_BODY_BYTES", "1000000", int, 1024, 1 << 30),
-            review_exploration=_number("REVIEW_EXPLORATION", "0.1", float, 0, 1),
-            review_https_only=_env("REVIEW_HTTPS_ONLY", "0").lower() in {"1", "true", "yes", "on"},
-            publisher=publisher,
-            instagram_graph_url=_env("INSTAGRAM_GRAPH_URL", "https://graph.facebook.com/v23.0").rstrip("/"),
-            media_public_base_url=_env("MEDIA_PUBLIC_BASE_URL", "").rstrip("/"),
-            media_public_dir=Path(_env("MEDIA_PUBLIC_DIR", str(home / "public_media"))).expanduser().resolve(),
-            publish_workers=_number("PERSONA_PUBLISH_WORKERS", "32", int, 1, 256),
-            publish_max_retries=_number("PERSONA_PUBLISH_MAX_RETRIES", "3", int, 0, 20),
-            instagram_poll_timeout_s=_number("INSTAGRAM_POLL_TIMEOUT_S", "120", float, 1, 24 * 3600),
-            instagram_token_warn_days=_number("INSTAGRAM_TOKEN_WARN_DAYS", "7", int, 0, 365),
-            freshness_days=_number("PERSONA_FRESHNESS_DAYS", "3", float, 0, 365),
-            alert_webhook_url=_env("ALERT_WEBHOOK_URL", ""),
-            dagster_ui_base_url=_env("DAGSTER_UI_BASE_URL", "http://localhost:3000").rstrip("/"),
-            alert_max_attempts=_number("ALERT_MAX_ATTEMPTS", "8", int, 1, 100),
-        )
-
-    def reviewer_tokens(self) -> dict[str, str]:
-        """REVIEW_TOKENS as token → reviewer name. Errors name the entry, never the token."""
-        return parse_reviewer_tokens(self.review_tokens)
-
-
-MIN_TOKEN_CHARS = 16
-
-
 def parse_reviewer_tokens(raw: str) -> dict[str, str]:
     tokens: dict[str, str] = {}
     for position, entry in enumerate(filter(None, (e.strip() for e in raw.split(","))), start=1):
@@ -248,13 +408,48 @@ def parse_reviewer_tokens(raw: str) -> dict[str, str]:
     return tokens
 
 
-def _number(name: str, default: str, kind: type, low: float, high: float):
-    """An integer or float setting within [low, high]; the error names the variable and value."""
-    raw = _env(name, default)
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a{'n integer' if kind is int else ' number'}") from None
-    if not low <= value <= high:
-        raise ValueError(f"{name}={value} is out of range {low:g}..{high:g}")
-    return value
+# --- the table: `persona-pipeline settings` and docs/settings.md ------------------------------------------
+
+MARKDOWN_INTRO = """# Settings
+
+<!-- Generated from the declarations in persona_pipeline/settings.py: edit those, then run
+     `persona-pipeline settings --markdown > docs/settings.md`. A test compares the two. -->
+
+Every setting is an environment variable; every default runs the embedded quickstart (SQLite, tiny local
+models, the dry-run outbox publisher, no network). `persona-pipeline settings` prints this table with the
+values set in the current environment (secrets only as "set").
+
+A value that comes from the environment reaches the Dagster resources as `dg.EnvVar("NAME")`, so the
+Dagster UI shows the variable's name, never its value. Dagster's `EnvVar` carries text and integers only:
+numbers with a fraction, flags and folders (made absolute on load) are passed as values, and so is text the
+loader tidied (a trailing `/` dropped, spaces around it). Secrets always go as `EnvVar`.
+"""
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def settings_markdown() -> str:
+    """docs/settings.md: the declarations as a Markdown table."""
+    lines = [MARKDOWN_INTRO, "| variable | type | default | secret | meaning |", "| --- | --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        default = f"`{s.default}`" if s.default else "(empty)"
+        lines.append(f"| `{s.env}` | {_cell(s.type)} | {_cell(default)} | {'yes' if s.secret else ''} | {_cell(s.help)} |")
+    lines += ["", "## Read by others", "", "| variable | meaning |", "| --- | --- |"]
+    lines += [f"| {name} | {_cell(meaning)} |" for name, meaning in OTHER_VARIABLES]
+    return "\n".join(lines) + "\n"
+
+
+def settings_table(environ: Mapping[str, str] = os.environ) -> str:
+    """The declarations as a plain-text table, with what the environment sets now (a secret's value never)."""
+    def now(s: Setting) -> str:
+        value = environ.get(s.env, "").strip()
+        return "" if not value else "set" if s.secret else value
+
+    header = ("variable", "type", "default", "secret", "set to", "meaning")
+    rows = [header] + [(s.env, s.type.replace("`", ""), s.default, "yes" if s.secret else "", now(s), s.help.replace("`", ""))
+                       for s in SETTINGS]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+                     for row in rows) + "\n"

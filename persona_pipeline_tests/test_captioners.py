@@ -199,9 +199,11 @@ def test_definitions_pass_the_key_as_an_env_var(monkeypatch, tmp_path):
     monkeypatch.setenv("GEMINI_BASE_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("PERSONA_GEMINI_MODEL", "gemini-x")
     resource = build_resources(Settings.from_env())["gemini"]
-    assert isinstance(resource.api_key, dg.EnvVar) and resource.model == "gemini-x"
-    assert resource.base_url == "http://127.0.0.1:9"
+    assert [getattr(resource, name).env_var_name for name in ("api_key", "model", "base_url")] == [
+        "GEMINI_API_KEY", "PERSONA_GEMINI_MODEL", "GEMINI_BASE_URL"]
     assert "secret-key" not in repr(resource)
+    with dg.build_resources({"gemini": resource}) as built:  # what a run reads
+        assert (built.gemini.api_key, built.gemini.model, built.gemini.base_url) == ("secret-key", "gemini-x", "http://127.0.0.1:9")
 
     monkeypatch.delenv("GEMINI_API_KEY")
     assert build_resources(Settings.from_env())["gemini"].api_key == ""

@@ -86,7 +86,7 @@ def test_an_unreachable_database_is_named_without_its_password(empty_home, monke
 def test_bad_settings_and_arguments_are_one_line(empty_home, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("PERSONA_CANDIDATES_PER_RUN", "many")
     assert cli.main(["trace", "1"]) == 2
-    assert "PERSONA_CANDIDATES_PER_RUN must be an integer" in _one_error_line(capsys)
+    assert "PERSONA_CANDIDATES_PER_RUN='many' is not an integer" in _one_error_line(capsys)
     monkeypatch.delenv("PERSONA_CANDIDATES_PER_RUN")
     assert cli.main(["schedules", "--now", "tomorrow"]) == 2
     assert "--now 'tomorrow' is not an ISO date-time" in _one_error_line(capsys)

@@ -39,6 +39,7 @@ def test_module_level_defs_use_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("PERSONA_HOME", str(tmp_path / "h"))
     monkeypatch.setenv("PERSONA_DATABASE_URL", f"sqlite:///{tmp_path / 'x.db'}")
     monkeypatch.setenv("PERSONA_PUBLISH_CRON", "0 * * * *")
+    monkeypatch.delenv("ALERT_WEBHOOK_URL", raising=False)
     defs = build_definitions()
     assert defs.resolve_schedule_def("publish_due_posts_schedule").cron_schedule == "0 * * * *"
     database = defs.resources["database"]
@@ -49,6 +50,7 @@ def test_module_level_defs_use_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("PERSONA_FRESHNESS_DAYS", "5")
     defs = build_definitions()
     assert isinstance(defs.resources["alerts"].url, dg.EnvVar)  # a webhook URL is a secret too
+    # Tidied on load (the trailing / dropped), so passed as the tidy value; a fraction, as a value.
     assert defs.resources["alerts"].ui_base_url == "https://dagster.example.com"
     assert defs.resources["freshness"].min_days_ahead == 5
 
@@ -64,23 +66,118 @@ def test_the_publisher_setting_picks_outbox_or_instagram(monkeypatch, tmp_path):
     monkeypatch.setenv("INSTAGRAM_GRAPH_URL", "http://127.0.0.1:9/v23.0")
     monkeypatch.setenv("PERSONA_PUBLISH_WORKERS", "8")
     publisher = build_definitions().resources["publisher"]
-    assert type(publisher).__name__ == "InstagramPublisher" and publisher.workers == 8
-    assert publisher.graph.base_url == "http://127.0.0.1:9/v23.0"
-    assert publisher.media_public_base_url == "https://cdn.example.com/media"
+    assert type(publisher).__name__ == "InstagramPublisher"
+    assert publisher.graph.base_url.env_var_name == "INSTAGRAM_GRAPH_URL"  # as given: passed as the variable
+    assert publisher.media_public_base_url == "https://cdn.example.com/media"  # tidied: passed as the value
     assert publisher.media_public_dir == str((tmp_path / "h" / "public_media").resolve())
+    with dg.build_resources({"publisher": publisher}) as built:  # what a run gets
+        assert built.publisher.workers == 8 and built.publisher.graph.base_url == "http://127.0.0.1:9/v23.0"
     monkeypatch.setenv("PERSONA_PUBLISHER", "facebook")
     with pytest.raises(ValueError, match="PERSONA_PUBLISHER='facebook'"):
         build_definitions()
 
 
-def test_docs_name_every_setting_and_readme_starts_with_the_two_commands():
-    from persona_pipeline.settings import SETTINGS
+def test_readme_starts_with_the_two_commands():
+    """The settings table lives in docs/settings.md, generated and checked by test_settings.py."""
     from persona_pipeline_tests.conftest import REPO
 
     readme = (REPO / "README.md").read_text()
-    docs = readme + "".join(path.read_text() for path in sorted((REPO / "docs").glob("*.md")))
-    for setting in SETTINGS:
-        assert f"`{setting.env}`" in docs, setting.env
     demo_at, test_at = readme.index("<!-- demo-command -->"), readme.index("<!-- test-command -->")
     assert demo_at < test_at < readme.index("## What it is")
     assert "persona-pipeline demo" in readme[demo_at:test_at] and "pytest" in readme[test_at:test_at + 300]
+
+
+# Every resource field the environment feeds, and its variable. A setting that is not here reaches no
+# resource as a variable: a folder (made absolute), a number with a fraction or a flag (Dagster's EnvVar
+# carries text and integers only), or a setting that no resource reads.
+FED_BY_ENVIRONMENT = {
+    ("database", "url"): "PERSONA_DATABASE_URL",
+    ("storage", "s3_endpoint_url"): "PERSONA_S3_ENDPOINT_URL",
+    ("diffusion", "base_model"): "PERSONA_BASE_MODEL",
+    ("diffusion", "device"): "PERSONA_DEVICE",
+    ("diffusion", "candidates_per_run"): "PERSONA_CANDIDATES_PER_RUN",
+    ("diffusion", "controlnet_model"): "PERSONA_CONTROLNET_MODEL",
+    ("diffusion", "batch_size"): "PERSONA_GENERATION_BATCH_SIZE",
+    ("comfyui", "urls"): "COMFYUI_URLS",
+    ("comfyui", "max_in_flight_per_server"): "COMFYUI_MAX_IN_FLIGHT",
+    ("generation", "backend"): "PERSONA_GENERATION_BACKEND",
+    ("generation", "comfyui_checkpoint"): "COMFYUI_CHECKPOINT",
+    ("generation", "comfyui_lora_prefix"): "COMFYUI_LORA_PREFIX",
+    ("clip", "model_name"): "PERSONA_CLIP_MODEL",
+    ("clip", "pretrained"): "PERSONA_CLIP_PRETRAINED",
+    ("clip", "device"): "PERSONA_DEVICE",
+    ("gemini", "api_key"): "GEMINI_API_KEY",
+    ("gemini", "model"): "PERSONA_GEMINI_MODEL",
+    ("gemini", "base_url"): "GEMINI_BASE_URL",
+    ("publisher", "workers"): "PERSONA_PUBLISH_WORKERS",
+    ("publisher", "max_retries"): "PERSONA_PUBLISH_MAX_RETRIES",
+    ("publisher", "media_public_base_url"): "MEDIA_PUBLIC_BASE_URL",
+    ("publisher", "token_warn_days"): "INSTAGRAM_TOKEN_WARN_DAYS",
+    ("publisher.graph", "base_url"): "INSTAGRAM_GRAPH_URL",
+    ("alerts", "url"): "ALERT_WEBHOOK_URL",
+    ("alerts", "ui_base_url"): "DAGSTER_UI_BASE_URL",
+    ("alerts", "max_attempts"): "ALERT_MAX_ATTEMPTS",
+}
+
+
+def _environment_fields(resources: dict) -> dict[tuple[str, str], str]:
+    """(resource, field) -> variable, for every field (nested resources too) that holds an EnvVar."""
+    from dagster._config.field_utils import IntEnvVar
+
+    found = {}
+    for key, resource in resources.items():
+        for name in type(resource).model_fields:
+            value = getattr(resource, name)
+            if isinstance(value, dg.ConfigurableResource):
+                found.update(_environment_fields({f"{key}.{name}": value}))
+            elif isinstance(value, (dg.EnvVar, IntEnvVar)):
+                found[(key, name)] = value.env_var_name
+    return found
+
+
+def test_every_value_from_the_environment_reaches_the_resources_as_its_variable(monkeypatch, tmp_path):
+    """With every setting a resource reads set, the Definitions hold each as `EnvVar` (the UI shows the
+    name), none of the values appears in what the UI is sent, and a run still reads the values."""
+    from dagster._core.remote_representation.external_data import RepositorySnap
+    from dagster._serdes import serialize_value
+
+    from persona_pipeline.settings import SETTINGS
+
+    for setting in SETTINGS:
+        monkeypatch.delenv(setting.env, raising=False)
+    monkeypatch.setenv("PERSONA_HOME", str(tmp_path / "h"))
+    assert _environment_fields(build_definitions().resources) == {}  # nothing set: the defaults, as values
+
+    distinctive = {  # text no default or other field holds: found in the snapshot only if it leaked
+        "PERSONA_DATABASE_URL": f"sqlite:///{tmp_path / 'db-password-in-url-5e1f.db'}",
+        "PERSONA_S3_ENDPOINT_URL": "http://s3-endpoint-5e1f:9000",
+        "PERSONA_BASE_MODEL": "base-model-5e1f", "PERSONA_CONTROLNET_MODEL": "controlnet-5e1f",
+        "COMFYUI_URLS": "http://gpu-5e1f:8188", "COMFYUI_CHECKPOINT": "checkpoint-5e1f.safetensors",
+        "COMFYUI_LORA_PREFIX": "lora-prefix-5e1f", "PERSONA_CLIP_MODEL": "clip-5e1f",
+        "PERSONA_CLIP_PRETRAINED": "clip-weights-5e1f", "GEMINI_API_KEY": "gemini-secret-key-5e1f",
+        "PERSONA_GEMINI_MODEL": "gemini-model-5e1f", "GEMINI_BASE_URL": "http://gemini-5e1f:1",
+        "MEDIA_PUBLIC_BASE_URL": "https://media-5e1f.example.com", "INSTAGRAM_GRAPH_URL": "http://graph-5e1f:1/v23.0",
+        "ALERT_WEBHOOK_URL": "https://hooks.example.com/services/webhook-secret-5e1f",
+        "DAGSTER_UI_BASE_URL": "https://dagster-5e1f.example.com",
+    }
+    plain = {"PERSONA_DEVICE": "cpu", "PERSONA_CANDIDATES_PER_RUN": "7", "PERSONA_GENERATION_BATCH_SIZE": "3",
+             "COMFYUI_MAX_IN_FLIGHT": "5", "PERSONA_GENERATION_BACKEND": "comfyui", "PERSONA_PUBLISH_WORKERS": "9",
+             "PERSONA_PUBLISH_MAX_RETRIES": "2", "INSTAGRAM_TOKEN_WARN_DAYS": "11", "ALERT_MAX_ATTEMPTS": "6",
+             "PERSONA_PUBLISHER": "instagram"}
+    for name, value in {**distinctive, **plain}.items():
+        monkeypatch.setenv(name, value)
+    defs = build_definitions()
+    assert _environment_fields(defs.resources) == FED_BY_ENVIRONMENT
+
+    snapshot = RepositorySnap.from_def(defs.get_repository_def())
+    sent = serialize_value(snapshot)
+    assert [name for name, value in distinctive.items() if value in sent] == []
+    assert set(snapshot.utilized_env_vars) == set(FED_BY_ENVIRONMENT.values())
+
+    expected = {**distinctive, **plain}
+    for (key, name), variable in FED_BY_ENVIRONMENT.items():  # what a run reads: the values, typed
+        owner, _, nested = key.partition(".")
+        with dg.build_resources({owner: defs.resources[owner]}) as built:
+            resource = getattr(getattr(built, owner), nested) if nested else getattr(built, owner)
+            value = getattr(resource, name)
+            assert str(value) == expected[variable], (key, name)

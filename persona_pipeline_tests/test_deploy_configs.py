@@ -666,9 +666,9 @@ def test_comfyui_example_env_loads_as_settings(monkeypatch):
     env = env_file(COMFY / "comfyui.env.example")
     assert set(env) <= allowed_env_names()
     settings = settings_from(monkeypatch, env)
-    resources = build_resources(settings)
-    assert len(resources["comfyui"].server_urls()) == 3
-    assert resources["comfyui"].max_in_flight_per_server == settings.comfyui_max_in_flight == 2
+    with dg.build_resources({"comfyui": build_resources(settings)["comfyui"]}) as built:  # as a run reads it
+        assert len(built.comfyui.server_urls()) == 3
+        assert built.comfyui.max_in_flight_per_server == settings.comfyui_max_in_flight == 2
     monkeypatch.setenv("COMFYUI_MAX_IN_FLIGHT", "two")
     with pytest.raises(ValueError, match="COMFYUI_MAX_IN_FLIGHT"):
         Settings.from_env()

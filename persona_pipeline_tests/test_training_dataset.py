@@ -358,15 +358,15 @@ def test_image_quality_names_the_blurry_dark_photo(flawed):
 
 @pytest.fixture
 def gemini(monkeypatch):
-    """The fake Gemini server, the key in the environment, and backoff waits recorded, not slept."""
+    """The fake Gemini server (its key goes in the settings: gemini_settings), and backoff waits
+    recorded, not slept."""
     monkeypatch.setattr(gemini_module, "sleep", lambda seconds: None)
-    monkeypatch.setenv("GEMINI_API_KEY", "fake-key")
     with FakeGemini(api_key="fake-key") as server:
         yield server
 
 
 def gemini_settings(tmp_path, url, server):
-    return make_settings(tmp_path, url, gemini_base_url=server.url, gemini_model="gemini-test-model")
+    return make_settings(tmp_path, url, gemini_base_url=server.url, gemini_model="gemini-test-model", gemini_api_key="fake-key")
 
 
 def requested_photos(server, settings) -> list[str]:
