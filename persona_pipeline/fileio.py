@@ -28,31 +28,15 @@ def _naming(exc: BaseException, path: Path) -> BaseException:
     return exc
 
 
-def atomic_write(path: Path, data: bytes) -> str:
-    """Write via a temp file + rename in the same folder; returns the sha256 of `data`.
-    A crash or a full disk leaves the old file (or nothing), never a truncated one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        named = _naming(exc, path)
-        if named is exc:
-            raise
-        raise named from exc
-    return hashlib.sha256(data).hexdigest()
-
-
 def write_via_temp(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a temp name beside `path`, then rename: for writers that want a file name
-    (safetensors, torch.save). A failure removes the temp file and names `path`."""
+    """`write(tmp)` to a hidden temp name beside `path`, then rename: a crash or a full disk leaves
+    the old file (or nothing), never a truncated one. A failure removes the temp file and names
+    `path`. For writers that want a file name (safetensors, torch.save) and for the helpers below."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    tmp.unlink()  # a unique name; the writer creates the file with the usual permissions
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -62,6 +46,18 @@ def write_via_temp(path: Path, write: Callable[[Path], None]) -> None:
         if named is exc:
             raise
         raise named from exc
+
+
+def atomic_write(path: Path, data: bytes) -> str:
+    """Write `data` durably (fsync) via a temp file + rename; returns the sha256 of `data`."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    write_via_temp(path, write)
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: Path, *, follow_links: bool = True) -> str:
@@ -77,22 +73,15 @@ def atomic_copy(source: Path, target: Path, sha256: str | None = None, *, follow
     """Copy in blocks via a temp file + fsync + rename (a LoRA can be hundreds of MB, so it is not
     read into memory); with `sha256`, check the copy before it takes the final name.
     `follow_links=False`: a source that is a link is refused, not copied (open_regular)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix="." + target.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, (open(source, "rb") if follow_links else open_regular(source)) as src:
+    def copy(tmp: Path) -> None:
+        with open(tmp, "wb") as out, (open(source, "rb") if follow_links else open_regular(source)) as src:
             shutil.copyfileobj(src, out, 1 << 20)
             out.flush()
             os.fsync(out.fileno())
-        if sha256 and sha256_file(Path(tmp)) != sha256:
+        if sha256 and sha256_file(tmp) != sha256:
             raise OSError(f"copy of {source.name} to {target.parent} does not match its sha256")
-        os.replace(tmp, target)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        named = _naming(exc, target)
-        if named is exc:
-            raise
-        raise named from exc
+
+    write_via_temp(target, copy)
 
 
 # --------------------------------------------------------------------------- folders a user fills
