@@ -172,6 +172,7 @@ def test_webhook_down_the_sensor_returns_quickly_and_the_alert_goes_out_later_on
     assert (alert.status, alert.attempts, alert.last_error) == ("sent", 2, None)
 
 
+@pytest.mark.slow
 def test_a_stalled_webhook_costs_one_timeout_per_alert_within_the_budget(db_url, hook):
     now = datetime.now(timezone.utc)
     _enqueue(db_url, 12, now)

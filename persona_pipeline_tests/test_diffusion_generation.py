@@ -152,6 +152,7 @@ def test_a_changed_lora_file_is_reloaded_and_its_old_manifest_refused(backend, f
         backend.reproduce({k: v for k, v in manifest.items() if k not in ("steps", "cfg")})
 
 
+@pytest.mark.slow
 def test_a_lora_that_does_not_fit_the_model_fails_before_any_image(backend, files, tmp_path):
     from safetensors.torch import save_file
 

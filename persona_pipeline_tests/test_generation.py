@@ -110,6 +110,7 @@ def test_comfyui_runs_two_steps_with_provenance_and_lora_injection(tmp_path, db_
     assert stats["max_queue_depth"] >= 2  # jobs of both runs were in flight together
 
 
+@pytest.mark.slow
 def test_a_run_waiting_for_approval_does_not_hold_up_another(tmp_path, db_url):
     with FakeComfyUI(job_time_s=0.01, loras=[lora_name("tester")], checkpoints=["tiny.safetensors"]) as server:
         settings, folder = comfy_persona(tmp_path, db_url, server, auto_review=False)
@@ -367,6 +368,7 @@ def test_content_plan_stores_prompts_from_gaps(tmp_path, backend):
         cleanup()
 
 
+@pytest.mark.slow
 def test_diffusers_backend_runs_the_tree_and_a_manifest_reproduces_its_pixels(tmp_path, db_url):
     import numpy as np
     from PIL import Image

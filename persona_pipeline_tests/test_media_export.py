@@ -122,6 +122,7 @@ def noise_png(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_large_noise_at_full_size_fits_in_8_mib(noise_png):
     data = export_post_jpeg(noise_png, max_side=6000)
     image = _open(data)

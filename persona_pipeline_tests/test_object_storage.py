@@ -289,6 +289,7 @@ def test_s3_down_fails_clearly_keeps_the_files_and_a_later_push_uploads_them(s3,
 # --------------------------------------------------------------------------- the chain on S3
 
 
+@pytest.mark.slow
 def test_chain_on_s3_survives_losing_the_local_cache(s3, tmp_path, monkeypatch, figure):
     url, drop = make_database("postgresql", tmp_path)
     try:

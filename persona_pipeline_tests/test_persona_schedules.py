@@ -245,6 +245,7 @@ def test_an_unknown_timezone_skips_that_persona_with_an_error_naming_the_field(e
         load_persona(bad)
 
 
+@pytest.mark.slow
 def test_spring_forward_night_a_2_30_schedule_runs_exactly_once(env):
     write_persona(env.datasets, "nyc", photos=0, timezone="America/New_York", schedules={"planning": "30 2 * * *"})
     env.add_partitions("nyc")
@@ -255,6 +256,7 @@ def test_spring_forward_night_a_2_30_schedule_runs_exactly_once(env):
     assert requests[0].tags["persona-pipeline/fire-time"] == "2026-03-08T03:00:00-04:00"
 
 
+@pytest.mark.slow
 def test_fall_back_night_a_1_30_schedule_runs_exactly_once(env):
     write_persona(env.datasets, "nyc", photos=0, timezone="America/New_York", schedules={"planning": "30 1 * * *"})
     env.add_partitions("nyc")
