@@ -289,16 +289,23 @@ def test_s3_down_fails_clearly_keeps_the_files_and_a_later_push_uploads_them(s3,
 # --------------------------------------------------------------------------- the chain on S3
 
 
+def _studio_on_s3(s3, tmp_path, monkeypatch, url: str, **more: str):
+    """Settings whose PERSONA_HOME is a fresh bucket, cached under tmp_path/cache, with a datasets
+    folder: (settings, bucket, cache)."""
+    bucket, cache = s3.new_bucket(), tmp_path / "cache"
+    (tmp_path / "datasets").mkdir()
+    settings = settings_from_env(monkeypatch, {
+        "PERSONA_HOME": f"s3://{bucket}/studio", "PERSONA_CACHE_DIR": str(cache), "PERSONA_S3_ENDPOINT_URL": s3.endpoint,
+        "PERSONA_DATABASE_URL": url, "PERSONA_DATASETS_DIR": str(tmp_path / "datasets"), **more})
+    return settings, bucket, cache
+
+
 @pytest.mark.slow
 def test_chain_on_s3_survives_losing_the_local_cache(s3, tmp_path, monkeypatch, figure):
     url, drop = make_database("postgresql", tmp_path)
     try:
-        bucket, cache = s3.new_bucket(), tmp_path / "cache"
-        (tmp_path / "datasets").mkdir()
-        settings = settings_from_env(monkeypatch, {
-            "PERSONA_HOME": f"s3://{bucket}/studio", "PERSONA_CACHE_DIR": str(cache), "PERSONA_S3_ENDPOINT_URL": s3.endpoint,
-            "PERSONA_DATABASE_URL": url, "PERSONA_DATASETS_DIR": str(tmp_path / "datasets"),
-            "PERSONA_CANDIDATES_PER_RUN": "2", "PERSONA_AUTO_REVIEW": "1"})
+        settings, bucket, cache = _studio_on_s3(s3, tmp_path, monkeypatch, url,
+                                                PERSONA_CANDIDATES_PER_RUN="2", PERSONA_AUTO_REVIEW="1")
         assert settings.home == cache and settings.artifact_store == f"s3://{bucket}/studio"
         # The smallest persona the chain accepts: 10 photos, one 2-step checkpoint, one prompt of 2 images.
         folder = write_persona(settings.datasets_dir, "tester", photos=10, generation={"prompts_per_plan": 1},
@@ -470,11 +477,7 @@ def test_a_failed_upload_at_the_end_of_an_asset_fails_the_step_and_keeps_the_fil
     pending list, and a push once the bucket is back uploads them."""
     url, drop = make_database("postgresql", tmp_path)
     try:
-        bucket, cache = s3.new_bucket(), tmp_path / "cache"
-        (tmp_path / "datasets").mkdir()
-        settings = settings_from_env(monkeypatch, {
-            "PERSONA_HOME": f"s3://{bucket}/studio", "PERSONA_CACHE_DIR": str(cache), "PERSONA_S3_ENDPOINT_URL": s3.endpoint,
-            "PERSONA_DATABASE_URL": url, "PERSONA_DATASETS_DIR": str(tmp_path / "datasets")})
+        settings, bucket, cache = _studio_on_s3(s3, tmp_path, monkeypatch, url)
         folder = write_persona(settings.datasets_dir, "tester", photos=3)
         original_setup = PersonaStorage.setup_for_execution
         removed = []

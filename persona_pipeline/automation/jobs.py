@@ -19,86 +19,83 @@ PHOTO_SET_ASSETS = ["source_photos", "training_dataset", "lora_model"]
 CHAIN_ASSETS = ["source_photos", "training_dataset", "lora_model", "content_plan", "candidates", "rankings",
                 "content_library", "clusters", "pillar_gaps", "scheduled_posts", "post_calendar"]
 
-persona_chain_job = dg.define_asset_job(
+def _persona_job(name: str, assets: list[str], *, description: str, tags: dict | None = None,
+                 config: dict | None = None):
+    """A job over some of a persona's assets, partitioned by persona."""
+    return dg.define_asset_job(name, selection=dg.AssetSelection.assets(*assets), partitions_def=persona_partitions,
+                               tags=tags, config=config, description=description)
+
+
+persona_chain_job = _persona_job(
     "persona_chain",
-    selection=dg.AssetSelection.assets(*CHAIN_ASSETS),
-    partitions_def=persona_partitions,
+    CHAIN_ASSETS,
     tags={**TRAINING_TAGS, **GENERATION_TAGS},
     description="The whole chain for one persona: photos → dataset → LoRA → prompts → candidates → rankings → library → clusters → gaps → posts.",
 )
 
-photo_set_job = dg.define_asset_job(
+photo_set_job = _persona_job(
     "photo_set",
-    selection=dg.AssetSelection.assets(*PHOTO_SET_ASSETS),
-    partitions_def=persona_partitions,
+    PHOTO_SET_ASSETS,
     tags=TRAINING_TAGS,
     description="A new or changed photo set: ingest the photos, build the captioned dataset, train the LoRA. "
                 "The persona sensor starts it when a persona folder's photo set changes.",
 )
 
-generation_job = dg.define_asset_job(
+generation_job = _persona_job(
     "generation",
-    selection=dg.AssetSelection.assets("content_plan", "candidates", "rankings"),
-    partitions_def=persona_partitions,
+    ["content_plan", "candidates", "rankings"],
     tags=GENERATION_TAGS,
     description="Plan prompts from the pillar gaps, start runs for them and move every open run along its steps.",
 )
 
-advance_runs_job = dg.define_asset_job(
+advance_runs_job = _persona_job(
     "advance_runs",
-    selection=dg.AssetSelection.assets("candidates", "rankings"),
-    partitions_def=persona_partitions,
+    ["candidates", "rankings"],
     config={"ops": {"candidates": {"config": {"start_runs": False}}}},
     tags=GENERATION_TAGS,
     description="Move open runs along (next steps after approvals, replacements after kills) without starting new ones.",
 )
 
-lora_training_job = dg.define_asset_job(
+lora_training_job = _persona_job(
     "lora_training",
-    selection=dg.AssetSelection.assets("lora_model"),
-    partitions_def=persona_partitions,
+    ["lora_model"],
     tags=TRAINING_TAGS,
+    description="Train the persona's LoRA again from its current dataset (one training run per GPU).",
 )
 
-rankings_job = dg.define_asset_job(
+rankings_job = _persona_job(
     "rankings_refresh",
-    selection=dg.AssetSelection.assets("rankings"),
-    partitions_def=persona_partitions,
+    ["rankings"],
     description="Refit the Bradley–Terry rankings (and Elo) from the votes; the review sensor starts it after voting.",
 )
 
-library_job = dg.define_asset_job(
+library_job = _persona_job(
     "library",
-    selection=dg.AssetSelection.assets("content_library", "clusters", "pillar_gaps", "scheduled_posts", "post_calendar"),
-    partitions_def=persona_partitions,
+    ["content_library", "clusters", "pillar_gaps", "scheduled_posts", "post_calendar"],
     description="Add new winners to the content library, cluster it, refresh the pillar gaps and plan posts from it.",
 )
 
-post_calendar_job = dg.define_asset_job(
+post_calendar_job = _persona_job(
     "post_calendar_refresh",
-    selection=dg.AssetSelection.assets("post_calendar"),
-    partitions_def=persona_partitions,
+    ["post_calendar"],
     description="Re-check and show the persona's posting calendar after a post is approved, moved or rejected.",
 )
 
-content_planning_job = dg.define_asset_job(
+content_planning_job = _persona_job(
     "content_planning",
-    selection=dg.AssetSelection.assets("content_plan"),
-    partitions_def=persona_partitions,
+    ["content_plan"],
     description="Plan the next prompts: pillars in proportion to their weights where the gaps are, themes in rotation.",
 )
 
-generation_runs_job = dg.define_asset_job(
+generation_runs_job = _persona_job(
     "generation_runs",
-    selection=dg.AssetSelection.assets("candidates", "rankings"),
-    partitions_def=persona_partitions,
+    ["candidates", "rankings"],
     tags=GENERATION_TAGS,
     description="Start a generation run for every planned prompt and move the open runs along.",
 )
 
-weekly_report_job = dg.define_asset_job(
+weekly_report_job = _persona_job(
     "weekly_reporting",  # not "weekly_report": a job may not share its name with the asset's op
-    selection=dg.AssetSelection.assets("weekly_report"),
-    partitions_def=persona_partitions,
+    ["weekly_report"],
     description="The persona's week: posts, votes, winners, gaps, LoRA and failures.",
 )

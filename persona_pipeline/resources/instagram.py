@@ -34,7 +34,7 @@ import json
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from datetime import datetime, timezone
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any
@@ -58,6 +58,7 @@ CONTAINER_STATUSES = ("IN_PROGRESS", "FINISHED", "ERROR", "EXPIRED", "PUBLISHED"
 _SECRET_PARAM_RE = re.compile(r"((?:access_token|input_token)=)[^&\s'\"]+")
 
 
+@dataclass(eq=False)
 class GraphError(RuntimeError):
     """A Graph API call that failed for good (after retries where retrying made sense).
 
@@ -68,20 +69,19 @@ class GraphError(RuntimeError):
     the failure (e.g. "PUBLISHED" after a publish whose answer was lost). str() never holds a token.
     """
 
-    def __init__(self, kind: str, message: str, *, call: str = "", code: int | None = None,
-                 subcode: int | None = None, http_status: int | None = None, is_transient: bool = False,
-                 retry_after_s: float | None = None, container_status: str | None = None,
-                 attempts: int = 1) -> None:
-        self.kind = kind
-        self.message = message
-        self.call = call
-        self.code = code
-        self.subcode = subcode
-        self.http_status = http_status
-        self.is_transient = is_transient
-        self.retry_after_s = retry_after_s
-        self.container_status = container_status
-        self.attempts = attempts
+    kind: str
+    message: str
+    _: KW_ONLY
+    call: str = ""
+    code: int | None = None
+    subcode: int | None = None
+    http_status: int | None = None
+    is_transient: bool = False
+    retry_after_s: float | None = None
+    container_status: str | None = None
+    attempts: int = 1
+
+    def __post_init__(self) -> None:
         super().__init__(self._text())
 
     def _text(self) -> str:
