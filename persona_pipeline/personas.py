@@ -212,22 +212,13 @@ class StepParams(_Strict):
     pose_image: str | None = None  # a pose reference, relative to the persona folder
     controlnet: str | None = None  # the ControlNet model name on the ComfyUI servers
 
-    @field_validator("sampler")
+    @field_validator("sampler", "scheduler")
     @classmethod
-    def _sampler(cls, value: str) -> str:
-        from persona_pipeline.domain.workflows import COMFY_SAMPLERS
+    def _comfy_name(cls, value: str, info) -> str:
+        """The same rule, message and hints as every generation request (domain/generation_params)."""
+        from persona_pipeline.domain.generation_params import COMFY_SAMPLERS, COMFY_SCHEDULERS, check_choice
 
-        if value not in COMFY_SAMPLERS:
-            raise ValueError(f"sampler {value!r} is not a ComfyUI sampler name (e.g. euler, euler_ancestral, dpmpp_2m)")
-        return value
-
-    @field_validator("scheduler")
-    @classmethod
-    def _scheduler(cls, value: str) -> str:
-        from persona_pipeline.domain.workflows import COMFY_SCHEDULERS
-
-        if value not in COMFY_SCHEDULERS:
-            raise ValueError(f"scheduler {value!r} is not a ComfyUI scheduler name ({', '.join(COMFY_SCHEDULERS)})")
+        check_choice(value, info.field_name, COMFY_SAMPLERS if info.field_name == "sampler" else COMFY_SCHEDULERS)
         return value
 
 
