@@ -246,25 +246,22 @@ def test_an_unknown_timezone_skips_that_persona_with_an_error_naming_the_field(e
 
 
 @pytest.mark.slow
-def test_spring_forward_night_a_2_30_schedule_runs_exactly_once(env):
-    write_persona(env.datasets, "nyc", photos=0, timezone="America/New_York", schedules={"planning": "30 2 * * *"})
-    env.add_partitions("nyc")
+@pytest.mark.parametrize("cron, start, end, run_key, fire_time", [
     # 2026-03-08 01:15 EST (06:15Z) to 03:45 EDT (07:45Z): 02:00-02:59 local never happens; a wrong
     # reading of 02:30 would fire at 06:30Z (as EDT) or 07:30Z (as EST), or not at all
-    requests = env.sweep("planning", utc(2026, 3, 8, 6, 15), utc(2026, 3, 8, 7, 45))
-    assert [r.run_key for r in requests] == ["planning:nyc:2026-03-08T07:00:00+00:00"]
-    assert requests[0].tags["persona-pipeline/fire-time"] == "2026-03-08T03:00:00-04:00"
-
-
-@pytest.mark.slow
-def test_fall_back_night_a_1_30_schedule_runs_exactly_once(env):
-    write_persona(env.datasets, "nyc", photos=0, timezone="America/New_York", schedules={"planning": "30 1 * * *"})
-    env.add_partitions("nyc")
+    ("30 2 * * *", utc(2026, 3, 8, 6, 15), utc(2026, 3, 8, 7, 45),
+     "planning:nyc:2026-03-08T07:00:00+00:00", "2026-03-08T03:00:00-04:00"),
     # 2026-11-01 01:15 EDT (05:15Z), then 01:00 EST again (06:00Z), to 01:45 EST (06:45Z): 01:30
     # happens twice, at 05:30Z and 06:30Z
-    requests = env.sweep("planning", utc(2026, 11, 1, 5, 15), utc(2026, 11, 1, 6, 45))
-    assert [r.run_key for r in requests] == ["planning:nyc:2026-11-01T05:30:00+00:00"]
-    assert requests[0].tags["persona-pipeline/fire-time"] == "2026-11-01T01:30:00-04:00"
+    ("30 1 * * *", utc(2026, 11, 1, 5, 15), utc(2026, 11, 1, 6, 45),
+     "planning:nyc:2026-11-01T05:30:00+00:00", "2026-11-01T01:30:00-04:00"),
+], ids=["spring-forward-2_30", "fall-back-1_30"])
+def test_a_schedule_on_a_daylight_saving_night_runs_exactly_once(env, cron, start, end, run_key, fire_time):
+    write_persona(env.datasets, "nyc", photos=0, timezone="America/New_York", schedules={"planning": cron})
+    env.add_partitions("nyc")
+    requests = env.sweep("planning", start, end)
+    assert [r.run_key for r in requests] == [run_key]
+    assert requests[0].tags["persona-pipeline/fire-time"] == fire_time
 
 
 def test_a_persona_without_its_partition_yet_gets_no_request_until_the_sensor_adds_it(env, tmp_path):
