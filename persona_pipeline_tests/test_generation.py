@@ -4,6 +4,7 @@ broken workflows, failures that reject a parent, curation, and recovery after a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -64,6 +65,17 @@ def sync_and_add_lora(settings, folder, tmp_path):
     with session_scope(settings.database_url) as session:
         registry.sync_persona(session, load_persona(folder))
     return add_lora(settings, folder.name, tmp_path)
+
+
+@contextlib.contextmanager
+def one_step_made_on_comfyui(tmp_path, db_url):
+    """A persona with a LoRA whose one-step run has made its images on a fake ComfyUI, no reviewer:
+    (server, settings, folder), the server still up."""
+    with FakeComfyUI(job_time_s=0.01, loras=[lora_name("tester")], checkpoints=["tiny.safetensors"]) as server:
+        settings, folder = comfy_persona(tmp_path, db_url, server, steps=COMFY_STEPS[:1], auto_review=False)
+        sync_and_add_lora(settings, folder, tmp_path)
+        assert materialise(settings, folder).success
+        yield server, settings, folder
 
 
 @pytest.mark.slow
@@ -134,10 +146,7 @@ def test_a_run_waiting_for_approval_does_not_hold_up_another(tmp_path, db_url):
 
 @pytest.mark.slow
 def test_a_killed_candidate_gets_one_replacement(tmp_path, db_url):
-    with FakeComfyUI(job_time_s=0.01, loras=[lora_name("tester")], checkpoints=["tiny.safetensors"]) as server:
-        settings, folder = comfy_persona(tmp_path, db_url, server, steps=COMFY_STEPS[:1], auto_review=False)
-        sync_and_add_lora(settings, folder, tmp_path)
-        assert materialise(settings, folder).success
+    with one_step_made_on_comfyui(tmp_path, db_url) as (server, settings, folder):
         with session_scope(settings.database_url) as session:
             step = session.scalars(select(models.RunStep).order_by(models.RunStep.id)).first()
             victim = session.scalars(select(models.Candidate).where(models.Candidate.step_id == step.id)).first()
@@ -314,10 +323,7 @@ def test_identity_gate_and_keep_best(tmp_path, db_url):
 
 @pytest.mark.slow
 def test_an_image_written_before_a_crash_is_adopted_not_lost(tmp_path, db_url):
-    with FakeComfyUI(job_time_s=0.01, loras=[lora_name("tester")], checkpoints=["tiny.safetensors"]) as server:
-        settings, folder = comfy_persona(tmp_path, db_url, server, steps=COMFY_STEPS[:1], auto_review=False)
-        sync_and_add_lora(settings, folder, tmp_path)
-        assert materialise(settings, folder).success
+    with one_step_made_on_comfyui(tmp_path, db_url) as (server, settings, folder):
         with session_scope(settings.database_url) as session:
             # Pretend the Dagster run died after the image and manifest were written but before the row.
             cand = session.scalars(select(models.Candidate).order_by(models.Candidate.id)).first()
