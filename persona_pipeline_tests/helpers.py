@@ -72,3 +72,20 @@ def wait_until(check: Callable[[], T], what: str, timeout_s: float = 10.0, every
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}", pytrace=False)
         time.sleep(every_s)
+
+
+def add_finished_run(session, *, persona_id: int, pillar_id: int | None, prompt: str, n_candidates: int,
+                     content_prompt_id: int | None = None):
+    """A done diffusers run with one approved txt2img step, as the library and reports find them:
+    (run, step), flushed so both have ids."""
+    from persona_pipeline.db import models
+
+    run = models.GenerationRun(persona_id=persona_id, pillar_id=pillar_id, prompt=prompt, backend="diffusers",
+                               status="done", content_prompt_id=content_prompt_id)
+    session.add(run)
+    session.flush()
+    step = models.RunStep(run_id=run.id, position=1, name="step1", workflow="txt2img_lora",
+                          n_candidates=n_candidates, status="approved")
+    session.add(step)
+    session.flush()
+    return run, step

@@ -38,6 +38,7 @@ from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.gemini import GeminiClient
 from persona_pipeline.resources.publisher import OutboxPublisher
 from persona_pipeline_tests.conftest import make_settings, write_persona
+from persona_pipeline_tests.helpers import add_finished_run
 
 SLUG = "tester"
 TZ = "Europe/Lisbon"
@@ -129,14 +130,8 @@ class Library:
                                            theme=theme, source="template", status="used")
             session.add(content)
             session.flush()
-            run = models.GenerationRun(persona_id=self.persona_id, pillar_id=self.pillars[pillar], prompt=prompt,
-                                       backend="diffusers", status="done", content_prompt_id=content.id)
-            session.add(run)
-            session.flush()
-            step = models.RunStep(run_id=run.id, position=1, name="step1", workflow="txt2img_lora", n_candidates=1,
-                                  status="approved")
-            session.add(step)
-            session.flush()
+            run, step = add_finished_run(session, persona_id=self.persona_id, pillar_id=self.pillars[pillar],
+                                         prompt=prompt, n_candidates=1, content_prompt_id=content.id)
             image = self.home / "personas" / SLUG / "runs" / f"run-{run.id:05d}" / "step-1" / f"winner-{self.seeds}.png"
             candidate = models.Candidate(run_id=run.id, step_id=step.id, seed=self.seeds, status="winner",
                                          image_path=str(image), image_sha256=_image(image, look, self.seeds),

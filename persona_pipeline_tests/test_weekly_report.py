@@ -29,6 +29,7 @@ from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.personas import load_persona
 from persona_pipeline.resources.alerts import AlertWebhook
 from persona_pipeline_tests.conftest import make_settings, write_persona
+from persona_pipeline_tests.helpers import add_finished_run
 
 SLUG = "tester"
 TZ = "Europe/Lisbon"
@@ -90,14 +91,8 @@ def seed_week(url: str, tmp_path: Path, start: datetime, end: datetime) -> dict:
         session.flush()
 
         def run_with(persona_row, pillar_id, candidates, content_prompt_id=None, prompt_text="photo of t3st woman"):
-            run = models.GenerationRun(persona_id=persona_row.id, pillar_id=pillar_id, prompt=prompt_text,
-                                       backend="diffusers", status="done", content_prompt_id=content_prompt_id)
-            session.add(run)
-            session.flush()
-            step = models.RunStep(run_id=run.id, position=1, name="step1", workflow="txt2img_lora", n_candidates=4,
-                                  status="approved")
-            session.add(step)
-            session.flush()
+            run, step = add_finished_run(session, persona_id=persona_row.id, pillar_id=pillar_id, prompt=prompt_text,
+                                         n_candidates=4, content_prompt_id=content_prompt_id)
             rows = []
             for i, (lora_id, created) in enumerate(candidates):
                 image = runs_dir / f"run-{run.id}" / f"c{i}.png"
