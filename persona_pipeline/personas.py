@@ -26,6 +26,15 @@ class PersonaFileError(ValueError):
     """persona.yaml could not be read or is invalid; the message names the file and field."""
 
 
+def _known_backend(value: str | None) -> str | None:
+    """A generation backend is a module of generation/backends/: its name, or None for the default."""
+    from persona_pipeline.generation.backends import backend_names
+
+    if value is not None and value not in backend_names():
+        raise ValueError(f"backend {value!r} is not one of: {', '.join(backend_names())}")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -231,7 +240,8 @@ class PipelineStep(_Strict):
     n: int = Field(default=4, ge=1, le=64)
     keep: int | None = Field(default=None, ge=1, le=64)  # generate n, keep the best `keep` (open_clip curation)
     top_k: int = Field(default=2, ge=1, le=64)  # the K a reviewer approves by default (and auto-review uses)
-    backend: Literal["comfyui", "diffusers"] | None = None  # None: the persona's backend
+    backend: str | None = None  # a module of generation/backends/; None: the persona's backend
+    _backend = field_validator("backend")(classmethod(lambda cls, value: _known_backend(value)))
     params: StepParams = StepParams()
 
     @model_validator(mode="after")
@@ -244,7 +254,8 @@ class PipelineStep(_Strict):
 class GenerationSettings(_Strict):
     """How a persona's candidates are made (docs/generation.md)."""
 
-    backend: Literal["comfyui", "diffusers"] | None = None  # None: PERSONA_GENERATION_BACKEND
+    backend: str | None = None  # a module of generation/backends/; None: PERSONA_GENERATION_BACKEND
+    _backend = field_validator("backend")(classmethod(lambda cls, value: _known_backend(value)))
     checkpoint: str | None = None  # ComfyUI ckpt_name; None: COMFYUI_CHECKPOINT
     negative_prompt: str = "blurry, low quality, deformed, extra limbs, watermark, text"
     prompts_per_plan: int = Field(default=3, ge=1, le=50)  # content prompts (= runs) per content_plan

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from persona_pipeline.generation.backends import backend_names
+
 REPO_WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3's bucket naming rules
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -235,7 +237,7 @@ class Settings:
         "`1` casts votes, picks winners and approves posts from open_clip scores (the demo sets it).")
     publish_cron: str = setting("PERSONA_PUBLISH_CRON", TEXT, "*/5 * * * *", "Cron of the schedule that publishes due posts.")
     generation_backend: str = setting(
-        "PERSONA_GENERATION_BACKEND", Choice("diffusers", "comfyui"), "diffusers",
+        "PERSONA_GENERATION_BACKEND", Choice(*backend_names()), "diffusers",
         "Default generation backend: `diffusers` (local, `PERSONA_BASE_MODEL` + LoRA) or `comfyui`; `persona.yaml` "
         "`generation.backend` and a step's `backend` override it.")
     controlnet_model: str = setting(

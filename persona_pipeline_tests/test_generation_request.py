@@ -233,3 +233,35 @@ def test_the_diffusers_backend_turns_a_request_into_a_pipeline_job_without_a_gra
         width=64, height=64, denoise=0.4, init_image="/x/parent.png", control_image=None, control_strength=0.65,
         loras=((LORA.path, LORA.weight),))
     assert not (tmp_path / "models").exists()
+
+
+def test_a_new_backend_is_one_module_in_generation_backends(tmp_path, monkeypatch):
+    """Dropping one module into the backends package is all it takes: persona.yaml accepts its name,
+    and make_backends builds it beside the others. An unknown name is refused, naming the choices."""
+    from persona_pipeline.generation import backends
+    from persona_pipeline.personas import GenerationSettings, PipelineStep
+
+    assert backends.backend_names() == ("comfyui", "diffusers")
+    with pytest.raises(ValueError, match=r"backend 'echo' is not one of: comfyui, diffusers"):
+        GenerationSettings(backend="echo")
+
+    (tmp_path / "echo.py").write_text(
+        "class EchoBackend:\n"
+        "    name = 'echo'\n"
+        "    default_size = 64\n"
+        "    min_side = 64\n"
+        "    def __init__(self, log):\n"
+        "        self.log = log\n"
+        "def build(*, comfyui, diffusion, checkpoint, log):\n"
+        "    return EchoBackend(log)\n")
+    monkeypatch.setattr(backends, "__path__", [*backends.__path__, str(tmp_path)])
+    monkeypatch.delitem(__import__("sys").modules, "persona_pipeline.generation.backends.echo", raising=False)
+
+    assert backends.backend_names() == ("comfyui", "diffusers", "echo")
+    assert GenerationSettings(backend="echo").backend == "echo"
+    assert PipelineStep(name="base", template="txt2img_lora", backend="echo").backend == "echo"
+    from persona_pipeline.resources.diffusion import DiffusionBackend
+
+    built = backends.make_backends(comfyui=None, diffusion=DiffusionBackend(models_dir=str(tmp_path / "models")),
+                                   checkpoint="tiny.safetensors", log=print)
+    assert sorted(built) == ["comfyui", "diffusers", "echo"] and built["echo"].min_side == 64

@@ -6,15 +6,18 @@ own form (or refuses it with a WorkflowError, which fails the step before anythi
 arrive. The executor (generation/executor.py) picks a backend by the step's `backend` name and
 talks only to this protocol.
 
-Adding a backend (FLUX, an edit model) takes one module here with a class that implements the
-protocol, plus its name in `make_backends` below and in the `backend` names persona.yaml accepts
-(personas.py); a backend that needs a service of its own also needs that service's resource
-passed to the `candidates` asset. Nothing else changes: the request, the executor, the manifest
+Adding a backend (FLUX, an edit model) takes one module here, named as persona.yaml's `backend`
+names it, with a class that implements the protocol and a `build(*, comfyui, diffusion, checkpoint,
+log)` that makes it from the `candidates` asset's resources: `backend_names()` finds the module,
+persona.yaml and PERSONA_GENERATION_BACKEND accept its name, and `make_backends` builds it. A
+backend that needs a service of its own also needs that service's resource passed to `candidates`. Nothing else changes: the request, the executor, the manifest
 and the candidate rows are the same for every backend.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -79,11 +82,18 @@ class GenerationBackend(Protocol):
         ...
 
 
-def make_backends(*, comfyui, diffusion, checkpoint: str, log: Callable[[str], None]) -> dict[str, GenerationBackend]:
-    """Every backend by its name, built on the asset's resources (ComfyUIPool, DiffusionBackend)."""
-    from persona_pipeline.generation.backends.comfyui import ComfyUIBackend
-    from persona_pipeline.generation.backends.diffusers import DiffusersBackend
+def backend_names() -> tuple[str, ...]:
+    """The backends there are: one module of this package each, named as persona.yaml names it."""
+    return tuple(sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")))
 
-    backends: list[GenerationBackend] = [ComfyUIBackend(comfyui, checkpoint=checkpoint, log=log),
-                                         DiffusersBackend(diffusion, log=log)]
-    return {backend.name: backend for backend in backends}
+
+def make_backends(*, comfyui, diffusion, checkpoint: str, log: Callable[[str], None]) -> dict[str, GenerationBackend]:
+    """Every backend by its name, each built by its module's `build` on the asset's resources."""
+    backends: dict[str, GenerationBackend] = {}
+    for name in backend_names():
+        backend = importlib.import_module(f"{__name__}.{name}").build(comfyui=comfyui, diffusion=diffusion,
+                                                                     checkpoint=checkpoint, log=log)
+        if backend.name != name:
+            raise TypeError(f"generation/backends/{name}.py builds a backend named {backend.name!r}, not {name!r}")
+        backends[name] = backend
+    return backends

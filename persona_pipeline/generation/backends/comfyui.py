@@ -75,3 +75,8 @@ class ComfyUIBackend:
             on_result(outcome)
 
         self.pool.run_jobs([prepared.payload for prepared in jobs], log=self.log, on_done=done)
+
+
+def build(*, comfyui, diffusion, checkpoint: str, log: Callable[[str], None]) -> ComfyUIBackend:
+    """This backend on the `candidates` asset's resources (generation/backends/__init__.py)."""
+    return ComfyUIBackend(comfyui, checkpoint=checkpoint, log=log)

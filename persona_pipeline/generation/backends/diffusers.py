@@ -65,3 +65,8 @@ class DiffusersBackend:
                 on_result(ImageResult(job.key, image_path=image_path, submitted=fields,
                                       fields={"base_model": self.diffusion.base_model, "diffusers": fields},
                                       timings=dict(timings)))
+
+
+def build(*, comfyui, diffusion, checkpoint: str, log: Callable[[str], None]) -> DiffusersBackend:
+    """This backend on the `candidates` asset's resources (generation/backends/__init__.py)."""
+    return DiffusersBackend(diffusion, log=log)
