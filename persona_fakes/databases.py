@@ -19,8 +19,15 @@ class PostgresUnavailable(RuntimeError):
     """The PostgreSQL server does not answer: a failure, never a reason to skip."""
 
 
+def before_postgres() -> None:
+    """Called before every database made on the server. The test suite's conftest replaces it for
+    tests without the `postgres` marker with one that fails, so that the quick subset
+    (`-m "not postgres"`) never needs the server."""
+
+
 def postgres_database() -> tuple[str, Callable[[], None]]:
     """An empty database of its own on the PostgreSQL server: (url, drop)."""
+    before_postgres()
     admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
     name = f"persona_test_{uuid.uuid4().hex[:12]}"
     try:

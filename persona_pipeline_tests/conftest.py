@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 
+from persona_fakes import databases
 from persona_fakes.databases import make_database
 from persona_fakes.personas import DEMO, write_persona  # noqa: F401  (the tests import them from here)
 from persona_pipeline.settings import Settings
@@ -20,6 +22,25 @@ def db_url(request, tmp_path) -> str:
     url, cleanup = make_database(request.param, tmp_path)
     yield url
     cleanup()
+
+
+def _no_postgres_here(nodeid: str) -> None:
+    raise AssertionError(f"{nodeid} makes a PostgreSQL database: mark it `@pytest.mark.postgres`")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A test that makes a PostgreSQL database must carry the `postgres` marker: the quick subset
+    (`-m "not postgres"`) is documented to run without the server. Set before any of the test's
+    fixtures, module-scoped ones included."""
+    if item.get_closest_marker("postgres") is None:
+        databases.before_postgres = functools.partial(_no_postgres_here, item.nodeid)
+    else:
+        databases.before_postgres = _postgres_allowed
+
+
+def _postgres_allowed() -> None:
+    pass
 
 
 def make_settings(tmp_path: Path, db_url: str, **overrides) -> Settings:

@@ -219,6 +219,7 @@ def check_live_instance(instance: dg.DagsterInstance) -> None:
     assert instance.get_run_by_id(run.run_id).tags["persona-pipeline/gpu"] == "training"   # in PostgreSQL
 
 
+@pytest.mark.postgres
 def test_k8s_instance_loads_on_postgres_with_a_real_k8s_run_launcher(tmp_path, dagster_pg, in_cluster):
     from dagster_postgres import PostgresRunStorage
 
@@ -236,6 +237,7 @@ def test_k8s_instance_loads_on_postgres_with_a_real_k8s_run_launcher(tmp_path, d
         instance.dispose()
 
 
+@pytest.mark.postgres
 def test_celery_instance_loads_on_postgres(tmp_path, dagster_pg):
     instance = dg.DagsterInstance.from_config(instance_dir(tmp_path, CELERY / "dagster.yaml"))
     try:
@@ -357,6 +359,7 @@ def step_jobs(instance, location: Path, per_step_override=None) -> dict[str, tup
     return bodies
 
 
+@pytest.mark.postgres
 def test_k8s_gives_a_gpu_to_the_training_step_pod_and_to_no_other(tmp_path, app_env, dagster_pg, in_cluster):
     instance = dg.DagsterInstance.from_config(instance_dir(tmp_path, K8S / "dagster.yaml"))
     try:

@@ -84,6 +84,7 @@ def test_dagster_refuses_limits_in_both_run_coordinator_and_concurrency(tmp_path
         dagster_instance_config(str(tmp_path), "dagster.yaml")
 
 
+@pytest.mark.postgres
 def test_production_instance_uses_postgres_the_run_queue_limits_and_monitoring(tmp_path, monkeypatch):
     with production_instance(tmp_path / "dagster_home", monkeypatch) as instance:
         assert isinstance(instance.run_storage, PostgresRunStorage)
@@ -130,6 +131,7 @@ def test_every_training_or_generating_job_carries_the_tag_its_limit_counts(tmp_p
     assert {(GPU_TAG, "training"), (GENERATION_TAG, "batch"), *PUBLISH_TAG.items()} <= limited
 
 
+@pytest.mark.postgres
 def test_the_run_queue_daemon_holds_the_limits(tmp_path, monkeypatch):
     """Dagster's own queue daemon, on the production config (only the launcher swapped for Dagster's
     recording test launcher): queued runs start only as far as each tag's limit allows."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
+from persona_fakes import databases
 from persona_pipeline_tests.conftest import REPO
 
 MARKER_USE = re.compile(r"pytest\.mark\.([A-Za-z_]\w*)")
@@ -33,3 +36,11 @@ def test_every_collected_test_carries_only_registered_markers(request):
     unknown = sorted({f"{item.nodeid}: {mark.name}" for item in request.session.items
                       for mark in item.iter_markers() if mark.name not in known})
     assert unknown == []
+
+
+def test_a_test_without_the_postgres_marker_cannot_make_a_postgres_database():
+    # conftest's pytest_runtest_setup: the quick subset (-m "not postgres") must never need the server.
+    with pytest.raises(AssertionError, match="mark it `@pytest.mark.postgres`"):
+        databases.postgres_database()
+    with pytest.raises(AssertionError, match="test_markers.py::"):
+        databases.make_database("postgresql", REPO)

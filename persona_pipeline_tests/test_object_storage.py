@@ -301,6 +301,7 @@ def _studio_on_s3(s3, tmp_path, monkeypatch, url: str, **more: str):
 
 
 @pytest.mark.slow
+@pytest.mark.postgres
 def test_chain_on_s3_survives_losing_the_local_cache(s3, tmp_path, monkeypatch, figure):
     url, drop = make_database("postgresql", tmp_path)
     try:
@@ -353,6 +354,7 @@ def test_chain_on_s3_survives_losing_the_local_cache(s3, tmp_path, monkeypatch, 
         drop()
 
 
+@pytest.mark.postgres
 def test_a_run_fails_at_setup_when_object_storage_is_down(s3, tmp_path, monkeypatch):
     """The step never runs on a cache it could not bring up to date: the run fails at resource
     setup with the URL in the error."""
@@ -379,6 +381,7 @@ def test_a_run_fails_at_setup_when_object_storage_is_down(s3, tmp_path, monkeypa
 # --------------------------------------------------------------------------- the review form
 
 
+@pytest.mark.postgres
 def test_review_form_fetches_an_image_only_in_the_bucket_and_still_refuses_outside_paths(s3, tmp_path, monkeypatch):
     url, drop = make_database("postgresql", tmp_path)
     try:
@@ -421,6 +424,7 @@ def test_review_form_fetches_an_image_only_in_the_bucket_and_still_refuses_outsi
 # --------------------------------------------------------------------------- steps that write, on S3
 
 
+@pytest.mark.postgres
 def test_publish_job_on_a_cold_cache_fetches_the_media_and_pushes_the_outbox(s3, tmp_path, monkeypatch):
     """A machine whose cache lacks a due post's JPEG publishes it: the job pulls the JPEG from the
     bucket, the dry-run outbox writes its record, and the record and its JPEG end up in the bucket."""
@@ -471,6 +475,7 @@ def test_publish_job_on_a_cold_cache_fetches_the_media_and_pushes_the_outbox(s3,
         drop()
 
 
+@pytest.mark.postgres
 def test_a_failed_upload_at_the_end_of_an_asset_fails_the_step_and_keeps_the_files(s3, tmp_path, monkeypatch, figure):
     """The bucket disappears after the step's setup pull: the upload at the end of source_photos is
     refused by the server, the step fails naming the key, the photos stay in the cache on the

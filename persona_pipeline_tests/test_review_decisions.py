@@ -169,6 +169,7 @@ def test_the_queue_counts_what_needs_a_person(db_url, tmp_path):
         assert queue.pairs_to_vote == 5 and queue.posts_to_approve == 1 and queue.runs_to_pick == []
 
 
+@pytest.mark.postgres
 def test_concurrent_votes_on_postgres_lose_nothing_and_match_a_replay(tmp_path):
     url, drop = make_database("postgresql", tmp_path)
     try:
@@ -248,6 +249,7 @@ def test_a_kill_after_the_winner_does_not_reopen_the_run(db_url, tmp_path):
         assert run.status == "done" and run.steps[0].status == "voting"
 
 
+@pytest.mark.postgres
 def test_concurrent_offers_on_postgres_never_share_a_pair(tmp_path):
     url, drop = make_database("postgresql", tmp_path)
     try:

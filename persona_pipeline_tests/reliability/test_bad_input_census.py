@@ -50,7 +50,7 @@ from persona_pipeline_tests.test_lora_library import _foreign_lora, _raw_safeten
 from persona_pipeline_tests.test_parameters import GOOD as GOOD_GENERATION
 from persona_pipeline_tests.test_review_form import Form, make_form
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 # --------------------------------------------------------------------------- the table
 

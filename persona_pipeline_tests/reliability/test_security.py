@@ -46,7 +46,7 @@ from persona_pipeline_tests.test_publishing import Log, World
 from persona_pipeline_tests.test_publishing import posts as due_posts
 from persona_pipeline_tests.test_review_form import csrf_of
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 # --------------------------------------------------------------------------- secrets
 
