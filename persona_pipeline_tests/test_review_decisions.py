@@ -383,6 +383,38 @@ def test_a_vote_answers_an_open_offer_shown_to_its_reviewer(db_url, tmp_path):
         assert session.get(models.PairOffer, skipped.id).outcome == "skipped"
 
 
+def test_a_kill_from_the_vote_page_answers_an_open_offer_shown_to_its_reviewer(db_url, tmp_path):
+    """A kill that names its offer follows the vote's rule: not another reviewer's offer, not the
+    preloaded pair, not an offer already answered; a refused kill kills nothing."""
+    seed = seed_review(db_url, tmp_path / "home", candidates=6, posts=0)
+    step = seed.step_ids[0]
+    with session_scope(db_url) as session:
+        shown = review.next_pair(session, step, "ana", rng=random.Random(5))
+        preloaded = review.next_pair(session, step, "ana", exclude_offer_ids=[shown.id], shown=False, rng=random.Random(6))
+        for_bo = review.next_pair(session, step, "bo", rng=random.Random(7))
+        offers = {o.id: (o.left_id, o.right_id) for o in (shown, preloaded, for_bo)}
+        review.cast_vote(session, *offers[shown.id], "ana", offer_id=shown.id)
+
+    def kill(offer_id: int, reviewer: str = "ana"):
+        with session_scope(db_url) as session:
+            return review.kill_candidate(session, offers[offer_id][0], reviewer, offer_id=offer_id)
+
+    with pytest.raises(review.ReviewError, match=f"pair offer {preloaded.id} .*not shown") as refused:
+        kill(preloaded.id)
+    assert refused.value.status_code == 409
+    with pytest.raises(review.ReviewError, match=f"pair offer {for_bo.id} was offered to bo, not ana") as refused:
+        kill(for_bo.id)
+    assert refused.value.status_code == 403
+    with pytest.raises(review.DuplicateVote, match=f"pair offer {shown.id} has already been voted on"):
+        kill(shown.id)
+    with session_scope(db_url) as session:
+        assert session.scalar(select(func.count()).select_from(models.Candidate)
+                              .where(models.Candidate.status == "killed")) == 0
+    assert kill(for_bo.id, "bo").status == "killed"
+    with session_scope(db_url) as session:
+        assert session.get(models.PairOffer, for_bo.id).outcome == "killed"
+
+
 def test_the_database_stores_one_vote_per_offer(db_url, tmp_path):
     """Keyed by the offer, not by the pair (a pair may be offered again): a second vote row naming
     an offer that already has one is refused by the database itself."""

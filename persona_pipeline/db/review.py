@@ -307,12 +307,16 @@ def low_vote_candidates(ranking: list[RankedCandidate], top_k: int) -> list[int]
 
 def kill_candidate(session: Session, candidate_id: int, reviewer: str, reason: str = "",
                    offer_id: int | None = None) -> models.Candidate:
-    """Take a candidate out of its step (the generator makes a replacement while the step is open)."""
+    """Take a candidate out of its step (the generator makes a replacement while the step is open).
+
+    With `offer_id` (the vote page), the kill answers that offer under the same rule as a vote: made
+    to this reviewer, on screen, not answered yet; so a double click or a preloaded pair cannot kill
+    an image the reviewer never saw."""
     if offer_id is not None:
-        offer = _offer(session, offer_id, lock=True)
+        offer = _answerable_offer(session, offer_id, reviewer)
         if candidate_id not in (offer.left_id, offer.right_id):
             raise ReviewError(f"candidate {candidate_id} is not in pair offer {offer_id}")
-        offer.outcome = offer.outcome or "killed"
+        offer.outcome = "killed"
     candidate = _candidate(session, candidate_id, lock=True)
     if candidate.status == "killed":
         raise ReviewError(f"candidate {candidate_id} is already killed")
