@@ -25,6 +25,10 @@ from persona_pipeline_tests.conftest import make_database
 from persona_pipeline_tests.helpers import wait_until
 from persona_pipeline_tests.review_fixtures import ReviewSeed, seed_review, serve_app
 
+# How long a page may take to show what a step led to: generous, since on 2 shared cores a busy
+# machine stalls Chromium for seconds (each wait returns as soon as its condition holds).
+PAGE_WAIT_MS = 20_000
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = "/usr/bin/chromium"
@@ -132,7 +136,7 @@ def wait_next_ready(page) -> None:
     """A pair on screen that takes input (it has been shown for a moment) and the next one preloaded."""
     page.wait_for_function("() => { const v = document.getElementById('vote');"
                            " return v.dataset.nextReady === '1' && v.dataset.offerId && v.dataset.inputReady !== '0'; }",
-                           timeout=5000)
+                           timeout=PAGE_WAIT_MS)
 
 
 def open_vote_page(chromium, served: Served, slug: str):
@@ -159,7 +163,7 @@ def settled_after(page, offer_id: str) -> None:
     """Wait until a pair other than `offer_id` (or the done state) is on screen and takes input."""
     page.wait_for_function("(old) => { const v = document.getElementById('vote'); return v.dataset.done === '1' ||"
                            " (v.dataset.offerId && v.dataset.offerId !== old && v.dataset.inputReady !== '0'); }",
-                           arg=offer_id, timeout=5000)
+                           arg=offer_id, timeout=PAGE_WAIT_MS)
 
 
 def test_a_reviewer_works_through_the_form(served: Served, chromium, tmp_path: Path) -> None:
@@ -244,7 +248,7 @@ def test_a_reviewer_works_through_the_form(served: Served, chromium, tmp_path: P
     # for after the kill landed: wait until a pair other than the one killed from is on screen.
     page.wait_for_function("(old) => { const v = document.getElementById('vote');"
                            " return v.dataset.done === '1' || (!v.classList.contains('busy') && v.dataset.offerId !== old); }",
-                           arg=before_kill["offer"], timeout=10000)
+                           arg=before_kill["offer"], timeout=PAGE_WAIT_MS)
     assert doomed not in (int(current_pair(page)["left"] or 0), int(current_pair(page)["right"] or 0))
     assert count(url, models.ReviewEvent, models.ReviewEvent.kind == "kill", models.ReviewEvent.subject_id == doomed) == 1
     shots(page, "vote-after-kill")
@@ -379,7 +383,7 @@ def test_a_double_click_casts_one_vote_on_the_pair_on_screen(served: Served, chr
     shown = current_pair(page)
     page.dblclick(LEFT_WINS)
     settled_after(page, shown["offer"])
-    page.wait_for_function("() => document.getElementById('vote').dataset.votes !== '0'", timeout=5000)
+    page.wait_for_function("() => document.getElementById('vote').dataset.votes !== '0'", timeout=PAGE_WAIT_MS)
     while len(answered) < len(sent):  # every vote POST the page made has its answer
         page.wait_for_timeout(20)
     assert len(sent) == 1, [r.post_data for r in sent]
@@ -402,7 +406,7 @@ def test_an_expired_session_names_the_pair_whose_vote_was_lost(served: Served, c
     shown = current_pair(page)
     context.clear_cookies()  # the session ends while the pair is on screen
     page.click(LEFT_WINS)
-    page.wait_for_function("() => document.getElementById('status').classList.contains('is-error')", timeout=5000)
+    page.wait_for_function("() => document.getElementById('status').classList.contains('is-error')", timeout=PAGE_WAIT_MS)
     status = page.locator("#status").inner_text()
     assert f"#{shown['left']} / #{shown['right']}" in status and "not recorded" in status and "log in again" in status, status
     assert f"#{shown['left']} / #{shown['right']}" in page.locator("#lost").inner_text()
