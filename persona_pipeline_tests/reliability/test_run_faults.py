@@ -38,7 +38,7 @@ from persona_pipeline_tests.conftest import REPO, make_database, make_settings, 
 from persona_pipeline_tests.helpers import wait_until
 from persona_pipeline_tests.test_publishing import world  # noqa: F401  (its fixture, on PostgreSQL: see db_url)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]  # every test here runs on PostgreSQL (pg, or world's db_url)
 
 WAIT_S = 240.0  # ceiling of every poll: generous for a loaded 2-core machine; a poll ends as soon as it holds
 
@@ -101,7 +101,6 @@ TRAINING_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.postgres
 def test_kill_minus_9_of_a_training_run_then_resume(tmp_path, pg, figure):
     from persona_pipeline.assets.lora_model import lora_model
     from persona_pipeline.assets.source_photos import source_photos
@@ -295,7 +294,6 @@ def disk_matches_rows(settings, url: str) -> tuple[list[models.Candidate], list[
     return rows, jobs
 
 
-@pytest.mark.postgres
 def test_a_comfyui_server_killed_mid_batch_is_replaced_by_the_survivor(tmp_path, pg, figure):
     from persona_fakes.comfyui import FakeComfyUI
     from persona_pipeline_tests.test_generation import lora_name, materialise
@@ -332,7 +330,6 @@ def test_a_comfyui_server_killed_mid_batch_is_replaced_by_the_survivor(tmp_path,
            batch_s=round(elapsed, 2))
 
 
-@pytest.mark.postgres
 def test_the_only_comfyui_server_killed_mid_batch_then_back(tmp_path, pg, figure):
     from persona_pipeline.assets.candidates import candidates
     from persona_pipeline_tests.test_generation import materialise
