@@ -2,7 +2,8 @@
 prepared on a small pool while the previous post is being published; the publish calls
 themselves go out one at a time on the account's thread, each with a quota unit reserved first.
 The media id, the library item becoming used and the post becoming published are one
-transaction; the permalink follows, and the account's permalinks are written together at the end."""
+transaction; the permalink follows and is written as soon as it is read, so a run killed later
+in the batch leaves the posts it published with their permalinks."""
 
 from __future__ import annotations
 
@@ -91,10 +92,10 @@ class InstagramPipeline:
             for post in pending:  # the account stopped before these were started
                 batch.safely(post, lambda p=post: batch.give_back(p, "deferred", account.stop_reason, step="publish"))
         finally:
-            links = [future.result() for future in after]
+            for future in after:  # each permalink is recorded by its own task; wait for the last ones
+                future.result()
             if pool:
                 pool.shutdown(wait=True)
-            self.claims.record_permalinks(links)
 
     def _publish(self, ready: Ready, after: list[Future], pool: ThreadPoolExecutor | None) -> None:
         """The publish call for one ready post, in slot order, with a quota unit reserved first."""
@@ -133,7 +134,7 @@ class InstagramPipeline:
             batch.published(post, external_id=media_id, permalink=None, already=False, step="publish",
                             container_id=cid, detail=f"media {media_id}", attempts=ready.attempts)
             self.stats["published"] += 1
-            task: Callable = lambda: self._permalink(post, media_id)  # noqa: E731
+            task: Callable = lambda: self.claims.record_permalinks([self._permalink(post, media_id)])  # noqa: E731
             after.append(pool.submit(task) if pool else _done(task()))
             return
 
