@@ -1,5 +1,5 @@
 """`persona-pipeline`: demo, db upgrade, personas check, schedules, demo-photos, trace, lora list/set, review,
-settings."""
+settings, world data/train-classifier."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from persona_pipeline.world import commands as world_commands
 
 
 class CliError(Exception):
@@ -416,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     review_token = sub.add_parser("review-token", help="print a new reviewer login `NAME:TOKEN` for REVIEW_TOKENS")
     review_token.add_argument("name")
     review_token.set_defaults(func=cmd_review_token)
+    world_commands.register(sub)
     args = parser.parse_args(argv)
     return _run(args)
 
