@@ -33,3 +33,6 @@ def register(subparsers) -> None:
     data.add_argument("--split", choices=("train", "heldout"), default="train", help="which of the seed's streams (default train)")
     data.add_argument("--size", type=_count, default=96, help="image side in px (default 96)")
     data.set_defaults(func=cmd_world_data)
+    from persona_pipeline.world import train_commands  # `world train`: the world's SD and CLIP models
+
+    train_commands.register(world_sub)
