@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -17,8 +18,8 @@ def write_persona(datasets: Path, slug: str = "tester", photos: int = 12, **over
     for path in sorted((DEMO / "photos").glob("*.jpg"))[:photos]:
         shutil.copy(path, folder / "photos" / path.name)
         sidecar = path.with_suffix(".txt")
-        if sidecar.exists():  # the demo's sidecars name the demo's trigger word
-            (folder / "photos" / sidecar.name).write_text(sidecar.read_text().replace("m1ra, ", ""))
+        if sidecar.exists():  # the demo's sidecars start with the demo's trigger word and class word
+            (folder / "photos" / sidecar.name).write_text(re.sub(r"^m1ra(?: woman)?, ", "", sidecar.read_text()))
     config = {
         "name": "Test Persona", "trigger_word": "t3st", "class_word": "woman", "timezone": "Europe/Lisbon",
         "posting_windows": ["00:00-24:00"], "min_minutes_between_posts": 60,

@@ -1,5 +1,5 @@
 """`persona-pipeline`: demo, db upgrade, personas check, schedules, demo-photos, trace, lora list/set, review,
-settings, world data."""
+settings, world data/train-classifier."""
 
 from __future__ import annotations
 

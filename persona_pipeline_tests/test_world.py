@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from persona_pipeline.cli import main
+from persona_pipeline.demo_photos import demo_shots
 from persona_pipeline.domain.captions import training_caption
 from persona_pipeline.domain.training_captions import find_identity_terms
 from persona_pipeline.world.attributes import (
@@ -22,6 +23,8 @@ from persona_pipeline.world.attributes import (
 from persona_pipeline.world.captions import world_caption
 from persona_pipeline.world.dataset import world_samples, world_shot
 from persona_pipeline.world.render import render_shot
+
+from .conftest import DEMO
 
 SOMEONE = Character(hair_colour="black", hair_style="long", jacket_colour="blue", scarf_colour="white", skin_tone="tan")
 
@@ -105,6 +108,16 @@ def test_captions_are_written_as_training_dataset_writes_them():
     no_scarf = Character("pink", "bob", "red", "none", "deep", "none")
     assert world_caption(Shot(no_scarf, "market", "full-body shot", "arms raised", "dim evening light")) == \
         "woman, full-body shot, arms raised, pink bob, red jacket, market, dim evening light"
+
+
+def test_the_demo_sidecars_are_persona_captions_of_the_demo_shots():
+    shots = demo_shots()
+    assert {s.scene for s in shots} == set(SCENES) and all(s.character == DEMO_PERSONA for s in shots)
+    sidecars = sorted((DEMO / "photos").glob("*.txt"))
+    assert [p.stem for p in sidecars] == [f"mira_{i:02d}" for i in range(1, 19, 2)]
+    for path in sidecars:
+        index = int(path.stem.split("_")[1]) - 1
+        assert path.read_text() == world_caption(shots[index], DEMO_TRIGGER) + "\n"
 
 
 def test_world_data_writes_count_pairs_with_their_captions_and_labels(tmp_path, capsys):
