@@ -12,7 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
-DEFAULTS = dict(seed=0, steps=1300, vae_steps=300, clip_steps=2000, resolution=64)
+# About an hour here: VAE 600 x ~0.7 s, UNet 1200 x ~2.15 s, CLIP 1500 x 0.24-0.44 s (docs/world.md).
+DEFAULTS = dict(seed=0, steps=1200, vae_steps=600, clip_steps=1500, resolution=64)
 
 
 def _positive(text: str) -> int:

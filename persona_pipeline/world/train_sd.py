@@ -41,8 +41,8 @@ TOKENIZER_CAPTIONS = 4000  # captions the BPE merges are learned from (every wor
 class SdSettings:
     resolution: int = 64
     seed: int = 0
-    vae_steps: int = 300
-    unet_steps: int = 2000
+    vae_steps: int = 600  # 300 steps: the classifier reads scarves right 63 % through it; 600: 65.5 %, jackets 71.5 %
+    unet_steps: int = 1200
     batch_size: int = 32
     vae_batch_size: int = 8  # the VAE's full-resolution decoder costs ~4x a UNet step per image
     train_count: int = 50_000  # distinct world samples the batches cycle through
