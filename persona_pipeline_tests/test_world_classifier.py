@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from persona_pipeline.cli import main
+from persona_pipeline.demo_photos import demo_shots
 from persona_pipeline.world.attributes import DEMO_PERSONA
 from persona_pipeline.world.classifier import HEADS, WorldModelError, accuracy, load_classifier, sha256_file
 from persona_pipeline.world.classifier_config import MANIFEST_FILE, REBUILD_COMMAND, WEIGHTS_DIR, WEIGHTS_FILE
 from persona_pipeline.world.dataset import samples_digest, world_samples
-from persona_pipeline.demo_photos import demo_shots
 
 from .conftest import DEMO
 
@@ -50,8 +50,11 @@ def test_committed_weights_are_small_and_were_trained_on_what_the_renderer_draws
 
 def test_the_classifier_reads_the_demo_persona_on_its_photos(classifier):
     photos = sorted((DEMO / "photos").glob("*.jpg"))
-    with_images = [Image.open(path) for path in photos]
-    predicted = classifier.predict(with_images)
+    images = []
+    for path in photos:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    predicted = classifier.predict(images)
     look = {"hair_colour": DEMO_PERSONA.hair_colour, "hair_style": DEMO_PERSONA.hair_style,
             "jacket_colour": DEMO_PERSONA.jacket_colour, "scarf_colour": DEMO_PERSONA.scarf_colour}
     wrong = [(path.name, p) for path, p in zip(photos, predicted) if {k: p[k] for k in look} != look]
