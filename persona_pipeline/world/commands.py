@@ -53,3 +53,6 @@ def register(subparsers) -> None:
     train.add_argument("--heldout-count", type=_count, default=DEFAULTS["heldout_count"], help="held-out images measured")
     train.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
     train.set_defaults(func=cmd_world_train_classifier)
+    from persona_pipeline.world import train_commands  # `world train`: the world's SD and CLIP models
+
+    train_commands.register(world_sub)

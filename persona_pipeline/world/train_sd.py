@@ -1,0 +1,232 @@
+"""Train the tiny text-to-image model on the world, in diffusers' Stable Diffusion layout.
+
+One plain loop per part, in the manner of diffusers' `train_text_to_image.py` example:
+
+1. the tokenizer: BPE merges learned from the world's captions (world_tokenizer.py);
+2. the VAE (`AutoencoderKL`, the random tiny model's shapes): trained briefly as an autoencoder on
+   world images, because a random one maps an image to latents the UNet cannot learn from and
+   decodes them back to noise; its scaling factor is then measured (1 / std of the latents) rather
+   than borrowed from SD 1.5;
+3. the CLIP text encoder and the `UNet2DConditionModel` (the tiny model's shapes), trained together
+   from scratch with the noise-prediction loss on (world image, caption) pairs; one caption in ten
+   is dropped to "" so that classifier-free guidance has an unconditional model to push against.
+
+Every image comes from `world_samples(seed)`, rendered on the fly (under a millisecond each), so a
+run is fixed by its seed and step counts. Progress is printed; losses on a fixed held-out batch
+(fixed noise and timesteps) before and after training are the measured sign that it learned.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from persona_pipeline.world.attributes import CLASS_WORD, DEMO_TRIGGER, SCENES
+from persona_pipeline.world.captions import world_caption
+from persona_pipeline.world.dataset import world_samples, world_shot
+from persona_pipeline.world.world_tokenizer import build_world_tokenizer
+
+Progress = Callable[[str], None]
+UNCONDITIONAL_SHARE = 0.1
+TOKENIZER_CAPTIONS = 4000  # captions the BPE merges are learned from (every world word occurs)
+
+
+@dataclass(frozen=True)
+class SdSettings:
+    resolution: int = 64
+    seed: int = 0
+    vae_steps: int = 600  # 300 steps: the classifier reads scarves right 63 % through it; 600: 65.5 %, jackets 71.5 %
+    unet_steps: int = 1200
+    batch_size: int = 32
+    vae_batch_size: int = 8  # the VAE's full-resolution decoder costs ~4x a UNet step per image
+    train_count: int = 50_000  # distinct world samples the batches cycle through
+    vae_lr: float = 1e-3
+    unet_lr: float = 5e-4
+    log_every: int = 25
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images -> a float batch in [-1, 1], channels first (the VAE's input range)."""
+    array = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def batch_at(settings: SdSettings, step: int, split: str = "train", size: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Batch `step` (of `size` samples) of the cycle through `train_count` samples (held-out: the
+    split's first ones)."""
+    size = size or settings.batch_size
+    start = (step * size) % settings.train_count if split == "train" else 0
+    samples = list(world_samples(size, settings.seed, split=split, size=settings.resolution, start=start))
+    return to_tensor(s.image for s in samples), [s.caption for s in samples]
+
+
+def sample_definitions(settings: SdSettings) -> list[dict]:
+    """What the training set is: each sample's labels and render seed (for the manifest's data hash)."""
+    rows = []
+    for index in range(settings.train_count):
+        shot, render_seed = world_shot(settings.seed, index, "train")
+        rows.append({"index": index, "labels": shot.labels(), "render_seed": render_seed, "size": settings.resolution})
+    return rows
+
+
+def tokenizer_texts(seed: int) -> list[str]:
+    """Base captions, persona captions and the prompts the pipeline writes, for the BPE merges."""
+    shots = [world_shot(seed, i, "train")[0] for i in range(TOKENIZER_CAPTIONS)]
+    texts = [world_caption(shot) for shot in shots] + [world_caption(shot, trigger=DEMO_TRIGGER) for shot in shots[:200]]
+    return texts + [f"photo of {DEMO_TRIGGER} {CLASS_WORD}, {scene}" for scene in SCENES]
+
+
+def build_models(tokenizer, resolution: int, seed: int):
+    """The random tiny model's shapes (training/tiny_models.py), with the world tokenizer's vocabulary."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=resolution)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=resolution // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"), eos_token_id=eos, pad_token_id=eos, hidden_size=32,
+        intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5, vocab_size=len(tokenizer),
+        max_position_embeddings=77))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                              clip_sample=False, steps_offset=1)
+    return vae, unet, text_encoder, scheduler
+
+
+def _log(progress: Progress, part: str, step: int, total: int, losses: list[float], started: float, images: int) -> None:
+    rate = images / max(time.perf_counter() - started, 1e-9)
+    progress(f"{part} step {step}/{total}  loss {np.mean(losses):.4f}  {rate:.1f} images/s")
+
+
+def train_vae(vae, settings: SdSettings, progress: Progress) -> dict:
+    """Autoencoder training: L1 + MSE reconstruction and a small KL term (latents stay near N(0, 1))."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr)
+    eval_images, _ = batch_at(settings, 0, "heldout")
+
+    def eval_mse() -> float:
+        vae.eval()
+        with torch.no_grad():
+            out = vae.decode(vae.encode(eval_images).latent_dist.mode()).sample
+        vae.train()
+        return float(F.mse_loss(out.clamp(-1, 1), eval_images))
+
+    before, window, started, history = eval_mse(), [], time.perf_counter(), []
+    generator = torch.Generator().manual_seed(settings.seed)
+    vae.train()
+    for step in range(settings.vae_steps):
+        images, _ = batch_at(settings, step, size=settings.vae_batch_size)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample(generator)).sample
+        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        window.append(loss.item())
+        if (step + 1) % settings.log_every == 0 or step + 1 == settings.vae_steps:
+            _log(progress, "vae", step + 1, settings.vae_steps, window, started, (step + 1) * settings.vae_batch_size)
+            history.append([step + 1, round(float(np.mean(window)), 5)])
+            window = []
+    after = eval_mse()
+    # PSNR on [-1, 1] images: peak-to-peak 2, so 10 log10(4 / mse).
+    return {"vae_eval_mse_before": before, "vae_eval_mse_after": after, "vae_psnr_db": 10 * float(np.log10(4 / after)),
+            "vae_seconds": time.perf_counter() - started, "vae_loss_history": history}
+
+
+def measure_scaling_factor(vae, settings: SdSettings) -> float:
+    """1 / std of the latents of held-out images, so the UNet sees unit-variance latents."""
+    images, _ = batch_at(settings, 0, "heldout")
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mode()
+    return float(1.0 / latents.std())
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def train_unet(vae, unet, text_encoder, tokenizer, scheduler, settings: SdSettings, progress: Progress) -> dict:
+    """Noise-prediction loss (epsilon target) over uniform timesteps; the text encoder learns alongside."""
+    vae.requires_grad_(False)
+    vae.eval()
+    scale = vae.config.scaling_factor
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=settings.unet_lr, weight_decay=1e-2)
+    warmup = max(1, min(100, settings.unet_steps // 10))
+    lr_at = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+
+    eval_images, eval_captions = batch_at(settings, 0, "heldout")
+    with torch.no_grad():
+        eval_latents = vae.encode(eval_images).latent_dist.mode() * scale
+    eval_noise = torch.randn(eval_latents.shape, generator=torch.Generator().manual_seed(settings.seed + 2))
+    eval_t = torch.linspace(20, scheduler.config.num_train_timesteps - 20, len(eval_latents)).long()
+
+    def eval_loss() -> float:
+        unet.eval(), text_encoder.eval()
+        with torch.no_grad():
+            noisy = scheduler.add_noise(eval_latents, eval_noise, eval_t)
+            pred = unet(noisy, eval_t, encode_text(tokenizer, text_encoder, eval_captions)).sample
+        unet.train(), text_encoder.train()
+        return float(F.mse_loss(pred, eval_noise))
+
+    before, window, history, started = eval_loss(), [], [], time.perf_counter()
+    unet.train(), text_encoder.train()
+    for step in range(settings.unet_steps):
+        images, captions = batch_at(settings, step)
+        drop = torch.rand(len(captions), generator=generator) < UNCONDITIONAL_SHARE
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample(generator) * scale
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        pred = unet(noisy, timesteps, encode_text(tokenizer, text_encoder, captions)).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_at.step()
+        window.append(loss.item())
+        if (step + 1) % settings.log_every == 0 or step + 1 == settings.unet_steps:
+            _log(progress, "unet", step + 1, settings.unet_steps, window, started, (step + 1) * settings.batch_size)
+            history.append([step + 1, round(float(np.mean(window)), 5)])
+            window = []
+    seconds = time.perf_counter() - started
+    return {"unet_eval_loss_before": before, "unet_eval_loss_after": eval_loss(), "unet_seconds": seconds,
+            "unet_seconds_per_step": seconds / max(1, settings.unet_steps), "unet_loss_history": history}
+
+
+def train_sd(out: Path, settings: SdSettings, progress: Progress = print) -> dict:
+    """Train every part and save a StableDiffusionPipeline folder at `out` (safetensors); returns the metrics."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(settings.seed)
+    tokenizer = build_world_tokenizer(tokenizer_texts(settings.seed))
+    vae, unet, text_encoder, scheduler = build_models(tokenizer, settings.resolution, settings.seed)
+    progress(f"world sd: {settings.resolution} px, tokenizer {len(tokenizer)} tokens, unet "
+             f"{sum(p.numel() for p in unet.parameters()):,} parameters, text encoder "
+             f"{sum(p.numel() for p in text_encoder.parameters()):,}, vae {sum(p.numel() for p in vae.parameters()):,}")
+    metrics = train_vae(vae, settings, progress)
+    vae.register_to_config(scaling_factor=measure_scaling_factor(vae, settings))
+    metrics["vae_scaling_factor"] = vae.config.scaling_factor
+    metrics.update(train_unet(vae, unet, text_encoder, tokenizer, scheduler, settings, progress))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return metrics

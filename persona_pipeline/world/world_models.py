@@ -1,0 +1,89 @@
+"""The world models as one folder: `sd/` (diffusers' Stable Diffusion layout), `clip/` (an open_clip
+`local-dir:` folder) and `manifest.json` (seed, steps, data hash, command line, metrics, every file's
+sha256). `train_world_models` writes it; the loaders check the manifest before any model library
+reads a byte, so a changed weight file is refused (naming both hashes) and a missing or unreadable
+one names itself and the command that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from persona_pipeline.world.model_manifest import WorldWeightsError, data_hash, rebuild_command, verify_folder, write_manifest
+
+SD_DIR, CLIP_DIR = "sd", "clip"
+
+
+def train_world_models(out: Path, sd_settings, clip_settings, command: str | None = None,
+                       progress: Callable[[str], None] = print) -> dict:
+    """Train the SD model and the CLIP model into `out`, then write the manifest; returns it."""
+    import diffusers
+    import open_clip
+    import torch
+    import transformers
+
+    from persona_pipeline.world.train_clip import train_clip
+    from persona_pipeline.world.train_sd import sample_definitions, train_sd
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # a half-written folder must not pass as the old one
+    started = time.perf_counter()
+    metrics = train_sd(out / SD_DIR, sd_settings, progress)
+    metrics.update(train_clip(out / CLIP_DIR, clip_settings, progress))
+    count = max(sd_settings.train_count, clip_settings.train_count)
+    definitions = sample_definitions(sd_settings.__class__(**{**asdict(sd_settings), "train_count": count}))
+    fields = {
+        "seed": sd_settings.seed, "resolution": sd_settings.resolution,
+        "steps": {"vae": sd_settings.vae_steps, "unet": sd_settings.unet_steps, "clip": clip_settings.steps},
+        "sd_settings": asdict(sd_settings), "clip_settings": asdict(clip_settings),
+        "data_hash": data_hash(definitions), "data": f"world_samples(seed={sd_settings.seed}, split='train'), {count} samples",
+        "command": command or " ".join(shlex.quote(a) for a in ["persona-pipeline", *sys.argv[1:]]),
+        "metrics": {**metrics, "total_seconds": time.perf_counter() - started},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "open_clip": open_clip.__version__},
+    }
+    write_manifest(out, fields)
+    return verify_folder(out)
+
+
+def _loading(folder: Path, part: str, manifest: dict, load):
+    """Run `load`; an unreadable file (it passed the hash check, so it was written broken) is
+    reported with the folder and the rebuild command rather than a library's traceback."""
+    try:
+        return load()
+    except Exception as error:  # safetensors, JSON and config errors all mean the same thing here
+        raise WorldWeightsError(f"{Path(folder) / part} could not be loaded ({type(error).__name__}: {error}); "
+                                f"rebuild it with: {rebuild_command(folder, manifest)}") from error
+
+
+def load_world_sd(folder: Path):
+    """The verified StableDiffusionPipeline (offline: a local folder only)."""
+    manifest = verify_folder(folder, only=SD_DIR)
+
+    def load():
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline.from_pretrained(Path(folder) / SD_DIR, safety_checker=None, requires_safety_checker=False,
+                                                       local_files_only=True)
+    return _loading(folder, SD_DIR, manifest, load)
+
+
+def load_world_clip(folder: Path):
+    """The verified open_clip (model, eval preprocess, tokenizer)."""
+    manifest = verify_folder(folder, only=CLIP_DIR)
+
+    def load():
+        import open_clip
+
+        name = f"local-dir:{Path(folder) / CLIP_DIR}"
+        model, _, preprocess = open_clip.create_model_and_transforms(name)
+        model.eval()
+        return model, preprocess, open_clip.get_tokenizer(name)
+    return _loading(folder, CLIP_DIR, manifest, load)
