@@ -48,6 +48,7 @@ def test_killed_candidates_are_left_out_and_their_votes_ignored():
     assert seen == {frozenset((1, 2)), frozenset((1, 3)), frozenset((2, 3))}
 
 
+@pytest.mark.slow  # 2.3 s alone: thousands of seeded choices
 def test_reported_probabilities_match_the_mixture_and_observed_frequencies():
     ids = list(range(1, 9))
     votes = consistent_votes(ids, [(2, 3), (3, 4), (2, 4), (3, 5), (4, 5), (6, 7), (7, 8), (6, 8), (1, 8), (5, 6),

@@ -120,6 +120,7 @@ def train(out, capsys) -> list[float]:
     return losses
 
 
+@pytest.mark.slow  # trains the classifier (6.6 s alone)
 def test_train_classifier_learns_is_deterministic_and_writes_loadable_weights(tmp_path, capsys):
     losses = train(tmp_path / "a", capsys)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
