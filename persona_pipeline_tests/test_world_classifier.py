@@ -14,7 +14,9 @@ from PIL import Image
 from persona_pipeline.cli import main
 from persona_pipeline.demo_photos import demo_shots
 from persona_pipeline.world.attributes import DEMO_PERSONA
-from persona_pipeline.world.classifier import HEADS, WorldModelError, accuracy, load_classifier, sha256_file
+from persona_pipeline.fileio import sha256_file
+from persona_pipeline.world.classifier import HEADS, accuracy, load_classifier
+from persona_pipeline.world.model_manifest import WorldWeightsError
 from persona_pipeline.world.classifier_config import MANIFEST_FILE, REBUILD_COMMAND, WEIGHTS_DIR, WEIGHTS_FILE
 from persona_pipeline.world.dataset import samples_digest, world_samples
 
@@ -72,7 +74,7 @@ def weights_copy(tmp_path):
 
 def test_a_missing_weight_file_names_the_file_and_the_command(weights_copy):
     (weights_copy / WEIGHTS_FILE).unlink()
-    with pytest.raises(WorldModelError) as error:
+    with pytest.raises(WorldWeightsError) as error:
         load_classifier(weights_copy)
     assert f"{weights_copy / WEIGHTS_FILE} is missing" in str(error.value) and f"`{REBUILD_COMMAND}`" in str(error.value)
 
@@ -83,7 +85,7 @@ def test_a_corrupt_weight_file_names_the_file_and_the_command(weights_copy):
     manifest = json.loads((weights_copy / MANIFEST_FILE).read_text())
     manifest["weights_sha256"] = sha256_file(weights)  # the manifest agrees: only the file is broken
     (weights_copy / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(WorldModelError) as error:
+    with pytest.raises(WorldWeightsError) as error:
         load_classifier(weights_copy)
     assert f"{weights} is corrupt" in str(error.value) and f"`{REBUILD_COMMAND}`" in str(error.value)
 
@@ -94,7 +96,7 @@ def test_a_manifest_whose_hash_does_not_match_is_refused_naming_both_hashes(weig
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # one bit pattern in the last tensor: still loadable, but not the trained weights
     weights.write_bytes(bytes(data))
-    with pytest.raises(WorldModelError) as error:
+    with pytest.raises(WorldWeightsError) as error:
         load_classifier(weights_copy)
     message = str(error.value)
     assert expected in message and sha256_file(weights) in message and "refused" in message
@@ -104,7 +106,7 @@ def test_a_manifest_of_another_vocabulary_is_refused(weights_copy):
     manifest = json.loads((weights_copy / MANIFEST_FILE).read_text())
     manifest["heads"]["scene"] = manifest["heads"]["scene"][:-1]
     (weights_copy / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(WorldModelError, match="other classes than the world's vocabulary"):
+    with pytest.raises(WorldWeightsError, match="other classes than the world's vocabulary"):
         load_classifier(weights_copy)
 
 

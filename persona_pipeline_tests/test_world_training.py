@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from persona_pipeline.world.model_manifest import WorldWeightsError, sha256_file, verify_folder, write_manifest
+from persona_pipeline.fileio import sha256_file
+from persona_pipeline.world.model_manifest import WorldWeightsError, verify_folder, write_manifest
 
 TINY_COMMAND = "persona-pipeline world train --out trained --steps 12 --vae-steps 4 --clip-steps 12 --batch-size 8"
 

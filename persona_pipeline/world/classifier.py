@@ -11,7 +11,6 @@ hash does not match, naming the file and the command that rebuilds it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,18 +21,16 @@ import torch
 from PIL import Image
 from torch import nn
 
+from persona_pipeline.fileio import sha256_file
 from persona_pipeline.world.attributes import HAIR_COLOURS, HAIR_STYLES, JACKET_COLOURS, SCARF_CHOICES, SCENES
 from persona_pipeline.world.classifier_config import INPUT_SIZE, MANIFEST_FILE, REBUILD_COMMAND, WEIGHTS_DIR, WEIGHTS_FILE
+from persona_pipeline.world.model_manifest import WorldWeightsError
 
 # head -> classes, in the order of the head's outputs.
 HEADS: dict[str, tuple[str, ...]] = {
     "hair_colour": tuple(HAIR_COLOURS), "hair_style": tuple(HAIR_STYLES), "jacket_colour": tuple(JACKET_COLOURS),
     "scarf_colour": SCARF_CHOICES, "scene": SCENES,
 }
-
-
-class WorldModelError(RuntimeError):
-    """A world model's weights or manifest that cannot be used; the message names the file and the fix."""
 
 
 class AttributeNet(nn.Module):
@@ -71,14 +68,6 @@ def to_tensor(images: Sequence[Image.Image], size: int = INPUT_SIZE) -> torch.Te
     return torch.from_numpy(np.stack([to_array(image, size) for image in images])).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class AttributeClassifier:
     net: AttributeNet
@@ -114,23 +103,23 @@ def load_classifier(folder: Path = WEIGHTS_DIR) -> AttributeClassifier:
     fix = f"rebuild it with `{REBUILD_COMMAND}`"
     for path in (weights, manifest_path):
         if not path.is_file():
-            raise WorldModelError(f"{path} is missing; {fix}")
+            raise WorldWeightsError(f"{path} is missing; {fix}")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         expected = manifest["weights_sha256"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise WorldModelError(f"{manifest_path} is not a classifier manifest ({exc}); {fix}") from None
+        raise WorldWeightsError(f"{manifest_path} is not a classifier manifest ({exc}); {fix}") from None
     actual = sha256_file(weights)
     if actual != expected:
-        raise WorldModelError(f"{weights} has sha256 {actual} but {manifest_path} says {expected}: "
+        raise WorldWeightsError(f"{weights} has sha256 {actual} but {manifest_path} says {expected}: "
                               f"refused (weights and manifest are from different builds); {fix}")
     if manifest.get("heads") != {name: list(classes) for name, classes in HEADS.items()}:
-        raise WorldModelError(f"{manifest_path} names other classes than the world's vocabulary (it changed since "
+        raise WorldWeightsError(f"{manifest_path} names other classes than the world's vocabulary (it changed since "
                               f"training); {fix}")
     net = AttributeNet()
     try:
         net.load_state_dict(load_file(str(weights)))
     except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
-        raise WorldModelError(f"{weights} is corrupt or not this classifier's weights ({str(exc).splitlines()[0]}); {fix}") from None
+        raise WorldWeightsError(f"{weights} is corrupt or not this classifier's weights ({str(exc).splitlines()[0]}); {fix}") from None
     net.eval()
     return AttributeClassifier(net, manifest)

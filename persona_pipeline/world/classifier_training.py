@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from persona_pipeline.world.classifier import HEADS, AttributeNet, sha256_file, to_array
+from persona_pipeline.fileio import sha256_file
+from persona_pipeline.world.classifier import HEADS, AttributeNet, to_array
 from persona_pipeline.world.classifier_config import INPUT_SIZE, MANIFEST_FILE, REBUILD_COMMAND, TRAINING_DEFAULTS, WEIGHTS_FILE
 from persona_pipeline.world.dataset import samples_digest, world_samples
 

@@ -12,6 +12,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from persona_pipeline.fileio import sha256_file
+
 MANIFEST_NAME = "manifest.json"
 REBUILD_COMMAND = "persona-pipeline world train --out {out}"
 # Files a manifest never lists: itself, and notes a person may add next to the weights.
@@ -20,14 +22,6 @@ _UNLISTED = {MANIFEST_NAME, "README.md"}
 
 class WorldWeightsError(RuntimeError):
     """Weights that cannot be used as they are; the message names the file and the command that rebuilds it."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def data_hash(definitions: Iterable[dict]) -> str:
