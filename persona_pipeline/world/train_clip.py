@@ -15,8 +15,6 @@ accuracy (the prompt is the attribute's caption phrase), and in-batch image-to-c
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +24,8 @@ import torch.nn.functional as F
 
 from persona_pipeline.world.attributes import HAIR_COLOURS, SCENES
 from persona_pipeline.world.dataset import world_samples
+from persona_pipeline.world.loss_log import LossLog, Progress
 
-Progress = Callable[[str], None]
 CLIP_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
@@ -100,7 +98,7 @@ def train_clip(out: Path, settings: ClipSettings, progress: Progress = print) ->
     warmup = max(1, min(100, settings.steps // 10))
     lr_at = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / settings.steps))))
-    window, history, started = [], [], time.perf_counter()
+    log = LossLog(progress, "clip", settings.steps, settings.batch_size, settings.log_every)
     model.train()
     for step in range(settings.steps):
         samples = _batch(settings, step)
@@ -115,13 +113,8 @@ def train_clip(out: Path, settings: ClipSettings, progress: Progress = print) ->
         lr_at.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100))  # CLIP's cap on the temperature
-        window.append(loss.item())
-        if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
-            rate = (step + 1) * settings.batch_size / (time.perf_counter() - started)
-            progress(f"clip step {step + 1}/{settings.steps}  loss {np.mean(window):.4f}  {rate:.1f} images/s")
-            history.append([step + 1, round(float(np.mean(window)), 5)])
-            window = []
-    seconds = time.perf_counter() - started
+        log.add(loss.item())
+    seconds = log.seconds
     after = evaluate(model, tokenizer, heldout)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,5 +124,5 @@ def train_clip(out: Path, settings: ClipSettings, progress: Progress = print) ->
     (out / CONFIG_FILE).write_text(json.dumps({"model_cfg": CLIP_CONFIG, "preprocess_cfg": preprocess}, indent=2) + "\n")
     # fp16 on disk: the 49408-token embedding is most of the model; fp32 is restored on load.
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
-    return {"clip_seconds": seconds, "clip_seconds_per_step": seconds / max(1, settings.steps), "clip_loss_history": history,
+    return {"clip_seconds": seconds, "clip_seconds_per_step": seconds / max(1, settings.steps), "clip_loss_history": log.history,
             **{f"clip_{k}_before": v for k, v in before.items()}, **{f"clip_{k}_after": v for k, v in after.items()}}

@@ -18,8 +18,6 @@ run is fixed by its seed and step counts. Progress is printed; losses on a fixed
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +28,9 @@ import torch.nn.functional as F
 from persona_pipeline.world.attributes import CLASS_WORD, DEMO_TRIGGER, SCENES
 from persona_pipeline.world.captions import world_caption
 from persona_pipeline.world.dataset import world_samples, world_shot
+from persona_pipeline.world.loss_log import LossLog, Progress
 from persona_pipeline.world.world_tokenizer import build_world_tokenizer
 
-Progress = Callable[[str], None]
 UNCONDITIONAL_SHARE = 0.1
 TOKENIZER_CAPTIONS = 4000  # captions the BPE merges are learned from (every world word occurs)
 
@@ -105,11 +103,6 @@ def build_models(tokenizer, resolution: int, seed: int):
     return vae, unet, text_encoder, scheduler
 
 
-def _log(progress: Progress, part: str, step: int, total: int, losses: list[float], started: float, images: int) -> None:
-    rate = images / max(time.perf_counter() - started, 1e-9)
-    progress(f"{part} step {step}/{total}  loss {np.mean(losses):.4f}  {rate:.1f} images/s")
-
-
 def train_vae(vae, settings: SdSettings, progress: Progress) -> dict:
     """Autoencoder training: L1 + MSE reconstruction and a small KL term (latents stay near N(0, 1))."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr)
@@ -122,7 +115,8 @@ def train_vae(vae, settings: SdSettings, progress: Progress) -> dict:
         vae.train()
         return float(F.mse_loss(out.clamp(-1, 1), eval_images))
 
-    before, window, started, history = eval_mse(), [], time.perf_counter(), []
+    before = eval_mse()
+    log = LossLog(progress, "vae", settings.vae_steps, settings.vae_batch_size, settings.log_every)
     generator = torch.Generator().manual_seed(settings.seed)
     vae.train()
     for step in range(settings.vae_steps):
@@ -133,15 +127,11 @@ def train_vae(vae, settings: SdSettings, progress: Progress) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        window.append(loss.item())
-        if (step + 1) % settings.log_every == 0 or step + 1 == settings.vae_steps:
-            _log(progress, "vae", step + 1, settings.vae_steps, window, started, (step + 1) * settings.vae_batch_size)
-            history.append([step + 1, round(float(np.mean(window)), 5)])
-            window = []
+        log.add(loss.item())
     after = eval_mse()
     # PSNR on [-1, 1] images: peak-to-peak 2, so 10 log10(4 / mse).
     return {"vae_eval_mse_before": before, "vae_eval_mse_after": after, "vae_psnr_db": 10 * float(np.log10(4 / after)),
-            "vae_seconds": time.perf_counter() - started, "vae_loss_history": history}
+            "vae_seconds": log.seconds, "vae_loss_history": log.history}
 
 
 def measure_scaling_factor(vae, settings: SdSettings) -> float:
@@ -183,7 +173,8 @@ def train_unet(vae, unet, text_encoder, tokenizer, scheduler, settings: SdSettin
         unet.train(), text_encoder.train()
         return float(F.mse_loss(pred, eval_noise))
 
-    before, window, history, started = eval_loss(), [], [], time.perf_counter()
+    before = eval_loss()
+    log = LossLog(progress, "unet", settings.unet_steps, settings.batch_size, settings.log_every)
     unet.train(), text_encoder.train()
     for step in range(settings.unet_steps):
         images, captions = batch_at(settings, step)
@@ -201,14 +192,10 @@ def train_unet(vae, unet, text_encoder, tokenizer, scheduler, settings: SdSettin
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         lr_at.step()
-        window.append(loss.item())
-        if (step + 1) % settings.log_every == 0 or step + 1 == settings.unet_steps:
-            _log(progress, "unet", step + 1, settings.unet_steps, window, started, (step + 1) * settings.batch_size)
-            history.append([step + 1, round(float(np.mean(window)), 5)])
-            window = []
-    seconds = time.perf_counter() - started
+        log.add(loss.item())
+    seconds = log.seconds
     return {"unet_eval_loss_before": before, "unet_eval_loss_after": eval_loss(), "unet_seconds": seconds,
-            "unet_seconds_per_step": seconds / max(1, settings.unet_steps), "unet_loss_history": history}
+            "unet_seconds_per_step": seconds / max(1, settings.unet_steps), "unet_loss_history": log.history}
 
 
 def train_sd(out: Path, settings: SdSettings, progress: Progress = print) -> dict:
