@@ -357,12 +357,6 @@ def cmd_review_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
-    return int(text)
-
-
 def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -383,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     personas_sub.add_parser("check", help="validate every persona.yaml").set_defaults(func=cmd_personas_check)
     schedules = sub.add_parser("schedules", help="each persona's schedules and their next fire times, in its timezone")
     schedules.add_argument("--persona", metavar="SLUG", help="only this persona")
-    schedules.add_argument("--count", type=_positive_int, default=3, help="fire times to show per schedule (default 3)")
+    schedules.add_argument("--count", type=world_commands.positive_int, default=3, help="fire times to show per schedule (default 3)")
     schedules.add_argument("--now", metavar="ISO", help="show the fire times after this instant (default: now; naive = UTC)")
     schedules.set_defaults(func=cmd_schedules)
     photos = sub.add_parser("demo-photos", help="draw the demo persona's source photos again")

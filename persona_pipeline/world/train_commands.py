@@ -12,14 +12,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from persona_pipeline.world.commands import positive_int
+
 # About an hour here: VAE 600 x ~0.7 s, UNet 1200 x ~2.15 s, CLIP 1500 x 0.24-0.44 s (docs/world.md).
 DEFAULTS = dict(seed=0, steps=1200, vae_steps=600, clip_steps=1500, resolution=64)
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
-    return int(text)
 
 
 def cmd_world_train(args: argparse.Namespace) -> int:
@@ -47,14 +43,14 @@ def register(world_subparsers) -> None:
     train = world_subparsers.add_parser(
         "train", help="train the world's tiny SD model (VAE, text encoder, UNet) and CLIP model, with a manifest")
     train.add_argument("--out", required=True, help="folder to write sd/, clip/ and manifest.json into")
-    train.add_argument("--steps", type=_positive, default=DEFAULTS["steps"], help=f"UNet steps (default {DEFAULTS['steps']})")
-    train.add_argument("--vae-steps", type=_positive, default=DEFAULTS["vae_steps"])
-    train.add_argument("--clip-steps", type=_positive, default=DEFAULTS["clip_steps"])
+    train.add_argument("--steps", type=positive_int, default=DEFAULTS["steps"], help=f"UNet steps (default {DEFAULTS['steps']})")
+    train.add_argument("--vae-steps", type=positive_int, default=DEFAULTS["vae_steps"])
+    train.add_argument("--clip-steps", type=positive_int, default=DEFAULTS["clip_steps"])
     train.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     train.add_argument("--resolution", type=int, choices=(64, 96), default=DEFAULTS["resolution"],
                        help="image side in px (default 64: 2.7x faster per step than 96, measured)")
-    train.add_argument("--batch-size", type=_positive, default=32, help="UNet batch (default 32)")
-    train.add_argument("--log-every", type=_positive, default=25, help="print progress every N steps")
-    train.add_argument("--threads", type=_positive, default=1, help="torch threads (default 1)")
+    train.add_argument("--batch-size", type=positive_int, default=32, help="UNet batch (default 32)")
+    train.add_argument("--log-every", type=positive_int, default=25, help="print progress every N steps")
+    train.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     train.add_argument("--command-line", default=None, help=argparse.SUPPRESS)  # tests record a stable command
     train.set_defaults(func=cmd_world_train)
