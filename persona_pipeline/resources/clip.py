@@ -1,5 +1,6 @@
-"""open_clip embeddings: the tiny random preset offline, or a real architecture with weights from a
-local file (PERSONA_CLIP_PRETRAINED). Scores on the tiny preset are noise, but the code path is real."""
+"""open_clip embeddings: `world` (the committed CLIP model trained on the world, docs/world.md), the
+tiny random preset (scores are noise: shapes alone), or a real architecture with weights from a local
+file (PERSONA_CLIP_PRETRAINED)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from PIL import Image
 
 from persona_pipeline.training.tiny_models import register_tiny_clip
 
+WORLD_CLIP_MODEL = "world"
+
 
 class ClipModel(dg.ConfigurableResource):
     model_name: str = "tiny"
@@ -21,6 +24,10 @@ class ClipModel(dg.ConfigurableResource):
     @property
     def model_id(self) -> str:
         """What an embedding was made with: a change of model re-embeds the whole library."""
+        if self.model_name == WORLD_CLIP_MODEL:
+            from persona_pipeline.world.world_models import world_models_id
+
+            return f"world:{world_models_id()}"
         return f"{self.model_name}:{self.pretrained or 'random'}"
 
     def embed_images(self, paths: list[Path], batch_size: int = 32) -> np.ndarray:
@@ -59,6 +66,16 @@ class ClipModel(dg.ConfigurableResource):
 @lru_cache(maxsize=2)
 def _load(model_name: str, pretrained: str, device: str):
     import open_clip
+
+    if model_name == WORLD_CLIP_MODEL:
+        from persona_pipeline.world.model_manifest import COMMITTED_WORLD_MODELS
+        from persona_pipeline.world.world_models import load_world_clip
+
+        if pretrained:
+            raise ValueError(f"PERSONA_CLIP_PRETRAINED={pretrained!r} does not apply to PERSONA_CLIP_MODEL=world "
+                             "(its weights are the committed world models)")
+        model, preprocess, tokenizer = load_world_clip(COMMITTED_WORLD_MODELS)
+        return model.to(device), preprocess, tokenizer
 
     name = register_tiny_clip() if model_name == "tiny" else model_name
     if pretrained and Path(pretrained).suffix in {".safetensors", ".bin", ".pt", ".pth"} and not Path(pretrained).is_file():

@@ -36,17 +36,24 @@ from persona_pipeline.resources.diffusion_runtime import (GenerationInputError, 
                                                           quiet_adapters, shared_runtime, torch_threads)
 from persona_pipeline.resources.diffusion_samplers import GenerationParamError, check_generation_params, make_scheduler
 from persona_pipeline.training.lora import LoraTrainingParams, TrainingResult, model_family, train_lora
+from persona_pipeline.world.world_models import world_models_id, world_sd_path
 from persona_pipeline.training.tiny_models import (TINY_CONTROLNET_NAME, TINY_RESOLUTION, TINY_SD_NAME,
                                                    build_tiny_controlnet, build_tiny_sd)
+
+WORLD_BASE_MODEL = "world"
 
 # Importers reach the job type, its batching and the errors through this module.
 __all__ = ["DiffusersJob", "DiffusionBackend", "GenerationInputError", "GenerationParamError", "ReproductionError",
            "check_generation_params", "plan_batches"]
 
+WORLD_TRAINING = LoraTrainingParams(rank=8, alpha=8.0, steps=200, learning_rate=1e-3, batch_size=4, resolution=64,
+                                    checkpoint_every=50)
 # Training presets per base-model family (README "Training presets"); persona.yaml overrides any field.
 TRAINING_PRESETS = {
     "tiny": LoraTrainingParams(rank=4, alpha=4.0, steps=30, learning_rate=1e-3, batch_size=2, resolution=TINY_RESOLUTION,
                                checkpoint_every=10),
+    # The world model (world/, 64 px, 16x16 latents): measured in docs/world.md.
+    "world": WORLD_TRAINING,
     "sd15": LoraTrainingParams(rank=16, alpha=16.0, steps=1500, learning_rate=1e-4, batch_size=1, resolution=512,
                                min_snr_gamma=5.0, checkpoint_every=250),
     "sdxl": LoraTrainingParams(rank=16, alpha=16.0, steps=1500, learning_rate=1e-4, batch_size=1, resolution=1024,
@@ -54,7 +61,7 @@ TRAINING_PRESETS = {
 }
 TINY_TRAINING, SD15_TRAINING = TRAINING_PRESETS["tiny"], TRAINING_PRESETS["sd15"]
 # Validation renders per family: (size, sampling steps).
-VALIDATION_RENDER = {"tiny": (TINY_RESOLUTION, 4), "sd15": (512, 25), "sdxl": (1024, 25)}
+VALIDATION_RENDER = {"tiny": (TINY_RESOLUTION, 4), "world": (64, 12), "sd15": (512, 25), "sdxl": (1024, 25)}
 
 
 class ReproductionError(ValueError):
@@ -62,7 +69,8 @@ class ReproductionError(ValueError):
 
 
 class DiffusionBackend(dg.ConfigurableResource):
-    """PERSONA_BASE_MODEL / PERSONA_DEVICE; tiny models are built under `models_dir` once."""
+    """PERSONA_BASE_MODEL / PERSONA_DEVICE: `world` (the committed world-trained model, docs/world.md),
+    `tiny` (random weights, for shapes alone; built under `models_dir` once), or a local folder / hub id."""
 
     base_model: str = "tiny"
     device: str = "cpu"
@@ -75,22 +83,31 @@ class DiffusionBackend(dg.ConfigurableResource):
     def is_tiny(self) -> bool:
         return self.base_model == "tiny"
 
+    @property
+    def is_world(self) -> bool:
+        return self.base_model == WORLD_BASE_MODEL
+
     def base_model_path(self) -> str:
         if self.is_tiny:
             return str(build_tiny_sd(Path(self.models_dir) / TINY_SD_NAME))
+        if self.is_world:
+            return str(world_sd_path())  # checked against its manifest first
         return self.base_model  # a local folder or a hub id; from_pretrained resolves either
 
     def controlnet_path(self) -> str:
         if self.controlnet_model != "tiny":
             return self.controlnet_model
-        if not self.is_tiny:
-            raise GenerationParamError(f"controlnet_model='tiny' only fits base_model='tiny'; base_model={self.base_model!r} "
-                                       "needs an OpenPose ControlNet for its family (a local folder or a hub id)")
-        return str(build_tiny_controlnet(Path(self.models_dir) / TINY_CONTROLNET_NAME, Path(self.base_model_path())))
+        if not (self.is_tiny or self.is_world):
+            raise GenerationParamError(f"controlnet_model='tiny' only fits base_model='tiny' or 'world'; base_model="
+                                       f"{self.base_model!r} needs an OpenPose ControlNet for its family (a local folder or a hub id)")
+        name = TINY_CONTROLNET_NAME if self.is_tiny else f"world-controlnet-{world_models_id()}"
+        return str(build_tiny_controlnet(Path(self.models_dir) / name, Path(self.base_model_path())))
 
     def preset_name(self) -> str:
-        """The training and render preset: `tiny`, `sd15` or `sdxl` (from the model's model_index.json)."""
-        return "tiny" if self.is_tiny else model_family(self.base_model)
+        """The training and render preset: `tiny`, `world`, `sd15` or `sdxl` (from the model's model_index.json)."""
+        if self.is_tiny or self.is_world:
+            return self.base_model
+        return model_family(self.base_model)
 
     def training_defaults(self) -> LoraTrainingParams:
         return TRAINING_PRESETS[self.preset_name()]
@@ -104,8 +121,9 @@ class DiffusionBackend(dg.ConfigurableResource):
         return VALIDATION_RENDER[self.preset_name()][0]
 
     def min_side(self) -> int:
-        """The smallest image side this model is asked for (the tiny model draws 32 px images)."""
-        return 32 if self.is_tiny else 256
+        """The smallest image side this model is asked for (the tiny model draws 32 px images, the
+        world model 64 px ones)."""
+        return 32 if self.is_tiny else 64 if self.is_world else 256
 
     def train(self, dataset_dir: Path, output_dir: Path, params: LoraTrainingParams, weight_name: str,
               log: Callable[[str], None]) -> TrainingResult:

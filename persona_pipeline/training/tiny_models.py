@@ -5,6 +5,7 @@ model. Shapes follow diffusers' own test fixtures. Weights are seeded, so every 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 TINY_SD_NAME = "tiny-sd"
@@ -136,9 +137,9 @@ TINY_CONTROLNET_NAME = "tiny-controlnet"
 
 
 def build_tiny_controlnet(folder: Path, tiny_sd: Path, seed: int = 0) -> Path:
-    """Write a ControlNet for the tiny SD pipeline at `tiny_sd` to `folder` (idempotent): the
-    encoder copied from its UNet (`ControlNetModel.from_unet`), a conditioning embedding that
-    downsamples by 2 like the tiny VAE, and seeded random weights where a fresh ControlNet has
+    """Write a ControlNet for the tiny SD pipeline (or the world model) at `tiny_sd` to `folder`
+    (idempotent): the encoder copied from its UNet (`ControlNetModel.from_unet`), a conditioning
+    embedding that downsamples as its VAE does, and seeded random weights where a fresh ControlNet has
     zeros (the zero convolutions), so that the control image really changes what is drawn."""
     folder = Path(folder)
     if (folder / "config.json").is_file():
@@ -147,8 +148,11 @@ def build_tiny_controlnet(folder: Path, tiny_sd: Path, seed: int = 0) -> Path:
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(Path(tiny_sd), subfolder="unet")
-    # One stride-2 stage: control images at pixel size map onto the tiny VAE's half-size latents.
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    # One stride-2 stage per halving of the VAE: control images at pixel size map onto its latents
+    # (one for the tiny VAE's half-size latents, two for the world model's quarter-size ones).
+    vae_config = json.loads((Path(tiny_sd) / "vae" / "config.json").read_text(encoding="utf-8"))
+    stages = len(vae_config["block_out_channels"]) - 1
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64, 128)[:stages + 1])
     generator = torch.Generator().manual_seed(seed)
     zero_initialised = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks,
                         controlnet.controlnet_mid_block]

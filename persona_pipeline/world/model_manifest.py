@@ -15,6 +15,8 @@ from pathlib import Path
 from persona_pipeline.fileio import sha256_file
 
 MANIFEST_NAME = "manifest.json"
+# The committed world models (package data): `PERSONA_BASE_MODEL=world` / `PERSONA_CLIP_MODEL=world`.
+COMMITTED_WORLD_MODELS = Path(__file__).resolve().parent / "weights" / "world-models"
 REBUILD_COMMAND = "persona-pipeline world train --out {out}"
 # Files a manifest never lists: itself, and notes a person may add next to the weights.
 _UNLISTED = {MANIFEST_NAME, "README.md"}

@@ -12,10 +12,12 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from functools import lru_cache
 from dataclasses import asdict
 from pathlib import Path
 
-from persona_pipeline.world.model_manifest import WorldWeightsError, data_hash, rebuild_command, verify_folder, write_manifest
+from persona_pipeline.world.model_manifest import (COMMITTED_WORLD_MODELS, WorldWeightsError, data_hash, rebuild_command,
+                                                   verify_folder, write_manifest)
 
 SD_DIR, CLIP_DIR = "sd", "clip"
 
@@ -61,6 +63,21 @@ def _loading(folder: Path, part: str, manifest: dict, load):
     except Exception as error:  # safetensors, JSON and config errors all mean the same thing here
         raise WorldWeightsError(f"{Path(folder) / part} could not be loaded ({type(error).__name__}: {error}); "
                                 f"rebuild it with: {rebuild_command(folder, manifest)}") from error
+
+
+@lru_cache(maxsize=4)
+def world_sd_path(folder: Path = COMMITTED_WORLD_MODELS) -> Path:
+    """The verified `sd/` folder, for code that loads it itself (diffusers' from_pretrained, LoRA
+    training). Checked once per process: 15 MB of hashing is not repeated on every call."""
+    verify_folder(folder, only=SD_DIR)
+    return Path(folder) / SD_DIR
+
+
+def world_models_id(folder: Path = COMMITTED_WORLD_MODELS) -> str:
+    """A short id of the trained weights (their manifest's hash), for provenance and embedding ids."""
+    import hashlib
+
+    return hashlib.sha256((Path(folder) / "manifest.json").read_bytes()).hexdigest()[:12]
 
 
 def load_world_sd(folder: Path):
