@@ -17,8 +17,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 DAGSTER_INLINE_LIMIT = 1000  # characters: the UI shows a shorter markdown entry without a click
-THUMB = 160
-COLUMNS = 6
+# 3 x 124 px: the sheet fits the metadata value column of the asset page at a 1400 px wide window
+# (markdown cannot size an image, and a wider one is cut off behind a scroll bar).
+THUMB = 124
+COLUMNS = 3
 LABEL_LINES = 3
 FONT_SIZE = 11
 LINE_HEIGHT = 13
@@ -77,7 +79,9 @@ def contact_sheet_png(paths: Sequence[Path], labels: Sequence[str] | None = None
         try:
             with Image.open(path) as image:
                 image = image.convert("RGB")
-                image.thumbnail((thumb - 4, thumb - 4))
+                scale = (thumb - 4) / max(image.width, image.height)  # up too: a tiny render stays visible
+                image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                     Image.Resampling.LANCZOS)
                 sheet.paste(image, (x + (thumb - image.width) // 2, y + 2))
         except OSError:
             pass

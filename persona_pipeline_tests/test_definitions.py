@@ -247,9 +247,11 @@ def test_persona_schedules_show_each_personas_cron_and_timezone(tmp_path):
     (settings.datasets_dir / "broken" / "persona.yaml").write_text("name: [unclosed\n")
     defs = build_definitions(settings)
     generation = defs.resolve_schedule_def("persona_generation").description
-    assert "- mira: `30 7 * * 1-5` in America/New_York; next " in generation
-    nexts = generation.split("America/New_York; next ", 1)[1].split("\n", 1)[0].split(", ")
+    # The crons come first (the UI shows the description as one paragraph above "Every minute").
+    assert generation.startswith("Per persona, from persona.yaml `schedules.generation` as the code location loaded "
+                                 "it: mira `30 7 * * 1-5` in America/New_York (next ")
+    nexts = generation.split("America/New_York (next ", 1)[1].split(")", 1)[0].split(", ")
     assert len(nexts) == 3 and all(" 07:30" in moment and moment[:3] in ("Mon", "Tue", "Wed", "Thu", "Fri")
                                    for moment in nexts)
-    assert "- mira: off (`schedules.report: null`)" in defs.resolve_schedule_def("persona_report").description
-    assert "- broken: not scheduled, persona.yaml is invalid" in generation
+    assert "; broken not scheduled: invalid persona.yaml (" in generation
+    assert "mira off; broken not scheduled" in defs.resolve_schedule_def("persona_report").description

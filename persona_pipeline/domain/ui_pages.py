@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+WEEKDAYS = ("Mo", "Tu", "We", "Th", "Fr", "Sa", "Su")  # short: the grid sits in a narrow column
 # One mark per post status in the week grid, so a cell stays a few characters wide.
 STATUS_MARKS = {"scheduled": "●", "awaiting_approval": "○", "publishing": "◐", "failed": "✕", "published": "✓"}
 CAPTION_CHARS = 100
@@ -18,26 +18,22 @@ CAPTION_CHARS = 100
 # --- per-persona schedules ---------------------------------------------------------------------------------
 
 def schedule_description(kind: str, job: str, rows: Sequence[Mapping], errors: Mapping[str, str]) -> str:
-    """The description of schedule `persona_<kind>`: what it does, that its Dagster cron is only a
-    minute tick, and each persona's real cron, timezone and next fire times (rows as
-    `describe_schedules` gives them, for this kind) as read when the code location loaded."""
-    lines = [f"Every minute (the Dagster cron `* * * * *` is only the tick) this asks, for each persona, whether "
-             f"its persona.yaml `schedules.{kind}` cron fired in the minute just ended, in the persona's own "
-             f"timezone, and starts a `{job}` run for each that did (partition = the persona).", "",
-             "Each persona's schedule, as read when the code location loaded (a persona.yaml edit applies at "
-             "the next tick and shows here after a reload):", ""]
-    mine = [row for row in rows if row["kind"] == kind]
-    for row in mine:
+    """The description of schedule `persona_<kind>`: each persona's real cron, timezone and next fire
+    times first (rows as `describe_schedules` gives them, as read when the code location loaded),
+    then that the Dagster cron is only a minute tick. One paragraph: the UI shows it as plain text."""
+    parts = []
+    for row in (row for row in rows if row["kind"] == kind):
         if row["cron"] is None:
-            lines.append(f"- {row['slug']}: off (`schedules.{kind}: null`)")
+            parts.append(f"{row['slug']} off")
             continue
         upcoming = ", ".join(moment.strftime("%a %Y-%m-%d %H:%M") for moment in row["next"]) or "none"
-        lines.append(f"- {row['slug']}: `{row['cron']}` in {row['timezone']}; next {upcoming}")
-    for slug, error in sorted(errors.items()):
-        lines.append(f"- {slug}: not scheduled, persona.yaml is invalid ({_one_line(error, 120)})")
-    if not mine and not errors:
-        lines.append("- no persona folder found")
-    return "\n".join(lines)
+        parts.append(f"{row['slug']} `{row['cron']}` in {row['timezone']} (next {upcoming})")
+    parts += [f"{slug} not scheduled: invalid persona.yaml ({_one_line(error, 120)})" for slug, error in sorted(errors.items())]
+    crons = "; ".join(parts) or "no persona folder found"
+    return (f"Per persona, from persona.yaml `schedules.{kind}` as the code location loaded it: {crons}. "
+            f"The Dagster cron `* * * * *` is only a tick: every minute it starts a `{job}` run (partition = the "
+            f"persona) for each persona whose own cron fired in the minute just ended, in its own timezone. A "
+            f"persona.yaml edit applies at the next tick and shows here after a reload.")
 
 
 # --- post calendar -----------------------------------------------------------------------------------------
@@ -67,14 +63,14 @@ def week_grid(posts: Sequence[CalendarPost], tz: str) -> str:
     first = local[0][0].date()
     monday = first - timedelta(days=first.weekday())
     last = local[-1][0].date()
-    lines = [f"| week of ({tz}) | " + " | ".join(WEEKDAYS) + " |", "| --- " * 8 + "|"]
+    lines = ["| week | " + " | ".join(WEEKDAYS) + " |", "| --- " * 8 + "|"]
     while monday <= last:
         cells = [" · ".join(by_day.get(monday + timedelta(days=offset), [])) or " " for offset in range(7)]
         lines.append(f"| {monday:%d %b} | " + " | ".join(cells) + " |")
         monday += timedelta(days=7)
     legend = " · ".join(f"{mark} {status.replace('_', ' ')}" for status, mark in STATUS_MARKS.items()
                         if any(p.status == status for p in posts))
-    return "\n".join(lines) + f"\n\n{legend}; the number is the post id."
+    return "\n".join(lines) + f"\n\nTimes in {tz}. {legend}; the number is the post id."
 
 
 def agenda(posts: Sequence[CalendarPost], tz: str) -> str:
