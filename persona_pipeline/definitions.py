@@ -45,9 +45,11 @@ from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline.resources.gemini import GeminiClient
 from persona_pipeline.resources.generation import GenerationDefaults
 from persona_pipeline.resources.instagram import InstagramGraphClient
+from persona_pipeline.resources.links import UiLinks
 from persona_pipeline.resources.publisher import InstagramPublisher, OutboxPublisher, Publisher
 from persona_pipeline.resources.review_policy import AutoReviewer
 from persona_pipeline.resources.storage import PersonaFolders, PersonaStorage
+from persona_pipeline.personas import discover_personas
 from persona_pipeline.settings import Settings
 
 ASSETS = [source_photos, training_dataset, lora_model, content_plan, candidates, rankings, content_library, clusters,
@@ -88,6 +90,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
         "alerts": AlertWebhook(url=env("alert_webhook_url"), ui_base_url=env("dagster_ui_base_url"),
                                max_attempts=env("alert_max_attempts")),
         "freshness": FreshnessRules(min_days_ahead=env("freshness_days")),
+        "links": UiLinks(dagster_ui_base_url=env("dagster_ui_base_url"), review_base_url=env("review_base_url")),
     }
 
 
@@ -108,6 +111,7 @@ def build_publisher(settings: Settings) -> Publisher:
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
+    personas, persona_errors = discover_personas(settings.datasets_dir)  # for the schedules' descriptions only
     return dg.Definitions(
         assets=ASSETS,
         asset_checks=[calendar_slots_valid, pillars_stocked, calendar_covers_ahead, library_runway],
@@ -115,7 +119,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
               post_calendar_job, publish_job, lora_import_job, content_planning_job, generation_runs_job,
               weekly_report_job],
         sensors=[persona_sensor, lora_incoming_sensor, review_sensor, run_failure_alerts, alert_sensor],
-        schedules=[publish_schedule(settings.publish_cron), *persona_schedules()],
+        schedules=[publish_schedule(settings.publish_cron), *persona_schedules(personas, persona_errors)],
         resources=build_resources(settings),
     )
 

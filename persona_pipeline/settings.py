@@ -323,6 +323,10 @@ class Settings:
     dagster_ui_base_url: str = setting(
         "DAGSTER_UI_BASE_URL", BASE_URL, "http://localhost:3000",
         "Base URL of the Dagster UI; alerts and the weekly report link to runs and assets under it.")
+    review_base_url: str = setting(
+        "REVIEW_BASE_URL", BASE_URL, "http://127.0.0.1:8090",
+        "Base URL of the review form as a browser reaches it; Dagster metadata links to its pages and shows "
+        "preview images from its `/media/` (a reviewer logged in to the form sees them).")
     alert_max_attempts: int = setting(
         "ALERT_MAX_ATTEMPTS", Integer(1, 100), "8",
         "Deliveries tried per alert (waits grow from 30 s to 1 h; a sensor never waits on the webhook) before "

@@ -61,7 +61,11 @@ def test_every_asset_materialises_with_metadata(built_chain):
     # every other demo photo has a sidecar; the rest are captioned offline by open_clip
     assert json.loads(metadata["training_dataset"]["caption_sources"].value) == {"clip:tiny": 6, "sidecar": 6}
     assert metadata["candidates"]["candidates"].value == 6  # 2 planned prompts (runs) × 3
-    assert "data:image/png;base64," in metadata["candidates"]["contact_sheet"].value
+    # The sheet shows on the asset page through the review form (short markdown); a base64 copy rides along.
+    sheet = metadata["candidates"]["contact_sheet"].value
+    assert sheet.startswith("![contact_sheet: 6 image(s)](http://127.0.0.1:8090/media/previews/tester/contact_sheet-")
+    assert "data:image/png;base64," in metadata["candidates"]["contact_sheet_embedded"].value
+    assert "still_running" not in metadata["candidates"]  # nothing else was generating
     assert metadata["content_plan"]["prompts"].value == 2
     assert metadata["scheduled_posts"]["new_posts"].value == 2
 

@@ -117,6 +117,8 @@ FED_BY_ENVIRONMENT = {
     ("alerts", "url"): "ALERT_WEBHOOK_URL",
     ("alerts", "ui_base_url"): "DAGSTER_UI_BASE_URL",
     ("alerts", "max_attempts"): "ALERT_MAX_ATTEMPTS",
+    ("links", "dagster_ui_base_url"): "DAGSTER_UI_BASE_URL",
+    ("links", "review_base_url"): "REVIEW_BASE_URL",
 }
 
 
@@ -158,7 +160,7 @@ def test_every_value_from_the_environment_reaches_the_resources_as_its_variable(
         "PERSONA_GEMINI_MODEL": "gemini-model-5e1f", "GEMINI_BASE_URL": "http://gemini-5e1f:1",
         "MEDIA_PUBLIC_BASE_URL": "https://media-5e1f.example.com", "INSTAGRAM_GRAPH_URL": "http://graph-5e1f:1/v23.0",
         "ALERT_WEBHOOK_URL": "https://hooks.example.com/services/webhook-secret-5e1f",
-        "DAGSTER_UI_BASE_URL": "https://dagster-5e1f.example.com",
+        "DAGSTER_UI_BASE_URL": "https://dagster-5e1f.example.com", "REVIEW_BASE_URL": "https://review-5e1f.example.com",
     }
     plain = {"PERSONA_DEVICE": "cpu", "PERSONA_CANDIDATES_PER_RUN": "7", "PERSONA_GENERATION_BATCH_SIZE": "3",
              "COMFYUI_MAX_IN_FLIGHT": "5", "PERSONA_GENERATION_BACKEND": "comfyui", "PERSONA_PUBLISH_WORKERS": "9",
@@ -181,3 +183,75 @@ def test_every_value_from_the_environment_reaches_the_resources_as_its_variable(
             resource = getattr(getattr(built, owner), nested) if nested else getattr(built, owner)
             value = getattr(resource, name)
             assert str(value) == expected[variable], (key, name)
+
+
+def _substantial(description: str | None) -> bool:
+    """A description that says something: whole sentences, not a name or Dagster's placeholder."""
+    return bool(description) and len(description) >= 60 and "No description" not in description
+
+
+def test_every_definition_says_what_it_does_and_what_starts_it(tmp_path):
+    """The Dagster UI shows these descriptions: each asset names every job that materialises it, each
+    job the sensors and schedules that start it (or says it is started by hand), each sensor and
+    schedule the jobs it starts and how often, each check its asset."""
+    defs = build_definitions(make_settings(tmp_path, f"sqlite:///{tmp_path / 'a.db'}"))
+    graph = defs.resolve_asset_graph()
+    jobs = [job for job in defs.resolve_all_job_defs() if not job.name.startswith("__")]
+    sensors, schedules = list(defs.sensors), list(defs.schedules)
+    starters = {job.name: [s.name for s in sensors if job.name in [t.job_name for t in s.targets]]
+                + [s.name for s in schedules if s.job_name == job.name] for job in jobs}
+    missing = []
+    for key in graph.get_all_asset_keys():
+        description = graph.get(key).description
+        in_jobs = [job.name for job in jobs if key in job.asset_layer.selected_asset_keys]
+        if not _substantial(description) or "Started" not in description:
+            missing.append(f"asset {key.to_user_string()}: {description!r}")
+        missing += [f"asset {key.to_user_string()} does not name job {name}" for name in in_jobs
+                    if name not in (description or "")]
+    for job in jobs:
+        named = starters[job.name] or ["by hand"]
+        if not _substantial(job.description) or not all(name in job.description for name in named):
+            missing.append(f"job {job.name} ({named}): {job.description!r}")
+    for sensor in sensors:
+        targets = [t.job_name for t in sensor.targets]
+        if (not _substantial(sensor.description) or f"Every {sensor.minimum_interval_seconds} s" not in sensor.description
+                or not all(name in sensor.description for name in targets)):
+            missing.append(f"sensor {sensor.name} ({targets}): {sensor.description!r}")
+    for schedule in schedules:
+        if not _substantial(schedule.description) or schedule.job_name not in schedule.description:
+            missing.append(f"schedule {schedule.name}: {schedule.description!r}")
+    specs = [spec for assets in defs.assets for spec in assets.check_specs]
+    specs += [spec for checks in defs.asset_checks for spec in checks.check_specs]
+    assert len(specs) == len(graph.asset_check_keys)
+    for spec in specs:
+        asset = spec.asset_key.to_user_string()
+        if not _substantial(spec.description) or f"Runs with every {asset} materialisation" not in spec.description:
+            missing.append(f"check {spec.key.to_user_string()}: {spec.description!r}")
+    assert missing == []
+
+
+def test_persona_schedules_show_each_personas_cron_and_timezone(tmp_path):
+    """The UI reads "Every minute" for the four per-persona schedules: their descriptions name each
+    persona's real cron, timezone and next fire times, and a persona whose file is broken."""
+    import yaml
+
+    from persona_pipeline_tests.conftest import write_persona
+
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'a.db'}")
+    folder = write_persona(settings.datasets_dir, "mira", photos=0)
+    config = yaml.safe_load((folder / "persona.yaml").read_text())
+    config["timezone"] = "America/New_York"
+    config["schedules"] = {"generation": "30 7 * * 1-5", "report": None}
+    (folder / "persona.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (settings.datasets_dir / "broken").mkdir()
+    (settings.datasets_dir / "broken" / "persona.yaml").write_text("name: [unclosed\n")
+    defs = build_definitions(settings)
+    generation = defs.resolve_schedule_def("persona_generation").description
+    # The crons come first (the UI shows the description as one paragraph above "Every minute").
+    assert generation.startswith("Per persona, from persona.yaml `schedules.generation` as the code location loaded "
+                                 "it: mira `30 7 * * 1-5` in America/New_York (next ")
+    nexts = generation.split("America/New_York (next ", 1)[1].split(")", 1)[0].split(", ")
+    assert len(nexts) == 3 and all(" 07:30" in moment and moment[:3] in ("Mon", "Tue", "Wed", "Thu", "Fri")
+                                   for moment in nexts)
+    assert "; broken not scheduled: invalid persona.yaml (" in generation
+    assert "mira off; broken not scheduled" in defs.resolve_schedule_def("persona_report").description

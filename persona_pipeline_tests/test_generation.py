@@ -451,3 +451,37 @@ def test_a_pose_image_through_a_link_or_outside_the_persona_folder_is_refused(tm
     with pytest.raises(TemplateError) as refused:
         executor.build(job)
     assert f"pose_image {pose!r}" in str(refused.value) and problem in str(refused.value)
+
+
+def test_a_materialisation_while_another_run_still_generates_says_so_and_links_that_run(tmp_path, db_url):
+    """The latest `candidates` materialisation used to read "0 candidates / no images" while another
+    run was still making the persona's images; it now names that run and links it."""
+    import dagster as dg
+    from dagster._core.test_utils import create_run_for_test
+
+    from persona_pipeline.definitions import build_resources
+
+    with one_step_made_on_comfyui(tmp_path, db_url) as (server, settings, folder):
+        instance = dg.DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions("personas", [folder.name])
+        other = create_run_for_test(instance, job_name="generation_runs", status=dg.DagsterRunStatus.STARTED)
+        with session_scope(settings.database_url) as session:
+            step = session.scalars(select(models.RunStep)).first()
+            for slot in (7, 8):
+                session.add(models.GenerationJob(run_id=step.run_id, step_id=step.id, parent_key=0, slot=slot, seed=slot,
+                                                 status="running", backend="comfyui", dagster_run_id=other.run_id))
+            run_id = step.run_id
+        result = dg.materialize([candidates], partition_key=folder.name, instance=instance,
+                                resources=build_resources(settings),
+                                run_config={"ops": {"candidates": {"config": {"start_runs": False}}}})
+    assert result.success
+    metadata = result.asset_materializations_for_node("candidates")[0].metadata
+    assert metadata["candidates"].value == 0
+    link = f"[run {other.run_id[:8]}](http://localhost:3000/runs/{other.run_id})"
+    assert metadata["contact_sheet"].value.startswith(f"**Still running:** {link} has 2 image(s) of generation "
+                                                      f"run(s) {run_id} in progress")
+    assert metadata["still_running"].value == metadata["contact_sheet"].value
+    assert metadata[f"generating_in_{other.run_id[:8]}"].value == other.run_id
+    with session_scope(settings.database_url) as session:  # a live run's jobs are left to it, not abandoned
+        assert session.scalar(select(func.count()).select_from(models.GenerationJob).where(
+            models.GenerationJob.dagster_run_id == other.run_id, models.GenerationJob.status == "running")) == 2

@@ -34,6 +34,7 @@ from persona_pipeline_tests.helpers import add_finished_run
 SLUG = "tester"
 TZ = "Europe/Lisbon"
 UI = "http://dagster.test:3000"
+PUBLISHING_RUN = "5e1fc0de-0000-4000-8000-000000000001"
 CAPTION = "Sunset | rooftop\nsecond line of the caption"
 THEME = "rooftop | neon"
 
@@ -165,9 +166,11 @@ def seed_week(url: str, tmp_path: Path, start: datetime, end: datetime) -> dict:
         _image(jpeg, 1, "JPEG")
         p1 = post("published", 1, caption=CAPTION, media_path=str(jpeg), published_at=inside, theme=THEME,
                   permalink="https://www.instagram.com/p/abc123/", candidate_id=c[0].id)
-        # Its media file is gone (the thumbnail is skipped) and it has no permalink: the outbox record names it.
+        # Its media file is gone (the thumbnail is skipped) and it has no permalink: the report links to the
+        # Dagster run that published it, never to the outbox record (a local path).
         p2 = post("published", 2, media_path=str(media / "gone.jpg"), published_at=inside + timedelta(hours=1),
-                  external_id=f"outbox-{SLUG}-2")
+                  external_id=f"outbox-{SLUG}-2", claimed_by=PUBLISHING_RUN)
+        p6 = post("published", 6, published_at=inside + timedelta(hours=2), claimed_by="local-3f2a")  # no run to link
         outbox_record = str(home / "outbox" / SLUG / f"post-{p2.id:06d}.json")
         session.add(models.PostAttempt(post_id=p2.id, publisher="outbox", step="outbox", outcome="published",
                                        detail=outbox_record, created_at=inside))
@@ -204,7 +207,7 @@ def seed_week(url: str, tmp_path: Path, start: datetime, end: datetime) -> dict:
                                      text=f"alert {key}", status=status, created_at=when, sent_at=when,
                                      link=f"{UI}/runs/{key}"))
         session.flush()
-        return {"persona_id": persona.id, "posts": [p1.id, p2.id], "absent_posts": [p3.id, p5.id], "failed_post": p4.id,
+        return {"persona_id": persona.id, "posts": [p1.id, p2.id, p6.id], "absent_posts": [p3.id, p5.id], "failed_post": p4.id,
                 "run1": run1.id, "run2": run2.id, "run3": run3.id, "winner": c[0].id, "outbox_record": outbox_record,
                 "lora": lora.id, "old_lora": old_lora.id}
 
@@ -245,7 +248,8 @@ def test_collect_week_counts_and_window(db_url, tmp_path):
         report = collect_week(session, session.get(models.Persona, ids["persona_id"]), start, end)
     assert [p.post_id for p in report.posts] == ids["posts"]
     assert report.posts[0].link == "https://www.instagram.com/p/abc123/"
-    assert report.posts[1].link == ids["outbox_record"]
+    assert (report.posts[1].link, report.posts[1].run_id) == ("", PUBLISHING_RUN)
+    assert (report.posts[2].link, report.posts[2].run_id) == ("", None)  # published outside Dagster
     assert report.posts[0].pillar == "city" and report.posts[0].theme == THEME
     by_name = {r.reviewer: r for r in report.reviewers}
     assert set(by_name) == {"alice", "bob", "carol"}
@@ -265,7 +269,7 @@ def test_collect_week_counts_and_window(db_url, tmp_path):
     assert [(g.error, g.count) for g in report.failed_jobs] == [("ComfyUI timed out after 600 s", 2),
                                                               ("CUDA out of memory", 1)]
     assert [a.subject for a in report.alerts] == ["job a1"]
-    assert report.counts() == {"posts_published": 2, "votes": 4, "reviewers": 3, "winners": 2, "failures": 5}
+    assert report.counts() == {"posts_published": 3, "votes": 4, "reviewers": 3, "winners": 2, "failures": 5}
 
 
 def _materialise_report(instance, resources, **config):
@@ -298,7 +302,7 @@ def test_weekly_report_asset(db_url, tmp_path):
     assert result.success
     meta = _metadata(result)
     md = meta["report"]
-    assert (meta["posts_published"], meta["votes"], meta["reviewers"], meta["winners"], meta["failures"]) == (2, 4, 3, 2, 7)
+    assert (meta["posts_published"], meta["votes"], meta["reviewers"], meta["winners"], meta["failures"]) == (3, 4, 3, 2, 7)
     assert meta["window_start"] == start.isoformat() and meta["window_end"] == end.isoformat()
     # Local midnights: of the end date, and of the day seven calendar days before it.
     end_day = date.fromisoformat(end_text)
@@ -317,9 +321,10 @@ def test_weekly_report_asset(db_url, tmp_path):
     assert "| carol | 0 | 0 | 0 | 1 | 1 | 2 | 0 | edit_post ×1 |" in votes
     assert votes.index("| alice") < votes.index("| bob") < votes.index("| carol")
     assert "dave" not in md and "mallory" not in md
-    # Posts: both of this week's, with permalink / outbox path; not last week's.
+    # Posts: this week's, with the permalink or the run that published it, never a local path; not last week's.
     posts = _section(md, wr.POSTS)
-    assert "https://www.instagram.com/p/abc123/" in posts and ids["outbox_record"] in posts
+    assert "https://www.instagram.com/p/abc123/" in posts and f"{UI}/runs/{PUBLISHING_RUN}" in posts
+    assert str(tmp_path) not in md and ids["outbox_record"] not in md
     assert "Sunset \\| rooftop" in posts and "second line" not in posts and "last week's post" not in md
     _table_ok(md)
     # Winners: run 1 and run 3 (re-picked this week), not run 2.
@@ -357,8 +362,10 @@ def test_weekly_report_asset(db_url, tmp_path):
     text = path.read_text()
     assert "data:image" not in text
     # Post 2's file is gone: no tile and no label. Run 3's winner is not an image: a blank tile.
-    assert re.search(rf"-posts\.png\)\n\npost {ids['posts'][0]}\n", text)
-    assert re.search(rf"-winners\.png\)\n\nrun {ids['run1']} · run {ids['run3']}\n", text)
+    # Each label is drawn under its own tile (none is left as a run-on line under the sheet); the alt text names them.
+    assert f"![{wr.POSTS}: post {ids['posts'][0]}](weekly-{end_text}-posts.png)" in text
+    assert f"![{wr.WINNERS}: run {ids['run1']}, run {ids['run3']}](weekly-{end_text}-winners.png)" in text
+    assert not re.search(r"\.png\)\n\n(post|run) \d", text)
     for suffix in ("posts", "winners"):
         name = f"weekly-{end_text}-{suffix}.png"
         assert f"]({name})" in text

@@ -13,9 +13,10 @@ from pathlib import Path
 import dagster as dg
 from sqlalchemy import select
 
-from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
+from persona_pipeline.assets.common import persona_for, sheet_metadata, table
 from persona_pipeline.db import models, review
 from persona_pipeline.domain import workflows as wf
+from persona_pipeline.domain.ui_pages import WorkInFlight, still_running_note
 from persona_pipeline.generation import curation, runs
 from persona_pipeline.fileio import sha256_file
 from persona_pipeline.generation.backends import make_backends
@@ -28,6 +29,7 @@ from persona_pipeline.resources.comfyui import ComfyUIPool
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline.resources.generation import GenerationDefaults
+from persona_pipeline.resources.links import UiLinks
 from persona_pipeline.resources.review_policy import AutoReviewer
 from persona_pipeline.resources.storage import PersonaStorage
 
@@ -53,7 +55,10 @@ def pipeline_steps(config: PersonaConfig, default_backend: str, default_n: int) 
           kinds={"diffusers", "comfyui"})
 def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, database: AppDatabase, storage: PersonaStorage,
                diffusion: DiffusionBackend, comfyui: ComfyUIPool, generation: GenerationDefaults, clip: ClipModel,
-               auto_review: AutoReviewer) -> dg.MaterializeResult:
+               auto_review: AutoReviewer, links: UiLinks) -> dg.MaterializeResult:
+    """Starts a generation run per planned prompt and moves every open run along its steps (images, manifests,
+    open_clip scores). Started by the persona_generation schedule (job generation_runs), the review_events
+    sensor after a step approval or kill (job advance_runs), the generation job or persona_chain."""
     slug = context.partition_key
     dagster_run_id = context.run.run_id
     log = context.log.info
@@ -148,6 +153,9 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
                         models.GenerationRun.persona_id == persona_id,
                         models.GenerationRun.status.in_(("running", "awaiting_review", "failed")))
                         .order_by(models.GenerationRun.id.desc()).limit(50))]
+        in_flight = [WorkInFlight(run_id, jobs, run_ids) for run_id, (jobs, run_ids)
+                     in sorted(runs.jobs_in_flight(session, persona_id, dagster_run_id).items()) if alive(run_id)]
+    running_note = still_running_note(len(made), in_flight, links.links.run_url)
     log(f"{slug}: {len(made)} candidate(s) made; {dict(tally)}")
     storage.push_written()  # object storage: a failed upload fails the step (a teardown failure only logs)
     if unreachable:
@@ -169,7 +177,10 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
         "culled": tally["culled"],
         "auto_votes": tally["auto_votes"],
         "loras": ", ".join(f"#{l.lora_id}×{l.weight:g}" for l in loras),
-        "contact_sheet": dg.MetadataValue.md(contact_sheet_md([p for p, _ in preview], [label for _, label in preview])),
+        **sheet_metadata("contact_sheet", preview, storage, links, slug,
+                         empty=running_note or "_no images: this materialisation made none and no other run is making any_"),
+        **({"still_running": dg.MetadataValue.md(running_note)} if running_note else {}),
+        **{f"generating_in_{w.dagster_run_id[:8]}": dg.MetadataValue.dagster_run(w.dagster_run_id) for w in in_flight},
         "candidates_table": table(records),
         "open_runs": table(run_rows),
     })

@@ -12,13 +12,15 @@ import dagster as dg
 import numpy as np
 from sqlalchemy import func, select
 
-from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
+from persona_pipeline.assets.common import persona_for, sheet_metadata, table
 from persona_pipeline.db import library, models
 from persona_pipeline.domain import clustering
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.gemini import GeminiClient, GeminiError
+from persona_pipeline.resources.links import UiLinks
+from persona_pipeline.resources.storage import PersonaStorage
 
 LABEL_IMAGES = 4  # members nearest the centroid shown to Gemini when naming a cluster
 
@@ -34,7 +36,9 @@ def _pillar_by_text(clip: ClipModel, centroid: np.ndarray, pillars: list[models.
 
 @dg.asset(partitions_def=persona_partitions, deps=["content_library"], group_name="library", kinds={"scikit-learn"})
 def clusters(context: dg.AssetExecutionContext, database: AppDatabase, clip: ClipModel,
-             gemini: GeminiClient) -> dg.MaterializeResult:
+             gemini: GeminiClient, storage: PersonaStorage, links: UiLinks) -> dg.MaterializeResult:
+    """Groups the library by look, each cluster named and mapped to a pillar. Started after content_library in
+    the library job (persona_posting schedule, review_events sensor) and the persona_chain job."""
     slug = context.partition_key
     model_id = clip.model_id
     version = context.run_id  # the run that last changed a cluster
@@ -134,5 +138,5 @@ def clusters(context: dg.AssetExecutionContext, database: AppDatabase, clip: Cli
         "outliers": update.outliers,
         "silhouette": float(update.silhouette) if update.silhouette is not None else float("nan"),
         "table": table(summary),
-        "preview": dg.MetadataValue.md(contact_sheet_md([p for p, _ in previews], [label for _, label in previews])),
+        **sheet_metadata("preview", previews, storage, links, slug),
     })

@@ -1,16 +1,19 @@
 """Small helpers the asset modules share: persona lookup and metadata previews."""
 
 import base64
-import io
+import hashlib
 from pathlib import Path
 from typing import Any, Sequence
 
 import dagster as dg
-from PIL import Image
 from sqlalchemy.orm import Session
 
 from persona_pipeline.db import models, registry
+from persona_pipeline.fileio import atomic_write
 from persona_pipeline.personas import PersonaConfig
+from persona_pipeline.previews import COLUMNS, contact_sheet_png, image_md
+from persona_pipeline.resources.links import UiLinks
+from persona_pipeline.resources.storage import PersonaStorage
 
 
 def persona_for(session: Session, slug: str) -> tuple[models.Persona, PersonaConfig]:
@@ -19,37 +22,28 @@ def persona_for(session: Session, slug: str) -> tuple[models.Persona, PersonaCon
     return row, PersonaConfig.model_validate(row.settings)
 
 
-def contact_sheet_png(paths: Sequence[Path], thumb: int = 96, columns: int = 8) -> bytes | None:
-    """A contact sheet of `paths` as PNG bytes (None for no paths). An unreadable image leaves its
-    tile empty: a preview must never fail the asset."""
-    paths = list(paths)
-    if not paths:
-        return None
-    rows = (len(paths) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * thumb, rows * thumb), (245, 245, 245))
-    for index, path in enumerate(paths):
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-                image.thumbnail((thumb - 4, thumb - 4))
-                sheet.paste(image, ((index % columns) * thumb + 2, (index // columns) * thumb + 2))
-        except OSError:
-            continue
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()
+def sheet_metadata(key: str, items: Sequence[tuple[Path, str]], storage: PersonaStorage, links: UiLinks, slug: str,
+                   empty: str = "_no images_", columns: int | None = None) -> dict[str, dg.MetadataValue]:
+    """A contact sheet of (image, label) pairs as metadata: `key` shows the sheet on the asset page
+    (a short link to the PNG, written once under PERSONA_HOME/previews/ and served by the review
+    form), `<key>_embedded` carries the same PNG inline for a UI that cannot reach the form. No
+    images: `key` says `empty` (markdown) instead."""
+    png = contact_sheet_png([path for path, _ in items], [label for _, label in items], columns=columns or COLUMNS)
+    if png is None:
+        return {key: dg.MetadataValue.md(empty)}
+    path = storage.root / "previews" / slug / f"{key}-{hashlib.sha256(png).hexdigest()[:16]}.png"
+    if not path.exists():  # content-addressed: the same sheet is the same file
+        atomic_write(path, png)
+    return file_image_metadata(key, path, f"{key}: {len(items)} image(s)", storage, links)
 
 
-def contact_sheet_md(paths: Sequence[Path], labels: Sequence[str] | None = None, thumb: int = 96, columns: int = 8) -> str:
-    """A contact sheet as one base64 PNG inside markdown (Dagster has no image metadata type)."""
-    png = contact_sheet_png(paths, thumb, columns)
-    return "_no images_" if png is None else sheet_md(f"data:image/png;base64,{base64.b64encode(png).decode()}", labels)
-
-
-def sheet_md(source: str, labels: Sequence[str] | None = None) -> str:
-    """Markdown for a contact sheet at `source` (a data URI or a relative file name), labels below."""
-    caption = "" if not labels else "\n\n" + " · ".join(labels)
-    return f"![contact sheet]({source}){caption}"
+def file_image_metadata(key: str, path: Path, alt: str, storage: PersonaStorage, links: UiLinks) -> dict[str, dg.MetadataValue]:
+    """An image file under PERSONA_HOME as metadata, the way `sheet_metadata` shows a sheet: `key`
+    through the review form's /media, `<key>_embedded` as base64."""
+    embedded = image_md(f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}", alt)
+    url = links.links.media_url(storage.root, path)
+    return {key: dg.MetadataValue.md(image_md(url, alt) if url else embedded),
+            f"{key}_embedded": dg.MetadataValue.md(embedded)}
 
 
 def table(rows: list[dict[str, Any]]) -> dg.MetadataValue:

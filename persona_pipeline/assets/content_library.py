@@ -7,16 +7,22 @@ from pathlib import Path
 import dagster as dg
 from sqlalchemy import select
 
-from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
+from persona_pipeline.assets.common import persona_for, sheet_metadata, table
 from persona_pipeline.db import library, models
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.database import AppDatabase
+from persona_pipeline.resources.links import UiLinks
+from persona_pipeline.resources.storage import PersonaStorage
 
 
 @dg.asset(partitions_def=persona_partitions, deps=["rankings", "source_photos"], group_name="library",
           kinds={"open_clip"})
-def content_library(context: dg.AssetExecutionContext, database: AppDatabase, clip: ClipModel) -> dg.MaterializeResult:
+def content_library(context: dg.AssetExecutionContext, database: AppDatabase, clip: ClipModel, storage: PersonaStorage,
+                    links: UiLinks) -> dg.MaterializeResult:
+    """Adds new winners (and, if the persona asks, its source photos) to the library with open_clip embeddings.
+    Started by the persona_posting schedule and the review_events sensor after a winner pick (job library),
+    or by the persona_chain job."""
     slug = context.partition_key
     model_id = clip.model_id
     with database.session() as session:
@@ -58,6 +64,5 @@ def content_library(context: dg.AssetExecutionContext, database: AppDatabase, cl
         "source_photos_included": config.library.include_source_photos,
         "embedding_model": model_id,
         "by_pillar": table([{"pillar": name, **row} for name, row in sorted(by_pillar.items())]),
-        "new_images": dg.MetadataValue.md(contact_sheet_md([Path(i.image_path) for i in added],
-                                                           [f"#{i.id} {i.kind}" for i in added])),
+        **sheet_metadata("new_images", [(Path(i.image_path), f"#{i.id} {i.kind}") for i in added], storage, links, slug),
     })

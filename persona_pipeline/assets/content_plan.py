@@ -31,6 +31,8 @@ class ContentPlanConfig(dg.Config):
 @dg.asset(partitions_def=persona_partitions, deps=["source_photos"], group_name="generation", kinds={"gemini"})
 def content_plan(context: dg.AssetExecutionContext, config: ContentPlanConfig, database: AppDatabase,
                  gemini: GeminiClient) -> dg.MaterializeResult:
+    """Prompts for the pillar gaps (Gemini or templates), one content_prompts row each. Started by the
+    persona_planning schedule (job content_planning), the generation job, or the persona_chain job."""
     slug = context.partition_key
     with database.session() as session:
         persona, persona_config = persona_for(session, slug)

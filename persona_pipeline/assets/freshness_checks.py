@@ -15,6 +15,10 @@ from persona_pipeline.domain.freshness import CALENDAR_CHECK, LIBRARY_CHECK, Fre
 from persona_pipeline.resources.alerts import FreshnessRules
 from persona_pipeline.resources.database import AppDatabase
 
+# What starts the checks, in their descriptions; the alerts sensor evaluates the same rules every minute.
+RUNS_WITH_CALENDAR = ("Runs with every post_calendar materialisation (post_calendar_refresh, library and persona_chain "
+                      "jobs); the alerts sensor alerts on the same rule.")
+
 
 def _results(context: dg.AssetCheckExecutionContext, database: AppDatabase, rules: FreshnessRules) -> dict[str, FreshnessResult]:
     """slug → freshness, for the check's partition, or every active persona when unpartitioned."""
@@ -58,14 +62,14 @@ def _check_result(results: dict[str, FreshnessResult], check: str, rules: Freshn
 
 
 @dg.asset_check(asset="post_calendar", description="Warns when the persona's scheduled posts cover fewer days "
-                "ahead than PERSONA_FRESHNESS_DAYS (a persona with posts_per_week 0 passes).")
+                "ahead than PERSONA_FRESHNESS_DAYS (a persona with posts_per_week 0 passes). " + RUNS_WITH_CALENDAR)
 def calendar_covers_ahead(context: dg.AssetCheckExecutionContext, database: AppDatabase,
                           freshness: FreshnessRules) -> dg.AssetCheckResult:
     return _check_result(_results(context, database, freshness), CALENDAR_CHECK, freshness)
 
 
 @dg.asset_check(asset="post_calendar", description="Warns when the approved images not posted yet would run out "
-                "within PERSONA_FRESHNESS_DAYS at the persona's posts_per_week.")
+                "within PERSONA_FRESHNESS_DAYS at the persona's posts_per_week. " + RUNS_WITH_CALENDAR)
 def library_runway(context: dg.AssetCheckExecutionContext, database: AppDatabase,
                    freshness: FreshnessRules) -> dg.AssetCheckResult:
     return _check_result(_results(context, database, freshness), LIBRARY_CHECK, freshness)

@@ -4,7 +4,6 @@ prompt alignment with open_clip, keep the best checkpoint, and register it in th
 as the persona's primary LoRA. The folder holds every checkpoint, the validation images, the loss
 curve and a metadata.json with the sha256 of each file."""
 
-import base64
 import hashlib
 import json
 import shutil
@@ -14,13 +13,14 @@ import dagster as dg
 import numpy as np
 from sqlalchemy import select
 
-from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
+from persona_pipeline.assets.common import file_image_metadata, persona_for, sheet_metadata, table
 from persona_pipeline.db import models, registry
 from persona_pipeline.domain.checkpoint_selection import CheckpointScore, rank_checkpoints
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
+from persona_pipeline.resources.links import UiLinks
 from persona_pipeline.resources.storage import PersonaStorage
 from persona_pipeline.fileio import atomic_write, sha256_file
 from persona_pipeline.training.lora import TrainingConfigError, TrainingDiverged
@@ -45,7 +45,10 @@ TRAINING_OP_TAGS = {
 @dg.asset(partitions_def=persona_partitions, deps=["training_dataset"], group_name="training",
           kinds={"pytorch", "diffusers"}, pool=GPU_POOL, op_tags=TRAINING_OP_TAGS)
 def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
-               diffusion: DiffusionBackend, clip: ClipModel) -> dg.MaterializeResult:
+               diffusion: DiffusionBackend, clip: ClipModel, links: UiLinks) -> dg.MaterializeResult:
+    """Trains the persona's LoRA on its latest dataset, keeps the best checkpoint and makes it the primary
+    LoRA. Started by the photo_set job (persona_folders sensor), the persona_chain job, or lora_training by
+    hand."""
     slug = context.partition_key
     with database.session() as session:
         persona, config = persona_for(session, slug)
@@ -136,11 +139,9 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
         "checkpoints": table([{"step": r["step"], "identity": round(r["identity"], 4), "alignment": round(r["alignment"], 4),
                                "combined": round(r["combined"], 4), "rank": r["rank"]} for r in rows]),
         # One row per checkpoint, one column per (prompt, seed).
-        "validation_sheet": dg.MetadataValue.md(contact_sheet_md(
-            renders, [f"rows: steps {', '.join(str(r['step']) for r in rows)}; columns: prompt x seed"],
-            columns=max(1, len(renders) // max(1, len(rows))))),
-        "loss_curve": dg.MetadataValue.md("![loss curve](data:image/png;base64,"
-                                          + base64.b64encode((folder / "loss_curve.png").read_bytes()).decode() + ")"),
+        **sheet_metadata("validation_sheet", [(render, render.stem) for render in renders], storage, links, slug,
+                         columns=max(1, len(renders) // max(1, len(rows)))),
+        **file_image_metadata("loss_curve", folder / "loss_curve.png", "loss curve", storage, links),
     })
 
 

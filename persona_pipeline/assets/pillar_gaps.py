@@ -14,9 +14,11 @@ from persona_pipeline.resources.database import AppDatabase
 
 @dg.asset(partitions_def=persona_partitions, deps=["clusters"], group_name="library", kinds={"sqlalchemy"})
 def pillar_gaps(context: dg.AssetExecutionContext, database: AppDatabase) -> dg.MaterializeResult:
-    """The gap table of the persona's pillars. content_plan (upstream in the chain: an asset graph
-    has no cycles) reads the latest report through the database, so the loop library → gaps →
-    prompts → winners → library closes there."""
+    """The gap table of the persona's pillars: needed, available and gap per pillar over the horizon.
+    Started after clusters in the library job (persona_posting schedule, review_events sensor) and the
+    persona_chain job. content_plan (upstream in the chain: an asset graph has no cycles) reads the
+    latest report through the database, so the loop library → gaps → prompts → winners → library
+    closes there."""
     slug = context.partition_key
     with database.session() as session:
         persona, config = persona_for(session, slug)
@@ -40,7 +42,8 @@ def pillar_gaps(context: dg.AssetExecutionContext, database: AppDatabase) -> dg.
 
 
 @dg.asset_check(asset=pillar_gaps, description="Warns when a pillar has nothing left to post (exhausted) or is "
-                "short by more than 5 images (critical) over the horizon.")
+                "short by more than 5 images (critical) over the horizon. Runs with every pillar_gaps materialisation "
+                "(library and persona_chain jobs).")
 def pillars_stocked(context: dg.AssetCheckExecutionContext, database: AppDatabase) -> dg.AssetCheckResult:
     op_context = context.op_execution_context
     with database.session() as session:

@@ -13,12 +13,15 @@ import dagster as dg
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
+from persona_pipeline.assets.common import persona_for, sheet_metadata
 from persona_pipeline.db import models
 from persona_pipeline.domain import post_states
 from persona_pipeline.domain.slots import in_window
+from persona_pipeline.domain.ui_pages import CalendarPost, agenda, week_grid
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.database import AppDatabase
+from persona_pipeline.resources.links import UiLinks
+from persona_pipeline.resources.storage import PersonaStorage
 
 UPCOMING = (post_states.AWAITING_APPROVAL, post_states.SCHEDULED, post_states.PUBLISHING, post_states.FAILED)
 
@@ -53,35 +56,42 @@ def calendar(session: Session, slug: str, now: datetime) -> list[CalendarEntry]:
 
 
 @dg.asset(partitions_def=persona_partitions, deps=["scheduled_posts"], group_name="posting", kinds={"sqlalchemy"})
-def post_calendar(context: dg.AssetExecutionContext, database: AppDatabase) -> dg.MaterializeResult:
+def post_calendar(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
+                  links: UiLinks) -> dg.MaterializeResult:
+    """The persona's calendar of posts still to go out, as a week grid in its timezone, with problems flagged.
+    Started by the review_events sensor after a post is approved, moved or rejected (job
+    post_calendar_refresh), and at the end of the library and persona_chain jobs."""
     slug = context.partition_key
     now = datetime.now(timezone.utc)
     with database.session() as session:
         _, config = persona_for(session, slug)
         tz = ZoneInfo(config.timezone)
         entries = calendar(session, slug, now)
-        rows = [{"post": e.post.id, "status": e.post.status,
-                 "slot_local": e.post.scheduled_at.astimezone(tz).strftime("%a %Y-%m-%d %H:%M"),
-                 "slot_utc": e.post.scheduled_at.isoformat(), "caption": e.post.caption[:80],
-                 "hashtags": " ".join(e.post.hashtags), "problems": "; ".join(e.problems)} for e in entries]
+        posts = [CalendarPost(post_id=e.post.id, status=e.post.status, slot=e.post.scheduled_at, caption=e.post.caption,
+                              hashtags=list(e.post.hashtags), problems=e.problems,
+                              link=links.links.review_posts_url(slug, e.post.id)) for e in entries]
         scheduled = [e.post for e in entries if e.post.status == post_states.SCHEDULED]
         covered_days = max(((p.scheduled_at - now).total_seconds() / 86400 for p in scheduled), default=0.0)
-        previews = [(Path(e.post.media_path), f"post {e.post.id} {e.post.status}") for e in entries if e.post.media_path]
-    for row in rows:
-        if row["problems"]:
-            context.log.warning(f"{slug}: post {row['post']}: {row['problems']}")
+        previews = [(Path(e.post.media_path), f"post {e.post.id} {e.post.status} "
+                     f"{e.post.scheduled_at.astimezone(tz):%a %d %b %H:%M}") for e in entries if e.post.media_path]
+    for post in posts:
+        if post.problems:
+            context.log.warning(f"{slug}: post {post.post_id}: {'; '.join(post.problems)}")
     return dg.MaterializeResult(metadata={
         "scheduled": len(scheduled),
-        "awaiting_approval": sum(1 for r in rows if r["status"] == post_states.AWAITING_APPROVAL),
+        "awaiting_approval": sum(1 for p in posts if p.status == post_states.AWAITING_APPROVAL),
         "days_covered": round(max(covered_days, 0.0), 2),
-        "problems": sum(1 for r in rows if r["problems"]),
+        "problems": sum(1 for p in posts if p.problems),
         "timezone": config.timezone,
-        "calendar": table(rows),
-        "preview": dg.MetadataValue.md(contact_sheet_md([p for p, _ in previews], [label for _, label in previews])),
+        "calendar": dg.MetadataValue.md(week_grid(posts, config.timezone)),
+        "agenda": dg.MetadataValue.md(agenda(posts, config.timezone)),
+        "review_form": dg.MetadataValue.url(links.links.review_posts_url(slug)),
+        **sheet_metadata("preview", previews, storage, links, slug),
     })
 
 
-@dg.asset_check(asset=post_calendar, description="Every scheduled slot is inside a posting window and keeps the minimum gap.")
+@dg.asset_check(asset=post_calendar, description="Every scheduled slot is inside a posting window and keeps the minimum gap. "
+                "Runs with every post_calendar materialisation (post_calendar_refresh, library and persona_chain jobs).")
 def calendar_slots_valid(context: dg.AssetCheckExecutionContext, database: AppDatabase) -> dg.AssetCheckResult:
     slug = context.op_execution_context.partition_key if context.op_execution_context.has_partition_key else None
     with database.session() as session:

@@ -8,18 +8,25 @@ from pathlib import Path
 import dagster as dg
 from sqlalchemy import func, select
 
-from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
+from persona_pipeline.assets.common import persona_for, sheet_metadata, table
 from persona_pipeline.db import models, review
 from persona_pipeline.domain import elo
+from persona_pipeline.domain.ui_pages import StepToReview, steps_to_review
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.database import AppDatabase
+from persona_pipeline.resources.links import UiLinks
 from persona_pipeline.resources.review_policy import AutoReviewer
+from persona_pipeline.resources.storage import PersonaStorage
 
 
 @dg.asset(partitions_def=persona_partitions, deps=["candidates"], group_name="review", kinds={"sqlalchemy", "scipy"})
-def rankings(context: dg.AssetExecutionContext, database: AppDatabase, auto_review: AutoReviewer) -> dg.MaterializeResult:
+def rankings(context: dg.AssetExecutionContext, database: AppDatabase, auto_review: AutoReviewer, storage: PersonaStorage,
+             links: UiLinks) -> dg.MaterializeResult:
+    """Bradley–Terry rankings (and Elo) of each step's candidates from the votes; picks winners under
+    auto-review. Started by the review_events sensor after votes (job rankings_refresh), and after
+    candidates in the generation_runs, advance_runs, generation and persona_chain jobs."""
     slug = context.partition_key
-    rows, winners, drifted, low_votes = [], [], 0, 0
+    rows, winners, drifted, low_votes, open_steps = [], [], 0, 0, []
     with database.session() as session:
         persona, _ = persona_for(session, slug)
         runs = list(session.scalars(select(models.GenerationRun).where(models.GenerationRun.persona_id == persona.id)
@@ -40,6 +47,9 @@ def rankings(context: dg.AssetExecutionContext, database: AppDatabase, auto_revi
                 for ranked in ranking:
                     cand = cands[ranked.candidate_id]
                     cand.bt_score, cand.bt_ci_low, cand.bt_ci_high = ranked.score, ranked.ci_low, ranked.ci_high
+                if step.status == "voting":
+                    open_steps.append(StepToReview(step.id, run.id, step.position, step.name,
+                                                   sum(1 for c in cands.values() if c.status in review.LIVE)))
                 k = step.top_k or review.default_top_k(step)
                 low_votes += len(review.low_vote_candidates(ranking, k))
                 # Winners come from the final step, once all its images are made.
@@ -65,5 +75,6 @@ def rankings(context: dg.AssetExecutionContext, database: AppDatabase, auto_revi
         "winners_picked_now": len(winners),
         "last_vote_id": last_vote_id,
         "ranking": table(rows),
-        "winners": dg.MetadataValue.md(contact_sheet_md([Path(w.image_path) for w in winners], [f"#{w.id}" for w in winners])),
+        "to_review": dg.MetadataValue.md(steps_to_review(open_steps, links.links.review_step_url)),
+        **sheet_metadata("winners", [(Path(w.image_path), f"#{w.id} run {w.run_id}") for w in winners], storage, links, slug),
     })

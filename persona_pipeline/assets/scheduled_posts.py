@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 from sqlalchemy import select
 
-from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
+from persona_pipeline.assets.common import persona_for, sheet_metadata, table
 from persona_pipeline.db import library, models, review_posts
 from persona_pipeline.domain import post_states, strategy
 from persona_pipeline.domain.captions import repeated_phrases, select_hashtags, template_caption, validate_post_text
@@ -21,6 +21,7 @@ from persona_pipeline.fileio import atomic_write
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.gemini import GeminiClient, GeminiError
+from persona_pipeline.resources.links import UiLinks
 from persona_pipeline.resources.review_policy import AutoReviewer
 from persona_pipeline.resources.storage import PersonaStorage
 
@@ -53,7 +54,10 @@ def _caption(gemini: GeminiClient, config, item: models.LibraryItem, pillar: mod
 
 @dg.asset(partitions_def=persona_partitions, deps=["clusters"], group_name="posting", kinds={"sqlalchemy"})
 def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
-                    gemini: GeminiClient, auto_review: AutoReviewer) -> dg.MaterializeResult:
+                    gemini: GeminiClient, auto_review: AutoReviewer, links: UiLinks) -> dg.MaterializeResult:
+    """Plans the next posts from the library: slot, image, caption, hashtags and JPEG, waiting for approval.
+    Started after clusters in the library job (persona_posting schedule, review_events sensor) and the
+    persona_chain job."""
     slug = context.partition_key
     now = datetime.now(timezone.utc)
     with database.session() as session:
@@ -140,5 +144,5 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
         "avoid_phrases": ", ".join(avoid) or "none",
         "posts": table(rows),
         "skipped": table(skipped),
-        "preview": dg.MetadataValue.md(contact_sheet_md([p for p, _ in previews], [label for _, label in previews])),
+        **sheet_metadata("preview", previews, storage, links, slug),
     })

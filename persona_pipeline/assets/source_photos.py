@@ -11,12 +11,13 @@ import json
 import dagster as dg
 from sqlalchemy import select
 
-from persona_pipeline.assets.common import contact_sheet_md, table
+from persona_pipeline.assets.common import sheet_metadata, table
 from persona_pipeline.db import models, registry
 from persona_pipeline.domain.photos import AcceptedPhoto, inspect_photo
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.personas import load_persona
 from persona_pipeline.resources.database import AppDatabase
+from persona_pipeline.resources.links import UiLinks
 from persona_pipeline.resources.storage import PersonaStorage
 from persona_pipeline.fileio import UnsafePath, atomic_write, read_regular
 
@@ -28,9 +29,14 @@ ENOUGH_PHOTOS = "enough_usable_photos"
     group_name="dataset",
     kinds={"pillow", "sqlalchemy"},
     check_specs=[dg.AssetCheckSpec(ENOUGH_PHOTOS, asset="source_photos", blocking=True,
-                                   description="At least training.min_photos photos survived the checks.")],
+                                   description="At least training.min_photos photos survived the checks. Runs with every "
+                                               "source_photos materialisation (photo_set and persona_chain jobs); blocking: "
+                                               "a failure stops training_dataset and lora_model.")],
 )
-def source_photos(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage) -> dg.MaterializeResult:
+def source_photos(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
+                  links: UiLinks) -> dg.MaterializeResult:
+    """Checks and normalises the persona's photos/ folder (bad files quarantined with a reason each). Started
+    by the persona_folders sensor (job photo_set) when a photo set changes, or by the persona_chain job."""
     slug = context.partition_key
     with database.session() as session:
         folder = registry.get_persona(session, slug).folder
@@ -117,8 +123,8 @@ def source_photos(context: dg.AssetExecutionContext, database: AppDatabase, stor
             "quarantined": len(quarantined),
             "photo_set_hash": photos_hash,
             "rotated_from_exif": sum(1 for _, p, _ in accepted if p.rotated),
-            "preview": dg.MetadataValue.md(contact_sheet_md([photos_dir / f"{p.pixel_sha256[:16]}.png" for _, p, _ in accepted],
-                                                             [n for n, _, _ in accepted])),
+            **sheet_metadata("preview", [(photos_dir / f"{p.pixel_sha256[:16]}.png", n) for n, p, _ in accepted],
+                             storage, links, slug),
             "quarantine": table([{"file": q["file"], "reason": q["reason"]} for q in quarantined]),
             "photos_dir": dg.MetadataValue.path(str(photos_dir)),
         },

@@ -21,7 +21,7 @@ import dagster as dg
 from PIL import Image
 from sqlalchemy import select
 
-from persona_pipeline.assets.common import contact_sheet_md, persona_for, table
+from persona_pipeline.assets.common import persona_for, sheet_metadata, table
 from persona_pipeline.db import models
 from persona_pipeline.domain import dataset_quality as quality
 from persona_pipeline.domain.captions import fill, training_caption
@@ -33,6 +33,7 @@ from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline.resources.gemini import GeminiClient, GeminiError
+from persona_pipeline.resources.links import UiLinks
 from persona_pipeline.resources.storage import PersonaStorage
 from persona_pipeline.fileio import atomic_write
 
@@ -41,17 +42,23 @@ IMAGE_COUNT = "image_count_in_range"
 IMAGE_QUALITY = "image_quality"
 NEAR_DUPLICATES = "near_duplicates"
 IDENTITY_OUTLIERS = "identity_outliers"
+# What starts the checks (in their descriptions, as the Dagster UI shows them).
+RUNS_WITH_DATASET = "Runs with every training_dataset materialisation (photo_set and persona_chain jobs)."
+BLOCKS = " Blocking: a failure stops lora_model from training on the dataset."
 CHECKS = [
     dg.AssetCheckSpec(CAPTIONS_HAVE_TRIGGER, asset="training_dataset", blocking=True,
-                      description="Every training caption starts with the persona's trigger word."),
+                      description="Every training caption starts with the persona's trigger word. " + RUNS_WITH_DATASET + BLOCKS),
     dg.AssetCheckSpec(IMAGE_COUNT, asset="training_dataset", blocking=True,
-                      description="The number of training images is within training.min_photos..max_photos."),
+                      description="The number of training images is within training.min_photos..max_photos. " + RUNS_WITH_DATASET
+                      + BLOCKS),
     dg.AssetCheckSpec(IMAGE_QUALITY, asset="training_dataset",
-                      description="Sharpness (variance of the Laplacian), exposure and resolution of every image."),
+                      description="Sharpness (variance of the Laplacian), exposure and resolution of every image. "
+                      + RUNS_WITH_DATASET),
     dg.AssetCheckSpec(NEAR_DUPLICATES, asset="training_dataset",
-                      description="No two images closer than training.quality.duplicate_cosine (open_clip)."),
+                      description="No two images closer than training.quality.duplicate_cosine (open_clip). " + RUNS_WITH_DATASET),
     dg.AssetCheckSpec(IDENTITY_OUTLIERS, asset="training_dataset",
-                      description="No image far from the persona's open_clip centroid (robust z below -training.quality.outlier_z)."),
+                      description="No image far from the persona's open_clip centroid (robust z below "
+                      "-training.quality.outlier_z). " + RUNS_WITH_DATASET),
 ]
 
 
@@ -70,7 +77,9 @@ def kohya_toml(subsets: list[dict], resolution: int, flip: bool) -> str:
 @dg.asset(partitions_def=persona_partitions, deps=["source_photos"], group_name="dataset", kinds={"kohya"},
           check_specs=CHECKS)
 def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
-                     clip: ClipModel, gemini: GeminiClient, diffusion: DiffusionBackend) -> dg.MaterializeResult:
+                     clip: ClipModel, gemini: GeminiClient, diffusion: DiffusionBackend, links: UiLinks) -> dg.MaterializeResult:
+    """The captioned kohya dataset of the accepted photos, with its quality checks. Started after source_photos
+    in the photo_set job (persona_folders sensor) and the persona_chain job."""
     slug = context.partition_key
     with database.session() as session:
         persona, config = persona_for(session, slug)
@@ -147,7 +156,7 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
             "path": dg.MetadataValue.path(str(folder)),
             "captions": table([{"image": f"{i:04d}.png", "source_photo": name, "caption": c, "source": s}
                                for i, ((name, _, _, _), (c, s)) in enumerate(zip(photos, captions), start=1)]),
-            "preview": dg.MetadataValue.md(contact_sheet_md(images)),
+            **sheet_metadata("preview", [(image, image.name) for image in images], storage, links, slug),
         },
         check_results=_quality_checks(clip, config, images, caption_files, resolution),
     )

@@ -3,7 +3,8 @@ whom, winners, pillar gaps, the LoRA in use and failures (domain/weekly_report.p
 
 The report covers the `days` days before `end` (default: now) in the persona's timezone. It is
 written to PERSONA_HOME/reports/<slug>/weekly-<end date>.md with its contact sheets as PNG files
-beside it (relative links), and shown in the Dagster UI with the same sheets inlined as base64.
+beside it (relative links, each image's label drawn under it), and shown in the Dagster UI with the
+same sheets inlined as base64. Links go to Instagram permalinks and Dagster runs, never to local files.
 """
 
 import base64
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from persona_pipeline.assets.common import contact_sheet_png, persona_for, sheet_md
+from persona_pipeline.assets.common import persona_for
 from persona_pipeline.db.weekly_report import collect_week
 from persona_pipeline.domain import weekly_report as wr
 from persona_pipeline.fileio import atomic_write
 from persona_pipeline.partitions import persona_partitions
+from persona_pipeline.previews import contact_sheet_png, image_md
 from persona_pipeline.resources.alerts import AlertWebhook
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.storage import PersonaStorage
@@ -80,20 +82,21 @@ def _sheet(report: wr.WeeklyReport, section: str) -> tuple[bytes, list[str]] | N
         items = [(p.image_path, f"post {p.post_id}") for p in report.posts if p.image_path]
     else:
         items = [(w.image_path, f"run {w.run_id}") for w in report.winners if w.image_path]
-    # A file that is gone is left out here, so the labels under the sheet match its tiles (one that
-    # is there but unreadable is skipped by contact_sheet_png: it never fails the report).
+    # A file that is gone is left out here, so the sheet has no tile for it (one that is there but
+    # unreadable keeps its label over an empty tile: it never fails the report).
     items = [(path, label) for path, label in items if Path(path).is_file()]
     if not items:
         return None
-    return contact_sheet_png([Path(path) for path, _ in items]), [label for _, label in items]
+    return contact_sheet_png([Path(path) for path, _ in items], [label for _, label in items]), [label for _, label in items]
 
 
 @dg.asset(partitions_def=persona_partitions, deps=["post_calendar", "rankings", "pillar_gaps"], group_name="reporting",
           kinds={"markdown"})
 def weekly_report(context: dg.AssetExecutionContext, config: WeeklyReportConfig, database: AppDatabase,
                   storage: PersonaStorage, alerts: AlertWebhook) -> dg.MaterializeResult:
-    """The persona's week as a markdown file with thumbnails (the weekly_report job; the persona's
-    `schedules.report` cron starts it)."""
+    """The persona's week as a markdown file with thumbnails: posts, votes, winners, gaps, LoRA and
+    failures. Started by the persona_report schedule (job weekly_reporting) at the persona's
+    `schedules.report` cron, or by hand from the launchpad."""
     slug = context.partition_key
     now = datetime.now(timezone.utc)
     with database.session() as session:
@@ -103,7 +106,9 @@ def weekly_report(context: dg.AssetExecutionContext, config: WeeklyReportConfig,
         except wr.ReportWindowError as exc:
             raise dg.Failure(f"weekly_report config: {exc}") from None
         report = collect_week(session, persona, start, end)
-    report = replace(report, failed_runs=failed_runs(context.instance, slug, start, end, alerts))
+    # A post without a permalink (the outbox, a dry run) links to the Dagster run that published it.
+    posts = [replace(p, link=p.link or (alerts.run_url(p.run_id) if p.run_id else "")) for p in report.posts]
+    report = replace(report, posts=posts, failed_runs=failed_runs(context.instance, slug, start, end, alerts))
 
     folder = storage.root / "reports" / slug
     stem = f"weekly-{end_date.isoformat()}"
@@ -116,8 +121,9 @@ def weekly_report(context: dg.AssetExecutionContext, config: WeeklyReportConfig,
         png, labels = sheet
         name = f"{stem}-{suffix}.png"
         atomic_write(folder / name, png)
-        inline[section] = sheet_md(f"data:image/png;base64,{base64.b64encode(png).decode()}", labels)
-        on_disk[section] = sheet_md(name, labels)
+        alt = f"{section}: " + ", ".join(labels)
+        inline[section] = image_md(f"data:image/png;base64,{base64.b64encode(png).decode()}", alt)
+        on_disk[section] = image_md(name, alt)
     path = folder / f"{stem}.md"
     atomic_write(path, wr.render_markdown(report, on_disk).encode())
     counts = report.counts()

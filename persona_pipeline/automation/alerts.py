@@ -70,7 +70,8 @@ def run_failure_alert(context: dg.RunFailureSensorContext, webhook: AlertWebhook
 
 @dg.run_failure_sensor(name="run_failure_alerts", minimum_interval_seconds=30,
                        default_status=dg.DefaultSensorStatus.RUNNING,
-                       description="Sends one alert per failed run to ALERT_WEBHOOK_URL (nothing when it is unset).")
+                       description="Every 30 s (the Dagster daemon): one alert per failed run to ALERT_WEBHOOK_URL, linking to "
+                                   "the run (nothing when it is unset).")
 def run_failure_alerts(context: dg.RunFailureSensorContext, database: AppDatabase, alerts: AlertWebhook) -> None:
     if not alerts.enabled:
         return
@@ -122,8 +123,8 @@ def freshness_alerts(database: AppDatabase, webhook: AlertWebhook, min_days: flo
 
 
 @dg.sensor(name="alerts", minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Freshness alerts (scheduled posts and library runway per persona) and the delivery of "
-                       "pending alerts, with retries, to ALERT_WEBHOOK_URL.")
+           description="Every 60 s (the Dagster daemon): freshness alerts (scheduled posts and library runway per "
+                       "persona) and the delivery of pending alerts, with retries, to ALERT_WEBHOOK_URL.")
 def alert_sensor(context: dg.SensorEvaluationContext, database: AppDatabase, alerts: AlertWebhook,
                  freshness: FreshnessRules) -> dg.SensorResult:
     if not alerts.enabled:

@@ -30,7 +30,8 @@ persona_chain_job = _persona_job(
     "persona_chain",
     CHAIN_ASSETS,
     tags={**TRAINING_TAGS, **GENERATION_TAGS},
-    description="The whole chain for one persona: photos → dataset → LoRA → prompts → candidates → rankings → library → clusters → gaps → posts.",
+    description="The whole chain for one persona: photos → dataset → LoRA → prompts → candidates → rankings → library → "
+                "clusters → gaps → posts → calendar. Started by hand from the launchpad, and by `persona-pipeline demo`.",
 )
 
 photo_set_job = _persona_job(
@@ -38,14 +39,16 @@ photo_set_job = _persona_job(
     PHOTO_SET_ASSETS,
     tags=TRAINING_TAGS,
     description="A new or changed photo set: ingest the photos, build the captioned dataset, train the LoRA. "
-                "The persona sensor starts it when a persona folder's photo set changes.",
+                "Started by the persona_folders sensor when a persona folder's photo set changes.",
 )
 
 generation_job = _persona_job(
     "generation",
     ["content_plan", "candidates", "rankings"],
     tags=GENERATION_TAGS,
-    description="Plan prompts from the pillar gaps, start runs for them and move every open run along its steps.",
+    description="Plan prompts from the pillar gaps, start runs for them and move every open run along its steps. "
+                "Started by hand from the launchpad (the persona_planning and persona_generation schedules do the "
+                "same in two steps).",
 )
 
 advance_runs_job = _persona_job(
@@ -53,49 +56,58 @@ advance_runs_job = _persona_job(
     ["candidates", "rankings"],
     config={"ops": {"candidates": {"config": {"start_runs": False}}}},
     tags=GENERATION_TAGS,
-    description="Move open runs along (next steps after approvals, replacements after kills) without starting new ones.",
+    description="Move open runs along (next steps after approvals, replacements after kills) without starting new ones. "
+                "Started by the review_events sensor after a step approval or a kill in the review form.",
 )
 
 lora_training_job = _persona_job(
     "lora_training",
     ["lora_model"],
     tags=TRAINING_TAGS,
-    description="Train the persona's LoRA again from its current dataset (one training run per GPU).",
+    description="Train the persona's LoRA again from its current dataset (one training run per GPU). Started by hand "
+                "from the launchpad (the photo_set job trains one when the photos change).",
 )
 
 rankings_job = _persona_job(
     "rankings_refresh",
     ["rankings"],
-    description="Refit the Bradley–Terry rankings (and Elo) from the votes; the review sensor starts it after voting.",
+    description="Refit the Bradley–Terry rankings (and Elo) from the votes. Started by the review_events sensor once "
+                "votes have come in and voting has paused.",
 )
 
 library_job = _persona_job(
     "library",
     ["content_library", "clusters", "pillar_gaps", "scheduled_posts", "post_calendar"],
-    description="Add new winners to the content library, cluster it, refresh the pillar gaps and plan posts from it.",
+    description="Add new winners to the content library, cluster it, refresh the pillar gaps and plan posts from it. "
+                "Started by the persona_posting schedule (persona.yaml `schedules.posting`) and by the review_events "
+                "sensor after a winner pick.",
 )
 
 post_calendar_job = _persona_job(
     "post_calendar_refresh",
     ["post_calendar"],
-    description="Re-check and show the persona's posting calendar after a post is approved, moved or rejected.",
+    description="Re-check and show the persona's posting calendar. Started by the review_events sensor after a post "
+                "is approved, moved, rejected, retried or abandoned in the review form.",
 )
 
 content_planning_job = _persona_job(
     "content_planning",
     ["content_plan"],
-    description="Plan the next prompts: pillars in proportion to their weights where the gaps are, themes in rotation.",
+    description="Plan the next prompts: pillars in proportion to their weights where the gaps are, themes in rotation. "
+                "Started by the persona_planning schedule (persona.yaml `schedules.planning`).",
 )
 
 generation_runs_job = _persona_job(
     "generation_runs",
     ["candidates", "rankings"],
     tags=GENERATION_TAGS,
-    description="Start a generation run for every planned prompt and move the open runs along.",
+    description="Start a generation run for every planned prompt and move the open runs along. Started by the "
+                "persona_generation schedule (persona.yaml `schedules.generation`).",
 )
 
 weekly_report_job = _persona_job(
     "weekly_reporting",  # not "weekly_report": a job may not share its name with the asset's op
     ["weekly_report"],
-    description="The persona's week: posts, votes, winners, gaps, LoRA and failures.",
+    description="The persona's week: posts, votes, winners, gaps, LoRA and failures. Started by the persona_report "
+                "schedule (persona.yaml `schedules.report`), or by hand with a chosen window.",
 )

@@ -188,13 +188,16 @@ def import_lora(context: dg.OpExecutionContext, config: LoraImportConfig, databa
     return result
 
 
-@dg.job(name="lora_import", description="Import one LoRA file from PERSONA_HOME/loras/incoming/ into the library.")
+@dg.job(name="lora_import", description="Import one LoRA file from PERSONA_HOME/loras/incoming/ into the library. "
+                                      "Started by the lora_incoming sensor, once per settled file.")
 def lora_import_job() -> None:
     import_lora()
 
 
 @dg.sensor(name="lora_incoming", job=lora_import_job, minimum_interval_seconds=30,
-           default_status=dg.DefaultSensorStatus.RUNNING)
+           default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Every 30 s (the Dagster daemon): one lora_import run per LoRA file that has settled in "
+                       "PERSONA_HOME/loras/incoming/<slug>/.")
 def lora_incoming_sensor(context: dg.SensorEvaluationContext, storage: PersonaStorage) -> dg.SensorResult:
     """One lora_import run per settled file in the drop folder. The cursor maps each requested
     file still in the folder to [size, mtime_ns, sha256], so a tick neither re-hashes nor re-requests

@@ -18,7 +18,7 @@ training) with a warning, instead of starting a run that can only fail and raise
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 
@@ -29,6 +29,7 @@ from sqlalchemy import select
 from persona_pipeline.automation.jobs import content_planning_job, generation_runs_job, library_job, weekly_report_job
 from persona_pipeline.domain.cron import CronSpec, fire_times, next_fire_times, parse_cron, zone
 from persona_pipeline.db import models
+from persona_pipeline.domain.ui_pages import schedule_description
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.personas import Persona
 from persona_pipeline.resources.database import AppDatabase
@@ -133,12 +134,10 @@ def evaluate_persona_schedule(kind: str, context: dg.ScheduleEvaluationContext, 
     return dg.SkipReason(f"no persona's {kind} schedule fires in {window}")
 
 
-def _persona_schedule(kind: str, job) -> dg.ScheduleDefinition:
+def _persona_schedule(kind: str, job, description: str) -> dg.ScheduleDefinition:
     @dg.schedule(
         name=f"persona_{kind}", job=job, cron_schedule="* * * * *", execution_timezone="UTC",
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=(f"Every minute: a `{job.name}` run for each persona whose persona.yaml `schedules.{kind}` cron "
-                     "fired in the last minute, in the persona's timezone (partition = the persona)."),
+        default_status=dg.DefaultScheduleStatus.RUNNING, description=description,
     )
     def _schedule(context: dg.ScheduleEvaluationContext, persona_folders: PersonaFolders, database: AppDatabase):
         return evaluate_persona_schedule(kind, context, persona_folders, database)
@@ -146,9 +145,14 @@ def _persona_schedule(kind: str, job) -> dg.ScheduleDefinition:
     return _schedule
 
 
-def persona_schedules() -> list[dg.ScheduleDefinition]:
-    """One schedule per kind: persona_planning, persona_generation, persona_posting, persona_report."""
-    return [_persona_schedule(kind, job) for kind, job in SCHEDULE_KINDS.items()]
+def persona_schedules(personas: Iterable[Persona] = (), errors: Mapping[str, str] | None = None,
+                      now: datetime | None = None) -> list[dg.ScheduleDefinition]:
+    """One schedule per kind: persona_planning, persona_generation, persona_posting, persona_report.
+    `personas` (as the code location found them on load) only fill the descriptions: the UI shows
+    the Dagster cron as "Every minute", so each persona's real cron and timezone is written there."""
+    rows = describe_schedules(list(personas), now or datetime.now(timezone.utc))
+    return [_persona_schedule(kind, job, schedule_description(kind, job.name, rows, errors or {}))
+            for kind, job in SCHEDULE_KINDS.items()]
 
 
 def describe_schedules(personas: Iterable[Persona], now: datetime, count: int = 3) -> list[dict]:

@@ -28,7 +28,10 @@ from persona_pipeline.resources.storage import PersonaFolders
 
 
 @dg.sensor(name="persona_folders", job=photo_set_job, minimum_interval_seconds=30,
-           default_status=dg.DefaultSensorStatus.RUNNING)
+           default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Every 30 s (the Dagster daemon): reads PERSONA_DATASETS_DIR, adds a partition per new persona, "
+                       "syncs persona.yaml into the database, alerts on bad persona files, and starts a photo_set run "
+                       "when a persona's photo set changes.")
 def persona_sensor(context: dg.SensorEvaluationContext, database: AppDatabase, persona_folders: PersonaFolders,
                    alerts: AlertWebhook) -> dg.SensorResult:
     database.require_schema()

@@ -98,7 +98,8 @@ def publish_due_posts(context: dg.OpExecutionContext, database: AppDatabase, pub
     return report.counts
 
 
-@dg.job(description="Publish every scheduled post whose slot has come, through the configured publisher.",
+@dg.job(description="Publish every scheduled post whose slot has come, through the configured publisher. "
+                    "Started by publish_due_posts_schedule (PERSONA_PUBLISH_CRON).",
         tags=PUBLISH_TAG)
 def publish_job() -> None:
     publish_due_posts()
@@ -106,4 +107,6 @@ def publish_job() -> None:
 
 def publish_schedule(cron: str) -> dg.ScheduleDefinition:
     return dg.ScheduleDefinition(name="publish_due_posts_schedule", job=publish_job, cron_schedule=cron,
-                                 default_status=dg.DefaultScheduleStatus.RUNNING)
+                                 default_status=dg.DefaultScheduleStatus.RUNNING,
+                                 description=f"At `{cron}` (UTC, PERSONA_PUBLISH_CRON): a publish_job run that publishes "
+                                             "every scheduled post whose slot has come, for all personas.")

@@ -99,7 +99,10 @@ def plan_review_runs(session: Session, cursor: ReviewCursor, now: datetime) -> t
 
 
 @dg.sensor(name="review_events", minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING,
-           jobs=[rankings_job, advance_runs_job, library_job, post_calendar_job])
+           jobs=[rankings_job, advance_runs_job, library_job, post_calendar_job],
+           description="Every 15 s (the Dagster daemon): turns new review form decisions into runs: votes → "
+                       "rankings_refresh (once voting pauses), step approvals and kills → advance_runs, winner picks → "
+                       "library, post decisions → post_calendar_refresh.")
 def review_sensor(context: dg.SensorEvaluationContext, database: AppDatabase) -> dg.SensorResult:
     database.require_schema()
     cursor = ReviewCursor.load(context.cursor)

@@ -14,10 +14,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from persona_pipeline.db import models, registry
+from persona_pipeline.db.publishing import LOCAL_CLAIM
 from persona_pipeline.domain import post_states
 from persona_pipeline.domain import weekly_report as wr
-
-PUBLISHED_OUTCOMES = ("published", "already_published")
 
 
 def _pillar_names(session: Session, persona_id: int) -> dict[int, str]:
@@ -32,21 +31,14 @@ def _posts(session: Session, persona: models.Persona, start: datetime, end: date
         models.Post.persona_id == persona.id, models.Post.status == post_states.PUBLISHED,
         models.Post.published_at >= start, models.Post.published_at < end)
         .order_by(models.Post.published_at, models.Post.id)))
-    # Where a post without a permalink went: the outbox record path (or media id) of its publishing attempt.
-    locations: dict[int, str] = {}
-    if posts:
-        for post_id, detail in session.execute(select(models.PostAttempt.post_id, models.PostAttempt.detail).where(
-                models.PostAttempt.post_id.in_([p.id for p in posts]),
-                models.PostAttempt.outcome.in_(PUBLISHED_OUTCOMES)).order_by(models.PostAttempt.id)):
-            if detail:
-                locations[post_id] = detail
     result = []
     for post in posts:
         image = post.media_path or (post.candidate.image_path if post.candidate is not None else None)
         result.append(wr.PublishedPost(
             post_id=post.id, published_at=post.published_at, pillar=pillars.get(post.pillar_id), theme=post.theme or "",
-            caption=post.caption or "", link=post.permalink or locations.get(post.id) or post.external_id or "",
-            image_path=image))
+            caption=post.caption or "", link=post.permalink or "", image_path=image,
+            # A local outbox path or a media id is no link a reader can open; the publishing run is.
+            run_id=post.claimed_by if post.claimed_by and not post.claimed_by.startswith(LOCAL_CLAIM) else None))
     return result
 
 

@@ -48,8 +48,9 @@ class PublishedPost:
     pillar: str | None
     theme: str
     caption: str
-    link: str  # permalink, outbox record path, or external id ("" when none)
+    link: str  # the Instagram permalink, else a URL to the run that published it ("" when neither)
     image_path: str | None = None
+    run_id: str | None = None  # the Dagster run that published it (the report links to it without a permalink)
 
 
 @dataclass(frozen=True)

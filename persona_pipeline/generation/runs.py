@@ -97,6 +97,24 @@ def recover_jobs(session: Session, persona_id: int, is_run_alive: Callable[[str 
     return adopted, abandoned
 
 
+def jobs_in_flight(session: Session, persona_id: int, other_than: str | None) -> dict[str, tuple[int, list[int]]]:
+    """Pending or running jobs of the persona owned by Dagster runs other than `other_than`:
+    {dagster run id: (jobs, generation run ids)}, so a materialisation that made nothing can say
+    who is still making images instead of showing an empty sheet."""
+    rows = session.execute(select(models.GenerationJob.dagster_run_id, models.GenerationJob.run_id)
+                           .join(models.GenerationRun)
+                           .where(models.GenerationRun.persona_id == persona_id,
+                                  models.GenerationJob.status.in_(("pending", "running")),
+                                  models.GenerationJob.dagster_run_id.is_not(None)))
+    found: dict[str, tuple[int, list[int]]] = {}
+    for dagster_run_id, run_id in rows:
+        if dagster_run_id == other_than:
+            continue
+        jobs, run_ids = found.get(dagster_run_id, (0, []))
+        found[dagster_run_id] = (jobs + 1, run_ids if run_id in run_ids else sorted([*run_ids, run_id]))
+    return found
+
+
 def _group_state(session: Session, step: models.RunStep, parent_id: int | None) -> plan.GroupState:
     parent_key = parent_id or 0
     jobs = session.execute(select(models.GenerationJob.status, func.count(), func.max(models.GenerationJob.slot))

@@ -12,11 +12,12 @@ which hold the URL, are not passed on.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlsplit
 
 import dagster as dg
 import requests
 
+from persona_pipeline.domain.links import Links
 from persona_pipeline.domain.retry import parse_retry_after
 
 # Slack's limits: 3000 characters in a section's text; the fallback text is kept short.
@@ -95,12 +96,10 @@ class AlertWebhook(dg.ConfigurableResource):
         return bool(self.url.strip())
 
     def run_url(self, run_id: str) -> str:
-        return f"{self.ui_base_url.rstrip('/')}/runs/{quote(run_id)}"
+        return Links(dagster_ui=self.ui_base_url, review="").run_url(run_id)
 
     def asset_url(self, asset: str, partition: str | None = None) -> str:
-        path = "/".join(quote(part) for part in asset.split("/"))
-        query = f"?{urlencode({'partition': partition})}" if partition else ""
-        return f"{self.ui_base_url.rstrip('/')}/assets/{path}{query}"
+        return Links(dagster_ui=self.ui_base_url, review="").asset_url(asset, partition)
 
     def message(self, *, kind: str, text: str, persona: str | None, subject: str, link: str | None) -> dict[str, Any]:
         return slack_payload(title=TITLES.get(kind, "Alert"), text=text, persona=persona, subject=subject, link=link, kind=kind)
