@@ -138,3 +138,38 @@ def test_world_tokenizer_makes_each_world_word_one_token():
     tokenizer = build_world_tokenizer(["woman, half-body shot, teal bob, snowy landscape", "woman, market"])
     assert tokenizer.tokenize("teal bob, snowy landscape") == ["teal</w>", "bob</w>", ",</w>", "snowy</w>", "landscape</w>"]
     assert tokenizer.tokenize("dog") == ["d", "o", "g</w>"]  # unknown words still tokenize, letter by letter
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_the_unet_and_records_the_run_it_continued(trained, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from persona_pipeline.cli import main
+
+    out = tmp_path / "resumed"
+    threads = torch.get_num_threads()
+    try:
+        code = main(["world", "train", "--out", str(out), "--resume-from", str(trained), "--steps", "3", "--batch-size", "8"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code in (0, None)
+    manifest = verify_folder(out)
+    before = json.loads((trained / "manifest.json").read_text())
+    assert manifest["steps"] == {"vae": 4, "unet": 15, "clip": 12}
+    assert manifest["resumed_from"]["manifest_sha256"] == sha256_file(trained / "manifest.json")
+    assert manifest["resumed_from"]["command"] == TINY_COMMAND
+    # The tokenizer, VAE and CLIP model are the ones it continued; the UNet moved on.
+    for kept in ("sd/vae/diffusion_pytorch_model.safetensors", "sd/tokenizer/tokenizer.json", "clip/open_clip_model.safetensors"):
+        assert manifest["files"][kept] == before["files"][kept], kept
+    assert manifest["files"]["sd/unet/diffusion_pytorch_model.safetensors"] != before["files"]["sd/unet/diffusion_pytorch_model.safetensors"]
+    old = load_file(str(trained / "sd/unet/diffusion_pytorch_model.safetensors"))
+    new = load_file(str(out / "sd/unet/diffusion_pytorch_model.safetensors"))
+    assert all(old[k].shape == new[k].shape for k in old) and any(not torch.equal(old[k], new[k]) for k in old)
+
+
+def test_resuming_into_its_own_folder_is_refused(tmp_path):
+    from persona_pipeline.cli import main
+
+    with pytest.raises(SystemExit, match="is the output folder"):
+        main(["world", "train", "--out", str(tmp_path), "--resume-from", str(tmp_path), "--steps", "1"])

@@ -31,7 +31,11 @@ def cmd_world_train(args: argparse.Namespace) -> int:
                     snapshot_dir=str(snapshot_dir(Path(args.out))))
     clip = ClipSettings(seed=args.seed, steps=args.clip_steps, log_every=args.log_every)
     command = " ".join(shlex.quote(a) for a in ["persona-pipeline", *sys.argv[1:]]) if args.command_line is None else args.command_line
-    manifest = train_world_models(Path(args.out), sd, clip, command=command, progress=lambda line: print(line, flush=True))
+    resume = Path(args.resume_from) if args.resume_from else None
+    if resume is not None and resume.resolve() == Path(args.out).resolve():
+        raise SystemExit(f"--resume-from {resume} is the output folder; write the continued run to another folder")
+    manifest = train_world_models(Path(args.out), sd, clip, command=command, progress=lambda line: print(line, flush=True),
+                                  resume_from=resume)
     m = manifest["metrics"]
     print(f"wrote {args.out}: unet held-out loss {m['unet_eval_loss_before']:.4f} -> {m['unet_eval_loss_after']:.4f}, "
           f"vae PSNR {m['vae_psnr_db']:.1f} dB, clip zero-shot scene {m['clip_zero_shot_scene_after']:.0%}, "
@@ -57,6 +61,9 @@ def register(world_subparsers) -> None:
                        help="image side in px (default 64: 2.7x faster per step than 96, measured)")
     train.add_argument("--batch-size", type=positive_int, default=32, help="UNet batch (default 32)")
     train.add_argument("--log-every", type=positive_int, default=25, help="print progress every N steps")
+    train.add_argument("--resume-from", metavar="DIR", default=None,
+                       help="continue the text encoder and UNet of a world-models folder for --steps more steps (its "
+                            "tokenizer, VAE and CLIP model are kept; the manifest records the run it continued)")
     train.add_argument("--snapshot-every", type=positive_int, default=None,
                        help="also save the SD pipeline every N UNet steps in OUT-snapshots/ (to measure a run as it goes)")
     train.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")

@@ -56,6 +56,8 @@ class SdSettings:
     log_every: int = 25
     snapshot_every: int = 0  # > 0: save the EMA pipeline every N UNet steps under snapshot_dir, to measure while training
     snapshot_dir: str = ""
+    resume_from: str = ""  # a world `sd/` folder: keep its tokenizer and VAE, continue its text encoder and UNet
+    start_step: int = 0  # UNet steps already taken (resumed runs): batches continue from there
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -206,7 +208,14 @@ def train_unet(vae, unet, text_encoder, tokenizer, scheduler, settings: SdSettin
     optimizer = torch.optim.AdamW(params, lr=settings.unet_lr, weight_decay=1e-2)
     warmup = max(1, min(100, settings.unet_steps // 10))
     lr_at = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    generator = torch.Generator().manual_seed(settings.seed + 1)
+    generator = torch.Generator().manual_seed(settings.seed + 1 + settings.start_step)
+
+    def target(latents, noise, timesteps):
+        """What the UNet predicts, as its scheduler says (a resumed older folder may predict noise)."""
+        if scheduler.config.prediction_type == "v_prediction":
+            return scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
     ema = EMAModel(params, decay=settings.ema_decay)
 
     def with_ema(action):
@@ -230,13 +239,13 @@ def train_unet(vae, unet, text_encoder, tokenizer, scheduler, settings: SdSettin
             noisy = scheduler.add_noise(eval_latents, eval_noise, eval_t)
             pred = unet(noisy, eval_t, encode_text(tokenizer, text_encoder, eval_captions)).sample
         unet.train(), text_encoder.train()
-        return float(F.mse_loss(pred, scheduler.get_velocity(eval_latents, eval_noise, eval_t)))
+        return float(F.mse_loss(pred, target(eval_latents, eval_noise, eval_t)))
 
     before = eval_loss()
     log = LossLog(progress, "unet", settings.unet_steps, settings.batch_size, settings.log_every)
     unet.train(), text_encoder.train()
     for step in range(settings.unet_steps):
-        images, captions = batch_at(settings, step)
+        images, captions = batch_at(settings, settings.start_step + step)
         drop = torch.rand(len(captions), generator=generator) < UNCONDITIONAL_SHARE
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
@@ -245,7 +254,7 @@ def train_unet(vae, unet, text_encoder, tokenizer, scheduler, settings: SdSettin
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         pred = unet(noisy, timesteps, encode_text(tokenizer, text_encoder, captions)).sample
-        loss = F.mse_loss(pred, scheduler.get_velocity(latents, noise, timesteps))
+        loss = F.mse_loss(pred, target(latents, noise, timesteps))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -263,17 +272,32 @@ def train_unet(vae, unet, text_encoder, tokenizer, scheduler, settings: SdSettin
             "unet_seconds_per_step": seconds / max(1, settings.unet_steps), "unet_loss_history": log.history}
 
 
+def load_parts(sd_folder: Path):
+    """The VAE, UNet, text encoder, tokenizer and scheduler of a saved world `sd/` folder."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, requires_safety_checker=False,
+                                                   local_files_only=True)
+    return pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+
+
 def train_sd(out: Path, settings: SdSettings, progress: Progress = print) -> dict:
     """Train every part and save a StableDiffusionPipeline folder at `out` (safetensors); returns the metrics."""
-    torch.manual_seed(settings.seed)
-    tokenizer = build_world_tokenizer(tokenizer_texts(settings.seed))
-    vae, unet, text_encoder, scheduler = build_models(tokenizer, settings.resolution, settings.seed)
+    torch.manual_seed(settings.seed + settings.start_step)
+    if settings.resume_from:
+        vae, unet, text_encoder, tokenizer, scheduler = load_parts(Path(settings.resume_from))
+        progress(f"world sd: resuming {settings.resume_from} after {settings.start_step} UNet steps (tokenizer and VAE kept)")
+        metrics = {}
+    else:
+        tokenizer = build_world_tokenizer(tokenizer_texts(settings.seed))
+        vae, unet, text_encoder, scheduler = build_models(tokenizer, settings.resolution, settings.seed)
     progress(f"world sd: {settings.resolution} px, tokenizer {len(tokenizer)} tokens, unet "
              f"{sum(p.numel() for p in unet.parameters()):,} parameters, text encoder "
              f"{sum(p.numel() for p in text_encoder.parameters()):,}, vae {sum(p.numel() for p in vae.parameters()):,}")
-    metrics = train_vae(vae, settings, progress)
-    vae.register_to_config(scaling_factor=measure_scaling_factor(vae, settings))
-    metrics["vae_scaling_factor"] = vae.config.scaling_factor
+    if not settings.resume_from:
+        metrics = train_vae(vae, settings, progress)
+        vae.register_to_config(scaling_factor=measure_scaling_factor(vae, settings))
+        metrics["vae_scaling_factor"] = vae.config.scaling_factor
     metrics.update(train_unet(vae, unet, text_encoder, tokenizer, scheduler, settings, progress))
     save_pipeline(out, vae, text_encoder, tokenizer, unet, scheduler)
     return metrics

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import platform
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable
 from functools import lru_cache
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from persona_pipeline.fileio import sha256_file
 from persona_pipeline.world.model_manifest import (COMMITTED_WORLD_MODELS, WorldWeightsError, data_hash, rebuild_command,
                                                    verify_folder, write_manifest)
 
@@ -23,8 +25,10 @@ SD_DIR, CLIP_DIR = "sd", "clip"
 
 
 def train_world_models(out: Path, sd_settings, clip_settings, command: str | None = None,
-                       progress: Callable[[str], None] = print) -> dict:
-    """Train the SD model and the CLIP model into `out`, then write the manifest; returns it."""
+                       progress: Callable[[str], None] = print, resume_from: Path | None = None) -> dict:
+    """Train the SD model and the CLIP model into `out`, then write the manifest; returns it. With
+    `resume_from` (a world-models folder), continue its text encoder and UNet for `sd_settings.unet_steps`
+    more steps instead, keeping its tokenizer, VAE and CLIP model."""
     import diffusers
     import open_clip
     import torch
@@ -34,19 +38,35 @@ def train_world_models(out: Path, sd_settings, clip_settings, command: str | Non
     from persona_pipeline.world.train_sd import sample_definitions, train_sd
 
     out = Path(out)
+    previous = None
+    if resume_from is not None:
+        # Checked first: a resumed run continues exactly the weights its manifest names.
+        previous = verify_folder(resume_from)
+        sd_settings = replace(sd_settings, resume_from=str(Path(resume_from) / SD_DIR), start_step=previous["steps"]["unet"],
+                              vae_steps=previous["steps"]["vae"])
+        clip_settings = replace(clip_settings, steps=previous["steps"]["clip"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # a half-written folder must not pass as the old one
     started = time.perf_counter()
     metrics = train_sd(out / SD_DIR, sd_settings, progress)
-    metrics.update(train_clip(out / CLIP_DIR, clip_settings, progress))
+    if previous is None:
+        metrics.update(train_clip(out / CLIP_DIR, clip_settings, progress))
+    else:  # the CLIP model is not part of a resumed run: copied as it was, with its figures
+        shutil.rmtree(out / CLIP_DIR, ignore_errors=True)
+        shutil.copytree(Path(resume_from) / CLIP_DIR, out / CLIP_DIR)
+        metrics.update({k: v for k, v in previous["metrics"].items() if k.startswith("clip_") or k.startswith("vae_")})
     count = max(sd_settings.train_count, clip_settings.train_count)
     definitions = sample_definitions(sd_settings.__class__(**{**asdict(sd_settings), "train_count": count}))
     fields = {
         "seed": sd_settings.seed, "resolution": sd_settings.resolution,
-        "steps": {"vae": sd_settings.vae_steps, "unet": sd_settings.unet_steps, "clip": clip_settings.steps},
+        "steps": {"vae": sd_settings.vae_steps, "unet": sd_settings.start_step + sd_settings.unet_steps, "clip": clip_settings.steps},
         "sd_settings": asdict(sd_settings), "clip_settings": asdict(clip_settings),
         "data_hash": data_hash(definitions), "data": f"world_samples(seed={sd_settings.seed}, split='train'), {count} samples",
         "command": command or " ".join(shlex.quote(a) for a in ["persona-pipeline", *sys.argv[1:]]),
+        # A resumed run: the run it continued (its command, steps and manifest hash) and so on back.
+        "resumed_from": None if previous is None else {
+            "command": previous["command"], "steps": previous["steps"], "resumed_from": previous.get("resumed_from"),
+            "manifest_sha256": sha256_file(Path(resume_from) / "manifest.json")},
         "metrics": {**metrics, "total_seconds": time.perf_counter() - started},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "open_clip": open_clip.__version__},
