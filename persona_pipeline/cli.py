@@ -136,6 +136,24 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_demo_sheet(session, persona_id: int, path: Path) -> None:
+    """The README's contact sheet: every candidate the demo drew, oldest first, each under its prompt."""
+    from sqlalchemy import select
+
+    from persona_pipeline.db import models
+    from persona_pipeline.previews import contact_sheet_png
+
+    rows = list(session.execute(select(models.Candidate.image_path, models.GenerationRun.prompt).join(
+        models.GenerationRun, models.Candidate.run_id == models.GenerationRun.id).where(
+        models.GenerationRun.persona_id == persona_id).order_by(models.Candidate.id)))
+    png = contact_sheet_png([Path(p) for p, _ in rows], labels=[prompt for _, prompt in rows], thumb=128, columns=6)
+    if png is None:
+        raise CliError("the demo drew no candidates, so there is no contact sheet to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png)
+    print(f"  sheet       {path}  ({len(rows)} candidates)")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Materialise the whole chain for one persona on the embedded defaults, then publish."""
     started = time.perf_counter()
@@ -207,6 +225,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  report      {report_path}  (asset `weekly_report`)")
         print(f"  schedules   `persona-pipeline schedules --persona {args.persona}`: when planning, generation, "
               "posting and the report run on their own")
+        if args.contact_sheet:
+            _write_demo_sheet(session, persona.id, Path(args.contact_sheet))
         if published:
             print(f"\nProvenance of post {published[0].id} (`persona-pipeline trace {published[0].id}`):")
             print(json.dumps(trace_post(session, published[0].id), indent=2))
@@ -368,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the whole chain for the demo persona on the embedded defaults")
     demo.add_argument("--persona", default="demo")
+    demo.add_argument("--contact-sheet", metavar="PNG", default=None,
+                      help="also write a contact sheet of every candidate drawn (the README's is docs/images/demo-contact-sheet.png)")
     demo.set_defaults(func=cmd_demo)
     db = sub.add_parser("db", help="application database")
     db_sub = db.add_subparsers(dest="db_command", required=True)

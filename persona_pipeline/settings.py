@@ -212,12 +212,14 @@ class Settings:
         "The Dagster instance folder (read by Dagster itself). Embedded SQLite unless it holds the repo's "
         "`dagster.yaml`. Unset, `persona-pipeline demo` uses `$PERSONA_HOME/dagster`.", unset=None)
     base_model: str = setting(
-        "PERSONA_BASE_MODEL", TEXT, "tiny",
-        "Base model for training and generation: `tiny` (random, built locally), or a local folder / hub id of a "
-        "diffusers SD1.5 (or 2.x) or SDXL model; the family is read from its `model_index.json`.")
+        "PERSONA_BASE_MODEL", TEXT, "world",
+        "Base model for training and generation: `world` (the committed model trained on the procedural world, "
+        "64 px; docs/world.md), `tiny` (random weights, for tests that need shapes alone), or a local folder / hub "
+        "id of a diffusers SD1.5 (or 2.x) or SDXL model; the family is read from its `model_index.json`.")
     clip_model: str = setting(
-        "PERSONA_CLIP_MODEL", TEXT, "tiny",
-        "open_clip model: `tiny` (random, built locally) or an architecture such as `ViT-B-32`.")
+        "PERSONA_CLIP_MODEL", TEXT, "world",
+        "open_clip model: `world` (the committed CLIP model trained on the procedural world; docs/world.md), `tiny` "
+        "(random, built locally) or an architecture such as `ViT-B-32`.")
     clip_pretrained: str = setting(
         "PERSONA_CLIP_PRETRAINED", TEXT, "",
         "Weights for a real open_clip architecture: a local file, or a pretrained tag. Empty = random.")
@@ -242,7 +244,8 @@ class Settings:
         "`generation.backend` and a step's `backend` override it.")
     controlnet_model: str = setting(
         "PERSONA_CONTROLNET_MODEL", TEXT, "tiny",
-        "OpenPose ControlNet for the diffusers backend: `tiny` (random, built locally) or a local folder / hub id.")
+        "OpenPose ControlNet for the diffusers backend: `tiny` (random weights, built locally from the `tiny` or "
+        "`world` base model) or a local folder / hub id.")
     generation_batch_size: int = setting(
         "PERSONA_GENERATION_BATCH_SIZE", Integer(1, 64), "4",
         "Images per diffusers pipeline call (jobs that differ only in seed share one).")

@@ -293,7 +293,7 @@ def test_a_foreign_lora_is_refused_and_moved_with_its_reason(library, tmp_path, 
     result = _import(resources, "mira/sd15.safetensors", dropped)
     assert not result.success
     message = _failure(result)
-    assert message == "sd15.safetensors: LoRA is for sd15 (cross-attention dim 768) but the base model tiny is tiny-sd"
+    assert message == "sd15.safetensors: LoRA is for sd15 (cross-attention dim 768) but the base model world is tiny-sd"
     assert _library_count(db_url) == 0
     assert not dropped.exists()
     moved = incoming / "rejected" / "mira" / "sd15.safetensors"

@@ -1,0 +1,203 @@
+"""The issue-21 quality measurement, run through the pipeline's own parts: the diffusers backend (its
+`world` preset trains the LoRAs and renders the checkpoints), the CLIP resource on the world CLIP
+model (identity, alignment, clustering), the lora_model asset's checkpoint scoring, the
+generation plan's keep-best and identity gate, and the library's clustering. The attribute
+classifier judges every image against what its prompt asked for.
+
+`bench/quality.py` prints these figures; `persona_pipeline_tests/test_world_quality.py` holds them
+to the issue's thresholds.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from persona_pipeline.world import quality
+from persona_pipeline.world.attributes import CLASS_WORD, DEMO_PERSONA, DEMO_TRIGGER, SCENES, Character
+
+# Characters whose LoRAs the identity gate must refuse: unlike the persona everywhere, unlike it but
+# in hair colour (the hardest), and unlike it but in the jacket.
+OTHER_CHARACTERS: tuple[tuple[str, Character], ...] = (
+    ("k4ya", Character(hair_colour="ginger", hair_style="ponytail", jacket_colour="blue", scarf_colour="white")),
+    ("t0bi", Character(hair_colour="teal", hair_style="long", jacket_colour="green", scarf_colour="yellow")),
+    ("r3na", Character(hair_colour="black", hair_style="bob", jacket_colour="yellow", scarf_colour="blue")),
+)
+PERSONA_SEEDS = (0, 1, 2, 3)
+GROUP_SIZE, KEEP = 4, 2  # "generate 4, keep the best 2", the demo persona's first step
+
+
+@dataclass
+class LoraOutcome:
+    trigger: str
+    checkpoints: list[tuple[int, Path]]
+    figures: dict[int, quality.LookFigures] = field(default_factory=dict)  # step -> the persona probe read back
+    images: dict[int, list] = field(default_factory=dict)
+
+
+def embed(clip, images, folder: Path) -> np.ndarray:
+    """CLIP embeddings of PIL images, through the resource's file path API (what the pipeline uses)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        path = folder / f"{index:04d}.png"
+        image.save(path)
+        paths.append(path)
+    return clip.embed_images(paths)
+
+
+def leave_one_out_floor(embeddings: np.ndarray) -> float:
+    """The identity gate's threshold from the persona's own photos: the lowest similarity of any photo
+    to the centroid of the others, so every real photo of the persona would pass."""
+    scores = []
+    for index in range(len(embeddings)):
+        others = np.delete(embeddings, index, axis=0).mean(axis=0)
+        scores.append(float(embeddings[index] @ (others / np.linalg.norm(others))))
+    return min(scores)
+
+
+def train_character_lora(diffusion, work: Path, trigger: str, character: Character, log: Callable[[str], None]) -> LoraOutcome:
+    from persona_pipeline.resources.diffusion import WORLD_TRAINING
+
+    dataset = quality.write_persona_dataset(work / f"dataset-{trigger}", character=character, trigger=trigger)
+    result = diffusion.train(dataset, work / f"lora-{trigger}", WORLD_TRAINING, f"{trigger}.safetensors", log=log)
+    return LoraOutcome(trigger, result.checkpoints)
+
+
+def probe(pipe, classifier, lora: Path | None, trigger: str, look: dict[str, str], seeds=PERSONA_SEEDS):
+    """The persona probe (every scene x seeds) with `lora` loaded at full strength (None: the base)."""
+    if lora is not None:
+        pipe.load_lora_weights(str(lora), adapter_name="probe")
+        pipe.set_adapters(["probe"], [1.0])
+    try:
+        return quality.persona_figures(pipe, classifier, seeds=seeds, trigger=trigger, look=look)
+    finally:
+        if lora is not None:
+            pipe.delete_adapters("probe")
+
+
+def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path | None = None) -> dict:
+    """Every figure of issue 21 on the committed world models; returns them as a flat dict."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from persona_pipeline.assets.lora_model import _score_checkpoints
+    from persona_pipeline.domain import generation_plan as plan
+    from persona_pipeline.domain.checkpoint_selection import rank_checkpoints
+    from persona_pipeline.domain.clustering import fit_clusters
+    from persona_pipeline.personas import TrainingOverrides
+    from persona_pipeline.resources.clip import ClipModel
+    from persona_pipeline.resources.diffusion import DiffusionBackend
+    from persona_pipeline.world.classifier import load_classifier
+    from persona_pipeline.world.dataset import world_samples
+    from sklearn.metrics import adjusted_rand_score
+
+    owned = work is None
+    work = Path(tempfile.mkdtemp(prefix="world-quality-")) if owned else Path(work)
+    figures: dict = {}
+    classifier = load_classifier()
+    diffusion = DiffusionBackend(base_model="world", models_dir=str(work / "models"))
+    clip = ClipModel(model_name="world")
+    pipe = StableDiffusionPipeline.from_pretrained(diffusion.base_model_path(), safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    torch.manual_seed(0)
+
+    # 1. The base model follows prompts.
+    base = quality.base_prompt_following(pipe, classifier, n=32 if quick else 96)
+    figures.update({f"base_{name}": value for name, value in base.items()})
+    log(f"base prompt following: {base}")
+
+    # 2. The persona's LoRA learns the look; the base alone does not show it.
+    look = quality.look_of(DEMO_PERSONA)
+    before, _ = probe(pipe, classifier, None, DEMO_TRIGGER, look)
+    persona = train_character_lora(diffusion, work, DEMO_TRIGGER, DEMO_PERSONA, log)
+    for step, path in persona.checkpoints:
+        persona.figures[step], persona.images[step] = probe(pipe, classifier, path, DEMO_TRIGGER, look)
+        log(f"persona LoRA step {step}: {persona.figures[step].as_dict()}")
+    final_step = persona.checkpoints[-1][0]
+    after = persona.figures[final_step]
+    figures.update({"persona_before": before.all_correct, "persona_after": after.all_correct,
+                    "persona_scene_kept": after.scene_kept,
+                    **{f"persona_after_{k}": v for k, v in after.per_attribute.items()},
+                    **{f"persona_before_{k}": v for k, v in before.per_attribute.items()}})
+
+    # 3. Checkpoint selection, as the lora_model asset scores and ranks them.
+    source_images = sorted((work / f"dataset-{DEMO_TRIGGER}").rglob("*.png"))
+    defaults = TrainingOverrides()
+    prompts = [p.format(trigger=DEMO_TRIGGER, class_word=CLASS_WORD) for p in defaults.validation_prompts]
+    scores = _score_checkpoints(diffusion, clip, persona.checkpoints, prompts, list(defaults.validation_seeds), source_images,
+                                DEMO_TRIGGER, work / "checkpoint-scoring")
+    chosen = rank_checkpoints(scores)[0]
+    by_step = {step: persona.figures[step].all_correct for step, _ in persona.checkpoints}
+    figures.update({"checkpoint_chosen_step": chosen.step, "checkpoint_chosen_accuracy": by_step[chosen.step],
+                    "checkpoint_best_accuracy": max(by_step.values()), "checkpoint_accuracy_by_step": by_step})
+    log(f"checkpoints: accuracy by step {by_step}, chosen step {chosen.step}")
+
+    # 4. The identity gate: threshold from the persona's photos; its own LoRA passes, others' are refused.
+    reference = embed(clip, [_open(p) for p in source_images], work / "embed-reference")
+    centroid = reference.mean(axis=0)
+    centroid /= np.linalg.norm(centroid)
+    threshold = leave_one_out_floor(reference)
+    own = embed(clip, persona.images[final_step], work / "embed-own") @ centroid
+    figures.update({"gate_threshold": threshold, "gate_own_pass": float(np.mean([plan.passes_identity_gate(float(s), threshold)
+                                                                                  for s in own]))})
+    refused = []
+    for trigger, character in OTHER_CHARACTERS[:1] if quick else OTHER_CHARACTERS:
+        other = train_character_lora(diffusion, work, trigger, character, log)
+        _, images = probe(pipe, classifier, other.checkpoints[-1][1], trigger, quality.look_of(character))
+        scores_other = embed(clip, images, work / f"embed-{trigger}") @ centroid
+        share = float(np.mean([not plan.passes_identity_gate(float(s), threshold) for s in scores_other]))
+        figures[f"gate_refused_{trigger}"] = share
+        refused += [share] * len(images)
+    figures["gate_other_refused"] = float(np.mean(refused))
+    log(f"identity gate: threshold {threshold:.4f}, own pass {figures['gate_own_pass']:.2f}, others refused "
+        f"{figures['gate_other_refused']:.2f}")
+
+    # 5. Keep-best: the demo's prompt shape (trigger and look in words) with the persona's LoRA, 4 per
+    #    scene, the best 2 kept by the plan's curation score.
+    figures.update(keep_best_figures(pipe, classifier, clip, persona.checkpoints[-1][1], centroid, look, work))
+
+    # 6. Clustering: the library's k-means on world CLIP embeddings of held-out images, against their scenes.
+    held = list(world_samples(160 if quick else 400, seed=0, split="heldout", size=64, start=20_000))
+    clusters = fit_clusters(embed(clip, [s.image for s in held], work / "embed-clusters"))
+    figures.update({"clusters_k": clusters.k,
+                    "clusters_ari": float(adjusted_rand_score([s.labels["scene"] for s in held], clusters.labels))})
+    log(f"clustering: k={clusters.k}, ARI {figures['clusters_ari']:.3f}")
+    return figures
+
+
+def keep_best_figures(pipe, classifier, clip, lora: Path, centroid: np.ndarray, look: dict[str, str], work: Path) -> dict:
+    from persona_pipeline.domain import generation_plan as plan
+
+    prompts = [f"photo of {DEMO_TRIGGER} {CLASS_WORD}, teal bob, yellow jacket, red scarf, {scene}" for scene in SCENES]
+    pipe.load_lora_weights(str(lora), adapter_name="keep")
+    pipe.set_adapters(["keep"], [1.0])
+    try:
+        images = quality.render(pipe, [p for p in prompts for _ in range(GROUP_SIZE)],
+                                [1000 + i for i in range(len(prompts) * GROUP_SIZE)])
+    finally:
+        pipe.delete_adapters("keep")
+    embedded = embed(clip, images, work / "embed-keep")
+    texts = clip.embed_texts([p.replace(f"{DEMO_TRIGGER} ", "") for p in prompts])
+    read = classifier.predict(images)
+    right = [sum(r[k] == look[k] for k in look) / len(look) for r in read]
+    kept, culled = [], []
+    for group in range(len(prompts)):
+        members = range(group * GROUP_SIZE, (group + 1) * GROUP_SIZE)
+        scored = [(i, plan.curation_score(float(embedded[i] @ texts[group]), float(embedded[i] @ centroid))) for i in members]
+        winners, losers = plan.keep_best(scored, KEEP)
+        kept += [right[i] for i in winners]
+        culled += [right[i] for i in losers]
+    return {"keep_best_kept_accuracy": float(np.mean(kept)), "keep_best_culled_accuracy": float(np.mean(culled))}
+
+
+def _open(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+

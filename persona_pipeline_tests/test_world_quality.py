@@ -1,0 +1,78 @@
+"""Issue 21's quality thresholds, held on the committed world models (persona_pipeline/world/weights/
+world-models). Every figure comes from the attribute classifier reading generated images against what
+their prompts asked for; `bench/quality.py` prints the same figures in full."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from persona_pipeline.world.model_manifest import COMMITTED_WORLD_MODELS, WorldWeightsError, verify_folder
+
+
+def test_the_committed_world_models_match_their_manifest():
+    manifest = verify_folder(COMMITTED_WORLD_MODELS)
+    assert {"sd/unet/diffusion_pytorch_model.safetensors", "sd/vae/diffusion_pytorch_model.safetensors",
+            "clip/open_clip_model.safetensors"} <= set(manifest["files"])
+    assert manifest["steps"]["unet"] >= 1000 and manifest["command"].startswith("persona-pipeline world train")
+    size = sum(p.stat().st_size for p in COMMITTED_WORLD_MODELS.rglob("*") if p.is_file())
+    assert size <= 40 * 1024 * 1024, f"{size / 2**20:.1f} MB: over the 40 MB budget"
+
+
+def test_a_changed_committed_weight_file_is_refused_naming_both_hashes(tmp_path):
+    copy = tmp_path / "world-models"
+    shutil.copytree(COMMITTED_WORLD_MODELS, copy)
+    unet = copy / "sd" / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:-1] + b"\0")
+    recorded = json.loads((copy / "manifest.json").read_text())["files"]["sd/unet/diffusion_pytorch_model.safetensors"]
+    with pytest.raises(WorldWeightsError) as error:
+        verify_folder(copy)
+    assert str(unet) in str(error.value) and recorded in str(error.value) and "persona-pipeline world train" in str(error.value)
+
+
+def test_the_world_base_model_has_its_own_preset_and_a_controlnet_that_fits_its_latents(tmp_path):
+    from diffusers import ControlNetModel
+
+    from persona_pipeline.resources.diffusion import WORLD_TRAINING, DiffusionBackend
+
+    backend = DiffusionBackend(base_model="world", models_dir=str(tmp_path))
+    assert backend.preset_name() == "world" and backend.training_defaults() == WORLD_TRAINING
+    assert backend.default_size() == 64 and backend.min_side() == 64
+    controlnet = ControlNetModel.from_pretrained(backend.controlnet_path())
+    # Two stride-2 stages: 64 px control images onto the world VAE's 16x16 latents.
+    assert tuple(controlnet.config.conditioning_embedding_out_channels) == (16, 32, 64)
+
+
+def test_the_world_clip_model_is_identified_by_its_weights():
+    from persona_pipeline.resources.clip import ClipModel
+
+    model_id = ClipModel(model_name="world").model_id
+    assert model_id.startswith("world:") and len(model_id) == len("world:") + 12
+    with pytest.raises(ValueError, match="PERSONA_CLIP_PRETRAINED"):
+        ClipModel(model_name="world", pretrained="/tmp/other.safetensors").embed_texts(["a"])
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory):
+    from persona_pipeline.world.quality_run import measure
+
+    return measure(quick=True, log=lambda line: None, work=tmp_path_factory.mktemp("quality"))
+
+
+@pytest.mark.slow
+def test_the_base_model_draws_the_prompted_scene(figures):
+    assert figures["base_scene"] >= 0.70, figures
+
+
+@pytest.mark.slow
+def test_the_base_model_alone_does_not_draw_the_persona_and_her_lora_keeps_the_scene(figures):
+    # The persona's look is kept out of the base training set: only a LoRA may teach it.
+    assert figures["persona_before"] <= 0.25, figures
+    assert figures["persona_scene_kept"] >= 0.60, figures
+
+
+# Not yet held, so not asserted here (bench/quality.py prints them, FAIL, with docs/world.md's figures):
+# the persona's look all four right >= 0.80 with her LoRA, checkpoint selection within 5 points,
+# the identity gate (>= 0.90 both ways), keep-best keeping the better look, clusters ARI >= 0.6.
