@@ -76,3 +76,26 @@ def test_the_base_model_alone_does_not_draw_the_persona_and_her_lora_keeps_the_s
 # Not yet held, so not asserted here (bench/quality.py prints them, FAIL, with docs/world.md's figures):
 # the persona's look all four right >= 0.80 with her LoRA, checkpoint selection within 5 points,
 # the identity gate (>= 0.90 both ways), keep-best keeping the better look, clusters ARI >= 0.6.
+
+
+@pytest.mark.slow
+def test_the_demo_draws_on_the_world_models_and_writes_the_readme_contact_sheet(tmp_path, monkeypatch, capsys):
+    """README's first command, on the defaults, with the sheet the README shows."""
+    from PIL import Image
+
+    from persona_pipeline import cli
+    from persona_pipeline.settings import SETTINGS
+
+    for setting in SETTINGS:
+        monkeypatch.delenv(setting.env, raising=False)
+    monkeypatch.setenv("PERSONA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))  # the demo points it at its own folder; restored after
+    monkeypatch.setenv("PERSONA_AUTO_REVIEW", "1")
+    sheet = tmp_path / "sheet.png"
+    assert cli.main(["demo", "--contact-sheet", str(sheet)]) == 0
+    out = capsys.readouterr().out
+    assert f"sheet       {sheet}  (24 candidates)" in out
+    with Image.open(sheet) as image:  # 24 candidates, 6 to a row of 128 px tiles, a label under each
+        assert image.width == 6 * 128 and image.height > 4 * 128
+    lora_meta = next((tmp_path / "home").rglob("metadata.json"))
+    assert '"base_model": "world"' in lora_meta.read_text() and '"preset": "world"' in lora_meta.read_text()
