@@ -110,7 +110,7 @@ def test_sidecars_win_clip_captions_the_rest_and_the_folder_is_kohya(tmp_path, d
     assert result.success
     rows = caption_rows(result)
     assert {name: row["source"] for name, row in rows.items()} == {
-        "mira_01.jpg": "sidecar", "mira_02.jpg": "clip:tiny", "mira_03.jpg": "sidecar", "mira_04.jpg": "clip:tiny"}
+        "mira_01.jpg": "sidecar", "mira_02.jpg": "clip:world", "mira_03.jpg": "sidecar", "mira_04.jpg": "clip:world"}
     for name in ("mira_01.jpg", "mira_03.jpg"):
         sidecar = (folder / "photos" / name.replace(".jpg", ".txt")).read_text().strip()
         assert rows[name]["caption"] == f"t3st, {sidecar}"
@@ -119,7 +119,7 @@ def test_sidecars_win_clip_captions_the_rest_and_the_folder_is_kohya(tmp_path, d
     # One open_clip batch, of exactly the photos without a sidecar.
     paths = source_paths(settings)
     assert clip_calls == [[paths["mira_02.jpg"], paths["mira_04.jpg"]]]
-    assert json.loads(meta(result)["caption_sources"]) == {"clip:tiny": 2, "sidecar": 2}
+    assert json.loads(meta(result)["caption_sources"]) == {"clip:world": 2, "sidecar": 2}
 
     out = dataset_dir(result)
     subset = out / SUBSET
@@ -138,7 +138,7 @@ def test_sidecars_win_clip_captions_the_rest_and_the_folder_is_kohya(tmp_path, d
     assert "is_reg" not in subset_config
 
     recorded = json.loads((out / "metadata.json").read_text())
-    assert [i["caption_source"] for i in recorded["images"]] == ["sidecar", "clip:tiny", "sidecar", "clip:tiny"]
+    assert [i["caption_source"] for i in recorded["images"]] == ["sidecar", "clip:world", "sidecar", "clip:world"]
     assert recorded["version"] == meta(result)["dataset_version"] and recorded["settings"]["flip_aug"] is True
     with session_scope(settings.database_url) as session:
         (row,) = session.scalars(select(models.Dataset)).all()
@@ -154,7 +154,7 @@ def test_caption_edits_survive_rematerialisation_and_generated_captions_are_kept
     first, _ = materialise_persona(PIPELINE, settings, folder)
     generated = stored_captions(settings, "generated")
     assert {name: (caption, captioner) for name, (_, caption, captioner) in generated.items()} == {
-        name: (caption_rows(first)[name]["caption"], "clip:tiny") for name in ("mira_02.jpg", "mira_04.jpg")}
+        name: (caption_rows(first)[name]["caption"], "clip:world") for name in ("mira_02.jpg", "mira_04.jpg")}
     assert len(clip_calls) == 1
 
     edited = "t3st woman, edited by hand, red scarf, harbour at dusk"
