@@ -388,7 +388,7 @@ def test_diffusers_backend_runs_the_tree_and_a_manifest_reproduces_its_pixels(tm
               "params": {"steps": 3, "cfg": 5.0, "sampler": "euler_ancestral", "scheduler": "normal"}},
              {"name": "refine", "template": "img2img_refine", "n": 2, "params": {"steps": 4, "denoise": 0.5}}]
     folder = write_persona(settings.datasets_dir, photos=0, generation={"prompts_per_plan": 1, "steps": steps})
-    backend = DiffusionBackend(models_dir=str(settings.home / "models"))
+    backend = DiffusionBackend(base_model=settings.base_model, models_dir=str(settings.home / "models"))  # what the run used
     lora_path = random_kohya_lora(backend.base_model_path(), tmp_path / "loras" / "t3st-v1.safetensors", seed=3)
     from persona_pipeline.personas import load_persona
 
