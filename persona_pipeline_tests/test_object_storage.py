@@ -305,7 +305,9 @@ def _studio_on_s3(s3, tmp_path, monkeypatch, url: str, **more: str):
 def test_chain_on_s3_survives_losing_the_local_cache(s3, tmp_path, monkeypatch, figure):
     url, drop = make_database("postgresql", tmp_path)
     try:
-        settings, bucket, cache = _studio_on_s3(s3, tmp_path, monkeypatch, url,
+        # The tiny base model: it is built under the models folder, so the sync of a locally built base
+        # model is tested too (the world model ships in the package, nothing to sync).
+        settings, bucket, cache = _studio_on_s3(s3, tmp_path, monkeypatch, url, PERSONA_BASE_MODEL="tiny",
                                                 PERSONA_CANDIDATES_PER_RUN="2", PERSONA_AUTO_REVIEW="1")
         assert settings.home == cache and settings.artifact_store == f"s3://{bucket}/studio"
         # The smallest persona the chain accepts: 10 photos, one 2-step checkpoint, one prompt of 2 images.
