@@ -81,8 +81,11 @@ def probe(pipe, classifier, lora: Path | None, trigger: str, look: dict[str, str
 
 
 def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path | None = None) -> dict:
-    """Every figure of issue 21 on the committed world models; returns them as a flat dict."""
-    import torch
+    """Every figure of issue 21 on the committed world models; returns them as a flat dict. Datasets,
+    LoRAs and renders go under `work` (a temporary folder, removed after, when none is given)."""
+    if work is None:
+        with tempfile.TemporaryDirectory(prefix="world-quality-") as folder:
+            return measure(quick, log, Path(folder))
     from diffusers import StableDiffusionPipeline
 
     from persona_pipeline.assets.lora_model import _score_checkpoints
@@ -96,15 +99,13 @@ def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path 
     from persona_pipeline.world.dataset import world_samples
     from sklearn.metrics import adjusted_rand_score
 
-    owned = work is None
-    work = Path(tempfile.mkdtemp(prefix="world-quality-")) if owned else Path(work)
+    work = Path(work)
     figures: dict = {}
     classifier = load_classifier()
     diffusion = DiffusionBackend(base_model="world", models_dir=str(work / "models"))
     clip = ClipModel(model_name="world")
     pipe = StableDiffusionPipeline.from_pretrained(diffusion.base_model_path(), safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
-    torch.manual_seed(0)
 
     # 1. The base model follows prompts.
     base = quality.base_prompt_following(pipe, classifier, n=32 if quick else 96)

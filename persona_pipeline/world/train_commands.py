@@ -14,7 +14,8 @@ from pathlib import Path
 
 from persona_pipeline.world.commands import positive_int
 
-# About 75 minutes here: VAE 3000 x ~0.26 s, UNet 3000 x ~1 s, CLIP 1500 x 0.24-0.44 s (docs/world.md).
+# About 45 minutes here, one thread: VAE 3000 x 0.16 s, UNet 3000 x 0.64 s, CLIP 1500 x 0.2 s (the committed run's
+# manifest; the committed weights are this run plus `--resume-from` it for 3000 more UNet steps, docs/world.md).
 DEFAULTS = dict(seed=0, steps=3000, vae_steps=3000, clip_steps=1500, resolution=64)
 
 

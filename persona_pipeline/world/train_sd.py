@@ -10,7 +10,7 @@ One plain loop per part, in the manner of diffusers' `train_text_to_image.py` ex
    zero variance, so `latent_dist.sample()` (what LoRA training draws) equals the mean; its scaling
    factor is measured (1 / std of the latents) rather than borrowed from SD 1.5;
 3. the CLIP text encoder and the `UNet2DConditionModel`, trained together from scratch with the
-   noise-prediction loss on (world image, caption) pairs at 16x16 latents; one caption in ten is
+   v-prediction loss on (world image, caption) pairs at 16x16 latents; one caption in ten is
    dropped to "" so that classifier-free guidance has an unconditional model to push against. An EMA
    of the weights is what is saved, as in diffusers' `--use_ema`.
 
@@ -44,8 +44,8 @@ TOKENIZER_CAPTIONS = 4000  # captions the BPE merges are learned from (every wor
 class SdSettings:
     resolution: int = 64
     seed: int = 0
-    vae_steps: int = 3000  # ~0.26 s each; 1137 steps read scarves right 95 %, jackets 98.5 % through it (docs/world.md)
-    unet_steps: int = 3000  # ~0.9 s each at 16x16 latents
+    vae_steps: int = 3000  # 0.16 s each; 1137 steps read scarves right 95 %, jackets 98.5 % through it (docs/world.md)
+    unet_steps: int = 3000  # 0.64 s each at 16x16 latents (the committed run's manifest)
     batch_size: int = 32
     vae_batch_size: int = 16
     vae_crop: int = 32
@@ -281,20 +281,24 @@ def load_parts(sd_folder: Path):
     return pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
 
 
+def _describe(progress: Progress, settings: SdSettings, tokenizer, unet, text_encoder, vae) -> None:
+    progress(f"world sd: {settings.resolution} px, tokenizer {len(tokenizer)} tokens, unet "
+             f"{sum(p.numel() for p in unet.parameters()):,} parameters, text encoder "
+             f"{sum(p.numel() for p in text_encoder.parameters()):,}, vae {sum(p.numel() for p in vae.parameters()):,}")
+
+
 def train_sd(out: Path, settings: SdSettings, progress: Progress = print) -> dict:
     """Train every part and save a StableDiffusionPipeline folder at `out` (safetensors); returns the metrics."""
     torch.manual_seed(settings.seed + settings.start_step)
     if settings.resume_from:
         vae, unet, text_encoder, tokenizer, scheduler = load_parts(Path(settings.resume_from))
         progress(f"world sd: resuming {settings.resume_from} after {settings.start_step} UNet steps (tokenizer and VAE kept)")
+        _describe(progress, settings, tokenizer, unet, text_encoder, vae)
         metrics = {}
     else:
         tokenizer = build_world_tokenizer(tokenizer_texts(settings.seed))
         vae, unet, text_encoder, scheduler = build_models(tokenizer, settings.resolution, settings.seed)
-    progress(f"world sd: {settings.resolution} px, tokenizer {len(tokenizer)} tokens, unet "
-             f"{sum(p.numel() for p in unet.parameters()):,} parameters, text encoder "
-             f"{sum(p.numel() for p in text_encoder.parameters()):,}, vae {sum(p.numel() for p in vae.parameters()):,}")
-    if not settings.resume_from:
+        _describe(progress, settings, tokenizer, unet, text_encoder, vae)
         metrics = train_vae(vae, settings, progress)
         vae.register_to_config(scaling_factor=measure_scaling_factor(vae, settings))
         metrics["vae_scaling_factor"] = vae.config.scaling_factor

@@ -95,9 +95,7 @@ def world_sd_path(folder: Path = COMMITTED_WORLD_MODELS) -> Path:
 
 def world_models_id(folder: Path = COMMITTED_WORLD_MODELS) -> str:
     """A short id of the trained weights (their manifest's hash), for provenance and embedding ids."""
-    import hashlib
-
-    return hashlib.sha256((Path(folder) / "manifest.json").read_bytes()).hexdigest()[:12]
+    return sha256_file(Path(folder) / "manifest.json")[:12]
 
 
 def load_world_sd(folder: Path):
