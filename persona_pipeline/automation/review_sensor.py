@@ -2,7 +2,8 @@
 
 - votes → refresh `rankings`, debounced: one run per persona once its votes have been quiet for
   VOTE_QUIET, or VOTE_MAX_WAIT after the first waiting vote while voting goes on;
-- a step approved, or a candidate killed → `advance_runs` (the next step's children, replacements);
+- a step approved, or a candidate killed or restored → `advance_runs` (the next step's children,
+  replacements; a step a restore left with nothing to make goes back to voting);
 - a winner picked → `library` (clusters + planned posts);
 - a post approved, moved or rejected → `post_calendar` (the persona's schedule, checked).
 
@@ -31,6 +32,7 @@ BATCH = 1000  # events read per tick; the rest wait for the next tick
 JOB_FOR_KIND = {
     "approve_step": advance_runs_job.name,
     "kill": advance_runs_job.name,
+    "restore": advance_runs_job.name,
     "pick_winner": library_job.name,
     "approve_post": post_calendar_job.name,
     "move_post": post_calendar_job.name,
@@ -101,7 +103,7 @@ def plan_review_runs(session: Session, cursor: ReviewCursor, now: datetime) -> t
 @dg.sensor(name="review_events", minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING,
            jobs=[rankings_job, advance_runs_job, library_job, post_calendar_job],
            description="Every 15 s (the Dagster daemon): turns new review form decisions into runs: votes → "
-                       "rankings_refresh (once voting pauses), step approvals and kills → advance_runs, winner picks → "
+                       "rankings_refresh (once voting pauses), step approvals, kills and restores → advance_runs, winner picks → "
                        "library, post decisions → post_calendar_refresh.")
 def review_sensor(context: dg.SensorEvaluationContext, database: AppDatabase) -> dg.SensorResult:
     database.require_schema()

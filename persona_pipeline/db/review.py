@@ -1,4 +1,4 @@
-"""Reviewer decisions on candidates: pair offers and votes, kills, step approvals and winners (the
+"""Reviewer decisions on candidates: pair offers and votes, kills and restores, step approvals and winners (the
 decisions on posts are in db/review_posts.py). The review form and the auto-reviewer call exactly
 these functions, so every decision has one code path, one set of checks and one `ReviewEvent` row."""
 
@@ -325,13 +325,41 @@ def kill_candidate(session: Session, candidate_id: int, reviewer: str, reason: s
     step = session.get(models.RunStep, candidate.step_id)
     if step.status == "approved":
         raise ReviewError(f"step {step.id} is already approved; its candidates can no longer be killed")
+    previous = candidate.status
     candidate.status = "killed"
     candidate.status_reason = f"killed by {reviewer}" + (f": {reason}" if reason else "")
     if step.status == "voting" and step.run.status != "done":  # the freed place gets a replacement
         step.status = "generating"
         step.run.status = "running"
+    # previous_status: what restore_candidate puts back
     record_event(session, candidate.run.persona_id, "kill", "candidate", candidate.id, reviewer,
-                 {"step_id": step.id, "reason": reason})
+                 {"step_id": step.id, "reason": reason, "previous_status": previous})
+    session.flush()
+    return candidate
+
+
+def restore_candidate(session: Session, candidate_id: int, reviewer: str, reason: str = "") -> models.Candidate:
+    """Undo a kill: the candidate is live again in its step, with the status it had before the kill
+    (`active`, or `culled`), and its votes count in the ranking again (`step_ranking` ranks the live
+    candidates on all of the step's votes, so nothing else needs recomputing). Only while the step is
+    open, as for a kill. A replacement the kill already caused stays: the step then holds one image
+    more than it asked for. The `restore` event starts advance_runs (review sensor), which moves a step
+    the kill sent back to generating on to voting once nothing is missing."""
+    candidate = _candidate(session, candidate_id, lock=True)
+    if candidate.status != "killed":
+        raise ReviewError(f"candidate {candidate_id} is {candidate.status}, not killed; there is nothing to restore")
+    step = session.get(models.RunStep, candidate.step_id)
+    if step.status not in OPEN_STEP:
+        raise ReviewError(f"step {step.id} is {step.status}; its killed candidates can no longer be restored")
+    kill = session.scalar(select(models.ReviewEvent).where(
+        models.ReviewEvent.kind == "kill", models.ReviewEvent.subject_type == "candidate",
+        models.ReviewEvent.subject_id == candidate.id).order_by(models.ReviewEvent.id.desc()).limit(1))
+    previous = (kill.payload or {}).get("previous_status") if kill is not None else None
+    candidate.status = previous if previous in ("active", "culled") else "active"
+    candidate.status_reason = f"restored by {reviewer}" + (f": {reason}" if reason else "")
+    record_event(session, candidate.run.persona_id, "restore", "candidate", candidate.id, reviewer,
+                 {"step_id": step.id, "reason": reason, "status": candidate.status,
+                  "kill_event_id": kill.id if kill is not None else None})
     session.flush()
     return candidate
 
