@@ -25,14 +25,15 @@ from persona_pipeline.db import review
 from persona_pipeline.review import auth
 from persona_pipeline.review.audit import audit_page
 from persona_pipeline.review.config import ReviewConfig
-from persona_pipeline.review.gallery import approve_step, gallery_page, kill_candidate, pick_winner
+from persona_pipeline.review.gallery import (approve_step, compare_page, gallery_page, kill_candidate, pick_winner,
+                                             restore_candidate)
 from persona_pipeline.review.login import login, login_form, logout
 from persona_pipeline.review.media import media
 from persona_pipeline.review.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
 from persona_pipeline.review.posts import post_action, posts_page
 from persona_pipeline.review.queue import queue_page
 from persona_pipeline.review.voting import api_kill, api_pair, api_shown, api_skip, api_vote, vote_page
-from persona_pipeline.review.web import HERE, http_error, review_error
+from persona_pipeline.review.web import HERE, error_page_body, http_error, review_error, server_error
 
 __all__ = ["ReviewConfig", "create_app"]
 
@@ -55,9 +56,11 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/", queue_page, methods=["GET"]),
         Route("/steps/{step_id:int}/vote", vote_page, methods=["GET"]),
         Route("/steps/{step_id:int}", gallery_page, methods=["GET"]),
+        Route("/steps/{step_id:int}/compare", compare_page, methods=["GET"]),
         Route("/steps/{step_id:int}/approve", approve_step, methods=["POST"]),
         Route("/runs/{run_id:int}/winner", pick_winner, methods=["POST"]),
         Route("/candidates/{candidate_id:int}/kill", kill_candidate, methods=["POST"]),
+        Route("/candidates/{candidate_id:int}/restore", restore_candidate, methods=["POST"]),
         Route("/posts", posts_page, methods=["GET"]),
         Route("/posts/{post_id:int}/{action:str}", post_action, methods=["POST"]),
         Route("/audit", audit_page, methods=["GET"]),
@@ -71,12 +74,13 @@ def create_app(config: ReviewConfig) -> Starlette:
     ]
     middleware = [
         Middleware(SecurityHeadersMiddleware),
-        Middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes),
+        Middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, error_page=error_page_body),
         Middleware(SessionMiddleware, secret_key=config.secret_key, session_cookie="review_session",
                    max_age=7 * 24 * 3600, same_site="lax", https_only=config.https_only),
     ]
     app = Starlette(routes=routes, middleware=middleware,
-                    exception_handlers={HTTPException: http_error, review.ReviewError: review_error})
+                    exception_handlers={HTTPException: http_error, review.ReviewError: review_error,
+                                        Exception: server_error})
     app.state.config = config
     app.state.login_throttle = auth.LoginThrottle(config.login_max_failures, config.login_window_s)
     app.state.home = Path(config.home).resolve()
