@@ -84,7 +84,7 @@ def page(handler: Handler) -> Handler:
         if reviewer is None:
             if request.method == "GET":
                 return RedirectResponse("/login?next=" + quote(request.url.path), status_code=303)
-            raise HTTPException(401, "You are not logged in, so this was not saved.")
+            raise HTTPException(401, "Your session has ended (or you never logged in), so this was not saved.")
         if request.method == "POST":
             form = await request.form(max_files=0, max_fields=50)
             if not auth.csrf_ok(request, form.get(auth.CSRF_FIELD) or request.headers.get(auth.CSRF_HEADER)):
@@ -134,12 +134,13 @@ ERROR_HEADINGS = {
     503: "A service this page needs did not answer",
 }
 ERROR_HINTS = {
-    401: "Your session has ended (or you never logged in), so nothing was saved. Log in, then try again.",
+    401: "Log in, then send it again from the page you were on.",
     403: "Nothing was saved. Reload the page you came from, then try again.",
     409: "Nothing was saved. Reload the page to see how things stand now.",
     413: "Nothing was saved. Shorten what you typed, then send it again.",
     500: "The error has been logged. Go back and check whether your change was saved before trying again.",
 }
+GET_500_HINT = "The error has been logged. Try again in a moment; if it keeps happening, pass on the reference below."
 # Pages a way back may name (path pattern, label); any other local page is "the page you came from".
 _BACK_LABELS = [
     (re.compile(r"/steps/\d+/vote"), "Back to voting"),
@@ -189,7 +190,7 @@ def error_page(request: Request, status: int, message: str, *, reference: str | 
     back, back_label = way_back(request)
     values = {"reviewer": reviewer, "csrf": csrf, "flash": None, "error": None, "title": f"Error {status}",
               "status": status, "heading": ERROR_HEADINGS.get(status) or HTTPStatus(status).phrase,
-              "message": message, "hint": ERROR_HINTS.get(status), "back": back, "back_label": back_label,
+              "message": message, "hint": GET_500_HINT if status == 500 and request.method == "GET" else ERROR_HINTS.get(status), "back": back, "back_label": back_label,
               "login_url": "/login?next=" + quote(back) if status == 401 else None, "reference": reference}
     response = HTMLResponse(_templates.get_template("error.html").render(values), status_code=status,
                             headers={"Cache-Control": "no-store"})
