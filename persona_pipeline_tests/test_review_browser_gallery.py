@@ -6,7 +6,6 @@ what the page shows and what the database holds."""
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
