@@ -57,7 +57,7 @@ advance_runs_job = _persona_job(
     config={"ops": {"candidates": {"config": {"start_runs": False}}}},
     tags=GENERATION_TAGS,
     description="Move open runs along (next steps after approvals, replacements after kills) without starting new ones. "
-                "Started by the review_events sensor after a step approval or a kill in the review form.",
+                "Started by the review_events sensor after a step approval, a kill or a restore in the review form.",
 )
 
 lora_training_job = _persona_job(
