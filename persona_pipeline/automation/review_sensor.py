@@ -1,6 +1,6 @@
 """The review sensor: turns reviewer decisions (`review_events` rows) into Dagster runs.
 
-- votes → refresh `rankings`, debounced: one run per persona once its votes have been quiet for
+- votes, and votes undone → refresh `rankings`, debounced: one run per persona once its votes have been quiet for
   VOTE_QUIET, or VOTE_MAX_WAIT after the first waiting vote while voting goes on;
 - a step approved, or a candidate killed or restored → `advance_runs` (the next step's children,
   replacements; a step a restore left with nothing to make goes back to voting);
@@ -77,7 +77,7 @@ def plan_review_runs(session: Session, cursor: ReviewCursor, now: datetime) -> t
         if not active:
             notes.append(f"event {event_id} ({kind}) of {slug}: the persona's folder is gone; nothing started")
             continue
-        if kind == "vote":
+        if kind in ("vote", "undo_vote"):  # an undone vote changes the ranking as much as a vote
             entry = waiting.setdefault(slug, {"first_id": event_id, "first_at": created_at.isoformat()})
             entry.update(last_id=event_id, last_at=created_at.isoformat())
         elif kind in JOB_FOR_KIND:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import timedelta, timezone
 from typing import Any, Iterable
 
 from sqlalchemy import select
@@ -23,6 +23,10 @@ OFFER_HOLD = timedelta(minutes=10)
 # Bootstrap rounds for the ranking that decides top-K and winners (about 1000; docs/rules.md).
 BOOTSTRAP_ROUNDS = 1000
 LOW_VOTES = 5  # a top-K candidate with fewer votes than this gets a warning before approval
+# A reviewer may take back their own vote for this long after casting it (the vote page's Undo;
+# docs/review.md#undo). Long enough to notice a slip, short enough that a ranking someone already
+# acted on (an approval, a winner) is not quietly rewritten: the step must also still be open.
+UNDO_WINDOW = timedelta(minutes=5)
 
 
 class ReviewError(ValueError):
@@ -188,6 +192,105 @@ def cast_vote(session: Session, winner_id: int, loser_id: int, reviewer: str,
                   "selection_probability": selection_probability})
     session.flush()
     return vote
+
+
+def replay_step_elo(session: Session, step_id: int) -> None:
+    """Set every candidate of the step to the Elo the replay of its (remaining) votes gives, from
+    1000, in vote order: after a vote is undone, Elo is as if it had never been cast (the rankings
+    asset checks the same replay)."""
+    cands = list(session.scalars(select(models.Candidate).where(models.Candidate.step_id == step_id)
+                                 .with_for_update(key_share=True).order_by(models.Candidate.id)))
+    standings = elo.replay([c.id for c in cands], _step_votes(session, step_id))
+    for cand in cands:
+        cand.elo = standings[cand.id].elo
+
+
+def undo_vote(session: Session, vote_id: int, reviewer: str) -> dict[str, Any]:
+    """Take back a vote: only the reviewer's own, within UNDO_WINDOW, while its step is open.
+
+    The `Vote` row is deleted, so nothing that reads votes (Bradley–Terry in `step_ranking`, the
+    Elo replay, the unvoted-pair count, the gallery's wins and losses, the weekly report) can count
+    it again; the whole vote is kept in the `undo_vote` event's payload (the audit trail), next to
+    the `vote` event that recorded it. Its offer is marked `undone`, so the pair can be offered
+    again. Elo of the step's candidates is replayed without it. Returns the undone vote's fields."""
+    vote = session.scalar(select(models.Vote).where(models.Vote.id == vote_id).with_for_update())
+    if vote is None:
+        if session.scalar(select(models.ReviewEvent.id).where(models.ReviewEvent.kind == "undo_vote",
+                                                              models.ReviewEvent.subject_id == vote_id)) is not None:
+            raise DuplicateVote(f"vote {vote_id} has already been undone")
+        raise NotFound(f"vote {vote_id} does not exist")
+    if vote.reviewer != reviewer:
+        raise NotYourOffer(f"vote {vote_id} was cast by {vote.reviewer}; only they can undo it")
+    created = vote.created_at if vote.created_at.tzinfo else vote.created_at.replace(tzinfo=timezone.utc)
+    if models.utcnow() - created > UNDO_WINDOW:
+        minutes = int(UNDO_WINDOW.total_seconds() // 60)
+        raise ReviewError(f"vote {vote_id} is more than {minutes} minutes old and can no longer be undone")
+    step = session.get(models.RunStep, vote.step_id)
+    if step.status not in OPEN_STEP:
+        raise ReviewError(f"step {step.id} is {step.status}; its votes can no longer be undone")
+    undone = {"vote_id": vote.id, "step_id": vote.step_id, "winner_id": vote.winner_id, "loser_id": vote.loser_id,
+              "offer_id": vote.offer_id, "elo_delta": vote.elo_delta, "winner_elo_before": vote.winner_elo_before,
+              "loser_elo_before": vote.loser_elo_before, "selection_probability": vote.selection_probability,
+              "voted_at": created.isoformat()}
+    if vote.offer_id is not None:
+        offer = _offer(session, vote.offer_id, lock=True)
+        offer.outcome = "undone"
+    persona_id = step.run.persona_id
+    session.delete(vote)
+    session.flush()
+    replay_step_elo(session, step.id)
+    record_event(session, persona_id, "undo_vote", "vote", undone["vote_id"], reviewer, undone)
+    session.flush()
+    return undone
+
+
+def undo_skip(session: Session, offer_id: int, reviewer: str) -> models.PairOffer:
+    """Take back a skip (the reviewer's own, within UNDO_WINDOW): the offer is marked `undone`, so
+    the pair may be put to this reviewer again (`next_pair` holds back only pairs they skipped)."""
+    offer = _offer(session, offer_id, lock=True)
+    if offer.reviewer != reviewer:
+        raise NotYourOffer(f"pair offer {offer_id} was offered to {offer.reviewer}, not {reviewer}")
+    if offer.outcome != "skipped":
+        raise ReviewError(f"pair offer {offer_id} is {offer.outcome or 'open'}, not skipped; there is no skip to undo")
+    skip = session.scalar(select(models.ReviewEvent).where(
+        models.ReviewEvent.kind == "skip", models.ReviewEvent.subject_type == "offer",
+        models.ReviewEvent.subject_id == offer.id).order_by(models.ReviewEvent.id.desc()).limit(1))
+    if skip is not None:
+        at = skip.created_at if skip.created_at.tzinfo else skip.created_at.replace(tzinfo=timezone.utc)
+        if models.utcnow() - at > UNDO_WINDOW:
+            raise ReviewError(f"the skip of pair offer {offer_id} is more than "
+                              f"{int(UNDO_WINDOW.total_seconds() // 60)} minutes old and can no longer be undone")
+    step = session.get(models.RunStep, offer.step_id)
+    offer.outcome = "undone"
+    record_event(session, step.run.persona_id, "undo_skip", "offer", offer.id, reviewer,
+                 {"step_id": offer.step_id, "left_id": offer.left_id, "right_id": offer.right_id,
+                  "skip_event_id": skip.id if skip is not None else None})
+    session.flush()
+    return offer
+
+
+def offer_again(session: Session, offer_id: int, reviewer: str) -> models.PairOffer | None:
+    """After an undo on the vote page: a new offer of the same pair, on screen at once, so the
+    reviewer can answer it again (None when it cannot be: a candidate is no longer live, the step
+    closed). Only for the reviewer's own offer whose answer was taken back (a vote or a skip undone,
+    or a kill restored). It keeps the first offer's probability; its strategy says it was asked again."""
+    old = _offer(session, offer_id)
+    if old.reviewer != reviewer:
+        raise NotYourOffer(f"pair offer {offer_id} was offered to {old.reviewer}, not {reviewer}")
+    if old.outcome not in ("undone", "killed"):
+        raise ReviewError(f"pair offer {offer_id} is {old.outcome or 'open'}; only an undone answer is offered again")
+    step = session.get(models.RunStep, old.step_id)
+    if step.status not in OPEN_STEP:
+        return None
+    statuses = set(session.scalars(select(models.Candidate.status).where(
+        models.Candidate.id.in_((old.left_id, old.right_id)))))
+    if not statuses <= set(LIVE):
+        return None
+    offer = models.PairOffer(step_id=old.step_id, left_id=old.left_id, right_id=old.right_id, probability=old.probability,
+                             strategy="again", reviewer=reviewer, shown_at=models.utcnow())
+    session.add(offer)
+    session.flush()
+    return offer
 
 
 def default_top_k(step: models.RunStep) -> int:

@@ -31,7 +31,11 @@ class PersonaQueue:
 
 
 def unvoted_pairs(session: Session, step_id: int) -> int:
-    """Pairs of the step's live candidates nobody has voted on yet."""
+    """Pairs of the step's live candidates nobody has voted on yet: the one count of "pairs not
+    voted yet" that the queue, the gallery and the vote page all show (the vote page gets it with
+    every answer, never estimates it). A pair asked again after a vote, a skip, or a vote cast
+    while another reviewer's vote on the same pair lands, does not lower it; an undone vote or a
+    restored candidate raises it again."""
     live = set(session.scalars(select(models.Candidate.id).where(
         models.Candidate.step_id == step_id, models.Candidate.status.in_(LIVE))))
     # Distinct pairs: a close pair may have several votes.

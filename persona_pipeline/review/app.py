@@ -32,7 +32,8 @@ from persona_pipeline.review.media import media
 from persona_pipeline.review.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
 from persona_pipeline.review.posts import post_action, posts_page
 from persona_pipeline.review.queue import queue_page
-from persona_pipeline.review.voting import api_kill, api_pair, api_shown, api_skip, api_vote, vote_page
+from persona_pipeline.review.voting import (api_counts, api_kill, api_pair, api_restore, api_shown, api_skip,
+                                            api_undo_skip, api_undo_vote, api_vote, vote_page)
 from persona_pipeline.review.web import HERE, error_page_body, http_error, review_error, server_error
 
 __all__ = ["ReviewConfig", "create_app"]
@@ -66,10 +67,14 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/audit", audit_page, methods=["GET"]),
         Route("/media/{path:path}", media, methods=["GET"]),
         Route("/api/steps/{step_id:int}/pair", api_pair, methods=["GET"]),
+        Route("/api/steps/{step_id:int}/counts", api_counts, methods=["GET"]),
         Route("/api/votes", api_vote, methods=["POST"]),
+        Route("/api/votes/{vote_id:int}/undo", api_undo_vote, methods=["POST"]),
         Route("/api/offers/{offer_id:int}/shown", api_shown, methods=["POST"]),
         Route("/api/offers/{offer_id:int}/skip", api_skip, methods=["POST"]),
+        Route("/api/offers/{offer_id:int}/undo-skip", api_undo_skip, methods=["POST"]),
         Route("/api/candidates/{candidate_id:int}/kill", api_kill, methods=["POST"]),
+        Route("/api/candidates/{candidate_id:int}/restore", api_restore, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     middleware = [

@@ -8,33 +8,47 @@
 // never lands on the pair that just replaced the one it was meant for.
 // An answer the server refuses is not passed over: the page names its pair (#lost keeps the list),
 // and when the session has ended it takes no more answers, which could only be lost too.
+// Answers: click/tap the better image or its button, ← / →, or on a touch screen swipe an image
+// right (it wins) or left (the other one wins); K / L kill the left / right image; S skips.
+// Undo (U) takes back the last answer still within the server's window (data-undo-ms): a vote is
+// undone on the server (the vote is taken out of every count), a kill is a restore, a skip is
+// reopened; the pair comes back on screen to be answered again.
+// "Pairs not voted yet" is never estimated here: every answer's reply carries the server's count
+// (review_views.unvoted_pairs, as the queue and the gallery count), and the page keeps the newest.
 (function () {
   "use strict";
   var SETTLE_MS = 300;
+  var SWIPE_PX = 70;         // a horizontal move this long (and mostly horizontal) is a swipe
   var root = document.getElementById("vote");
   if (!root) return;
   var stepId = root.dataset.stepId;
+  var undoMs = parseInt(root.dataset.undoMs, 10) || 300000;
   var csrf = document.querySelector('meta[name="csrf-token"]').content;
   var img = { left: document.getElementById("img-left"), right: document.getElementById("img-right") };
   var label = { left: document.getElementById("id-left"), right: document.getElementById("id-right") };
   var statusLine = document.getElementById("status");
   var remainingEl = document.getElementById("remaining");
-  var probabilityEl = document.getElementById("probability");
   var doneBox = document.getElementById("done");
   var lostList = document.getElementById("lost");
+  var undoButton = document.getElementById("undo");
+  var pairBox = root.querySelector(".pair");
+  var actionsBox = root.querySelector(".actions");
 
   var current = null;        // the offer on screen
-  var next = null;           // the preloaded offer (null: none yet, or none left)
-  var prefetching = null;    // promise of the fetch filling `next`
+  var upcoming = [];         // offers to show next, first first (the preloaded pair; a pair put back by an undo)
+  var prefetching = null;    // promise of the fetch filling `upcoming`
   var held = new Set();      // offer ids on the page or with an answer in flight
   var inflight = new Set();  // answer POST promises
   var killed = new Set();    // candidates killed from this page
-  var votes = 0;             // votes the server confirmed
-  var pressed = 0;           // votes asked for (confirmed or not)
-  var pendingVotes = 0;      // vote POSTs in flight
+  var history = [];          // answers that may be undone, newest last: {kind, offer, at, result, candidate}
+  var undoing = false;
+  var votes = 0;             // votes the server confirmed (less those undone)
+  var asOf = -1;             // the newest server count shown (its review event id)
   var acceptAt = Infinity;   // performance.now() from which the pair on screen takes input
-  var settleTimer = null;
+  var settleTimer = null, undoTimer = null;
   var stopped = false;       // the session has ended: no more answers
+
+  if (window.matchMedia("(max-width: 719px)").matches) document.getElementById("judge").open = false;
 
   function setStatus(text, isError) {
     statusLine.textContent = text;
@@ -77,7 +91,7 @@
     root.querySelectorAll("[data-action]").forEach(function (button) { button.disabled = true; });
   }
 
-  // A failure that lost no answer (fetching a pair).
+  // A failure that lost no answer (fetching a pair, an undo).
   function report(err) {
     var text = explain(err);
     if (!stopped) setStatus(text.charAt(0).toUpperCase() + text.slice(1), true);
@@ -86,6 +100,26 @@
 
   function pairName(offer) {
     return "#" + offer.left.id + " / #" + offer.right.id;
+  }
+
+  // The server's count of pairs not voted yet; a reply older than the one shown is ignored.
+  function applyCounts(data) {
+    if (!data || typeof data.remaining !== "number" || data.as_of < asOf) return;
+    asOf = data.as_of;
+    remainingEl.textContent = data.remaining + " pair" + (data.remaining === 1 ? "" : "s") + " not voted yet.";
+    root.dataset.remaining = String(data.remaining);
+  }
+
+  // Once no answer is in flight, ask for the count once more: replies that raced each other may
+  // each have missed the other's answer.
+  function settleCounts() {
+    if (inflight.size || undoing) return;
+    root.dataset.countsSettled = "0";
+    fetch("/api/steps/" + stepId + "/counts", { headers: { "Accept": "application/json" }, credentials: "same-origin", cache: "no-store" })
+      .then(readJson).then(function (data) {
+        applyCounts(data);
+        if (!inflight.size && !undoing) root.dataset.countsSettled = "1";
+      }).catch(report);
   }
 
   // An answer that was not recorded: say which pair it was on, and keep it in the list.
@@ -99,34 +133,35 @@
     if (sessionGone(err)) stop();
   }
 
+  function withImages(offer) {
+    // Keep the Image objects so the decoded pictures stay in memory until shown.
+    return Promise.all([preload(offer.left.url), preload(offer.right.url)]).then(function (images) {
+      offer.images = images;
+      return offer;
+    });
+  }
+
   // `offScreen`: the next pair, held off screen until `show` tells the server it is shown.
   function fetchOffer(offScreen) {
-    // The server counts the unvoted pairs now; votes still in flight are not in its count yet.
-    var pressedAtFetch = pressed, pendingAtFetch = pendingVotes;
     var params = [];
     if (held.size) params.push("exclude=" + Array.from(held).join(","));
     if (offScreen) params.push("preload=1");
     return fetch("/api/steps/" + stepId + "/pair" + (params.length ? "?" + params.join("&") : ""), {
       headers: { "Accept": "application/json" }, credentials: "same-origin", cache: "no-store"
     }).then(readJson).then(function (offer) {
+      applyCounts(offer);
       if (offer.offer_id === null) return null;
       held.add(offer.offer_id);
       offer.shown = offScreen ? null : Promise.resolve();
-      offer.pressedAtFetch = pressedAtFetch;
-      offer.pendingAtFetch = pendingAtFetch;
-      // Keep the Image objects so the decoded pictures stay in memory until shown.
-      return Promise.all([preload(offer.left.url), preload(offer.right.url)]).then(function (images) {
-        offer.images = images;
-        return offer;
-      });
+      return withImages(offer);
     });
   }
 
   function prefetch() {
-    if (next || prefetching) return;
+    if (upcoming.length || prefetching) return;
     root.dataset.nextReady = "0";
     prefetching = fetchOffer(true).then(function (offer) {
-      next = offer;
+      if (offer) upcoming.push(offer);
     }).catch(report).then(function () {
       prefetching = null;
       root.dataset.nextReady = "1";
@@ -150,14 +185,15 @@
       if (current === offer) root.dataset.inputReady = "1";
     }, SETTLE_MS);
     root.classList.remove("busy");
+    root.dataset.done = "0";
+    doneBox.hidden = true;
+    pairBox.hidden = false;
+    actionsBox.hidden = false;
     img.left.src = offer.left.url || "data:,";
     img.right.src = offer.right.url || "data:,";
     label.left.textContent = offer.left.id;
     label.right.textContent = offer.right.id;
     root.dataset.offerId = offer.offer_id;
-    var left = Math.max(0, offer.remaining - offer.pendingAtFetch - (pressed - offer.pressedAtFetch));
-    remainingEl.textContent = left + " pair" + (left === 1 ? "" : "s") + " not voted yet.";
-    probabilityEl.textContent = "Shown with probability " + offer.probability.toFixed(3) + " (" + offer.strategy + ").";
   }
 
   function finish() {
@@ -168,41 +204,38 @@
     label.left.textContent = label.right.textContent = "";
     root.classList.remove("busy");
     doneBox.hidden = false;
-    document.querySelector(".pair").hidden = true;
-    document.querySelector(".actions").hidden = true;
-    remainingEl.textContent = "";
-    probabilityEl.textContent = "";
+    pairBox.hidden = true;
+    actionsBox.hidden = !history.length;  // Undo stays while there is something to undo
   }
 
   function release(offer) {
     held.delete(offer.offer_id);
   }
 
+  // The first usable pair of `upcoming` (dropping those with a killed image), or null.
+  function takeUpcoming() {
+    while (upcoming.length) {
+      var offer = upcoming.shift();
+      if (!hasKilled(offer)) return offer;
+      release(offer);
+    }
+    return null;
+  }
+
   // Show the preloaded pair now; only when there is none, wait for the server.
   function advance() {
     current = null;
-    if (next && !hasKilled(next)) {
-      var offer = next;
-      next = null;
-      show(offer);
-      prefetch();
-      return;
-    }
-    if (next) { release(next); next = null; }
+    var offer = takeUpcoming();
+    if (offer) { show(offer); prefetch(); return; }
     root.classList.add("busy");
     var wait = prefetching || Promise.resolve();
     wait.then(function () {
-      if (next && !hasKilled(next)) {
-        var offer = next;
-        next = null;
-        show(offer);
-        prefetch();
-        return null;
-      }
-      if (next) { release(next); next = null; }
+      var ready = takeUpcoming();
+      if (ready) { show(ready); prefetch(); return null; }
       // Nothing usable ahead: let the answers land (a kill, say), then ask once more.
-      return Promise.allSettled(Array.from(inflight)).then(function () { return fetchOffer(false); }).then(function (offer) {
-        if (offer) { show(offer); prefetch(); } else { finish(); }
+      return Promise.allSettled(Array.from(inflight)).then(function () { return fetchOffer(false); }).then(function (fresh) {
+        if (current) { if (fresh) upcoming.push(fresh); return; }  // an undo put a pair on screen meanwhile
+        if (fresh) { show(fresh); prefetch(); } else { finish(); }
       });
     }).catch(function (err) {
       root.classList.remove("busy");
@@ -218,11 +251,39 @@
     }).then(readJson);
   }
 
+  function refreshUndo() {
+    clearTimeout(undoTimer);
+    var now = Date.now();
+    while (history.length && now - history[0].at > undoMs) history.shift();
+    var last = history[history.length - 1];
+    undoButton.disabled = stopped || undoing || !last;
+    root.dataset.undoable = last ? last.kind : "";
+    if (last) undoTimer = setTimeout(refreshUndo, Math.max(50, history[0].at + undoMs - now + 10));
+    else if (root.dataset.done === "1") actionsBox.hidden = true;
+  }
+
+  function track(offer, what, request) {
+    var tracked = request.catch(function (err) {
+      lose(offer, what, err);
+      return null;
+    }).then(function (data) {
+      release(offer);
+      inflight.delete(tracked);
+      applyCounts(data);
+      settleCounts();
+      return data;
+    });
+    inflight.add(tracked);
+    root.dataset.countsSettled = "0";
+    return tracked;
+  }
+
   function answer(kind) {
+    if (kind === "undo") { undo(); return; }
     // Nothing on screen, a pair shown too recently to have been seen, or a session that has ended.
     if (!current || stopped || performance.now() < acceptAt) return;
     var offer = current;
-    var request, what;
+    var request, what, entry = { kind: kind, offer: offer, at: Date.now() };
     // Every answer waits until the server knows the pair is on screen.
     function send(url, body) {
       return offer.shown.then(function () { return post(url, body); });
@@ -230,54 +291,137 @@
     if (kind === "left" || kind === "right") {
       var winner = offer[kind], loser = kind === "left" ? offer.right : offer.left;
       what = "vote";
-      pressed += 1;
-      pendingVotes += 1;
+      entry.kind = "vote";
       request = send("/api/votes", { offer_id: offer.offer_id, winner_id: winner.id, loser_id: loser.id })
-        .then(function () {
+        .then(function (data) {
           votes += 1;
           root.dataset.votes = String(votes);
           setStatus("Voted #" + winner.id + " over #" + loser.id + ".", false);
-        }).finally(function () { pendingVotes -= 1; });
+          return data;
+        });
     } else if (kind === "skip") {
       what = "skip";
       request = send("/api/offers/" + offer.offer_id + "/skip", {})
-        .then(function () { setStatus("Skipped " + pairName(offer) + ".", false); });
-    } else if (kind === "kill") {
-      what = "kill of #" + offer.left.id;
-      killed.add(offer.left.id);
-      request = send("/api/candidates/" + offer.left.id + "/kill", { offer_id: offer.offer_id })
-        .then(function () { setStatus("Killed #" + offer.left.id + ".", false); },
-              function (err) { killed.delete(offer.left.id); throw err; });
+        .then(function (data) { setStatus("Skipped " + pairName(offer) + ".", false); return data; });
+    } else if (kind === "kill-left" || kind === "kill-right") {
+      var doomed = offer[kind === "kill-left" ? "left" : "right"].id;
+      what = "kill of #" + doomed;
+      entry.kind = "kill";
+      entry.candidate = doomed;
+      killed.add(doomed);
+      request = send("/api/candidates/" + doomed + "/kill", { offer_id: offer.offer_id })
+        .then(function (data) { setStatus("Killed #" + doomed + ". Undo brings it back.", false); return data; },
+              function (err) { killed.delete(doomed); throw err; });
     } else {
       return;
     }
-    var tracked = request.catch(function (err) {
-      lose(offer, what, err);
-    }).then(function () {
-      release(offer);
-      inflight.delete(tracked);
-    });
-    inflight.add(tracked);
+    entry.result = track(offer, what, request);
+    history.push(entry);
+    if (history.length > 20) history.shift();
+    refreshUndo();
     advance();
+  }
+
+  // Take back the newest answer still in the window: once it has landed, ask the server to undo it;
+  // the pair comes back on screen (the pair that was there goes back to the front of the line).
+  function undo() {
+    if (stopped || undoing) return;
+    refreshUndo();
+    var entry = history.pop();
+    if (!entry) return;
+    undoing = true;
+    refreshUndo();
+    root.dataset.undoing = "1";
+    root.dataset.countsSettled = "0";
+    var offer = entry.offer;
+    entry.result.then(function (data) {
+      if (!data) throw Object.assign(new Error("it was never recorded, so there is nothing to undo"), { status: 0 });
+      if (entry.kind === "vote") return post("/api/votes/" + data.vote_id + "/undo", {});
+      if (entry.kind === "kill") return post("/api/candidates/" + entry.candidate + "/restore", { offer_id: offer.offer_id });
+      return post("/api/offers/" + offer.offer_id + "/undo-skip", {});
+    }).then(function (data) {
+      if (entry.kind === "vote") { votes -= 1; root.dataset.votes = String(votes); }
+      if (entry.kind === "kill") killed.delete(entry.candidate);
+      var word = { vote: "Your vote on ", kill: "The kill of #" + entry.candidate + " on ", skip: "Your skip of " }[entry.kind];
+      setStatus(word + pairName(offer) + " is undone" + (data.pair ? ": choose again." : "."), false);
+      root.dataset.undone = String((parseInt(root.dataset.undone || "0", 10)) + 1);
+      applyCounts(data);
+      if (data.pair) {
+        var again = data.pair;
+        again.shown = Promise.resolve();
+        held.add(again.offer_id);
+        return withImages(again).then(function () {
+          if (current) upcoming.unshift(current);
+          show(again);
+        });
+      }
+      return null;
+    }).catch(function (err) {
+      if (err.status === 0) setStatus("Nothing to undo: " + err.message, true); else report(err);
+    }).then(function () {
+      undoing = false;
+      delete root.dataset.undoing;
+      refreshUndo();
+      settleCounts();
+    });
   }
 
   document.addEventListener("keydown", function (event) {
     if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
     var tag = (event.target && event.target.tagName) || "";
     if (tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT") return;
-    var kind = { ArrowLeft: "left", ArrowRight: "right", k: "kill", K: "kill", s: "skip", S: "skip" }[event.key];
+    var kind = { ArrowLeft: "left", ArrowRight: "right", k: "kill-left", K: "kill-left", l: "kill-right", L: "kill-right",
+                 s: "skip", S: "skip", u: "undo", U: "undo", z: "undo", Z: "undo" }[event.key];
     if (!kind) return;
     event.preventDefault();
     answer(kind);
   });
+  var swipedAt = -Infinity;
   root.querySelectorAll("[data-action]").forEach(function (button) {
-    button.addEventListener("click", function () { answer(button.dataset.action); });
+    button.addEventListener("click", function () {
+      if (performance.now() - swipedAt < 500) return;  // the click a swipe may leave behind
+      answer(button.dataset.action);
+    });
+  });
+
+  // Swipes on a touch screen: an image dragged right wins, dragged left loses (the other one wins).
+  root.querySelectorAll(".side").forEach(function (figure) {
+    var side = figure.dataset.side, other = side === "left" ? "right" : "left";
+    var picture = figure.querySelector("img");
+    var start = null;
+    function reset() {
+      start = null;
+      picture.style.transform = "";
+      figure.classList.remove("swipe-win", "swipe-lose");
+    }
+    figure.addEventListener("pointerdown", function (event) {
+      if (event.pointerType === "mouse" || !current) return;
+      start = { x: event.clientX, y: event.clientY, id: event.pointerId };
+    });
+    figure.addEventListener("pointermove", function (event) {
+      if (!start || event.pointerId !== start.id) return;
+      var dx = event.clientX - start.x;
+      picture.style.transform = "translateX(" + Math.max(-120, Math.min(120, dx)) + "px)";
+      figure.classList.toggle("swipe-win", dx >= SWIPE_PX);
+      figure.classList.toggle("swipe-lose", dx <= -SWIPE_PX);
+    });
+    figure.addEventListener("pointerup", function (event) {
+      if (!start || event.pointerId !== start.id) return;
+      var dx = event.clientX - start.x, dy = event.clientY - start.y;
+      reset();
+      if (Math.abs(dx) >= SWIPE_PX && Math.abs(dx) > 1.5 * Math.abs(dy)) {
+        swipedAt = performance.now();
+        root.dataset.swipes = String((parseInt(root.dataset.swipes || "0", 10)) + 1);
+        answer(dx > 0 ? side : other);
+      }
+    });
+    figure.addEventListener("pointercancel", reset);
   });
 
   fetchOffer(false).then(function (offer) {
     if (!offer) { finish(); root.dataset.nextReady = "1"; return; }
     show(offer);
-    setStatus("← / → vote · K kills the left image · S skips", false);
+    setStatus("Which of the two is better? Judge by the points above.", false);
     prefetch();
   }).catch(report);
 })();
