@@ -379,12 +379,14 @@
   var swipedAt = -Infinity;
   root.querySelectorAll("[data-action]").forEach(function (button) {
     button.addEventListener("click", function () {
-      if (performance.now() - swipedAt < 500) return;  // the click a swipe may leave behind
+      // the click a swipe or a mouse drag on an image may leave behind
+      if (button.classList.contains("pick") && performance.now() - swipedAt < 500) return;
       answer(button.dataset.action);
     });
   });
 
   // Swipes on a touch screen: an image dragged right wins, dragged left loses (the other one wins).
+  // A mouse drag votes for nothing (it is not taken as a click either).
   root.querySelectorAll(".side").forEach(function (figure) {
     var side = figure.dataset.side, other = side === "left" ? "right" : "left";
     var picture = figure.querySelector("img");
@@ -395,11 +397,11 @@
       figure.classList.remove("swipe-win", "swipe-lose");
     }
     figure.addEventListener("pointerdown", function (event) {
-      if (event.pointerType === "mouse" || !current) return;
-      start = { x: event.clientX, y: event.clientY, id: event.pointerId };
+      if (!current) return;
+      start = { x: event.clientX, y: event.clientY, id: event.pointerId, mouse: event.pointerType === "mouse" };
     });
     figure.addEventListener("pointermove", function (event) {
-      if (!start || event.pointerId !== start.id) return;
+      if (!start || event.pointerId !== start.id || start.mouse) return;
       var dx = event.clientX - start.x;
       picture.style.transform = "translateX(" + Math.max(-120, Math.min(120, dx)) + "px)";
       figure.classList.toggle("swipe-win", dx >= SWIPE_PX);
@@ -407,8 +409,12 @@
     });
     figure.addEventListener("pointerup", function (event) {
       if (!start || event.pointerId !== start.id) return;
-      var dx = event.clientX - start.x, dy = event.clientY - start.y;
+      var dx = event.clientX - start.x, dy = event.clientY - start.y, mouse = start.mouse;
       reset();
+      if (mouse) {  // a mouse drag is neither a swipe nor a click on the image
+        if (Math.abs(dx) + Math.abs(dy) > 10) swipedAt = performance.now();
+        return;
+      }
       if (Math.abs(dx) >= SWIPE_PX && Math.abs(dx) > 1.5 * Math.abs(dy)) {
         swipedAt = performance.now();
         root.dataset.swipes = String((parseInt(root.dataset.swipes || "0", 10)) + 1);
