@@ -162,9 +162,10 @@ class PairOffer(Base):
     left_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"))
     right_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"))
     probability: Mapped[float] = mapped_column(Float)
-    strategy: Mapped[str] = mapped_column(String(16))  # active | explore
+    strategy: Mapped[str] = mapped_column(String(16))  # active | explore | again (offered again after an undo)
     reviewer: Mapped[str] = mapped_column(String(80))
-    outcome: Mapped[str | None] = mapped_column(String(16))  # NULL (open) | voted | skipped | killed
+    # NULL (open) | voted | skipped | killed | undone (the vote or skip was taken back: db/review.py undo_vote, undo_skip)
+    outcome: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[CreatedAt]
     # When the page put the pair on screen; NULL while it is only the preloaded next pair, which
     # cannot be answered yet.
