@@ -308,3 +308,71 @@ def test_the_count_of_pairs_not_voted_yet_agrees_after_every_vote(served: Served
     assert f'data-count="pairs_to_vote">{seen[-1]}<' in page.content()
     context.close()
     assert problems == [] and shots.taken[0].stat().st_size > 5000
+
+
+def lightbox_view(page) -> dict:
+    return page.evaluate("""() => ({
+        scale: parseFloat(document.getElementById('lightbox').dataset.scale),
+        left: document.getElementById('lb-left').style.transform, right: document.getElementById('lb-right').style.transform,
+        leftSrc: document.getElementById('lb-left').getAttribute('src'), rightSrc: document.getElementById('lb-right').getAttribute('src'),
+        loaded: [document.getElementById('lb-left'), document.getElementById('lb-right')].every(i => i.complete && i.naturalWidth > 0)})""")
+
+
+def test_the_lightbox_zooms_both_images_together_and_takes_no_vote(served: Served, chromium, size: str, tmp_path: Path) -> None:
+    shots = ScreenShots(tmp_path / f"lightbox-{size}", size)
+    step_id, _, _, _ = seed_step(served, f"zoom{size[0]}")
+    problems: list[str] = []
+    context, page = open_page(chromium, size, problems)
+    log_in(page, served.base)
+    page.goto(f"{served.base}/steps/{step_id}/vote")
+    wait_next_ready(page)
+    shown = current_pair(page)
+    page.locator("#zoom-right").click()
+    page.wait_for_function("() => !document.getElementById('lightbox').hidden")
+    view = lightbox_view(page)
+    assert (view["leftSrc"], view["rightSrc"]) == (shown["leftSrc"], shown["rightSrc"]) and view["loaded"]
+    assert view["scale"] == 1
+    panes = [page.locator(f".lb-pane[data-side='{side}']").bounding_box() for side in ("left", "right")]
+    viewport = SIZES[size]["viewport"]
+    for pane in panes:  # each image gets half the screen
+        assert pane["width"] * pane["height"] >= 0.4 * viewport["width"] * viewport["height"], pane
+    page.locator("#lb-in").click()
+    page.locator("#lb-in").click()
+    view = lightbox_view(page)
+    assert view["scale"] == pytest.approx(2.25) and view["left"] == view["right"] and "scale(2.25)" in view["left"]
+    # Pan one image: the other moves the same way (touch on the phone, the mouse on the desktop).
+    box = panes[0]
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    if size == "phone":
+        cdp = page.context.new_cdp_session(page)
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": y}]})
+        for i in range(1, 6):
+            cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x + 12 * i, "y": y + 6 * i}]})
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        cdp.detach()
+    else:
+        page.mouse.move(x, y)
+        page.mouse.down()
+        page.mouse.move(x + 60, y + 30, steps=5)
+        page.mouse.up()
+        page.mouse.wheel(0, -300)  # the wheel zooms in, both images
+        page.wait_for_function("() => parseFloat(document.getElementById('lightbox').dataset.scale) > 2.3")
+    view = lightbox_view(page)
+    assert view["left"] == view["right"] and "translate(0px, 0px)" not in view["left"], view
+    shots(page, "lightbox")
+    # Keys in the lightbox vote for nothing; Esc (or Close) puts the pair back, unchanged.
+    page.keyboard.press("ArrowLeft")
+    if size == "phone":
+        page.locator("#lb-close").click()
+    else:
+        page.keyboard.press("Escape")
+    page.wait_for_function("() => document.getElementById('lightbox').hidden")
+    assert current_pair(page)["offer"] == shown["offer"] and votes_of(served.url, step_id) == {}
+    wait_next_ready(page)
+    page.keyboard.press("z")  # Z opens it too
+    page.wait_for_function("() => !document.getElementById('lightbox').hidden")
+    assert lightbox_view(page)["scale"] == 1  # a fresh view each time
+    page.locator("#lb-close").click()
+    context.close()
+    assert problems == []
+    assert len(shots.taken) == 1 and shots.taken[0].stat().st_size > 5000

@@ -10,6 +10,8 @@
 // and when the session has ended it takes no more answers, which could only be lost too.
 // Answers: click/tap the better image or its button, ← / →, or on a touch screen swipe an image
 // right (it wins) or left (the other one wins); K / L kill the left / right image; S skips.
+// Zoom (Z, or the Zoom button on an image) opens both images at full size in a lightbox with one
+// zoom and pan for both; it takes no votes.
 // Undo (U) takes back the last answer still within the server's window (data-undo-ms): a vote is
 // undone on the server (the vote is taken out of every count), a kill is a restore, a skip is
 // reopened; the pair comes back on screen to be answered again.
@@ -280,6 +282,7 @@
 
   function answer(kind) {
     if (kind === "undo") { undo(); return; }
+    if (kind === "zoom") { openLightbox(); return; }
     // Nothing on screen, a pair shown too recently to have been seen, or a session that has ended.
     if (!current || stopped || performance.now() < acceptAt) return;
     var offer = current;
@@ -366,12 +369,105 @@
     });
   }
 
+  // The lightbox: both images of the pair on screen at full size, one zoom and pan for both (wheel,
+  // drag, pinch, + / −), so a detail is compared at the same place in each. It takes no votes.
+  var lightbox = document.getElementById("lightbox");
+  var lbImg = { left: document.getElementById("lb-left"), right: document.getElementById("lb-right") };
+  var view = { scale: 1, x: 0, y: 0 };
+  var MAX_SCALE = 8;
+  function applyView() {
+    view.scale = Math.min(MAX_SCALE, Math.max(1, view.scale));
+    if (view.scale === 1) { view.x = 0; view.y = 0; }
+    var transform = "translate(" + view.x + "px, " + view.y + "px) scale(" + view.scale + ")";
+    lbImg.left.style.transform = lbImg.right.style.transform = transform;
+    lightbox.dataset.scale = view.scale.toFixed(3);
+  }
+  // Zoom by `factor` keeping the point (px, py), relative to a pane's centre, where it is.
+  function zoomAt(factor, px, py) {
+    var before = view.scale;
+    view.scale = Math.min(MAX_SCALE, Math.max(1, before * factor));
+    var k = view.scale / before;
+    view.x = px - (px - view.x) * k;
+    view.y = py - (py - view.y) * k;
+    applyView();
+  }
+  function openLightbox() {
+    if (!current) return;
+    lbImg.left.src = current.left.url || "data:,";
+    lbImg.right.src = current.right.url || "data:,";
+    document.getElementById("lb-id-left").textContent = current.left.id;
+    document.getElementById("lb-id-right").textContent = current.right.id;
+    view = { scale: 1, x: 0, y: 0 };
+    applyView();
+    lightbox.hidden = false;
+    lightbox.dataset.offerId = current.offer_id;
+    document.getElementById("lb-close").focus();
+  }
+  function closeLightbox() {
+    lightbox.hidden = true;
+    acceptAt = Math.max(acceptAt, performance.now() + SETTLE_MS);  // no vote from the closing tap
+  }
+  function paneCentre(pane, event) {
+    var box = pane.getBoundingClientRect();
+    return { x: event.clientX - box.left - box.width / 2, y: event.clientY - box.top - box.height / 2 };
+  }
+  document.getElementById("lb-in").addEventListener("click", function () { zoomAt(1.5, 0, 0); });
+  document.getElementById("lb-out").addEventListener("click", function () { zoomAt(1 / 1.5, 0, 0); });
+  document.getElementById("lb-fit").addEventListener("click", function () { view = { scale: 1, x: 0, y: 0 }; applyView(); });
+  document.getElementById("lb-close").addEventListener("click", closeLightbox);
+  lightbox.querySelectorAll(".lb-pane").forEach(function (pane) {
+    var pointers = new Map(), pinch = null;
+    pane.addEventListener("wheel", function (event) {
+      event.preventDefault();
+      var at = paneCentre(pane, event);
+      zoomAt(Math.exp(-event.deltaY / 300), at.x, at.y);
+    }, { passive: false });
+    pane.addEventListener("pointerdown", function (event) {
+      pane.setPointerCapture(event.pointerId);
+      pointers.set(event.pointerId, { x: event.clientX, y: event.clientY });
+      if (pointers.size === 2) {
+        var p = Array.from(pointers.values());
+        pinch = Math.hypot(p[0].x - p[1].x, p[0].y - p[1].y);
+      }
+    });
+    pane.addEventListener("pointermove", function (event) {
+      var last = pointers.get(event.pointerId);
+      if (!last) return;
+      var now = { x: event.clientX, y: event.clientY };
+      pointers.set(event.pointerId, now);
+      if (pointers.size === 2 && pinch) {
+        var p = Array.from(pointers.values());
+        var distance = Math.hypot(p[0].x - p[1].x, p[0].y - p[1].y);
+        var mid = paneCentre(pane, { clientX: (p[0].x + p[1].x) / 2, clientY: (p[0].y + p[1].y) / 2 });
+        zoomAt(distance / pinch, mid.x, mid.y);
+        pinch = distance;
+      } else if (pointers.size === 1 && view.scale > 1) {
+        view.x += now.x - last.x;
+        view.y += now.y - last.y;
+        applyView();
+      }
+    });
+    function lift(event) {
+      pointers.delete(event.pointerId);
+      if (pointers.size < 2) pinch = null;
+    }
+    pane.addEventListener("pointerup", lift);
+    pane.addEventListener("pointercancel", lift);
+  });
+
   document.addEventListener("keydown", function (event) {
+    if (!lightbox.hidden) {  // the lightbox takes no votes: only its own keys
+      var zoomKey = { "+": 1.5, "=": 1.5, "-": 1 / 1.5 }[event.key];
+      if (event.key === "Escape") { event.preventDefault(); closeLightbox(); }
+      else if (zoomKey) { event.preventDefault(); zoomAt(zoomKey, 0, 0); }
+      else if (event.key === "0") { event.preventDefault(); view = { scale: 1, x: 0, y: 0 }; applyView(); }
+      return;
+    }
     if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
     var tag = (event.target && event.target.tagName) || "";
     if (tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT") return;
     var kind = { ArrowLeft: "left", ArrowRight: "right", k: "kill-left", K: "kill-left", l: "kill-right", L: "kill-right",
-                 s: "skip", S: "skip", u: "undo", U: "undo", z: "undo", Z: "undo" }[event.key];
+                 s: "skip", S: "skip", u: "undo", U: "undo", z: "zoom", Z: "zoom" }[event.key];
     if (!kind) return;
     event.preventDefault();
     answer(kind);
