@@ -21,7 +21,7 @@ from persona_pipeline.review.app import ReviewConfig, create_app
 from persona_pipeline_tests.conftest import make_database
 from persona_pipeline_tests.review_fixtures import seed_review, serve_app
 from persona_pipeline_tests.test_review_browser import (PAGE_WAIT_MS, TOKEN, Shots, chromium, current_pair,  # noqa: F401
-                                                        log_in, settled_after, wait_next_ready)
+                                                        log_in, wait_next_ready)
 from persona_pipeline_tests.test_review_browser_gallery import SIZES, fits, open_page
 
 pytestmark = pytest.mark.browser
