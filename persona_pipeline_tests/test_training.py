@@ -69,6 +69,7 @@ def make_dataset(folder: Path, n: int = 4, flip: bool = False, reg: int = 0) -> 
     ({"optimizer": "adamw8bit"}, ["bitsandbytes"]),
     ({"mixed_precision": "fp16"}, ["training.mixed_precision='fp16'", "CUDA"]),
     ({"mixed_precision": "fp8"}, ["training.mixed_precision='fp8'", "bf16"]),
+    ({"text_encoder_lr": 0.5}, ["training.text_encoder_lr=0.5", "[0, 0.01]"]),
 ])
 def test_bad_settings_are_refused_naming_field_and_bound(override, words):
     import importlib.util
@@ -146,6 +147,76 @@ def test_checkpoints_load_back_with_diffusers_and_follow_comfyui_names(family, t
         ours = saved[f"lora_unet_{module.replace('.', '_')}.lora_{'down' if kind.startswith('A') else 'up'}.weight"]
         assert torch.allclose(tensor.float(), ours)
     assert abs(render() - before).max() > 1e-4  # and it changes what the model draws
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_text_encoder_lora_is_saved_in_kohya_names_and_loads_into_diffusers_text_encoders(family, tmp_path, tiny_sd, tiny_sdxl):
+    from diffusers import DiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from persona_pipeline.training.lora_files import base_model_family, inspect_lora_file
+
+    base = tiny_sd if family == "sd15" else tiny_sdxl
+    result = train_lora(base, make_dataset(tmp_path / "ds", n=3), tmp_path / "out",
+                        LoraTrainingParams(steps=4, checkpoint_every=2, text_encoder_lr=1e-3),
+                        weight_name="p.safetensors", log=lambda m: None)
+    saved = load_file(str(result.lora_path))
+    pipe = DiffusionPipeline.from_pretrained(base)
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    prefixes = ["lora_te_"] if family == "sd15" else ["lora_te1_", "lora_te2_"]
+    for prefix, encoder in zip(prefixes, encoders):
+        # ComfyUI's rule for CLIP: the prefix + the transformers module path with dots as underscores.
+        modules = {prefix + name.replace(".", "_") for name, _ in encoder.named_modules()}
+        bases = {key.rsplit(".", 2)[0] for key in saved if key.startswith(prefix) and key.endswith(".weight")}
+        assert bases and bases <= modules
+        assert all(b.endswith(("_q_proj", "_k_proj", "_v_proj", "_out_proj")) for b in bases)
+    assert any(key.startswith("lora_unet_") for key in saved)
+    # the import check still tells the base family from the UNet keys alone
+    assert inspect_lora_file(result.lora_path, base_model_family(base)).family == base_model_family(base)
+
+    def encode(encoder, tokenizer):
+        ids = tokenizer("t3st woman", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return encoder(ids)[0]
+
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    before = [encode(e, t) for e, t in zip(encoders, tokenizers)]
+    pipe.load_lora_weights(str(result.lora_path), adapter_name="persona")
+    for prefix, encoder, tokenizer, was in zip(prefixes, encoders, tokenizers, before):
+        loaded = get_peft_model_state_dict(encoder, adapter_name="persona")
+        assert len(loaded) == sum(1 for k in saved if k.startswith(prefix) and k.endswith(".weight"))
+        for key, tensor in loaded.items():  # every trained text-encoder matrix arrives unchanged
+            module, _, kind = key.rpartition(".lora_")
+            ours = saved[f"{prefix}{module.replace('.', '_')}.lora_{'down' if kind.startswith('A') else 'up'}.weight"]
+            assert torch.allclose(tensor.float(), ours)
+        assert (encode(encoder, tokenizer) - was).abs().max() > 1e-5  # the trigger word now reads differently
+
+
+def test_text_encoder_lora_resumes_to_the_uninterrupted_result(tmp_path, tiny_sd, monkeypatch):
+    params = LoraTrainingParams(steps=6, checkpoint_every=3, seed=3, text_encoder_lr=1e-3)
+    dataset = make_dataset(tmp_path / "ds", n=3, flip=True)
+    reference = train_lora(tiny_sd, dataset, tmp_path / "reference", params, log=lambda m: None)
+
+    calls = {"n": 0}
+    original = lora.predict_noise
+
+    def crash_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "predict_noise", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_lora(tiny_sd, dataset, tmp_path / "crashed", params, log=lambda m: None)
+    monkeypatch.setattr(lora, "predict_noise", original)
+    resumed = train_lora(tiny_sd, dataset, tmp_path / "crashed", params, log=lambda m: None)
+    assert resumed.resumed_from == 3
+    assert resumed.losses == reference.losses  # the text encoders' LoRA and optimiser state came back too
+    ours, theirs = load_file(str(resumed.lora_path)), load_file(str(reference.lora_path))
+    assert ours.keys() == theirs.keys() and any(k.startswith("lora_te_") for k in ours)
+    for key in ours:
+        assert torch.allclose(ours[key], theirs[key], atol=1e-6), key
 
 
 def _losses_of(tmp_path, base, name, **kwargs):

@@ -32,7 +32,7 @@ from persona_pipeline.training.latent_cache import cached_inputs
 from persona_pipeline.training.params import LoraTrainingParams, TrainingConfigError, resolve_mixed_precision
 from persona_pipeline.training.stable_diffusion import (LORA_TARGET_MODULES, FrozenModel, kohya_state_dict,
                                                         load_frozen_model_with_lora, model_family, predict_noise,
-                                                        save_checkpoint)
+                                                        save_checkpoint, text_conditioning)
 
 __all__ = [
     "CHECKPOINT_DIR", "LORA_TARGET_MODULES", "STATE_FILE", "DatasetItem", "FrozenModel", "KohyaDataset",
@@ -100,17 +100,29 @@ def train_lora(
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
     torch.manual_seed(params.seed)  # the LoRA's gaussian init draws from it
-    model = load_frozen_model_with_lora(base_model, params.rank, params.alpha, weight_dtype=weight_dtype)
+    train_text = params.text_encoder_lr > 0
+    model = load_frozen_model_with_lora(base_model, params.rank, params.alpha, weight_dtype=weight_dtype,
+                                        text_encoder_lora=train_text)
     unet, scheduler = model.unet, model.noise_scheduler
     if params.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    lora_parameters = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, lora_parameters)
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": params.learning_rate}]
+    if train_text:
+        groups.append({"params": [p for e in model.text_encoders for p in e.parameters() if p.requires_grad],
+                       "lr": params.text_encoder_lr})
+    optimizer = _optimizer(params, groups)
 
     cache = cached_inputs(model, dataset, params.resolution, Path(cache_dir or Path(dataset_dir) / "cache"),
                           base_model, accelerator.device, weight_dtype, log)
     # The frozen encoders are no longer needed: free them before the UNet's activations arrive.
-    del model.vae, model.text_encoders
+    del model.vae
+    text_encoders: list = []
+    if train_text:
+        text_encoders = [accelerator.prepare(encoder) for encoder in model.text_encoders]
+        for encoder in text_encoders:
+            encoder.train()
+    del model.text_encoders
+    captions = [item.caption for item in dataset.items]
     unet, optimizer = accelerator.prepare(unet, optimizer)
 
     sampling = np.asarray([item.repeats for item in dataset.items], dtype=np.float64)
@@ -125,7 +137,8 @@ def train_lora(
     checkpoints: list[tuple[int, Path]] = []
     start_step = 0
     if state_path.is_file():
-        start_step, losses, checkpoints = _resume(state_path, params, accelerator.unwrap_model(unet), optimizer, rng)
+        start_step, losses, checkpoints = _resume(state_path, params, [accelerator.unwrap_model(m) for m in (unet, *text_encoders)],
+                                                  optimizer, rng)
         log(f"resuming from step {start_step}/{params.steps} (checkpoint {checkpoints[-1][1].name if checkpoints else 'none'})")
 
     every = params.checkpoint_every or params.steps
@@ -145,7 +158,13 @@ def train_lora(
         target = scheduler.get_velocity(latents, noise, timesteps) if scheduler.config.prediction_type == "v_prediction" else noise
 
         with accelerator.autocast():
-            prediction = predict_noise(unet, noisy.to(weight_dtype), timesteps, cache, index, model.family)
+            conditioning, at = cache, index
+            if train_text:  # the text encoders change every step: encode this batch's captions afresh
+                conditioning = text_conditioning(model, text_encoders, [captions[i] for i in index.tolist()], accelerator.device)
+                if "time_ids" in cache:
+                    conditioning["time_ids"] = cache["time_ids"][index]
+                at = torch.arange(len(index), device=accelerator.device)
+            prediction = predict_noise(unet, noisy.to(weight_dtype), timesteps, conditioning, at, model.family)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if params.min_snr_gamma:
             per_sample = per_sample * _min_snr_weights(scheduler, timesteps, params.min_snr_gamma)
@@ -170,10 +189,12 @@ def train_lora(
             last_log = now
         if step % every == 0 or step == params.steps:
             path = checkpoint_dir / f"{stem}-step{step:06d}.safetensors"
-            save_checkpoint(accelerator.unwrap_model(unet), params.alpha, path,
-                            {"step": str(step), "base_family": model.family, "rank": str(params.rank), "alpha": str(params.alpha)})
+            adapted = [accelerator.unwrap_model(m) for m in (unet, *text_encoders)]
+            save_checkpoint(adapted[0], params.alpha, path,
+                            {"step": str(step), "base_family": model.family, "rank": str(params.rank), "alpha": str(params.alpha)},
+                            text_encoders=adapted[1:])
             checkpoints = [c for c in checkpoints if c[0] != step] + [(step, path)]
-            _save_state(state_path, step, params, accelerator.unwrap_model(unet), optimizer, rng, losses, checkpoints)
+            _save_state(state_path, step, params, adapted, optimizer, rng, losses, checkpoints)
 
     final = checkpoints[-1][1]
     return TrainingResult(lora_path=final, sha256=sha256_file(final), checkpoints=checkpoints, losses=losses,
@@ -183,6 +204,7 @@ def train_lora(
 
 
 def _optimizer(params: LoraTrainingParams, parameters):
+    """AdamW (or bitsandbytes' 8-bit AdamW) over `parameters`: tensors, or param groups with their own lr."""
     if params.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
@@ -202,13 +224,15 @@ def _min_snr_weights(scheduler, timesteps, gamma: float):
     return weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
 
 
-def _save_state(path: Path, step: int, params: LoraTrainingParams, unet, optimizer, rng, losses: list[float],
+def _save_state(path: Path, step: int, params: LoraTrainingParams, adapted: list, optimizer, rng, losses: list[float],
                 checkpoints: list[tuple[int, Path]]) -> None:
+    """`adapted`: the UNet, then any text encoders that train."""
     import torch
     from peft.utils import get_peft_model_state_dict
 
     state = {
-        "step": step, "params": params.as_dict(), "lora": get_peft_model_state_dict(unet),
+        "step": step, "params": params.as_dict(), "lora": get_peft_model_state_dict(adapted[0]),
+        "lora_text_encoders": [get_peft_model_state_dict(encoder) for encoder in adapted[1:]],
         "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "numpy_rng": rng.bit_generator.state, "losses": losses,
@@ -217,7 +241,7 @@ def _save_state(path: Path, step: int, params: LoraTrainingParams, unet, optimiz
     write_via_temp(path, lambda tmp: torch.save(state, tmp))  # a kill mid-save leaves the previous state whole
 
 
-def _resume(path: Path, params: LoraTrainingParams, unet, optimizer, rng):
+def _resume(path: Path, params: LoraTrainingParams, adapted: list, optimizer, rng):
     import torch
     from peft.utils import set_peft_model_state_dict
 
@@ -229,7 +253,9 @@ def _resume(path: Path, params: LoraTrainingParams, unet, optimizer, rng):
         changed = sorted(k for k in state["params"] if state["params"][k] != params.as_dict().get(k))
         raise TrainingConfigError(f"{path}: saved with different settings ({', '.join(changed)}); "
                                   "delete the folder to start over with the new ones")
-    set_peft_model_state_dict(unet, state["lora"])
+    set_peft_model_state_dict(adapted[0], state["lora"])
+    for encoder, weights in zip(adapted[1:], state.get("lora_text_encoders", [])):
+        set_peft_model_state_dict(encoder, weights)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():

@@ -29,12 +29,16 @@ class LoraTrainingParams:
     noise_offset: float = 0.0  # 0 = off; 0.05-0.1 helps very dark/bright images
     prior_loss_weight: float = 1.0  # weight of the regularisation images' loss (prior preservation)
     checkpoint_every: int = 0  # 0 = one checkpoint, at the end
+    # 0 = text encoders frozen (a UNet-only LoRA; caption embeddings cached once). Above 0, a LoRA on
+    # each text encoder's attention trains too, at this rate, so the trigger word itself comes to
+    # mean the look (kohya's text_encoder_lr; diffusers' --train_text_encoder).
+    text_encoder_lr: float = 0.0
 
     # Numeric bounds checked before any model is loaded; each error names the field and the bound.
     BOUNDS = {
         "rank": (1, 256), "alpha": (0.01, 512), "steps": (1, 100000), "learning_rate": (1e-7, 1e-2),
         "batch_size": (1, 64), "resolution": (32, 2048), "min_snr_gamma": (0, 20), "noise_offset": (0, 1),
-        "prior_loss_weight": (0, 10), "checkpoint_every": (0, 100000),
+        "prior_loss_weight": (0, 10), "checkpoint_every": (0, 100000), "text_encoder_lr": (0, 1e-2),
     }
     OPTIMIZERS = ("adamw", "adamw8bit")
     PRECISIONS = ("auto", "no", "fp16", "bf16")

@@ -18,6 +18,8 @@ from persona_pipeline.fileio import sha256_file, write_via_temp
 from persona_pipeline.training.params import TrainingConfigError
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+# A CLIP text encoder's attention projections (diffusers' DreamBooth LoRA example trains the same).
+TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 @lru_cache(maxsize=8)
@@ -52,9 +54,11 @@ class FrozenModel:
     noise_scheduler: object
 
 
-def load_frozen_model_with_lora(base_model: str, rank: int, alpha: float, *, weight_dtype=None) -> FrozenModel:
+def load_frozen_model_with_lora(base_model: str, rank: int, alpha: float, *, weight_dtype=None,
+                                text_encoder_lora: bool = False) -> FrozenModel:
     """Tokenizer(s), text encoder(s), VAE and UNet, all frozen, plus a trainable LoRA adapter on the
-    UNet's attention projections (kept in fp32 even when the frozen weights are half precision)."""
+    UNet's attention projections, and with `text_encoder_lora` on each text encoder's too (kept in
+    fp32 even when the frozen weights are half precision)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
@@ -77,33 +81,49 @@ def load_frozen_model_with_lora(base_model: str, rank: int, alpha: float, *, wei
             encoder.to(dtype=weight_dtype)
         # SD1.5's VAE overflows in fp16; keep it in fp32 (as the SDXL example does with its fp16-fix VAE).
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
-    for parameter in unet.parameters():
+    adapted = [unet]
+    if text_encoder_lora:
+        from peft import inject_adapter_in_model  # transformers' own add_adapter wants a newer peft
+
+        for encoder in text_encoders:
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                               target_modules=TEXT_ENCODER_TARGET_MODULES), encoder)
+        adapted += text_encoders
+    for parameter in (p for model in adapted for p in model.parameters()):
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
     return FrozenModel(family, tokenizers, text_encoders, vae, unet, noise_scheduler)
 
 
-def kohya_state_dict(unet, alpha: float) -> dict:
-    """The UNet's LoRA weights in kohya's format: `lora_unet_<diffusers module path, dots as
-    underscores>.lora_down.weight / .lora_up.weight / .alpha`. ComfyUI maps exactly these names
-    onto its UNet (comfy/lora.py), and diffusers' load_lora_weights converts them on load."""
+def text_encoder_prefixes(count: int) -> list[str]:
+    """kohya's prefix per text encoder: `lora_te_` for SD1.x/2.x's one, `lora_te1_`/`lora_te2_` for SDXL's two."""
+    return ["lora_te_"] if count == 1 else [f"lora_te{n}_" for n in range(1, count + 1)]
+
+
+def kohya_state_dict(unet, alpha: float, text_encoders=()) -> dict:
+    """The LoRA weights in kohya's format: `lora_unet_<diffusers module path, dots as underscores>`
+    (and `lora_te_<...>` / `lora_te1_`, `lora_te2_` for trained text encoders) with
+    `.lora_down.weight / .lora_up.weight / .alpha`. ComfyUI maps exactly these names onto its UNet
+    and CLIP (comfy/lora.py), and diffusers' load_lora_weights converts them on load."""
     import torch
     from peft.utils import get_peft_model_state_dict
 
     out = {}
-    for key, tensor in get_peft_model_state_dict(unet).items():
-        module, _, kind = key.rpartition(".lora_")  # "...to_q", "A.weight"
-        name = "lora_unet_" + module.replace(".", "_")
-        out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.detach().to("cpu", torch.float32).contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    parts = [("lora_unet_", unet), *zip(text_encoder_prefixes(len(text_encoders)), text_encoders)]
+    for prefix, model in parts:
+        for key, tensor in get_peft_model_state_dict(model).items():
+            module, _, kind = key.rpartition(".lora_")  # "...to_q", "A.weight"
+            name = prefix + module.replace(".", "_")
+            out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.detach().to("cpu", torch.float32).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
     return out
 
 
-def save_checkpoint(unet, alpha: float, path: Path, metadata: dict[str, str]) -> str:
+def save_checkpoint(unet, alpha: float, path: Path, metadata: dict[str, str], text_encoders=()) -> str:
     """Write a .safetensors checkpoint atomically; return its sha256."""
     from safetensors.torch import save_file
 
-    state = kohya_state_dict(unet, alpha)
+    state = kohya_state_dict(unet, alpha, text_encoders)
     write_via_temp(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     return sha256_file(path)
 
@@ -116,19 +136,29 @@ def caption_conditioning(model: FrozenModel, encoders, caption: str, device, *, 
     (as the SDXL pipeline does), and `time_ids`, the image's original size, crop and target size."""
     import torch
 
+    conditioning = text_conditioning(model, encoders, [caption], device)
+    if model.family == "sdxl":
+        conditioning["time_ids"] = torch.tensor([[*original_size, *crop, resolution, resolution]], dtype=torch.float32)
+    return conditioning
+
+
+def text_conditioning(model: FrozenModel, encoders, captions: list[str], device) -> dict:
+    """The text part of `caption_conditioning` for a batch of captions: `hidden` (and SDXL's
+    `pooled`). Cached once when the text encoders are frozen; run every step when they train."""
+    import torch
+
     if model.family != "sdxl":
-        ids = model.tokenizers[0](caption, padding="max_length", max_length=model.tokenizers[0].model_max_length,
+        ids = model.tokenizers[0](captions, padding="max_length", max_length=model.tokenizers[0].model_max_length,
                                   truncation=True, return_tensors="pt").input_ids.to(device)
         return {"hidden": encoders[0](ids)[0].float()}
     states, pooled = [], None
     for tokenizer, encoder in zip(model.tokenizers, encoders):
-        ids = tokenizer(caption, padding="max_length", max_length=tokenizer.model_max_length,
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
         output = encoder(ids, output_hidden_states=True)
         pooled = output[0]  # the last encoder's text_embeds
         states.append(output.hidden_states[-2])
-    time_ids = torch.tensor([[*original_size, *crop, resolution, resolution]], dtype=torch.float32)
-    return {"hidden": torch.cat(states, dim=-1).float(), "pooled": pooled.float(), "time_ids": time_ids}
+    return {"hidden": torch.cat(states, dim=-1).float(), "pooled": pooled.float()}
 
 
 def predict_noise(unet, noisy, timesteps, cache: dict, index, family: str):
