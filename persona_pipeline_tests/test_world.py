@@ -110,6 +110,38 @@ def test_captions_are_written_as_training_dataset_writes_them():
         "woman, full-body shot, arms raised, pink bob, red jacket, market, dim evening light"
 
 
+def test_varied_captions_take_the_shapes_prompts_take_and_keep_the_scene():
+    import random
+
+    from persona_pipeline.world.captions import PHOTO_PREFIX, varied_caption
+    from persona_pipeline.world.dataset import world_shot
+    from persona_pipeline.world.train_sd import SdSettings, batch_at
+
+    rng = random.Random(0)
+    shots = [world_shot(0, i, "train")[0] for i in range(400)]
+    captions = [varied_caption(shot, rng) for shot in shots]
+    for shot, caption in zip(shots, captions):
+        body = caption.removeprefix(PHOTO_PREFIX)
+        assert body.startswith("woman, ") and shot.scene in body.split(", ")
+        full = world_caption(shot).split(", ")
+        assert all(part in full for part in body.split(", "))  # only parts of the full caption, in its order
+        assert [full.index(p) for p in body.split(", ")] == sorted(full.index(p) for p in body.split(", "))
+    share = lambda test: sum(map(test, captions)) / len(captions)  # noqa: E731
+    assert 0.4 < share(lambda c: c.startswith(PHOTO_PREFIX)) < 0.6
+    assert 0.15 < share(lambda c: " jacket" not in c) < 0.35  # the look left out about a quarter of the time
+    assert 0.4 < share(lambda c: not any(f in c for f in ("portrait", "shot"))) < 0.6
+    again = random.Random(0)
+    assert [varied_caption(shot, again) for shot in shots] == captions  # seeded: the same stream, the same captions
+    # In training batches: none varied at 0 (the committed first runs), the share asked otherwise,
+    # and the same step varies the same way (so a resumed run matches an unbroken one).
+    settings = SdSettings(batch_size=64, train_count=1000)
+    _, plain = batch_at(settings, 3)
+    assert plain == [s.caption for s in world_samples(64, 0, "train", size=64, start=192)]
+    _, varied = batch_at(settings, 3, variety=0.5)
+    assert 0.25 < sum(a != b for a, b in zip(plain, varied)) / 64 < 0.75
+    assert batch_at(settings, 3, variety=0.5)[1] == varied
+
+
 def test_the_demo_sidecars_are_persona_captions_of_the_demo_shots():
     shots = demo_shots()
     assert {s.scene for s in shots} == set(SCENES) and all(s.character == DEMO_PERSONA for s in shots)

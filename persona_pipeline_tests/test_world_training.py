@@ -150,7 +150,8 @@ def test_a_resumed_run_continues_the_unet_and_records_the_run_it_continued(train
     out = tmp_path / "resumed"
     threads = torch.get_num_threads()
     try:
-        code = main(["world", "train", "--out", str(out), "--resume-from", str(trained), "--steps", "3", "--batch-size", "8"])
+        code = main(["world", "train", "--out", str(out), "--resume-from", str(trained), "--steps", "3", "--batch-size", "8",
+                     "--caption-variety", "0.5"])
     finally:
         torch.set_num_threads(threads)
     assert code in (0, None)
@@ -159,6 +160,7 @@ def test_a_resumed_run_continues_the_unet_and_records_the_run_it_continued(train
     assert manifest["steps"] == {"vae": 4, "unet": 15, "clip": 12}
     assert manifest["resumed_from"]["manifest_sha256"] == sha256_file(trained / "manifest.json")
     assert manifest["resumed_from"]["command"] == TINY_COMMAND
+    assert manifest["sd_settings"]["caption_variety"] == 0.5
     # The tokenizer, VAE and CLIP model are the ones it continued; the UNet moved on.
     for kept in ("sd/vae/diffusion_pytorch_model.safetensors", "sd/tokenizer/tokenizer.json", "clip/open_clip_model.safetensors"):
         assert manifest["files"][kept] == before["files"][kept], kept
@@ -166,6 +168,14 @@ def test_a_resumed_run_continues_the_unet_and_records_the_run_it_continued(train
     old = load_file(str(trained / "sd/unet/diffusion_pytorch_model.safetensors"))
     new = load_file(str(out / "sd/unet/diffusion_pytorch_model.safetensors"))
     assert all(old[k].shape == new[k].shape for k in old) and any(not torch.equal(old[k], new[k]) for k in old)
+
+
+def test_a_caption_variety_outside_0_to_1_is_refused_naming_it(tmp_path, capsys):
+    from persona_pipeline.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["world", "train", "--out", str(tmp_path / "x"), "--caption-variety", "1.5"])
+    assert "--caption-variety" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_resuming_into_its_own_folder_is_refused(tmp_path):

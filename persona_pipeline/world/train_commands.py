@@ -14,6 +14,17 @@ from pathlib import Path
 
 from persona_pipeline.world.commands import positive_int
 
+
+def share(text: str) -> float:
+    """A number from 0 to 1, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
 # About 45 minutes here, one thread: VAE 3000 x 0.16 s, UNet 3000 x 0.64 s, CLIP 1500 x 0.2 s (the committed run's
 # manifest; the committed weights are this run plus `--resume-from` it for 3000 more UNet steps, docs/world.md).
 DEFAULTS = dict(seed=0, steps=3000, vae_steps=3000, clip_steps=1500, resolution=64)
@@ -29,7 +40,7 @@ def cmd_world_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)  # the machine is shared; one thread is also what makes timings comparable
     sd = SdSettings(resolution=args.resolution, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.steps,
                     batch_size=args.batch_size, log_every=args.log_every, snapshot_every=args.snapshot_every or 0,
-                    snapshot_dir=str(snapshot_dir(Path(args.out))))
+                    snapshot_dir=str(snapshot_dir(Path(args.out))), caption_variety=args.caption_variety)
     clip = ClipSettings(seed=args.seed, steps=args.clip_steps, log_every=args.log_every)
     command = " ".join(shlex.quote(a) for a in ["persona-pipeline", *sys.argv[1:]]) if args.command_line is None else args.command_line
     resume = Path(args.resume_from) if args.resume_from else None
@@ -67,6 +78,9 @@ def register(world_subparsers) -> None:
                             "tokenizer, VAE and CLIP model are kept; the manifest records the run it continued)")
     train.add_argument("--snapshot-every", type=positive_int, default=None,
                        help="also save the SD pipeline every N UNet steps in OUT-snapshots/ (to measure a run as it goes)")
+    train.add_argument("--caption-variety", type=share, default=0.0, metavar="SHARE",
+                       help="share of UNet captions written in a prompt's shapes: parts left out, 'photo of' in front "
+                            "(default 0; the committed weights' last run used 0.5, docs/world.md)")
     train.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     train.add_argument("--command-line", default=None, help=argparse.SUPPRESS)  # tests record a stable command
     train.set_defaults(func=cmd_world_train)

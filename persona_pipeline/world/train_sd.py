@@ -21,6 +21,8 @@ run is fixed by its seed and step counts. Progress is printed; losses on a fixed
 
 from __future__ import annotations
 
+import random
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from persona_pipeline.world.attributes import CLASS_WORD, DEMO_TRIGGER, SCENES
-from persona_pipeline.world.captions import world_caption
+from persona_pipeline.world.captions import varied_caption, world_caption
 from persona_pipeline.world.dataset import world_samples, world_shot
 from persona_pipeline.world.loss_log import LossLog, Progress
 from persona_pipeline.world.world_tokenizer import build_world_tokenizer
@@ -58,6 +60,7 @@ class SdSettings:
     snapshot_dir: str = ""
     resume_from: str = ""  # a world `sd/` folder: keep its tokenizer and VAE, continue its text encoder and UNet
     start_step: int = 0  # UNet steps already taken (resumed runs): batches continue from there
+    caption_variety: float = 0.0  # share of UNet captions in a prompt's shapes (captions.varied_caption)
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -66,13 +69,17 @@ def to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def batch_at(settings: SdSettings, step: int, split: str = "train", size: int | None = None) -> tuple[torch.Tensor, list[str]]:
+def batch_at(settings: SdSettings, step: int, split: str = "train", size: int | None = None,
+             variety: float = 0.0) -> tuple[torch.Tensor, list[str]]:
     """Batch `step` (of `size` samples) of the cycle through `train_count` samples (held-out: the
-    split's first ones)."""
+    split's first ones). With `variety`, that share of captions is varied (`varied_caption`), drawn
+    from a stream named by the seed and step, so a resumed run varies them as an unbroken one would."""
     size = size or settings.batch_size
     start = (step * size) % settings.train_count if split == "train" else 0
     samples = list(world_samples(size, settings.seed, split=split, size=settings.resolution, start=start))
-    return to_tensor(s.image for s in samples), [s.caption for s in samples]
+    rng = random.Random(f"{settings.seed}:{split}:{step}")
+    captions = [varied_caption(s.shot, rng) if rng.random() < variety else s.caption for s in samples]
+    return to_tensor(s.image for s in samples), captions
 
 
 def sample_definitions(settings: SdSettings) -> list[dict]:
@@ -245,7 +252,7 @@ def train_unet(vae, unet, text_encoder, tokenizer, scheduler, settings: SdSettin
     log = LossLog(progress, "unet", settings.unet_steps, settings.batch_size, settings.log_every)
     unet.train(), text_encoder.train()
     for step in range(settings.unet_steps):
-        images, captions = batch_at(settings, settings.start_step + step)
+        images, captions = batch_at(settings, settings.start_step + step, variety=settings.caption_variety)
         drop = torch.rand(len(captions), generator=generator) < UNCONDITIONAL_SHARE
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
