@@ -86,6 +86,7 @@ def test_links_go_to_the_review_form_and_dagster_runs():
     assert LINKS.run_url("abc-123") == "https://dagster.example.com/runs/abc-123"
     assert LINKS.review_posts_url("mira b", 7) == "https://review.example.com/posts?persona=mira+b#post-7"
     assert LINKS.review_step_url(4) == "https://review.example.com/steps/4"
+    assert LINKS.review_vote_url(4) == "https://review.example.com/steps/4/vote"
     assert Links("http://d/", "http://r/").run_url("x") == "http://d/runs/x"
 
 
@@ -231,7 +232,7 @@ def test_jobs_in_flight_names_the_other_dagster_runs_still_generating(tmp_path):
 def test_steps_open_for_votes_link_to_the_review_form():
     from persona_pipeline.domain.ui_pages import StepToReview, steps_to_review
 
-    text = steps_to_review([StepToReview(9, 4, 2, "refine_face", 6)], LINKS.review_step_url)
+    text = steps_to_review([StepToReview(9, 4, 2, "refine_face", 6)], LINKS)
     assert text == ("- run 4, step 2 (refine\\_face): 6 candidate(s), [vote](https://review.example.com/steps/9/vote) · "
                     "[gallery](https://review.example.com/steps/9)")
-    assert steps_to_review([], LINKS.review_step_url) == "_no step is open for votes_"
+    assert steps_to_review([], LINKS) == "_no step is open for votes_"

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from persona_pipeline.domain.links import Links
+
 WEEKDAYS = ("Mo", "Tu", "We", "Th", "Fr", "Sa", "Su")  # short: the grid sits in a narrow column
 # One mark per post status in the week grid, so a cell stays a few characters wide.
 STATUS_MARKS = {"scheduled": "●", "awaiting_approval": "○", "publishing": "◐", "failed": "✕", "published": "✓"}
@@ -114,12 +116,13 @@ class StepToReview:
     candidates: int
 
 
-def steps_to_review(steps: Sequence[StepToReview], gallery_url: Callable[[int], str]) -> str:
+def steps_to_review(steps: Sequence[StepToReview], links: Links) -> str:
     """Markdown links into the review form for each step that is open for votes."""
     if not steps:
         return "_no step is open for votes_"
     return "\n".join(f"- run {s.run_id}, step {s.position} ({_escape(s.name)}): {s.candidates} candidate(s), "
-                     f"[vote]({gallery_url(s.step_id)}/vote) · [gallery]({gallery_url(s.step_id)})" for s in steps)
+                     f"[vote]({links.review_vote_url(s.step_id)}) · [gallery]({links.review_step_url(s.step_id)})"
+                     for s in steps)
 
 
 # --- work still running ------------------------------------------------------------------------------------
