@@ -2,6 +2,7 @@
 output is where it should be, and a published post traces back to its candidate, LoRA and dataset."""
 
 import json
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -66,8 +67,38 @@ def test_every_asset_materialises_with_metadata(built_chain):
     assert sheet.startswith("![contact_sheet: 6 image(s)](http://127.0.0.1:8090/media/previews/tester/contact_sheet-")
     assert "data:image/png;base64," in metadata["candidates"]["contact_sheet_embedded"].value
     assert "still_running" not in metadata["candidates"]  # nothing else was generating
+    rows = [record.data for record in metadata["candidates"]["candidates_table"].records]
+    assert all(row["gallery"].startswith("http://127.0.0.1:8090/steps/") and "/" not in row["manifest"] for row in rows)
     assert metadata["content_plan"]["prompts"].value == 2
     assert metadata["scheduled_posts"]["new_posts"].value == 2
+
+
+def test_metadata_links_go_to_the_review_form_or_dagster_and_only_path_entries_name_files(built_chain):
+    """A reader of the Dagster UI on another machine cannot open a server's file: every link and image in
+    the metadata is a web address (the review form, Dagster) or inline data, and a local path shows only as
+    a path entry, which the UI labels as one (the folder of a dataset, the LoRA file)."""
+    settings, result, _ = built_chain
+    server_folder = str(settings.home.parent)
+    links, paths_elsewhere, path_entries = [], [], set()
+    for name in CHAIN_ASSETS:
+        for key, value in result.asset_materializations_for_node(name)[0].metadata.items():
+            if isinstance(value, dg.PathMetadataValue):
+                path_entries.add(f"{name}.{key}")
+                continue
+            if isinstance(value, dg.TableMetadataValue):
+                text = json.dumps([record.data for record in value.records])
+            else:
+                text = json.dumps(value.value) if isinstance(value, dg.JsonMetadataValue) else str(value.value)
+            if isinstance(value, dg.UrlMetadataValue):
+                links.append((f"{name}.{key}", value.value))
+            if isinstance(value, dg.MarkdownMetadataValue):
+                links += [(f"{name}.{key}", target) for target in re.findall(r"\]\(([^)\s]+)\)", value.value)]
+            if server_folder in text:
+                paths_elsewhere.append(f"{name}.{key}")
+    assert links and all(target.startswith(("http://", "https://", "data:image/png;base64,")) for _, target in links), [
+        link for link in links if not link[1].startswith(("http", "data:image/png;base64,"))]
+    assert paths_elsewhere == []
+    assert path_entries <= {"source_photos.photos_dir", "training_dataset.path", "lora_model.path"}
 
 
 def test_dataset_is_kohya_shaped_with_trigger_first_captions(built_chain):

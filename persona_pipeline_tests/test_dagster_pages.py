@@ -12,7 +12,8 @@ from pathlib import Path
 from PIL import Image
 
 from persona_pipeline.domain.links import Links
-from persona_pipeline.domain.ui_pages import CalendarPost, WorkInFlight, agenda, still_running_note, week_grid
+from persona_pipeline.domain.ui_pages import (CalendarPost, WorkInFlight, account_label, agenda, still_running_note,
+                                              week_grid)
 from persona_pipeline.previews import (COLUMNS, LABEL_LINES, LINE_HEIGHT, THUMB, contact_sheet_png, image_md,
                                        shown_inline, wrap_label)
 
@@ -85,12 +86,14 @@ def test_links_go_to_the_review_form_and_dagster_runs():
     assert LINKS.run_url("abc-123") == "https://dagster.example.com/runs/abc-123"
     assert LINKS.review_posts_url("mira b", 7) == "https://review.example.com/posts?persona=mira+b#post-7"
     assert LINKS.review_step_url(4) == "https://review.example.com/steps/4"
+    assert LINKS.review_vote_url(4) == "https://review.example.com/steps/4/vote"
     assert Links("http://d/", "http://r/").run_url("x") == "http://d/runs/x"
 
 
 def _post(post_id: int, slot: datetime, status: str = "scheduled", caption: str = "Golden hour on the roof",
           problems=()) -> CalendarPost:
-    return CalendarPost(post_id=post_id, status=status, slot=slot, caption=caption, hashtags=["#sunset", "#city"],
+    return CalendarPost(post_id=post_id, account="Mira (Instagram 17841400000)", status=status, slot=slot,
+                        caption=caption, hashtags=["#sunset", "#city"],
                         problems=list(problems), link=LINKS.review_posts_url("mira", post_id))
 
 
@@ -111,7 +114,7 @@ def test_the_week_grid_puts_each_post_on_its_local_day_and_time():
     assert week_grid([], "UTC") == "_no upcoming posts_"
 
 
-def test_the_agenda_gives_each_post_a_whole_line_with_its_caption_link_and_problems():
+def test_the_agenda_gives_each_post_a_whole_line_with_its_account_caption_link_and_problems():
     posts = [_post(5, datetime(2026, 12, 8, 9, 0, tzinfo=timezone.utc), caption="Line one | with a pipe\nline two",
                    problems=["outside the posting windows 18:00-21:00"]),
              _post(4, datetime(2026, 12, 7, 18, 0, tzinfo=timezone.utc), caption="x" * 300)]
@@ -119,12 +122,50 @@ def test_the_agenda_gives_each_post_a_whole_line_with_its_caption_link_and_probl
     lines = text.splitlines()
     assert lines[0] == "**Mon 07 Dec 2026**"
     first = next(line for line in lines if "post 4" in line)
-    assert first.startswith("- 18:00 · scheduled · [post 4](https://review.example.com/posts?persona=mira#post-4) · ")
+    assert first.startswith("- 18:00 · Mira (Instagram 17841400000) · scheduled · "
+                            "[post 4](https://review.example.com/posts?persona=mira#post-4) · ")
     assert "x" * 99 + "…" in first and "\\#sunset \\#city" in first
     assert "**Tue 08 Dec 2026**" in lines
     assert "Line one \\| with a pipe line two" in text
     assert "    - ⚠ outside the posting windows 18:00-21:00" in lines
     assert text.index("post 4") < text.index("post 5")
+
+
+def test_a_post_is_named_by_its_persona_and_the_account_it_goes_out_on():
+    assert account_label("Mira", "17841400000") == "Mira (Instagram 17841400000)"
+    assert account_label("Mira", "outbox:mira") == "Mira (outbox)"
+
+
+def test_the_post_calendar_page_lists_each_post_with_its_time_account_status_and_caption(tmp_path):
+    import dagster as dg
+
+    from persona_pipeline.assets.post_calendar import post_calendar
+    from persona_pipeline.definitions import build_resources
+    from persona_pipeline.personas import load_persona
+    from persona_pipeline_tests.conftest import make_database, make_settings
+    from persona_pipeline_tests.review_fixtures import seed_review
+
+    url, cleanup = make_database("sqlite", tmp_path)
+    try:
+        settings = make_settings(tmp_path, url, review_base_url="https://review.example.com")
+        caption = "Golden hour on the roof, then " + "a long walk home " * 10
+        seed = seed_review(url, settings.home, candidates=2, posts=2, caption=caption)
+        name = load_persona(settings.home.parent / f"datasets-{seed.slug}" / seed.slug).config.name
+        instance = dg.DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions("personas", [seed.slug])
+        result = dg.materialize([post_calendar], partition_key=seed.slug, instance=instance,
+                                resources=build_resources(settings))
+    finally:
+        cleanup()
+    metadata = result.asset_materializations_for_node("post_calendar")[0].metadata
+    items = [line for line in metadata["agenda"].value.splitlines() if line.startswith("- ")]
+    assert len(items) == 2
+    for post_id, line in zip(seed.post_ids, items):  # the persona's local time, then the rest
+        assert re.match(rf"- \d\d:\d\d · {re.escape(name)} \(outbox\) · awaiting approval · \[post {post_id}\]"
+                        rf"\(https://review\.example\.com/posts\?persona={seed.slug}#post-{post_id}\) · Golden hour", line)
+        assert "…" in line and len(line) < 300  # the caption shortened, on the one line
+    assert f"○ {seed.post_ids[0]}" in metadata["calendar"].value
+    assert metadata["preview"].value.startswith("![preview: 2 image(s)](https://review.example.com/media/previews/")
 
 
 def test_a_materialisation_that_made_nothing_while_another_run_generates_says_so_and_links_it():
@@ -191,7 +232,7 @@ def test_jobs_in_flight_names_the_other_dagster_runs_still_generating(tmp_path):
 def test_steps_open_for_votes_link_to_the_review_form():
     from persona_pipeline.domain.ui_pages import StepToReview, steps_to_review
 
-    text = steps_to_review([StepToReview(9, 4, 2, "refine_face", 6)], LINKS.review_step_url)
+    text = steps_to_review([StepToReview(9, 4, 2, "refine_face", 6)], LINKS)
     assert text == ("- run 4, step 2 (refine\\_face): 6 candidate(s), [vote](https://review.example.com/steps/9/vote) · "
                     "[gallery](https://review.example.com/steps/9)")
-    assert steps_to_review([], LINKS.review_step_url) == "_no step is open for votes_"
+    assert steps_to_review([], LINKS) == "_no step is open for votes_"

@@ -27,13 +27,15 @@ from persona_pipeline.definitions import build_resources
 from persona_pipeline.domain import weekly_report as wr
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.personas import load_persona
-from persona_pipeline.resources.alerts import AlertWebhook
+from persona_pipeline.previews import shown_inline
+from persona_pipeline.resources.links import UiLinks
 from persona_pipeline_tests.conftest import make_settings, write_persona
 from persona_pipeline_tests.helpers import add_finished_run
 
 SLUG = "tester"
 TZ = "Europe/Lisbon"
 UI = "http://dagster.test:3000"
+REVIEW = "https://review.test"
 PUBLISHING_RUN = "5e1fc0de-0000-4000-8000-000000000001"
 CAPTION = "Sunset | rooftop\nsecond line of the caption"
 THEME = "rooftop | neon"
@@ -57,7 +59,7 @@ def _persona(session, datasets: Path, slug: str) -> models.Persona:
 
 def _resources(settings) -> dict:
     resources = build_resources(settings)
-    resources["alerts"] = AlertWebhook(ui_base_url=UI)  # the lead's build_resources adds it; the link base is ours
+    resources["links"] = UiLinks(dagster_ui_base_url=UI, review_base_url=REVIEW)
     return resources
 
 
@@ -352,11 +354,16 @@ def test_weekly_report_asset(db_url, tmp_path):
     assert "old error" not in md
     assert "job a1" in failures and not any(f"job {k}" in md for k in ("a2", "a3", "a4"))
 
-    # Thumbnails: inline in the metadata (posts + winners), PNG files beside the markdown file.
-    sheets = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", md)
-    assert len(sheets) == 2
-    for encoded in sheets:
-        assert Image.open(io.BytesIO(base64.b64decode(encoded))).format == "PNG"
+    # Thumbnails: PNG files beside the markdown file, which the metadata shows through the review form: in
+    # the report, and as a sheet per section short enough to show without a click; base64 copies as a fallback.
+    media = f"{REVIEW}/media/reports/{SLUG}"
+    for section, suffix in ((wr.POSTS, "posts"), (wr.WINNERS, "winners")):
+        sheet = meta[f"{suffix}_sheet"]
+        assert re.fullmatch(rf"!\[{section}: [^]]+\]\({re.escape(media)}/weekly-{end_text}-{suffix}\.png\)", sheet)
+        assert shown_inline(sheet) and sheet in md
+        encoded = re.fullmatch(r"!\[[^]]+\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", meta[f"{suffix}_sheet_embedded"])
+        assert Image.open(io.BytesIO(base64.b64decode(encoded.group(1)))).format == "PNG"
+    assert "data:image" not in md
     path = Path(meta["path"])
     assert path == settings.home / "reports" / SLUG / f"weekly-{end_text}.md"
     text = path.read_text()
@@ -372,7 +379,7 @@ def test_weekly_report_asset(db_url, tmp_path):
         with Image.open(path.parent / name) as image:
             assert image.format == "PNG"
     # The file says what the metadata says, apart from where the images are.
-    assert re.sub(r"\]\([^)]*\.png\)", "](img)", text) == re.sub(r"\]\(data:[^)]*\)", "](img)", md)
+    assert re.sub(r"\]\([^)]*\.png\)", "](img)", text) == re.sub(r"\]\([^)]*\.png\)", "](img)", md)
 
 
 def test_weekly_report_of_an_empty_persona(db_url, tmp_path):

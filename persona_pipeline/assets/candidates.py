@@ -146,7 +146,9 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
                     f"id={_fmt(r.identity_score)} clip={_fmt(r.clip_score)}") for r in rows]
         records = [{"candidate": r.id, "run": r.run_id, "step": _position(session, r), "parent": r.parent_id or 0,
                     "status": r.status, "seed": r.seed, "clip_score": float(r.clip_score or 0.0),
-                    "identity_score": float(r.identity_score or 0.0), "manifest": r.manifest_path} for r in rows]
+                    "identity_score": float(r.identity_score or 0.0),
+                    "gallery": links.links.review_step_url(r.step_id), "manifest": Path(r.manifest_path).name}
+                   for r in rows]
         run_rows = [{"run": run.id, "status": run.status, "prompt": run.prompt[:80], "source": run.prompt_source or "",
                      "steps": " → ".join(f"{s.name}:{s.status}" for s in run.steps), "failure": run.failure_reason or ""}
                     for run in session.scalars(select(models.GenerationRun).where(

@@ -17,7 +17,7 @@ from persona_pipeline.assets.common import persona_for, sheet_metadata
 from persona_pipeline.db import models
 from persona_pipeline.domain import post_states
 from persona_pipeline.domain.slots import in_window
-from persona_pipeline.domain.ui_pages import CalendarPost, agenda, week_grid
+from persona_pipeline.domain.ui_pages import CalendarPost, account_label, agenda, week_grid
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.links import UiLinks
@@ -58,8 +58,8 @@ def calendar(session: Session, slug: str, now: datetime) -> list[CalendarEntry]:
 @dg.asset(partitions_def=persona_partitions, deps=["scheduled_posts"], group_name="posting", kinds={"sqlalchemy"})
 def post_calendar(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
                   links: UiLinks) -> dg.MaterializeResult:
-    """The persona's calendar of posts still to go out, as a week grid in its timezone, with problems flagged.
-    Started by the review_events sensor after a post is approved, moved or rejected (job
+    """The persona's posts still to go out, in its timezone: a week grid, and a day-by-day agenda giving each
+    post's time, account, status, review-form link and shortened caption, with problems flagged. Started by the review_events sensor after a post is approved, moved or rejected (job
     post_calendar_refresh), and at the end of the library and persona_chain jobs."""
     slug = context.partition_key
     now = datetime.now(timezone.utc)
@@ -67,7 +67,8 @@ def post_calendar(context: dg.AssetExecutionContext, database: AppDatabase, stor
         _, config = persona_for(session, slug)
         tz = ZoneInfo(config.timezone)
         entries = calendar(session, slug, now)
-        posts = [CalendarPost(post_id=e.post.id, status=e.post.status, slot=e.post.scheduled_at, caption=e.post.caption,
+        posts = [CalendarPost(post_id=e.post.id, account=account_label(config.name, e.post.account), status=e.post.status,
+                              slot=e.post.scheduled_at, caption=e.post.caption,
                               hashtags=list(e.post.hashtags), problems=e.problems,
                               link=links.links.review_posts_url(slug, e.post.id)) for e in entries]
         scheduled = [e.post for e in entries if e.post.status == post_states.SCHEDULED]

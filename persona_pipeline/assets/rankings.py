@@ -75,6 +75,6 @@ def rankings(context: dg.AssetExecutionContext, database: AppDatabase, auto_revi
         "winners_picked_now": len(winners),
         "last_vote_id": last_vote_id,
         "ranking": table(rows),
-        "to_review": dg.MetadataValue.md(steps_to_review(open_steps, links.links.review_step_url)),
+        "to_review": dg.MetadataValue.md(steps_to_review(open_steps, links.links)),
         **sheet_metadata("winners", [(Path(w.image_path), f"#{w.id} run {w.run_id}") for w in winners], storage, links, slug),
     })

@@ -3,25 +3,26 @@ whom, winners, pillar gaps, the LoRA in use and failures (domain/weekly_report.p
 
 The report covers the `days` days before `end` (default: now) in the persona's timezone. It is
 written to PERSONA_HOME/reports/<slug>/weekly-<end date>.md with its contact sheets as PNG files
-beside it (relative links, each image's label drawn under it), and shown in the Dagster UI with the
-same sheets inlined as base64. Links go to Instagram permalinks and Dagster runs, never to local files.
+beside it (relative links, each image's label drawn under it). In the Dagster UI the report and the
+`<section>_sheet` entries show the same PNGs through the review form's /media (the sheets without a
+click; the report is too long for that), with base64 copies in `<section>_sheet_embedded`. Links go to
+Instagram permalinks and Dagster runs, never to local files.
 """
 
-import base64
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
 
-from persona_pipeline.assets.common import persona_for
+from persona_pipeline.assets.common import file_image_metadata, persona_for
 from persona_pipeline.db.weekly_report import collect_week
 from persona_pipeline.domain import weekly_report as wr
 from persona_pipeline.fileio import atomic_write
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.previews import contact_sheet_png, image_md
-from persona_pipeline.resources.alerts import AlertWebhook
 from persona_pipeline.resources.database import AppDatabase
+from persona_pipeline.resources.links import UiLinks
 from persona_pipeline.resources.storage import PersonaStorage
 
 # The sheets a report carries: section → file suffix.
@@ -35,7 +36,7 @@ class WeeklyReportConfig(dg.Config):
 
 
 def failed_runs(instance: dg.DagsterInstance, slug: str, start: datetime, end: datetime,
-                alerts: AlertWebhook) -> list[wr.FailedRun]:
+                links: UiLinks) -> list[wr.FailedRun]:
     """Failed Dagster runs of the persona created in [start, end): runs of its partition and runs
     tagged persona=<slug>, each with its link in the Dagster UI and its first step error."""
     records = {}
@@ -48,7 +49,7 @@ def failed_runs(instance: dg.DagsterInstance, slug: str, start: datetime, end: d
         run = record.dagster_run
         runs.append(wr.FailedRun(run_id=run.run_id, job_name=run.job_name,
                                  created_at=record.create_timestamp.astimezone(timezone.utc),
-                                 link=alerts.run_url(run.run_id), error=_run_error(instance, run.run_id)))
+                                 link=links.links.run_url(run.run_id), error=_run_error(instance, run.run_id)))
     return runs
 
 
@@ -93,7 +94,7 @@ def _sheet(report: wr.WeeklyReport, section: str) -> tuple[bytes, list[str]] | N
 @dg.asset(partitions_def=persona_partitions, deps=["post_calendar", "rankings", "pillar_gaps"], group_name="reporting",
           kinds={"markdown"})
 def weekly_report(context: dg.AssetExecutionContext, config: WeeklyReportConfig, database: AppDatabase,
-                  storage: PersonaStorage, alerts: AlertWebhook) -> dg.MaterializeResult:
+                  storage: PersonaStorage, links: UiLinks) -> dg.MaterializeResult:
     """The persona's week as a markdown file with thumbnails: posts, votes, winners, gaps, LoRA and
     failures. Started by the persona_report schedule (job weekly_reporting) at the persona's
     `schedules.report` cron, or by hand from the launchpad."""
@@ -107,13 +108,14 @@ def weekly_report(context: dg.AssetExecutionContext, config: WeeklyReportConfig,
             raise dg.Failure(f"weekly_report config: {exc}") from None
         report = collect_week(session, persona, start, end)
     # A post without a permalink (the outbox, a dry run) links to the Dagster run that published it.
-    posts = [replace(p, link=p.link or (alerts.run_url(p.run_id) if p.run_id else "")) for p in report.posts]
-    report = replace(report, posts=posts, failed_runs=failed_runs(context.instance, slug, start, end, alerts))
+    posts = [replace(p, link=p.link or (links.links.run_url(p.run_id) if p.run_id else "")) for p in report.posts]
+    report = replace(report, posts=posts, failed_runs=failed_runs(context.instance, slug, start, end, links))
 
     folder = storage.root / "reports" / slug
     stem = f"weekly-{end_date.isoformat()}"
-    inline: dict[str, str] = {}
+    shown: dict[str, str] = {}
     on_disk: dict[str, str] = {}
+    sheets: dict[str, dg.MetadataValue] = {}
     for section, suffix in SHEETS.items():
         sheet = _sheet(report, section)
         if sheet is None:
@@ -122,7 +124,8 @@ def weekly_report(context: dg.AssetExecutionContext, config: WeeklyReportConfig,
         name = f"{stem}-{suffix}.png"
         atomic_write(folder / name, png)
         alt = f"{section}: " + ", ".join(labels)
-        inline[section] = image_md(f"data:image/png;base64,{base64.b64encode(png).decode()}", alt)
+        sheets.update(file_image_metadata(f"{suffix}_sheet", folder / name, alt, storage, links))
+        shown[section] = sheets[f"{suffix}_sheet"].value
         on_disk[section] = image_md(name, alt)
     path = folder / f"{stem}.md"
     atomic_write(path, wr.render_markdown(report, on_disk).encode())
@@ -131,7 +134,8 @@ def weekly_report(context: dg.AssetExecutionContext, config: WeeklyReportConfig,
                      + ", ".join(f"{k} {v}" for k, v in counts.items()))
     storage.push_written()  # object storage: a failed upload fails the step (a teardown failure only logs)
     return dg.MaterializeResult(metadata={
-        "report": dg.MetadataValue.md(wr.render_markdown(report, inline)),
+        "report": dg.MetadataValue.md(wr.render_markdown(report, shown)),
+        **sheets,
         "path": dg.MetadataValue.path(str(path)),
         **counts,
         "window_start": start.isoformat(),

@@ -31,6 +31,10 @@ class Links:
         """The gallery of a run step in the review form (its ranking, approval and winner pick)."""
         return f"{self.review.rstrip('/')}/steps/{step_id}"
 
+    def review_vote_url(self, step_id: int) -> str:
+        """The vote page of a run step in the review form."""
+        return f"{self.review_step_url(step_id)}/vote"
+
     def media_url(self, home: Path, path: Path) -> str | None:
         """The review form's /media URL of a file under PERSONA_HOME, or None for a file elsewhere
         (the form serves nothing outside it)."""

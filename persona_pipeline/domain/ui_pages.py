@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from persona_pipeline.domain.links import Links
+
 WEEKDAYS = ("Mo", "Tu", "We", "Th", "Fr", "Sa", "Su")  # short: the grid sits in a narrow column
 # One mark per post status in the week grid, so a cell stays a few characters wide.
 STATUS_MARKS = {"scheduled": "●", "awaiting_approval": "○", "publishing": "◐", "failed": "✕", "published": "✓"}
@@ -38,9 +40,16 @@ def schedule_description(kind: str, job: str, rows: Sequence[Mapping], errors: M
 
 # --- post calendar -----------------------------------------------------------------------------------------
 
+def account_label(persona_name: str, account: str) -> str:
+    """The account a post goes out on, as a page names it: the persona's name, and Instagram with its
+    user id, or the outbox (`outbox:<slug>`, no Instagram account configured)."""
+    return f"{persona_name} (outbox)" if account.startswith("outbox:") else f"{persona_name} (Instagram {account})"
+
+
 @dataclass(frozen=True)
 class CalendarPost:
     post_id: int
+    account: str  # account_label's text
     status: str
     slot: datetime  # aware
     caption: str
@@ -74,8 +83,9 @@ def week_grid(posts: Sequence[CalendarPost], tz: str) -> str:
 
 
 def agenda(posts: Sequence[CalendarPost], tz: str) -> str:
-    """The posts day by day in `tz`: time, status, a link to the post in the review form, the first
-    line of its caption and its hashtags, and each problem of its slot on a line of its own."""
+    """The posts day by day in `tz`: time, account, status, a link to the post in the review form, its
+    caption on one line (cut at CAPTION_CHARS) and its hashtags, and each problem of its slot on a line
+    of its own."""
     if not posts:
         return "_no upcoming posts_"
     zone = ZoneInfo(tz)
@@ -88,7 +98,8 @@ def agenda(posts: Sequence[CalendarPost], tz: str) -> str:
             out += ["", f"**{moment:%a %d %b %Y}**", ""]
         tags = " ".join(post.hashtags)
         text = _escape(_one_line(post.caption, CAPTION_CHARS)) or "_no caption_"
-        out.append(f"- {moment:%H:%M} · {post.status.replace('_', ' ')} · [post {post.post_id}]({post.link}) · "
+        out.append(f"- {moment:%H:%M} · {_escape(post.account)} · {post.status.replace('_', ' ')} · "
+                   f"[post {post.post_id}]({post.link}) · "
                    f"{text}" + (f" · {_escape(tags)}" if tags else ""))
         out += [f"    - ⚠ {_escape(problem)}" for problem in post.problems]
     return "\n".join(out).strip()
@@ -105,12 +116,13 @@ class StepToReview:
     candidates: int
 
 
-def steps_to_review(steps: Sequence[StepToReview], gallery_url: Callable[[int], str]) -> str:
+def steps_to_review(steps: Sequence[StepToReview], links: Links) -> str:
     """Markdown links into the review form for each step that is open for votes."""
     if not steps:
         return "_no step is open for votes_"
     return "\n".join(f"- run {s.run_id}, step {s.position} ({_escape(s.name)}): {s.candidates} candidate(s), "
-                     f"[vote]({gallery_url(s.step_id)}/vote) · [gallery]({gallery_url(s.step_id)})" for s in steps)
+                     f"[vote]({links.review_vote_url(s.step_id)}) · [gallery]({links.review_step_url(s.step_id)})"
+                     for s in steps)
 
 
 # --- work still running ------------------------------------------------------------------------------------
