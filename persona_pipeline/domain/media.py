@@ -124,3 +124,15 @@ def check_post_jpeg(data: bytes, max_bytes: int = MAX_MEDIA_BYTES) -> list[str]:
         problems.append(f"aspect ratio {width}x{height} = {width / height:.3f} is outside 4:5..1.91:1 "
                         f"(0.8..1.91)")
     return problems
+
+
+THUMB_SIDE = 320  # a calendar cell shows a post at most ~160 CSS px wide: 2x for a sharp screen
+
+
+def thumbnail_jpeg(source: Path, max_side: int = THUMB_SIDE) -> bytes:
+    """A small JPEG of `source` for pages that show many posts at once (the calendar): upright RGB,
+    long side <= `max_side`, the same aspect as the source (a post's media is already the export's
+    padded aspect). A MediaError names a file that cannot be read."""
+    picture = _open_rgb(Path(source))
+    picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return _jpeg(picture, 82)

@@ -4,6 +4,7 @@ PERSONA_HOME a file the local cache lacks is fetched first."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from urllib.parse import quote
@@ -13,11 +14,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
+from persona_pipeline.domain.media import THUMB_SIDE, MediaError, thumbnail_jpeg
+from persona_pipeline.fileio import atomic_write
 from persona_pipeline.objectstore import ObjectStoreError
 from persona_pipeline.review import auth
 from persona_pipeline.review.web import config_of, home_of
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+THUMB_CACHE = ".cache/thumbs"  # under PERSONA_HOME
 
 
 def media_url(home: Path, image_path: str | None) -> str | None:
@@ -69,7 +73,8 @@ def resolve_media(home: Path, raw: str) -> Path | None:
     return target
 
 
-async def media(request: Request) -> Response:
+async def _local_image(request: Request) -> Path:
+    """The logged-in reviewer's image file named by the path, fetched into the cache when needed."""
     if auth.current_reviewer(request, config_of(request).tokens) is None:
         raise HTTPException(401, "log in first")
     home, raw = home_of(request), request.path_params["path"]
@@ -85,5 +90,38 @@ async def media(request: Request) -> Response:
         target = resolve_media(home, raw)
     if target is None:
         raise HTTPException(404, "no such image")
+    return target
+
+
+async def media(request: Request) -> Response:
     # Candidate images never change under their path: let the browser keep them (privately).
-    return FileResponse(target, headers={"Cache-Control": "private, max-age=3600"})
+    return FileResponse(await _local_image(request), headers={"Cache-Control": "private, max-age=3600"})
+
+
+def thumb_url(home: Path, image_path: str | None) -> str | None:
+    """The /thumbs URL (a small JPEG made once and kept) of an image under `home`, or None."""
+    url = media_url(home, image_path)
+    return "/thumbs/" + url.removeprefix("/media/") if url else None
+
+
+def _thumb_file(home: Path, target: Path) -> Path:
+    """The cached thumbnail of `target` (made on first use); a changed source gets a new one."""
+    stat = target.stat()
+    key = hashlib.sha256(f"{target.relative_to(home)}|{stat.st_mtime_ns}|{stat.st_size}|{THUMB_SIDE}".encode()).hexdigest()
+    cached = home / THUMB_CACHE / key[:2] / f"{key}.jpg"
+    if not cached.is_file():
+        atomic_write(cached, thumbnail_jpeg(target))
+    return cached
+
+
+async def thumb(request: Request) -> Response:
+    """A small copy of a /media image, for pages showing many at once, with the same login and
+    path checks as /media."""
+    home, target = home_of(request), await _local_image(request)
+    if target.is_relative_to(home / THUMB_CACHE):
+        raise HTTPException(404, "no such image")
+    try:
+        cached = await run_in_threadpool(_thumb_file, home, target)
+    except MediaError:
+        raise HTTPException(404, "the image cannot be read") from None
+    return FileResponse(cached, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})

@@ -146,6 +146,7 @@ _BACK_LABELS = [
     (re.compile(r"/steps/\d+/vote"), "Back to voting"),
     (re.compile(r"/steps/\d+(/compare)?"), "Back to the gallery"),
     (re.compile(r"/posts"), "Back to the posts"),
+    (re.compile(r"/calendar(/posts/\d+)?"), "Back to the calendar"),
     (re.compile(r"/audit"), "Back to the audit trail"),
     (re.compile(r"/login"), "Back to the login page"),
 ]
@@ -211,7 +212,7 @@ def _wants_html(request: Request) -> bool:
     path = request.url.path
     if path.startswith("/api/"):
         return False
-    if path.startswith("/media/"):
+    if path.startswith(("/media/", "/thumbs/")):
         return "text/html" in request.headers.get("accept", "")
     return True
 
@@ -229,10 +230,10 @@ async def http_error(request: Request, exc: Exception) -> Response:
     detail = _detail(request, status, getattr(exc, "detail", None))
     headers = getattr(exc, "headers", None)
     if not _wants_html(request):
-        if request.url.path.startswith("/media/"):
+        if request.url.path.startswith(("/media/", "/thumbs/")):
             return Response(detail, status_code=status, media_type="text/plain", headers=headers)
         return JSONResponse({"error": detail}, status_code=status, headers=headers)
-    if status == 401 and request.method == "GET" and not request.url.path.startswith("/media/"):
+    if status == 401 and request.method == "GET" and not request.url.path.startswith(("/media/", "/thumbs/")):
         return RedirectResponse("/login?next=" + quote(request.url.path), status_code=303)
     return error_page(request, status, detail, headers=headers)
 
