@@ -182,19 +182,24 @@ def move_post(session: Session, post_id: int, new_time: datetime, reviewer: str,
     new_time = new_time.astimezone(timezone.utc).replace(microsecond=0)
     now = now or datetime.now(timezone.utc)
     config = _post_config(session, post)
+    zone = ZoneInfo(config.timezone)
+
+    def local(moment: datetime) -> str:
+        return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M")
+
+    slot = f"slot {local(new_time)} ({config.timezone})"
     if new_time <= now:
-        raise ReviewError(f"slot {new_time.isoformat()} is in the past")
+        raise ReviewError(f"{slot} is in the past")
     if not in_window(new_time, config.windows(), config.timezone):
-        raise ReviewError(f"slot {new_time.astimezone(ZoneInfo(config.timezone)).strftime('%Y-%m-%d %H:%M')} "
-                          f"({config.timezone}) is outside the posting windows {', '.join(config.posting_windows)}")
+        raise ReviewError(f"{slot} is outside the posting windows {', '.join(config.posting_windows)}")
     gap = timedelta(minutes=config.min_minutes_between_posts)
     clash = [t for t in _taken_slots(session, post) if abs(t - new_time) < gap]
     if clash:
-        raise ReviewError(f"slot {new_time.isoformat()} is within {config.min_minutes_between_posts} minutes of another "
-                          f"post of {config.account_name(post.account)} at {clash[0].isoformat()}")
+        raise ReviewError(f"{slot} is within {config.min_minutes_between_posts} minutes of another post of "
+                          f"{config.account_name(post.account)} at {local(clash[0])}")
     over_cap = weekly_cap_refusal(_feed_times(session, post), new_time, config.strategy.weekly_cap)
     if over_cap:
-        raise ReviewError(f"slot {new_time.isoformat()}: {over_cap}")
+        raise ReviewError(f"{slot}: {over_cap}")
     before = post.scheduled_at
     post.scheduled_at = new_time
     post.review_note = f"moved by {reviewer} from {before.isoformat()}"

@@ -34,6 +34,7 @@
   }
 
   function showError(text) {
+    document.querySelectorAll(".flash").forEach(function (note) { note.remove(); });
     errorBox.textContent = text;
     errorBox.hidden = false;
     errorBox.scrollIntoView({block: "nearest"});
