@@ -4,12 +4,15 @@ over HTTP (Starlette's TestClient). The browser tests are in test_review_browser
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import re
 from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
+from PIL import Image
 from sqlalchemy import select
 from starlette.testclient import TestClient
 
@@ -178,8 +181,10 @@ def test_the_month_shows_scheduled_awaiting_and_published_posts_with_thumbnails_
                      published: local(-1).date().isoformat()}  # the cancelled post is not in the feed
     page = client.get(f"/calendar?date={local(2).date().isoformat()}")
     thumb = re.search(rf'id="cal-post-{scheduled}".*?<img class="cal-thumb" src="([^"]+)"', page.text, re.S).group(1)
-    image = client.get(thumb)
-    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg" and image.content[:2] == b"\xff\xd8"
+    assert thumb.startswith("data:image/jpeg;base64,")  # inlined: a month of posts costs no request per image
+    with Image.open(io.BytesIO(base64.b64decode(thumb.split(",", 1)[1]))) as image:
+        assert (image.format, image.size) == ("JPEG", (64, 80))  # the source's own size and aspect (never enlarged)
+    assert len(list((client.home / ".cache" / "thumbs").rglob("*.jpg"))) == 3  # made once, kept for the next page
     assert re.search(rf'id="cal-post-{published}"[^>]*href', page.text) or local(-1).month != local(2).month
     assert f'id="cal-post-{published}" data-post-id="{published}" data-movable' not in page.text
 

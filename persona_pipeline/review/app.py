@@ -29,7 +29,7 @@ from persona_pipeline.review.config import ReviewConfig
 from persona_pipeline.review.gallery import (approve_step, compare_page, gallery_page, kill_candidate, pick_winner,
                                              restore_candidate)
 from persona_pipeline.review.login import login, login_form, logout
-from persona_pipeline.review.media import media, thumb
+from persona_pipeline.review.media import media
 from persona_pipeline.review.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
 from persona_pipeline.review.posts import post_action, posts_page
 from persona_pipeline.review.queue import queue_page
@@ -70,7 +70,6 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/calendar/posts/{post_id:int}/edit", calendar_post_edit, methods=["POST"]),
         Route("/audit", audit_page, methods=["GET"]),
         Route("/media/{path:path}", media, methods=["GET"]),
-        Route("/thumbs/{path:path}", thumb, methods=["GET"]),
         Route("/api/steps/{step_id:int}/pair", api_pair, methods=["GET"]),
         Route("/api/steps/{step_id:int}/counts", api_counts, methods=["GET"]),
         Route("/api/votes", api_vote, methods=["POST"]),

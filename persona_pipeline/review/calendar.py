@@ -25,7 +25,7 @@ from persona_pipeline.domain import calendar as cal
 from persona_pipeline.domain.media import fit_aspect
 from persona_pipeline.personas import PersonaConfig
 from persona_pipeline.review.inputs import BadInput, form_text, local_zone, parse_local_slot, path_id, split_hashtags
-from persona_pipeline.review.media import media_url, thumb_url
+from persona_pipeline.review.media import media_url, thumbnail_src
 from persona_pipeline.review.posts import post_timezone, slug_param
 from persona_pipeline.review.web import api, flash, home_of, in_db, page, render
 
@@ -72,7 +72,7 @@ def _card(post: models.Post, persona: models.Persona, config: PersonaConfig, hom
     image = post.media_path or (post.candidate.image_path if post.candidate else None)
     return {"id": post.id, "status": post.status, "persona_slug": persona.slug, "persona_name": persona.name,
             "account": config.account_name(post.account), "day": local.date(), "time": local.strftime("%H:%M"),
-            "zone": local.tzname(), "thumb": thumb_url(home, image), "caption": post.caption,
+            "zone": local.tzname(), "thumb": thumbnail_src(home, image), "caption": post.caption,
             "movable": post.status in review_posts.EDITABLE}
 
 

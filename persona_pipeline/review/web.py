@@ -212,7 +212,7 @@ def _wants_html(request: Request) -> bool:
     path = request.url.path
     if path.startswith("/api/"):
         return False
-    if path.startswith(("/media/", "/thumbs/")):
+    if path.startswith("/media/"):
         return "text/html" in request.headers.get("accept", "")
     return True
 
@@ -230,10 +230,10 @@ async def http_error(request: Request, exc: Exception) -> Response:
     detail = _detail(request, status, getattr(exc, "detail", None))
     headers = getattr(exc, "headers", None)
     if not _wants_html(request):
-        if request.url.path.startswith(("/media/", "/thumbs/")):
+        if request.url.path.startswith("/media/"):
             return Response(detail, status_code=status, media_type="text/plain", headers=headers)
         return JSONResponse({"error": detail}, status_code=status, headers=headers)
-    if status == 401 and request.method == "GET" and not request.url.path.startswith(("/media/", "/thumbs/")):
+    if status == 401 and request.method == "GET" and not request.url.path.startswith("/media/"):
         return RedirectResponse("/login?next=" + quote(request.url.path), status_code=303)
     return error_page(request, status, detail, headers=headers)
 
