@@ -34,10 +34,11 @@ def _png(path: Path, index: int) -> str:
 
 
 def seed_review(url: str, home: Path, *, candidates: int = 6, steps: int = 2, posts: int = 1, slug: str = "tester",
-                top_k: int = 2, caption: str = "A day in the city.") -> ReviewSeed:
+                top_k: int = 2, caption: str = "A day in the city.", **persona: object) -> ReviewSeed:
     """Step 1 of a `steps`-step run is `voting` with `candidates` live candidates; later steps are
-    `pending`. Each post (awaiting approval, slot tomorrow 12:00 UTC + i hours) uses a candidate."""
-    folder = write_persona(home.parent / f"datasets-{slug}", slug, photos=0)
+    `pending`. Each post (awaiting approval, slot tomorrow 12:00 UTC + i hours) uses a candidate.
+    `persona` overrides persona.yaml fields (persona_fakes/personas.py)."""
+    folder = write_persona(home.parent / f"datasets-{slug}", slug, photos=0, **persona)
     with session_scope(url) as session:
         persona = registry.sync_persona(session, load_persona(folder))
         pipeline = {"steps": [{"name": f"step{i}", "template": "txt2img_lora", "n": candidates, "top_k": top_k}
@@ -70,3 +71,30 @@ def seed_review(url: str, home: Path, *, candidates: int = 6, steps: int = 2, po
         session.add_all(post_rows)
         session.flush()
         return ReviewSeed(persona.id, slug, run.id, [s.id for s in step_rows], [c.id for c in rows], [p.id for p in post_rows])
+
+
+@dataclass(frozen=True)
+class CalendarPost:
+    status: str
+    at: datetime  # the slot; a published post was published then too
+    caption: str = "A day in the city."
+    permalink: str | None = None
+
+
+def seed_calendar(url: str, home: Path, posts: list[CalendarPost], *, slug: str = "tester", **persona: object) -> list[int]:
+    """A persona (persona.yaml overridden by `persona`) with one post per CalendarPost, each with
+    its own exported image under PERSONA_HOME; returns the post ids in order."""
+    seed = seed_review(url, home, candidates=max(1, len(posts)), steps=1, posts=0, slug=slug, **persona)
+    with session_scope(url) as session:
+        account = session.get(models.Persona, seed.persona_id).settings.get("instagram", {}) or {}
+        rows = []
+        for i, spec in enumerate(posts):
+            media = home / "personas" / slug / "media" / f"post-cal-{i}.jpg"
+            _png(media, 200 + i)
+            rows.append(models.Post(persona_id=seed.persona_id, candidate_id=seed.candidate_ids[i], status=spec.status,
+                                    account=account.get("user_id") or f"outbox:{slug}", caption=spec.caption,
+                                    hashtags=["#one"], media_path=str(media), scheduled_at=spec.at,
+                                    published_at=spec.at if spec.status == "published" else None, permalink=spec.permalink))
+        session.add_all(rows)
+        session.flush()
+        return [row.id for row in rows]

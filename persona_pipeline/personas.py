@@ -136,6 +136,8 @@ class ScheduleSettings(_Strict):
 class InstagramAccount(_Strict):
     user_id: str = Field(min_length=1)
     token_env: str = Field(min_length=1, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    # The account's @name, which pages show instead of the numeric user id.
+    username: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._]{1,30}$")
 
 
 class RegularizationSettings(_Strict):
@@ -321,6 +323,15 @@ class PersonaConfig(_Strict):
         if unknown:
             raise ValueError(f"generation.themes names unknown pillars: {', '.join(unknown)}")
         return self
+
+    def account_name(self, account: str) -> str:
+        """What pages call a post's account (posts.account holds an Instagram user id or
+        outbox:<slug>): its @username, never the id."""
+        if self.instagram and account == self.instagram.user_id:
+            return f"@{self.instagram.username}" if self.instagram.username else f"{self.name} on Instagram"
+        if account.startswith("outbox:"):
+            return f"{self.name} (outbox)"
+        return f"{self.name}, an earlier account"
 
     def windows(self) -> list[tuple[time, time]]:
         return [parse_window(w) for w in self.posting_windows]

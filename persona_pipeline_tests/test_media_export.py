@@ -170,3 +170,14 @@ def test_check_post_jpeg_names_each_problem(tmp_path):
     big = check_post_jpeg(good.getvalue(), max_bytes=100)
     assert len(big) == 1 and "more than 100" in big[0]
     assert check_post_jpeg(b"garbage") == ["not an image PIL can read (Instagram takes JPEG only)"]
+
+
+def test_a_thumbnail_is_a_small_upright_jpeg_of_the_same_aspect(tmp_path):
+    from persona_pipeline.domain.media import THUMB_SIDE, thumbnail_jpeg
+
+    source = tmp_path / "big.jpg"
+    Image.new("RGB", (1080, 1350), (200, 40, 40)).save(source, quality=90)
+    with Image.open(io.BytesIO(thumbnail_jpeg(source))) as thumb:
+        assert (thumb.format, thumb.size) == ("JPEG", (96, THUMB_SIDE))
+    with pytest.raises(MediaError, match="cannot read the image"):
+        thumbnail_jpeg(tmp_path / "missing.jpg")

@@ -16,6 +16,7 @@ from persona_pipeline.db.review import NotFound, ReviewError, record_event
 from persona_pipeline.domain import post_states
 from persona_pipeline.domain.captions import validate_post_text
 from persona_pipeline.domain.slots import in_window, next_free_slot
+from persona_pipeline.domain.strategy import weekly_cap_refusal
 from persona_pipeline.personas import PersonaConfig
 
 
@@ -42,6 +43,15 @@ def _taken_slots(session: Session, post: models.Post) -> list[datetime]:
     return list(session.scalars(select(models.Post.scheduled_at).where(
         models.Post.account == post.account, models.Post.id != post.id,
         models.Post.status.in_(post_states.HOLDS_IMAGE - {post_states.PUBLISHED}))))
+
+
+def _feed_times(session: Session, post: models.Post) -> list[datetime]:
+    """When the account's other posts are (or were) in the feed: the weekly cap counts these, as
+    the planner's history does (published, planned, waiting or failed)."""
+    rows = session.execute(select(models.Post.published_at, models.Post.scheduled_at).where(
+        models.Post.account == post.account, models.Post.id != post.id,
+        models.Post.status.in_(post_states.HOLDS_IMAGE)))
+    return [(published or planned).astimezone(timezone.utc) for published, planned in rows]
 
 
 def _transition(post: models.Post, new_status: str) -> None:
@@ -74,11 +84,29 @@ def approve_post(session: Session, post_id: int, reviewer: str, now: datetime | 
     return post
 
 
+class StaleEdit(ReviewError):
+    """The post changed after the reviewer's page showed it (another reviewer, the publisher)."""
+
+    status_code = 409
+
+
+def unchanged_post(session: Session, post_id: int, seen_updated_at: str) -> models.Post:
+    """The post, locked, when it is as the reviewer's page showed it (its `updated_at` then)."""
+    post = _post(session, post_id)
+    if post.updated_at.isoformat() != seen_updated_at:
+        raise StaleEdit(f"post {post_id} changed after your page showed it (it is {post.status} now); nothing was saved")
+    return post
+
+
+def check_editable(post: models.Post) -> None:
+    if post.status not in EDITABLE:
+        raise ReviewError(f"post {post.id} is {post.status}; only a post not yet publishing can be edited")
+
+
 def edit_post(session: Session, post_id: int, caption: str, hashtags: list[str], reviewer: str) -> models.Post:
     """Change a post's caption and hashtags, validated as the posting step validates them."""
     post = _post(session, post_id)
-    if post.status not in EDITABLE:
-        raise ReviewError(f"post {post_id} is {post.status}; only a post not yet publishing can be edited")
+    check_editable(post)
     tags = []
     for raw in hashtags:
         match = _HASHTAG.match(raw.strip())
@@ -144,7 +172,8 @@ def retry_post(session: Session, post_id: int, reviewer: str, now: datetime | No
 
 def move_post(session: Session, post_id: int, new_time: datetime, reviewer: str, now: datetime | None = None) -> models.Post:
     """Move a post to another slot: in the future, inside a posting window (persona's timezone),
-    and at least the persona's minimum gap from the account's other posts."""
+    at least the persona's minimum gap from the account's other posts, and within the weekly cap.
+    Every way a reviewer moves a post (the posts page, the calendar's drag and its edit form) comes here."""
     post = _post(session, post_id)
     if post.status not in EDITABLE:
         raise ReviewError(f"post {post_id} is {post.status}; only a post not yet publishing can be moved")
@@ -153,16 +182,24 @@ def move_post(session: Session, post_id: int, new_time: datetime, reviewer: str,
     new_time = new_time.astimezone(timezone.utc).replace(microsecond=0)
     now = now or datetime.now(timezone.utc)
     config = _post_config(session, post)
+    zone = ZoneInfo(config.timezone)
+
+    def local(moment: datetime) -> str:
+        return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M")
+
+    slot = f"slot {local(new_time)} ({config.timezone})"
     if new_time <= now:
-        raise ReviewError(f"slot {new_time.isoformat()} is in the past")
+        raise ReviewError(f"{slot} is in the past")
     if not in_window(new_time, config.windows(), config.timezone):
-        raise ReviewError(f"slot {new_time.astimezone(ZoneInfo(config.timezone)).strftime('%Y-%m-%d %H:%M')} "
-                          f"({config.timezone}) is outside the posting windows {', '.join(config.posting_windows)}")
+        raise ReviewError(f"{slot} is outside the posting windows {', '.join(config.posting_windows)}")
     gap = timedelta(minutes=config.min_minutes_between_posts)
     clash = [t for t in _taken_slots(session, post) if abs(t - new_time) < gap]
     if clash:
-        raise ReviewError(f"slot {new_time.isoformat()} is within {config.min_minutes_between_posts} minutes of another "
-                          f"post of {post.account} at {clash[0].isoformat()}")
+        raise ReviewError(f"{slot} is within {config.min_minutes_between_posts} minutes of another post of "
+                          f"{config.account_name(post.account)} at {local(clash[0])}")
+    over_cap = weekly_cap_refusal(_feed_times(session, post), new_time, config.strategy.weekly_cap)
+    if over_cap:
+        raise ReviewError(f"{slot}: {over_cap}")
     before = post.scheduled_at
     post.scheduled_at = new_time
     post.review_note = f"moved by {reviewer} from {before.isoformat()}"

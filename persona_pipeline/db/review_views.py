@@ -4,6 +4,7 @@ waiting for approval. Writes go through db/review.py and db/review_posts.py only
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -113,8 +114,23 @@ def posts_to_review(session: Session, slug: str | None = None) -> list[models.Po
     slot first (optionally of one persona)."""
     query = select(models.Post).where(models.Post.status.in_((post_states.AWAITING_APPROVAL, post_states.FAILED)))
     if slug:
-        persona = session.scalar(select(models.Persona).where(models.Persona.slug == slug))
-        if persona is None:
-            raise NotFound(f"persona {slug!r} does not exist")
-        query = query.where(models.Post.persona_id == persona.id)
+        query = query.where(models.Post.persona_id == persona_by_slug(session, slug).id)
     return list(session.scalars(query.order_by(models.Post.scheduled_at, models.Post.id)))
+
+
+def persona_by_slug(session: Session, slug: str) -> models.Persona:
+    persona = session.scalar(select(models.Persona).where(models.Persona.slug == slug))
+    if persona is None:
+        raise NotFound(f"persona {slug!r} does not exist")
+    return persona
+
+
+def calendar_posts(session: Session, statuses: tuple[str, ...], start: datetime, end: datetime,
+                   slug: str | None = None) -> list[models.Post]:
+    """Posts in `statuses` that are (or were) in the feed in [start, end): placed at their
+    publication time when published, else at their slot; soonest first (optionally of one persona)."""
+    moment = func.coalesce(models.Post.published_at, models.Post.scheduled_at)
+    query = select(models.Post).where(models.Post.status.in_(statuses), moment >= start, moment < end)
+    if slug:
+        query = query.where(models.Post.persona_id == persona_by_slug(session, slug).id)
+    return list(session.scalars(query.order_by(moment, models.Post.id)))

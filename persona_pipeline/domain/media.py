@@ -40,10 +40,13 @@ def fit_aspect(width: int, height: int) -> tuple[int, int]:
     return width, height
 
 
-def _open_rgb(source: Path) -> Image.Image:
-    """The source as upright RGB: EXIF orientation applied, transparency flattened onto white."""
+def _open_rgb(source: Path, draft: int | None = None) -> Image.Image:
+    """The source as upright RGB: EXIF orientation applied, transparency flattened onto white. With
+    `draft`, a JPEG may be decoded at 1/2 to 1/8 scale, still at least `draft` px a side."""
     try:
         with Image.open(source) as opened:
+            if draft:
+                opened.draft("RGB", (draft, draft))
             opened.load()
             image = ImageOps.exif_transpose(opened)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as exc:
@@ -124,3 +127,16 @@ def check_post_jpeg(data: bytes, max_bytes: int = MAX_MEDIA_BYTES) -> list[str]:
         problems.append(f"aspect ratio {width}x{height} = {width / height:.3f} is outside 4:5..1.91:1 "
                         f"(0.8..1.91)")
     return problems
+
+
+THUMB_SIDE = 120  # a calendar card shows a post at most 48x60 CSS px: 2x for a sharp screen
+THUMB_QUALITY = 75
+
+
+def thumbnail_jpeg(source: Path, max_side: int = THUMB_SIDE) -> bytes:
+    """A small JPEG of `source` for pages that show many posts at once (the calendar inlines them):
+    upright RGB, long side <= `max_side`, the same aspect as the source (a post's media is already
+    the export's padded aspect). A MediaError names a file that cannot be read."""
+    picture = _open_rgb(Path(source), draft=max_side)
+    picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return _jpeg(picture, THUMB_QUALITY)

@@ -196,6 +196,16 @@ def _breaks_window_limit(times: list[datetime], slot: datetime, limit: int) -> t
     return None
 
 
+def weekly_cap_refusal(times: Sequence[datetime], slot: datetime, cap: int) -> str | None:
+    """Why a post at `slot` would break the weekly cap given the account's other posts at `times`
+    (UTC), or None when it fits: the one cap check, used by the planner and by a reviewer's move."""
+    over = _breaks_window_limit(list(times), slot, cap)
+    if over is None:
+        return None
+    return (f"weekly cap {cap} reached: {cap + 1} posts would fall within 7 days "
+            f"({over[0]:%Y-%m-%d %H:%M} to {over[1]:%Y-%m-%d %H:%M} UTC)")
+
+
 def _pct(value: Fraction) -> str:
     return f"{float(value):.0%}"
 
@@ -220,10 +230,8 @@ def plan_posts(*, slots: Sequence[datetime], pillars: Sequence[StrategyPillar], 
     plan = StrategyPlan()
 
     for slot in slot_times:
-        over = _breaks_window_limit([p.at for p in posts], slot, rules.weekly_cap)
-        if over is not None:
-            why = (f"weekly cap {rules.weekly_cap} reached: {rules.weekly_cap + 1} posts would fall within 7 days "
-                   f"({over[0]:%Y-%m-%d %H:%M} to {over[1]:%Y-%m-%d %H:%M} UTC)")
+        why = weekly_cap_refusal([p.at for p in posts], slot, rules.weekly_cap)
+        if why is not None:
             plan.skipped.append((slot, why))
             continue
         post = _plan_slot(slot, zone, by_id, ordered_options, used, posts, rules)

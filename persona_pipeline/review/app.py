@@ -6,8 +6,8 @@ with the logged-in reviewer's name, so each one is a `ReviewEvent`; the pages on
 database work runs in Starlette's threadpool, one `session_scope` per request, and hands plain dicts
 to the templates (no lazy loads after the session closes).
 
-This module builds the app: the routes of each area (login, queue, voting, gallery, posts, audit,
-media) and the middleware.
+This module builds the app: the routes of each area (login, queue, voting, gallery, posts, calendar,
+audit, media) and the middleware.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 from persona_pipeline.db import review
 from persona_pipeline.review import auth
 from persona_pipeline.review.audit import audit_page
+from persona_pipeline.review.calendar import api_move, calendar_page, calendar_post_edit, calendar_post_page
 from persona_pipeline.review.config import ReviewConfig
 from persona_pipeline.review.gallery import (approve_step, compare_page, gallery_page, kill_candidate, pick_winner,
                                              restore_candidate)
@@ -64,6 +65,9 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/candidates/{candidate_id:int}/restore", restore_candidate, methods=["POST"]),
         Route("/posts", posts_page, methods=["GET"]),
         Route("/posts/{post_id:int}/{action:str}", post_action, methods=["POST"]),
+        Route("/calendar", calendar_page, methods=["GET"]),
+        Route("/calendar/posts/{post_id:int}", calendar_post_page, methods=["GET"]),
+        Route("/calendar/posts/{post_id:int}/edit", calendar_post_edit, methods=["POST"]),
         Route("/audit", audit_page, methods=["GET"]),
         Route("/media/{path:path}", media, methods=["GET"]),
         Route("/api/steps/{step_id:int}/pair", api_pair, methods=["GET"]),
@@ -75,6 +79,7 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/api/offers/{offer_id:int}/undo-skip", api_undo_skip, methods=["POST"]),
         Route("/api/candidates/{candidate_id:int}/kill", api_kill, methods=["POST"]),
         Route("/api/candidates/{candidate_id:int}/restore", api_restore, methods=["POST"]),
+        Route("/api/calendar/posts/{post_id:int}/move", api_move, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     middleware = [

@@ -4,6 +4,8 @@ PERSONA_HOME a file the local cache lacks is fetched first."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from pathlib import Path
 from urllib.parse import quote
@@ -13,11 +15,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
+from persona_pipeline.domain.media import THUMB_SIDE, MediaError, thumbnail_jpeg
+from persona_pipeline.fileio import atomic_write
 from persona_pipeline.objectstore import ObjectStoreError
 from persona_pipeline.review import auth
 from persona_pipeline.review.web import config_of, home_of
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+THUMB_CACHE = ".cache/thumbs"  # under PERSONA_HOME
 
 
 def media_url(home: Path, image_path: str | None) -> str | None:
@@ -87,3 +92,26 @@ async def media(request: Request) -> Response:
         raise HTTPException(404, "no such image")
     # Candidate images never change under their path: let the browser keep them (privately).
     return FileResponse(target, headers={"Cache-Control": "private, max-age=3600"})
+
+
+def thumbnail_src(home: Path, image_path: str | None) -> str | None:
+    """What a page that shows many posts at once puts in an <img src>: the image's small JPEG
+    (domain/media.thumbnail_jpeg, made once and kept under PERSONA_HOME/.cache/thumbs) inlined as a
+    data: URL, so a month of posts costs no request per image. An image that is not here (not yet
+    pulled from object storage) or cannot be read gets its /media URL; one outside home, None."""
+    url = media_url(home, image_path)
+    target = resolve_media(home, url.removeprefix("/media/")) if url else None
+    if target is None:
+        return url
+    try:
+        stat = target.stat()
+        key = hashlib.sha256(f"{target.relative_to(home)}|{stat.st_mtime_ns}|{stat.st_size}|{THUMB_SIDE}".encode()).hexdigest()
+        cached = home / THUMB_CACHE / key[:2] / f"{key}.jpg"
+        try:
+            data = cached.read_bytes()
+        except FileNotFoundError:
+            data = thumbnail_jpeg(target)
+            atomic_write(cached, data)
+    except (OSError, MediaError):
+        return url
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")

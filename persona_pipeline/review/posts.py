@@ -52,7 +52,7 @@ async def _render_posts(request: Request, slug: str | None, *, errors: dict[int,
                                           "page_errors": page_errors}, status)
 
 
-def _slug_param(value: str | None) -> str | None:
+def slug_param(value: str | None) -> str | None:
     if value is None or value == "":
         return None
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
@@ -62,14 +62,14 @@ def _slug_param(value: str | None) -> str | None:
 
 @page
 async def posts_page(request: Request, reviewer: str) -> Response:
-    return await _render_posts(request, _slug_param(request.query_params.get("persona")))
+    return await _render_posts(request, slug_param(request.query_params.get("persona")))
 
 
 def _posts_back(slug: str | None) -> str:
     return "/posts" + (f"?persona={quote(slug)}" if slug else "")
 
 
-def _post_tz(session: Session, post_id: int) -> str:
+def post_timezone(session: Session, post_id: int) -> str:
     post = session.get(models.Post, post_id)
     if post is None:
         raise review.NotFound(f"post {post_id} does not exist")
@@ -81,7 +81,7 @@ async def post_action(request: Request, reviewer: str, form: FormData) -> Respon
     """approve | edit | reject | move | retry | abandon one post (the action is the last path segment)."""
     post_id = path_id(request, "post_id")
     action = request.path_params["action"]
-    slug = _slug_param(form_text(form, "persona", 64) or None)
+    slug = slug_param(form_text(form, "persona", 64) or None)
     typed: dict[str, str] = {"action": action}
     try:
         if action == "approve":
@@ -97,7 +97,7 @@ async def post_action(request: Request, reviewer: str, form: FormData) -> Respon
             message = f"Post {post_id} rejected."
         elif action == "move":
             typed.update(new_time=form_text(form, "new_time", 40))
-            tz_name = await in_db(request, _post_tz, post_id)
+            tz_name = await in_db(request, post_timezone, post_id)
             new_time = parse_local_slot(typed["new_time"], tz_name)
             await in_db(request, review_posts.move_post, post_id, new_time, reviewer)
             message = f"Post {post_id} moved to {typed['new_time'].replace('T', ' ')} ({tz_name})."

@@ -146,6 +146,7 @@ _BACK_LABELS = [
     (re.compile(r"/steps/\d+/vote"), "Back to voting"),
     (re.compile(r"/steps/\d+(/compare)?"), "Back to the gallery"),
     (re.compile(r"/posts"), "Back to the posts"),
+    (re.compile(r"/calendar(/posts/\d+)?"), "Back to the calendar"),
     (re.compile(r"/audit"), "Back to the audit trail"),
     (re.compile(r"/login"), "Back to the login page"),
 ]
