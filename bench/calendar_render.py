@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -46,12 +44,10 @@ from PIL import Image  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 import _report  # noqa: E402
-from persona_fakes.databases import make_database  # noqa: E402
 from persona_fakes.review import CalendarPost, seed_calendar  # noqa: E402
 from persona_pipeline.db import models  # noqa: E402
 from persona_pipeline.db.session import session_scope  # noqa: E402
-from review_load import FormServer  # noqa: E402
-from vote_latency import CHROMIUM, CHROMIUM_ARGS, percentile  # noqa: E402
+from _browser import CHROMIUM, CHROMIUM_ARGS, Workspace, percentile, require_chromium  # noqa: E402
 
 TARGET_MS = 1000.0
 STATUSES = ("awaiting_approval", "scheduled", "published")
@@ -118,18 +114,12 @@ def main() -> int:
     parser.add_argument("--personas", type=int, default=3)
     args = parser.parse_args()
     runs = args.runs or (5 if args.quick else 15)
-    if not Path(CHROMIUM).exists():
-        raise SystemExit(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    require_chromium()
     if args.posts > args.personas * 28 * 5:
         raise SystemExit(f"--posts {args.posts}: at most {args.personas * 28 * 5} fit {args.personas} personas' distinct slots")
 
-    work = Path(tempfile.mkdtemp(prefix="bench-calendar-render-"))
-    url, drop = make_database("postgresql", work)
-    server = None
-    ok = False
-    try:
-        home = work / "home"
-        home.mkdir()
+    with Workspace("bench-calendar-render-") as ws:
+        url, home = ws.url, ws.home
         today = datetime.now(timezone.utc)
         month = (today.replace(day=1) + timedelta(days=62)).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         began = time.monotonic()
@@ -138,7 +128,7 @@ def main() -> int:
               f"1080x1350 JPEGs ({size / args.posts / 1e6:.2f} MB each), PostgreSQL; seeded in {time.monotonic() - began:.0f} s")
         print(f"  machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start")
         token = secrets.token_urlsafe(18)
-        server = FormServer(url, home, {token: "bench"}, work / "server.log")
+        server = ws.serve({token: "bench"})
         path = f"/calendar?view=month&date={month:%Y-%m}"
         from playwright.sync_api import sync_playwright
 
@@ -162,9 +152,7 @@ def main() -> int:
         print(f"  2. warm, {runs} runs: median {median:.0f} ms, p95 {p95:.0f} ms, min {min(ms):.0f} ms, max {max(ms):.0f} ms")
         print(f"  every run showed {args.posts} posts with {args.posts} thumbnails loaded -> {'PASS' if complete else 'FAIL'}"
               + ("" if complete else f": {[(r['cards'], r['loaded']) for r in [cold, *warm]]}"))
-        fives, crashes, errors = server.log_problems()
-        if fives or crashes:
-            print(f"  server log: {fives} 5xx answers, {crashes} exceptions:\n    " + "\n    ".join(errors))
+        clean = ws.server_clean()
         met = p95 <= TARGET_MS
         print(f"RESULT month view of {args.posts} posts on screen with thumbnails: p95 {p95:.0f} ms, median {median:.0f} ms "
               f"(target <= {TARGET_MS:.0f} ms) -> {'PASS' if met else 'FAIL'}")
@@ -173,15 +161,7 @@ def main() -> int:
                        unit="ms", better="lower", target=f"p95 <= {TARGET_MS:.0f} ms", ok=met, note=note)
         _report.record(f"calendar month of {args.posts} posts on screen with thumbnails, median", reference=None,
                        ours=median, unit="ms", better="lower", note=note)
-        ok = met and complete and not fives and not crashes
-    finally:
-        if server is not None:
-            server.stop()
-        drop()
-        if ok:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"  kept {work} (server.log)")
+        ws.ok = ok = met and complete and clean
     _report.emit()
     return 0 if ok else 1
 

@@ -33,10 +33,8 @@ import asyncio
 import os
 import random
 import secrets
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,16 +45,11 @@ sys.path.insert(0, str(REPO / "bench"))
 from sqlalchemy import func, select  # noqa: E402
 
 import _report  # noqa: E402
-from persona_fakes.databases import make_database  # noqa: E402
 from persona_fakes.review import seed_review  # noqa: E402
 from persona_pipeline.db import models  # noqa: E402
 from persona_pipeline.db.session import session_scope  # noqa: E402
-from review_load import FormServer  # noqa: E402
+from _browser import CHROMIUM, CHROMIUM_ARGS, Workspace, percentile, require_chromium  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic", "--disable-renderer-backgrounding",
-                 "--disable-background-timer-throttling", "--disable-backgrounding-occluded-windows"]
 TARGET_MS = 100.0
 
 # Dispatch the vote key and wait for the next pair to be on screen (or the page to say it is done).
@@ -129,14 +122,6 @@ async def phase(base: str, tokens: list[str], step_id: int, votes: int, think: f
     return samples, sum(c for _, c in results), wall
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
-    return ordered[index]
-
-
 def describe(label: str, samples: list[dict], wall: float) -> dict:
     ms = [s["ms"] for s in samples]
     waited = sum(1 for s in samples if s["waited"])
@@ -156,21 +141,15 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     votes = args.votes or (6 if args.quick else 25)
-    if not Path(CHROMIUM).exists():
-        raise SystemExit(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    require_chromium()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-vote-latency-"))
-    url, drop = make_database("postgresql", work)
-    server = None
-    ok = False
-    try:
-        home = work / "home"
-        home.mkdir()
+    with Workspace("bench-vote-latency-") as ws:
+        url, home = ws.url, ws.home
         crowd = seed_review(url, home, candidates=args.candidates, steps=1, posts=0, slug="crowd")
         solo = seed_review(url, home, candidates=args.candidates, steps=1, posts=0, slug="solo")
         tokens = {secrets.token_urlsafe(18): f"reviewer{i}" for i in range(args.reviewers + 1)}
         names = list(tokens)
-        server = FormServer(url, home, tokens, work / "server.log")
+        server = ws.serve(tokens)
         print(f"Vote page latency: {args.reviewers} reviewers x {votes} votes at once in Chromium, one step of "
               f"{args.candidates} candidates, PostgreSQL; think time mean {args.think} s")
         print(f"  machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start")
@@ -186,9 +165,7 @@ def main() -> int:
         consistent = stored[solo.step_ids[0]] == ref_confirmed and stored[crowd.step_ids[0]] == load_confirmed
         print(f"  votes confirmed to the pages / stored: alone {ref_confirmed} / {stored[solo.step_ids[0]]}, "
               f"at once {load_confirmed} / {stored[crowd.step_ids[0]]} -> {'PASS' if consistent else 'FAIL'}")
-        fives, crashes, errors = server.log_problems()
-        if fives or crashes:
-            print(f"  server log: {fives} 5xx answers, {crashes} exceptions:\n    " + "\n    ".join(errors))
+        clean = ws.server_clean()
         met = load["p95"] <= TARGET_MS
         print(f"RESULT p95 with {args.reviewers} reviewers: {load['p95']:.0f} ms (target <= {TARGET_MS:.0f} ms) "
               f"-> {'PASS' if met else 'FAIL'}")
@@ -198,15 +175,7 @@ def main() -> int:
                        ours=load["p95"], unit="ms", better="lower", target=f"p95 <= {TARGET_MS:.0f} ms", ok=met, note=note)
         _report.record("next pair on screen after a vote, p50", reference=ref["p50"], ours=load["p50"], unit="ms",
                        better="lower", note=note)
-        ok = met and consistent and not fives and not crashes
-    finally:
-        if server is not None:
-            server.stop()
-        drop()
-        if ok:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"  kept {work} (server.log)")
+        ws.ok = ok = met and consistent and clean
     _report.emit()
     return 0 if ok else 1
 

@@ -6,7 +6,6 @@ Screenshots go to the test's output folder (and to $PERSONA_TEST_ARTIFACTS when 
 from __future__ import annotations
 
 import http.client
-import os
 import re
 import shutil
 import time
@@ -22,19 +21,12 @@ from persona_pipeline.db import models
 from persona_pipeline.db.session import session_scope
 from persona_pipeline.review.app import ReviewConfig, create_app
 from persona_pipeline_tests.conftest import make_database
+from persona_pipeline_tests.browser_fixtures import (PAGE_WAIT_MS, SECRET, TOKEN, Shots, chromium,  # noqa: F401
+                                                     log_in)
 from persona_pipeline_tests.helpers import wait_until
 from persona_pipeline_tests.review_fixtures import ReviewSeed, seed_review, serve_app
 
-# How long a page may take to show what a step led to: generous, since on 2 shared cores a busy
-# machine stalls Chromium for seconds (each wait returns as soon as its condition holds).
-PAGE_WAIT_MS = 20_000
-
 pytestmark = pytest.mark.browser
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
-TOKEN = "alice-browser-token"
 
 
 @dataclass
@@ -60,7 +52,7 @@ def served(tmp_path_factory) -> Iterator[Served]:
     killing = seed_review(url, home, slug="cyd", candidates=4, steps=1, posts=0)
     outside = folder / "outside.png"
     shutil.copy(voting_image(url, voting), outside)
-    app = create_app(ReviewConfig(database_url=url, home=home, tokens={TOKEN: "alice"}, secret_key="browser-test-secret-0123456789"))
+    app = create_app(ReviewConfig(database_url=url, home=home, tokens={TOKEN: "alice"}, secret_key=SECRET))
     try:
         with serve_app(app, start_timeout_s=15) as (base, _):
             yield Served(base, url, home, outside, voting, final, killing)
@@ -76,48 +68,6 @@ def voting_image(url: str, seed: ReviewSeed) -> Path:
 def count(url: str, model, *where) -> int:
     with session_scope(url) as session:
         return session.scalar(select(func.count()).select_from(model).where(*where))
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's browser with `apt-get install -y chromium`", pytrace=False)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-class Shots:
-    """Screenshots under the test's output, copied to $PERSONA_TEST_ARTIFACTS when it is set."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        stable = os.environ.get("PERSONA_TEST_ARTIFACTS")
-        self.stable = Path(stable) / "review_screenshots" if stable else None
-        self.taken: list[Path] = []
-
-    def __call__(self, page, name: str) -> None:
-        path = self.folder / f"{len(self.taken) + 1:02d}-{name}.png"
-        page.screenshot(path=str(path), full_page=True)
-        self.taken.append(path)
-        if self.stable:
-            self.stable.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, self.stable / path.name)
-
-
-def log_in(page, base: str) -> None:
-    page.goto(base + "/")
-    assert page.url.startswith(base + "/login")
-    assert page.locator("h1").inner_text() == "Log in"
-    page.fill("#token", TOKEN)
-    page.click("button:has-text('Log in')")
-    page.wait_for_url(base + "/")
 
 
 def queue_count(page, slug: str, name: str) -> int:

@@ -6,7 +6,6 @@ test saves screenshots and checks what the page shows and what the database hold
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
@@ -18,11 +17,8 @@ from sqlalchemy import select
 from persona_fakes.review import CalendarPost, seed_calendar
 from persona_pipeline.db import models
 from persona_pipeline.db.session import session_scope
-from persona_pipeline.review.app import ReviewConfig, create_app
-from persona_pipeline_tests.conftest import make_database
-from persona_pipeline_tests.review_fixtures import serve_app
-from persona_pipeline_tests.test_review_browser import PAGE_WAIT_MS, TOKEN, Shots, chromium, log_in  # noqa: F401
-from persona_pipeline_tests.test_review_browser_gallery import SIZES, fits, open_page
+from persona_pipeline_tests.browser_fixtures import (PAGE_WAIT_MS, Served, Shots, chromium, fits, log_in,  # noqa: F401
+                                                     open_page, serve_form, size)
 
 pytestmark = pytest.mark.browser
 
@@ -32,30 +28,10 @@ RULES = {"timezone": "Europe/Lisbon", "posting_windows": ["10:00-15:00"], "min_m
 USER_ID = "178414000000"  # + the persona's slug: each test's persona posts to its own account
 
 
-@dataclass
-class Served:
-    base: str
-    url: str
-    home: Path
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[Served]:
-    folder = tmp_path_factory.mktemp("review_calendar_browser")
-    url, cleanup = make_database("sqlite", folder)
-    home = folder / "home"
-    home.mkdir()
-    app = create_app(ReviewConfig(database_url=url, home=home, tokens={TOKEN: "alice"}, secret_key="browser-test-secret-0123456789"))
-    try:
-        with serve_app(app, start_timeout_s=15) as (base, _):
-            yield Served(base, url, home)
-    finally:
-        cleanup()
-
-
-@pytest.fixture(params=sorted(SIZES))
-def size(request) -> str:
-    return request.param
+    with serve_form(tmp_path_factory.mktemp("review_calendar_browser")) as form:
+        yield form
 
 
 def month_ahead() -> date:

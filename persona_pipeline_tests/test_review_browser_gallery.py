@@ -6,7 +6,6 @@ what the page shows and what the database holds."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -16,60 +15,19 @@ from sqlalchemy import func, select
 from persona_pipeline.db import models, review
 from persona_pipeline.db.session import session_scope
 from persona_pipeline.review import queue
-from persona_pipeline.review.app import ReviewConfig, create_app
-from persona_pipeline_tests.conftest import make_database
-from persona_pipeline_tests.review_fixtures import seed_review, serve_app
-from persona_pipeline_tests.test_review_browser import PAGE_WAIT_MS, TOKEN, Shots, chromium, log_in  # noqa: F401
+from persona_pipeline_tests.browser_fixtures import (SIZES, TOKEN, Served, Shots, chromium, fits, log_in,  # noqa: F401
+                                                     open_page, serve_form, size)
+from persona_pipeline_tests.review_fixtures import seed_review
 
 pytestmark = pytest.mark.browser
 
 LIMIT = 4096  # a small body limit, so an oversized caption is easy to type
-SIZES = {
-    "desktop": {"viewport": {"width": 1400, "height": 900}},
-    "phone": {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True},
-}
-
-
-@dataclass
-class Served:
-    base: str
-    url: str
-    home: Path
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[Served]:
-    folder = tmp_path_factory.mktemp("review_gallery_browser")
-    url, cleanup = make_database("sqlite", folder)
-    home = folder / "home"
-    home.mkdir()
-    app = create_app(ReviewConfig(database_url=url, home=home, tokens={TOKEN: "alice"},
-                                  secret_key="browser-test-secret-0123456789", max_body_bytes=LIMIT))
-    try:
-        with serve_app(app, start_timeout_s=15) as (base, _):
-            yield Served(base, url, home)
-    finally:
-        cleanup()
-
-
-@pytest.fixture(params=sorted(SIZES))
-def size(request) -> str:
-    return request.param
-
-
-def open_page(chromium, size: str, problems: list[str]):
-    context = chromium.new_context(**SIZES[size])
-    page = context.new_page()
-    page.set_default_timeout(PAGE_WAIT_MS)
-    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-    page.on("console", lambda msg: problems.append(f"console: {msg.text}")
-            if msg.type == "error" and "status of 4" not in msg.text and "status of 5" not in msg.text else None)
-    return context, page
-
-
-def fits(page, size: str) -> None:
-    width = SIZES[size]["viewport"]["width"]
-    assert page.evaluate("document.documentElement.scrollWidth") <= width, page.url
+    with serve_form(tmp_path_factory.mktemp("review_gallery_browser"), max_body_bytes=LIMIT) as form:
+        yield form
 
 
 def events(url: str, kind: str, subject_id: int) -> list[models.ReviewEvent]:

@@ -8,7 +8,6 @@ screenshots (under the test's output, and $PERSONA_TEST_ARTIFACTS when set)."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -17,43 +16,20 @@ from sqlalchemy import select
 
 from persona_pipeline.db import models, review_views
 from persona_pipeline.db.session import session_scope
-from persona_pipeline.review.app import ReviewConfig, create_app
-from persona_pipeline_tests.conftest import make_database
-from persona_pipeline_tests.review_fixtures import seed_review, serve_app
-from persona_pipeline_tests.test_review_browser import (PAGE_WAIT_MS, TOKEN, Shots, chromium, current_pair,  # noqa: F401
-                                                        log_in, wait_next_ready)
-from persona_pipeline_tests.test_review_browser_gallery import SIZES, fits, open_page
+from persona_pipeline_tests.browser_fixtures import (PAGE_WAIT_MS, SIZES, Served, Shots, chromium, fits, log_in,  # noqa: F401
+                                                     open_page, serve_form, size)
+from persona_pipeline_tests.review_fixtures import seed_review
+from persona_pipeline_tests.test_review_browser import current_pair, wait_next_ready
 
 pytestmark = pytest.mark.browser
 
 GUIDELINES = "Beaches, rooftops and new places, always with a sense of arrival."
 
 
-@dataclass
-class Served:
-    base: str
-    url: str
-    home: Path
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[Served]:
-    folder = tmp_path_factory.mktemp("review_vote_browser")
-    url, cleanup = make_database("sqlite", folder)
-    home = folder / "home"
-    home.mkdir()
-    app = create_app(ReviewConfig(database_url=url, home=home, tokens={TOKEN: "alice"},
-                                  secret_key="browser-test-secret-0123456789"))
-    try:
-        with serve_app(app, start_timeout_s=15) as (base, _):
-            yield Served(base, url, home)
-    finally:
-        cleanup()
-
-
-@pytest.fixture(params=sorted(SIZES))
-def size(request) -> str:
-    return request.param
+    with serve_form(tmp_path_factory.mktemp("review_vote_browser")) as form:
+        yield form
 
 
 class ScreenShots(Shots):

@@ -38,8 +38,24 @@ class Links:
     def media_url(self, home: Path, path: Path) -> str | None:
         """The review form's /media URL of a file under PERSONA_HOME, or None for a file elsewhere
         (the form serves nothing outside it)."""
+        relative = media_path(home, path)
+        return f"{self.review.rstrip('/')}{relative}" if relative else None
+
+
+def media_path(home: Path, path: str | Path | None) -> str | None:
+    """The form-relative /media/... path of a file under `home` (a relative path counts from
+    `home`), or None when it is elsewhere: the one place both the form's pages and Dagster's
+    metadata turn a file into a link."""
+    if not path:
+        return None
+    path = Path(path)
+    if not path.is_absolute():
+        path = home / path
+    try:
+        relative = path.relative_to(home)
+    except ValueError:
         try:
-            relative = PurePosixPath(path.relative_to(home).as_posix())
-        except ValueError:
+            relative = path.resolve().relative_to(home)
+        except (ValueError, OSError):
             return None
-        return f"{self.review.rstrip('/')}/media/{quote(str(relative))}"
+    return "/media/" + quote(PurePosixPath(relative.as_posix()).as_posix())

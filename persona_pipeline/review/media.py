@@ -8,13 +8,13 @@ import base64
 import hashlib
 import re
 from pathlib import Path
-from urllib.parse import quote
 
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
+from persona_pipeline.domain.links import media_path as media_url  # noqa: F401  (pages import it from here)
 from persona_pipeline.domain.media import THUMB_SIDE, MediaError, thumbnail_jpeg
 from persona_pipeline.fileio import atomic_write
 from persona_pipeline.objectstore import ObjectStoreError
@@ -23,23 +23,6 @@ from persona_pipeline.review.web import config_of, home_of
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 THUMB_CACHE = ".cache/thumbs"  # under PERSONA_HOME
-
-
-def media_url(home: Path, image_path: str | None) -> str | None:
-    """The /media URL of a file under `home`, or None when it is elsewhere."""
-    if not image_path:
-        return None
-    path = Path(image_path)
-    if not path.is_absolute():
-        path = home / path
-    try:
-        relative = path.relative_to(home)
-    except ValueError:
-        try:
-            relative = path.resolve().relative_to(home)
-        except (ValueError, OSError):
-            return None
-    return "/media/" + quote(relative.as_posix())
 
 
 def media_name_ok(raw: str) -> bool:
