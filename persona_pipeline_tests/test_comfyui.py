@@ -548,3 +548,20 @@ def test_bad_batches_are_refused_up_front(servers, tmp_path):
 def _first_image(entry: dict) -> dict:
     image = next(iter(entry["outputs"].values()))["images"][0]
     return {"filename": image["filename"], "subfolder": image["subfolder"]}
+
+
+def test_fake_server_job_time_follows_the_sampler_steps_when_seconds_per_step_is_set(servers, tmp_path):
+    """The finish-lag benchmark gives jobs of 2-10 s by step count: the fake's run time must follow
+    KSampler's steps (lower bounds, which a loaded machine cannot break), not the 0.01 s job time."""
+    (server,) = servers(1, job_time_s=0.01)
+    server.set_faults(seconds_per_step=0.02)
+    short, long_ = txt2img(seed=1), txt2img(seed=2)
+    short["3"]["inputs"]["steps"], long_["3"]["inputs"]["steps"] = 5, 25
+    results = pool_for(server).run_jobs([ComfyJob("short", short, tmp_path, "short"), ComfyJob("long", long_, tmp_path, "long")],
+                                        log=Log())
+    assert all(isinstance(r, ComfyResult) for r in results), results
+    run_s = {r.key: r.timings["run_s"] for r in results}
+    # 0.1 s and 0.5 s of sampling; the client's clock starts a few ms after the server's
+    assert run_s["short"] >= 0.08 and run_s["long"] >= 0.45 and run_s["long"] - run_s["short"] >= 0.3, run_s
+    with pytest.raises(ValueError, match="unknown fault knob 'seconds_per_steps'"):
+        server.set_faults(seconds_per_steps=0.1)

@@ -3,7 +3,9 @@ uvicorn), speaking ComfyUI's protocol (docs/rules.md) closely enough that a clie
 works against a real ComfyUI.
 
 - One worker runs queued prompts one at a time (a real server has one GPU). A prompt takes
-  `job_time_s`, spent in KSampler with a few `progress` messages and one binary preview frame.
+  `job_time_s`, spent in KSampler with a few `progress` messages and one binary preview frame; with
+  `seconds_per_step` set it takes that many seconds per KSampler step instead, so jobs of different
+  step counts take different times, as on a real GPU.
 - `POST /prompt` validates like ComfyUI (unknown class → `invalid_prompt`; no output node →
   `prompt_no_outputs`; otherwise `prompt_outputs_failed_validation` with `node_errors` for combo
   values not in their lists, missing inputs, links to missing nodes, numbers out of range, a
@@ -73,6 +75,7 @@ class FakeComfyUI:
                  checkpoints=("tiny.safetensors",), controlnets=("control_v11p_sd15_openpose.pth",),
                  port: int = 0, progress_steps: int = 4, log_level: str = "critical") -> None:
         self.job_time_s = job_time_s
+        self.seconds_per_step: float | None = None   # job time = KSampler steps x this, when set
         self.loras, self.checkpoints, self.controlnets = list(loras), list(checkpoints), list(controlnets)
         self.port = port
         self.progress_steps = progress_steps
@@ -504,8 +507,11 @@ class FakeComfyUI:
     async def _sample(self, item: _Prompt, node_id: str, started: float, hang: bool, emit) -> bool:
         """Spend the job time in KSampler with progress; False if interrupted."""
         steps = max(1, self.progress_steps)
+        duration = self.job_time_s
+        if self.seconds_per_step is not None:
+            duration = self.seconds_per_step * int(item.graph[node_id]["inputs"].get("steps", 1))
         for step in range(1, steps + 1):
-            deadline = started + self.job_time_s * step / steps
+            deadline = started + duration * step / steps
             if not await _wait_until(item.interrupted, deadline):
                 return False
             await emit("progress", {"value": step, "max": steps, "node": node_id})
@@ -560,7 +566,7 @@ class FakeComfyUI:
 
 _KNOBS = {"fail_next_submits", "fail_mode", "execution_error_next", "out_of_memory_next",
           "drop_socket_after_progress", "hang_next",
-          "fail_system_stats", "job_time_s", "refuse_websockets", "refuse_websockets_after_drop", "omit_executed"}
+          "fail_system_stats", "job_time_s", "seconds_per_step", "refuse_websockets", "refuse_websockets_after_drop", "omit_executed"}
 _COUNTERS = ("submitted", "submit_requests", "interrupts", "uploads", "views", "history_gets", "system_stats_gets",
              "object_info_gets", "ws_connects", "max_queue_depth", "fail_next_submits", "execution_error_next",
              "out_of_memory_next",
