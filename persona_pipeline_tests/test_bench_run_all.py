@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 RUN_ALL = REPO / "bench" / "run_all"
 PREFIX = "BENCH_RESULT "
-# The fastest two (bt_fit: a few seconds; review_effort --quick: about 30 s on 2 cores).
+# The fastest two (bt_fit --quick: about 25 s, most of it choix; review_effort --quick: about 30 s on 2 cores).
 FAST = ("bt_fit", "review_effort")
 
 
@@ -96,7 +96,7 @@ def test_real_benchmarks_table_matches_their_results(tmp_path):
             assert row["ratio"].endswith("x")
             assert math.isclose(float(row["ratio"][:-1].replace(",", "")), expected, rel_tol=0.006, abs_tol=0.006)
         assert compared >= 1, f"{name} has no reference-vs-ours row"
-    # bt_fit's loop is ~10x slower even at --quick: a win by its own target. Active pairing finds
+    # bt_fit: ours is ~15x choix's best even at --quick: a win by its own target. Active pairing finds
     # the right top 3 in more seeds than random pairs at 100, 200 and 300 votes (about twice as many).
     assert met["bt_fit"]
     accuracy = [r for r in results_in(logs / "review_effort.log") if r["unit"] == "%"]
