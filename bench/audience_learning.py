@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time as clock
 from datetime import date, datetime, time, timedelta, timezone
 from fractions import Fraction
@@ -133,9 +134,13 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, help="seeds (default 40, quick 10)")
     parser.add_argument("--days", type=int, default=180)
     parser.add_argument("--shift", type=float, default=15.0, help="± points each pillar's share may move (15)")
-    parser.add_argument("--png", default=str(REPO / "docs" / "images" / "audience_regret.png"))
+    parser.add_argument("--png", help="regret curve (default docs/images/audience_regret.png; with --quick a "
+                                      "file in the temporary folder, so a quick run never replaces the docs' figure)")
     args = parser.parse_args()
     seeds = args.seeds or (10 if args.quick else 40)
+    if args.png is None:
+        args.png = (str(Path(tempfile.gettempdir()) / "audience_regret_quick.png") if args.quick
+                    else str(REPO / "docs" / "images" / "audience_regret.png"))
     started = clock.perf_counter()
     runs = {kind: [simulate(seed, args.days, args.shift, kind) for seed in range(seeds)]
             for kind in ("static", "learning", "oracle")}
