@@ -114,6 +114,7 @@ FED_BY_ENVIRONMENT = {
     ("publisher", "media_public_base_url"): "MEDIA_PUBLIC_BASE_URL",
     ("publisher", "token_warn_days"): "INSTAGRAM_TOKEN_WARN_DAYS",
     ("publisher.graph", "base_url"): "INSTAGRAM_GRAPH_URL",
+    ("insights.graph", "base_url"): "INSTAGRAM_GRAPH_URL",
     ("alerts", "url"): "ALERT_WEBHOOK_URL",
     ("alerts", "ui_base_url"): "DAGSTER_UI_BASE_URL",
     ("alerts", "max_attempts"): "ALERT_MAX_ATTEMPTS",

@@ -164,10 +164,12 @@ class SimulatedAudience:
                    + self.params.follow_per_interaction * interactions)
 
 
-def followers_on(audience: SimulatedAudience, day: date, interactions_by_day: dict[date, int]) -> float:
-    """Followers on `day` given every earlier day's interactions (for the outbox account insights)."""
+def followers_on(audience: SimulatedAudience, day: date, interactions_by_day: dict[date, int],
+                 since: date | None = None) -> float:
+    """Followers on `day` given every earlier day's interactions (for the outbox account insights),
+    counting from `start_followers` on `since` (the account's first post; default the audience's start)."""
     followers = float(audience.params.start_followers)
-    current = audience.start
+    current = since or audience.start
     while current < day:
         followers = audience.follower_step(followers, interactions_by_day.get(current, 0))
         current = date.fromordinal(current.toordinal() + 1)
@@ -178,3 +180,17 @@ def local_hour(moment: datetime, tz) -> float:
     """The local hour of day (fractional) of an aware datetime in zone `tz`."""
     local = moment.astimezone(tz)
     return local.hour + local.minute / 60
+
+
+def parse_rates(text: str, what: str) -> dict[str, float]:
+    """`name=0.04,name=0.03` as a dict; errors name `what` (the setting) and the entry."""
+    out: dict[str, float] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = entry.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"{what}: entry {entry!r} is not name=number") from None
+    return out
