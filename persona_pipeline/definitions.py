@@ -6,6 +6,7 @@ from functools import partial
 
 import dagster as dg
 
+from persona_pipeline.assets.audience_insights import audience_insights
 from persona_pipeline.assets.candidates import candidates
 from persona_pipeline.assets.clusters import clusters
 from persona_pipeline.assets.content_library import content_library
@@ -55,7 +56,7 @@ from persona_pipeline.personas import discover_personas
 from persona_pipeline.settings import Settings
 
 ASSETS = [source_photos, training_dataset, lora_model, content_plan, candidates, rankings, content_library, clusters,
-          pillar_gaps, scheduled_posts, post_calendar, weekly_report]
+          pillar_gaps, scheduled_posts, post_calendar, weekly_report, audience_insights]
 
 
 def from_settings(settings: Settings, attr: str):

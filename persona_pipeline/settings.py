@@ -353,7 +353,7 @@ class Settings:
         "Cron of the schedule that reads published posts' insights (due at +1 h, +24 h, +72 h, +7 d) and each "
         "account's daily followers and reach (docs/insights.md).")
     insights_workers: int = setting(
-        "PERSONA_INSIGHTS_WORKERS", Integer(1, 256), "16", "Accounts whose insights are read in parallel.")
+        "PERSONA_INSIGHTS_WORKERS", Integer(1, 256), "32", "Accounts whose insights are read in parallel.")
     audience_seed: int = setting(
         "PERSONA_AUDIENCE_SEED", Integer(0, 2**31 - 1), "0",
         "Seed of the simulated audience that gives outbox (dry-run) posts their insights, labelled simulated.")

@@ -10,7 +10,6 @@ import pytest
 from sqlalchemy import func, select
 
 from persona_fakes.graph_insights import FakeInsightsGraphAPI
-from persona_pipeline.db import insights as store
 from persona_pipeline.db import models, registry
 from persona_pipeline.db.session import session_scope
 from persona_pipeline.domain import insight_reads as rules
@@ -99,8 +98,8 @@ def test_due_ages_usage_and_metric_names():
 
 # --- the Graph source on its own --------------------------------------------------------------------
 
-def read(fake, reads, token=TOKEN, account=USER):
-    return GraphInsightSource(client(fake), max_pause_s=0.5).read(account, token, reads, NOW.date())
+def read(fake, reads, token=TOKEN, account=USER, in_flight=1):
+    return GraphInsightSource(client(fake), max_pause_s=0.5, in_flight=in_flight).read(account, token, reads, NOW.date())
 
 
 def due(post_id, media_id, account=USER, age=24):

@@ -12,8 +12,9 @@ import dagster as dg
 from sqlalchemy import select
 
 from persona_pipeline.assets.common import persona_for, sheet_metadata, table
+from persona_pipeline.db import insights as insight_store
 from persona_pipeline.db import library, models, review_posts
-from persona_pipeline.domain import post_states, strategy
+from persona_pipeline.domain import learning, post_states, strategy
 from persona_pipeline.domain.captions import repeated_phrases, select_hashtags, template_caption, validate_post_text
 from persona_pipeline.domain.media import MediaError, export_post_jpeg
 from persona_pipeline.domain.slots import spaced_slots
@@ -52,6 +53,20 @@ def _caption(gemini: GeminiClient, config, item: models.LibraryItem, pillar: mod
     return template_caption(settings.templates, values, index, what=f"{what} captions.templates"), "template"
 
 
+def learned_slots(learned: learning.LearnedStrategy, slots: list[datetime], config, taken: list[datetime],
+                  gap: timedelta, now: datetime, until: datetime) -> list[datetime]:
+    """The slots moved to the learned hours of their own dates, kept `gap` apart from every taken
+    and already moved slot, inside the plan's days (a slot with no allowed hour stays where it was)."""
+    out: list[datetime] = []
+    for index, slot in enumerate(slots):
+        others = [*taken, *out, *slots[index + 1:]]
+        allowed = lambda m, others=others: now < m < until and all(abs(m - t) >= gap for t in others)  # noqa: E731
+        moved, _why = learning.pick_hours(learned.posterior, [slot], config.windows(), config.timezone,
+                                          config.strategy.learning.settings(), allowed)[0]
+        out.append(moved)
+    return out
+
+
 @dg.asset(partitions_def=persona_partitions, deps=["clusters"], group_name="posting", kinds={"sqlalchemy"})
 def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
                     gemini: GeminiClient, auto_review: AutoReviewer, links: UiLinks) -> dg.MaterializeResult:
@@ -77,11 +92,19 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
             p.status == post_states.FAILED and p.retryable))]
         wanted = math.ceil(plan.posts_per_week * plan.plan_ahead_days / 7) - len(upcoming)
         every = timedelta(days=7 / plan.posts_per_week) if plan.posts_per_week else timedelta(days=plan.plan_ahead_days)
-        slots = spaced_slots(now, wanted, every, config.windows(), config.timezone, taken,
-                             timedelta(minutes=config.min_minutes_between_posts), until)
+        gap = timedelta(minutes=config.min_minutes_between_posts)
+        slots = spaced_slots(now, wanted, every, config.windows(), config.timezone, taken, gap, until)
         pillars = list(session.scalars(select(models.ContentPillar).where(models.ContentPillar.persona_id == persona.id,
                                                                           models.ContentPillar.active.is_(True))))
         by_pillar = {p.id: p for p in pillars}
+        # persona.yaml strategy.learning: shares and hours from the audience (None: off, today's plan exactly).
+        learned = insight_store.learned_targets(session, persona.id, config, now)
+        shares = notes = None
+        if learned is not None:
+            slots = learned_slots(learned, slots, config, taken, gap, now, until)
+            by_name = {p.name: p.id for p in pillars}
+            shares = {by_name[n]: share for n, share in learned.shares.items() if n in by_name}
+            notes = {by_name[n]: d.note for n, d in learned.pillars.items() if n in by_name}
         options = library.available_items(session, persona.id)
         items = {i.id: i for i in options}
         result = strategy.plan_posts(
@@ -93,7 +116,7 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
             history=[strategy.PastPost(p.pillar_id, p.theme, p.published_at or p.scheduled_at) for p in in_play],
             rules=strategy.StrategyRules(theme_spacing=timedelta(days=plan.theme_spacing_days),
                                          theme_max_per_week=plan.theme_max_per_week, weekly_cap=plan.weekly_cap),
-            tz=config.timezone)
+            tz=config.timezone, target_shares=shares, pillar_notes=notes)
         avoid = repeated_phrases([p.caption for p in posts[-RECENT_CAPTIONS:]])
         created, rows = [], []
         for planned in result.posts:
@@ -142,6 +165,7 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
         "scheduled": sum(1 for r in rows if r["status"] == post_states.SCHEDULED),
         "library_available": len(options),
         "avoid_phrases": ", ".join(avoid) or "none",
+        "learning": learned.summary if learned is not None else "off",
         "posts": table(rows),
         "skipped": table(skipped),
         **sheet_metadata("preview", previews, storage, links, slug),

@@ -9,9 +9,10 @@ with its own account named, and the source refuses it (another account's media) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
+from zoneinfo import ZoneInfo
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, or_, select
 from sqlalchemy.orm import Session
 
 from persona_pipeline.db import models
@@ -19,6 +20,7 @@ from persona_pipeline.db.session import session_scope
 from persona_pipeline.domain import insight_reads as rules
 from persona_pipeline.domain import post_states
 from persona_pipeline.domain.insight_stats import PostPerformance
+from persona_pipeline.domain.learning import LearnedStrategy, Observation, learn_shares
 from persona_pipeline.resources.insight_sources import AccountReading, DueRead
 
 COLLECTING, FROZEN, DELETED = "collecting", "frozen", "deleted"
@@ -48,11 +50,10 @@ def due_groups(url: str, now: datetime) -> list[AccountGroup]:
             .outerjoin(models.ContentPillar, models.ContentPillar.id == models.Post.pillar_id)
             .where(models.Post.status == post_states.PUBLISHED, models.Post.external_id.is_not(None),
                    models.Post.published_at.is_not(None),
-                   models.Post.published_at >= now - timedelta(hours=rules.READ_AGES_H[-1] * 2))
+                   # Frozen and deleted posts are done; a post older than 7 days never read gets one final read.
+                   or_(models.InsightPoll.id.is_(None), models.InsightPoll.status.not_in((FROZEN, DELETED))))
             .order_by(models.Post.published_at, models.Post.id)).all()
         for post, persona, poll, pillar in rows:
-            if poll is not None and poll.status in (FROZEN, DELETED):
-                continue
             age = rules.due_age(post.published_at, now, poll.last_age_hours if poll else None)
             if age is None:
                 continue
@@ -71,8 +72,18 @@ def record(url: str, group: AccountGroup, reading: AccountReading, read_at: date
     """Write one account's reading in one transaction; counts of what happened."""
     counts = {"read": 0, "frozen": 0, "deleted": 0, "refused_metrics": 0, "foreign": 0}
     with session_scope(url) as session:
+        ids = [due.post_id for due in group.reads]
+        known_followers: dict[date, float | None] = {}
+        rows: list[dict] = []
+        polls = {p.post_id: p for p in session.scalars(select(models.InsightPoll).where(models.InsightPoll.post_id.in_(ids)))}
+        # The same (post, metric, age) again replaces its value: a rerun never counts twice.
+        for age in {due.age_hours for due in group.reads}:
+            session.execute(delete(models.PostInsight).where(
+                models.PostInsight.post_id.in_([d.post_id for d in group.reads
+                                                if d.age_hours == age and d.post_id in reading.values]),
+                models.PostInsight.age_hours == age))
         for due in group.reads:
-            poll = session.scalar(select(models.InsightPoll).where(models.InsightPoll.post_id == due.post_id))
+            poll = polls.get(due.post_id)
             if poll is None:
                 poll = models.InsightPoll(post_id=due.post_id, status=COLLECTING)
                 session.add(poll)
@@ -95,20 +106,20 @@ def record(url: str, group: AccountGroup, reading: AccountReading, read_at: date
                     poll.note = "; ".join(notes)
                 continue  # not read this run (stopped early): still due next run
             if poll.followers_at_publish is None:
-                poll.followers_at_publish = (due.followers if due.followers is not None
-                                             else followers_on(session, group.account, due.published_at.date()))
-            # The same (post, metric, age) again replaces its value: a rerun never counts twice.
-            session.execute(delete(models.PostInsight).where(models.PostInsight.post_id == due.post_id,
-                                                             models.PostInsight.age_hours == due.age_hours))
-            for metric, value in sorted(values.items()):
-                session.add(models.PostInsight(post_id=due.post_id, metric=metric, age_hours=due.age_hours,
-                                               value=int(value), read_at=read_at, simulated=reading.simulated))
+                day = due.published_at.date()
+                if due.followers is None and day not in known_followers:
+                    known_followers[day] = followers_on(session, group.account, day)
+                poll.followers_at_publish = due.followers if due.followers is not None else known_followers[day]
+            rows += [{"post_id": due.post_id, "metric": metric, "age_hours": due.age_hours, "value": int(value),
+                      "read_at": read_at, "simulated": reading.simulated} for metric, value in sorted(values.items())]
             poll.last_age_hours = due.age_hours
             poll.note = "; ".join(notes) or None
             counts["read"] += 1
             if rules.is_final(due.age_hours):
                 poll.status = FROZEN
                 counts["frozen"] += 1
+        if rows:  # one executemany, not an ORM object per value
+            session.execute(insert(models.PostInsight), rows)
         if reading.account_day:
             store_account_day(session, group.account, read_at.date(), reading.account_day, read_at, reading.simulated)
     return counts
@@ -172,3 +183,19 @@ def performance(session: Session, persona_id: int, tz) -> list[PostPerformance]:
                                    tuple(post.hashtags or ()), reach[post.id], interactions, polls.get(post.id),
                                    post.id in simulated))
     return out
+
+
+def observations(session: Session, persona_id: int, tz) -> list[Observation]:
+    """The learner's view of the persona's posts: pillar, local hour, reach, interactions, when."""
+    return [Observation(p.pillar or None, p.local_at.hour, p.reach, p.interactions, p.local_at)
+            for p in performance(session, persona_id, tz)]
+
+
+def learned_targets(session: Session, persona_id: int, config, now: datetime) -> LearnedStrategy | None:
+    """The learning strategy's shares for a persona whose persona.yaml switches learning on (None when
+    off: the plan is then exactly the configured weights' plan)."""
+    settings = config.strategy.learning.settings()
+    if not settings.enabled:
+        return None
+    weights = {p.name: p.weight for p in config.pillars}
+    return learn_shares(weights, observations(session, persona_id, ZoneInfo(config.timezone)), settings, now)

@@ -14,6 +14,7 @@ expired, throttled). It never raises for one post's problem: each is recorded an
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Protocol
@@ -57,11 +58,14 @@ class InsightSource(Protocol):
 
 
 class GraphInsightSource:
-    """Insights from the Graph API, one account per call (threads run accounts in parallel)."""
+    """Insights from the Graph API, one account per call (threads run accounts in parallel), with
+    up to `in_flight` of the account's reads at once: usage limits count calls per hour, not
+    concurrency, and one read after another would spend most of its time waiting for answers."""
 
-    def __init__(self, client: InstagramGraphClient, max_pause_s: float = 30.0) -> None:
+    def __init__(self, client: InstagramGraphClient, max_pause_s: float = 30.0, in_flight: int = 4) -> None:
         self.client = client
         self.max_pause_s = max_pause_s
+        self.in_flight = max(1, in_flight)
 
     def read(self, account: str, token: str | None, reads: list[DueRead], day: date) -> AccountReading:
         result = AccountReading()
@@ -69,27 +73,39 @@ class GraphInsightSource:
             result.stopped = "no token: the persona's instagram.token_env variable is empty"
             return result
         usage = {"now": rules.Usage()}
+        lock = threading.Lock()
+        stops: list[str] = []
 
         def seen(headers) -> None:
-            usage["now"] = rules.parse_usage(headers)
-            result.max_usage = max(result.max_usage, usage["now"].percent)
+            with lock:
+                usage["now"] = rules.parse_usage(headers)
+                result.max_usage = max(result.max_usage, usage["now"].percent)
 
-        for read in reads:
+        def one(read: DueRead) -> None:
+            if stops:
+                return  # the account stopped: this read stays due for the next run
             if read.account != account:
                 result.foreign[read.post_id] = (f"media {read.media_id} belongs to account {read.account}, not "
                                                 f"{account}: its insights are not read with this account's token")
-                continue
-            wait = rules.pace(usage["now"], self.max_pause_s)
+                return
+            with lock:
+                now = usage["now"]
+            wait = rules.pace(now, self.max_pause_s)
             if wait is None:
-                result.stopped = (f"usage at {usage['now'].percent:.0f}% (regain in {usage['now'].regain_s:.0f} s): "
-                                  "the remaining reads wait for the next run")
-                return result
+                stops.append(f"usage at {now.percent:.0f}% (regain in {now.regain_s:.0f} s): "
+                             "the remaining reads wait for the next run")
+                return
             if wait:
                 instagram.sleep(wait)
-            stop = self._read_media(read, token, result, seen)
+            stop = self._read_media(read, token, result, seen, lock)
             if stop:
-                result.stopped = stop
-                return result
+                stops.append(stop)
+
+        with ThreadPoolExecutor(max_workers=self.in_flight, thread_name_prefix="insights-read") as pool:
+            list(pool.map(one, reads))
+        if stops:
+            result.stopped = stops[0]
+            return result
         try:
             result.account_day = self._account(account, token, seen)
             result.calls += 2
@@ -97,12 +113,13 @@ class GraphInsightSource:
             result.stopped = f"account insights: {exc}"
         return result
 
-    def _read_media(self, read: DueRead, token: str, result: AccountReading, seen) -> str | None:
+    def _read_media(self, read: DueRead, token: str, result: AccountReading, seen, lock=None) -> str | None:
         """Read one post into `result`; the reason the whole account must stop, if it must."""
         metrics = rules.MEDIA_METRICS
         while metrics:
             try:
-                result.calls += 1
+                with lock or threading.Lock():
+                    result.calls += 1
                 body = self.client._call("GET", f"/{read.media_id}/insights", token,
                                          {"metric": ",".join(metrics)}, on_headers=seen)
             except GraphError as exc:

@@ -30,7 +30,8 @@ class InsightsCollector(dg.ConfigurableResource):
     """Insight collection settings (docs/settings.md: PERSONA_INSIGHTS_*, PERSONA_AUDIENCE_*)."""
 
     graph: InstagramGraphClient
-    workers: int = 16  # PERSONA_INSIGHTS_WORKERS: accounts read in parallel
+    workers: int = 32  # PERSONA_INSIGHTS_WORKERS: accounts read in parallel
+    account_in_flight: int = 4  # one account's reads at once (usage limits count calls, not concurrency)
     max_pause_s: float = 30.0  # longest slow-down between two calls as usage nears its limit
     audience_seed: int = 0  # PERSONA_AUDIENCE_SEED
     audience_pillar_rates: str = ""  # PERSONA_AUDIENCE_PILLAR_RATES: name=rate,...
@@ -54,7 +55,7 @@ class InsightsCollector(dg.ConfigurableResource):
                   "calls": 0, "max_usage_percent": 0.0, "stopped": {}, "simulated_accounts": 0}
         if not groups:
             return report
-        graph = GraphInsightSource(self.graph, self.max_pause_s)
+        graph = GraphInsightSource(self.graph, self.max_pause_s, self.account_in_flight)
 
         def one(group: store.AccountGroup) -> tuple[store.AccountGroup, AccountReading]:
             if group.simulated:

@@ -1,0 +1,90 @@
+"""The audience loop in Dagster: simulated insights collected for outbox posts, the audience_insights
+asset (tables, intervals, plots, labelled simulated) and scheduled_posts planning with the learning
+strategy from persona.yaml, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import datetime, time, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import select
+
+from persona_pipeline.assets.audience_insights import audience_insights
+from persona_pipeline.assets.content_library import content_library
+from persona_pipeline.assets.scheduled_posts import scheduled_posts
+from persona_pipeline.db import models
+from persona_pipeline.db.session import session_scope
+from persona_pipeline.personas import load_persona
+from persona_pipeline.resources.insights_collector import InsightsCollector
+from persona_pipeline.resources.instagram import InstagramGraphClient
+from persona_pipeline_tests.helpers import LogCapture
+from persona_pipeline_tests.test_library import SLUG, TZ, Library, _metadata, _new_posts, _posting, _table
+
+PAST_POSTS = 16
+
+
+def _published_history(lib: Library, count: int) -> None:
+    """`count` outbox posts published over the last weeks, alternating pillars and hours."""
+    now = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    for i in range(count):
+        post_id = lib.past_post(("city", "beach")[i % 2], "", f"history {i}", now - timedelta(days=8 + i, hours=i % 5))
+        with session_scope(lib.url) as session:
+            session.get(models.Post, post_id).external_id = f"outbox-{SLUG}-{post_id}"
+
+
+def _collect(lib: Library, rates: str = "city=0.02,beach=0.07") -> dict:
+    collector = InsightsCollector(graph=InstagramGraphClient(base_url="http://127.0.0.1:9"), audience_pillar_rates=rates)
+    return collector.collect(lib.url, datetime.now(timezone.utc), LogCapture())
+
+
+def _learning(**learning) -> dict:
+    posting = _posting()
+    posting["strategy"] = {**posting["strategy"], "learning": {"enabled": True, "min_posts": 10, **learning}}
+    return posting
+
+
+def test_learning_plans_with_the_audience_within_bounds_and_the_analysis_shows_it(tmp_path, db_url):
+    lib = Library(tmp_path, db_url, **_learning(max_share_shift=15))
+    _published_history(lib, PAST_POSTS)
+    report = _collect(lib)
+    assert report["read"] == PAST_POSTS and report["frozen"] == PAST_POSTS and report["simulated_accounts"] == 1
+    for i in range(6):
+        lib.winner(("red", "blue")[i % 2], ("city", "beach")[i % 2], f"photo {i}", f"theme {i}", 1.0)
+    lib.materialise(content_library)
+    result = lib.materialise(scheduled_posts, audience_insights)
+    plan = _metadata(result, "scheduled_posts")
+    assert plan["learning"].startswith(f"learned from {PAST_POSTS} posts with insights")
+    posts = _new_posts(lib)
+    assert posts and all("learned: " in p.strategy_note for p in posts)
+    assert any("beach: " in p.strategy_note and "share raised 40 → " in p.strategy_note for p in posts)
+    config = load_persona(lib.folder).config
+    zone = ZoneInfo(TZ)
+    for post in posts:  # the learned hours stay inside the posting windows
+        local = post.scheduled_at.astimezone(zone).time()
+        assert any(start <= local < (end if end != time.max else time(23, 59, 59)) for start, end in config.windows())
+
+    meta = _metadata(result, "audience_insights")
+    assert meta["posts_analysed"] == PAST_POSTS and meta["simulated"] is True
+    by_pillar = {row["group"]: row for row in _table(meta["by_pillar"])}
+    assert set(by_pillar) == {"city", "beach"} and by_pillar["beach"]["posts"] == PAST_POSTS // 2
+    assert float(by_pillar["beach"]["engagement"].rstrip("%")) > float(by_pillar["city"]["engagement"].rstrip("%"))
+    assert " .. " in by_pillar["beach"]["engagement_95"]
+    shares = {row["pillar"]: row for row in _table(meta["learned_shares"])}
+    assert shares["beach"]["bounds"] == "25% .. 55%" and float(shares["beach"]["target"].rstrip("%")) > 40
+    for key in ("engagement_by_pillar", "hour_weekday_heatmap", "reach_over_time"):
+        assert "(simulated)" in meta[key] and meta[f"{key}_embedded"].startswith("![")
+    assert {"by_hour", "by_weekday", "by_caption_length", "by_hashtags", "by_theme", "by_cluster", "by_format"} <= set(meta)
+
+
+def test_learning_on_without_data_falls_back_to_the_weights_saying_so(tmp_path, db_url):
+    lib = Library(tmp_path, db_url, **_learning())
+    for i in range(3):
+        lib.winner(("red", "blue")[i % 2], ("city", "beach")[i % 2], f"photo {i}", f"theme {i}", 1.0)
+    lib.materialise(content_library)
+    plan = _metadata(lib.materialise(scheduled_posts), "scheduled_posts")
+    assert plan["learning"] == ("learning on, but only 0 post(s) with insights (needs 10): configured weights")
+    posts = _new_posts(lib)
+    assert posts and all("configured weights" in p.strategy_note for p in posts)
+    assert posts[0].strategy_note.startswith("pillar city: target 60%")  # the configured share, unchanged
+    with session_scope(lib.url) as session:
+        assert session.scalar(select(models.PostInsight.id)) is None
