@@ -225,3 +225,22 @@ def test_persona_yaml_bounds_are_checked_on_load(tmp_path):
     (folder / "persona.yaml").write_text(text + "\nstrategy:\n  learning:\n    pillar_bounds: {travel: [0, 20]}\n")
     with pytest.raises(PersonaFileError, match=r"persona\.yaml.*strategy\.learning\.pillar_bounds\.travel"):
         load_persona(folder)
+
+
+def test_plots_are_pngs_of_their_size_with_and_without_data():
+    import io
+
+    from PIL import Image
+
+    from persona_pipeline.insight_plots import engagement_bars_png, heatmap_png, lines_png
+
+    posts = [perf(i, ("travel", "everyday")[i % 2], 1000 + i, 30 + i, hour=8 + i) for i in range(6)]
+    rates, counts = stats.hour_weekday_grid(posts)
+    for png in (engagement_bars_png(stats.group_stats(posts, "pillar"), "t"), heatmap_png(rates, counts, "t"),
+                lines_png({"reach": [1.0, 3.0, 2.0]}, "t", "post"),
+                engagement_bars_png([], "empty"), heatmap_png(*stats.hour_weekday_grid([]), "empty"),
+                lines_png({"reach": []}, "empty", "post")):
+        image = Image.open(io.BytesIO(png))
+        assert image.format == "PNG" and image.width >= 300
+    bars = Image.open(io.BytesIO(engagement_bars_png(stats.group_stats(posts, "pillar"), "t"))).convert("RGB")
+    assert (31, 90, 180) in {bars.getpixel((x, 24 + 11)) for x in range(150, 300)}  # the first bar is drawn
