@@ -88,3 +88,26 @@ def test_learning_on_without_data_falls_back_to_the_weights_saying_so(tmp_path, 
     assert posts[0].strategy_note.startswith("pillar city: target 60%")  # the configured share, unchanged
     with session_scope(lib.url) as session:
         assert session.scalar(select(models.PostInsight.id)) is None
+
+
+def test_the_weekly_report_has_the_audience_section(tmp_path, db_url):
+    from persona_pipeline.assets.weekly_report import weekly_report
+
+    lib = Library(tmp_path, db_url, **_posting())
+    _published_history(lib, 12)
+    _collect(lib)
+    now = datetime.now(timezone.utc)
+    with session_scope(lib.url) as session:  # one post inside the report's week, read at +24 h
+        post = models.Post(persona_id=lib.persona_id, pillar_id=lib.pillars["beach"], account=f"outbox:{SLUG}",
+                           status="published", caption="this week", hashtags=[], scheduled_at=now - timedelta(days=2),
+                           published_at=now - timedelta(days=2), external_id="outbox-this-week")
+        session.add(post)
+    _collect(lib)
+    meta = _metadata(lib.materialise(weekly_report), "weekly_report")
+    section = meta["report"].split("## Audience\n", 1)[1].split("\n## ", 1)[0]
+    assert "13 posts with insights so far. Learning: off (configured weights). **Simulated**" in section
+    assert "| beach | 7 |" in section and "| city | 6 |" in section and " .. " in section
+    assert "Best posts of the window:" in section and "| beach | " in section.split("Best posts of the window:")[1]
+    assert "(simulated)" in meta["audience_plot"] and meta["audience_plot_embedded"].startswith("![")
+    written = (lib.home / "reports" / SLUG).glob("weekly-*-audience.png")
+    assert len(list(written)) == 1
