@@ -111,3 +111,30 @@ def test_the_weekly_report_has_the_audience_section(tmp_path, db_url):
     assert "(simulated)" in meta["audience_plot"] and meta["audience_plot_embedded"].startswith("![")
     written = (lib.home / "reports" / SLUG).glob("weekly-*-audience.png")
     assert len(list(written)) == 1
+
+
+def test_the_review_form_has_a_performance_page(tmp_path, db_url):
+    import re
+
+    from starlette.testclient import TestClient
+
+    from persona_pipeline.review.app import ReviewConfig, create_app
+
+    lib = Library(tmp_path, db_url, **_learning())
+    _published_history(lib, 12)
+    _collect(lib)
+    app = create_app(ReviewConfig(database_url=db_url, home=lib.home, tokens={"alice-token-123456": "alice"},
+                                  secret_key="performance-secret-0123456789"))
+    client = TestClient(app)
+    assert client.get("/performance", follow_redirects=False).status_code == 303  # login first
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', client.get("/login").text).group(1)
+    client.post("/login", data={"csrf_token": csrf, "token": "alice-token-123456", "next": "/"})
+    page = client.get(f"/performance?persona={SLUG}")
+    assert page.status_code == 200 and 'id="simulated"' in page.text
+    assert "12 published posts with insights" in page.text and "learned from 12 posts" in page.text
+    pillars = page.text.split('id="pillars"', 1)[1].split("</table>", 1)[0]
+    assert "<td>beach</td><td>6</td>" in pillars and "<td>city</td><td>6</td>" in pillars and " .. " in pillars
+    assert "share raised 40 → " in page.text.split('id="shares"', 1)[1]
+    assert page.text.count('src="data:image/png;base64,') == 3 and "(simulated)" in page.text
+    assert page.text.split('id="top"', 1)[1].count("<tr><td><a href=\"/calendar/posts/") == 10
+    assert client.get("/performance?persona=nobody").status_code == 404
