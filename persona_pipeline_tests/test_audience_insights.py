@@ -138,3 +138,19 @@ def test_the_review_form_has_a_performance_page(tmp_path, db_url):
     assert page.text.count('src="data:image/png;base64,') == 3 and "(simulated)" in page.text
     assert page.text.split('id="top"', 1)[1].count("<tr><td><a href=\"/calendar/posts/") == 10
     assert client.get("/performance?persona=nobody").status_code == 404
+
+
+def test_content_plan_rotates_towards_the_learned_shares(tmp_path, db_url, monkeypatch):
+    from persona_pipeline.assets.content_plan import content_plan
+
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    lib = Library(tmp_path, db_url, **_learning())
+    _published_history(lib, PAST_POSTS)
+    _collect(lib)
+    lib.materialise(content_plan)
+    with session_scope(lib.url) as session:
+        record = session.scalars(select(models.ContentPrompt.gaps).where(models.ContentPrompt.status == "planned")).first()
+    rotation = record["rotation"]
+    assert rotation["learning"].startswith(f"learned from {PAST_POSTS} posts")
+    # Configured 60:40; beach engages far more (7 % vs 2 %), so its weight grew relative to city's.
+    assert rotation["weights"]["beach"] / rotation["weights"]["city"] > 40 / 60

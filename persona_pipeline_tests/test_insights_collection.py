@@ -229,3 +229,10 @@ def test_outbox_posts_get_simulated_insights(db_url, tmp_path, graph, no_sleep):
         assert session.scalar(select(func.count()).select_from(models.PostInsight)) == 4 * len(rules.MEDIA_METRICS)
     # The same seed gives the same numbers on another database: the audience is deterministic.
     assert series(db_url, posts[0]) == first
+
+
+def test_several_reads_of_one_account_in_flight_read_each_media_once(graph, no_sleep):
+    media = [graph.add_media(USER) for _ in range(9)]
+    result = read(graph, [due(i, m) for i, m in enumerate(media)], in_flight=4)
+    assert sorted(result.values) == list(range(9)) and result.calls == 9 + 2 and result.stopped is None
+    assert sorted(r.path.split("/")[-2] for r in graph.requests_to("media_insights")) == sorted(media)
