@@ -236,3 +236,16 @@ def test_several_reads_of_one_account_in_flight_read_each_media_once(graph, no_s
     result = read(graph, [due(i, m) for i, m in enumerate(media)], in_flight=4)
     assert sorted(result.values) == list(range(9)) and result.calls == 9 + 2 and result.stopped is None
     assert sorted(r.path.split("/")[-2] for r in graph.requests_to("media_insights")) == sorted(media)
+
+
+def test_account_numbers_are_read_once_a_day_without_due_posts(db_url, tmp_path, graph, no_sleep, monkeypatch):
+    monkeypatch.setenv("ANNA_TOKEN", TOKEN)
+    persona(db_url, tmp_path)
+    graph.followers[USER] = 777
+    first = collector(graph).collect(db_url, NOW, LogCapture())
+    assert first["accounts"] == 1 and first["read"] == 0 and first["calls"] == 2
+    with session_scope(db_url) as session:
+        rows = {r.metric: r.value for r in session.scalars(select(models.AccountInsight))}
+    assert rows == {"followers": 777.0, "reach": 0.0}
+    later = max(NOW, min(NOW + timedelta(minutes=30), NOW.replace(hour=23, minute=59, second=59)))  # the same day
+    assert collector(graph).collect(db_url, later, LogCapture())["accounts"] == 0  # once a day

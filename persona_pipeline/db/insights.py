@@ -40,7 +40,8 @@ class AccountGroup:
 
 
 def due_groups(url: str, now: datetime) -> list[AccountGroup]:
-    """Every published post with a scheduled read due now, grouped by reading account."""
+    """Every published post with a scheduled read due now, grouped by reading account, and every
+    account whose daily numbers (followers, reach) are not read yet today."""
     groups: dict[str, AccountGroup] = {}
     with session_scope(url) as session:
         rows = session.execute(
@@ -65,6 +66,20 @@ def due_groups(url: str, now: datetime) -> list[AccountGroup]:
                                                            settings.get("timezone") or "UTC"))
             group.reads.append(DueRead(post.id, post.external_id, post.account, post.published_at, age, pillar,
                                        group.tz, poll.followers_at_publish if poll else None))
+        # The daily account read: every active persona's Instagram account (and an outbox that has
+        # published) not yet read today gets a group, with or without post reads.
+        read_today = set(session.scalars(select(models.AccountInsight.account).where(
+            models.AccountInsight.day == now.date())))
+        outboxes = set(session.scalars(select(models.Post.account).where(
+            models.Post.status == post_states.PUBLISHED, models.Post.account.like("outbox:%"))))
+        for persona in session.scalars(select(models.Persona).where(models.Persona.active.is_(True))):
+            settings = persona.settings or {}
+            instagram = settings.get("instagram") or {}
+            account = str(instagram["user_id"]) if instagram.get("user_id") else f"outbox:{persona.slug}"
+            if account in groups or account in read_today or (account.startswith("outbox:") and account not in outboxes):
+                continue
+            groups[account] = AccountGroup(account, persona.slug, instagram.get("token_env"),
+                                           settings.get("timezone") or "UTC")
     return sorted(groups.values(), key=lambda g: g.account)
 
 

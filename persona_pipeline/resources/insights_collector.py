@@ -84,7 +84,8 @@ class InsightsCollector(dg.ConfigurableResource):
             pillars = [p["name"] for p in (persona.settings or {}).get("pillars", [])] if persona else []
             by_day = store.interactions_by_day(session, group.account, zone)
         audience = self.audience(group.slug, pillars)
-        since = min([*by_day, *(r.published_at.astimezone(zone).date() for r in group.reads)])
+        since = min([*by_day, *(r.published_at.astimezone(zone).date() for r in group.reads)],
+                    default=now.astimezone(zone).date())
         reads = [dataclasses.replace(r, followers=r.followers or followers_on(
             audience, r.published_at.astimezone(zone).date(), by_day, since)) for r in group.reads]
         group.reads = reads
