@@ -14,6 +14,7 @@ from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
 import dagster as dg
+from sqlalchemy import select
 
 from persona_pipeline.db import insights as store
 from persona_pipeline.db import models
@@ -21,9 +22,6 @@ from persona_pipeline.db.session import session_scope
 from persona_pipeline.domain.audience import AudienceParams, SimulatedAudience, followers_on, parse_rates
 from persona_pipeline.resources.insight_sources import AccountReading, GraphInsightSource, SimulatedInsightSource
 from persona_pipeline.resources.instagram import InstagramGraphClient
-from sqlalchemy import select
-
-AUDIENCE_EPOCH = date(2025, 1, 1)  # day 0 of every simulated audience's drift
 
 
 class InsightsCollector(dg.ConfigurableResource):
@@ -39,14 +37,15 @@ class InsightsCollector(dg.ConfigurableResource):
     audience_hour_amplitude: float = 0.2  # PERSONA_AUDIENCE_HOUR_AMPLITUDE
     audience_format_rates: str = "image=1.0,carousel=1.1,reel=1.25"  # PERSONA_AUDIENCE_FORMAT_RATES
 
-    def audience(self, slug: str, pillars: list[str]) -> SimulatedAudience:
-        """The persona's simulated audience: the settings' rates, its own seed (seed and slug)."""
+    def audience(self, slug: str, pillars: list[str], start: date) -> SimulatedAudience:
+        """The persona's simulated audience: the settings' rates on `start` (its first post's day;
+        they drift from there), its own seed (seed and slug)."""
         seed = int.from_bytes(hashlib.sha256(f"{self.audience_seed}:{slug}".encode()).digest()[:4], "little")
         params = AudienceParams(
             seed=seed, pillar_rates=parse_rates(self.audience_pillar_rates, "PERSONA_AUDIENCE_PILLAR_RATES"),
             peak_hour=self.audience_peak_hour, hour_amplitude=self.audience_hour_amplitude,
             format_rates=parse_rates(self.audience_format_rates, "PERSONA_AUDIENCE_FORMAT_RATES"))
-        return SimulatedAudience(params, pillars, AUDIENCE_EPOCH)
+        return SimulatedAudience(params, pillars, start)
 
     def collect(self, database_url: str, now: datetime, log) -> dict:
         """Read every due insight; a report of counts, per-account problems and usage."""
@@ -83,9 +82,9 @@ class InsightsCollector(dg.ConfigurableResource):
             persona = session.scalar(select(models.Persona).where(models.Persona.slug == group.slug))
             pillars = [p["name"] for p in (persona.settings or {}).get("pillars", [])] if persona else []
             by_day = store.interactions_by_day(session, group.account, zone)
-        audience = self.audience(group.slug, pillars)
         since = min([*by_day, *(r.published_at.astimezone(zone).date() for r in group.reads)],
                     default=now.astimezone(zone).date())
+        audience = self.audience(group.slug, pillars, since)
         reads = [dataclasses.replace(r, followers=r.followers or followers_on(
             audience, r.published_at.astimezone(zone).date(), by_day, since)) for r in group.reads]
         group.reads = reads
