@@ -1,6 +1,6 @@
 """Learning from the audience: cumulative interactions over 180 simulated days, three strategies.
 
-    python bench/audience_learning.py [--quick] [--seeds S] [--days D] [--shift N] [--png PATH]
+    python bench/audience_learning.py [--quick] [--seeds S] [--days D] [--shift N] [--ablation] [--png PATH]
 
 The audience (persona_pipeline/domain/audience.py, defaults documented in docs/insights.md) has
 hidden per-pillar engagement rates (base 3.5 %, spread lognormal sd 0.3 between pillars, drawn per
@@ -89,7 +89,7 @@ def simulate(seed: int, days: int, shift: float, kind: str) -> dict:
             slots = spaced_slots(now, POSTS_PER_WEEK, timedelta(days=7 / POSTS_PER_WEEK), WINDOWS, TZ,
                                  [p["at"] for p in posts], timedelta(hours=2), now + timedelta(days=7))
             shares = None
-            if kind == "learning":
+            if kind.startswith("learning"):
                 seen = []
                 for p in posts:
                     age = _latest_read((now - p["at"]).total_seconds() / 3600)
@@ -99,8 +99,10 @@ def simulate(seed: int, days: int, shift: float, kind: str) -> dict:
                                                          read.total_interactions, p["at"]))
                 learned = learning.learn_shares(PILLARS, seen, settings, now)
                 out_of_bounds += sum(not bounds[n][0] <= s <= bounds[n][1] for n, s in learned.shares.items())
-                shares = {ids[n]: s for n, s in learned.shares.items()}
-                slots = [s for s, _ in learning.pick_hours(learned.posterior, slots, WINDOWS, TZ, settings)]
+                if kind != "learning_hours":  # the ablations: shares alone, hours alone
+                    shares = {ids[n]: s for n, s in learned.shares.items()}
+                if kind != "learning_shares":
+                    slots = [s for s, _ in learning.pick_hours(learned.posterior, slots, WINDOWS, TZ, settings)]
             elif kind == "oracle":
                 today = (now.astimezone(zone)).date()
                 truth = {n: audience.rate(n, 12, today) for n in PILLARS}
@@ -133,6 +135,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, help="seeds (default 40, quick 10)")
     parser.add_argument("--days", type=int, default=180)
     parser.add_argument("--shift", type=float, default=15.0, help="± points each pillar's share may move (15)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also run learning with the shares alone and with the hours alone (where the gain comes from)")
     parser.add_argument("--png", help="regret curve (default docs/images/audience_regret.png; with --quick a "
                                       "file in the temporary folder, so a quick run never replaces the docs' figure)")
     args = parser.parse_args()
@@ -141,8 +145,8 @@ def main() -> int:
         args.png = (str(Path(tempfile.gettempdir()) / "audience_regret_quick.png") if args.quick
                     else str(REPO / "docs" / "images" / "audience_regret.png"))
     started = clock.perf_counter()
-    runs = {kind: [simulate(seed, args.days, args.shift, kind) for seed in range(seeds)]
-            for kind in ("static", "learning", "oracle")}
+    kinds = ("static", "learning", "oracle") + (("learning_shares", "learning_hours") if args.ablation else ())
+    runs = {kind: [simulate(seed, args.days, args.shift, kind) for seed in range(seeds)] for kind in kinds}
     elapsed = clock.perf_counter() - started
     totals = {kind: np.array([r["cumulative"][-1] for r in rs]) for kind, rs in runs.items()}
     vs_static = totals["learning"] / totals["static"]
@@ -150,15 +154,17 @@ def main() -> int:
     oracle_static = totals["oracle"] / totals["static"]
     print(f"Audience learning: {seeds} seeds × {args.days} days, {POSTS_PER_WEEK} posts/week, bounds ±{args.shift:g} "
           f"points, pillars {PILLARS}; {elapsed:.1f} s")
-    print(f"{'strategy':<10} {'median interactions':>20} {'mean':>12} {'posts':>7}")
+    print(f"{'strategy':<16} {'median interactions':>20} {'mean':>12} {'posts':>7}")
     for kind, values in totals.items():
         posts = statistics.mean(r["posts"] for r in runs[kind])
-        print(f"{kind:<10} {statistics.median(values):>20,.0f} {values.mean():>12,.0f} {posts:>7.1f}")
+        print(f"{kind:<16} {statistics.median(values):>20,.0f} {values.mean():>12,.0f} {posts:>7.1f}")
     print(f"learning / static  per seed: median {np.median(vs_static):.3f}, mean {vs_static.mean():.3f}, "
           f"min {vs_static.min():.3f}, max {vs_static.max():.3f}")
     print(f"learning / oracle  per seed: median {np.median(vs_oracle):.3f}, mean {vs_oracle.mean():.3f}, "
           f"min {vs_oracle.min():.3f}")
     print(f"oracle / static    per seed: median {np.median(oracle_static):.3f} (the most any strategy could gain)")
+    for kind in kinds[3:]:
+        print(f"{kind} / static per seed: median {np.median(totals[kind] / totals['static']):.3f}")
     out = sum(r["out_of_bounds"] for r in runs["learning"])
     excursion = 0.0
     for r in runs["learning"]:
