@@ -4,7 +4,7 @@ Model. Each post's log engagement rate y = log((interactions + 0.5) / (reach + 1
 effect plus a local-hour effect plus noise: a Bayesian linear regression with Gaussian priors
 (pillar effects around the account's pooled log-rate, sd 1; hour effects around 0, sd 0.3,
 correlated between neighbouring hours with a 3-hour length scale) and a
-per-post noise variance of the content's own spread (estimated from the data) plus the binomial
+per-post noise variance of the content's own spread (estimated from the fit's residuals) plus the binomial
 variance 1/(interactions + 0.5). Old posts count less (weight 0.5^(age / half_life_days)), since
 the audience's taste drifts.
 
@@ -179,25 +179,32 @@ def fit_posterior(observations: Sequence[Observation], pillars: Sequence[str], n
     y = np.log((inter + 0.5) / (reach + 1.0))
     pooled = math.log((inter.sum() + 0.5) / (reach.sum() + 1.0)) if len(observations) else math.log(0.03)
     binomial = 1.0 / (inter + 0.5)
-    spread = max(0.02, float(np.var(y) - binomial.mean())) if len(observations) >= 5 else 0.3 ** 2
-    noise = spread + binomial
     age = np.array([(now - o.at).total_seconds() / 86400 for o in observations], dtype=float)
-    weight = 0.5 ** (np.maximum(age, 0.0) / half_life_days) / noise
+    decay = 0.5 ** (np.maximum(age, 0.0) / half_life_days)
     prior_mean = np.concatenate([np.full(len(names), pooled), np.zeros(HOURS)])
-    precision = np.zeros((size, size))
-    precision[:len(names), :len(names)] = np.eye(len(names)) * PILLAR_PRIOR_SD ** -2
-    precision[len(names):, len(names):] = _HOUR_PRIOR_PRECISION
-    target = precision @ prior_mean
+    prior = np.zeros((size, size))
+    prior[:len(names), :len(names)] = np.eye(len(names)) * PILLAR_PRIOR_SD ** -2
+    prior[len(names):, len(names):] = _HOUR_PRIOR_PRECISION
     x = np.zeros((len(observations), size))
     for row, o in enumerate(observations):
         if o.pillar in index:
             x[row, index[o.pillar]] = 1.0
         x[row, len(names) + o.local_hour % HOURS] = 1.0
-    precision = precision + (x.T * weight) @ x
-    target = target + x.T @ (weight * y)
-    cov = np.linalg.inv(precision)
-    cov = (cov + cov.T) / 2
-    return Posterior(names, cov @ target, cov, len(observations))
+
+    def solve(spread: float) -> tuple[np.ndarray, np.ndarray]:
+        weight = decay / (spread + binomial)
+        precision = prior + (x.T * weight) @ x
+        cov = np.linalg.inv(precision)
+        return cov @ (prior @ prior_mean + x.T @ (weight * y)), (cov + cov.T) / 2
+
+    # The content's own spread: first from the raw variance (which still holds the pillar and hour
+    # effects, so it errs wide), then once more from the residuals of that fit.
+    if len(observations) < 5:
+        mean, cov = solve(0.3 ** 2)
+    else:
+        mean, cov = solve(max(0.02, float(np.var(y) - binomial.mean())))
+        mean, cov = solve(max(0.02, float(np.mean((y - x @ mean) ** 2) - binomial.mean())))
+    return Posterior(names, mean, cov, len(observations))
 
 
 def learn_shares(weights: Mapping[str, int], observations: Sequence[Observation], settings: LearningSettings,
