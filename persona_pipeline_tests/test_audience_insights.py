@@ -154,3 +154,20 @@ def test_content_plan_rotates_towards_the_learned_shares(tmp_path, db_url, monke
     assert rotation["learning"].startswith(f"learned from {PAST_POSTS} posts")
     # Configured 60:40; beach engages far more (7 % vs 2 %), so its weight grew relative to city's.
     assert rotation["weights"]["beach"] / rotation["weights"]["city"] > 40 / 60
+
+
+def test_the_insights_job_reads_due_insights_and_says_they_are_simulated(tmp_path, db_url):
+    import dagster as dg
+
+    from persona_pipeline.definitions import build_definitions
+
+    lib = Library(tmp_path, db_url, **_posting())
+    _published_history(lib, 3)
+    job = build_definitions(lib.settings).resolve_job_def("insights_job")
+    result = job.execute_in_process(instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    counts = result.output_for_node("collect_insights")
+    assert counts["read"] == 3 and counts["frozen"] == 3 and counts["simulated_accounts"] == 1
+    (materialised,) = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+    metadata = materialised.event_specific_data.metadata
+    assert "simulated" in metadata["note"].value and metadata["read"].value == 3
