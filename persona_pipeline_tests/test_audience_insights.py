@@ -57,6 +57,7 @@ def test_learning_plans_with_the_audience_within_bounds_and_the_analysis_shows_i
     posts = _new_posts(lib)
     assert posts and all("learned: " in p.strategy_note for p in posts)
     assert any("beach: " in p.strategy_note and "share raised 40 → " in p.strategy_note for p in posts)
+    assert all("picked by Thompson sampling (estimated hour effect " in p.strategy_note for p in posts)
     config = load_persona(lib.folder).config
     zone = ZoneInfo(TZ)
     for post in posts:  # the learned hours stay inside the posting windows

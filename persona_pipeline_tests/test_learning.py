@@ -244,3 +244,29 @@ def test_plots_are_pngs_of_their_size_with_and_without_data():
         assert image.format == "PNG" and image.width >= 300
     bars = Image.open(io.BytesIO(engagement_bars_png(stats.group_stats(posts, "pillar"), "t"))).convert("RGB")
     assert (31, 90, 180) in {bars.getpixel((x, 24 + 11)) for x in range(150, 300)}  # the first bar is drawn
+
+
+def test_moved_slots_keep_their_spacing_and_the_plan_days():
+    data = observations({"everyday": 0.03, "travel": 0.05, "outdoors": 0.03}, 12, hour=14)
+    settings = learning.LearningSettings(enabled=True)
+    learned = learning.learn_shares(WEIGHTS, data, settings, NOW)
+    windows = [(time(10), time(16))]
+    slots = [datetime(2026, 6, 2, 10, tzinfo=UTC), datetime(2026, 6, 2, 15, tzinfo=UTC)]
+    taken = [datetime(2026, 6, 2, 13, tzinfo=UTC)]
+    moved = learning.move_slots(learned, slots, windows, "UTC", settings, taken, timedelta(hours=2), NOW,
+                                NOW + timedelta(days=7))
+    times = sorted([m for m, _ in moved] + taken)
+    assert all(b - a >= timedelta(hours=2) for a, b in zip(times, times[1:]))
+    assert all(time(10) <= m.time() < time(16) and m.date() == date(2026, 6, 2) for m, _ in moved)
+    # No allowed hour (the plan ends before the day): the slot stays, without a note.
+    assert learning.move_slots(learned, slots[:1], windows, "UTC", settings, [], timedelta(hours=2), NOW,
+                               NOW + timedelta(hours=1)) == [(slots[0], "")]
+
+
+def test_rotation_scale_follows_learned_over_configured_shares():
+    assert learning.rotation_scale(None) == {}
+    fallback = learning.learn_shares(WEIGHTS, [], learning.LearningSettings(enabled=True), NOW)
+    assert learning.rotation_scale(fallback) == {}
+    data = observations({"everyday": 0.02, "travel": 0.06, "outdoors": 0.02}, 20)
+    scale = learning.rotation_scale(learning.learn_shares(WEIGHTS, data, learning.LearningSettings(enabled=True), NOW))
+    assert scale["travel"] > 1 > scale["everyday"]

@@ -21,6 +21,7 @@ from persona_pipeline.db import library, models, registry
 from persona_pipeline.db import rotation as rotation_store
 from persona_pipeline.domain import content_prompts as cp
 from persona_pipeline.domain import gaps as gap_rules
+from persona_pipeline.domain import learning
 from persona_pipeline.domain import rotation
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.database import AppDatabase
@@ -57,10 +58,8 @@ def content_plan(context: dg.AssetExecutionContext, config: ContentPlanConfig, d
         # Learning on: each pillar's rotation weight scaled by its learned / configured share, so the
         # images the learned plan will want get made (off: exactly the weights above).
         learned = insight_store.learned_targets(session, persona.id, persona_config, datetime.now(timezone.utc))
-        if learned is not None and learned.learned:
-            weights = {name: w * float(learned.pillars[name].target / learned.pillars[name].configured)
-                       if name in learned.pillars and learned.pillars[name].configured else w
-                       for name, w in weights.items()}
+        scale = learning.rotation_scale(learned)
+        weights = {name: w * scale.get(name, 1.0) for name, w in weights.items()}
         urgency = [g.name for g in sorted(gaps, key=gap_rules.urgency_key) if g.name in weights]
         allocation = rotation.rotate_pillars(weights, states, n, order=urgency)
         themes_of = {name: rotation.pillar_themes(persona_config.generation.themes.get(name, []),

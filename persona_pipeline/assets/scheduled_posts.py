@@ -53,20 +53,6 @@ def _caption(gemini: GeminiClient, config, item: models.LibraryItem, pillar: mod
     return template_caption(settings.templates, values, index, what=f"{what} captions.templates"), "template"
 
 
-def learned_slots(learned: learning.LearnedStrategy, slots: list[datetime], config, taken: list[datetime],
-                  gap: timedelta, now: datetime, until: datetime) -> list[datetime]:
-    """The slots moved to the learned hours of their own dates, kept `gap` apart from every taken
-    and already moved slot, inside the plan's days (a slot with no allowed hour stays where it was)."""
-    out: list[datetime] = []
-    for index, slot in enumerate(slots):
-        others = [*taken, *out, *slots[index + 1:]]
-        allowed = lambda m, others=others: now < m < until and all(abs(m - t) >= gap for t in others)  # noqa: E731
-        moved, _why = learning.pick_hours(learned.posterior, [slot], config.windows(), config.timezone,
-                                          config.strategy.learning.settings(), allowed)[0]
-        out.append(moved)
-    return out
-
-
 @dg.asset(partitions_def=persona_partitions, deps=["clusters"], group_name="posting", kinds={"sqlalchemy"})
 def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
                     gemini: GeminiClient, auto_review: AutoReviewer, links: UiLinks) -> dg.MaterializeResult:
@@ -100,8 +86,12 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
         # persona.yaml strategy.learning: shares and hours from the audience (None: off, today's plan exactly).
         learned = insight_store.learned_targets(session, persona.id, config, now)
         shares = notes = None
+        hour_notes: dict[datetime, str] = {}
         if learned is not None:
-            slots = learned_slots(learned, slots, config, taken, gap, now, until)
+            moved = learning.move_slots(learned, slots, config.windows(), config.timezone,
+                                        config.strategy.learning.settings(), taken, gap, now, until)
+            slots = [slot for slot, _ in moved]
+            hour_notes = {slot: why for slot, why in moved if why}
             by_name = {p.name: p.id for p in pillars}
             shares = {by_name[n]: share for n, share in learned.shares.items() if n in by_name}
             notes = {by_name[n]: d.note for n, d in learned.pillars.items() if n in by_name}
@@ -135,7 +125,9 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
             post = models.Post(persona_id=persona.id, pillar_id=planned.pillar_id, candidate_id=item.candidate_id,
                                library_item_id=item.id, account=account, status=post_states.DRAFT, caption=caption,
                                hashtags=hashtags, scheduled_at=planned.slot, theme=planned.theme,
-                               caption_source=source, strategy_note=planned.reason)
+                               caption_source=source,
+                               strategy_note=planned.reason + (f"; {hour_notes[planned.slot]}"
+                                                               if planned.slot in hour_notes else ""))
             session.add(post)
             session.flush()
             try:

@@ -284,6 +284,30 @@ def pick_hours(posterior: Posterior | None, slots: Sequence[datetime], windows: 
     return out
 
 
+def move_slots(learned: LearnedStrategy, slots: Sequence[datetime], windows: Sequence[tuple[time, time]], tz: str,
+               settings: LearningSettings, taken: Sequence[datetime], gap: timedelta, now: datetime,
+               until: datetime) -> list[tuple[datetime, str]]:
+    """Each slot moved to its learned hour (`pick_hours`), kept `gap` apart from every taken and
+    already moved slot and inside (now, until); a slot with no allowed hour stays, with why "" ."""
+    out: list[tuple[datetime, str]] = []
+    for index, slot in enumerate(slots):
+        others = [*taken, *(s for s, _ in out), *slots[index + 1:]]
+
+        def allowed(moment: datetime, others=others) -> bool:
+            return now < moment < until and all(abs(moment - t) >= gap for t in others)
+
+        out.append(pick_hours(learned.posterior, [slot], windows, tz, settings, allowed)[0])
+    return out
+
+
+def rotation_scale(learned: LearnedStrategy | None) -> dict[str, float]:
+    """Per pillar, learned share / configured share: how much more (or less) of it the content plan
+    should make. Empty when learning is off or fell back to the configured weights."""
+    if learned is None or not learned.learned:
+        return {}
+    return {name: float(d.target / d.configured) for name, d in learned.pillars.items() if d.configured}
+
+
 def _hour_seed(seed: int, posterior: Posterior, slots: Sequence[datetime]) -> np.random.Generator:
     digest = hashlib.sha256(f"hours|{seed}|{posterior.n}".encode() + posterior.mean.tobytes())
     for slot in slots:
