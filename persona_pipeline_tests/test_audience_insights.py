@@ -70,6 +70,8 @@ def test_learning_plans_with_the_audience_within_bounds_and_the_analysis_shows_i
     assert set(by_pillar) == {"city", "beach"} and by_pillar["beach"]["posts"] == PAST_POSTS // 2
     assert float(by_pillar["beach"]["engagement"].rstrip("%")) > float(by_pillar["city"]["engagement"].rstrip("%"))
     assert " .. " in by_pillar["beach"]["engagement_95"]
+    top = _table(meta["top_posts"])
+    assert len(top) == 10 and all(float(row["reach_per_follower"]) > 0 for row in top)  # simulated followers known
     shares = {row["pillar"]: row for row in _table(meta["learned_shares"])}
     assert shares["beach"]["bounds"] == "25% .. 55%" and float(shares["beach"]["target"].rstrip("%")) > 40
     for key in ("engagement_by_pillar", "hour_weekday_heatmap", "reach_over_time"):

@@ -61,7 +61,9 @@ def audience_insights(context: dg.AssetExecutionContext, database: AppDatabase, 
     top = sorted(posts, key=lambda p: (-(p.engagement_rate or 0), p.post_id))[:TOP_POSTS]
     metadata["top_posts"] = table([{"post": p.post_id, "pillar": p.pillar, "published": f"{p.local_at:%Y-%m-%d %H:%M}",
                                     "reach": p.reach, "interactions": p.interactions,
-                                    "engagement": stats.pct(p.engagement_rate, 2)} for p in top])
+                                    "engagement": stats.pct(p.engagement_rate, 2),
+                                    "reach_per_follower": "-" if p.reach_per_follower is None
+                                    else f"{p.reach_per_follower:.3f}"} for p in top])
     if learned is None:
         metadata["learning"] = dg.MetadataValue.md("off (persona.yaml `strategy.learning.enabled: false`): posts are "
                                                    "planned with the configured weights")
