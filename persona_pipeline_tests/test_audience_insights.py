@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
+import pytest
 from sqlalchemy import select
 
 from persona_pipeline.assets.audience_insights import audience_insights
@@ -43,6 +44,7 @@ def _learning(**learning) -> dict:
     return posting
 
 
+@pytest.mark.slow  # about 13 s: the library, scheduled_posts and audience_insights materialised
 def test_learning_plans_with_the_audience_within_bounds_and_the_analysis_shows_it(tmp_path, db_url):
     lib = Library(tmp_path, db_url, **_learning(max_share_shift=15))
     _published_history(lib, PAST_POSTS)
