@@ -19,7 +19,8 @@ domain/strategy.plan_posts) over a library with images of every pillar:
 3. oracle: knows the hidden rates on the planning day; the best shares within the same bounds and
    the best hour inside the windows.
 The n-th post of every strategy gets the same noise draws (common random numbers), so the
-comparison is paired. Figures: per-seed ratios of cumulative interactions, median and mean over
+comparison is paired. The ratio targets are judged over 40 or more seeds only; --quick (10 seeds)
+prints the figures without a verdict. Figures: per-seed ratios of cumulative interactions, median and mean over
 seeds; the pillar shares: every learned target within bounds, and the realised share over the run.
 A PNG of the mean regret (oracle − strategy cumulative interactions) over days is written.
 """
@@ -53,6 +54,7 @@ WINDOWS = [(time(5), time(8)), (time(10), time(15))]
 TZ = "Europe/Lisbon"
 POSTS_PER_WEEK = 3
 TARGET_STATIC, TARGET_ORACLE = 1.15, 0.85
+JUDGED_SEEDS = 40
 
 
 def _latest_read(age_h: float) -> float | None:
@@ -179,23 +181,26 @@ def main() -> int:
     print(f"regret curve: {args.png}")
     ok_static = bool(np.median(vs_static) >= TARGET_STATIC)
     ok_oracle = bool(np.median(vs_oracle) >= TARGET_ORACLE)
-    print(f"RESULT learning/static {np.median(vs_static):.3f} (target >= {TARGET_STATIC}): "
-          f"{'PASS' if ok_static else 'FAIL'}")
-    print(f"RESULT learning/oracle {np.median(vs_oracle):.3f} (target >= {TARGET_ORACLE}): "
-          f"{'PASS' if ok_oracle else 'FAIL'}")
+    # The targets are set over 40+ seeds; fewer (--quick) give the figures but no verdict on them.
+    judged = seeds >= JUDGED_SEEDS
+    verdict = (lambda ok: "PASS" if ok else "FAIL") if judged else (lambda ok: f"not judged under {JUDGED_SEEDS} seeds")
+    print(f"RESULT learning/static {np.median(vs_static):.3f} (target >= {TARGET_STATIC}): {verdict(ok_static)}")
+    print(f"RESULT learning/oracle {np.median(vs_oracle):.3f} (target >= {TARGET_ORACLE}): {verdict(ok_oracle)}")
     print(f"RESULT pillar targets out of bounds {out} (target 0): {'PASS' if out == 0 else 'FAIL'}")
     # Ratios per seed (paired runs), their median: reference 1.0 is the other side's own total.
     record("cumulative interactions per seed, learning / static (median of paired ratios)", reference=1.0,
-           ours=float(np.median(vs_static)), unit="x static", better="higher", target=f">= {TARGET_STATIC}x",
-           ok=ok_static, note=f"{seeds} seeds, {args.days} days; medians: static {np.median(totals['static']):,.0f}, "
-                              f"learning {np.median(totals['learning']):,.0f} interactions")
+           ours=float(np.median(vs_static)), unit="x static", better="higher",
+           target=f">= {TARGET_STATIC}x over {JUDGED_SEEDS}+ seeds", ok=ok_static if judged else None,
+           note=f"{seeds} seeds, {args.days} days; medians: static {np.median(totals['static']):,.0f}, "
+                f"learning {np.median(totals['learning']):,.0f} interactions")
     record("cumulative interactions per seed, learning / oracle (median of paired ratios)", reference=1.0,
-           ours=float(np.median(vs_oracle)), unit="x oracle", better="higher", target=f">= {TARGET_ORACLE}x",
-           ok=ok_oracle, note=f"oracle / static {np.median(oracle_static):.3f}: the most any strategy could gain")
+           ours=float(np.median(vs_oracle)), unit="x oracle", better="higher",
+           target=f">= {TARGET_ORACLE}x over {JUDGED_SEEDS}+ seeds", ok=ok_oracle if judged else None,
+           note=f"oracle / static {np.median(oracle_static):.3f}: the most any strategy could gain")
     record("learned pillar targets outside the operator's bounds", reference=None, ours=out, unit="targets",
            better="lower", target="0", ok=out == 0)
     emit()
-    return 0 if ok_static and ok_oracle and out == 0 else 1
+    return 0 if out == 0 and (not judged or (ok_static and ok_oracle)) else 1
 
 
 def _plot(runs: dict, path: str, days: int) -> None:
