@@ -74,7 +74,8 @@ MAX_CAPTION = 2200
 MAX_MENTIONS = 20
 QUOTA_WINDOW_S = 86400
 CONTAINER_TTL_S = 86400
-ENDPOINTS = ("create", "status", "publish", "quota", "permalink", "media_list", "debug_token")
+ENDPOINTS = ("create", "status", "publish", "quota", "permalink", "media_list", "debug_token",
+             "media_insights", "user_insights", "user")  # the last three: persona_fakes/graph_insights.py
 _SECRET_PARAMS = ("access_token", "input_token")
 
 
@@ -283,6 +284,9 @@ class FakeGraphAPI(HTTPFake):
                 if (method, edge) in table:
                     endpoint, handler = table[(method, edge)]
                     return endpoint, user, partial(handler, user)
+            extra = self._more_routes(method, parts)
+            if extra is not None:
+                return extra
             if len(parts) == 1 and method == "GET":
                 node = parts[0]
                 if node in self.containers:
@@ -292,6 +296,14 @@ class FakeGraphAPI(HTTPFake):
                 return "unknown", None, partial(self._unknown_node, node)
         return "unknown", None, lambda params: self._raise(_graph_error(
             100, None, f"Unknown path components: {method} {path}", kind="GraphMethodException"))
+
+    def _more_routes(self, method: str, parts: list[str]) -> tuple[str, str | None, Any] | None:
+        """Endpoints a subclass adds (graph_insights.py), tried before the node lookup."""
+        return None
+
+    def _answer_headers(self, endpoint: str, account: str | None) -> tuple[tuple[str, str], ...]:
+        """Headers every answer carries (a subclass's usage headers); called once per request."""
+        return ()
 
     @staticmethod
     def _raise(answer: _Answer):
@@ -512,6 +524,7 @@ def _handler_for(fake: FakeGraphAPI) -> type[BaseHTTPRequestHandler]:
             if fake.latency_s > 0:
                 time.sleep(fake.latency_s)
             fault = fake._faults.take(endpoint=endpoint, account=account)
+            extra = fake._answer_headers(endpoint, account)
             if fault is not None and not (fault.kind == "drop" and fault.after):
                 return self._fault(fault, params, endpoint, account)
             try:
@@ -520,7 +533,7 @@ def _handler_for(fake: FakeGraphAPI) -> type[BaseHTTPRequestHandler]:
                 status, body = answer.status, answer.body
             if fault is not None:  # a drop after carrying the request out
                 return self._drop()
-            self._send(status, body)
+            self._send(status, body, extra)
 
         def _fault(self, fault: Fault, params: dict[str, str], endpoint: str, account: str | None) -> None:
             if fault.kind == "drop":

@@ -6,6 +6,7 @@ from functools import partial
 
 import dagster as dg
 
+from persona_pipeline.assets.audience_insights import audience_insights
 from persona_pipeline.assets.candidates import candidates
 from persona_pipeline.assets.clusters import clusters
 from persona_pipeline.assets.content_library import content_library
@@ -35,6 +36,7 @@ from persona_pipeline.automation.jobs import (
 from persona_pipeline.automation.lora_import import lora_import_job, lora_incoming_sensor
 from persona_pipeline.automation.persona_schedules import persona_schedules
 from persona_pipeline.automation.persona_sensor import persona_sensor
+from persona_pipeline.automation.insights import insights_job, insights_schedule
 from persona_pipeline.automation.publishing import publish_job, publish_schedule
 from persona_pipeline.automation.review_sensor import review_sensor
 from persona_pipeline.resources.alerts import AlertWebhook, FreshnessRules
@@ -44,6 +46,7 @@ from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline.resources.gemini import GeminiClient
 from persona_pipeline.resources.generation import GenerationDefaults
+from persona_pipeline.resources.insights_collector import InsightsCollector
 from persona_pipeline.resources.instagram import InstagramGraphClient
 from persona_pipeline.resources.links import UiLinks
 from persona_pipeline.resources.publisher import InstagramPublisher, OutboxPublisher, Publisher
@@ -53,7 +56,7 @@ from persona_pipeline.personas import discover_personas
 from persona_pipeline.settings import Settings
 
 ASSETS = [source_photos, training_dataset, lora_model, content_plan, candidates, rankings, content_library, clusters,
-          pillar_gaps, scheduled_posts, post_calendar, weekly_report]
+          pillar_gaps, scheduled_posts, post_calendar, weekly_report, audience_insights]
 
 
 def from_settings(settings: Settings, attr: str):
@@ -87,6 +90,11 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
         "gemini": GeminiClient(api_key=env("gemini_api_key"), model=env("gemini_model"), base_url=env("gemini_base_url")),
         "auto_review": AutoReviewer(enabled=env("auto_review")),
         "publisher": build_publisher(settings),
+        "insights": InsightsCollector(
+            graph=InstagramGraphClient(base_url=env("instagram_graph_url")), workers=env("insights_workers"),
+            audience_seed=env("audience_seed"), audience_pillar_rates=env("audience_pillar_rates"),
+            audience_peak_hour=env("audience_peak_hour"), audience_hour_amplitude=env("audience_hour_amplitude"),
+            audience_format_rates=env("audience_format_rates")),
         "alerts": AlertWebhook(url=env("alert_webhook_url"), ui_base_url=env("dagster_ui_base_url"),
                                max_attempts=env("alert_max_attempts")),
         "freshness": FreshnessRules(min_days_ahead=env("freshness_days")),
@@ -117,9 +125,10 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         asset_checks=[calendar_slots_valid, pillars_stocked, calendar_covers_ahead, library_runway],
         jobs=[persona_chain_job, lora_training_job, generation_job, advance_runs_job, rankings_job, library_job,
               post_calendar_job, publish_job, lora_import_job, content_planning_job, generation_runs_job,
-              weekly_report_job],
+              weekly_report_job, insights_job],
         sensors=[persona_sensor, lora_incoming_sensor, review_sensor, run_failure_alerts, alert_sensor],
-        schedules=[publish_schedule(settings.publish_cron), *persona_schedules(personas, persona_errors)],
+        schedules=[publish_schedule(settings.publish_cron), insights_schedule(settings.insights_cron),
+                   *persona_schedules(personas, persona_errors)],
         resources=build_resources(settings),
     )
 

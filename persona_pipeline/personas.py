@@ -92,6 +92,24 @@ class HashtagSettings(_Strict):
         return out
 
 
+class LearningConfig(_Strict):
+    """Learning from the audience (domain/learning.py, docs/insights.md): off by default, and then the
+    plan is exactly the configured weights' plan."""
+
+    enabled: bool = False
+    max_share_shift: float = Field(default=15, ge=0, le=100)  # ± points around each pillar's configured share
+    pillar_bounds: dict[str, tuple[float, float]] = {}  # pillar -> [min %, max %], instead of the shift
+    learn_hours: bool = True  # move slots to the best-performing hour inside the posting windows
+    min_posts: int = Field(default=10, ge=1, le=10000)  # posts with insights before the shares move
+    half_life_days: float = Field(default=60, gt=0, le=3650)  # older posts count half after this
+    seed: int = 0
+
+    def settings(self) -> "learning.LearningSettings":
+        from persona_pipeline.domain import learning
+
+        return learning.LearningSettings(**self.model_dump())
+
+
 class StrategySettings(_Strict):
     """How the posting strategy picks and spaces posts (domain/strategy.py, docs/posting.md#strategy)."""
 
@@ -101,6 +119,7 @@ class StrategySettings(_Strict):
     theme_max_per_week: int = Field(default=3, ge=1, le=100)
     plan_ahead_days: int = Field(default=7, ge=1, le=60)  # scheduled_posts fills free slots this far ahead
     gap_horizon_days: int = Field(default=30, ge=1, le=365)
+    learning: LearningConfig = LearningConfig()
 
 
 class LibrarySettings(_Strict):
@@ -322,6 +341,9 @@ class PersonaConfig(_Strict):
         unknown = sorted(set(self.generation.themes) - set(names))
         if unknown:
             raise ValueError(f"generation.themes names unknown pillars: {', '.join(unknown)}")
+        from persona_pipeline.domain.learning import share_bounds  # the one bounds rule
+
+        share_bounds({p.name: p.weight for p in self.pillars}, self.strategy.learning.settings())
         return self
 
     def account_name(self, account: str) -> str:

@@ -123,6 +123,20 @@ class EndpointUrl(Kind):
         return text.rstrip("/")
 
 
+class RateList(Kind):
+    """`name=number,...` (the simulated audience's rates), checked here and handed on as the text."""
+
+    label = "`name=rate` list"
+
+    def parse(self, env: str, text: str) -> str:
+        from persona_pipeline.domain.audience import parse_rates
+
+        for name, rate in parse_rates(text, env).items():
+            if not 0 < rate <= 10:
+                raise ValueError(f"{env}: rate {name}={rate} must be above 0 and at most 10")
+        return text
+
+
 TEXT = Text()
 URL = Text("URL")
 BASE_URL = Text("URL", tidy=lambda text: text.rstrip("/"))
@@ -334,6 +348,28 @@ class Settings:
         "ALERT_MAX_ATTEMPTS", Integer(1, 100), "8",
         "Deliveries tried per alert (waits grow from 30 s to 1 h; a sensor never waits on the webhook) before "
         "the alert is marked failed.")
+    insights_cron: str = setting(
+        "PERSONA_INSIGHTS_CRON", TEXT, "17 * * * *",
+        "Cron of the schedule that reads published posts' insights (due at +1 h, +24 h, +72 h, +7 d) and each "
+        "account's daily followers and reach (docs/insights.md).")
+    insights_workers: int = setting(
+        "PERSONA_INSIGHTS_WORKERS", Integer(1, 256), "32", "Accounts whose insights are read in parallel.")
+    audience_seed: int = setting(
+        "PERSONA_AUDIENCE_SEED", Integer(0, 2**31 - 1), "0",
+        "Seed of the simulated audience that gives outbox (dry-run) posts their insights, labelled simulated.")
+    audience_pillar_rates: str = setting(
+        "PERSONA_AUDIENCE_PILLAR_RATES", RateList(), "",
+        "The simulated audience's hidden engagement rate per pillar, `pillar=rate` (e.g. `travel=0.05,everyday=0.03`); "
+        "a pillar not named gets 3.5 % times a seeded draw.")
+    audience_peak_hour: float = setting(
+        "PERSONA_AUDIENCE_PEAK_HOUR", Number(0, 23.99), "19",
+        "Local hour at which the simulated audience engages most.")
+    audience_hour_amplitude: float = setting(
+        "PERSONA_AUDIENCE_HOUR_AMPLITUDE", Number(0, 2), "0.2",
+        "Strength of the simulated audience's daily cycle (on the log engagement rate; 0.2 = about ±20 %).")
+    audience_format_rates: str = setting(
+        "PERSONA_AUDIENCE_FORMAT_RATES", RateList(), "image=1.0,carousel=1.1,reel=1.25",
+        "The simulated audience's engagement multiplier per media format.")
     # The fields whose value the environment gave verbatim (see `Setting.carries_verbatim`).
     from_environment: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 

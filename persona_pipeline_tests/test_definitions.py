@@ -13,7 +13,7 @@ def test_definitions_load_with_every_stage_partitioned_by_persona(tmp_path):
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == set(CHAIN_ASSETS) | {"weekly_report"}
+    assert keys == set(CHAIN_ASSETS) | {"weekly_report", "audience_insights"}
     for key in graph.get_all_asset_keys():
         assert graph.get(key).partitions_def.name == "personas"
     upstream = {k.to_user_string(): sorted(p.to_user_string() for p in graph.get(k).parent_keys) for k in graph.get_all_asset_keys()}
@@ -33,6 +33,8 @@ def test_definitions_load_with_every_stage_partitioned_by_persona(tmp_path):
         assert schedule.job_name == job and schedule.cron_schedule == "* * * * *"
         assert defs.resolve_job_def(job).partitions_def.name == "personas"
     assert defs.resolve_schedule_def("publish_due_posts_schedule").cron_schedule == "*/5 * * * *"
+    assert defs.resolve_schedule_def("insights_schedule").cron_schedule == "17 * * * *"
+    assert upstream["audience_insights"] == ["scheduled_posts"]
 
 
 def test_module_level_defs_use_the_environment(monkeypatch, tmp_path):
@@ -114,6 +116,7 @@ FED_BY_ENVIRONMENT = {
     ("publisher", "media_public_base_url"): "MEDIA_PUBLIC_BASE_URL",
     ("publisher", "token_warn_days"): "INSTAGRAM_TOKEN_WARN_DAYS",
     ("publisher.graph", "base_url"): "INSTAGRAM_GRAPH_URL",
+    ("insights.graph", "base_url"): "INSTAGRAM_GRAPH_URL",
     ("alerts", "url"): "ALERT_WEBHOOK_URL",
     ("alerts", "ui_base_url"): "DAGSTER_UI_BASE_URL",
     ("alerts", "max_attempts"): "ALERT_MAX_ATTEMPTS",

@@ -471,7 +471,7 @@ def test_render_empty_report_has_every_section_with_none():
     assert headings == list(wr.SECTIONS)
     assert "Mon 2024-03-04 00:00 – Mon 2024-03-11 00:00 (Europe/Lisbon, 7 days) · 0 posts published · 0 votes by " \
            "0 reviewers · 0 winners · 0 failures" in md
-    assert md.count(wr.NONE) == 5 + 5  # posts, votes, winners, gaps, LoRA; five kinds of failure
+    assert md.count(wr.NONE) == 6 + 5  # posts, votes, winners, gaps, audience, LoRA; five kinds of failure
     assert "posts.png" not in md  # no thumbnails under an empty section
 
 

@@ -10,14 +10,18 @@ transaction, so the next plan — also after a restart — goes on where this on
 """
 
 
+from datetime import datetime, timezone
+
 import dagster as dg
 from sqlalchemy import func, select
 
 from persona_pipeline.assets.common import persona_for, table
+from persona_pipeline.db import insights as insight_store
 from persona_pipeline.db import library, models, registry
 from persona_pipeline.db import rotation as rotation_store
 from persona_pipeline.domain import content_prompts as cp
 from persona_pipeline.domain import gaps as gap_rules
+from persona_pipeline.domain import learning
 from persona_pipeline.domain import rotation
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.database import AppDatabase
@@ -51,6 +55,11 @@ def content_plan(context: dg.AssetExecutionContext, config: ContentPlanConfig, d
         states = rotation_store.load_states(session, persona.id, pillars)
         before = {name: _state_json(state) for name, state in states.items()}
         weights = rotation_weights(gaps, by_name, persona_config.strategy.posts_per_week)
+        # Learning on: each pillar's rotation weight scaled by its learned / configured share, so the
+        # images the learned plan will want get made (off: exactly the weights above).
+        learned = insight_store.learned_targets(session, persona.id, persona_config, datetime.now(timezone.utc))
+        scale = learning.rotation_scale(learned)
+        weights = {name: w * scale.get(name, 1.0) for name, w in weights.items()}
         urgency = [g.name for g in sorted(gaps, key=gap_rules.urgency_key) if g.name in weights]
         allocation = rotation.rotate_pillars(weights, states, n, order=urgency)
         themes_of = {name: rotation.pillar_themes(persona_config.generation.themes.get(name, []),
@@ -81,7 +90,7 @@ def content_plan(context: dg.AssetExecutionContext, config: ContentPlanConfig, d
                   "status": g.status} for g in gaps]
     # What the plan was made from, kept with each prompt: the weights it rotated with and the
     # state before and after, so a plan can be explained (and replayed) later.
-    rotation_record = {"weights": weights, "before": before,
+    rotation_record = {"weights": weights, "learning": learned.summary if learned is not None else "off", "before": before,
                        "after": {name: _state_json(states[name]) for name in weights if name in states}}
     with database.session() as session:
         # A new plan supersedes prompts that no run has used yet.

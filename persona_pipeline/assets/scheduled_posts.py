@@ -12,8 +12,9 @@ import dagster as dg
 from sqlalchemy import select
 
 from persona_pipeline.assets.common import persona_for, sheet_metadata, table
+from persona_pipeline.db import insights as insight_store
 from persona_pipeline.db import library, models, review_posts
-from persona_pipeline.domain import post_states, strategy
+from persona_pipeline.domain import learning, post_states, strategy
 from persona_pipeline.domain.captions import repeated_phrases, select_hashtags, template_caption, validate_post_text
 from persona_pipeline.domain.media import MediaError, export_post_jpeg
 from persona_pipeline.domain.slots import spaced_slots
@@ -77,11 +78,23 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
             p.status == post_states.FAILED and p.retryable))]
         wanted = math.ceil(plan.posts_per_week * plan.plan_ahead_days / 7) - len(upcoming)
         every = timedelta(days=7 / plan.posts_per_week) if plan.posts_per_week else timedelta(days=plan.plan_ahead_days)
-        slots = spaced_slots(now, wanted, every, config.windows(), config.timezone, taken,
-                             timedelta(minutes=config.min_minutes_between_posts), until)
+        gap = timedelta(minutes=config.min_minutes_between_posts)
+        slots = spaced_slots(now, wanted, every, config.windows(), config.timezone, taken, gap, until)
         pillars = list(session.scalars(select(models.ContentPillar).where(models.ContentPillar.persona_id == persona.id,
                                                                           models.ContentPillar.active.is_(True))))
         by_pillar = {p.id: p for p in pillars}
+        # persona.yaml strategy.learning: shares and hours from the audience (None: off, today's plan exactly).
+        learned = insight_store.learned_targets(session, persona.id, config, now)
+        shares = notes = None
+        hour_notes: dict[datetime, str] = {}
+        if learned is not None:
+            moved = learning.move_slots(learned, slots, config.windows(), config.timezone,
+                                        config.strategy.learning.settings(), taken, gap, now, until)
+            slots = [slot for slot, _ in moved]
+            hour_notes = {slot: why for slot, why in moved if why}
+            by_name = {p.name: p.id for p in pillars}
+            shares = {by_name[n]: share for n, share in learned.shares.items() if n in by_name}
+            notes = {by_name[n]: d.note for n, d in learned.pillars.items() if n in by_name}
         options = library.available_items(session, persona.id)
         items = {i.id: i for i in options}
         result = strategy.plan_posts(
@@ -93,7 +106,7 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
             history=[strategy.PastPost(p.pillar_id, p.theme, p.published_at or p.scheduled_at) for p in in_play],
             rules=strategy.StrategyRules(theme_spacing=timedelta(days=plan.theme_spacing_days),
                                          theme_max_per_week=plan.theme_max_per_week, weekly_cap=plan.weekly_cap),
-            tz=config.timezone)
+            tz=config.timezone, target_shares=shares, pillar_notes=notes)
         avoid = repeated_phrases([p.caption for p in posts[-RECENT_CAPTIONS:]])
         created, rows = [], []
         for planned in result.posts:
@@ -112,7 +125,9 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
             post = models.Post(persona_id=persona.id, pillar_id=planned.pillar_id, candidate_id=item.candidate_id,
                                library_item_id=item.id, account=account, status=post_states.DRAFT, caption=caption,
                                hashtags=hashtags, scheduled_at=planned.slot, theme=planned.theme,
-                               caption_source=source, strategy_note=planned.reason)
+                               caption_source=source,
+                               strategy_note=planned.reason + (f"; {hour_notes[planned.slot]}"
+                                                               if planned.slot in hour_notes else ""))
             session.add(post)
             session.flush()
             try:
@@ -142,6 +157,7 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
         "scheduled": sum(1 for r in rows if r["status"] == post_states.SCHEDULED),
         "library_available": len(options),
         "avoid_phrases": ", ".join(avoid) or "none",
+        "learning": learned.summary if learned is not None else "off",
         "posts": table(rows),
         "skipped": table(skipped),
         **sheet_metadata("preview", previews, storage, links, slug),

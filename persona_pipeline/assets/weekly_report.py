@@ -12,13 +12,17 @@ Instagram permalinks and Dagster runs, never to local files.
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import dagster as dg
 
 from persona_pipeline.assets.common import file_image_metadata, persona_for
+from persona_pipeline.db import insights as insight_store
 from persona_pipeline.db.weekly_report import collect_week
+from persona_pipeline.domain import insight_stats as stats
 from persona_pipeline.domain import weekly_report as wr
 from persona_pipeline.fileio import atomic_write
+from persona_pipeline.insight_plots import engagement_bars_png
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.previews import contact_sheet_png, image_md
 from persona_pipeline.resources.database import AppDatabase
@@ -77,6 +81,18 @@ def _run_error(instance: dg.DagsterInstance, run_id: str) -> str:
     return ""
 
 
+def audience_facts(session, persona, config, start: datetime, end: datetime, now: datetime):
+    """(the report's audience facts, the pillar stats for its plot): posts with insights up to `end`."""
+    zone = ZoneInfo(persona.timezone)
+    posts = [p for p in insight_store.performance(session, persona.id, zone) if p.local_at < end]
+    pillars = stats.group_stats(posts, "pillar")
+    window = [p for p in posts if start <= p.local_at]
+    top = sorted(window, key=lambda p: (-(p.engagement_rate or 0), p.post_id))[:wr.TOP_POSTS]
+    learned = insight_store.learned_targets(session, persona.id, config, min(now, end))
+    learning = "off (configured weights)" if learned is None else learned.summary
+    return wr.AudienceFacts(len(posts), pillars, top, learning, any(p.simulated for p in posts)), pillars
+
+
 def _sheet(report: wr.WeeklyReport, section: str) -> tuple[bytes, list[str]] | None:
     """The section's contact sheet (PNG bytes) and its tile labels, or None when it has no images."""
     if section == wr.POSTS:
@@ -101,12 +117,14 @@ def weekly_report(context: dg.AssetExecutionContext, config: WeeklyReportConfig,
     slug = context.partition_key
     now = datetime.now(timezone.utc)
     with database.session() as session:
-        persona, _ = persona_for(session, slug)
+        persona, persona_config = persona_for(session, slug)
         try:
             start, end, end_date = wr.report_window(config.end, config.days, persona.timezone, now)
         except wr.ReportWindowError as exc:
             raise dg.Failure(f"weekly_report config: {exc}") from None
         report = collect_week(session, persona, start, end)
+        audience, pillar_stats = audience_facts(session, persona, persona_config, start, end, now)
+        report = replace(report, audience=audience)
     # A post without a permalink (the outbox, a dry run) links to the Dagster run that published it.
     posts = [replace(p, link=p.link or (links.links.run_url(p.run_id) if p.run_id else "")) for p in report.posts]
     report = replace(report, posts=posts, failed_runs=failed_runs(context.instance, slug, start, end, links))
@@ -127,6 +145,14 @@ def weekly_report(context: dg.AssetExecutionContext, config: WeeklyReportConfig,
         sheets.update(file_image_metadata(f"{suffix}_sheet", folder / name, alt, storage, links))
         shown[section] = sheets[f"{suffix}_sheet"].value
         on_disk[section] = image_md(name, alt)
+    if audience.posts:  # the engagement-by-pillar plot, as on the audience_insights asset
+        name = f"{stem}-audience.png"
+        label = " (simulated)" if audience.simulated else ""
+        atomic_write(folder / name, engagement_bars_png(pillar_stats, f"Engagement by pillar, 95% interval{label}"))
+        alt = f"engagement by pillar{label}"
+        sheets.update(file_image_metadata("audience_plot", folder / name, alt, storage, links))
+        shown[wr.AUDIENCE] = sheets["audience_plot"].value
+        on_disk[wr.AUDIENCE] = image_md(name, alt)
     path = folder / f"{stem}.md"
     atomic_write(path, wr.render_markdown(report, on_disk).encode())
     counts = report.counts()

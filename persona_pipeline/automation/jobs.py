@@ -77,8 +77,8 @@ rankings_job = _persona_job(
 
 library_job = _persona_job(
     "library",
-    ["content_library", "clusters", "pillar_gaps", "scheduled_posts", "post_calendar"],
-    description="Add new winners to the content library, cluster it, refresh the pillar gaps and plan posts from it. "
+    ["content_library", "clusters", "pillar_gaps", "scheduled_posts", "post_calendar", "audience_insights"],
+    description="Add new winners to the content library, cluster it, refresh the pillar gaps, plan posts from it and analyse the audience. "
                 "Started by the persona_posting schedule (persona.yaml `schedules.posting`) and by the review_events "
                 "sensor after a winner pick.",
 )

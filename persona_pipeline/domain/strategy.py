@@ -45,7 +45,7 @@ Rules the reference leaves open, decided here:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from fractions import Fraction
@@ -217,8 +217,13 @@ def _score(score: float | None) -> str:
 
 
 def plan_posts(*, slots: Sequence[datetime], pillars: Sequence[StrategyPillar], options: Sequence[LibraryOption],
-               history: Sequence[PastPost], rules: StrategyRules, tz: str) -> StrategyPlan:
-    """Fill `slots` from `options` (see the module docstring for the rules)."""
+               history: Sequence[PastPost], rules: StrategyRules, tz: str,
+               target_shares: Mapping[int, Fraction] | None = None,
+               pillar_notes: Mapping[int, str] | None = None) -> StrategyPlan:
+    """Fill `slots` from `options` (see the module docstring for the rules). `target_shares` (pillar
+    id -> share, from the learning strategy, domain/learning.py) replace weight / total weight as the
+    targets, renormalised over the pillars active on the slot's date; `pillar_notes` are added to the
+    reason of each post of that pillar. Without them the plan is exactly the weights' plan."""
     _check_rules(rules)
     zone = _zone(tz)
     by_id = _check_pillars(pillars)
@@ -234,7 +239,7 @@ def plan_posts(*, slots: Sequence[datetime], pillars: Sequence[StrategyPillar], 
         if why is not None:
             plan.skipped.append((slot, why))
             continue
-        post = _plan_slot(slot, zone, by_id, ordered_options, used, posts, rules)
+        post = _plan_slot(slot, zone, by_id, ordered_options, used, posts, rules, target_shares, pillar_notes or {})
         if isinstance(post, str):
             plan.skipped.append((slot, post))
             continue
@@ -245,17 +250,21 @@ def plan_posts(*, slots: Sequence[datetime], pillars: Sequence[StrategyPillar], 
 
 
 def _plan_slot(slot: datetime, zone: ZoneInfo, by_id: dict[int, StrategyPillar], options: list[LibraryOption],
-               used: set[int], posts: list[_Post], rules: StrategyRules) -> PlannedPost | str:
+               used: set[int], posts: list[_Post], rules: StrategyRules, target_shares: Mapping[int, Fraction] | None,
+               pillar_notes: Mapping[int, str]) -> PlannedPost | str:
     """The post for one slot, or why there is none."""
     day = slot.astimezone(zone).date()
     active = [p for p in by_id.values() if _active(p, day)]
     total_weight = sum(p.weight for p in active)
+    learned_total = sum(target_shares.get(p.pillar_id, Fraction(0)) for p in active) if target_shares else 0
     recent = [p for p in posts if slot - timedelta(days=rules.share_days) <= p.at < slot]
     counts: dict[int | None, int] = {}
     for p in recent:
         counts[p.pillar_id] = counts.get(p.pillar_id, 0) + 1
 
     def target(pillar: StrategyPillar) -> Fraction:
+        if target_shares is not None and learned_total:
+            return target_shares.get(pillar.pillar_id, Fraction(0)) / learned_total
         return Fraction(pillar.weight, total_weight) if total_weight else Fraction(0)
 
     def actual(pillar: StrategyPillar) -> Fraction:
@@ -304,6 +313,8 @@ def _plan_slot(slot: datetime, zone: ZoneInfo, by_id: dict[int, StrategyPillar],
                         head = (f"pillar {group.name}: target {_pct(target(group))} vs {_pct(actual(group))} "
                                 f"({counts.get(group.pillar_id, 0)} of {len(recent)} posts) "
                                 f"in the last {rules.share_days} days")
+                        if group.pillar_id in pillar_notes:
+                            head += f"; learned: {pillar_notes[group.pillar_id]}"
                     return PlannedPost(option.item_id, option.pillar_id, option.theme, slot, relaxed,
                                        _reason(head, option, passed if group else [], relaxed))
             passed.append(group.name if group else "unassigned")

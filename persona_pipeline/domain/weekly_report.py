@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
+from persona_pipeline.domain.insight_stats import GroupStat, PostPerformance, pct
+
 NONE = "_none this week_"
 MAX_DAYS = 31
 
@@ -22,9 +24,11 @@ POSTS = "Posts published"
 VOTES = "Votes"
 WINNERS = "Winners"
 GAPS = "Pillar gaps"
+AUDIENCE = "Audience"
 LORA = "LoRA in use"
 FAILURES = "Failures"
-SECTIONS = (SUMMARY, POSTS, VOTES, WINNERS, GAPS, LORA, FAILURES)
+SECTIONS = (SUMMARY, POSTS, VOTES, WINNERS, GAPS, AUDIENCE, LORA, FAILURES)
+TOP_POSTS = 5
 
 # Review event kinds shown as their own column of the votes table (the rest go to "other").
 DECISION_COLUMNS = (
@@ -157,6 +161,18 @@ class SentAlert:
 
 
 @dataclass(frozen=True)
+class AudienceFacts:
+    """What the audience did (domain/insight_stats.py): the pillar table over every post with insights
+    up to the report's end, this window's best posts, and the learning strategy's state."""
+
+    posts: int
+    pillars: Sequence[GroupStat]
+    top: Sequence[PostPerformance]
+    learning: str
+    simulated: bool
+
+
+@dataclass(frozen=True)
 class WeeklyReport:
     slug: str
     name: str
@@ -174,6 +190,7 @@ class WeeklyReport:
     failed_attempts: Sequence[FailedAttempt] = ()
     failed_jobs: Sequence[JobFailures] = ()
     alerts: Sequence[SentAlert] = ()
+    audience: AudienceFacts | None = None
 
     @property
     def votes(self) -> int:
@@ -306,6 +323,23 @@ def _gaps(report: WeeklyReport) -> list[str]:
     return [intro, md_table(["pillar", "needed", "available", "gap", "status"], rows)]
 
 
+def _audience(report: WeeklyReport) -> list[str]:
+    facts = report.audience
+    if facts is None or not facts.posts:
+        return [NONE + " (no post has insights yet)"]
+    label = " **Simulated**: the outbox's seeded audience, not Instagram." if facts.simulated else ""
+    parts = [f"{_plural(facts.posts, 'post')} with insights so far. Learning: {facts.learning}.{label}"]
+    parts.append(md_table(["pillar", "posts", "engagement", "95 % interval", "reach / follower"], [
+        (g.key, g.n, pct(g.engagement_rate, 2), f"{pct(g.engagement_low, 2)} .. {pct(g.engagement_high, 2)}",
+         "—" if g.reach_per_follower is None else f"{g.reach_per_follower:.3f}") for g in facts.pillars]))
+    if facts.top:
+        parts.append("Best posts of the window:")
+        parts.append(md_table([f"published ({report.timezone})", "post", "pillar", "reach", "interactions",
+                               "engagement"], [(f"{p.local_at:%a %Y-%m-%d %H:%M}", p.post_id, p.pillar or "—", p.reach,
+                                                p.interactions, pct(p.engagement_rate, 2)) for p in facts.top]))
+    return parts
+
+
 def _lora_name(lora: LoraInfo) -> str:
     return f"{lora.name} v{lora.version}" if lora.version is not None else lora.name
 
@@ -368,10 +402,12 @@ def render_markdown(report: WeeklyReport, thumbnails: Mapping[str, str]) -> str:
         VOTES: _votes(report),
         WINNERS: _winners(report),
         GAPS: _gaps(report),
+        AUDIENCE: _audience(report),
         LORA: _lora(report),
         FAILURES: _failures(report),
     }
-    has_items = {POSTS: bool(report.posts), WINNERS: bool(report.winners)}
+    has_items = {POSTS: bool(report.posts), WINNERS: bool(report.winners),
+                 AUDIENCE: bool(report.audience and report.audience.posts)}
     parts = [f"# Weekly report: {report.name} ({report.slug})"]
     for section in SECTIONS:
         parts.append(f"## {section}")

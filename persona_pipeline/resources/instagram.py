@@ -312,9 +312,11 @@ class InstagramGraphClient(dg.ConfigurableResource):
 
     # --- plumbing ------------------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, token: str, params: dict[str, Any], on_ambiguous=None) -> dict[str, Any]:
+    def _call(self, method: str, path: str, token: str, params: dict[str, Any], on_ambiguous=None,
+              on_headers=None) -> dict[str, Any]:
         """One Graph request with retries for kind "transient". `on_ambiguous(failure)` decides for
-        a failure whose request may have been carried out: it raises, or returns to retry."""
+        a failure whose request may have been carried out: it raises, or returns to retry.
+        `on_headers(headers)` sees every answer's headers (the usage headers, for pacing)."""
         call = f"{method} {path}"
         url = self.base_url.rstrip("/") + path
         payload = {**params, "access_token": token}
@@ -323,7 +325,7 @@ class InstagramGraphClient(dg.ConfigurableResource):
             # (__context__) leads back to requests' exceptions, whose text holds the URL and token.
             failure = None
             try:
-                return self._attempt(method, url, call, token, payload)
+                return self._attempt(method, url, call, token, payload, on_headers)
             except _Failure as caught:
                 failure = caught
             error = failure.error
@@ -345,7 +347,8 @@ class InstagramGraphClient(dg.ConfigurableResource):
         raise AssertionError("unreachable")
 
 
-    def _attempt(self, method: str, url: str, call: str, token: str, payload: dict[str, Any]) -> dict[str, Any]:
+    def _attempt(self, method: str, url: str, call: str, token: str, payload: dict[str, Any],
+                 on_headers=None) -> dict[str, Any]:
         """One request. Raises _Failure (built outside any except block: see _call)."""
         transport: tuple[str, bool] | None = None  # (message, ambiguous)
         try:
@@ -368,6 +371,8 @@ class InstagramGraphClient(dg.ConfigurableResource):
         if transport is not None:
             raise _Failure(GraphError("transient", transport[0], call=call), transport[1])
         status = response.status_code
+        if on_headers is not None:
+            on_headers(response.headers)
         try:
             body = json.loads(raw) if raw else {}
         except ValueError:

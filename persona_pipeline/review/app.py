@@ -24,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 from persona_pipeline.db import review
 from persona_pipeline.review import auth
 from persona_pipeline.review.audit import audit_page
+from persona_pipeline.review.performance import performance_page
 from persona_pipeline.review.calendar import api_move, calendar_page, calendar_post_edit, calendar_post_page
 from persona_pipeline.review.config import ReviewConfig
 from persona_pipeline.review.gallery import (approve_step, compare_page, gallery_page, kill_candidate, pick_winner,
@@ -69,6 +70,7 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/calendar/posts/{post_id:int}", calendar_post_page, methods=["GET"]),
         Route("/calendar/posts/{post_id:int}/edit", calendar_post_edit, methods=["POST"]),
         Route("/audit", audit_page, methods=["GET"]),
+        Route("/performance", performance_page, methods=["GET"]),
         Route("/media/{path:path}", media, methods=["GET"]),
         Route("/api/steps/{step_id:int}/pair", api_pair, methods=["GET"]),
         Route("/api/steps/{step_id:int}/counts", api_counts, methods=["GET"]),

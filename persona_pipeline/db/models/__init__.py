@@ -31,6 +31,7 @@ from persona_pipeline.db.models.generation import (
 from persona_pipeline.db.models.library import Cluster, LibraryItem, PillarGapReport, TopicRotation
 from persona_pipeline.db.models.posts import LIVE_SLOT, Post, PostAttempt
 from persona_pipeline.db.models.alerts import Alert
+from persona_pipeline.db.models.insights import AccountInsight, InsightPoll, PostInsight
 
 __all__ = [
     "NAMING", "Base", "UTCDateTime", "utcnow",
@@ -39,4 +40,5 @@ __all__ = [
     "Cluster", "LibraryItem", "PillarGapReport", "TopicRotation",
     "LIVE_SLOT", "Post", "PostAttempt",
     "Alert",
+    "AccountInsight", "InsightPoll", "PostInsight",
 ]
