@@ -35,7 +35,8 @@ from persona_pipeline.resources.diffusion_batches import DiffusersJob, call_argu
 from persona_pipeline.resources.diffusion_runtime import (GenerationInputError, PipelineRuntime, cached_sha256,
                                                           quiet_adapters, shared_runtime, torch_threads)
 from persona_pipeline.resources.diffusion_samplers import GenerationParamError, check_generation_params, make_scheduler
-from persona_pipeline.training.lora import LoraTrainingParams, TrainingResult, model_family, train_lora
+from persona_pipeline.training.families import families, model_family
+from persona_pipeline.training.lora import LoraTrainingParams, TrainingResult, train_lora
 from persona_pipeline.world.world_models import world_models_id, world_sd_path
 from persona_pipeline.training.tiny_models import (TINY_CONTROLNET_NAME, TINY_RESOLUTION, TINY_SD_NAME,
                                                    build_tiny_controlnet, build_tiny_sd)
@@ -50,20 +51,19 @@ __all__ = ["DiffusersJob", "DiffusionBackend", "GenerationInputError", "Generati
 # and the demo must stay under 90 s (docs/world.md).
 WORLD_TRAINING = LoraTrainingParams(rank=8, alpha=8.0, steps=200, learning_rate=3e-3, batch_size=4, resolution=64,
                                     checkpoint_every=50)
-# Training presets per base-model family (README "Training presets"); persona.yaml overrides any field.
+# Training presets: the two built-in base models, then each model family's own (training/families/);
+# persona.yaml overrides any field.
 TRAINING_PRESETS = {
     "tiny": LoraTrainingParams(rank=4, alpha=4.0, steps=30, learning_rate=1e-3, batch_size=2, resolution=TINY_RESOLUTION,
                                checkpoint_every=10),
     # The world model (world/, 64 px, 16x16 latents): measured in docs/world.md.
     "world": WORLD_TRAINING,
-    "sd15": LoraTrainingParams(rank=16, alpha=16.0, steps=1500, learning_rate=1e-4, batch_size=1, resolution=512,
-                               min_snr_gamma=5.0, checkpoint_every=250),
-    "sdxl": LoraTrainingParams(rank=16, alpha=16.0, steps=1500, learning_rate=1e-4, batch_size=1, resolution=1024,
-                               min_snr_gamma=5.0, gradient_checkpointing=True, checkpoint_every=250),
+    **{family.name: family.preset for family in families()},
 }
 TINY_TRAINING, SD15_TRAINING = TRAINING_PRESETS["tiny"], TRAINING_PRESETS["sd15"]
-# Validation renders per family: (size, sampling steps).
-VALIDATION_RENDER = {"tiny": (TINY_RESOLUTION, 4), "world": (64, 12), "sd15": (512, 25), "sdxl": (1024, 25)}
+# Validation renders per preset: (size, sampling steps).
+VALIDATION_RENDER = {"tiny": (TINY_RESOLUTION, 4), "world": (64, 12),
+                     **{family.name: family.validation_render for family in families()}}
 
 
 class ReproductionError(ValueError):
@@ -106,7 +106,7 @@ class DiffusionBackend(dg.ConfigurableResource):
         return str(build_tiny_controlnet(Path(self.models_dir) / name, Path(self.base_model_path())))
 
     def preset_name(self) -> str:
-        """The training and render preset: `tiny`, `world`, `sd15` or `sdxl` (from the model's model_index.json)."""
+        """The training and render preset: `tiny`, `world`, or the model family's (`sd15`, `sdxl`, `flux`: from the model's model_index.json)."""
         if self.is_tiny or self.is_world:
             return self.base_model
         return model_family(self.base_model)

@@ -13,9 +13,11 @@ What it adds to the example loop:
 - a non-finite loss stops the run before the bad update, keeping every checkpoint written so far.
 
 The pieces around the loop have modules of their own: the settings (`training.params`), the kohya
-dataset (`training.kohya_dataset`), and what is particular to a model family: detection, loading,
-LoRA target modules, conditioning, the UNet call and the checkpoint key format
-(`training.stable_diffusion`). Their public names are importable from here too.
+dataset (`training.kohya_dataset`), the model-family registry (`training.families`: detection,
+presets, which loop trains a family), and what is particular to the UNet families: loading, LoRA
+target modules, conditioning, the UNet call and the checkpoint key format
+(`training.families.stable_diffusion`). `train_lora` hands a base model to its family's loop: this
+one for SD 1.x/2.x and SDXL, `training.flux_lora` for FLUX.1.
 """
 
 from __future__ import annotations
@@ -30,15 +32,16 @@ from persona_pipeline.fileio import sha256_file, write_via_temp
 from persona_pipeline.training.kohya_dataset import DatasetItem, KohyaDataset, load_pixels, read_kohya_dataset
 from persona_pipeline.training.latent_cache import cached_inputs
 from persona_pipeline.training.params import LoraTrainingParams, TrainingConfigError, resolve_mixed_precision
-from persona_pipeline.training.stable_diffusion import (LORA_TARGET_MODULES, FrozenModel, kohya_state_dict,
-                                                        load_frozen_model_with_lora, model_family, predict_noise,
-                                                        save_checkpoint, text_conditioning)
+from persona_pipeline.training.families import detect_family, model_family
+from persona_pipeline.training.families.stable_diffusion import (LORA_TARGET_MODULES, FrozenModel, kohya_state_dict,
+                                                                 load_frozen_model_with_lora, predict_noise,
+                                                                 save_checkpoint, text_conditioning)
 
 __all__ = [
     "CHECKPOINT_DIR", "LORA_TARGET_MODULES", "STATE_FILE", "DatasetItem", "FrozenModel", "KohyaDataset",
     "LoraTrainingParams", "TrainingConfigError", "TrainingDiverged", "TrainingResult", "kohya_state_dict",
     "load_frozen_model_with_lora", "load_pixels", "model_family", "predict_noise", "read_kohya_dataset",
-    "resolve_mixed_precision", "save_checkpoint", "train_lora",
+    "resolve_mixed_precision", "save_checkpoint", "train_lora", "train_unet_lora",
 ]
 
 STATE_FILE = "training_state.pt"
@@ -66,7 +69,13 @@ class TrainingResult:
     mixed_precision: str = "no"
 
 
-def train_lora(
+def train_lora(base_model: str, dataset_dir: Path, output_dir: Path, params: LoraTrainingParams, **options) -> TrainingResult:
+    """Train (or resume) a LoRA for `base_model` with its family's loop (`train_unet_lora`'s options)."""
+    params.validate(options.get("device", "cpu"))
+    return detect_family(base_model).train_function()(base_model, dataset_dir, output_dir, params, **options)
+
+
+def train_unet_lora(
     base_model: str,
     dataset_dir: Path,
     output_dir: Path,
@@ -81,6 +90,9 @@ def train_lora(
     """Train, or resume the run whose state is in `output_dir`. Checkpoints go to
     `output_dir/checkpoints/<stem>-step<N>.safetensors`; the result names the last one."""
     params.validate(device)
+    if params.guidance is not None or params.quantize_base != "none":
+        raise TrainingConfigError(f"training.guidance and training.quantize_base apply to FLUX.1 only; the base model "
+                                  f"{base_model} is {model_family(base_model)}: leave them unset")
     import numpy as np
     import torch
     import torch.nn.functional as F
