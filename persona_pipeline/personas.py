@@ -187,6 +187,11 @@ class TrainingOverrides(_Strict):
     noise_offset: float | None = Field(default=None, ge=0, le=1)
     prior_loss_weight: float | None = Field(default=None, ge=0, le=10)
     checkpoint_every: int | None = Field(default=None, ge=0, le=100000)
+    # FLUX.1 only (docs/training.md#flux1); ranges are checked with the other settings (training/params.py).
+    guidance: float | None = None
+    timestep_sampling: Literal["logit_normal", "uniform"] | None = None
+    max_sequence_length: int | None = None
+    quantize_base: Literal["none", "int8", "fp8"] | None = None
     seed: int = 0
     # Checkpoint selection renders every checkpoint on these prompts and seeds.
     validation_prompts: list[str] = Field(default=[
@@ -205,7 +210,8 @@ class TrainingOverrides(_Strict):
         """The fields that override the preset's LoraTrainingParams."""
         return self.model_dump(include={"rank", "alpha", "steps", "learning_rate", "batch_size", "resolution", "optimizer",
                                         "mixed_precision", "gradient_checkpointing", "min_snr_gamma", "noise_offset",
-                                        "prior_loss_weight", "checkpoint_every", "seed"})
+                                        "prior_loss_weight", "checkpoint_every", "guidance", "timestep_sampling",
+                                        "max_sequence_length", "quantize_base", "seed"})
 
 
 class StepParams(_Strict):
