@@ -49,6 +49,9 @@ def test_registry_detects_each_family_from_model_index(models):
     assert family_named("flux").text_encoders == ("text_encoder", "text_encoder_2")
     with pytest.raises(TrainingConfigError, match="model family 'qwen' is not one of sdxl, sd15, flux"):
         family_named("qwen")
+    workflows = Path(__file__).resolve().parents[1] / "workflows"
+    for family in families():  # every ComfyUI template a family names is shipped
+        assert all((workflows / f"{name}.json").is_file() for name in family.comfyui_templates), family.name
 
 
 def test_unsupported_pipeline_is_refused_naming_it(tmp_path):
