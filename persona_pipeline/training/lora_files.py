@@ -269,3 +269,16 @@ def inspect_lora_file(path: Path, expected_family: str | None, *, base_model: st
     return LoraFileInfo(key_format=key_format, family=family, rank=lora_rank(header),
                         tensor_count=len(_tensor_keys(header)), metadata=dict(header.get("__metadata__", {})),
                         cross_attention_dim=dim)
+
+
+def refuse_other_family(path: Path, expected_family: str, *, base_model: str) -> None:
+    """Before a LoRA is loaded onto a pipeline: refuse it (LoraFileError, naming both families) when its
+    family is known and differs from the base model's, or when it is a FLUX LoRA with a key naming no
+    FLUX module; a LoRA whose family cannot be told is left to the loader, which reports what does not fit."""
+    try:
+        family = detect_family(read_safetensors_header(Path(path)))
+    except LoraFileError:
+        return  # not readable as a LoRA here: the loader's own error names the problem
+    if family == "flux" or (expected_family != UNKNOWN_FAMILY and not family.startswith(UNKNOWN_FAMILY)
+                            and family != expected_family):
+        inspect_lora_file(Path(path), expected_family, base_model=base_model)
