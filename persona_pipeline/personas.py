@@ -298,6 +298,21 @@ class PersonaConfig(_Strict):
     instagram: InstagramAccount | None = None
     training: TrainingOverrides = TrainingOverrides()
     generation: GenerationSettings = GenerationSettings()
+    # This persona's base model (`tiny`, `tiny-flux`, `world`, a local folder or hub id); unset:
+    # PERSONA_BASE_MODEL. `family` (sd15, sdxl, flux) says which family it must be: a base model of
+    # another family is refused, naming both, before anything trains or draws.
+    base_model: str | None = Field(default=None, min_length=1)
+    family: str | None = None
+
+    @field_validator("family")
+    @classmethod
+    def _registered_family(cls, value: str | None) -> str | None:
+        from persona_pipeline.training.families import families
+
+        names = [family.name for family in families()]
+        if value is not None and value not in names:
+            raise ValueError(f"unknown model family {value!r}; one of {', '.join(names)}")
+        return value
 
     @field_validator("timezone")
     @classmethod

@@ -1,5 +1,7 @@
-"""The whole chain on the tiny FLUX.1 model (PERSONA_BASE_MODEL=tiny-flux), on SQLite and PostgreSQL:
-dataset -> FLUX LoRA (trained, checkpoints rendered and scored) -> candidates drawn with it -> post."""
+"""The whole chain on the tiny FLUX.1 model, chosen in persona.yaml (`base_model: tiny-flux`, `family: flux`)
+while PERSONA_BASE_MODEL is an SD model, on SQLite and PostgreSQL: dataset -> FLUX LoRA (trained,
+checkpoints rendered and scored) -> candidates drawn with it -> post; and a persona whose family and
+base model disagree refused, naming both."""
 
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ pytestmark = pytest.mark.slow
 def test_tiny_flux_chain_from_dataset_to_post(backend, tmp_path):
     url, cleanup = make_database(backend, tmp_path)
     try:
-        settings = make_settings(tmp_path, url, base_model="tiny-flux")
-        folder = write_persona(settings.datasets_dir, "tester", photos=12)
+        settings = make_settings(tmp_path, url, base_model="tiny")
+        folder = write_persona(settings.datasets_dir, "tester", photos=12, base_model="tiny-flux", family="flux")
         result, resources = materialise_persona(ASSETS, settings, folder)
         assert result.success
         with session_scope(settings.database_url) as session:
@@ -52,3 +54,19 @@ def test_tiny_flux_chain_from_dataset_to_post(backend, tmp_path):
             assert trace["candidate"]["id"] == post.candidate_id
     finally:
         cleanup()
+
+
+def test_persona_family_and_base_model_must_agree(tmp_path):
+    from persona_pipeline.personas import PersonaConfig, load_persona
+    from persona_pipeline.resources.diffusion import DiffusionBackend
+    from persona_pipeline.training.params import TrainingConfigError
+
+    backend = DiffusionBackend(base_model="tiny", models_dir=str(tmp_path / "models"))
+    config = load_persona(write_persona(tmp_path / "datasets", "mira", family="flux")).config
+    with pytest.raises(TrainingConfigError, match=r"persona.yaml family='flux', but its base model 'tiny' is 'sd15'"):
+        backend.for_persona(config)
+    chosen = backend.for_persona(config.model_copy(update={"base_model": "tiny-flux"}))
+    assert (chosen.base_model, chosen.family_name(), chosen.models_dir) == ("tiny-flux", "flux", backend.models_dir)
+    assert backend.for_persona(config.model_copy(update={"family": None})) is backend  # nothing chosen: the default
+    with pytest.raises(ValueError, match="unknown model family 'qwen'; one of sdxl, sd15, flux"):
+        PersonaConfig.model_validate({**config.model_dump(), "family": "qwen"})

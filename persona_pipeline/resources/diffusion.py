@@ -36,7 +36,7 @@ from persona_pipeline.resources.diffusion_runtime import (GenerationInputError, 
                                                           quiet_adapters, shared_runtime, torch_threads)
 from persona_pipeline.resources.diffusion_samplers import GenerationParamError, check_generation_params, make_scheduler
 from persona_pipeline.training.families import families, model_family
-from persona_pipeline.training.lora import LoraTrainingParams, TrainingResult, train_lora
+from persona_pipeline.training.lora import LoraTrainingParams, TrainingConfigError, TrainingResult, train_lora
 from persona_pipeline.world.world_models import world_models_id, world_sd_path
 from persona_pipeline.training.tiny_models import (TINY_CONTROLNET_NAME, TINY_FLUX_NAME, TINY_RESOLUTION, TINY_SD_NAME,
                                                    build_tiny_controlnet, build_tiny_flux, build_tiny_sd)
@@ -92,6 +92,21 @@ class DiffusionBackend(dg.ConfigurableResource):
     @property
     def is_world(self) -> bool:
         return self.base_model == WORLD_BASE_MODEL
+
+    def for_persona(self, config) -> "DiffusionBackend":
+        """This backend on the persona's own base model (persona.yaml `base_model`, else this one's),
+        after checking it is of the family the persona asks for (`family`), naming both if not."""
+        chosen = self if not config.base_model or config.base_model == self.base_model else DiffusionBackend(
+            base_model=config.base_model, device=self.device, models_dir=self.models_dir, candidates_per_run=self.candidates_per_run,
+            controlnet_model=self.controlnet_model, batch_size=self.batch_size)
+        if config.family and chosen.family_name() != config.family:
+            raise TrainingConfigError(f"persona.yaml family={config.family!r}, but its base model {chosen.base_model!r} is "
+                                      f"{chosen.family_name()!r}; set base_model to a {config.family} model or change family")
+        return chosen
+
+    def family_name(self) -> str:
+        """The registered family (sd15, sdxl, flux) of the base model, from its model_index.json."""
+        return model_family(self.base_model_path())
 
     @property
     def is_flow_matching(self) -> bool:
