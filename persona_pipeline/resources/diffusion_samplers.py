@@ -4,7 +4,8 @@ protocol"), and the parameter check the diffusers backend runs before any model 
 
 from __future__ import annotations
 
-from persona_pipeline.domain.generation_params import COMFY_SAMPLERS, COMFY_SCHEDULERS, ParamError, check_params
+from persona_pipeline.domain.generation_params import (COMFY_SAMPLERS, COMFY_SCHEDULERS, FLUX_GUIDANCE_RANGE, ParamError,
+                                                       check_params)
 
 
 class GenerationParamError(ParamError):
@@ -60,9 +61,10 @@ def check_generation_params(*, steps: int, cfg: float, sampler: str, scheduler: 
         raise GenerationParamError("denoise = 0 would return the parent unchanged; use a value in (0, 1]")
     if flow_matching:
         flow_scheduler_check(sampler, scheduler)
-        if cfg > FLUX_GUIDANCE_MAX:
+        low, high = FLUX_GUIDANCE_RANGE
+        if not low <= cfg <= high:
             raise GenerationParamError(f"cfg={cfg} is out of range for FLUX.1: it is the distilled guidance "
-                                       f"(ComfyUI's FluxGuidance), 1 to {FLUX_GUIDANCE_MAX:g}")
+                                       f"(ComfyUI's FluxGuidance), {low:g} to {high:g}")
         return
     scheduler_options(sampler, scheduler)
 
@@ -96,7 +98,6 @@ def scheduler_options(sampler: str, scheduler: str) -> tuple[str, dict]:
 
 # FLUX.1 draws with Euler on its flow-matching schedule, as ComfyUI's FLUX workflows do (euler + simple).
 FLOW_SAMPLERS, FLOW_SCHEDULERS = ("euler",), ("simple", "normal")
-FLUX_GUIDANCE_MAX = 10.0
 
 
 def flow_scheduler_check(sampler: str, scheduler: str) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from persona_pipeline.domain.generation_params import FLUX_GUIDANCE_RANGE
+
 
 class TrainingConfigError(ValueError):
     """A training setting, the dataset or the base model is unusable; the message names which."""
@@ -49,7 +51,7 @@ class LoraTrainingParams:
         "prior_loss_weight": (0, 10), "checkpoint_every": (0, 100000), "text_encoder_lr": (0, 1e-2),
         "max_sequence_length": (8, 512),
     }
-    GUIDANCE = (1.0, 10.0)  # FLUX.1 [dev]'s distilled guidance: 1 (training default) to 10
+    GUIDANCE = FLUX_GUIDANCE_RANGE  # FLUX.1 [dev]'s distilled guidance, as generation bounds it
     TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
     QUANTIZATIONS = ("none", "int8", "fp8")
     OPTIMIZERS = ("adamw", "adamw8bit")

@@ -58,7 +58,7 @@ FAMILY = ModelFamily(
     lora_key_format="diffusers",
     lora_key_prefix=LORA_PREFIX,
     pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "pose": "FluxControlNetPipeline"},
-    comfyui_templates=(),  # FLUX templates (UNETLoader, DualCLIPLoader, FluxGuidance) are not written yet
+    comfyui_templates=("flux_txt2img_lora", "flux_img2img_refine"),
     preset=LoraTrainingParams(rank=16, alpha=16.0, steps=1000, learning_rate=1e-4, batch_size=1, resolution=1024,
                               gradient_checkpointing=True, checkpoint_every=250, max_sequence_length=512),
     validation_render=(1024, 28),
