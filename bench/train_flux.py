@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _report import emit, record  # noqa: E402  (bench/ is on sys.path)
-from train_lora import MIB, PeakRss, SideRun, make_dataset, release_memory, rss_bytes  # noqa: E402
+import train_lora  # noqa: E402
+from train_lora import MIB, SideRun, make_dataset, release_memory  # noqa: E402
 
 RESOLUTION = 128
 BATCH_SIZE = 2
@@ -281,18 +282,7 @@ def our_train(base: str, dataset_dir: Path, steps: int, out_dir: Path, run: Side
 
 
 def measure(side: str, steps: int, work: Path, base: str, dataset_dir: Path, items, tag: str) -> SideRun:
-    run = SideRun(side=side, steps=steps)
-    out_dir = work / f"{side}-{tag}"
-    release_memory()
-    run.baseline_rss = rss_bytes()
-    with PeakRss() as peak:
-        if side == "reference":
-            reference_train(base, items, steps, out_dir, run)
-        else:
-            our_train(base, dataset_dir, steps, out_dir, run)
-    run.peak_rss, run.kernel_peak_rss = peak.peak, peak.kernel_peak
-    release_memory()
-    return run
+    return train_lora.measure(side, steps, work, base, dataset_dir, items, tag, reference=reference_train, ours=our_train)
 
 
 def report(reference: list[SideRun], ours: list[SideRun], header: str) -> bool:

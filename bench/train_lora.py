@@ -311,16 +311,19 @@ def our_train(base: str, dataset_dir: Path, steps: int, out_dir: Path, run: Side
     run.losses = list(result.losses)
 
 
-def measure(side: str, steps: int, work: Path, base: str, dataset_dir: Path, items, tag: str) -> SideRun:
+def measure(side: str, steps: int, work: Path, base: str, dataset_dir: Path, items, tag: str, *,
+            reference=None, ours=None) -> SideRun:
+    """One side's run with its peak RSS; `reference` / `ours` replace this benchmark's two trainers
+    (bench/train_flux.py passes its FLUX ones)."""
     run = SideRun(side=side, steps=steps)
     out_dir = work / f"{side}-{tag}"
     release_memory()
     run.baseline_rss = rss_bytes()
     with PeakRss() as peak:
         if side == "reference":
-            reference_train(base, items, steps, out_dir, run)
+            (reference or reference_train)(base, items, steps, out_dir, run)
         else:
-            our_train(base, dataset_dir, steps, out_dir, run)
+            (ours or our_train)(base, dataset_dir, steps, out_dir, run)
     run.peak_rss, run.kernel_peak_rss = peak.peak, peak.kernel_peak
     release_memory()
     return run

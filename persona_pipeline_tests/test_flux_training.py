@@ -42,6 +42,7 @@ def _image(pipe, prompt: str = "t3st woman"):
 
 # -- registry and tiny models --------------------------------------------------------------------
 
+@pytest.mark.slow  # builds the tiny models (module fixture)
 def test_registry_detects_each_family_from_model_index(models):
     assert [detect_family(models[name]).name for name in ("sd15", "sdxl", "flux", "schnell")] == ["sd15", "sdxl", "flux", "flux"]
     assert {f.name for f in families()} == {"sd15", "sdxl", "flux"}
@@ -190,6 +191,7 @@ def test_text_embeddings_are_cached_once_and_another_tokenizers_cache_is_refused
 
 # -- bad input -----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # builds the tiny models (module fixture)
 def test_guidance_and_quantisation_settings_are_checked_by_name(models, tmp_path):
     with pytest.raises(TrainingConfigError, match=r"training.guidance=12.0 is out of range \[1.0, 10.0\]"):
         LoraTrainingParams(guidance=12.0).validate("cpu")
@@ -217,6 +219,7 @@ def _flux_lora(path: Path, extra_key: str | None = None) -> Path:
     return path
 
 
+@pytest.mark.slow  # builds the tiny models (module fixture)
 def test_lora_of_the_other_family_is_refused_naming_both(models, tmp_path):
     flux_lora = _flux_lora(tmp_path / "face.safetensors")
     assert base_model_family(models["flux"]) == "flux"

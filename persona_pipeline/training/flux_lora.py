@@ -15,7 +15,6 @@ What it adds to the example loop, as the SD loop (`training.lora`) does:
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,8 +23,8 @@ from persona_pipeline.fileio import sha256_file, write_via_temp
 from persona_pipeline.training.families import flux
 from persona_pipeline.training.kohya_dataset import read_kohya_dataset
 from persona_pipeline.training.latent_cache import cached_flux_inputs
-from persona_pipeline.training.lora import (CHECKPOINT_DIR, STATE_FILE, TrainingDiverged, TrainingResult, _eta,
-                                            _optimizer, _resume, _save_state)
+from persona_pipeline.training.lora import (CHECKPOINT_DIR, STATE_FILE, Progress, TrainingResult, _optimizer, _resume,
+                                            _save_state, apply_update, prior_weighted, training_result)
 from persona_pipeline.training.params import LoraTrainingParams, TrainingConfigError, resolve_mixed_precision
 
 
@@ -95,7 +94,7 @@ def train_flux_lora(
 
     every = params.checkpoint_every or params.steps
     transformer.train()
-    last_log, loop_started, done_before = 0.0, time.perf_counter(), start_step
+    progress = Progress(params.steps, start_step, log, log_interval_s)
     for step in range(start_step + 1, params.steps + 1):
         index = torch.as_tensor(rng.choice(len(dataset.items), size=params.batch_size, p=sampling), device=accelerator.device)
         flip = (torch.rand(params.batch_size) < 0.5 if dataset.flip else torch.zeros(params.batch_size, dtype=torch.bool))
@@ -114,25 +113,9 @@ def train_flux_lora(
         # Back to (B, C, H, W): _unpack_latents takes pixel sizes and the VAE factor (8 here: any, it cancels out).
         prediction = FluxPipeline._unpack_latents(prediction, height * 8, width * 8, 8)
         per_sample = F.mse_loss(prediction.float(), (noise - latents).float(), reduction="none").mean(dim=(1, 2, 3))
-        weights = torch.where(is_reg[index], params.prior_loss_weight, 1.0)
-        loss = (per_sample * weights).sum() / weights.sum().clamp(min=1e-8)
-
-        if not math.isfinite(loss.item()):
-            last = checkpoints[-1][1] if checkpoints else None
-            raise TrainingDiverged(
-                f"training loss became {loss.item()} at step {step}/{params.steps}; stopped before applying it. "
-                f"Last good checkpoint: {last if last else 'none yet (set training.checkpoint_every)'}. "
-                f"Lower training.learning_rate (now {params.learning_rate}) or use mixed_precision 'no'.", last)
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(round(loss.item(), 6))
-
-        now = time.perf_counter()
-        if step == start_step + 1 or step == params.steps or now - last_log >= log_interval_s:
-            rate = (step - done_before) / max(now - loop_started, 1e-9)
-            log(f"lora step {step}/{params.steps} loss {losses[-1]:.4f} {rate:.2f} it/s ETA {_eta((params.steps - step) / rate)}")
-            last_log = now
+        loss = prior_weighted(per_sample, is_reg[index], params.prior_loss_weight)
+        apply_update(loss, step, params, checkpoints, accelerator, optimizer, losses)
+        progress.step(step, losses[-1])
         if step % every == 0 or step == params.steps:
             path = checkpoint_dir / f"{stem}-step{step:06d}.safetensors"
             adapted = accelerator.unwrap_model(transformer)
@@ -142,11 +125,7 @@ def train_flux_lora(
             checkpoints = [c for c in checkpoints if c[0] != step] + [(step, path)]
             _save_state(state_path, step, params, [adapted], optimizer, rng, losses, checkpoints)
 
-    final = checkpoints[-1][1]
-    return TrainingResult(lora_path=final, sha256=sha256_file(final), checkpoints=checkpoints, losses=losses,
-                          seconds=round(time.perf_counter() - started, 2),
-                          image_count=sum(1 for item in dataset.items if not item.is_reg), resumed_from=start_step,
-                          family=flux.FAMILY.name, mixed_precision=precision)
+    return training_result(checkpoints, losses, started, dataset, start_step, flux.FAMILY.name, precision)
 
 
 def save_flux_checkpoint(transformer, alpha: float, path: Path, metadata: dict[str, str]) -> str:

@@ -155,7 +155,7 @@ def train_unet_lora(
 
     every = params.checkpoint_every or params.steps
     unet.train()
-    last_log, loop_started, done_before = 0.0, time.perf_counter(), start_step
+    progress = Progress(params.steps, start_step, log, log_interval_s)
     for step in range(start_step + 1, params.steps + 1):
         index = torch.as_tensor(rng.choice(len(dataset.items), size=params.batch_size, p=sampling), device=accelerator.device)
         flip = torch.rand(params.batch_size) < 0.5 if dataset.flip else torch.zeros(params.batch_size, dtype=torch.bool)
@@ -180,25 +180,9 @@ def train_unet_lora(
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if params.min_snr_gamma:
             per_sample = per_sample * _min_snr_weights(scheduler, timesteps, params.min_snr_gamma)
-        weights = torch.where(is_reg[index], params.prior_loss_weight, 1.0)
-        loss = (per_sample * weights).sum() / weights.sum().clamp(min=1e-8)
-
-        if not math.isfinite(loss.item()):
-            last = checkpoints[-1][1] if checkpoints else None
-            raise TrainingDiverged(
-                f"training loss became {loss.item()} at step {step}/{params.steps}; stopped before applying it. "
-                f"Last good checkpoint: {last if last else 'none yet (set training.checkpoint_every)'}. "
-                f"Lower training.learning_rate (now {params.learning_rate}) or use mixed_precision 'no'.", last)
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(round(loss.item(), 6))
-
-        now = time.perf_counter()
-        if step == start_step + 1 or step == params.steps or now - last_log >= log_interval_s:
-            rate = (step - done_before) / max(now - loop_started, 1e-9)
-            log(f"lora step {step}/{params.steps} loss {losses[-1]:.4f} {rate:.2f} it/s ETA {_eta((params.steps - step) / rate)}")
-            last_log = now
+        loss = prior_weighted(per_sample, is_reg[index], params.prior_loss_weight)
+        apply_update(loss, step, params, checkpoints, accelerator, optimizer, losses)
+        progress.step(step, losses[-1])
         if step % every == 0 or step == params.steps:
             path = checkpoint_dir / f"{stem}-step{step:06d}.safetensors"
             adapted = [accelerator.unwrap_model(m) for m in (unet, *text_encoders)]
@@ -208,11 +192,54 @@ def train_unet_lora(
             checkpoints = [c for c in checkpoints if c[0] != step] + [(step, path)]
             _save_state(state_path, step, params, adapted, optimizer, rng, losses, checkpoints)
 
+    return training_result(checkpoints, losses, started, dataset, start_step, model.family, precision)
+
+
+def prior_weighted(per_sample, is_reg, prior_loss_weight: float):
+    """The batch loss: regularisation images weighted by training.prior_loss_weight (prior preservation)."""
+    import torch
+
+    weights = torch.where(is_reg, prior_loss_weight, 1.0)
+    return (per_sample * weights).sum() / weights.sum().clamp(min=1e-8)
+
+
+def apply_update(loss, step: int, params: LoraTrainingParams, checkpoints, accelerator, optimizer, losses: list[float]) -> None:
+    """Backward and optimizer step, unless the loss is not finite: then stop before the bad update,
+    naming the step and the last good checkpoint (every one written so far is kept)."""
+    if not math.isfinite(loss.item()):
+        last = checkpoints[-1][1] if checkpoints else None
+        raise TrainingDiverged(
+            f"training loss became {loss.item()} at step {step}/{params.steps}; stopped before applying it. "
+            f"Last good checkpoint: {last if last else 'none yet (set training.checkpoint_every)'}. "
+            f"Lower training.learning_rate (now {params.learning_rate}) or use mixed_precision 'no'.", last)
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+    losses.append(round(loss.item(), 6))
+
+
+class Progress:
+    """Progress lines for the run log: the first and last step, and at most one per `interval_s` between."""
+
+    def __init__(self, steps: int, start_step: int, log: Callable[[str], None], interval_s: float):
+        self.steps, self.start_step, self.log, self.interval_s = steps, start_step, log, interval_s
+        self.last_log, self.started = 0.0, time.perf_counter()
+
+    def step(self, step: int, loss: float) -> None:
+        now = time.perf_counter()
+        if step == self.start_step + 1 or step == self.steps or now - self.last_log >= self.interval_s:
+            rate = (step - self.start_step) / max(now - self.started, 1e-9)
+            self.log(f"lora step {step}/{self.steps} loss {loss:.4f} {rate:.2f} it/s ETA {_eta((self.steps - step) / rate)}")
+            self.last_log = now
+
+
+def training_result(checkpoints, losses, started: float, dataset: KohyaDataset, start_step: int, family: str,
+                    precision: str) -> TrainingResult:
     final = checkpoints[-1][1]
     return TrainingResult(lora_path=final, sha256=sha256_file(final), checkpoints=checkpoints, losses=losses,
                           seconds=round(time.perf_counter() - started, 2),
                           image_count=sum(1 for item in dataset.items if not item.is_reg), resumed_from=start_step,
-                          family=model.family, mixed_precision=precision)
+                          family=family, mixed_precision=precision)
 
 
 def _optimizer(params: LoraTrainingParams, parameters):
