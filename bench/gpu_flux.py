@@ -22,7 +22,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from _report import emit, record, skip  # noqa: E402
 
-RESOLUTION, RANK, SEQ_LEN, LEARNING_RATE = 1024, 16, 512, 1e-4
+RESOLUTION, RANK, SEQ_LEN = 1024, 16, 512  # lr 1e-4 on both sides, as bench/train_flux.py
 SPEED_TARGET, MEMORY_TARGET_GIB = 1.2, 24.0
 GIB = 1024 ** 3
 
@@ -70,34 +69,28 @@ def build_full_flux(folder: Path) -> Path:
 
 
 def run_side(side: str, quantized: bool, base: str, steps: int, work: Path) -> dict:
-    """One configuration in this process: seconds per step over the steps after the first, and the peak."""
+    """One configuration in this process: steps per second from the end of model loading to the saved
+    LoRA (each side's caching pass included, as bench/train_flux.py measures), and the peak GPU memory."""
     import torch
 
-    from train_flux import SideRun, make_dataset, reference_train  # bench/ is on sys.path
-
-    from persona_pipeline.training import lora
+    from train_flux import SideRun, make_dataset, our_train, reference_train  # bench/ is on sys.path
 
     dataset = work / f"dataset-{side}-{int(quantized)}"
     items = make_dataset(dataset, 4)
     torch.cuda.reset_peak_memory_stats()
-    stamps: list[float] = []
-    started = time.perf_counter()
+    run = SideRun(side=side, steps=steps)
     if side == "reference":
         from diffusers import BitsAndBytesConfig
 
-        run = SideRun(side=side, steps=steps)
         reference_train(base, items, steps, work / "reference", run, device="cuda", precision="bf16", resolution=RESOLUTION,
-                        seq_len=SEQ_LEN, gradient_checkpointing=True,
+                        seq_len=SEQ_LEN, gradient_checkpointing=True, rank=RANK, batch_size=1,
                         quantization_config=BitsAndBytesConfig(load_in_8bit=True) if quantized else None)
-        seconds = run.loop_s
     else:
-        params = lora.LoraTrainingParams(rank=RANK, alpha=float(RANK), steps=steps, learning_rate=LEARNING_RATE, batch_size=1,
-                                         resolution=RESOLUTION, mixed_precision="bf16", gradient_checkpointing=True,
-                                         max_sequence_length=SEQ_LEN, quantize_base="int8" if quantized else "none")
-        result = lora.train_lora(base, dataset, work / "ours", params, device="cuda", log=print, cache_dir=work / "cache")
-        seconds = result.seconds
+        our_train(base, dataset, steps, work / "ours", run, device="cuda", rank=RANK, alpha=float(RANK), batch_size=1,
+                  resolution=RESOLUTION, mixed_precision="bf16", gradient_checkpointing=True, max_sequence_length=SEQ_LEN,
+                  quantize_base="int8" if quantized else "none")
     torch.cuda.synchronize()
-    stamps.append(time.perf_counter() - started)
+    seconds = run.caching_s + run.loop_s
     return {"side": side, "quantized": quantized, "steps": steps, "seconds": seconds,
             "it_per_s": steps / seconds, "peak_gib": torch.cuda.max_memory_allocated() / GIB}
 

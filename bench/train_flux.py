@@ -122,7 +122,8 @@ def model_summary(base: str) -> str:
 
 def reference_train(base: str, items: list[tuple[Path, str]], steps: int, out_dir: Path, run: SideRun, *,
                     device: str = "cpu", precision: str = "no", resolution: int = RESOLUTION, seq_len: int = SEQ_LEN,
-                    gradient_checkpointing: bool = False, quantization_config=None) -> None:
+                    gradient_checkpointing: bool = False, quantization_config=None, rank: int = RANK,
+                    batch_size: int = BATCH_SIZE) -> None:
     """The per-step work of train_dreambooth_lora_flux.py (module docstring). The keyword options are
     the script's --mixed_precision, --resolution, --max_sequence_length and --gradient_checkpointing
     (bench/gpu_flux.py); `quantization_config` loads its transformer quantised, as diffusers' QLoRA
@@ -157,7 +158,7 @@ def reference_train(base: str, items: list[tuple[Path, str]], steps: int, out_di
         model.to(accelerator.device, dtype=weight_dtype)
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                        target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=LEARNING_RATE,
                                   betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
@@ -172,8 +173,8 @@ def reference_train(base: str, items: list[tuple[Path, str]], steps: int, out_di
     pixels = [torch.flip(p, dims=[2]) if torch.rand(()) < 0.5 else p for p in pixels]
     batches = []  # one epoch of a shuffled DataLoader, repeated: the cache is indexed by the step within the epoch
     order = rng.permutation(len(items))
-    for start in range(0, len(order), BATCH_SIZE):
-        batches.append([int(i) for i in order[start:start + BATCH_SIZE]])
+    for start in range(0, len(order), batch_size):
+        batches.append([int(i) for i in order[start:start + batch_size]])
     with torch.no_grad():
         latents_cache = [vae.encode(torch.stack([pixels[i] for i in batch]).to(accelerator.device, dtype=weight_dtype)).latent_dist
                          for batch in batches]
@@ -246,9 +247,11 @@ def reference_train(base: str, items: list[tuple[Path, str]], steps: int, out_di
     run.encode_s = encode_s
 
 
-def our_train(base: str, dataset_dir: Path, steps: int, out_dir: Path, run: SideRun) -> None:
+def our_train(base: str, dataset_dir: Path, steps: int, out_dir: Path, run: SideRun, *, device: str = "cpu",
+              **settings) -> None:
     """`train_lora` as the pipeline calls it; its phases are stamped from outside (the loader wrapped,
-    the transformer's first forward hooked), without touching the trainer."""
+    the transformer's first forward hooked), without touching the trainer. `settings` override this
+    benchmark's training settings (bench/gpu_flux.py's full-size ones)."""
     from persona_pipeline.training import lora
     from persona_pipeline.training.families import flux
 
@@ -261,13 +264,13 @@ def our_train(base: str, dataset_dir: Path, steps: int, out_dir: Path, run: Side
         loaded.transformer.register_forward_pre_hook(lambda _m, _a: marks.setdefault("first_step", time.perf_counter()) and None)
         return loaded
 
-    params = lora.LoraTrainingParams(rank=RANK, alpha=float(RANK), steps=steps, learning_rate=LEARNING_RATE,
-                                     batch_size=BATCH_SIZE, resolution=RESOLUTION, seed=0, mixed_precision="no",
-                                     max_sequence_length=SEQ_LEN, guidance=GUIDANCE)
+    params = lora.LoraTrainingParams(**{**dict(rank=RANK, alpha=float(RANK), steps=steps, learning_rate=LEARNING_RATE,
+                                               batch_size=BATCH_SIZE, resolution=RESOLUTION, seed=0, mixed_precision="no",
+                                               max_sequence_length=SEQ_LEN, guidance=GUIDANCE), **settings})
     flux.load_frozen_flux = timed_loader
     try:
         started = time.perf_counter()
-        result = lora.train_lora(base, dataset_dir, out_dir, params, device="cpu", weight_name="ours.safetensors",
+        result = lora.train_lora(base, dataset_dir, out_dir, params, device=device, weight_name="ours.safetensors",
                                  log=lambda _message: None, cache_dir=out_dir / "cache")
         finished = time.perf_counter()
     finally:
