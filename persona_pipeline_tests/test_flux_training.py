@@ -239,3 +239,18 @@ def test_flux_lora_with_an_unknown_key_is_refused_naming_it(tmp_path):
                                             r"'transformer.single_transformer_blocks.0.attn.to_gate.lora_A.weight' names no"):
         inspect_lora_file(odd, None)
     assert inspect_lora_file(_flux_lora(tmp_path / "ok.safetensors"), None).family == "flux"
+
+
+def test_a_quantised_base_names_the_library_it_needs_when_missing():
+    import importlib.util
+
+    import torch as _torch
+
+    for quantize, library in (("int8", "bitsandbytes"), ("fp8", "torchao")):
+        if importlib.util.find_spec(library):
+            continue  # installed here: the CUDA path itself is bench/gpu_flux.py's to measure
+        with pytest.raises(TrainingConfigError, match=rf"training.quantize_base='{quantize}' needs {library} \(pip install {library}\)"):
+            flux._quantization_config(quantize, _torch.bfloat16)
+    assert flux._quantization_config("none", _torch.bfloat16) is None
+    for family in families():  # every family's preset is a valid setting on its own
+        family.preset.validate()
