@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 PREFIX = "BENCH_RESULT "
+SKIP_PREFIX = "BENCH_SKIPPED "
 _RECORDED: list[dict] = []
 
 
@@ -71,6 +72,17 @@ def emit() -> None:
         print(line(entry))
     sys.stdout.flush()
     _RECORDED.clear()
+
+
+def skip(reason: str) -> None:
+    """Say that this machine cannot run the benchmark (a GPU benchmark without CUDA) and why; with
+    exit status 0 and no results, run_all shows the row as SKIPPED instead of FAILED."""
+    print(SKIP_PREFIX + " ".join(reason.split()), flush=True)
+
+
+def skipped(text: str) -> str | None:
+    """The reason a benchmark gave for skipping, or None."""
+    return next((raw[len(SKIP_PREFIX):] for raw in text.splitlines() if raw.startswith(SKIP_PREFIX)), None)
 
 
 def parse(text: str) -> list[dict]:

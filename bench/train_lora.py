@@ -327,7 +327,7 @@ def kohya_train(base: str, items: list[tuple[Path, str]], steps: int, out_dir: P
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from persona_pipeline.training.lora import load_pixels
-    from persona_pipeline.training.stable_diffusion import LORA_TARGET_MODULES
+    from persona_pipeline.training.lora import LORA_TARGET_MODULES
 
     started = time.perf_counter()
     tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
@@ -420,18 +420,21 @@ def our_train(base: str, dataset_dir: Path, steps: int, out_dir: Path, run: Side
     run.losses = list(result.losses)
 
 
-def measure(side: str, steps: int, work: Path, base: str, dataset_dir: Path, items, tag: str) -> SideRun:
+def measure(side: str, steps: int, work: Path, base: str, dataset_dir: Path, items, tag: str, *,
+            reference=None, ours=None) -> SideRun:
+    """One side's run with its peak RSS; `reference` / `ours` replace this benchmark's diffusers-loop
+    and our trainers (bench/train_flux.py passes its FLUX ones); side "kohya" is the kohya-style loop."""
     run = SideRun(side=side, steps=steps)
     out_dir = work / f"{side}-{tag}"
     release_memory()
     run.baseline_rss = rss_bytes()
     with PeakRss() as peak:
         if side == "reference":
-            reference_train(base, items, steps, out_dir, run)
+            (reference or reference_train)(base, items, steps, out_dir, run)
         elif side == "kohya":
             kohya_train(base, items, steps, out_dir, run)
         else:
-            our_train(base, dataset_dir, steps, out_dir, run)
+            (ours or our_train)(base, dataset_dir, steps, out_dir, run)
     run.peak_rss, run.kernel_peak_rss = peak.peak, peak.kernel_peak
     release_memory()
     return run

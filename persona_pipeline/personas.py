@@ -206,6 +206,11 @@ class TrainingOverrides(_Strict):
     noise_offset: float | None = Field(default=None, ge=0, le=1)
     prior_loss_weight: float | None = Field(default=None, ge=0, le=10)
     checkpoint_every: int | None = Field(default=None, ge=0, le=100000)
+    # FLUX.1 only (docs/training.md#flux1); ranges are checked with the other settings (training/params.py).
+    guidance: float | None = None
+    timestep_sampling: Literal["logit_normal", "uniform"] | None = None
+    max_sequence_length: int | None = None
+    quantize_base: Literal["none", "int8", "fp8"] | None = None
     seed: int = 0
     # Checkpoint selection renders every checkpoint on these prompts and seeds.
     validation_prompts: list[str] = Field(default=[
@@ -224,7 +229,8 @@ class TrainingOverrides(_Strict):
         """The fields that override the preset's LoraTrainingParams."""
         return self.model_dump(include={"rank", "alpha", "steps", "learning_rate", "batch_size", "resolution", "optimizer",
                                         "mixed_precision", "gradient_checkpointing", "min_snr_gamma", "noise_offset",
-                                        "prior_loss_weight", "checkpoint_every", "seed"})
+                                        "prior_loss_weight", "checkpoint_every", "guidance", "timestep_sampling",
+                                        "max_sequence_length", "quantize_base", "seed"})
 
 
 class StepParams(_Strict):
@@ -311,6 +317,21 @@ class PersonaConfig(_Strict):
     instagram: InstagramAccount | None = None
     training: TrainingOverrides = TrainingOverrides()
     generation: GenerationSettings = GenerationSettings()
+    # This persona's base model (`tiny`, `tiny-flux`, `world`, a local folder or hub id); unset:
+    # PERSONA_BASE_MODEL. `family` (sd15, sdxl, flux) says which family it must be: a base model of
+    # another family is refused, naming both, before anything trains or draws.
+    base_model: str | None = Field(default=None, min_length=1)
+    family: str | None = None
+
+    @field_validator("family")
+    @classmethod
+    def _registered_family(cls, value: str | None) -> str | None:
+        from persona_pipeline.training.families import families
+
+        names = [family.name for family in families()]
+        if value is not None and value not in names:
+            raise ValueError(f"unknown model family {value!r}; one of {', '.join(names)}")
+        return value
 
     @field_validator("timezone")
     @classmethod

@@ -228,8 +228,9 @@ class Settings:
     base_model: str = setting(
         "PERSONA_BASE_MODEL", TEXT, "world",
         "Base model for training and generation: `world` (the committed model trained on the procedural world, "
-        "64 px; docs/world.md), `tiny` (random weights, for tests that need shapes alone), or a local folder / hub "
-        "id of a diffusers SD1.5 (or 2.x) or SDXL model; the family is read from its `model_index.json`.")
+        "64 px; docs/world.md), `tiny` (random weights, for tests that need shapes alone), `tiny-flux` (the same in "
+        "FLUX.1 [dev]'s layout), or a local folder / hub id of a diffusers SD1.5 (or 2.x), SDXL or FLUX.1 model; the "
+        "family is read from its `model_index.json` (docs/training.md#model-families).")
     clip_model: str = setting(
         "PERSONA_CLIP_MODEL", TEXT, "world",
         "open_clip model: `world` (the committed CLIP model trained on the procedural world; docs/world.md), `tiny` "

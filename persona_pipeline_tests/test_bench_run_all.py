@@ -123,6 +123,10 @@ FAKES = {
         if __name__ == "__main__":
             print("ran, but reported nothing")
     """,
+    "nogpu.py": """
+        if __name__ == "__main__":
+            print("BENCH_SKIPPED no CUDA device: nothing measured")
+    """,
     "missed.py": """
         import json, sys
         if __name__ == "__main__":
@@ -177,6 +181,7 @@ def test_failing_silent_missed_and_timed_out_benchmarks_are_rows_and_exit_nonzer
     assert "FAILED (exit 3, no BENCH_RESULT)" in row("broken")
     assert "boom: the benchmark crashed" in done.stderr          # the log's tail, for the reader
     assert "FAILED (exit 0, no BENCH_RESULT)" in row("silent")
+    assert "SKIPPED (no CUDA device: nothing measured)" in row("nogpu")  # said why and exited 0: not a failure
     assert "TIMEOUT after 4 s" in row("sleepy")
     missed = row("missed")
     assert "FAIL (exit 1, target missed)" in missed and "0.75x" in missed and ">= 1x: FAIL" in missed

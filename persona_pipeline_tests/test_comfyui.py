@@ -6,6 +6,7 @@ temp files), whatever failed on the way.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -565,3 +566,23 @@ def test_fake_server_job_time_follows_the_sampler_steps_when_seconds_per_step_is
     assert run_s["short"] >= 0.08 and run_s["long"] >= 0.45 and run_s["long"] - run_s["short"] >= 0.3, run_s
     with pytest.raises(ValueError, match="unknown fault knob 'seconds_per_steps'"):
         server.set_faults(seconds_per_steps=0.1)
+
+
+def test_flux_templates_run_on_the_fake_with_model_only_loras(servers, tmp_path):
+    """FLUX's loaders (UNETLoader, DualCLIPLoader, VAELoader), FluxGuidance and LoraLoaderModelOnly
+    pass the fake's /object_info validation as ComfyUI's would; a CLIP input on a model-only LoRA does not."""
+    from persona_pipeline.domain.workflows import LoraRef, fill_template, inject_loras, load_template
+
+    workflows = Path(__file__).resolve().parents[1] / "workflows"
+    values = {"prompt": "t3st woman", "negative_prompt": "", "checkpoint": "flux1-dev.safetensors", "filename_prefix": "flux/c",
+              "seed": 5, "steps": 4, "cfg": 3.5, "sampler": "euler", "scheduler": "simple", "width": 64, "height": 64}
+    graph = inject_loras(fill_template(load_template(workflows / "flux_txt2img_lora.json"), values),
+                         [LoraRef(LORA, 0.8, 0.8), LoraRef(LORA, 0.4, 0.4)])
+    (server,) = servers(1)
+    answer = requests.post(f"{server.url}/prompt", json={"prompt": graph, "client_id": "t"}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    broken = json.loads(json.dumps(graph))
+    lora_id = next(i for i, n in broken.items() if n["class_type"] == "LoraLoaderModelOnly")
+    broken[lora_id]["inputs"]["lora_name"] = "not-on-the-server.safetensors"
+    refused = requests.post(f"{server.url}/prompt", json={"prompt": broken, "client_id": "t"}, timeout=10)
+    assert refused.status_code == 400 and lora_id in refused.json()["node_errors"]

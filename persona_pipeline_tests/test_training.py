@@ -323,7 +323,7 @@ def test_latents_are_cached_once_per_dataset_version(tmp_path, tiny_sd, monkeypa
 def test_caption_conditioning_per_family(tiny_sd, tiny_sdxl):
     """SD1.5 is conditioned on the text encoder's hidden state alone; SDXL also on the second
     encoder's pooled projection and the image's original size, crop and target size."""
-    from persona_pipeline.training.stable_diffusion import caption_conditioning, load_frozen_model_with_lora
+    from persona_pipeline.training.families.stable_diffusion import caption_conditioning, load_frozen_model_with_lora
 
     for base, names in ((tiny_sd, ["hidden"]), (tiny_sdxl, ["hidden", "pooled", "time_ids"])):
         model = load_frozen_model_with_lora(base, rank=4, alpha=4.0)

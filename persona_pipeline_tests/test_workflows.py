@@ -572,7 +572,7 @@ def test_every_shipped_template_loads_fills_and_validates_with_two_loras(path):
     template = load_template(path)
     assert {"prompt", "negative_prompt", "checkpoint", "seed", "steps", "cfg", "sampler", "scheduler",
             "filename_prefix"} <= template.placeholders
-    assert not any(node["class_type"] == "LoraLoader" for node in template.graph.values())  # LoRAs are injected
+    assert not any(node["class_type"].startswith("LoraLoader") for node in template.graph.values())  # LoRAs are injected
     filled = fill_template(template, STANDARD_VALUES)
     validate_graph(filled, template.source)
     validate_params(filled, source=template.source)
@@ -580,8 +580,17 @@ def test_every_shipped_template_loads_fills_and_validates_with_two_loras(path):
     validate_graph(injected, template.source)
     validate_params(injected, source=template.source)
     sampler = next(node for node in injected.values() if node["class_type"] == "KSampler")
-    assert sampler["inputs"]["model"][0] in {i for i, n in injected.items() if n["class_type"] == "LoraLoader"}
-    assert sampler["inputs"]["cfg"] == 7.0 and type(sampler["inputs"]["seed"]) is int
+    flux = any(node["class_type"] == "UNETLoader" for node in injected.values())
+    loader = "LoraLoaderModelOnly" if flux else "LoraLoader"  # FLUX: the LoRA patches the diffusion model alone
+    assert sampler["inputs"]["model"][0] in {i for i, n in injected.items() if n["class_type"] == loader}
+    assert len([n for n in injected.values() if n["class_type"] == loader]) == 2
+    if flux:  # cfg is FLUX's distilled guidance, on the positive prompt; the sampler itself runs at cfg 1
+        guidance = injected[sampler["inputs"]["positive"][0]]
+        assert guidance["class_type"] == "FluxGuidance" and guidance["inputs"]["guidance"] == 7.0
+        assert sampler["inputs"]["cfg"] == 1.0
+    else:
+        assert sampler["inputs"]["cfg"] == 7.0
+    assert type(sampler["inputs"]["seed"]) is int
     assert save_image_nodes(injected)
     assert all(isinstance(node_id, str) and node_id.isdigit() for node_id in injected)
 
@@ -621,3 +630,22 @@ def test_txt2img_pose_feeds_controlnet_into_the_sampler():
         assert injected[prompt_id]["inputs"]["clip"] == [lora_id, 1]
     with pytest.raises(ParamError, match="strength"):
         validate_params(fill_template(template, {**STANDARD_VALUES, "control_strength": 0.95}))
+
+
+def test_model_only_injection_on_a_flux_graph_leaves_the_text_encoders_alone():
+    template = load_template(WORKFLOWS / "flux_txt2img_lora.json")
+    filled = fill_template(template, {**STANDARD_VALUES, "checkpoint": "flux1-dev.safetensors", "sampler": "euler",
+                                      "scheduler": "simple", "cfg": 3.5})
+    injected = inject_loras(filled, _loras(3))
+    chain = [i for i, n in injected.items() if n["class_type"] == "LoraLoaderModelOnly"]
+    unet = next(i for i, n in injected.items() if n["class_type"] == "UNETLoader")
+    assert [injected[i]["inputs"]["model"] for i in chain] == [[unet, 0], [chain[0], 0], [chain[1], 0]]
+    assert [injected[i]["inputs"]["strength_model"] for i in chain] == [0.5, 0.6, 0.7]
+    assert all("strength_clip" not in injected[i]["inputs"] for i in chain)
+    clip = next(i for i, n in injected.items() if n["class_type"] == "DualCLIPLoader")
+    assert all(n["inputs"]["clip"] == [clip, 0] for n in injected.values() if n["class_type"] == "CLIPTextEncode")
+    with pytest.raises(ParamError, match=r"FluxGuidance\) input 'guidance'"):
+        validate_params(fill_template(template, {**STANDARD_VALUES, "cfg": 12.0}))
+    both = {**filled, "90": {"class_type": "UNETLoader", "inputs": {"unet_name": "other.safetensors", "weight_dtype": "default"}}}
+    with pytest.raises(GraphError, match="found none and 2 UNETLoader nodes"):
+        inject_loras(both, _loras(1))

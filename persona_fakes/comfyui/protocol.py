@@ -39,8 +39,10 @@ def _float(minimum: float, maximum: float, default: float) -> list:
     return ["FLOAT", {"default": default, "min": minimum, "max": maximum}]
 
 
-def node_definitions(loras: list[str], checkpoints: list[str], controlnets: list[str], images: list[str]) -> dict:
-    """The node catalogue in /object_info's shape, for the classes our workflows use."""
+def node_definitions(loras: list[str], checkpoints: list[str], controlnets: list[str], images: list[str], *,
+                     unets: list[str] = (), text_encoders: list[str] = (), vaes: list[str] = ()) -> dict:
+    """The node catalogue in /object_info's shape, for the classes our workflows use (FLUX.1's loaders
+    and FluxGuidance with ComfyUI's own inputs and choices)."""
     def node(required: dict, outputs: list[str], *, output_node: bool = False, category: str = "") -> dict:
         return {"input": {"required": required, "optional": {}}, "input_order": {"required": list(required)},
                 "output": outputs, "output_is_list": [False] * len(outputs), "output_name": outputs,
@@ -54,6 +56,15 @@ def node_definitions(loras: list[str], checkpoints: list[str], controlnets: list
                            ["MODEL", "CLIP"], category="loaders"),
         "LoraLoaderModelOnly": node({"model": ["MODEL"], "lora_name": [list(loras), {}],
                                      "strength_model": _float(-100, 100, 1.0)}, ["MODEL"], category="loaders"),
+        "UNETLoader": node({"unet_name": [list(unets), {}],
+                            "weight_dtype": [["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"], {}]},
+                           ["MODEL"], category="advanced/loaders"),
+        "DualCLIPLoader": node({"clip_name1": [list(text_encoders), {}], "clip_name2": [list(text_encoders), {}],
+                                "type": [["sdxl", "sd3", "flux", "hunyuan_video", "hidream"], {}]},
+                               ["CLIP"], category="advanced/loaders"),
+        "VAELoader": node({"vae_name": [list(vaes), {}]}, ["VAE"], category="loaders"),
+        "FluxGuidance": node({"conditioning": ["CONDITIONING"], "guidance": _float(0.0, 100.0, 3.5)},
+                             ["CONDITIONING"], category="advanced/conditioning/flux"),
         "CLIPSetLastLayer": node({"clip": ["CLIP"], "stop_at_clip_layer": _int(-24, -1, -1)}, ["CLIP"]),
         "CLIPTextEncode": node({"text": ["STRING", {"multiline": True}], "clip": ["CLIP"]}, ["CONDITIONING"]),
         "EmptyLatentImage": node({"width": _int(16, 16384, 512), "height": _int(16, 16384, 512),

@@ -73,10 +73,13 @@ class FakeComfyUI:
 
     def __init__(self, job_time_s: float = 0.05, loras=("persona-pipeline/t.safetensors",),
                  checkpoints=("tiny.safetensors",), controlnets=("control_v11p_sd15_openpose.pth",),
-                 port: int = 0, progress_steps: int = 4, log_level: str = "critical") -> None:
+                 unets=("flux1-dev.safetensors",), text_encoders=("clip_l.safetensors", "t5xxl_fp16.safetensors"),
+                 vaes=("ae.safetensors",), port: int = 0, progress_steps: int = 4, log_level: str = "critical") -> None:
         self.job_time_s = job_time_s
         self.seconds_per_step: float | None = None   # job time = KSampler steps x this, when set
         self.loras, self.checkpoints, self.controlnets = list(loras), list(checkpoints), list(controlnets)
+        # FLUX.1's separate files: models/diffusion_models, models/text_encoders, models/vae
+        self.unets, self.text_encoders, self.vaes = list(unets), list(text_encoders), list(vaes)
         self.port = port
         self.progress_steps = progress_steps
         self.log_level = log_level
@@ -216,7 +219,8 @@ class FakeComfyUI:
 
     def _defs(self) -> dict:
         images = sorted(f"{sub}/{name}" if sub else name for (kind, sub, name) in self._files if kind == "input")
-        return node_definitions(self.loras, self.checkpoints, self.controlnets, images)
+        return node_definitions(self.loras, self.checkpoints, self.controlnets, images, unets=self.unets,
+                                text_encoders=self.text_encoders, vaes=self.vaes)
 
     def _queue_remaining(self) -> int:
         return len(self._pending) + (self._running is not None)

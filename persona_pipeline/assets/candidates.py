@@ -28,6 +28,7 @@ from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.comfyui import ComfyUIPool
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
+from persona_pipeline.training.params import TrainingConfigError
 from persona_pipeline.resources.generation import GenerationDefaults
 from persona_pipeline.resources.links import UiLinks
 from persona_pipeline.resources.review_policy import AutoReviewer
@@ -65,6 +66,10 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
     with database.session() as session:
         persona, persona_config = persona_for(session, slug)
         persona_id, folder = persona.id, Path(persona.folder)
+        try:
+            diffusion = diffusion.for_persona(persona_config)
+        except TrainingConfigError as exc:
+            raise dg.Failure(f"{slug}: {exc}") from None
         try:
             loras = loras_in_use(session, persona_id, slug, generation)
         except LoraChainError as exc:

@@ -59,6 +59,7 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
     if dataset is None:
         raise dg.Failure(f"{slug}: no training dataset; materialise training_dataset first")
     try:
+        diffusion = diffusion.for_persona(config)
         params = diffusion.training_params(config.training.param_overrides())
         preset = diffusion.preset_name()
     except TrainingConfigError as exc:

@@ -32,6 +32,7 @@ from persona_pipeline.resources.captioners import ClipCaptioner
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
+from persona_pipeline.training.params import TrainingConfigError
 from persona_pipeline.resources.gemini import GeminiClient, GeminiError
 from persona_pipeline.resources.links import UiLinks
 from persona_pipeline.resources.storage import PersonaStorage
@@ -91,6 +92,10 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
     if not photos:
         raise dg.Failure(f"{slug}: no accepted source photos; materialise source_photos first")
     training = config.training
+    try:
+        diffusion = diffusion.for_persona(config)  # its regularisation images come from the persona's base model
+    except TrainingConfigError as exc:
+        raise dg.Failure(f"{slug}: {exc}") from None
 
     edits = _collect_edits(context, database, persona_id, [Path(p) for p, _ in previous])
     captions = _captions(context, database, persona_id, config, photos, clip, gemini)

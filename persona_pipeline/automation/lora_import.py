@@ -34,7 +34,9 @@ from persona_pipeline.domain.generation_params import ParamError, check_lora_wei
 from persona_pipeline.fileio import (atomic_copy, entry_refusal, filesystem_now_ns, link_refusal, read_regular, scan_folder,
                                      sha256_file)
 from persona_pipeline.resources.database import AppDatabase
+from persona_pipeline.personas import PersonaConfig
 from persona_pipeline.resources.diffusion import DiffusionBackend
+from persona_pipeline.training.params import TrainingConfigError
 from persona_pipeline.resources.storage import PersonaStorage
 from persona_pipeline.training.lora_files import LoraFileError, base_model_family, inspect_lora_file
 
@@ -136,6 +138,7 @@ def import_lora(context: dg.OpExecutionContext, config: LoraImportConfig, databa
                 raise LoraFileError(f"{source.name}: unknown persona {slug!r} (folder incoming/{slug}/); "
                                     f"no persona with that slug is in the database") from None
             persona_id, persona_trigger = persona.id, persona.trigger_word
+            persona_config = PersonaConfig.model_validate(persona.settings)
         metadata = _read_metadata(metadata_path)
         weight, primary = metadata.get("weight", 1.0), metadata.get("primary", False)
         try:
@@ -147,6 +150,10 @@ def import_lora(context: dg.OpExecutionContext, config: LoraImportConfig, databa
         trigger_word = metadata.get("trigger_word") or persona_trigger
         if not isinstance(trigger_word, str) or len(trigger_word) > 40:
             raise LoraFileError(f"{metadata_path.name}: trigger_word={trigger_word!r} must be text of at most 40 characters")
+        try:
+            diffusion = diffusion.for_persona(persona_config)
+        except TrainingConfigError as exc:
+            raise LoraFileError(f"{source.name}: persona {slug}: {exc}") from None
         base_model = diffusion.base_model_path()
         expected = base_model_family(base_model)
         if expected == "unknown":

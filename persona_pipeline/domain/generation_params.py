@@ -52,6 +52,8 @@ CONTROL_STRENGTH_RANGE = (0.4, 0.9)
 SIDE_MAX = 2048
 STEPS_RANGE = (1, 150)
 CFG_RANGE = (1.0, 30.0)
+# FLUX.1 [dev]'s distilled guidance (ComfyUI's FluxGuidance node, diffusers' guidance_scale on FluxPipeline).
+FLUX_GUIDANCE_RANGE = (1.0, 10.0)
 DENOISE_RANGE = (0.0, 1.0)
 BATCH_RANGE = (1, 64)
 # The one range of a LoRA's weight (ComfyUI's strength_model / strength_clip, diffusers' adapter

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from persona_pipeline.domain.generation_params import (BATCH_RANGE, CFG_RANGE, COMFY_SAMPLERS, COMFY_SCHEDULERS,
+from persona_pipeline.domain.generation_params import (BATCH_RANGE, CFG_RANGE, COMFY_SAMPLERS, COMFY_SCHEDULERS, FLUX_GUIDANCE_RANGE,
                                                        CONTROL_STRENGTH_DEFAULT, CONTROL_STRENGTH_RANGE, DENOISE_RANGE,
                                                        MAX_LORAS, SEED_MAX, STEPS_RANGE, ParamError, WorkflowError,
                                                        check_choice, check_int, check_lora_weight, check_number,
@@ -35,6 +35,9 @@ class GraphError(WorkflowError):
 # Output types per class, in output-index order; used to check a link's output index.
 NODE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "CheckpointLoaderSimple": ("MODEL", "CLIP", "VAE"),
+    "UNETLoader": ("MODEL",),  # a diffusion model alone (FLUX.1), its text encoders and VAE loaded apart
+    "DualCLIPLoader": ("CLIP",),
+    "FluxGuidance": ("CONDITIONING",),
     "LoraLoader": ("MODEL", "CLIP"),
     "LoraLoaderModelOnly": ("MODEL",),
     "CLIPTextEncode": ("CONDITIONING",),
@@ -339,6 +342,8 @@ def validate_params(graph: dict, *, min_side: int = 256, source: str = "<graph>"
         elif class_type in ("LoraLoader", "LoraLoaderModelOnly"):
             check("strength_model", check_lora_weight)
             check("strength_clip", check_lora_weight)
+        elif class_type == "FluxGuidance":
+            check("guidance", check_number, *FLUX_GUIDANCE_RANGE)
 
 
 # ---------------------------------------------------------------- LoRA injection
@@ -346,7 +351,9 @@ def validate_params(graph: dict, *, min_side: int = 256, source: str = "<graph>"
 
 def inject_loras(graph: dict, loras: Sequence[LoraRef], source: str = "<graph>") -> dict:
     """A new graph with one LoraLoader per LoRA chained after the only CheckpointLoaderSimple, and
-    every former consumer of the checkpoint's MODEL and CLIP rewired to the last LoRA. VAE links stay."""
+    every former consumer of the checkpoint's MODEL and CLIP rewired to the last LoRA. VAE links stay.
+    A graph that loads its diffusion model alone (one UNETLoader, no checkpoint: FLUX.1) gets
+    LoraLoaderModelOnly nodes on the MODEL instead; its text encoders are left as they are."""
     result = copy.deepcopy(graph)
     if not loras:
         return result
@@ -359,20 +366,30 @@ def inject_loras(graph: dict, loras: Sequence[LoraRef], source: str = "<graph>")
             check_lora_weight(getattr(lora, field), f"{source}: LoRA {lora.name} {field}")
     _check_shape(result, source, GraphError)
     checkpoints = _ids_of_class(result, "CheckpointLoaderSimple")
-    if len(checkpoints) != 1:
+    unets = _ids_of_class(result, "UNETLoader")
+    model_only = not checkpoints and len(unets) == 1
+    if len(checkpoints) != 1 and not model_only:
         found = f"{len(checkpoints)} (nodes {', '.join(checkpoints)})" if checkpoints else "none"
-        raise GraphError(f"{source}: LoRA injection needs exactly one CheckpointLoaderSimple node, found {found}")
-    checkpoint = checkpoints[0]
+        raise GraphError(f"{source}: LoRA injection needs exactly one CheckpointLoaderSimple node, found {found}"
+                         + (f" and {len(unets)} UNETLoader nodes" if unets else "")
+                         + " (a diffusion model loaded alone, as FLUX.1 is, needs exactly one UNETLoader and no checkpoint)")
+    checkpoint = unets[0] if model_only else checkpoints[0]
+    rewired = (0,) if model_only else (0, 1)  # MODEL (and CLIP from a checkpoint)
 
     next_id = max((int(node_id) for node_id in result if _is_numeric_id(node_id)), default=0) + 1
     new_ids = [str(next_id + offset) for offset in range(len(loras))]
     # Rewire the existing consumers first, while the graph holds only the old nodes.
     for node in result.values():
         for field, value in node["inputs"].items():
-            if isinstance(value, list) and len(value) == 2 and value[0] == checkpoint and value[1] in (0, 1):
+            if isinstance(value, list) and len(value) == 2 and value[0] == checkpoint and value[1] in rewired:
                 node["inputs"][field] = [new_ids[-1], value[1]]
     previous = checkpoint
     for node_id, lora in zip(new_ids, loras):
+        if model_only:
+            result[node_id] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+                "model": [previous, 0], "lora_name": lora.name, "strength_model": float(lora.strength_model)}}
+            previous = node_id
+            continue
         result[node_id] = {
             "class_type": "LoraLoader",
             "inputs": {

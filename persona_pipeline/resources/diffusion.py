@@ -35,12 +35,14 @@ from persona_pipeline.resources.diffusion_batches import DiffusersJob, call_argu
 from persona_pipeline.resources.diffusion_runtime import (GenerationInputError, PipelineRuntime, cached_sha256,
                                                           quiet_adapters, shared_runtime, torch_threads)
 from persona_pipeline.resources.diffusion_samplers import GenerationParamError, check_generation_params, make_scheduler
-from persona_pipeline.training.lora import LoraTrainingParams, TrainingResult, model_family, train_lora
+from persona_pipeline.training.families import families, model_family
+from persona_pipeline.training.lora import LoraTrainingParams, TrainingConfigError, TrainingResult, train_lora
 from persona_pipeline.world.world_models import world_models_id, world_sd_path
-from persona_pipeline.training.tiny_models import (TINY_CONTROLNET_NAME, TINY_RESOLUTION, TINY_SD_NAME,
-                                                   build_tiny_controlnet, build_tiny_sd)
+from persona_pipeline.training.tiny_models import (TINY_CONTROLNET_NAME, TINY_FLUX_NAME, TINY_RESOLUTION, TINY_SD_NAME,
+                                                   build_tiny_controlnet, build_tiny_flux, build_tiny_sd)
 
 WORLD_BASE_MODEL = "world"
+TINY_FLUX = "tiny-flux"  # a FLUX.1 [dev] layout with random weights, built under models_dir (shapes alone)
 
 # Importers reach the job type, its batching and the errors through this module.
 __all__ = ["DiffusersJob", "DiffusionBackend", "GenerationInputError", "GenerationParamError", "ReproductionError",
@@ -50,20 +52,21 @@ __all__ = ["DiffusersJob", "DiffusionBackend", "GenerationInputError", "Generati
 # and the demo must stay under 90 s (docs/world.md).
 WORLD_TRAINING = LoraTrainingParams(rank=8, alpha=8.0, steps=200, learning_rate=3e-3, batch_size=4, resolution=64,
                                     checkpoint_every=50)
-# Training presets per base-model family (README "Training presets"); persona.yaml overrides any field.
+# Training presets: the two built-in base models, then each model family's own (training/families/);
+# persona.yaml overrides any field.
 TRAINING_PRESETS = {
     "tiny": LoraTrainingParams(rank=4, alpha=4.0, steps=30, learning_rate=1e-3, batch_size=2, resolution=TINY_RESOLUTION,
                                checkpoint_every=10),
     # The world model (world/, 64 px, 16x16 latents): measured in docs/world.md.
     "world": WORLD_TRAINING,
-    "sd15": LoraTrainingParams(rank=16, alpha=16.0, steps=1500, learning_rate=1e-4, batch_size=1, resolution=512,
-                               min_snr_gamma=5.0, checkpoint_every=250),
-    "sdxl": LoraTrainingParams(rank=16, alpha=16.0, steps=1500, learning_rate=1e-4, batch_size=1, resolution=1024,
-                               min_snr_gamma=5.0, gradient_checkpointing=True, checkpoint_every=250),
+    TINY_FLUX: LoraTrainingParams(rank=4, alpha=4.0, steps=30, learning_rate=1e-3, batch_size=2, resolution=TINY_RESOLUTION,
+                                  checkpoint_every=10, max_sequence_length=32),
+    **{family.name: family.preset for family in families()},
 }
 TINY_TRAINING, SD15_TRAINING = TRAINING_PRESETS["tiny"], TRAINING_PRESETS["sd15"]
-# Validation renders per family: (size, sampling steps).
-VALIDATION_RENDER = {"tiny": (TINY_RESOLUTION, 4), "world": (64, 12), "sd15": (512, 25), "sdxl": (1024, 25)}
+# Validation renders per preset: (size, sampling steps).
+VALIDATION_RENDER = {"tiny": (TINY_RESOLUTION, 4), "world": (64, 12), TINY_FLUX: (TINY_RESOLUTION, 4),
+                     **{family.name: family.validation_render for family in families()}}
 
 
 class ReproductionError(ValueError):
@@ -72,7 +75,8 @@ class ReproductionError(ValueError):
 
 class DiffusionBackend(dg.ConfigurableResource):
     """PERSONA_BASE_MODEL / PERSONA_DEVICE: `world` (the committed world-trained model, docs/world.md),
-    `tiny` (random weights, for shapes alone; built under `models_dir` once), or a local folder / hub id."""
+    `tiny` (random weights, for shapes alone; built under `models_dir` once), `tiny-flux` (the same for
+    FLUX.1 [dev]), or a local folder / hub id of any registered family (training/families/)."""
 
     base_model: str = "tiny"
     device: str = "cpu"
@@ -89,9 +93,31 @@ class DiffusionBackend(dg.ConfigurableResource):
     def is_world(self) -> bool:
         return self.base_model == WORLD_BASE_MODEL
 
+    def for_persona(self, config) -> "DiffusionBackend":
+        """This backend on the persona's own base model (persona.yaml `base_model`, else this one's),
+        after checking it is of the family the persona asks for (`family`), naming both if not."""
+        chosen = self if not config.base_model or config.base_model == self.base_model else DiffusionBackend(
+            base_model=config.base_model, device=self.device, models_dir=self.models_dir, candidates_per_run=self.candidates_per_run,
+            controlnet_model=self.controlnet_model, batch_size=self.batch_size)
+        if config.family and chosen.family_name() != config.family:
+            raise TrainingConfigError(f"persona.yaml family={config.family!r}, but its base model {chosen.base_model!r} is "
+                                      f"{chosen.family_name()!r}; set base_model to a {config.family} model or change family")
+        return chosen
+
+    def family_name(self) -> str:
+        """The registered family (sd15, sdxl, flux) of the base model, from its model_index.json."""
+        return model_family(self.base_model_path())
+
+    @property
+    def is_flow_matching(self) -> bool:
+        """A FLUX.1 base model: Euler on its flow schedule, cfg as distilled guidance, no ControlNet here."""
+        return self.preset_name() in (TINY_FLUX, "flux")
+
     def base_model_path(self) -> str:
         if self.is_tiny:
             return str(build_tiny_sd(Path(self.models_dir) / TINY_SD_NAME))
+        if self.base_model == TINY_FLUX:
+            return str(build_tiny_flux(Path(self.models_dir) / TINY_FLUX_NAME))
         if self.is_world:
             return str(world_sd_path())  # checked against its manifest first
         return self.base_model  # a local folder or a hub id; from_pretrained resolves either
@@ -106,8 +132,9 @@ class DiffusionBackend(dg.ConfigurableResource):
         return str(build_tiny_controlnet(Path(self.models_dir) / name, Path(self.base_model_path())))
 
     def preset_name(self) -> str:
-        """The training and render preset: `tiny`, `world`, `sd15` or `sdxl` (from the model's model_index.json)."""
-        if self.is_tiny or self.is_world:
+        """The training and render preset: `tiny`, `world`, `tiny-flux`, or the model family's (`sd15`, `sdxl`,
+        `flux`: from the model's model_index.json)."""
+        if self.is_tiny or self.is_world or self.base_model == TINY_FLUX:
             return self.base_model
         return model_family(self.base_model)
 
@@ -125,7 +152,7 @@ class DiffusionBackend(dg.ConfigurableResource):
     def min_side(self) -> int:
         """The smallest image side this model is asked for (the tiny model draws 32 px images, the
         world model 64 px ones)."""
-        return 32 if self.is_tiny else 64 if self.is_world else 256
+        return 32 if self.is_tiny or self.base_model == TINY_FLUX else 64 if self.is_world else 256
 
     def train(self, dataset_dir: Path, output_dir: Path, params: LoraTrainingParams, weight_name: str,
               log: Callable[[str], None]) -> TrainingResult:
@@ -309,14 +336,14 @@ class DiffusionBackend(dg.ConfigurableResource):
     # -- internals --------------------------------------------------------------------------
 
     def _check_job(self, job: DiffusersJob, where: str) -> None:
-        check_job(job, where, minimum_side=self.min_side())
+        check_job(job, where, minimum_side=self.min_side(), flow_matching=self.is_flow_matching)
 
     def _run_batch(self, runtime: PipelineRuntime, job: DiffusersJob, seeds: list[int]) -> list[Image.Image]:
         """One pipeline call: `job` with each of `seeds`, one generator per image."""
         controlnet = runtime.controlnet(self.controlnet_path()) if job.control_image else None
         pipe = runtime.variant(img2img=job.init_image is not None, controlnet=controlnet)
         runtime.activate(*runtime.adapter_weights(job.loras))
-        arguments = call_arguments(job, seeds, runtime.scheduler_config["num_train_timesteps"])
+        arguments = call_arguments(job, seeds, runtime.scheduler_config["num_train_timesteps"], runtime.flow_matching)
         original = pipe.scheduler
         # A fresh scheduler per call: no state carries over from one call into the next.
         pipe.scheduler = make_scheduler(job.sampler, job.scheduler, runtime.scheduler_config)

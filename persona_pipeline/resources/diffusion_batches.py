@@ -59,12 +59,16 @@ def plan_batches(jobs: Sequence[DiffusersJob], batch_size: int) -> list[list[int
 
 
 
-def check_job(job: DiffusersJob, where: str, minimum_side: int) -> None:
+def check_job(job: DiffusersJob, where: str, minimum_side: int, flow_matching: bool = False) -> None:
     """Refuse a job before any model loads: parameters, then every file it names."""
     try:
         check_generation_params(steps=job.steps, cfg=job.cfg, sampler=job.sampler, scheduler=job.scheduler,
                                 width=job.width, height=job.height, minimum_side=minimum_side,
-                                denoise=job.denoise, control_strength=job.control_strength if job.control_image else None)
+                                denoise=job.denoise, control_strength=job.control_strength if job.control_image else None,
+                                flow_matching=flow_matching)
+        if flow_matching and job.control_image:
+            raise GenerationParamError("control_image: the pose ControlNet is for Stable Diffusion base models; "
+                                       "a FLUX.1 base model has none here")
         if job.denoise < 1 and not job.init_image:
             raise GenerationParamError(f"denoise={job.denoise} needs an init_image (img2img); txt2img runs at denoise=1")
         if len(job.loras) > MAX_LORAS:
@@ -79,11 +83,13 @@ def check_job(job: DiffusersJob, where: str, minimum_side: int) -> None:
             _check_image_file(path, kind, where)
 
 
-def call_arguments(job: DiffusersJob, seeds: list[int], train_timesteps: int) -> dict:
+def call_arguments(job: DiffusersJob, seeds: list[int], train_timesteps: int, flow_matching: bool = False) -> dict:
+    """The pipeline call for a batch. On FLUX.1, cfg is the distilled guidance input and there is no
+    negative prompt (as in ComfyUI's FLUX workflows: FluxGuidance, no true CFG)."""
     import torch
 
     arguments = {
-        "prompt": job.prompt, "negative_prompt": job.negative_prompt or None, "guidance_scale": job.cfg,
+        "prompt": job.prompt, "negative_prompt": None if flow_matching else job.negative_prompt or None, "guidance_scale": job.cfg,
         "num_images_per_prompt": len(seeds), "width": job.width, "height": job.height,
         # CPU generators whatever the device: the starting noise of a seed is the same everywhere.
         "generator": [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
@@ -101,8 +107,8 @@ def call_arguments(job: DiffusersJob, seeds: list[int], train_timesteps: int) ->
         control = _load_rgb(job.control_image, None)  # the pipeline resizes it to width x height
         arguments["controlnet_conditioning_scale"] = job.control_strength
         arguments["control_image" if job.init_image else "image"] = control
-    elif job.init_image:
-        # The plain img2img pipeline takes its size from the (resized) parent.
+    elif job.init_image and not flow_matching:
+        # SD's plain img2img pipeline takes its size from the (resized) parent; FLUX's wants it given.
         del arguments["width"], arguments["height"]
     return arguments
 

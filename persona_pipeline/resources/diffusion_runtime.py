@@ -42,11 +42,15 @@ class PipelineRuntime:
     ControlNets and LoRA adapters. Its state (active adapters, scheduler) is per call, so every
     use holds `lock`."""
 
-    def __init__(self, pipe, device: str):
+    def __init__(self, pipe, device: str, model_path: str = ""):
         self.pipe = pipe
+        self.model_path = model_path  # the local folder or hub id it was loaded from
         self.device = device
         self.lock = threading.RLock()
         self.scheduler_config = pipe.scheduler.config
+        # FLUX.1 (a flow-matching transformer) or a Stable Diffusion UNet: decides samplers and arguments.
+        self.flow_matching = is_flow_matching(pipe.scheduler.config)
+        self.dtype = (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).dtype
         self._variants: dict[tuple[bool, int | None], object] = {}
         self._controlnets: dict[str, object] = {}
         self._adapters: OrderedDict[str, str] = OrderedDict()  # sha256 → adapter name, least recently used first
@@ -57,7 +61,7 @@ class PipelineRuntime:
             from diffusers import ControlNetModel
 
             try:
-                model = ControlNetModel.from_pretrained(path, torch_dtype=self.pipe.unet.dtype)
+                model = ControlNetModel.from_pretrained(path, torch_dtype=self.dtype)
             except Exception as exc:  # hub and file errors come in many classes
                 raise GenerationInputError(f"ControlNet {path!r} could not be loaded: {exc}") from exc
             self._controlnets[path] = model.to(self.device)
@@ -74,15 +78,25 @@ class PipelineRuntime:
             factory = AutoPipelineForImage2Image if img2img else AutoPipelineForText2Image
             extra = {"controlnet": controlnet} if controlnet is not None else {}
             # torch_dtype: from_pipe otherwise casts the shared modules to fp32.
-            variant = factory.from_pipe(self.pipe, torch_dtype=self.pipe.unet.dtype, **extra)
+            variant = factory.from_pipe(self.pipe, torch_dtype=self.dtype, **extra)
             variant.set_progress_bar_config(disable=True)
             self._variants[key] = variant
         return self._variants[key]
 
     def load_adapters(self, paths: Sequence[str], base_model: str) -> None:
         """Load each LoRA file once as a named adapter (named by its sha256, so a changed file is a
-        new adapter); drop the least recently used beyond MAX_CACHED_ADAPTERS."""
+        new adapter); drop the least recently used beyond MAX_CACHED_ADAPTERS. A LoRA made for another
+        model family is refused first, naming both (diffusers would load none of its keys, silently)."""
+        from persona_pipeline.training.lora_files import LoraFileError, base_model_family, refuse_other_family
+
         wanted = {cached_sha256(path) for path in paths}
+        family = base_model_family(self.model_path)
+        for path in paths:
+            if cached_sha256(path) not in self._adapters:
+                try:
+                    refuse_other_family(Path(path), family, base_model=base_model)
+                except LoraFileError as exc:
+                    raise GenerationInputError(f"LoRA file {path}: {exc}") from None
         for path in paths:
             sha = cached_sha256(path)
             if sha in self._adapters:
@@ -179,7 +193,16 @@ def _load_runtime(base_model: str, device: str) -> PipelineRuntime:
         # Exact reproduction on CUDA needs cuDNN to pick the same (deterministic) kernels every run.
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    # DiffusionPipeline picks the SD1.5 or SDXL pipeline class from model_index.json.
-    pipe = DiffusionPipeline.from_pretrained(base_model, safety_checker=None, requires_safety_checker=False)
+    from persona_pipeline.training.families import detect_family
+
+    # DiffusionPipeline picks the pipeline class (SD1.5, SDXL, FLUX.1) from model_index.json.
+    unet_only = {} if detect_family(base_model).objective == "flow_matching" else {"safety_checker": None,
+                                                                                    "requires_safety_checker": False}
+    pipe = DiffusionPipeline.from_pretrained(base_model, **unet_only)
     pipe.set_progress_bar_config(disable=True)
-    return PipelineRuntime(pipe.to(device), device)
+    return PipelineRuntime(pipe.to(device), device, base_model)
+
+
+def is_flow_matching(scheduler_config) -> bool:
+    """A rectified-flow model (FLUX.1) by its scheduler: its samplers and guidance differ from SD's."""
+    return str(dict(scheduler_config).get("_class_name", "")).startswith("FlowMatch")

@@ -4,7 +4,8 @@ protocol"), and the parameter check the diffusers backend runs before any model 
 
 from __future__ import annotations
 
-from persona_pipeline.domain.generation_params import COMFY_SAMPLERS, COMFY_SCHEDULERS, ParamError, check_params
+from persona_pipeline.domain.generation_params import (COMFY_SAMPLERS, COMFY_SCHEDULERS, FLUX_GUIDANCE_RANGE, ParamError,
+                                                       check_params)
 
 
 class GenerationParamError(ParamError):
@@ -47,7 +48,8 @@ SCHEDULERS = {
 
 
 def check_generation_params(*, steps: int, cfg: float, sampler: str, scheduler: str, width: int, height: int,
-                            minimum_side: int = 256, denoise: float = 1.0, control_strength: float | None = None) -> None:
+                            minimum_side: int = 256, denoise: float = 1.0, control_strength: float | None = None,
+                            flow_matching: bool = False) -> None:
     """Refuse out-of-range parameters before any model is loaded, naming the field and bound: the
     ranges the workflow templates are held to, plus what diffusers itself cannot run."""
     try:
@@ -57,6 +59,13 @@ def check_generation_params(*, steps: int, cfg: float, sampler: str, scheduler: 
         raise GenerationParamError(str(exc)) from None
     if denoise == 0:
         raise GenerationParamError("denoise = 0 would return the parent unchanged; use a value in (0, 1]")
+    if flow_matching:
+        flow_scheduler_check(sampler, scheduler)
+        low, high = FLUX_GUIDANCE_RANGE
+        if not low <= cfg <= high:
+            raise GenerationParamError(f"cfg={cfg} is out of range for FLUX.1: it is the distilled guidance "
+                                       f"(ComfyUI's FluxGuidance), {low:g} to {high:g}")
+        return
     scheduler_options(sampler, scheduler)
 
 
@@ -87,9 +96,23 @@ def scheduler_options(sampler: str, scheduler: str) -> tuple[str, dict]:
     return class_name, {**_SAMPLER_OPTIONS.get(sampler, {}), **SCHEDULERS[scheduler]}
 
 
+# FLUX.1 draws with Euler on its flow-matching schedule, as ComfyUI's FLUX workflows do (euler + simple).
+FLOW_SAMPLERS, FLOW_SCHEDULERS = ("euler",), ("simple", "normal")
+
+
+def flow_scheduler_check(sampler: str, scheduler: str) -> None:
+    if sampler not in FLOW_SAMPLERS or scheduler not in FLOW_SCHEDULERS:
+        raise GenerationParamError(f"sampler={sampler!r} scheduler={scheduler!r}: a FLUX.1 base model draws with "
+                                   f"sampler {' or '.join(FLOW_SAMPLERS)} and scheduler {' or '.join(FLOW_SCHEDULERS)} "
+                                   "(its flow-matching Euler schedule)")
+
+
 def make_scheduler(sampler: str, scheduler: str, base_config):
     """A fresh diffusers scheduler for the ComfyUI names, on the base model's noise schedule."""
     import diffusers
 
+    if str(dict(base_config).get("_class_name", "")).startswith("FlowMatch"):
+        flow_scheduler_check(sampler, scheduler)
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(base_config)
     class_name, options = scheduler_options(sampler, scheduler)
     return getattr(diffusers, class_name).from_config(base_config, **options)

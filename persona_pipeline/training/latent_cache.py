@@ -1,6 +1,6 @@
 """The latents and text embeddings of a dataset, computed once per dataset version and model.
 
-Each training step then runs only the UNet: the frozen VAE and text encoders see every image and
+Each training step then runs only the UNet (or FLUX's transformer): the frozen VAE and text encoders see every image and
 caption once, and a re-run or a resume of the same dataset on the same model skips them entirely.
 """
 
@@ -14,7 +14,8 @@ from typing import Callable
 
 from persona_pipeline.fileio import sha256_file, write_via_temp
 from persona_pipeline.training.kohya_dataset import KohyaDataset, load_pixels
-from persona_pipeline.training.stable_diffusion import FrozenModel, caption_conditioning
+from persona_pipeline.training.families.stable_diffusion import FrozenModel, caption_conditioning
+from persona_pipeline.training.params import TrainingConfigError
 
 
 def cached_inputs(model: FrozenModel, dataset: KohyaDataset, resolution: int, cache_dir: Path, base_model: str,
@@ -37,21 +38,13 @@ def cached_inputs(model: FrozenModel, dataset: KohyaDataset, resolution: int, ca
         tensors = load_file(str(path), device=str(device))
     else:
         started = time.perf_counter()
-        vae, encoders = model.vae.to(device), [e.to(device) for e in model.text_encoders]
-        columns: dict[str, list] = {"mean": [], "std": [], "mean_flipped": [], "std_flipped": []}
-        with torch.no_grad():
-            for item in dataset.items:
-                pixels, original_size, crop = load_pixels(item.image, resolution)
-                variants = [pixels, torch.flip(pixels, dims=[3])] if dataset.flip else [pixels]
-                for name, variant in zip(("", "_flipped"), variants):
-                    dist = vae.encode(variant.to(device, torch.float32)).latent_dist
-                    columns["mean" + name].append(dist.mean)
-                    columns["std" + name].append(dist.std)
-                conditioning = caption_conditioning(model, encoders, item.caption, device, original_size=original_size,
-                                                    crop=crop, resolution=resolution)
-                for name, tensor in conditioning.items():
-                    columns.setdefault(name, []).append(tensor)
-        tensors = {k: torch.cat(v).float().cpu().contiguous() for k, v in columns.items() if v}
+        encoders = [e.to(device) for e in model.text_encoders]
+
+        def conditioning(item, original_size, crop):
+            return caption_conditioning(model, encoders, item.caption, device, original_size=original_size, crop=crop,
+                                        resolution=resolution)
+
+        tensors = encode_dataset(model.vae, dataset, resolution, device, conditioning)
         write_via_temp(path, lambda tmp: save_file(tensors, str(tmp)))
         log(f"cached latents and text embeddings for {len(dataset.items)} images in {time.perf_counter() - started:.1f}s")
         tensors = {k: v.to(device) for k, v in tensors.items()}
@@ -63,4 +56,92 @@ def cached_inputs(model: FrozenModel, dataset: KohyaDataset, resolution: int, ca
 
 
 def _config_digest(model) -> str:
-    return hashlib.sha256(json.dumps(dict(model.config), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)  # transformers' or diffusers'
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def encode_dataset(vae, dataset: KohyaDataset, resolution: int, device, conditioning=None) -> dict:
+    """Each item's VAE latent distribution (`mean`, `std`, and `mean_flipped`, `std_flipped` for its
+    mirror when flips are on), plus what `conditioning(item, original_size, crop)` returns per item,
+    stacked on the CPU in fp32."""
+    import torch
+
+    vae = vae.to(device)
+    columns: dict[str, list] = {"mean": [], "std": [], "mean_flipped": [], "std_flipped": []}
+    with torch.no_grad():
+        for item in dataset.items:
+            pixels, original_size, crop = load_pixels(item.image, resolution)
+            variants = [pixels, torch.flip(pixels, dims=[3])] if dataset.flip else [pixels]
+            for name, variant in zip(("", "_flipped"), variants):
+                dist = vae.encode(variant.to(device, torch.float32)).latent_dist
+                columns["mean" + name].append(dist.mean)
+                columns["std" + name].append(dist.std)
+            for name, tensor in (conditioning(item, original_size, crop) if conditioning else {}).items():
+                columns.setdefault(name, []).append(tensor)
+    return {k: torch.cat(v).float().cpu().contiguous() for k, v in columns.items() if v}
+
+
+def cached_flux_inputs(model, dataset: KohyaDataset, resolution: int, cache_dir: Path, base_model: str, device,
+                       max_sequence_length: int, log: Callable[[str], None]) -> dict:
+    """FLUX's two caches: the latent distributions (keyed by the images, resolution and VAE, as for
+    SD) and the text embeddings (`prompt_embeds`, `pooled`), keyed by the dataset's captions and the
+    text encoders, so a [dev] and a [schnell] run on one dataset share them. The T5 embeddings depend
+    on the tokenizer too: a text cache written with another one is refused, naming both."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from persona_pipeline.training.families.flux import text_conditioning, tokenizer_identity
+
+    images = [sha256_file(item.image) for item in dataset.items]
+    latent_key = _digest({"base": str(base_model), "family": "flux", "resolution": resolution, "flip": dataset.flip,
+                          "vae": _config_digest(model.vae), "items": images})
+    latent_path = cache_dir / f"flux-latents-{latent_key}.safetensors"
+    if latent_path.is_file():
+        log(f"using cached latents {latent_path.name}")
+        latents = load_file(str(latent_path))
+    else:
+        started = time.perf_counter()
+        latents = encode_dataset(model.vae, dataset, resolution, device)
+        write_via_temp(latent_path, lambda tmp: save_file(latents, str(tmp)))
+        log(f"cached latents for {len(dataset.items)} images in {time.perf_counter() - started:.1f}s")
+    model.vae.to("cpu")
+
+    pipe = model.text_pipeline
+    tokenizer = tokenizer_identity(pipe)
+    text_key = _digest({"captions": [item.caption for item in dataset.items], "max_sequence_length": max_sequence_length,
+                        "clip": _config_digest(pipe.text_encoder), "t5": _config_digest(pipe.text_encoder_2),
+                        "weights": [_weight_files(base_model, sub) for sub in ("text_encoder", "text_encoder_2")]})
+    text_path = cache_dir / f"flux-text-{text_key}.safetensors"
+    if text_path.is_file():
+        with safe_open(str(text_path), "pt") as handle:
+            cached_tokenizer = (handle.metadata() or {}).get("t5_tokenizer")
+        if cached_tokenizer != tokenizer:
+            raise TrainingConfigError(f"{text_path}: T5 embeddings cached with tokenizer {cached_tokenizer!r}, but the base model "
+                                      f"{base_model} tokenizes with {tokenizer!r}; delete the file to encode the captions again")
+        log(f"using cached text embeddings {text_path.name}")
+        text = load_file(str(text_path))
+    else:
+        started = time.perf_counter()
+        pipe.to(device)
+        text = text_conditioning(pipe, [item.caption for item in dataset.items], device, max_sequence_length)
+        text = {k: v.cpu().contiguous() for k, v in text.items()}
+        write_via_temp(text_path, lambda tmp: save_file(text, str(tmp), metadata={"t5_tokenizer": tokenizer}))
+        log(f"cached text embeddings for {len(dataset.items)} captions in {time.perf_counter() - started:.1f}s")
+    tensors = {k: v.to(device) for k, v in {**latents, **text}.items()}
+    if not dataset.flip:
+        tensors["mean_flipped"], tensors["std_flipped"] = tensors["mean"], tensors["std"]
+    return tensors
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _weight_files(base_model: str, subfolder: str) -> list | str:
+    """Names and sizes of a local model's weight files (hashing T5-XXL's 9 GB would cost more than
+    encoding the captions); a hub id stands for itself."""
+    folder = Path(base_model) / subfolder
+    if not folder.is_dir():
+        return f"{base_model}/{subfolder}"
+    return sorted([f.name, f.stat().st_size] for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))

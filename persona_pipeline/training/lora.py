@@ -13,9 +13,11 @@ What it adds to the example loop:
 - a non-finite loss stops the run before the bad update, keeping every checkpoint written so far.
 
 The pieces around the loop have modules of their own: the settings (`training.params`), the kohya
-dataset (`training.kohya_dataset`), and what is particular to a model family: detection, loading,
-LoRA target modules, conditioning, the UNet call and the checkpoint key format
-(`training.stable_diffusion`). Their public names are importable from here too.
+dataset (`training.kohya_dataset`), the model-family registry (`training.families`: detection,
+presets, which loop trains a family), and what is particular to the UNet families: loading, LoRA
+target modules, conditioning, the UNet call and the checkpoint key format
+(`training.families.stable_diffusion`). `train_lora` hands a base model to its family's loop: this
+one for SD 1.x/2.x and SDXL, `training.flux_lora` for FLUX.1.
 """
 
 from __future__ import annotations
@@ -30,15 +32,16 @@ from persona_pipeline.fileio import sha256_file, write_via_temp
 from persona_pipeline.training.kohya_dataset import DatasetItem, KohyaDataset, load_pixels, read_kohya_dataset
 from persona_pipeline.training.latent_cache import cached_inputs
 from persona_pipeline.training.params import LoraTrainingParams, TrainingConfigError, resolve_mixed_precision
-from persona_pipeline.training.stable_diffusion import (LORA_TARGET_MODULES, FrozenModel, kohya_state_dict,
-                                                        load_frozen_model_with_lora, model_family, predict_noise,
-                                                        save_checkpoint, text_conditioning)
+from persona_pipeline.training.families import detect_family, model_family
+from persona_pipeline.training.families.stable_diffusion import (LORA_TARGET_MODULES, FrozenModel, kohya_state_dict,
+                                                                 load_frozen_model_with_lora, predict_noise,
+                                                                 save_checkpoint, text_conditioning)
 
 __all__ = [
     "CHECKPOINT_DIR", "LORA_TARGET_MODULES", "STATE_FILE", "DatasetItem", "FrozenModel", "KohyaDataset",
     "LoraTrainingParams", "TrainingConfigError", "TrainingDiverged", "TrainingResult", "kohya_state_dict",
     "load_frozen_model_with_lora", "load_pixels", "model_family", "predict_noise", "read_kohya_dataset",
-    "resolve_mixed_precision", "save_checkpoint", "train_lora",
+    "resolve_mixed_precision", "save_checkpoint", "train_lora", "train_unet_lora",
 ]
 
 STATE_FILE = "training_state.pt"
@@ -66,7 +69,13 @@ class TrainingResult:
     mixed_precision: str = "no"
 
 
-def train_lora(
+def train_lora(base_model: str, dataset_dir: Path, output_dir: Path, params: LoraTrainingParams, **options) -> TrainingResult:
+    """Train (or resume) a LoRA for `base_model` with its family's loop (`train_unet_lora`'s options)."""
+    params.validate(options.get("device", "cpu"))
+    return detect_family(base_model).train_function()(base_model, dataset_dir, output_dir, params, **options)
+
+
+def train_unet_lora(
     base_model: str,
     dataset_dir: Path,
     output_dir: Path,
@@ -81,6 +90,9 @@ def train_lora(
     """Train, or resume the run whose state is in `output_dir`. Checkpoints go to
     `output_dir/checkpoints/<stem>-step<N>.safetensors`; the result names the last one."""
     params.validate(device)
+    if params.guidance is not None or params.quantize_base != "none":
+        raise TrainingConfigError(f"training.guidance and training.quantize_base apply to FLUX.1 only; the base model "
+                                  f"{base_model} is {model_family(base_model)}: leave them unset")
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -143,7 +155,7 @@ def train_lora(
 
     every = params.checkpoint_every or params.steps
     unet.train()
-    last_log, loop_started, done_before = 0.0, time.perf_counter(), start_step
+    progress = Progress(params.steps, start_step, log, log_interval_s)
     for step in range(start_step + 1, params.steps + 1):
         index = torch.as_tensor(rng.choice(len(dataset.items), size=params.batch_size, p=sampling), device=accelerator.device)
         flip = torch.rand(params.batch_size) < 0.5 if dataset.flip else torch.zeros(params.batch_size, dtype=torch.bool)
@@ -168,25 +180,9 @@ def train_lora(
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if params.min_snr_gamma:
             per_sample = per_sample * _min_snr_weights(scheduler, timesteps, params.min_snr_gamma)
-        weights = torch.where(is_reg[index], params.prior_loss_weight, 1.0)
-        loss = (per_sample * weights).sum() / weights.sum().clamp(min=1e-8)
-
-        if not math.isfinite(loss.item()):
-            last = checkpoints[-1][1] if checkpoints else None
-            raise TrainingDiverged(
-                f"training loss became {loss.item()} at step {step}/{params.steps}; stopped before applying it. "
-                f"Last good checkpoint: {last if last else 'none yet (set training.checkpoint_every)'}. "
-                f"Lower training.learning_rate (now {params.learning_rate}) or use mixed_precision 'no'.", last)
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(round(loss.item(), 6))
-
-        now = time.perf_counter()
-        if step == start_step + 1 or step == params.steps or now - last_log >= log_interval_s:
-            rate = (step - done_before) / max(now - loop_started, 1e-9)
-            log(f"lora step {step}/{params.steps} loss {losses[-1]:.4f} {rate:.2f} it/s ETA {_eta((params.steps - step) / rate)}")
-            last_log = now
+        loss = prior_weighted(per_sample, is_reg[index], params.prior_loss_weight)
+        apply_update(loss, step, params, checkpoints, accelerator, optimizer, losses)
+        progress.step(step, losses[-1])
         if step % every == 0 or step == params.steps:
             path = checkpoint_dir / f"{stem}-step{step:06d}.safetensors"
             adapted = [accelerator.unwrap_model(m) for m in (unet, *text_encoders)]
@@ -196,11 +192,54 @@ def train_lora(
             checkpoints = [c for c in checkpoints if c[0] != step] + [(step, path)]
             _save_state(state_path, step, params, adapted, optimizer, rng, losses, checkpoints)
 
+    return training_result(checkpoints, losses, started, dataset, start_step, model.family, precision)
+
+
+def prior_weighted(per_sample, is_reg, prior_loss_weight: float):
+    """The batch loss: regularisation images weighted by training.prior_loss_weight (prior preservation)."""
+    import torch
+
+    weights = torch.where(is_reg, prior_loss_weight, 1.0)
+    return (per_sample * weights).sum() / weights.sum().clamp(min=1e-8)
+
+
+def apply_update(loss, step: int, params: LoraTrainingParams, checkpoints, accelerator, optimizer, losses: list[float]) -> None:
+    """Backward and optimizer step, unless the loss is not finite: then stop before the bad update,
+    naming the step and the last good checkpoint (every one written so far is kept)."""
+    if not math.isfinite(loss.item()):
+        last = checkpoints[-1][1] if checkpoints else None
+        raise TrainingDiverged(
+            f"training loss became {loss.item()} at step {step}/{params.steps}; stopped before applying it. "
+            f"Last good checkpoint: {last if last else 'none yet (set training.checkpoint_every)'}. "
+            f"Lower training.learning_rate (now {params.learning_rate}) or use mixed_precision 'no'.", last)
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+    losses.append(round(loss.item(), 6))
+
+
+class Progress:
+    """Progress lines for the run log: the first and last step, and at most one per `interval_s` between."""
+
+    def __init__(self, steps: int, start_step: int, log: Callable[[str], None], interval_s: float):
+        self.steps, self.start_step, self.log, self.interval_s = steps, start_step, log, interval_s
+        self.last_log, self.started = 0.0, time.perf_counter()
+
+    def step(self, step: int, loss: float) -> None:
+        now = time.perf_counter()
+        if step == self.start_step + 1 or step == self.steps or now - self.last_log >= self.interval_s:
+            rate = (step - self.start_step) / max(now - self.started, 1e-9)
+            self.log(f"lora step {step}/{self.steps} loss {loss:.4f} {rate:.2f} it/s ETA {_eta((self.steps - step) / rate)}")
+            self.last_log = now
+
+
+def training_result(checkpoints, losses, started: float, dataset: KohyaDataset, start_step: int, family: str,
+                    precision: str) -> TrainingResult:
     final = checkpoints[-1][1]
     return TrainingResult(lora_path=final, sha256=sha256_file(final), checkpoints=checkpoints, losses=losses,
                           seconds=round(time.perf_counter() - started, 2),
                           image_count=sum(1 for item in dataset.items if not item.is_reg), resumed_from=start_step,
-                          family=model.family, mixed_precision=precision)
+                          family=family, mixed_precision=precision)
 
 
 def _optimizer(params: LoraTrainingParams, parameters):

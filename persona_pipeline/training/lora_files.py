@@ -32,7 +32,7 @@ UNKNOWN_FAMILY = "unknown"
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
-DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
+DIFFUSERS_PREFIXES = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.")
 # `.lora.down` is diffusers' own naming; `_lora.down` its older attention-processor naming
 # (`...processor.to_k_lora.down.weight`); `lora_A/B` the peft naming diffusers now saves as well.
 DIFFUSERS_MARKERS = (".lora.down.weight", ".lora.up.weight", "_lora.down.weight", "_lora.up.weight",
@@ -51,7 +51,7 @@ class LoraFileError(ValueError):
 @dataclass(frozen=True)
 class LoraFileInfo:
     key_format: str  # kohya | diffusers | peft
-    family: str  # sd15 | sd2 | sdxl | tiny-sd | tiny-sdxl | unknown-<dim> | unknown
+    family: str  # sd15 | sd2 | sdxl | flux | tiny-sd | tiny-sdxl | unknown-<dim> | unknown
     rank: int
     tensor_count: int
     metadata: dict[str, str] = field(default_factory=dict)  # the header's __metadata__
@@ -186,7 +186,13 @@ def family_for_dim(dim: int | None) -> str:
 
 
 def detect_family(header: dict[str, Any]) -> str:
-    """The base-model family a LoRA was trained for (see FAMILY_BY_CROSS_ATTENTION_DIM)."""
+    """The base-model family a LoRA was trained for: a family its keys name (FLUX's transformer
+    blocks, `families.lora_file_family`), else by cross-attention width (FAMILY_BY_CROSS_ATTENTION_DIM)."""
+    from persona_pipeline.training.families import lora_file_family
+
+    named = lora_file_family(_tensor_keys(header))
+    if named:
+        return named
     family = family_for_dim(cross_attention_dim(header))
     if family == UNKNOWN_FAMILY and any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in _tensor_keys(header)):
         return "sdxl"  # only SDXL has a second text encoder
@@ -198,7 +204,7 @@ def base_model_family(base_model_path: str) -> str:
     folder without that file (nothing is downloaded to find out)."""
     config_path = Path(base_model_path) / "unet" / "config.json"
     if not config_path.is_file():
-        return UNKNOWN_FAMILY
+        return _transformer_family(Path(base_model_path))
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -210,6 +216,17 @@ def base_model_family(base_model_path: str) -> str:
     if family not in FAMILY_BY_CROSS_ATTENTION_DIM.values() and config.get("addition_embed_type") == "text_time":
         return "sdxl"  # SDXL's pooled-text + time-ids conditioning
     return family
+
+
+def _transformer_family(folder: Path) -> str:
+    """A transformer-based family (FLUX.1) from a local folder's model_index.json, else "unknown"."""
+    from persona_pipeline.training.families import families
+
+    try:
+        pipeline = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        return UNKNOWN_FAMILY
+    return next((f.name for f in families() if f.objective == "flow_matching" and f.detects(pipeline)), UNKNOWN_FAMILY)
 
 
 def lora_rank(header: dict[str, Any]) -> int:
@@ -232,15 +249,36 @@ def inspect_lora_file(path: Path, expected_family: str | None, *, base_model: st
         raise LoraFileError(f"{path.name}: {exc}") from None
     dim = cross_attention_dim(header)
     family = detect_family(header)
+    if family == "flux":
+        from persona_pipeline.training.families.flux import unknown_lora_key
+
+        unknown = unknown_lora_key(_tensor_keys(header))
+        if unknown:
+            raise LoraFileError(f"{path.name}: FLUX.1 LoRA key {unknown!r} names no FLUX transformer or text-encoder "
+                                "LoRA weight (it would be silently dropped)")
     if expected_family and expected_family != UNKNOWN_FAMILY:
         base = base_model or "in use"
         if family == UNKNOWN_FAMILY:
             raise LoraFileError(f"{path.name}: cannot tell which base model the LoRA is for (no cross-attention "
                                 f"attn2 to_k matrix); the base model {base} is {expected_family}")
         if family != expected_family:
-            evidence = f"cross-attention dim {dim}" if dim is not None else "it has SDXL's second text encoder"
+            evidence = ("its keys name FLUX.1 transformer blocks" if family == "flux" else f"cross-attention dim {dim}"
+                        if dim is not None else "it has SDXL's second text encoder")
             raise LoraFileError(f"{path.name}: LoRA is for {family} ({evidence}) but the base model "
                                 f"{base} is {expected_family}")
     return LoraFileInfo(key_format=key_format, family=family, rank=lora_rank(header),
                         tensor_count=len(_tensor_keys(header)), metadata=dict(header.get("__metadata__", {})),
                         cross_attention_dim=dim)
+
+
+def refuse_other_family(path: Path, expected_family: str, *, base_model: str) -> None:
+    """Before a LoRA is loaded onto a pipeline: refuse it (LoraFileError, naming both families) when its
+    family is known and differs from the base model's, or when it is a FLUX LoRA with a key naming no
+    FLUX module; a LoRA whose family cannot be told is left to the loader, which reports what does not fit."""
+    try:
+        family = detect_family(read_safetensors_header(Path(path)))
+    except LoraFileError:
+        return  # not readable as a LoRA here: the loader's own error names the problem
+    if family == "flux" or (expected_family != UNKNOWN_FAMILY and not family.startswith(UNKNOWN_FAMILY)
+                            and family != expected_family):
+        inspect_lora_file(Path(path), expected_family, base_model=base_model)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from persona_pipeline.domain.generation_params import FLUX_GUIDANCE_RANGE
+
 
 class TrainingConfigError(ValueError):
     """A training setting, the dataset or the base model is unusable; the message names which."""
@@ -33,13 +35,25 @@ class LoraTrainingParams:
     # each text encoder's attention trains too, at this rate, so the trigger word itself comes to
     # mean the look (kohya's text_encoder_lr; diffusers' --train_text_encoder).
     text_encoder_lr: float = 0.0
+    # FLUX.1 only (training/families/flux.py). guidance: the [dev] guidance input while training (None:
+    # 1.0; [schnell] has none and refuses one). timestep_sampling: how noise levels are drawn before
+    # the scheduler's shift. max_sequence_length: T5 tokens per caption. quantize_base: the frozen
+    # transformer in 8-bit (bitsandbytes) or fp8 (torchao), CUDA only.
+    guidance: float | None = None
+    timestep_sampling: str = "logit_normal"  # logit_normal | uniform
+    max_sequence_length: int = 512
+    quantize_base: str = "none"  # none | int8 | fp8
 
     # Numeric bounds checked before any model is loaded; each error names the field and the bound.
     BOUNDS = {
         "rank": (1, 256), "alpha": (0.01, 512), "steps": (1, 100000), "learning_rate": (1e-7, 1e-2),
         "batch_size": (1, 64), "resolution": (32, 2048), "min_snr_gamma": (0, 20), "noise_offset": (0, 1),
         "prior_loss_weight": (0, 10), "checkpoint_every": (0, 100000), "text_encoder_lr": (0, 1e-2),
+        "max_sequence_length": (8, 512),
     }
+    GUIDANCE = FLUX_GUIDANCE_RANGE  # FLUX.1 [dev]'s distilled guidance, as generation bounds it
+    TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
+    QUANTIZATIONS = ("none", "int8", "fp8")
     OPTIMIZERS = ("adamw", "adamw8bit")
     PRECISIONS = ("auto", "no", "fp16", "bf16")
 
@@ -60,8 +74,18 @@ class LoraTrainingParams:
                                           "use 'adamw' or install it")
         if self.mixed_precision not in self.PRECISIONS:
             raise TrainingConfigError(f"training.mixed_precision={self.mixed_precision!r} must be one of {', '.join(self.PRECISIONS)}")
+        if self.guidance is not None and not self.GUIDANCE[0] <= self.guidance <= self.GUIDANCE[1]:
+            raise TrainingConfigError(f"training.guidance={self.guidance} is out of range [{self.GUIDANCE[0]}, {self.GUIDANCE[1]}]")
+        if self.timestep_sampling not in self.TIMESTEP_SAMPLINGS:
+            raise TrainingConfigError(f"training.timestep_sampling={self.timestep_sampling!r} must be one of "
+                                      f"{', '.join(self.TIMESTEP_SAMPLINGS)}")
+        if self.quantize_base not in self.QUANTIZATIONS:
+            raise TrainingConfigError(f"training.quantize_base={self.quantize_base!r} must be one of {', '.join(self.QUANTIZATIONS)}")
         if device is not None:
             resolve_mixed_precision(self.mixed_precision, device)
+            if self.quantize_base != "none" and not device.startswith("cuda"):
+                raise TrainingConfigError(f"training.quantize_base={self.quantize_base!r} needs a CUDA device; the device is "
+                                          f"{device!r} (8-bit and fp8 kernels are GPU-only): set it to 'none'")
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -164,3 +164,73 @@ def build_tiny_controlnet(folder: Path, tiny_sd: Path, seed: int = 0) -> Path:
     controlnet.save_pretrained(tmp)
     tmp.rename(folder)
     return folder
+
+
+TINY_FLUX_NAME = "tiny-flux"
+TINY_FLUX_SCHNELL_NAME = "tiny-flux-schnell"
+# FLUX.1's VAE latent scale and shift (black-forest-labs/FLUX.1-dev vae/config.json).
+FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR = 0.3611, 0.1159
+
+
+def _tiny_t5_tokenizer():
+    """A T5TokenizerFast over a locally built unigram vocabulary: T5's special tokens (pad 0, eos 1,
+    unk 2), the word-start marker and the printable ASCII characters, each alone and word-initial."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    tokenizer = Tokenizer(Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=512)
+
+
+def build_tiny_flux(folder: Path, seed: int = 0, *, guidance: bool = True) -> Path:
+    """Write a working FluxPipeline with random weights to `folder` (idempotent): a 1+1-block
+    FluxTransformer2DModel, a 32-wide CLIP text encoder (its pooled output) and T5 encoder, each with
+    a locally built tokenizer, and a 16-channel VAE with FLUX's scale and shift. `guidance` True is
+    FLUX.1 [dev]'s layout (a guidance embedding, dynamic shift); False is [schnell]'s."""
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    tmp = folder.with_name(folder.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    vocab = _byte_vocab()
+    t5_tokenizer = _tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=16,
+        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3, norm_num_groups=8,
+        sample_size=TINY_RESOLUTION, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=FLUX_VAE_SCALING_FACTOR, shift_factor=FLUX_VAE_SHIFT_FACTOR,
+    )
+    text_encoder = CLIPTextModel(_tiny_text_config(vocab, hidden_act="gelu", projection_dim=32))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    if guidance:  # [dev]: the shift grows with the image's token count
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                    base_image_seq_len=256, max_image_seq_len=4096)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                        tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+                        text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer, transformer=transformer)
+    pipe.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder

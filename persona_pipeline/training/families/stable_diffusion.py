@@ -1,47 +1,22 @@
-"""The Stable Diffusion family (SD 1.x/2.x and SDXL: a UNet conditioned on CLIP text encoders), as
-the LoRA training loop in `training.lora` needs to know it.
-
-Everything that differs between model families lives here: how the family of a base model is
-detected, how the frozen model is loaded and where the LoRA adapter goes (the UNet's attention
-projections), how a caption becomes the UNet's conditioning, how the UNet is called, and the key
-format the LoRA is written in (kohya's, which ComfyUI and diffusers both read). Another family
-(FLUX) gets a module of its own with the same pieces.
+"""The Stable Diffusion families (SD 1.x/2.x and SDXL: a UNet conditioned on CLIP text encoders), as
+the LoRA training loop in `training.lora` needs to know them: how the frozen model is loaded and
+where the LoRA adapter goes (the UNet's attention projections), how a caption becomes the UNet's
+conditioning, how the UNet is called, and the key format the LoRA is written in (kohya's, which
+ComfyUI and diffusers both read). Their registry entries are `families.sd15` and `families.sdxl`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from persona_pipeline.fileio import sha256_file, write_via_temp
-from persona_pipeline.training.params import TrainingConfigError
+from persona_pipeline.training.families import model_family
 
+# The UNet attention projections, as diffusers' train_text_to_image_lora example adapts them.
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 # A CLIP text encoder's attention projections (diffusers' DreamBooth LoRA example trains the same).
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-
-@lru_cache(maxsize=8)
-def model_family(base_model: str) -> str:
-    """`sdxl` or `sd15` from the pipeline class in model_index.json; a wrong path is a clear error."""
-    from diffusers import DiffusionPipeline
-
-    local = Path(base_model)
-    if local.exists() and not (local / "model_index.json").is_file():
-        raise TrainingConfigError(f"base model {base_model}: not a diffusers model folder (no model_index.json)")
-    if not local.exists() and (base_model.startswith((".", "/", "~")) or base_model.count("/") != 1):
-        raise TrainingConfigError(f"base model {base_model!r}: no such folder, and not a hub id (owner/name)")
-    try:
-        config = DiffusionPipeline.load_config(base_model)
-    except Exception as exc:  # hub errors come in many classes; the message is what matters
-        raise TrainingConfigError(f"base model {base_model!r} could not be opened: {exc}") from None
-    name = config.get("_class_name", "")
-    if "XL" in name:
-        return "sdxl"
-    if name.startswith("StableDiffusion"):
-        return "sd15"
-    raise TrainingConfigError(f"base model {base_model!r} is a {name or 'unknown pipeline'}; only Stable Diffusion 1.x/2.x and SDXL are supported")
 
 
 @dataclass
