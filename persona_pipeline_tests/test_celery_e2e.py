@@ -102,20 +102,20 @@ def unit_command(unit: Path, recipe: Path, **args: str) -> list[str]:
     return command
 
 
-def worker_queues(run_config: Path) -> dict[str, list[str]]:
+def worker_queues(app) -> dict[str, list[str]]:
     """Each running worker's queues, from the workers themselves through the broker."""
-    replies = get_app(str(run_config)).control.inspect(timeout=2).active_queues() or {}
+    replies = app.control.inspect(timeout=2).active_queues() or {}
     return {name.split("@")[0]: sorted(q["name"] for q in queues) for name, queues in replies.items()}
 
 
-def stop_automation(instance: dg.DagsterInstance, workspace: Path) -> int:
+def stop_automation(instance: dg.DagsterInstance, workspace: Path) -> list[str]:
     """Stop every sensor and schedule of the workspace's code location before the daemon starts, so
     that the run under test is the only one: the persona sensor would otherwise start photo_set for
-    the new persona folder by itself, and a schedule could add runs. Returns how many were stopped."""
+    the new persona folder by itself, and a schedule could add runs. Returns their names."""
     from dagster._core.workspace.context import WorkspaceProcessContext
     from dagster._core.workspace.load_target import WorkspaceFileTarget
 
-    stopped = 0
+    stopped = []
     with WorkspaceProcessContext(instance, WorkspaceFileTarget([str(workspace)])) as workspace_context:
         request = workspace_context.create_request_context()
         for name, entry in request.get_code_location_entries().items():
@@ -124,10 +124,10 @@ def stop_automation(instance: dg.DagsterInstance, workspace: Path) -> int:
             for repo in location.get_repositories().values():
                 for sensor in repo.get_sensors():
                     instance.stop_sensor(sensor.get_remote_origin_id(), sensor.selector_id, sensor)
-                    stopped += 1
+                    stopped.append(sensor.name)
                 for schedule in repo.get_schedules():
                     instance.stop_schedule(schedule.get_remote_origin_id(), schedule.selector_id, schedule)
-                    stopped += 1
+                    stopped.append(schedule.name)
     return stopped
 
 
@@ -341,12 +341,17 @@ def run_on_celery(tmp_path: Path, app_env: dict[str, str], dagster_url: str) -> 
             workspace.write_text(yaml.safe_dump({"load_from": [{"grpc_server": {
                 "host": LOOPBACK, "port": port, "location_name": "persona_pipeline"}}]}))
             processes.wait_for_code_server(port, env, procs["code-server"], logs["code-server"])
-            assert stop_automation(instance, workspace) >= 5
+            assert {"persona_folders", "persona_generation"} <= set(stop_automation(instance, workspace))
             instance.add_dynamic_partitions("personas", [SLUG])
             procs["daemon"] = processes.start([str(BIN / "dagster-daemon"), "run", "-w", str(workspace)], env,
                                               logs["daemon"], REPO)
-            queues = wait_until(lambda: (q := worker_queues(recipe / "run_config.yaml")) and len(q) == 2 and q,
-                                "both Celery workers to answer through the broker", 300, every_s=2, while_waiting=alive)
+            app = get_app(str(recipe / "run_config.yaml"))  # the Celery app dagster-celery makes of it
+            try:
+                queues = wait_until(lambda: (q := worker_queues(app)) and len(q) == 2 and q,
+                                    "both Celery workers to answer through the broker", 300, every_s=2,
+                                    while_waiting=alive)
+            finally:
+                app.close()
             assert queues == {GPU_WORKER: ["gpu"], CPU_WORKER: ["dagster"]}
 
             launch = subprocess.run([str(BIN / "dagster"), "job", "launch", "-w", str(workspace), "-j", "photo_set",
