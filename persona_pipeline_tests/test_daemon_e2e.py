@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from persona_pipeline.db import models
 from persona_pipeline.db.session import get_engine, session_scope
 from persona_fakes.databases import postgres_database
 from persona_fakes.serving import free_port
+from persona_pipeline_tests import processes
 from persona_pipeline_tests.conftest import DEMO, REPO
 from persona_pipeline_tests.helpers import wait_until
 from persona_pipeline_tests.test_instance_config import dagster_pg_env
@@ -55,37 +55,6 @@ OUR_ENV_PREFIXES = ("PERSONA_", "DAGSTER_", "GEMINI_", "COMFYUI_", "ALERT_", "IN
 LAUNCHERS = ("dagster/sensor_name", "dagster/schedule_name")
 BAD = {DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED, DagsterRunStatus.CANCELING}
 IN_FLIGHT = {DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED}
-
-
-def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """A process in its own session, so stopping it takes its children (run workers, step processes)."""
-    handle = log.open("ab")
-    try:
-        return subprocess.Popen(args, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    finally:
-        handle.close()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        except ProcessLookupError:
-            return
-    try:  # whatever of the group is left (a child that ignored SIGTERM)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-
-
-def _tail(path: Path, lines: int = 60) -> str:
-    if not path.is_file():
-        return f"({path.name}: no file)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def _launcher(run: dg.DagsterRun) -> str:
@@ -182,16 +151,12 @@ def test_sensors_and_schedules_carry_a_persona_from_photos_to_a_published_post(t
     instance = None
     outbox = persona_home / "outbox" / SLUG
     try:
-        procs.append(_start([str(BIN / "dagster"), "api", "grpc", "--module-name", "persona_pipeline.definitions",
-                             "--host", "127.0.0.1", "--port", str(port)], env, code_log))
-        ready_by = time.monotonic() + 180
-        while subprocess.run([str(BIN / "dagster"), "api", "grpc-health-check", "--host", "127.0.0.1", "--port",
-                              str(port)], env=env, capture_output=True, timeout=60).returncode != 0:
-            assert procs[0].poll() is None, f"the code server exited:\n{_tail(code_log)}"
-            assert time.monotonic() < ready_by, f"the code server did not answer in 180 s:\n{_tail(code_log)}"
-            time.sleep(2)
+        procs.append(processes.start([str(BIN / "dagster"), "api", "grpc", "--module-name",
+                                      "persona_pipeline.definitions", "--host", "127.0.0.1", "--port", str(port)],
+                                     env, code_log))
+        processes.wait_for_code_server(port, env, procs[0], code_log)
         started = datetime.now(timezone.utc)
-        procs.append(_start([str(BIN / "dagster-daemon"), "run", "-w", str(workspace)], env, daemon_log))
+        procs.append(processes.start([str(BIN / "dagster-daemon"), "run", "-w", str(workspace)], env, daemon_log))
         instance = dg.DagsterInstance.from_config(str(dagster_home))
         deadline = started + DEADLINE
         print(f"[   0s] daemon and code server up (port {port}); waiting for the persona sensor to train a LoRA", flush=True)
@@ -243,7 +208,7 @@ def test_sensors_and_schedules_carry_a_persona_from_photos_to_a_published_post(t
               "daemon started)", flush=True)
 
         # No new runs from here (the daemon stops); the ones in flight finish under the code server.
-        _stop(procs[1])
+        processes.stop(procs[1])
         settle_by = datetime.now(timezone.utc) + SETTLE
         while any(r.status in IN_FLIGHT for r in instance.get_runs()):
             assert datetime.now(timezone.utc) < settle_by, "runs still in flight:\n" + "\n".join(
@@ -288,8 +253,8 @@ def test_sensors_and_schedules_carry_a_persona_from_photos_to_a_published_post(t
             begin, end = (f"{t - started.timestamp():4.0f}" if t else "   -" for t in (record.start_time, record.end_time))
             print(f"  {begin} → {end} s  {_run_line(record.dagster_run)}", flush=True)
     except BaseException:
-        print("\n--- daemon log (tail) ---\n" + _tail(daemon_log), flush=True)
-        print("\n--- code server and run workers log (tail) ---\n" + _tail(code_log, 120), flush=True)
+        print("\n--- daemon log (tail) ---\n" + processes.tail(daemon_log), flush=True)
+        print("\n--- code server and run workers log (tail) ---\n" + processes.tail(code_log, 120), flush=True)
         if instance is not None:
             for run in instance.get_runs():
                 if run.status in BAD:
@@ -297,7 +262,7 @@ def test_sensors_and_schedules_carry_a_persona_from_photos_to_a_published_post(t
         raise
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            processes.stop(proc)
         if instance is not None:
             instance.dispose()
         get_engine(app_url).dispose()
