@@ -41,23 +41,16 @@ clusters as documents); majority_pillar — the pillar a cluster maps to.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-import scipy.sparse
-from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
-from sklearn.decomposition import PCA
-from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, TfidfVectorizer
-from sklearn.metrics import pairwise_distances, pairwise_distances_argmin_min, silhouette_score
 
-try:  # shipped with scikit-learn, which we depend on
-    import threadpoolctl
-except ImportError:  # pragma: no cover - without it we merely run with the default threads
-    threadpoolctl = None
+# scikit-learn and scipy are imported inside the functions that use them: the code location imports
+# this module, and loading them costs seconds of CPU on every UI reload and sensor process start.
 
 SEED = 42
 SAMPLE_SIZE = 4000          # above this many items, k is chosen on a sample of this size
@@ -71,16 +64,27 @@ JOIN_TOLERANCE = 1.1
 MATCH_TOLERANCE = 1.0
 _CHUNK_ROWS = 8192          # rows per block when measuring distances, to bound temporary memory
 
-_THREADS = threadpoolctl.ThreadpoolController() if threadpoolctl else None
+@functools.cache
+def _thread_controller():
+    """The thread-pool controller, made once scikit-learn's and scipy's libraries are loaded (it
+    only sees the BLAS and OpenMP copies loaded when it is made)."""
+    import scipy.sparse  # noqa: F401
+    import sklearn.cluster  # noqa: F401
+    try:  # shipped with scikit-learn, which we depend on
+        import threadpoolctl
+    except ImportError:  # pragma: no cover - without it we merely run with the default threads
+        return None
+    return threadpoolctl.ThreadpoolController()
 
 
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """One BLAS and one OpenMP thread: deterministic results and, on 2 shared cores, no slower."""
-    if _THREADS is None:
+    controller = _thread_controller()
+    if controller is None:
         yield
         return
-    with _THREADS.limit(limits=1):
+    with controller.limit(limits=1):
         yield
 
 
@@ -155,6 +159,8 @@ def _search_space(x: np.ndarray) -> np.ndarray:
     centres in one cluster and 10 starts do not always recover (measured on the bench's blobs).
     The projection keeps the cluster structure, drops most of the noise, and makes each k-means
     run 8x cheaper."""
+    from sklearn.decomposition import PCA
+
     if x.shape[1] <= PCA_DIMS or len(x) <= PCA_DIMS:
         return x
     return PCA(n_components=PCA_DIMS, svd_solver="full").fit_transform(x).astype(np.float32)
@@ -163,6 +169,9 @@ def _search_space(x: np.ndarray) -> np.ndarray:
 def _choose_k(x: np.ndarray, max_k: int, seed: int) -> tuple[np.ndarray | None, float | None]:
     """Labels 0..k-1 of the rows for the k with the best silhouette, with that silhouette;
     (None, None) when the rows form one cluster."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import pairwise_distances, silhouette_score
+
     upper = min(max_k, len(x) - 1)
     if upper >= 2:
         upper = min(upper, len(np.unique(x, axis=0)))
@@ -188,6 +197,8 @@ def _choose_k(x: np.ndarray, max_k: int, seed: int) -> tuple[np.ndarray | None, 
 def fit_clusters(embeddings: np.ndarray | Sequence[Sequence[float]], max_k: int = 20, seed: int = SEED,
                  sample_size: int = SAMPLE_SIZE) -> Clustering:
     """k-means with k chosen by silhouette; see the module docstring for the rules."""
+    from sklearn.cluster import KMeans
+
     if max_k < 1:
         raise ValueError(f"max_k: must be at least 1, got {max_k}")
     if sample_size < 3:
@@ -224,6 +235,8 @@ def cluster_embeddings(embeddings: np.ndarray, max_k: int = 20) -> Clustering:
 def _member_stats(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(centroids k x d, radii k, sizes k, distances n) from the members; label -1 = no cluster,
     distance NaN. A cluster without members gets a NaN centroid and size 0."""
+    import scipy.sparse
+
     n = len(x)
     member = np.flatnonzero(labels >= 0)
     sizes = np.bincount(labels[member], minlength=k)
@@ -257,6 +270,8 @@ def update_clusters(existing: Sequence[ExistingCluster], embeddings: np.ndarray 
     """Assign every library item (`embeddings`, one row each, with its `current_keys`) to a stable
     cluster key; the rules are in the module docstring. Pass as `first_new_key` one more than the
     largest key ever used (retired ones included) so that no retired key is handed out again."""
+    from sklearn.metrics import pairwise_distances_argmin_min
+
     x = _as_matrix(embeddings)
     n = len(x)
     if len(current_keys) != n:
@@ -303,6 +318,8 @@ def update_clusters(existing: Sequence[ExistingCluster], embeddings: np.ndarray 
 
 def _recluster(x: np.ndarray, previous: np.ndarray, old_keys: list[int], old_centroids: np.ndarray,
                old_radii: np.ndarray, max_k: int, seed: int, first_new_key: int, sample_size: int) -> ClusterUpdate:
+    from scipy.optimize import linear_sum_assignment
+
     fit = fit_clusters(x, max_k=max_k, seed=seed, sample_size=sample_size)
     labels = np.asarray(fit.labels, dtype=np.intp)
     centroids, radii, sizes, distances = _member_stats(x, labels, fit.k)
@@ -339,6 +356,8 @@ def top_terms(texts: Sequence[Sequence[str]], n: int = 3, stop_words: Sequence[s
     caller's (e.g. the trigger word, "photo") left out. Words of 3+ letters only (no "8k", no
     weights like "1.2"). A term found in every cluster says nothing about any of them, so it
     only fills places after the others. Ties go alphabetically."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, TfidfVectorizer
+
     documents = ["\n".join(captions) for captions in texts]
     if not documents:
         return []
