@@ -73,6 +73,8 @@ class RunStep(Base):
     keep_best: Mapped[int | None] = mapped_column(Integer)
     parent_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)  # the previous step's top-K at approval
     failure_reason: Mapped[str | None] = mapped_column(Text)
+    # The inputs of the step's last ranking fit (db/rankings.py): a refresh refits it only when they changed.
+    ranked_signature: Mapped[str | None] = mapped_column(String(40))
 
     run: Mapped[GenerationRun] = relationship(back_populates="steps")
 
