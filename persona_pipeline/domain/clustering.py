@@ -316,6 +316,73 @@ def update_clusters(existing: Sequence[ExistingCluster], embeddings: np.ndarray 
         outliers=outliers, silhouette=None)
 
 
+@dataclass(frozen=True)
+class ClusterJoin:
+    """The incremental pass of update_clusters for the items without a key only (see join_new_items)."""
+    keys: list[int | None]          # per new item; None = outlier
+    distances: list[float | None]   # per new item, to its cluster's new centroid
+    clusters: dict[int, ClusterStats]  # every existing cluster that still has members
+    retired_keys: list[int]
+    outliers: int
+
+
+def join_new_items(existing: Sequence[ExistingCluster], member_distances: dict[int, Sequence[float]],
+                   embeddings: np.ndarray | Sequence[Sequence[float]], *, total_items: int,
+                   recluster_share: float = 0.2, min_outliers: int = 5) -> ClusterJoin | None:
+    """update_clusters without the embeddings of the items that keep their key: the library asks
+    for it when every cluster still has exactly its stored members (`member_distances[key]`: their
+    stored distances; `existing[i].size` must equal their number) and passes only the items without
+    a key. Rules 1, 2 and 4 decide exactly as update_clusters does; None = rule 4 reclusters (call
+    update_clusters with every item). Rule 3 differs in one way: a cluster's centroid moves to the
+    mean of its members as a running mean of the stored centroid and the joiners, and its radius is
+    the percentile of the members' stored distances (measured when each was placed) and the
+    joiners' distances to the new centroid; the next recluster measures every distance again."""
+    from sklearn.metrics import pairwise_distances_argmin_min
+
+    old_keys = sorted(c.key for c in existing)
+    if not old_keys:
+        return None
+    by_key = {c.key: c for c in existing}
+    for key in old_keys:
+        if by_key[key].size != len(member_distances.get(key, ())):
+            raise ValueError(f"existing: cluster {key} has size {by_key[key].size} but "
+                             f"{len(member_distances.get(key, ()))} member distances")
+    x = _as_matrix(embeddings) if len(embeddings) else np.zeros((0, len(by_key[old_keys[0]].centroid)), np.float32)
+    old_centroids = _as_matrix([np.asarray(by_key[key].centroid, dtype=np.float32) for key in old_keys],
+                               "existing centroids").astype(np.float64)
+    if old_centroids.shape[1] != x.shape[1]:
+        raise ValueError(f"existing: centroids have {old_centroids.shape[1]} dimensions, "
+                         f"embeddings {x.shape[1]} (was the embedding model changed?)")
+    old_radii = np.array([max(float(by_key[key].radius), RADIUS_FLOOR) for key in old_keys])
+    labels = np.full(len(x), -1, dtype=np.intp)
+    with _one_thread():
+        if len(x):
+            nearest, distance = pairwise_distances_argmin_min(x, old_centroids.astype(np.float32))
+            joins = distance <= JOIN_TOLERANCE * old_radii[nearest]
+            labels[joins] = nearest[joins]
+    outliers = int(np.count_nonzero(labels < 0))
+    if outliers >= max(min_outliers, recluster_share * total_items):
+        return None
+    clusters: dict[int, ClusterStats] = {}
+    distances = np.full(len(x), np.nan)
+    for index, key in enumerate(old_keys):
+        joined = np.flatnonzero(labels == index)
+        size = by_key[key].size + len(joined)
+        if size == 0:
+            continue
+        if not len(joined):
+            clusters[key] = ClusterStats(np.asarray(by_key[key].centroid, dtype=np.float64), float(old_radii[index]), size)
+            continue
+        total = old_centroids[index] * by_key[key].size + x[joined].astype(np.float64).sum(axis=0)
+        centroid = total / size
+        distances[joined] = np.linalg.norm(x[joined].astype(np.float64) - centroid, axis=1)
+        spread = np.concatenate([np.asarray(member_distances.get(key, ()), dtype=np.float64), distances[joined]])
+        clusters[key] = ClusterStats(centroid, max(RADIUS_FLOOR, float(np.percentile(spread, RADIUS_PERCENTILE))), size)
+    return ClusterJoin(keys=[old_keys[label] if label >= 0 else None for label in labels],
+                       distances=[None if np.isnan(d) else float(d) for d in distances], clusters=clusters,
+                       retired_keys=[key for key in old_keys if key not in clusters], outliers=outliers)
+
+
 def _recluster(x: np.ndarray, previous: np.ndarray, old_keys: list[int], old_centroids: np.ndarray,
                old_radii: np.ndarray, max_k: int, seed: int, first_new_key: int, sample_size: int) -> ClusterUpdate:
     from scipy.optimize import linear_sum_assignment
