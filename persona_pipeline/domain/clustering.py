@@ -30,6 +30,9 @@ update_clusters — the incremental, stable update a run performs (rules):
        and with it its name and pillar; unmatched new clusters get fresh keys counting up from
        max(first_new_key, largest old key + 1), larger clusters first; unmatched old keys are
        retired. `moved` counts the items whose key changed.
+    join_new_items runs rules 1-4 on the items without a key alone, for a library whose clusters
+    still hold exactly their stored members: the same decisions, with the centroid as a running
+    mean and the members' stored distances in the radius (its docstring says how that differs).
     Radius: the 95th percentile of the members' distances to their centroid, at least
     RADIUS_FLOOR (0.05; embeddings are unit vectors, so distances lie in 0..2), which lets a
     one-member cluster take in near-duplicates.

@@ -41,7 +41,7 @@ class GenerationRun(Base):
     prompt: Mapped[str] = mapped_column(Text)
     negative_prompt: Mapped[str] = mapped_column(Text, default="")
     backend: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(24), default="running")  # running | awaiting_review | done | failed
+    status: Mapped[str] = mapped_column(String(24), default="running", index=True)  # running | awaiting_review | done | failed
     dagster_run_id: Mapped[str | None] = mapped_column(String(64))
     content_prompt_id: Mapped[int | None] = mapped_column(ForeignKey("content_prompts.id", ondelete="SET NULL"))
     prompt_source: Mapped[str | None] = mapped_column(String(120))  # template | gemini:<model> | persona.yaml

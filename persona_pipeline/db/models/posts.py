@@ -30,14 +30,14 @@ class Post(Base):
     caption: Mapped[str] = mapped_column(Text)
     hashtags: Mapped[list[Any]] = mapped_column(JSON, default=list)
     media_path: Mapped[str | None] = mapped_column(Text)
-    scheduled_at: Mapped[datetime] = mapped_column()
+    scheduled_at: Mapped[datetime] = mapped_column(index=True)
     external_id: Mapped[str | None] = mapped_column(String(200))
     failure_reason: Mapped[str | None] = mapped_column(Text)
     review_note: Mapped[str | None] = mapped_column(Text)  # why a reviewer rejected or moved it
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
     retryable: Mapped[bool] = mapped_column(Boolean, default=True)  # False: a person must reschedule it
     next_attempt_at: Mapped[datetime | None] = mapped_column()  # a retried post waits until then
-    published_at: Mapped[datetime | None] = mapped_column()
+    published_at: Mapped[datetime | None] = mapped_column(index=True)
     library_item_id: Mapped[int | None] = mapped_column(ForeignKey("library_items.id", ondelete="SET NULL"))
     theme: Mapped[str] = mapped_column(String(200), default="")
     caption_source: Mapped[str | None] = mapped_column(String(120))  # template | gemini:<model> | reviewer
