@@ -16,9 +16,9 @@ that can be run):
   photo read), review_events after a burst of 50 votes, lora_incoming, alerts (freshness checks of
   every persona; deliveries to a closed local port fail at once). Target: each <= 1 s.
   run_failure_alerts runs per failed run, not per tick over the tables, and is not measured.
-- the rankings refresh after a burst of 50 votes on one step of one persona (db/rankings.py;
-  reference: every step of the persona refit, extrapolated from 10 steps). Target: <= 2 s, one
-  step refit.
+- the rankings refresh after a burst of 50 votes on one step of one persona, median of 3 bursts
+  (the first pays the import of scipy, as a fresh run process does; db/rankings.py; reference:
+  every step of the persona refit, extrapolated from 10 steps). Target: <= 2 s, one step refit.
 - content_library + clusters after 20 new winners, materialised by Dagster with the world CLIP
   model (reference: reading every item's embedding and the full update_clusters, as before).
   Target: <= 5 s, only the 20 new embeddings read.
@@ -160,9 +160,15 @@ def rankings_refresh(studio: Studio) -> float:
     def refresh():
         with session_scope(studio.url) as session:
             return rankings.refresh_rankings(session, studio.persona_id, lambda *_: None)
-    start = time.perf_counter()
-    done = refresh()
-    ours = time.perf_counter() - start
+    times, refit = [], []
+    for burst in range(3):  # the first one pays the fit's scipy import, as a fresh run process does
+        if burst:
+            vote_burst(studio)
+        start = time.perf_counter()
+        done = refresh()
+        times.append(time.perf_counter() - start)
+        refit.append(len(done.refit_step_ids))
+    ours = statistics.median(times)
     # The reference: the refresh as it was, every step refit; timed on 10 steps, extrapolated.
     with get_engine(studio.url).connect() as conn:
         from sqlalchemy.orm import Session
@@ -175,11 +181,12 @@ def rankings_refresh(studio: Studio) -> float:
             session.rollback()
     steps = rankings_steps(studio)
     reference = per_step * steps
-    ok = ours <= RANKINGS_S and len(done.refit_step_ids) == 1
-    print(f"rankings refresh after 50 votes on one step: {ours:.3f} s, {len(done.refit_step_ids)} step(s) refit of "
+    ok = ours <= RANKINGS_S and refit == [1, 1, 1]
+    print(f"rankings refresh after 50 votes on one step, 3 bursts: {', '.join(f'{t:.3f}' for t in times)} s "
+          f"(median {ours:.3f} s), {refit} step(s) refit of "
           f"{steps:,}; every step refit: {reference:,.0f} s (extrapolated from {per_step:.3f} s a step)")
-    record(f"rankings refresh after 50 votes on 1 of {steps:,} steps: every step refit (extrapolated from 10) vs "
-           "changed steps only", reference=reference, ours=ours, unit="s", better="lower",
+    record(f"rankings refresh after 50 votes on 1 of {steps:,} steps (median of 3 bursts): every step refit "
+           "(extrapolated from 10) vs changed steps only", reference=reference, ours=ours, unit="s", better="lower",
            target=f"<= {RANKINGS_S} s, 1 step refit", ok=ok)
     return ours
 
