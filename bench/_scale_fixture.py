@@ -250,7 +250,8 @@ def _library_and_posts(url, personas, runs_per_persona, open_run, embedding_mode
                                                       ("awaiting_approval" if ahead % 3 else "scheduled"))
             item = item_rows[-(j + 1)]
             post_rows.append((post_id, persona_id, item[6], item[3], f"outbox:studio{p:03d}", status,
-                              f"caption {post_id}", "[]", None, at.isoformat(), 0, True, item[0], "",
+                              f"caption {post_id}", "[]", f"/studio/media/post-{post_id}.jpg", at.isoformat(), 0, True,
+                              item[0], "",
                               START.isoformat(), START.isoformat()))
     return {
         "clusters": _copy(url, "clusters", ["id", "persona_id", "key", "label", "label_source", "pillar_id", "centroid",

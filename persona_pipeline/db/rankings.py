@@ -139,13 +139,15 @@ def refresh_rankings(session: Session, persona_id: int, pick_winner: PickWinner,
         models.GenerationRun, models.RunStep.run_id == models.GenerationRun.id).where(
         models.GenerationRun.persona_id == persona_id)).scalars())
     todo = set(all_steps) if full else (set(stale_steps(session, persona_id)) | (set(step_ids) & set(all_steps)))
+    # The inputs as they are before the fit: a vote committed while the fit runs leaves the stored
+    # signature behind the votes, so the next refresh fits the step again (never the other way round).
+    # A winner picked here changes a status, and so also makes the next refresh fit that step once more.
+    before = step_signatures(session, persona_id, todo) if todo else {}
     steps = sorted((session.get(models.RunStep, step_id) for step_id in todo), key=lambda s: (s.run_id, s.position))
     for step in steps:
         _refit_step(session, step.run, step, pick_winner, out)
+        step.ranked_signature = before[step.id]
     session.flush()
-    if steps:  # after the refit: a winner pick changed a status that the signature covers
-        for step_id, signature in step_signatures(session, persona_id, todo).items():
-            session.get(models.RunStep, step_id).ranked_signature = signature
     out.refit_step_ids = [s.id for s in steps]
     out.unchanged_steps = len(all_steps) - len(steps)
     out.open_steps = open_steps(session, persona_id)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, load_only, selectinload
 
 from persona_pipeline.db import models
 from persona_pipeline.db.review import LIVE, OPEN_STEP, NotFound, RankedCandidate, default_top_k, low_vote_candidates, step_ranking
@@ -148,7 +148,13 @@ def calendar_posts(session: Session, statuses: tuple[str, ...], start: datetime,
                         models.Post.published_at < end),
                    and_(models.Post.published_at.is_(None), models.Post.scheduled_at >= start,
                         models.Post.scheduled_at < end))
-    query = select(models.Post).where(models.Post.status.in_(statuses), in_range)
+    # The columns a calendar card shows (a month of a busy studio is thousands of posts), and the
+    # candidate of a post without its own media in one more query, not one per card.
+    post = models.Post
+    query = select(post).where(post.status.in_(statuses), in_range).options(
+        load_only(post.id, post.persona_id, post.candidate_id, post.account, post.status, post.caption,
+                  post.media_path, post.scheduled_at, post.published_at),
+        selectinload(post.candidate).load_only(models.Candidate.id, models.Candidate.image_path))
     if slug:
         query = query.where(models.Post.persona_id == persona_by_slug(session, slug).id)
     return list(session.scalars(query.order_by(moment, models.Post.id)))
