@@ -22,7 +22,7 @@ that can be run):
 - content_library + clusters after 20 new winners, materialised by Dagster with the world CLIP
   model (reference: reading every item's embedding and the full update_clusters, as before).
   Target: <= 5 s, only the 20 new embeddings read.
-- the publish job's due-post query (PostClaims.due); `next_pair` on an open step (target <= 20 ms);
+- the publish job's due-post query (PostClaims.due; no target); `next_pair` on an open step (target <= 20 ms);
   the review form's queries: the queue, the posts to review, a month of the calendar, and a step's
   gallery view (its Bradley–Terry fit with 1,000 bootstrap rounds included). Target: <= 100 ms each.
 - EXPLAIN of every statement those ran: no sequential scan on votes, candidates, posts or
@@ -282,7 +282,7 @@ def queries(studio: Studio) -> dict[str, float]:
         return run
 
     measured = {
-        "publish job: due posts": (lambda: claims.due(), FORM_S),
+        "publish job: due posts": (lambda: claims.due(), None),
         "next_pair on an open step": (next_pair, NEXT_PAIR_S),
         "form: review queue": (in_session(review_views.review_queue), FORM_S),
         "form: posts to review": (in_session(review_views.posts_to_review), FORM_S),
@@ -296,8 +296,8 @@ def queries(studio: Studio) -> dict[str, float]:
         fn()
         out[name] = median_time(fn, 7)
         print(f"{name}: {out[name] * 1000:.1f} ms")
-        record(name, reference=None, ours=out[name], unit="s", better="lower", target=f"<= {target * 1000:.0f} ms",
-               ok=out[name] <= target)
+        record(name, reference=None, ours=out[name], unit="s", better="lower",  # the issue sets no target for due posts
+               target="" if target is None else f"<= {target * 1000:.0f} ms", ok=None if target is None else out[name] <= target)
     return out
 
 

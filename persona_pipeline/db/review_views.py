@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import Session, load_only, selectinload
+from sqlalchemy import Row, and_, func, or_, select
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from persona_pipeline.db import models
 from persona_pipeline.db.review import LIVE, OPEN_STEP, NotFound, RankedCandidate, default_top_k, low_vote_candidates, step_ranking
@@ -42,19 +42,19 @@ def unvoted_pairs(session: Session, step_id: int) -> int:
 
 def unvoted_pairs_of(session: Session, step_ids: list[int]) -> dict[int, int]:
     """`unvoted_pairs` of several steps, in two queries whatever their number (the review queue)."""
-    live: dict[int, set[int]] = {step_id: set() for step_id in step_ids}
     if not step_ids:
         return {}
-    for step_id, cand_id in session.execute(select(models.Candidate.step_id, models.Candidate.id).where(
-            models.Candidate.step_id.in_(step_ids), models.Candidate.status.in_(LIVE))):
-        live[step_id].add(cand_id)
-    # Distinct pairs: a close pair may have several votes.
-    voted: dict[int, set[tuple[int, int]]] = {step_id: set() for step_id in step_ids}
-    for step_id, low, high in session.execute(select(models.Vote.step_id, models.Vote.pair_low_id,
-                                                     models.Vote.pair_high_id).where(models.Vote.step_id.in_(step_ids))):
-        if low in live[step_id] and high in live[step_id]:
-            voted[step_id].add((low, high))
-    return {step_id: len(live[step_id]) * (len(live[step_id]) - 1) // 2 - len(voted[step_id]) for step_id in step_ids}
+    live = dict(session.execute(select(models.Candidate.step_id, func.count()).where(
+        models.Candidate.step_id.in_(step_ids), models.Candidate.status.in_(LIVE))
+        .group_by(models.Candidate.step_id)).tuples().all())
+    # Distinct pairs of two live candidates: a close pair may have several votes.
+    low, high = aliased(models.Candidate), aliased(models.Candidate)
+    pairs = (select(models.Vote.step_id, models.Vote.pair_low_id, models.Vote.pair_high_id).distinct()
+             .join(low, and_(low.id == models.Vote.pair_low_id, low.status.in_(LIVE)))
+             .join(high, and_(high.id == models.Vote.pair_high_id, high.status.in_(LIVE)))
+             .where(models.Vote.step_id.in_(step_ids))).subquery()
+    voted = dict(session.execute(select(pairs.c.step_id, func.count()).group_by(pairs.c.step_id)).tuples().all())
+    return {step_id: live.get(step_id, 0) * (live.get(step_id, 0) - 1) // 2 - voted.get(step_id, 0) for step_id in step_ids}
 
 
 def review_queue(session: Session) -> list[PersonaQueue]:
@@ -139,22 +139,20 @@ def persona_by_slug(session: Session, slug: str) -> models.Persona:
 
 
 def calendar_posts(session: Session, statuses: tuple[str, ...], start: datetime, end: datetime,
-                   slug: str | None = None) -> list[models.Post]:
+                   slug: str | None = None) -> list[Row]:
     """Posts in `statuses` that are (or were) in the feed in [start, end): placed at their
-    publication time when published, else at their slot; soonest first (optionally of one persona)."""
-    moment = func.coalesce(models.Post.published_at, models.Post.scheduled_at)
-    # The range on each column (the same rows as on `moment`), so their indexes find a month's posts.
-    in_range = or_(and_(models.Post.published_at.is_not(None), models.Post.published_at >= start,
-                        models.Post.published_at < end),
-                   and_(models.Post.published_at.is_(None), models.Post.scheduled_at >= start,
-                        models.Post.scheduled_at < end))
-    # The columns a calendar card shows (a month of a busy studio is thousands of posts), and the
-    # candidate of a post without its own media in one more query, not one per card.
+    publication time when published, else at their slot; soonest first (optionally of one persona).
+    Rows of what a calendar card shows (a month of a busy studio is thousands of posts: ORM objects
+    cost three times as much), `candidate_image` for a post without its own media."""
     post = models.Post
-    query = select(post).where(post.status.in_(statuses), in_range).options(
-        load_only(post.id, post.persona_id, post.candidate_id, post.account, post.status, post.caption,
-                  post.media_path, post.scheduled_at, post.published_at),
-        selectinload(post.candidate).load_only(models.Candidate.id, models.Candidate.image_path))
+    moment = func.coalesce(post.published_at, post.scheduled_at)
+    # The range on each column (the same rows as on `moment`), so their indexes find a month's posts.
+    in_range = or_(and_(post.published_at.is_not(None), post.published_at >= start, post.published_at < end),
+                   and_(post.published_at.is_(None), post.scheduled_at >= start, post.scheduled_at < end))
+    query = (select(post.id, post.persona_id, post.account, post.status, post.caption, post.media_path,
+                    post.scheduled_at, post.published_at, models.Candidate.image_path.label("candidate_image"))
+             .outerjoin(models.Candidate, models.Candidate.id == post.candidate_id)
+             .where(post.status.in_(statuses), in_range))
     if slug:
-        query = query.where(models.Post.persona_id == persona_by_slug(session, slug).id)
-    return list(session.scalars(query.order_by(moment, models.Post.id)))
+        query = query.where(post.persona_id == persona_by_slug(session, slug).id)
+    return list(session.execute(query.order_by(moment, post.id)))
