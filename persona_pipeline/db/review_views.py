@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import Row, and_, func, or_, select
-from sqlalchemy.orm import Session, aliased, selectinload
+from sqlalchemy.orm import Session, selectinload
 
 from persona_pipeline.db import models
 from persona_pipeline.db.review import LIVE, OPEN_STEP, NotFound, RankedCandidate, default_top_k, low_vote_candidates, step_ranking
@@ -44,17 +44,17 @@ def unvoted_pairs_of(session: Session, step_ids: list[int]) -> dict[int, int]:
     """`unvoted_pairs` of several steps, in two queries whatever their number (the review queue)."""
     if not step_ids:
         return {}
-    live = dict(session.execute(select(models.Candidate.step_id, func.count()).where(
-        models.Candidate.step_id.in_(step_ids), models.Candidate.status.in_(LIVE))
-        .group_by(models.Candidate.step_id)).tuples().all())
-    # Distinct pairs of two live candidates: a close pair may have several votes.
-    low, high = aliased(models.Candidate), aliased(models.Candidate)
-    pairs = (select(models.Vote.step_id, models.Vote.pair_low_id, models.Vote.pair_high_id).distinct()
-             .join(low, and_(low.id == models.Vote.pair_low_id, low.status.in_(LIVE)))
-             .join(high, and_(high.id == models.Vote.pair_high_id, high.status.in_(LIVE)))
-             .where(models.Vote.step_id.in_(step_ids))).subquery()
-    voted = dict(session.execute(select(pairs.c.step_id, func.count()).group_by(pairs.c.step_id)).tuples().all())
-    return {step_id: live.get(step_id, 0) * (live.get(step_id, 0) - 1) // 2 - voted.get(step_id, 0) for step_id in step_ids}
+    live: dict[int, set[int]] = {step_id: set() for step_id in step_ids}
+    for step_id, cand_id in session.execute(select(models.Candidate.step_id, models.Candidate.id).where(
+            models.Candidate.step_id.in_(step_ids), models.Candidate.status.in_(LIVE))):
+        live[step_id].add(cand_id)
+    # Distinct pairs (a close pair may have several votes), of two live candidates.
+    voted = dict.fromkeys(step_ids, 0)
+    for step_id, low, high in session.execute(select(models.Vote.step_id, models.Vote.pair_low_id, models.Vote.pair_high_id)
+                                              .where(models.Vote.step_id.in_(step_ids)).distinct()):
+        if low in live[step_id] and high in live[step_id]:
+            voted[step_id] += 1
+    return {step_id: len(live[step_id]) * (len(live[step_id]) - 1) // 2 - voted[step_id] for step_id in step_ids}
 
 
 def review_queue(session: Session) -> list[PersonaQueue]:

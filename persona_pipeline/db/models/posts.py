@@ -12,6 +12,7 @@ from persona_pipeline.db.models.base import Base, CreatedAt, PersonaFK, PillarFK
 from persona_pipeline.db.models.generation import Candidate
 
 LIVE_SLOT = "status NOT IN ('cancelled', 'abandoned')"
+TO_REVIEW = "status IN ('awaiting_approval', 'failed')"
 
 
 class Post(Base):
@@ -20,7 +21,10 @@ class Post(Base):
     __tablename__ = "posts"
     # No two live posts of one account in one slot; a cancelled or abandoned post frees its slot.
     __table_args__ = (Index("uq_posts_account_scheduled_at", "account", "scheduled_at", unique=True,
-                            sqlite_where=text(LIVE_SLOT), postgresql_where=text(LIVE_SLOT)),)
+                            sqlite_where=text(LIVE_SLOT), postgresql_where=text(LIVE_SLOT)),
+                      # The review form's posts to review: a few among years of published posts.
+                      Index("ix_posts_to_review", "scheduled_at", sqlite_where=text(TO_REVIEW),
+                            postgresql_where=text(TO_REVIEW)))
     persona_id: Mapped[PersonaFK]
     pillar_id: Mapped[PillarFK]
     # A winner's candidate, or None for a post of a source photo (library_item_id says which).

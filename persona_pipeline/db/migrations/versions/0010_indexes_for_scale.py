@@ -5,6 +5,9 @@ Revises: 0009
 Create Date: 2026-12-06
 """
 from alembic import op
+import sqlalchemy as sa
+
+TO_REVIEW = "status IN ('awaiting_approval', 'failed')"
 
 
 revision = '0010'
@@ -19,9 +22,13 @@ def upgrade() -> None:
     op.create_index(op.f('ix_posts_scheduled_at'), 'posts', ['scheduled_at'], unique=False)
     op.create_index(op.f('ix_posts_published_at'), 'posts', ['published_at'], unique=False)
     op.create_index(op.f('ix_generation_runs_status'), 'generation_runs', ['status'], unique=False)
+    # The posts to review, a few among years of published ones (at 50,000 posts the planner read them all).
+    op.create_index('ix_posts_to_review', 'posts', ['scheduled_at'], unique=False,
+                    sqlite_where=sa.text(TO_REVIEW), postgresql_where=sa.text(TO_REVIEW))
 
 
 def downgrade() -> None:
+    op.drop_index('ix_posts_to_review', table_name='posts')
     op.drop_index(op.f('ix_generation_runs_status'), table_name='generation_runs')
     op.drop_index(op.f('ix_posts_published_at'), table_name='posts')
     op.drop_index(op.f('ix_posts_scheduled_at'), table_name='posts')
