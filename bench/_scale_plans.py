@@ -54,7 +54,8 @@ def seq_scans(url: str, statements: list[tuple[str, object]], tables: Sequence[s
                 plan = cur.fetchone()[0]
                 plan = json.loads(plan) if isinstance(plan, str) else plan
                 for table in _scans(plan[0]["Plan"], tables):
-                    found.append(f"{table} in: {' '.join(statement.split())[:300]}")
+                    text = " ".join(statement.split())
+                    found.append(f"{table} in: ... {text[text.find(' FROM '):][:300]}")
         raw.rollback()
     finally:
         raw.close()

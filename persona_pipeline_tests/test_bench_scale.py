@@ -51,7 +51,7 @@ def test_every_statement_of_the_recurring_work_has_an_index_path(tmp_path):
         from sqlalchemy import text
 
         assert seq_scans(url, [(str(text("SELECT id FROM votes WHERE reviewer = %(r)s")), {"r": "ana"})], tables,
-                         allow_seqscan=False) == ["votes in: SELECT id FROM votes WHERE reviewer = %(r)s"]
+                         allow_seqscan=False) == ["votes in: ...  FROM votes WHERE reviewer = %(r)s"]
     finally:
         drop()
 

@@ -13,6 +13,7 @@ from persona_pipeline.db.models.generation import Candidate
 
 LIVE_SLOT = "status NOT IN ('cancelled', 'abandoned')"
 TO_REVIEW = "status IN ('awaiting_approval', 'failed')"
+TO_PUBLISH = "status IN ('scheduled', 'publishing')"
 
 
 class Post(Base):
@@ -24,7 +25,10 @@ class Post(Base):
                             sqlite_where=text(LIVE_SLOT), postgresql_where=text(LIVE_SLOT)),
                       # The review form's posts to review: a few among years of published posts.
                       Index("ix_posts_to_review", "scheduled_at", sqlite_where=text(TO_REVIEW),
-                            postgresql_where=text(TO_REVIEW)))
+                            postgresql_where=text(TO_REVIEW)),
+                      # The publish job's due posts (and the ones it is publishing).
+                      Index("ix_posts_to_publish", "scheduled_at", sqlite_where=text(TO_PUBLISH),
+                            postgresql_where=text(TO_PUBLISH)))
     persona_id: Mapped[PersonaFK]
     pillar_id: Mapped[PillarFK]
     # A winner's candidate, or None for a post of a source photo (library_item_id says which).

@@ -8,6 +8,7 @@ from alembic import op
 import sqlalchemy as sa
 
 TO_REVIEW = "status IN ('awaiting_approval', 'failed')"
+TO_PUBLISH = "status IN ('scheduled', 'publishing')"
 
 
 revision = '0010'
@@ -25,9 +26,12 @@ def upgrade() -> None:
     # The posts to review, a few among years of published ones (at 50,000 posts the planner read them all).
     op.create_index('ix_posts_to_review', 'posts', ['scheduled_at'], unique=False,
                     sqlite_where=sa.text(TO_REVIEW), postgresql_where=sa.text(TO_REVIEW))
+    op.create_index('ix_posts_to_publish', 'posts', ['scheduled_at'], unique=False,
+                    sqlite_where=sa.text(TO_PUBLISH), postgresql_where=sa.text(TO_PUBLISH))
 
 
 def downgrade() -> None:
+    op.drop_index('ix_posts_to_publish', table_name='posts')
     op.drop_index('ix_posts_to_review', table_name='posts')
     op.drop_index(op.f('ix_generation_runs_status'), table_name='generation_runs')
     op.drop_index(op.f('ix_posts_published_at'), table_name='posts')
