@@ -6,9 +6,11 @@ A bad file raises `PersonaFileError`, whose message names the file and the field
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from datetime import date, time
 from pathlib import Path
+from time import time_ns
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -399,6 +401,40 @@ def parse_window(window: str) -> tuple[time, time]:
     return start, end
 
 
+class PhotoHashCache:
+    """Each photo's sha256, reused while the file's size, mtime, inode and ctime are what they were
+    when it was read (lora_import's rule, plus the two a copy or an in-place rewrite cannot keep), so
+    the persona sensor's 30 s tick reads only changed files. A file whose mtime is within
+    RACY_NS of the moment it was hashed is read again next time: a write in the same clock tick
+    as the read would leave its times unchanged (git's "racily clean" entries)."""
+
+    RACY_NS = 2_000_000_000
+
+    def __init__(self) -> None:
+        # folder -> {name: (size, mtime_ns, ino, ctime_ns, hashed_at_ns, digest)}
+        self._folders: dict[Path, dict[str, tuple[int, int, int, int, int, bytes]]] = {}
+
+    def digest(self, path: Path) -> bytes:
+        """sha256 of `path` (a regular file, never through a link), from the cache when unchanged."""
+        stat = os.lstat(path)
+        key = (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
+        entries = self._folders.setdefault(path.parent, {})
+        cached = entries.get(path.name)
+        if cached is not None and cached[:4] == key and cached[1] < cached[4] - self.RACY_NS:
+            return cached[5]
+        hashed_at = time_ns()
+        content = hashlib.sha256(read_regular(path)).digest()
+        entries[path.name] = (*key, hashed_at, content)
+        return content
+
+    def forget_others(self, folder: Path, files: list[Path]) -> None:
+        """Drop the entries of `folder` that are not in `files` (keeps the cache as big as the folders)."""
+        names = {p.name for p in files}
+        entries = self._folders.get(Path(folder), {})
+        for name in [n for n in entries if n not in names]:
+            del entries[name]
+
+
 class Persona(BaseModel):
     """A loaded persona folder."""
 
@@ -424,14 +460,17 @@ class Persona(BaseModel):
         judges them). Links are not here: `photo_scan().refused` has them."""
         return [p for p in self.photo_scan().files if p.suffix.lower() != ".txt"]
 
-    def photo_set_hash(self) -> str:
+    def photo_set_hash(self, cache: PhotoHashCache | None = None) -> str:
         """Content hash of the photo set (names, bytes and sidecar captions, and each refused entry's
-        name and reason: a link's text, never its target's bytes); changes trigger ingestion."""
+        name and reason: a link's text, never its target's bytes); changes trigger ingestion. With
+        `cache`, a file whose size and times are unchanged is not read again."""
         digest = hashlib.sha256()
         scan = self.photo_scan()
+        if cache is not None:
+            cache.forget_others(self.photos_dir, scan.files)
         for path in scan.files:
             try:
-                content = hashlib.sha256(read_regular(path)).digest()
+                content = cache.digest(path) if cache is not None else hashlib.sha256(read_regular(path)).digest()
             except (OSError, UnsafePath) as exc:  # swapped or removed since the listing: hash the refusal
                 content = b"unreadable\0" + str(exc).encode()
             digest.update(path.name.encode() + b"\0" + content)

@@ -137,6 +137,38 @@ def test_new_items_join_the_nearest_cluster_without_moving_old_items():
     assert again.keys == first.keys and not again.reclustered
 
 
+def _members(update: clustering.ClusterUpdate) -> dict[int, list[float]]:
+    found: dict[int, list[float]] = {key: [] for key in update.clusters}
+    for key, distance in zip(update.keys, update.distances):
+        if key is not None:
+            found[key].append(distance)
+    return found
+
+
+def test_joining_only_the_new_items_decides_as_the_full_update_does():
+    x, truth, c = blobs([40, 30, 25])
+    first = update_clusters([], x, [None] * len(x))
+    far = near(np.repeat(centres(1, 32, seed=42), 8, axis=0), seed=11)
+    new = np.vstack([near(c[[2, 0, 2, 1]], seed=9), far[:3]])
+    full = update_clusters(as_existing(first), np.vstack([x, new]), first.keys + [None] * len(new))
+    joined = clustering.join_new_items(as_existing(first), _members(first), new, total_items=len(x) + len(new))
+    assert not full.reclustered and joined is not None
+    assert joined.keys == full.keys[len(x):] and joined.outliers == full.outliers == 3
+    assert {k: s.size for k, s in joined.clusters.items()} == {k: s.size for k, s in full.clusters.items()}
+    for key, stats in joined.clusters.items():  # the running mean is the members' mean
+        np.testing.assert_allclose(stats.centroid, full.clusters[key].centroid, atol=1e-6)
+        assert stats.radius == pytest.approx(full.clusters[key].radius, rel=0.1)
+    # Enough outliers for rule 4: the caller must run the full update (which reclusters).
+    many = np.vstack([new, near(np.repeat(centres(1, 32, seed=42), 25, axis=0), seed=12)])  # 28 of 123 items
+    assert clustering.join_new_items(as_existing(first), _members(first), many, total_items=len(x) + len(many)) is None
+    assert update_clusters(as_existing(first), np.vstack([x, many]), first.keys + [None] * len(many)).reclustered
+    # Nothing new: every cluster stays as stored.
+    same = clustering.join_new_items(as_existing(first), _members(first), np.zeros((0, 32), np.float32), total_items=len(x))
+    assert same.keys == [] and {k: s.size for k, s in same.clusters.items()} == {k: s.size for k, s in first.clusters.items()}
+    with pytest.raises(ValueError, match="cluster .* has size"):
+        clustering.join_new_items(as_existing(first), {k: [] for k in first.clusters}, new, total_items=len(x))
+
+
 def test_outliers_wait_then_trigger_a_recluster_that_keeps_keys_and_numbers_a_new_blob():
     x, truth, c = blobs([12, 10, 8])
     first = update_clusters([], x, [None] * len(x))

@@ -258,3 +258,25 @@ def test_persona_schedules_show_each_personas_cron_and_timezone(tmp_path):
                                    for moment in nexts)
     assert "; broken not scheduled: invalid persona.yaml (" in generation
     assert "mira off; broken not scheduled" in defs.resolve_schedule_def("persona_report").description
+
+
+# Loaded by every UI reload and every sensor/schedule process start: these cost seconds of CPU
+# together and belong to the runs that use them (docs/operations.md#load-time).
+HEAVY_AT_LOAD = ("sklearn", "scipy", "torch", "torchvision", "diffusers", "transformers", "open_clip", "peft",
+                 "pandas", "safetensors", "cv2", "alembic")
+
+
+def test_loading_the_code_location_imports_no_heavy_library(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PERSONA_HOME": str(tmp_path / "h"), "PERSONA_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    code = ("import json, sys, persona_pipeline.definitions as d; assert d.defs.resolve_asset_graph(); "
+            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY_AT_LOAD!r})))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded == [], f"loading Definitions imported {loaded}"

@@ -383,6 +383,37 @@ def test_clusters_are_named_from_terms_mapped_to_pillars_and_stay_stable(tmp_pat
         {k: (v[0], v[1], v[3]) for k, v in before.items()}
 
 
+def test_new_winners_are_clustered_without_reading_the_placed_items_embeddings(lib):
+    red = [lib.winner("red", "city", ROOFTOP) for _ in range(3)]
+    blue = [lib.winner("blue", "beach", SURF) for _ in range(3)]
+    first = _metadata(lib.materialise(content_library, clusters), "clusters")
+    assert first["reclustered"] is True and first["embeddings_read"] == 6
+    before = {c.key: (np.asarray(c.centroid), c.size) for c in lib.clusters().values()}
+    # Zero the stored embeddings of the placed items: a pass that read them would drag the centroids to 0.
+    with session_scope(lib.url) as session:
+        for item in session.scalars(select(models.LibraryItem)):
+            item.embedding = np.zeros(len(library.embedding_of(item)), np.float32).tobytes()
+    new_red, new_blue = lib.winner("red", "city", ROOFTOP), lib.winner("blue", "beach", SURF)
+    second = _metadata(lib.materialise(content_library, clusters), "clusters")
+    assert (second["reclustered"], second["embeddings_read"], second["outliers"]) == (False, 2, 0)
+    assert _cluster_of(lib, new_red).id == _cluster_of(lib, red[0]).id
+    assert _cluster_of(lib, new_blue).id == _cluster_of(lib, blue[0]).id
+    after = {c.key: (np.asarray(c.centroid), c.size) for c in lib.clusters().values()}
+    for key, (centroid, size) in before.items():
+        # The running mean of 3 members and 1 joiner of the same look: it stays where the look is.
+        assert after[key][1] == size + 1 and np.linalg.norm(after[key][0]) > 0.9 * np.linalg.norm(centroid)
+        assert np.linalg.norm(after[key][0] - centroid) < 0.5 * np.linalg.norm(centroid)
+    # A removed member makes the next pass a full one (its centroid must be measured without it).
+    with session_scope(lib.url) as session:
+        for item in session.scalars(select(models.LibraryItem)):  # real embeddings again, for the full pass
+            item.embedding = None
+    _metadata(lib.materialise(content_library), "content_library")
+    with session_scope(lib.url) as session:
+        session.scalar(select(models.LibraryItem).where(models.LibraryItem.candidate_id == red[0])).status = "removed"
+    third = _metadata(lib.materialise(clusters), "clusters")
+    assert third["embeddings_read"] == 7 and third["items"] == 7
+
+
 def test_gemini_names_new_clusters_once_and_a_failure_falls_back_to_terms(lib, fake):
     red = [lib.winner("red", "city", ROOFTOP) for _ in range(3)]
     blue = [lib.winner("blue", "beach", SURF) for _ in range(3)]

@@ -3,7 +3,8 @@
 import pytest
 import yaml
 
-from persona_pipeline.personas import PersonaFileError, discover_personas, load_persona
+from persona_pipeline import personas as personas_module
+from persona_pipeline.personas import PersonaFileError, PhotoHashCache, discover_personas, load_persona
 from persona_pipeline_tests.conftest import DEMO, write_persona
 
 
@@ -64,6 +65,61 @@ def test_photo_set_hash_changes_with_content_and_sidecars(tmp_path):
     assert before == persona.photo_set_hash()
     (folder / "photos" / "mira_02.txt").write_text("m1ra, a new caption")
     assert persona.photo_set_hash() != before
+
+
+def test_the_photo_hash_cache_rereads_only_files_whose_size_or_mtime_changed(tmp_path, monkeypatch):
+    import os
+    import time
+
+    folder = write_persona(tmp_path, "cached", photos=3)
+    persona = load_persona(folder)
+    photos = folder / "photos"
+    old = time.time() - 600
+    for path in photos.iterdir():  # older than the racy window: their hashes may be reused
+        os.utime(path, (old, old))
+    reads: list[str] = []
+    real_read = personas_module.read_regular
+
+    def counting_read(path):
+        reads.append(path.name)
+        return real_read(path)
+
+    monkeypatch.setattr(personas_module, "read_regular", counting_read)
+    cache = PhotoHashCache()
+    first = persona.photo_set_hash(cache)
+    n_files = len(list(photos.iterdir()))
+    assert len(reads) == n_files and first == persona.photo_set_hash()  # the uncached hash agrees
+    reads.clear()
+    assert persona.photo_set_hash(cache) == first and reads == []  # unchanged set: nothing reread
+
+    # Same size, new bytes, new mtime: reread (only that file), and the hash changes.
+    target = sorted(p for p in photos.iterdir() if p.suffix != ".txt")[0]
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    os.utime(target, (old + 60, old + 60))
+    reads.clear()
+    changed = persona.photo_set_hash(cache)
+    assert reads == [target.name] and changed != first and changed == persona.photo_set_hash()
+
+    # Same size and the old mtime put back (a tool that keeps times): the ctime still moved, so reread.
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    os.utime(target, (old, old))
+    reads.clear()
+    assert persona.photo_set_hash(cache) == first and reads == [target.name]
+
+    # A file written just now is racy: its hash is not trusted on the next tick, only once it is older.
+    fresh = photos / "mira_01.txt"
+    fresh.write_text("m1ra, written just now")
+    reads.clear()
+    persona.photo_set_hash(cache)
+    persona.photo_set_hash(cache)
+    assert reads.count(fresh.name) == 2
+    # A removed photo leaves the cache with it.
+    target.unlink()
+    persona.photo_set_hash(cache)
+    assert target.name not in cache._folders[photos]
 
 
 @pytest.mark.parametrize("step, field", [

@@ -39,6 +39,8 @@ def test_votes_are_debounced_into_one_rankings_run(db_url, tmp_path):
     [request] = requests
     assert (request.job_name, request.partition_key, request.run_key) == ("rankings_refresh", seed.slug,
                                                                          f"rankings_refresh:{seed.slug}:{last.id}")
+    # the run refits the step the votes were cast on (and any other step whose inputs changed)
+    assert request.run_config == {"ops": {"rankings": {"config": {"step_ids": [seed.step_ids[0]]}}}}
     assert cursor2.waiting_votes == {} and cursor2.last_id == last.id
     # the same tick evaluated again from the old cursor asks for the very same run (Dagster drops it)
     again, _, _ = _plan(db_url, cursor, last.created_at + VOTE_QUIET)
@@ -118,8 +120,11 @@ def test_the_sensor_and_the_rankings_job_it_starts(tmp_path):
     [request] = result.run_requests
     assert request.job_name == "rankings_refresh" and ReviewCursor.load(result.cursor).last_id == _last_event(url).id
     job = defs.resolve_job_def(request.job_name)
-    outcome = job.execute_in_process(partition_key=request.partition_key, instance=instance, tags=request.tags)
+    outcome = job.execute_in_process(partition_key=request.partition_key, instance=instance, tags=request.tags,
+                                     run_config=request.run_config)
     assert outcome.success
+    metadata = outcome.asset_materializations_for_node("rankings")[0].metadata
+    assert metadata["steps_refit"].value == 1 and metadata["ranked_candidates"].value == 3
     with session_scope(url) as session:
         scores = {cand.id: cand.bt_score for cand in session.scalars(select(models.Candidate))}
     assert scores[c] > scores[b] > scores[a]

@@ -4,13 +4,19 @@ name and pillar where its centroid stays (domain/clustering.py has the rules).
 
 Each cluster maps to a pillar: the pillar most of its winners were made for, or, for a cluster
 of source photos only, the pillar whose name and guidelines open_clip finds nearest its centroid.
-New clusters are named by Gemini when GEMINI_API_KEY is set, else from their captions' top terms."""
+New clusters are named by Gemini when GEMINI_API_KEY is set, else from their captions' top terms.
+
+Only the items without a cluster (new ones and waiting outliers) are read with their embeddings
+while every cluster still has exactly its stored members (clustering.join_new_items); a recluster,
+a removed member or a new embedding model reads them all (db/library.py `placed_items`)."""
 
 from pathlib import Path
+from typing import NamedTuple
 
 import dagster as dg
 import numpy as np
 from sqlalchemy import func, select
+from sqlalchemy import update as sql_update
 
 from persona_pipeline.assets.common import persona_for, sheet_metadata, table
 from persona_pipeline.db import library, models
@@ -44,25 +50,29 @@ def clusters(context: dg.AssetExecutionContext, database: AppDatabase, clip: Cli
     version = context.run_id  # the run that last changed a cluster
     with database.session() as session:
         persona, config = persona_for(session, slug)
-        items = [i for i in session.scalars(select(models.LibraryItem).where(
-            models.LibraryItem.persona_id == persona.id, models.LibraryItem.status != "removed")
-            .order_by(models.LibraryItem.id)) if i.embedding is not None and i.embedding_model == model_id]
+        items = library.placed_items(session, persona.id, model_id)  # no embedding read yet
         rows = {c.key: c for c in session.scalars(select(models.Cluster).where(models.Cluster.persona_id == persona.id))}
         active = [c for c in rows.values() if c.active]
-        dims = {len(c.centroid) for c in active}
-        if items and dims and dims != {len(library.embedding_of(items[0]))}:
-            context.log.warning(f"{slug}: the embedding model changed ({model_id}); every cluster is rebuilt")
-            active = []
-        by_id = {c.id: c.key for c in active}
         if not items:
             context.log.warning(f"{slug}: the library is empty (no approved winner yet); no clusters")
             return dg.MaterializeResult(metadata={"items": 0, "clusters": 0})
-        embeddings = np.stack([library.embedding_of(i) for i in items])
-        update = clustering.update_clusters(
-            [clustering.ExistingCluster(c.key, c.centroid, c.radius, c.size) for c in active], embeddings,
-            [by_id.get(i.cluster_id) for i in items], max_k=config.library.max_clusters,
-            first_new_key=(session.scalar(select(func.max(models.Cluster.key)).where(
-                models.Cluster.persona_id == persona.id)) or 0) + 1)
+        dims = {len(c.centroid) for c in active}
+        if dims and dims != {library.embedding_dims(session, items[0].id)}:
+            context.log.warning(f"{slug}: the embedding model changed ({model_id}); every cluster is rebuilt")
+            active = []
+        by_id = {c.id: c.key for c in active}
+        current = [by_id.get(i.cluster_id) for i in items]
+        update = _incremental(session, items, current, active) if active else None
+        if update is None:  # a recluster, or members left: the full pass, every embedding read
+            embeddings = library.embeddings(session, [i.id for i in items])
+            update = clustering.update_clusters(
+                [clustering.ExistingCluster(c.key, c.centroid, c.radius, c.size) for c in active], embeddings,
+                current, max_k=config.library.max_clusters,
+                first_new_key=(session.scalar(select(func.max(models.Cluster.key)).where(
+                    models.Cluster.persona_id == persona.id)) or 0) + 1)
+            embedding_of, read = dict(zip((i.id for i in items), embeddings)), len(items)
+        else:
+            embedding_of, read = {}, update.read
 
         for key in update.retired_keys:
             rows[key].active, rows[key].size = False, 0
@@ -100,7 +110,7 @@ def clusters(context: dg.AssetExecutionContext, database: AppDatabase, clip: Cli
                 row.label, row.label_source = clustering.label_from_terms(words, f"cluster {row.key}"), "terms"
                 if gemini.enabled:
                     nearest = sorted(member_items, key=lambda i: float(np.linalg.norm(
-                        library.embedding_of(i) - np.asarray(stats.centroid))))[:LABEL_IMAGES]
+                        embedding_of[i.id] - np.asarray(stats.centroid))))[:LABEL_IMAGES]
                     try:
                         row.label = gemini.cluster_label([Path(i.image_path) for i in nearest], words, log=context.log)
                         row.label_source = gemini.name
@@ -108,13 +118,18 @@ def clusters(context: dg.AssetExecutionContext, database: AppDatabase, clip: Cli
                         context.log.warning(f"{slug}: Gemini could not name cluster {row.key} ({exc}); "
                                             f"using its top terms {row.label!r}")
 
+        changes = []
         for index, item in enumerate(items):
             key = update.keys[index]
-            item.cluster_id = rows[key].id if key is not None else None
-            item.cluster_distance = update.distances[index]
+            change = {"cluster_id": rows[key].id if key is not None else None, "cluster_distance": update.distances[index]}
             if item.kind == "source_photo" and key is not None:
                 # A photo has no run: its cluster gives it a pillar and a theme for the strategy.
-                item.pillar_id, item.theme = rows[key].pillar_id, rows[key].label
+                change.update(pillar_id=rows[key].pillar_id, theme=rows[key].label)
+            if any(getattr(item, field) != value for field, value in change.items()):
+                changes.append({"id": item.id, **change})
+                items[index] = item._replace(**change)
+        if changes:
+            session.execute(update_items, changes)
         for key, stats in sorted(update.clusters.items()):
             row = rows[key]
             member_items = [items[i] for i in members.get(key, [])]
@@ -127,7 +142,8 @@ def clusters(context: dg.AssetExecutionContext, database: AppDatabase, clip: Cli
                 previews.append((Path(nearest.image_path), f"{key}: {row.label}"))
     context.log.info(f"{slug}: {len(update.clusters)} cluster(s) over {len(items)} item(s); "
                      f"{'reclustered' if update.reclustered else 'incremental'}, {len(update.new_keys)} new, "
-                     f"{len(update.retired_keys)} retired, {update.moved} item(s) moved, {update.outliers} outlier(s)")
+                     f"{len(update.retired_keys)} retired, {update.moved} item(s) moved, {update.outliers} outlier(s), "
+                     f"{read} embedding(s) read")
     return dg.MaterializeResult(metadata={
         "items": len(items),
         "clusters": len(update.clusters),
@@ -136,7 +152,49 @@ def clusters(context: dg.AssetExecutionContext, database: AppDatabase, clip: Cli
         "retired_clusters": len(update.retired_keys),
         "moved_items": update.moved,
         "outliers": update.outliers,
+        "embeddings_read": read,
         "silhouette": float(update.silhouette) if update.silhouette is not None else float("nan"),
         "table": table(summary),
         **sheet_metadata("preview", previews, storage, links, slug),
     })
+
+
+update_items = sql_update(models.LibraryItem)  # bulk UPDATE by primary key, one row per dict
+
+
+def _incremental(session, items: list, current: list[int | None], active: list[models.Cluster]):
+    """The pass that reads only the embeddings of the items without a key, when every active
+    cluster still has exactly its stored members; None when the full pass is needed."""
+    member_distances: dict[int, list[float]] = {c.key: [] for c in active}
+    for item, key in zip(items, current):
+        if key is not None:
+            if item.cluster_distance is None:
+                return None
+            member_distances[key].append(item.cluster_distance)
+    if any(len(member_distances[c.key]) != c.size for c in active):
+        return None  # members were removed since the last pass: their centroid must be measured again
+    unkeyed = [index for index, key in enumerate(current) if key is None]
+    embeddings = library.embeddings(session, [items[i].id for i in unkeyed])
+    joined = clustering.join_new_items(
+        [clustering.ExistingCluster(c.key, c.centroid, c.radius, c.size) for c in active], member_distances,
+        embeddings, total_items=len(items))
+    if joined is None:
+        return None
+    keys, distances = list(current), [item.cluster_distance for item in items]
+    for index, key, distance in zip(unkeyed, joined.keys, joined.distances):
+        keys[index], distances[index] = key, distance
+    return IncrementalUpdate(keys, distances, joined.clusters, joined.retired_keys, joined.outliers, len(unkeyed))
+
+
+class IncrementalUpdate(NamedTuple):
+    """What update_clusters returns, for the incremental pass (no recluster: nothing moves, nothing new)."""
+    keys: list
+    distances: list
+    clusters: dict
+    retired_keys: list
+    outliers: int
+    read: int
+    reclustered: bool = False
+    moved: int = 0
+    new_keys: tuple = ()
+    silhouette: None = None

@@ -5,7 +5,7 @@ open_clip embedding; items already embedded are never embedded again."""
 from pathlib import Path
 
 import dagster as dg
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from persona_pipeline.assets.common import persona_for, sheet_metadata, table
 from persona_pipeline.db import library, models
@@ -28,9 +28,12 @@ def content_library(context: dg.AssetExecutionContext, database: AppDatabase, cl
     with database.session() as session:
         persona, config = persona_for(session, slug)
         sync = library.sync_library(session, persona.id, config.library.include_source_photos)
-        to_embed = [(i.id, Path(i.image_path)) for i in session.scalars(select(models.LibraryItem).where(
-            models.LibraryItem.persona_id == persona.id, models.LibraryItem.status != "removed")
-            .order_by(models.LibraryItem.id)) if i.embedding is None or i.embedding_model != model_id]
+        model = models.LibraryItem
+        # Only the items to embed are read, and without any blob: the library grows by a few a day.
+        to_embed = [(i, Path(path)) for i, path in session.execute(select(model.id, model.image_path).where(
+            model.persona_id == persona.id, model.status != "removed",
+            or_(model.embedding.is_(None), model.embedding_model.is_(None), model.embedding_model != model_id))
+            .order_by(model.id))]
     missing = [(item_id, path) for item_id, path in to_embed if not path.is_file()]
     if missing:
         raise dg.Failure(f"{slug}: library image(s) missing on disk: "
@@ -39,7 +42,8 @@ def content_library(context: dg.AssetExecutionContext, database: AppDatabase, cl
     with database.session() as session:
         for (item_id, _), vector in zip(to_embed, vectors):
             library.set_embedding(session.get(models.LibraryItem, item_id), vector, model_id)
-        items = list(session.scalars(select(models.LibraryItem).where(models.LibraryItem.persona_id == persona.id)))
+        items = session.execute(select(model.id, model.kind, model.status, model.pillar_id, model.image_path).where(
+            model.persona_id == persona.id)).all()  # the counts below need no embedding
         pillars = {p.id: p.name for p in session.scalars(select(models.ContentPillar).where(
             models.ContentPillar.persona_id == persona.id))}
         held = library.held_item_ids(session, persona.id)

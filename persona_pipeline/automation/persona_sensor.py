@@ -4,8 +4,9 @@ lora_model, tagged for the one-training-run-per-GPU limit) when a photo set chan
 set means a new dataset version and a new LoRA, and the persona's generation schedule needs that
 LoRA. Content plans, generation and posting stay with the persona's schedules.
 
-The cursor maps slug → photo-set hash; the run key is `<slug>:<hash>`, so a restart, or a lost
-cursor, neither loses nor repeats an ingestion.
+Each photo is read and hashed once while its size and mtime stay (`PhotoHashCache`). The cursor
+maps slug → photo-set hash; the run key is `<slug>:<hash>`, so a restart, or a lost cursor,
+neither loses nor repeats an ingestion.
 
 An invalid persona.yaml, and a removed persona folder, are sent to ALERT_WEBHOOK_URL (when set):
 the same error once, a new error again, a removal once."""
@@ -22,10 +23,14 @@ from persona_pipeline.automation.jobs import photo_set_job
 from persona_pipeline.db import alerts as outbox
 from persona_pipeline.db import registry
 from persona_pipeline.partitions import persona_partitions
+from persona_pipeline.personas import PhotoHashCache
 from persona_pipeline.resources.alerts import AlertWebhook
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.storage import PersonaFolders
 
+# Kept by the code server between ticks: a tick reads only the photos whose size or times changed
+# (a restarted server reads every photo once).
+PHOTO_HASHES = PhotoHashCache()
 
 @dg.sensor(name="persona_folders", job=photo_set_job, minimum_interval_seconds=30,
            default_status=dg.DefaultSensorStatus.RUNNING,
@@ -57,7 +62,7 @@ def persona_sensor(context: dg.SensorEvaluationContext, database: AppDatabase, p
     new_keys = sorted(p.slug for p in personas if p.slug not in existing)
     run_requests, cursor = [], dict(seen)
     for persona in personas:
-        photos_hash = persona.photo_set_hash()
+        photos_hash = persona.photo_set_hash(PHOTO_HASHES)
         cursor[persona.slug] = photos_hash
         # A folder of links only runs too: ingestion quarantines each link by name, where the user sees it.
         if seen.get(persona.slug) != photos_hash and (persona.photo_files() or persona.photo_scan().refused):

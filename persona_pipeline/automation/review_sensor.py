@@ -1,7 +1,8 @@
 """The review sensor: turns reviewer decisions (`review_events` rows) into Dagster runs.
 
 - votes, and votes undone → refresh `rankings`, debounced: one run per persona once its votes have been quiet for
-  VOTE_QUIET, or VOTE_MAX_WAIT after the first waiting vote while voting goes on;
+  VOTE_QUIET, or VOTE_MAX_WAIT after the first waiting vote while voting goes on; the run is told which steps
+  got the votes, and refits those (and any other step whose inputs changed), not the persona's history;
 - a step approved, or a candidate killed or restored → `advance_runs` (the next step's children,
   replacements; a step a restore left with nothing to make goes back to voting);
 - a winner picked → `library` (clusters + planned posts);
@@ -45,7 +46,7 @@ JOB_FOR_KIND = {
 @dataclass
 class ReviewCursor:
     last_id: int = 0
-    # slug → the waiting votes: first/last event id and time
+    # slug → the waiting votes: first/last event id and time, and the steps they were cast on
     waiting_votes: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
@@ -64,7 +65,7 @@ def plan_review_runs(session: Session, cursor: ReviewCursor, now: datetime) -> t
     Returns (requests, new cursor, log lines)."""
     rows = session.execute(
         select(models.ReviewEvent.id, models.ReviewEvent.kind, models.ReviewEvent.created_at, models.Persona.slug,
-               models.Persona.active)
+               models.Persona.active, models.ReviewEvent.payload)
         .join(models.Persona, models.ReviewEvent.persona_id == models.Persona.id)
         .where(models.ReviewEvent.id > cursor.last_id).order_by(models.ReviewEvent.id).limit(BATCH)).all()
     waiting = {slug: dict(v) for slug, v in cursor.waiting_votes.items()}
@@ -72,7 +73,7 @@ def plan_review_runs(session: Session, cursor: ReviewCursor, now: datetime) -> t
     wanted: dict[tuple[str, str], list[int]] = {}
     notes: list[str] = []
     last_id = cursor.last_id
-    for event_id, kind, created_at, slug, active in rows:
+    for event_id, kind, created_at, slug, active, payload in rows:
         last_id = event_id
         if not active:
             notes.append(f"event {event_id} ({kind}) of {slug}: the persona's folder is gone; nothing started")
@@ -80,6 +81,9 @@ def plan_review_runs(session: Session, cursor: ReviewCursor, now: datetime) -> t
         if kind in ("vote", "undo_vote"):  # an undone vote changes the ranking as much as a vote
             entry = waiting.setdefault(slug, {"first_id": event_id, "first_at": created_at.isoformat()})
             entry.update(last_id=event_id, last_at=created_at.isoformat())
+            step_id = (payload or {}).get("step_id")
+            if isinstance(step_id, int):
+                entry["step_ids"] = sorted(set(entry.get("step_ids", [])) | {step_id})
         elif kind in JOB_FOR_KIND:
             wanted.setdefault((JOB_FOR_KIND[kind], slug), []).append(event_id)
     requests = []
@@ -93,9 +97,12 @@ def plan_review_runs(session: Session, cursor: ReviewCursor, now: datetime) -> t
         quiet = now - datetime.fromisoformat(entry["last_at"]) >= VOTE_QUIET
         overdue = now - datetime.fromisoformat(entry["first_at"]) >= VOTE_MAX_WAIT
         if quiet or overdue:
+            steps = entry.get("step_ids", [])
             requests.append(dg.RunRequest(job_name=rankings_job.name, partition_key=slug,
                                           run_key=f"{rankings_job.name}:{slug}:{entry['last_id']}",
-                                          tags={"persona": slug, "review_events": f"votes {entry['first_id']}..{entry['last_id']}"}))
+                                          run_config={"ops": {"rankings": {"config": {"step_ids": steps}}}},
+                                          tags={"persona": slug, "review_events": f"votes {entry['first_id']}..{entry['last_id']}",
+                                                "steps": ",".join(map(str, steps[-20:]))}))
             del waiting[slug]
     return requests, ReviewCursor(last_id, waiting), notes
 

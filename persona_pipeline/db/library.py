@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
 import numpy as np
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from persona_pipeline.db import models, registry
 from persona_pipeline.domain import gaps as gap_rules
@@ -54,7 +55,7 @@ def sync_library(session: Session, persona_id: int, include_source_photos: bool)
     """Add every approved winner (and accepted source photo, when included) that is not in the
     library yet; take out unused items whose source went away; put back ones that returned."""
     items = {i.image_sha256: i for i in session.scalars(select(models.LibraryItem).where(
-        models.LibraryItem.persona_id == persona_id))}
+        models.LibraryItem.persona_id == persona_id).options(defer(models.LibraryItem.embedding)))}  # no blob
     wanted: set[str] = set()
     added: list[models.LibraryItem] = []
     for candidate, pillar_id, prompt, theme in _winner_rows(session, persona_id):
@@ -97,6 +98,47 @@ def sync_library(session: Session, persona_id: int, include_source_photos: bool)
 
 def embedding_of(item: models.LibraryItem) -> np.ndarray:
     return np.frombuffer(item.embedding, dtype=np.float32)
+
+
+class PlacedItem(NamedTuple):
+    """A library item as clustering reads it first: everything but its embedding."""
+    id: int
+    kind: str
+    status: str
+    pillar_id: int | None
+    theme: str
+    caption: str
+    image_path: str
+    cluster_id: int | None
+    cluster_distance: float | None
+
+
+def placed_items(session: Session, persona_id: int, model_name: str) -> list[PlacedItem]:
+    """The persona's items that clustering places (not removed, embedded by `model_name`), in id
+    order, without their embeddings (a blob of 2 KB each; `embeddings` reads the ones needed)."""
+    item = models.LibraryItem
+    return [PlacedItem(*row) for row in session.execute(
+        select(item.id, item.kind, item.status, item.pillar_id, item.theme, item.caption, item.image_path,
+               item.cluster_id, item.cluster_distance)
+        .where(item.persona_id == persona_id, item.status != "removed", item.embedding.is_not(None),
+               item.embedding_model == model_name).order_by(item.id))]
+
+
+def embedding_dims(session: Session, item_id: int) -> int:
+    """The length of one item's embedding, read by the database (the blob is not sent)."""
+    return int(session.scalar(select(func.length(models.LibraryItem.embedding)).where(
+        models.LibraryItem.id == item_id)) or 0) // np.dtype(np.float32).itemsize
+
+
+def embeddings(session: Session, item_ids: list[int], chunk: int = 5000) -> np.ndarray:
+    """The embeddings of `item_ids`, one row each, in that order (all of one length)."""
+    found: dict[int, bytes] = {}
+    for start in range(0, len(item_ids), chunk):
+        part = item_ids[start:start + chunk]
+        found.update(session.execute(select(models.LibraryItem.id, models.LibraryItem.embedding).where(
+            models.LibraryItem.id.in_(part))).tuples().all())
+    rows = [np.frombuffer(found[i], dtype=np.float32) for i in item_ids]
+    return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
 
 
 def set_embedding(item: models.LibraryItem, vector: np.ndarray, model_name: str) -> None:

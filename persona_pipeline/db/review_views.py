@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Row, and_, func, or_, select
+from sqlalchemy.orm import Session, selectinload
 
 from persona_pipeline.db import models
 from persona_pipeline.db.review import LIVE, OPEN_STEP, NotFound, RankedCandidate, default_top_k, low_vote_candidates, step_ranking
@@ -37,28 +37,41 @@ def unvoted_pairs(session: Session, step_id: int) -> int:
     every answer, never estimates it). A pair asked again after a vote, a skip, or a vote cast
     while another reviewer's vote on the same pair lands, does not lower it; an undone vote or a
     restored candidate raises it again."""
-    live = set(session.scalars(select(models.Candidate.id).where(
-        models.Candidate.step_id == step_id, models.Candidate.status.in_(LIVE))))
-    # Distinct pairs: a close pair may have several votes.
-    voted = len({(low, high) for low, high in session.execute(select(models.Vote.pair_low_id, models.Vote.pair_high_id)
-                                                              .where(models.Vote.step_id == step_id))
-                 if low in live and high in live})
-    return len(live) * (len(live) - 1) // 2 - voted
+    return unvoted_pairs_of(session, [step_id])[step_id]
+
+
+def unvoted_pairs_of(session: Session, step_ids: list[int]) -> dict[int, int]:
+    """`unvoted_pairs` of several steps, in two queries whatever their number (the review queue)."""
+    if not step_ids:
+        return {}
+    live: dict[int, set[int]] = {step_id: set() for step_id in step_ids}
+    for step_id, cand_id in session.execute(select(models.Candidate.step_id, models.Candidate.id).where(
+            models.Candidate.step_id.in_(step_ids), models.Candidate.status.in_(LIVE))):
+        live[step_id].add(cand_id)
+    # Distinct pairs (a close pair may have several votes), of two live candidates.
+    voted = dict.fromkeys(step_ids, 0)
+    for step_id, low, high in session.execute(select(models.Vote.step_id, models.Vote.pair_low_id, models.Vote.pair_high_id)
+                                              .where(models.Vote.step_id.in_(step_ids)).distinct()):
+        if low in live[step_id] and high in live[step_id]:
+            voted[step_id] += 1
+    return {step_id: len(live[step_id]) * (len(live[step_id]) - 1) // 2 - voted[step_id] for step_id in step_ids}
 
 
 def review_queue(session: Session) -> list[PersonaQueue]:
     """Every active persona's open work, busiest first (then by slug)."""
     queues = {p.id: PersonaQueue(p.slug, p.name) for p in session.scalars(
         select(models.Persona).where(models.Persona.active.is_(True)))}
-    runs = session.scalars(select(models.GenerationRun).where(
+    runs = list(session.scalars(select(models.GenerationRun).where(
         models.GenerationRun.persona_id.in_(queues), models.GenerationRun.status.in_(("running", "awaiting_review")))
-        .order_by(models.GenerationRun.id))
+        .options(selectinload(models.GenerationRun.steps)).order_by(models.GenerationRun.id)))
+    # One query for the open steps of every open run (not two per step): the queue lists the whole studio.
+    unvoted_of = unvoted_pairs_of(session, [s.id for run in runs for s in run.steps if s.status in OPEN_STEP])
     for run in runs:
         queue = queues[run.persona_id]
         final = len(run.steps)
         for step in run.steps:
             if step.status in OPEN_STEP:
-                unvoted = unvoted_pairs(session, step.id)
+                unvoted = unvoted_of[step.id]
                 if unvoted > 0:
                     queue.pairs_to_vote += unvoted
                     queue.steps_to_vote.append(step.id)
@@ -126,11 +139,20 @@ def persona_by_slug(session: Session, slug: str) -> models.Persona:
 
 
 def calendar_posts(session: Session, statuses: tuple[str, ...], start: datetime, end: datetime,
-                   slug: str | None = None) -> list[models.Post]:
+                   slug: str | None = None) -> list[Row]:
     """Posts in `statuses` that are (or were) in the feed in [start, end): placed at their
-    publication time when published, else at their slot; soonest first (optionally of one persona)."""
-    moment = func.coalesce(models.Post.published_at, models.Post.scheduled_at)
-    query = select(models.Post).where(models.Post.status.in_(statuses), moment >= start, moment < end)
+    publication time when published, else at their slot; soonest first (optionally of one persona).
+    Rows of what a calendar card shows (a month of a busy studio is thousands of posts: ORM objects
+    cost three times as much), `candidate_image` for a post without its own media."""
+    post = models.Post
+    moment = func.coalesce(post.published_at, post.scheduled_at)
+    # The range on each column (the same rows as on `moment`), so their indexes find a month's posts.
+    in_range = or_(and_(post.published_at.is_not(None), post.published_at >= start, post.published_at < end),
+                   and_(post.published_at.is_(None), post.scheduled_at >= start, post.scheduled_at < end))
+    query = (select(post.id, post.persona_id, post.account, post.status, post.caption, post.media_path,
+                    post.scheduled_at, post.published_at, models.Candidate.image_path.label("candidate_image"))
+             .outerjoin(models.Candidate, models.Candidate.id == post.candidate_id)
+             .where(post.status.in_(statuses), in_range))
     if slug:
-        query = query.where(models.Post.persona_id == persona_by_slug(session, slug).id)
-    return list(session.scalars(query.order_by(moment, models.Post.id)))
+        query = query.where(post.persona_id == persona_by_slug(session, slug).id)
+    return list(session.execute(query.order_by(moment, post.id)))

@@ -25,17 +25,12 @@ the comparisons among them. A vote of a candidate against itself is an error.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.optimize
-
-try:  # shipped with scikit-learn, which we depend on
-    import threadpoolctl
-except ImportError:  # pragma: no cover - without it we merely run with the BLAS default threads
-    threadpoolctl = None
 
 ELO_SCALE = 400.0 / math.log(10.0)
 MEAN_SCORE = 1000.0
@@ -50,16 +45,25 @@ _BATCH_CELLS = 8_000_000
 # or handled by numpy ufuncs, and L-BFGS-B's vector operations and 30×30 solves handed to idle-
 # spinning BLAS threads are slow on a busy machine (measured on 2 shared cores: fit of 120 votes
 # 80 ms with the default 2 threads, 2.3 ms with 1). We limit BLAS to one thread around our numeric
-# work; the limit is restored on exit and costs ~15 µs.
-_BLAS = threadpoolctl.ThreadpoolController() if threadpoolctl else None
+# work; the limit is restored on exit and costs ~15 µs. scipy (and the controller, which must see
+# scipy's BLAS loaded) are imported on first use: loading the code location must not pay for them.
+@functools.cache
+def _blas_controller():
+    import scipy.optimize  # noqa: F401  (loads scipy's OpenBLAS, so the controller sees it)
+    try:  # shipped with scikit-learn, which we depend on
+        import threadpoolctl
+    except ImportError:  # pragma: no cover - without it we merely run with the BLAS default threads
+        return None
+    return threadpoolctl.ThreadpoolController()
 
 
 @contextlib.contextmanager
 def single_threaded_blas() -> Iterator[None]:
-    if _BLAS is None:
+    controller = _blas_controller()
+    if controller is None:
         yield
         return
-    with _BLAS.limit(limits=1, user_api="blas"):
+    with controller.limit(limits=1, user_api="blas"):
         yield
 
 
@@ -157,6 +161,8 @@ def fit_pairs(data: PairData, *, prior_sd: float = PRIOR_SD, theta0: np.ndarray 
         return value, grad / scale
 
     x0 = np.zeros(n) if theta0 is None else np.asarray(theta0, dtype=np.float64) * scale
+    import scipy.optimize
+
     # gtol is on the scaled gradient (≈ the error in θ·scale): 1e-9 puts the error far below 0.001 Elo.
     with single_threaded_blas():
         result = scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B",

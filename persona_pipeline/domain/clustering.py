@@ -30,6 +30,9 @@ update_clusters — the incremental, stable update a run performs (rules):
        and with it its name and pillar; unmatched new clusters get fresh keys counting up from
        max(first_new_key, largest old key + 1), larger clusters first; unmatched old keys are
        retired. `moved` counts the items whose key changed.
+    join_new_items runs rules 1-4 on the items without a key alone, for a library whose clusters
+    still hold exactly their stored members: the same decisions, with the centroid as a running
+    mean and the members' stored distances in the radius (its docstring says how that differs).
     Radius: the 95th percentile of the members' distances to their centroid, at least
     RADIUS_FLOOR (0.05; embeddings are unit vectors, so distances lie in 0..2), which lets a
     one-member cluster take in near-duplicates.
@@ -41,23 +44,16 @@ clusters as documents); majority_pillar — the pillar a cluster maps to.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-import scipy.sparse
-from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
-from sklearn.decomposition import PCA
-from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, TfidfVectorizer
-from sklearn.metrics import pairwise_distances, pairwise_distances_argmin_min, silhouette_score
 
-try:  # shipped with scikit-learn, which we depend on
-    import threadpoolctl
-except ImportError:  # pragma: no cover - without it we merely run with the default threads
-    threadpoolctl = None
+# scikit-learn and scipy are imported inside the functions that use them: the code location imports
+# this module, and loading them costs seconds of CPU on every UI reload and sensor process start.
 
 SEED = 42
 SAMPLE_SIZE = 4000          # above this many items, k is chosen on a sample of this size
@@ -71,16 +67,27 @@ JOIN_TOLERANCE = 1.1
 MATCH_TOLERANCE = 1.0
 _CHUNK_ROWS = 8192          # rows per block when measuring distances, to bound temporary memory
 
-_THREADS = threadpoolctl.ThreadpoolController() if threadpoolctl else None
+@functools.cache
+def _thread_controller():
+    """The thread-pool controller, made once scikit-learn's and scipy's libraries are loaded (it
+    only sees the BLAS and OpenMP copies loaded when it is made)."""
+    import scipy.sparse  # noqa: F401
+    import sklearn.cluster  # noqa: F401
+    try:  # shipped with scikit-learn, which we depend on
+        import threadpoolctl
+    except ImportError:  # pragma: no cover - without it we merely run with the default threads
+        return None
+    return threadpoolctl.ThreadpoolController()
 
 
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """One BLAS and one OpenMP thread: deterministic results and, on 2 shared cores, no slower."""
-    if _THREADS is None:
+    controller = _thread_controller()
+    if controller is None:
         yield
         return
-    with _THREADS.limit(limits=1):
+    with controller.limit(limits=1):
         yield
 
 
@@ -155,6 +162,8 @@ def _search_space(x: np.ndarray) -> np.ndarray:
     centres in one cluster and 10 starts do not always recover (measured on the bench's blobs).
     The projection keeps the cluster structure, drops most of the noise, and makes each k-means
     run 8x cheaper."""
+    from sklearn.decomposition import PCA
+
     if x.shape[1] <= PCA_DIMS or len(x) <= PCA_DIMS:
         return x
     return PCA(n_components=PCA_DIMS, svd_solver="full").fit_transform(x).astype(np.float32)
@@ -163,6 +172,9 @@ def _search_space(x: np.ndarray) -> np.ndarray:
 def _choose_k(x: np.ndarray, max_k: int, seed: int) -> tuple[np.ndarray | None, float | None]:
     """Labels 0..k-1 of the rows for the k with the best silhouette, with that silhouette;
     (None, None) when the rows form one cluster."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import pairwise_distances, silhouette_score
+
     upper = min(max_k, len(x) - 1)
     if upper >= 2:
         upper = min(upper, len(np.unique(x, axis=0)))
@@ -188,6 +200,8 @@ def _choose_k(x: np.ndarray, max_k: int, seed: int) -> tuple[np.ndarray | None, 
 def fit_clusters(embeddings: np.ndarray | Sequence[Sequence[float]], max_k: int = 20, seed: int = SEED,
                  sample_size: int = SAMPLE_SIZE) -> Clustering:
     """k-means with k chosen by silhouette; see the module docstring for the rules."""
+    from sklearn.cluster import KMeans
+
     if max_k < 1:
         raise ValueError(f"max_k: must be at least 1, got {max_k}")
     if sample_size < 3:
@@ -224,6 +238,8 @@ def cluster_embeddings(embeddings: np.ndarray, max_k: int = 20) -> Clustering:
 def _member_stats(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(centroids k x d, radii k, sizes k, distances n) from the members; label -1 = no cluster,
     distance NaN. A cluster without members gets a NaN centroid and size 0."""
+    import scipy.sparse
+
     n = len(x)
     member = np.flatnonzero(labels >= 0)
     sizes = np.bincount(labels[member], minlength=k)
@@ -257,6 +273,8 @@ def update_clusters(existing: Sequence[ExistingCluster], embeddings: np.ndarray 
     """Assign every library item (`embeddings`, one row each, with its `current_keys`) to a stable
     cluster key; the rules are in the module docstring. Pass as `first_new_key` one more than the
     largest key ever used (retired ones included) so that no retired key is handed out again."""
+    from sklearn.metrics import pairwise_distances_argmin_min
+
     x = _as_matrix(embeddings)
     n = len(x)
     if len(current_keys) != n:
@@ -301,8 +319,77 @@ def update_clusters(existing: Sequence[ExistingCluster], embeddings: np.ndarray 
         outliers=outliers, silhouette=None)
 
 
+@dataclass(frozen=True)
+class ClusterJoin:
+    """The incremental pass of update_clusters for the items without a key only (see join_new_items)."""
+    keys: list[int | None]          # per new item; None = outlier
+    distances: list[float | None]   # per new item, to its cluster's new centroid
+    clusters: dict[int, ClusterStats]  # every existing cluster that still has members
+    retired_keys: list[int]
+    outliers: int
+
+
+def join_new_items(existing: Sequence[ExistingCluster], member_distances: dict[int, Sequence[float]],
+                   embeddings: np.ndarray | Sequence[Sequence[float]], *, total_items: int,
+                   recluster_share: float = 0.2, min_outliers: int = 5) -> ClusterJoin | None:
+    """update_clusters without the embeddings of the items that keep their key: the library asks
+    for it when every cluster still has exactly its stored members (`member_distances[key]`: their
+    stored distances; `existing[i].size` must equal their number) and passes only the items without
+    a key. Rules 1, 2 and 4 decide exactly as update_clusters does; None = rule 4 reclusters (call
+    update_clusters with every item). Rule 3 differs in one way: a cluster's centroid moves to the
+    mean of its members as a running mean of the stored centroid and the joiners, and its radius is
+    the percentile of the members' stored distances (measured when each was placed) and the
+    joiners' distances to the new centroid; the next recluster measures every distance again."""
+    from sklearn.metrics import pairwise_distances_argmin_min
+
+    old_keys = sorted(c.key for c in existing)
+    if not old_keys:
+        return None
+    by_key = {c.key: c for c in existing}
+    for key in old_keys:
+        if by_key[key].size != len(member_distances.get(key, ())):
+            raise ValueError(f"existing: cluster {key} has size {by_key[key].size} but "
+                             f"{len(member_distances.get(key, ()))} member distances")
+    x = _as_matrix(embeddings) if len(embeddings) else np.zeros((0, len(by_key[old_keys[0]].centroid)), np.float32)
+    old_centroids = _as_matrix([np.asarray(by_key[key].centroid, dtype=np.float32) for key in old_keys],
+                               "existing centroids").astype(np.float64)
+    if old_centroids.shape[1] != x.shape[1]:
+        raise ValueError(f"existing: centroids have {old_centroids.shape[1]} dimensions, "
+                         f"embeddings {x.shape[1]} (was the embedding model changed?)")
+    old_radii = np.array([max(float(by_key[key].radius), RADIUS_FLOOR) for key in old_keys])
+    labels = np.full(len(x), -1, dtype=np.intp)
+    with _one_thread():
+        if len(x):
+            nearest, distance = pairwise_distances_argmin_min(x, old_centroids.astype(np.float32))
+            joins = distance <= JOIN_TOLERANCE * old_radii[nearest]
+            labels[joins] = nearest[joins]
+    outliers = int(np.count_nonzero(labels < 0))
+    if outliers >= max(min_outliers, recluster_share * total_items):
+        return None
+    clusters: dict[int, ClusterStats] = {}
+    distances = np.full(len(x), np.nan)
+    for index, key in enumerate(old_keys):
+        joined = np.flatnonzero(labels == index)
+        size = by_key[key].size + len(joined)
+        if size == 0:
+            continue
+        if not len(joined):
+            clusters[key] = ClusterStats(np.asarray(by_key[key].centroid, dtype=np.float64), float(old_radii[index]), size)
+            continue
+        total = old_centroids[index] * by_key[key].size + x[joined].astype(np.float64).sum(axis=0)
+        centroid = total / size
+        distances[joined] = np.linalg.norm(x[joined].astype(np.float64) - centroid, axis=1)
+        spread = np.concatenate([np.asarray(member_distances.get(key, ()), dtype=np.float64), distances[joined]])
+        clusters[key] = ClusterStats(centroid, max(RADIUS_FLOOR, float(np.percentile(spread, RADIUS_PERCENTILE))), size)
+    return ClusterJoin(keys=[old_keys[label] if label >= 0 else None for label in labels],
+                       distances=[None if np.isnan(d) else float(d) for d in distances], clusters=clusters,
+                       retired_keys=[key for key in old_keys if key not in clusters], outliers=outliers)
+
+
 def _recluster(x: np.ndarray, previous: np.ndarray, old_keys: list[int], old_centroids: np.ndarray,
                old_radii: np.ndarray, max_k: int, seed: int, first_new_key: int, sample_size: int) -> ClusterUpdate:
+    from scipy.optimize import linear_sum_assignment
+
     fit = fit_clusters(x, max_k=max_k, seed=seed, sample_size=sample_size)
     labels = np.asarray(fit.labels, dtype=np.intp)
     centroids, radii, sizes, distances = _member_stats(x, labels, fit.k)
@@ -339,6 +426,8 @@ def top_terms(texts: Sequence[Sequence[str]], n: int = 3, stop_words: Sequence[s
     caller's (e.g. the trigger word, "photo") left out. Words of 3+ letters only (no "8k", no
     weights like "1.2"). A term found in every cluster says nothing about any of them, so it
     only fills places after the others. Ties go alphabetically."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, TfidfVectorizer
+
     documents = ["\n".join(captions) for captions in texts]
     if not documents:
         return []

@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
@@ -66,10 +66,11 @@ class _Personas:
         return self.rows[persona_id]
 
 
-def _card(post: models.Post, persona: models.Persona, config: PersonaConfig, home: Path) -> dict[str, Any]:
+def _card(post: Row | models.Post, persona: models.Persona, config: PersonaConfig, home: Path,
+          image: str | None) -> dict[str, Any]:
+    """A calendar card (from a `review_views.calendar_posts` row, or the post itself)."""
     zone = local_zone(persona.timezone)
     local = (post.published_at or post.scheduled_at).astimezone(zone)
-    image = post.media_path or (post.candidate.image_path if post.candidate else None)
     return {"id": post.id, "status": post.status, "persona_slug": persona.slug, "persona_name": persona.name,
             "account": config.account_name(post.account), "day": local.date(), "time": local.strftime("%H:%M"),
             "zone": local.tzname(), "thumb": thumbnail_src(home, image), "caption": post.caption,
@@ -84,7 +85,7 @@ def _grid(session: Session, view: str, anchor: date, slug: str | None, home: Pat
     personas = _Personas(session)
     by_day: dict[date, list[dict[str, Any]]] = {}
     for post in review_views.calendar_posts(session, cal.STATUSES, start, end, slug):
-        card = _card(post, *personas(post.persona_id), home)
+        card = _card(post, *personas(post.persona_id), home, post.media_path or post.candidate_image)
         if span.first <= card["day"] <= span.last:
             by_day.setdefault(card["day"], []).append(card)
     weeks = [[{"date": day, "posts": by_day.get(day, []), "outside": not span.in_view(day)} for day in week]
@@ -122,8 +123,8 @@ def _post_view(session: Session, post_id: int, home: Path) -> dict[str, Any]:
     if post is None:
         raise review.NotFound(f"post {post_id} does not exist")
     persona, config = _Personas(session)(post.persona_id)
-    card = _card(post, persona, config, home)
     image = post.media_path or (post.candidate.image_path if post.candidate else None)
+    card = _card(post, persona, config, home, image)
     shown, more = cal.caption_cut(post_text(post.caption, list(post.hashtags or [])))
     zone = local_zone(persona.timezone)
     return {**card, "hashtags": list(post.hashtags or []), "url": media_url(home, image), "aspect": _frame_aspect(image),

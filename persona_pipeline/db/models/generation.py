@@ -41,7 +41,7 @@ class GenerationRun(Base):
     prompt: Mapped[str] = mapped_column(Text)
     negative_prompt: Mapped[str] = mapped_column(Text, default="")
     backend: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(24), default="running")  # running | awaiting_review | done | failed
+    status: Mapped[str] = mapped_column(String(24), default="running", index=True)  # running | awaiting_review | done | failed
     dagster_run_id: Mapped[str | None] = mapped_column(String(64))
     content_prompt_id: Mapped[int | None] = mapped_column(ForeignKey("content_prompts.id", ondelete="SET NULL"))
     prompt_source: Mapped[str | None] = mapped_column(String(120))  # template | gemini:<model> | persona.yaml
@@ -73,6 +73,8 @@ class RunStep(Base):
     keep_best: Mapped[int | None] = mapped_column(Integer)
     parent_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)  # the previous step's top-K at approval
     failure_reason: Mapped[str | None] = mapped_column(Text)
+    # The inputs of the step's last ranking fit (db/rankings.py): a refresh refits it only when they changed.
+    ranked_signature: Mapped[str | None] = mapped_column(String(40))
 
     run: Mapped[GenerationRun] = relationship(back_populates="steps")
 

@@ -12,6 +12,8 @@ from persona_pipeline.db.models.base import Base, CreatedAt, PersonaFK, PillarFK
 from persona_pipeline.db.models.generation import Candidate
 
 LIVE_SLOT = "status NOT IN ('cancelled', 'abandoned')"
+TO_REVIEW = "status IN ('awaiting_approval', 'failed')"
+TO_PUBLISH = "status IN ('scheduled', 'publishing')"
 
 
 class Post(Base):
@@ -20,7 +22,13 @@ class Post(Base):
     __tablename__ = "posts"
     # No two live posts of one account in one slot; a cancelled or abandoned post frees its slot.
     __table_args__ = (Index("uq_posts_account_scheduled_at", "account", "scheduled_at", unique=True,
-                            sqlite_where=text(LIVE_SLOT), postgresql_where=text(LIVE_SLOT)),)
+                            sqlite_where=text(LIVE_SLOT), postgresql_where=text(LIVE_SLOT)),
+                      # The review form's posts to review: a few among years of published posts.
+                      Index("ix_posts_to_review", "scheduled_at", sqlite_where=text(TO_REVIEW),
+                            postgresql_where=text(TO_REVIEW)),
+                      # The publish job's due posts (and the ones it is publishing).
+                      Index("ix_posts_to_publish", "scheduled_at", sqlite_where=text(TO_PUBLISH),
+                            postgresql_where=text(TO_PUBLISH)))
     persona_id: Mapped[PersonaFK]
     pillar_id: Mapped[PillarFK]
     # A winner's candidate, or None for a post of a source photo (library_item_id says which).
@@ -30,14 +38,14 @@ class Post(Base):
     caption: Mapped[str] = mapped_column(Text)
     hashtags: Mapped[list[Any]] = mapped_column(JSON, default=list)
     media_path: Mapped[str | None] = mapped_column(Text)
-    scheduled_at: Mapped[datetime] = mapped_column()
+    scheduled_at: Mapped[datetime] = mapped_column(index=True)
     external_id: Mapped[str | None] = mapped_column(String(200))
     failure_reason: Mapped[str | None] = mapped_column(Text)
     review_note: Mapped[str | None] = mapped_column(Text)  # why a reviewer rejected or moved it
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
     retryable: Mapped[bool] = mapped_column(Boolean, default=True)  # False: a person must reschedule it
     next_attempt_at: Mapped[datetime | None] = mapped_column()  # a retried post waits until then
-    published_at: Mapped[datetime | None] = mapped_column()
+    published_at: Mapped[datetime | None] = mapped_column(index=True)
     library_item_id: Mapped[int | None] = mapped_column(ForeignKey("library_items.id", ondelete="SET NULL"))
     theme: Mapped[str] = mapped_column(String(200), default="")
     caption_source: Mapped[str | None] = mapped_column(String(120))  # template | gemini:<model> | reviewer
