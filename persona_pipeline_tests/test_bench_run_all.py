@@ -96,9 +96,14 @@ def test_real_benchmarks_table_matches_their_results(tmp_path):
             assert row["ratio"].endswith("x")
             assert math.isclose(float(row["ratio"][:-1].replace(",", "")), expected, rel_tol=0.006, abs_tol=0.006)
         assert compared >= 1, f"{name} has no reference-vs-ours row"
-    # bt_fit: ours is ~15x choix's best even at --quick: a win by its own target. Active pairing finds
-    # the right top 3 in more seeds than random pairs at 100, 200 and 300 votes (about twice as many).
-    assert met["bt_fit"]
+    # bt_fit: the choix target is set at 1M votes / 10k candidates; at --quick's 200 candidates choix's
+    # dense ILSR is within a few times of ours, so those rows carry the ratio and no verdict. The rows that
+    # do hold at this size (the MAP fit's time, the review step's) must pass. Active pairing finds the
+    # right top 3 in more seeds than random pairs at 100, 200 and 300 votes (about twice as many).
+    bt_results = results_in(logs / "bt_fit.log")
+    against_choix = [r for r in bt_results if "choix's best" in r["metric"]]
+    assert len(against_choix) == 2 and all(r["ok"] is None and r["ratio"] > 0 for r in against_choix), against_choix
+    assert met["bt_fit"] and sum(r["ok"] is True for r in bt_results) >= 3, (logs / "bt_fit.log").read_text()
     accuracy = [r for r in results_in(logs / "review_effort.log") if r["unit"] == "%"]
     assert len(accuracy) == 3 and all(r["ratio"] > 1 for r in accuracy), accuracy
 
