@@ -60,6 +60,25 @@ def atomic_write(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors as .safetensors atomically, byte-identical for the same tensors and metadata in
+    any process. safetensors keeps the header in a hash map seeded per process, so its own writer
+    orders the header's keys differently from one run to the next and the file's sha256 (which the
+    LoRA library and the manifests record) changes with it; the header is rewritten here with its
+    keys sorted. The header stays a multiple of 8 bytes long, padded with spaces as the format says."""
+    import json
+    import struct
+
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.dumps(json.loads(raw[8:8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    data = raw[8 + length:]
+    write_via_temp(path, lambda tmp: tmp.write_bytes(struct.pack("<Q", len(header)) + header + data))
+
+
 def sha256_file(path: Path, *, follow_links: bool = True) -> str:
     """sha256 of the file's bytes; `follow_links=False` refuses a link (open_regular)."""
     digest = hashlib.sha256()

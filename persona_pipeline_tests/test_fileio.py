@@ -1,14 +1,19 @@
 """fileio's rule for folders a user fills: no symbolic link is followed, no `..`, no special file."""
 
 import os
+import subprocess
+import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import time_machine
 
 from persona_pipeline.fileio import (UnsafePath, entry_refusal, filesystem_now_ns, link_refusal, read_regular, scan_folder,
                                      sha256_file)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -70,3 +75,28 @@ def test_filesystem_now_ns_reads_the_folders_clock_not_the_process_clock(tmp_pat
         assert abs(time.time() - fresh.stat().st_mtime) > 300 * 86400  # the process clock moved
         assert abs(filesystem_now_ns(tmp_path) / 1e9 - fresh.stat().st_mtime) < 60
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.safetensors"]
+
+
+def test_write_safetensors_gives_the_same_bytes_in_every_process(tmp_path):
+    """safetensors' own writer orders the header by a per-process hash seed, so the same LoRA saved by
+    two runs had two sha256s; ours sorts the header. Three processes, one file each: one hash."""
+    script = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from persona_pipeline.fileio import write_safetensors\n"
+        "tensors = {f'lora_unet_block_{i}.lora_down.weight': torch.full((2, 3), float(i)) for i in range(12)}\n"
+        "write_safetensors(Path(sys.argv[1]), tensors, {f'key{i}': str(i) for i in range(9)})\n"
+    )
+    paths = [tmp_path / f"run{i}.safetensors" for i in range(3)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, cwd=REPO)
+    assert len({sha256_file(path) for path in paths}) == 1
+
+    from safetensors import safe_open
+
+    with safe_open(str(paths[0]), "pt") as handle:
+        assert handle.metadata() == {f"key{i}": str(i) for i in range(9)}
+        assert sorted(handle.keys()) == sorted(f"lora_unet_block_{i}.lora_down.weight" for i in range(12))
+        assert float(handle.get_tensor("lora_unet_block_7.lora_down.weight")[1, 2]) == 7.0
+    header_length = int.from_bytes(paths[0].read_bytes()[:8], "little")
+    assert header_length % 8 == 0

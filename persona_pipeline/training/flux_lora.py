@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from persona_pipeline.fileio import sha256_file, write_via_temp
+from persona_pipeline.fileio import sha256_file, write_safetensors
 from persona_pipeline.training.families import flux
 from persona_pipeline.training.kohya_dataset import read_kohya_dataset
 from persona_pipeline.training.latent_cache import cached_flux_inputs
@@ -130,8 +130,5 @@ def train_flux_lora(
 
 def save_flux_checkpoint(transformer, alpha: float, path: Path, metadata: dict[str, str]) -> str:
     """Write a FLUX LoRA .safetensors atomically; return its sha256."""
-    from safetensors.torch import save_file
-
-    state = flux.lora_state_dict(transformer, alpha)
-    write_via_temp(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    write_safetensors(path, flux.lora_state_dict(transformer, alpha), metadata)
     return sha256_file(path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona_pipeline.fileio import sha256_file, write_via_temp
+from persona_pipeline.fileio import sha256_file, write_safetensors
 from persona_pipeline.training.families import model_family
 
 # The UNet attention projections, as diffusers' train_text_to_image_lora example adapts them.
@@ -96,10 +96,7 @@ def kohya_state_dict(unet, alpha: float, text_encoders=()) -> dict:
 
 def save_checkpoint(unet, alpha: float, path: Path, metadata: dict[str, str], text_encoders=()) -> str:
     """Write a .safetensors checkpoint atomically; return its sha256."""
-    from safetensors.torch import save_file
-
-    state = kohya_state_dict(unet, alpha, text_encoders)
-    write_via_temp(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    write_safetensors(path, kohya_state_dict(unet, alpha, text_encoders), metadata)
     return sha256_file(path)
 
 
