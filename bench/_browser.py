@@ -22,15 +22,6 @@ def require_chromium() -> None:
         raise SystemExit(f"{CHROMIUM} is missing: apt-get install -y chromium")
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); NaN for no values."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
-    return ordered[index]
-
-
 class Workspace:
     """`with Workspace("bench-x-") as ws:` gives ws.url (a migrated PostgreSQL database) and ws.home;
     `ws.serve(tokens)` starts the form. Set `ws.ok` when the benchmark passed: the folder is removed

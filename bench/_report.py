@@ -28,6 +28,15 @@ SKIP_PREFIX = "BENCH_SKIPPED "
 _RECORDED: list[dict] = []
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (q in 0..1) as the value at the nearest index of the sorted values (no
+    interpolation: a latency reported is one that was measured); NaN for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
 def ratio(reference: float | None, ours: float | None, better: str) -> float | None:
     """How many times better ours is: reference/ours if lower is better, ours/reference if higher."""
     if better not in ("lower", "higher"):

@@ -47,7 +47,8 @@ import _report  # noqa: E402
 from persona_fakes.review import CalendarPost, seed_calendar  # noqa: E402
 from persona_pipeline.db import models  # noqa: E402
 from persona_pipeline.db.session import session_scope  # noqa: E402
-from _browser import CHROMIUM, CHROMIUM_ARGS, Workspace, percentile, require_chromium  # noqa: E402
+from _browser import CHROMIUM, CHROMIUM_ARGS, Workspace, require_chromium  # noqa: E402
+from _report import percentile  # noqa: E402
 
 TARGET_MS = 1000.0
 STATUSES = ("awaiting_approval", "scheduled", "published")
@@ -147,7 +148,7 @@ def main() -> int:
             browser.close()
         complete = all(r["cards"] == args.posts and r["loaded"] == args.posts for r in [cold, *warm])
         ms = [r["ms"] for r in warm]
-        median, p95 = statistics.median(ms), percentile(ms, 95)
+        median, p95 = statistics.median(ms), percentile(ms, 0.95)
         print(f"  1. cold (thumbnails made on the server): {cold['ms']:.0f} ms")
         print(f"  2. warm, {runs} runs: median {median:.0f} ms, p95 {p95:.0f} ms, min {min(ms):.0f} ms, max {max(ms):.0f} ms")
         print(f"  every run showed {args.posts} posts with {args.posts} thumbnails loaded -> {'PASS' if complete else 'FAIL'}"

@@ -49,7 +49,7 @@ from persona_pipeline.fileio import atomic_write  # noqa: E402
 from persona_pipeline.resources.comfyui import ComfyJob, ComfyResult, ComfyUIPool  # noqa: E402
 from persona_fakes.comfyui import FakeComfyUIProcess  # noqa: E402
 
-from _report import emit, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
+from _report import emit, percentile, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
 LAG_TARGET_MS = 50.0
 LAG_P90_TARGET_MS = 100.0
@@ -77,11 +77,6 @@ def graph(seed: int, prefix: str, steps: int = 20) -> dict:
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix, "images": ["8", 0]}},
     }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def finished_at(servers: list[FakeComfyUIProcess]) -> dict[str, float]:

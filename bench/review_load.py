@@ -81,7 +81,7 @@ from persona_fakes.databases import make_database  # noqa: E402
 from persona_fakes.review import seed_review  # noqa: E402
 from persona_fakes.serving import free_port  # noqa: E402
 
-from _report import emit, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
+from _report import emit, percentile, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
 STRENGTH_SD = 200.0       # hidden Bradley-Terry strengths, Elo scale
 DOUBLE_EVERY = 20         # reviewer index % 20 == 0: double-clicks every vote (5%)
@@ -423,11 +423,6 @@ def overlapping_offers(step_offers: list, votes) -> int:
 
 
 # --- report -------------------------------------------------------------------------------------
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
 
 def spearman(a: list[float], b: list[float]) -> float:
     def ranks(values: list[float]) -> list[float]:

@@ -48,7 +48,8 @@ import _report  # noqa: E402
 from persona_fakes.review import seed_review  # noqa: E402
 from persona_pipeline.db import models  # noqa: E402
 from persona_pipeline.db.session import session_scope  # noqa: E402
-from _browser import CHROMIUM, CHROMIUM_ARGS, Workspace, percentile, require_chromium  # noqa: E402
+from _browser import CHROMIUM, CHROMIUM_ARGS, Workspace, require_chromium  # noqa: E402
+from _report import percentile  # noqa: E402
 
 TARGET_MS = 100.0
 
@@ -125,7 +126,7 @@ async def phase(base: str, tokens: list[str], step_id: int, votes: int, think: f
 def describe(label: str, samples: list[dict], wall: float) -> dict:
     ms = [s["ms"] for s in samples]
     waited = sum(1 for s in samples if s["waited"])
-    row = {"p50": statistics.median(ms), "p95": percentile(ms, 95), "max": max(ms), "n": len(ms), "waited": waited}
+    row = {"p50": statistics.median(ms), "p95": percentile(ms, 0.95), "max": max(ms), "n": len(ms), "waited": waited}
     print(f"  {label}: {len(ms)} votes in {wall:.1f} s · next pair on screen after p50 {row['p50']:.0f} ms, "
           f"p95 {row['p95']:.0f} ms, max {row['max']:.0f} ms · {waited} waited on the server")
     return row
