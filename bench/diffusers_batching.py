@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _report import emit, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
+from _torch_bench import quiet_torch  # noqa: E402
 
 SPEED_TARGET = 1.5
 LORA_RANK = 16
@@ -198,14 +199,8 @@ def main() -> int:
     size = args.size or (64 if tiny else 512)
 
     import torch
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for library in (diffusers_logging, transformers_logging):  # LoRA-load notices drown the table
-        library.set_verbosity_error()
-        library.disable_progress_bar()
+    quiet_torch(args.threads)
 
     from persona_pipeline.resources.diffusion import DiffusersJob, DiffusionBackend
 

@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _report import emit, record  # noqa: E402  (bench/ is on sys.path)
+from _torch_bench import add_run_size_arguments, quiet_torch  # noqa: E402
 import train_lora  # noqa: E402
 from train_lora import MIB, SideRun, make_dataset, release_memory  # noqa: E402
 
@@ -329,24 +330,13 @@ def report(reference: list[SideRun], ours: list[SideRun], header: str) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
-    parser.add_argument("--steps", type=int, help="training steps per run (default 32, quick 16)")
-    parser.add_argument("--repeats", type=int, help="timed runs per side (default 5, quick 3)")
-    parser.add_argument("--images", type=int, help="demo photos in the dataset (default 8, quick 4)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as bench/train_lora.py)")
+    add_run_size_arguments(parser, images_help="demo photos in the dataset (default 8, quick 4)")
     args = parser.parse_args()
     steps = args.steps or (16 if args.quick else 32)
     repeats = args.repeats or (3 if args.quick else 5)
     images = args.images or (4 if args.quick else 8)
 
-    import torch
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    torch.set_num_threads(args.threads)
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
+    quiet_torch(args.threads)
     digest = hashlib.sha256(json.dumps([BENCH_MODEL, RESOLUTION], sort_keys=True).encode()).hexdigest()[:12]
     base = str(build_bench_flux(Path(tempfile.gettempdir()) / f"persona-bench-flux-{digest}"))
     work = Path(tempfile.mkdtemp(prefix="bench-train-flux-"))

@@ -69,6 +69,7 @@ LEARNING_RATE = 1e-4
 SPEED_TARGET, RSS_TARGET = 1.3, 1.05
 
 from _report import emit, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
+from _torch_bench import add_run_size_arguments, quiet_torch  # noqa: E402
 
 # SD1.5's layout, scaled down: VAE with 4 blocks (8x downsampling) and 2 resnets per block, UNet
 # with two cross-attention levels and 8 attention heads, a 77-token CLIP text encoder.
@@ -541,13 +542,9 @@ def report_kohya(kohya: list[SideRun], ours: list[SideRun], model_name: str) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (a few minutes)")
+    add_run_size_arguments(parser, images_help="demo photos in the dataset (default 8, quick 4)")
     parser.add_argument("--model", choices=("bench", "sd15", "both"), default="both",
                         help="which model: the first bench model, SD1.5's proportions, or both (default)")
-    parser.add_argument("--steps", type=int, help="training steps per run (default 32, quick 16)")
-    parser.add_argument("--repeats", type=int, help="timed runs per side (default 5, quick 3)")
-    parser.add_argument("--images", type=int, help="demo photos in the dataset (default 8, quick 4)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see above)")
     args = parser.parse_args()
     steps = args.steps or (16 if args.quick else 32)
     repeats = args.repeats or (3 if args.quick else 5)
@@ -555,14 +552,7 @@ def main() -> int:
     # one-off caching cost weighs the same in both. Real runs see each image ~100 times.
     images = args.images or (4 if args.quick else 8)
 
-    import torch
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    torch.set_num_threads(args.threads)
-    for library in (diffusers_logging, transformers_logging):  # progress bars per load drown the table
-        library.set_verbosity_error()
-        library.disable_progress_bar()
+    quiet_torch(args.threads)
     ok = True
     for name in (("bench", "sd15") if args.model == "both" else (args.model,)):
         config = MODELS[name]
