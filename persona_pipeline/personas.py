@@ -243,8 +243,10 @@ class StepParams(_Strict):
     cfg: float = Field(default=7.0, ge=1, le=30)
     sampler: str = "euler"  # ComfyUI spelling: euler, euler_ancestral, dpmpp_2m, ...
     scheduler: str = "normal"
-    width: int | None = Field(default=None, ge=256, le=2048, multiple_of=8)  # None: the base model's size
-    height: int | None = Field(default=None, ge=256, le=2048, multiple_of=8)
+    # None: the base model's size (an edit step's: its edit model's for the input's aspect ratio). 32 is the
+    # smallest any model draws (the tiny ones); the backend's own minimum is checked on the request.
+    width: int | None = Field(default=None, ge=32, le=2048, multiple_of=8)
+    height: int | None = Field(default=None, ge=32, le=2048, multiple_of=8)
     denoise: float = Field(default=1.0, ge=0, le=1)
     control_strength: float = Field(default=0.65, ge=0.4, le=0.9)
     pose_image: str | None = None  # a pose reference, relative to the persona folder
