@@ -213,6 +213,7 @@ class TrainingOverrides(_Strict):
     timestep_sampling: Literal["logit_normal", "uniform"] | None = None
     max_sequence_length: int | None = None
     quantize_base: Literal["none", "int8", "fp8"] | None = None
+    aspect_buckets: bool | None = None  # FLUX.1: each photo near its own shape (training/buckets.py)
     seed: int = 0
     # Checkpoint selection renders every checkpoint on these prompts and seeds.
     validation_prompts: list[str] = Field(default=[
@@ -232,7 +233,7 @@ class TrainingOverrides(_Strict):
         return self.model_dump(include={"rank", "alpha", "steps", "learning_rate", "batch_size", "resolution", "optimizer",
                                         "mixed_precision", "gradient_checkpointing", "min_snr_gamma", "noise_offset",
                                         "prior_loss_weight", "checkpoint_every", "guidance", "timestep_sampling",
-                                        "max_sequence_length", "quantize_base", "seed"})
+                                        "max_sequence_length", "quantize_base", "aspect_buckets", "seed"})
 
 
 class StepParams(_Strict):

@@ -61,8 +61,11 @@ FAMILY = ModelFamily(
     pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "pose": "FluxControlNetPipeline",
                "edit": "FluxKontextPipeline"},
     comfyui_templates=("flux_txt2img_lora", "flux_img2img_refine", "flux_kontext_edit"),
+    # Memory options: gradient checkpointing on; bf16 on a GPU (mixed_precision auto); quantize_base int8/fp8
+    # is the persona's choice (docs/training.md#flux1). Guidance: [dev] trains at 1 (DEFAULT_TRAINING_GUIDANCE).
     preset=LoraTrainingParams(rank=16, alpha=16.0, steps=1000, learning_rate=1e-4, batch_size=1, resolution=1024,
-                              gradient_checkpointing=True, checkpoint_every=250, max_sequence_length=512),
+                              gradient_checkpointing=True, checkpoint_every=250, max_sequence_length=512,
+                              aspect_buckets=True),
     validation_render=(1024, 28),
     trainer="persona_pipeline.training.flux_lora:train_flux_lora",
     lora_matches=lambda keys: any(_FLUX_BLOCKS.search(key) for key in keys),
