@@ -147,6 +147,32 @@ def test_edit_steps_against_the_fake_comfyui(tmp_path, db_url):
     assert stats["submitted"] == 2 + 2 + 1 and stats["uploads"] == 2  # the base image once per edit model
 
 
+def test_an_edit_model_file_no_server_has_fails_its_step_naming_it(tmp_path, db_url):
+    """Jobs go only to servers whose /object_info lists the graph's model files, UNETLoader's included:
+    with no server holding the Kontext file, the edit step fails once, naming it; the base step is kept."""
+    with FakeComfyUI(job_time_s=0.01, loras=["persona-pipeline/tester/l.safetensors"], unets=("flux1-dev.safetensors",)) as server:
+        settings = make_settings(tmp_path, db_url, comfyui_urls=server.url, generation_backend="comfyui")
+        folder = write_persona(settings.datasets_dir, photos=0, base_model="tiny-flux", family="flux",
+                               generation={"prompts_per_plan": 1, "steps": _sized(EDIT_STEPS[:2], (256, 256), (256, 256), (0, 0)),
+                                           "checkpoint": "flux1-dev.safetensors"})
+        from persona_pipeline.personas import load_persona
+
+        with session_scope(settings.database_url) as session:
+            persona = registry.sync_persona(session, load_persona(folder))
+            path = tmp_path / "l.safetensors"
+            path.write_bytes(b"x")
+            registry.register_lora(session, persona.id, name="l", path=path, sha256=sha256_file(path), base_model="flux1-dev",
+                                   trigger_word="t3st", dataset_id=None, training={}, family="flux")
+        materialise(settings, folder)
+        stats = server.stats()
+    with session_scope(settings.database_url) as session:
+        run, (base, scarf) = _rows(session)
+        assert len(base) == 2 and run.steps[0].status == "approved" and not scarf
+        assert run.steps[1].status == "failed", run.steps[1].failure_reason
+        assert "flux1-dev-kontext_fp8_scaled.safetensors" in run.steps[1].failure_reason
+    assert stats["submitted"] == 2  # the edit jobs were never sent
+
+
 # ---------------------------------------------------------------- bad input, refused by name
 
 
