@@ -300,3 +300,31 @@ def test_the_fake_comfyui_validates_the_edit_nodes_as_comfyui_does():
                                                         text_encoders=["clip_l.safetensors", "t5xxl_fp16.safetensors"],
                                                         vaes=["ae.safetensors"]))
     assert [e["details"] for e in body["node_errors"]["15"]["errors"]] == ["conditioning"]
+
+
+def test_a_source_photo_as_input_image_is_read_from_the_persona_folder(tmp_path):
+    from persona_pipeline.generation.backends.comfyui import ComfyUIBackend
+    from persona_pipeline.generation.executor import GenerationContext, GenerationExecutor
+    from persona_pipeline.generation.runs import PlannedJob
+    from persona_pipeline.resources.storage import PersonaStorage
+
+    folder = tmp_path / "datasets" / "tester"
+    (folder / "photos").mkdir(parents=True)
+    Image.new("RGB", (300, 400)).save(folder / "photos" / "003.jpg")
+    ctx = GenerationContext(slug="tester", persona_folder=folder, templates_dir=REPO_WORKFLOWS, loras=[],
+                            dagster_run_id=None, log=lambda _: None)
+    executor = GenerationExecutor(ctx, PersonaStorage(home=str(tmp_path / "home")),
+                                  {"comfyui": ComfyUIBackend(None, checkpoint="flux1-dev.safetensors", log=lambda _: None)})
+    job = PlannedJob(job_id=1, run_id=1, step_id=1, step_position=1, step_name="edit", template="qwen_image_edit",
+                     backend="comfyui", params={**EDIT_PARAMS, "edit_model": "qwen_image_edit", "input_image": "photos/003.jpg",
+                                                "instruction": "make it dusk"},
+                     prompt="photo of t3st woman", negative_prompt="", parent_id=None, parent_image=None, parent_sha256=None,
+                     slot=0, seed=1)
+    built = executor.build(job)
+    request = built.prepared.job.request
+    assert request.input_image == str((folder / "photos" / "003.jpg").resolve()) and request.prompt == "make it dusk"
+    assert (request.width, request.height) == (896, 1184)  # ~1 megapixel at the photo's 3:4
+    graph = built.prepared.payload.graph
+    assert graph["12"]["inputs"]["image"] == request.input_image and graph["1"]["inputs"]["unet_name"] == request.checkpoint
+    assert built.prepared.payload.uploads == {"12": Path(request.input_image)}
+    assert built.manifest["edit_model"] == "qwen_image_edit" and built.manifest["input_image"] == request.input_image
