@@ -213,6 +213,7 @@ class TrainingOverrides(_Strict):
     timestep_sampling: Literal["logit_normal", "uniform"] | None = None
     max_sequence_length: int | None = None
     quantize_base: Literal["none", "int8", "fp8"] | None = None
+    aspect_buckets: bool | None = None  # FLUX.1: each photo near its own shape (training/buckets.py)
     seed: int = 0
     # Checkpoint selection renders every checkpoint on these prompts and seeds.
     validation_prompts: list[str] = Field(default=[
@@ -232,7 +233,7 @@ class TrainingOverrides(_Strict):
         return self.model_dump(include={"rank", "alpha", "steps", "learning_rate", "batch_size", "resolution", "optimizer",
                                         "mixed_precision", "gradient_checkpointing", "min_snr_gamma", "noise_offset",
                                         "prior_loss_weight", "checkpoint_every", "guidance", "timestep_sampling",
-                                        "max_sequence_length", "quantize_base", "seed"})
+                                        "max_sequence_length", "quantize_base", "aspect_buckets", "seed"})
 
 
 class StepParams(_Strict):
@@ -243,12 +244,19 @@ class StepParams(_Strict):
     cfg: float = Field(default=7.0, ge=1, le=30)
     sampler: str = "euler"  # ComfyUI spelling: euler, euler_ancestral, dpmpp_2m, ...
     scheduler: str = "normal"
-    width: int | None = Field(default=None, ge=256, le=2048, multiple_of=8)  # None: the base model's size
-    height: int | None = Field(default=None, ge=256, le=2048, multiple_of=8)
+    # None: the base model's size (an edit step's: its edit model's for the input's aspect ratio). 32 is the
+    # smallest any model draws (the tiny ones); the backend's own minimum is checked on the request.
+    width: int | None = Field(default=None, ge=32, le=2048, multiple_of=8)
+    height: int | None = Field(default=None, ge=32, le=2048, multiple_of=8)
     denoise: float = Field(default=1.0, ge=0, le=1)
     control_strength: float = Field(default=0.65, ge=0.4, le=0.9)
     pose_image: str | None = None  # a pose reference, relative to the persona folder
     controlnet: str | None = None  # the ControlNet model name on the ComfyUI servers
+    # Edit steps only (docs/generation.md#edit-steps): the image to edit (unset: the parent candidate;
+    # `step:<name>`: the ancestor an earlier step made; else a file relative to the persona folder,
+    # e.g. a source photo) and the instruction (unset: the run's prompt).
+    input_image: str | None = Field(default=None, min_length=1)
+    instruction: str | None = Field(default=None, min_length=1, max_length=2000)
 
     @field_validator("sampler", "scheduler")
     @classmethod
@@ -265,7 +273,14 @@ class PipelineStep(_Strict):
     for each of the previous step's top-K, once a reviewer approves that step."""
 
     name: str = Field(min_length=1, max_length=80, pattern=r"^[\w-]+$")
-    template: str = Field(min_length=1)  # a workflows/<name>.json file
+    # `generate` draws from the prompt (txt2img, img2img, pose); `edit` changes an input image by an
+    # instruction with an image-edit model (FLUX.1 Kontext, Qwen-Image-Edit: training/families/edit_models.py).
+    type: Literal["generate", "edit"] = "generate"
+    template: str | None = Field(default=None, min_length=1)  # workflows/<name>.json; an edit step's default: its model's
+    # Edit steps: the edit model's weights for the diffusers backend (tiny-kontext, tiny-qwen-edit, a local
+    # folder or hub id; unset: the persona family's edit model) and its file on ComfyUI (unset: the model's usual file).
+    model: str | None = Field(default=None, min_length=1)
+    checkpoint: str | None = Field(default=None, min_length=1)
     n: int = Field(default=4, ge=1, le=64)
     keep: int | None = Field(default=None, ge=1, le=64)  # generate n, keep the best `keep` (open_clip curation)
     top_k: int = Field(default=2, ge=1, le=64)  # the K a reviewer approves by default (and auto-review uses)
@@ -277,7 +292,29 @@ class PipelineStep(_Strict):
     def _keep(self) -> "PipelineStep":
         if self.keep is not None and self.keep > self.n:
             raise ValueError(f"keep {self.keep} is more than n {self.n}")
+        if self.type == "generate":
+            if self.template is None:
+                raise ValueError(f"step {self.name!r}: a generate step needs a template")
+            extra = [name for name in ("model", "checkpoint") if getattr(self, name)] + [
+                f"params.{name}" for name in ("input_image", "instruction") if getattr(self.params, name)]
+            if extra:
+                raise ValueError(f"step {self.name!r}: {', '.join(extra)} apply to edit steps only (type: edit)")
         return self
+
+
+def _check_edit_input(step: "PipelineStep", earlier: list[str]) -> None:
+    """Where an edit step's input image comes from (the file itself is checked when a job is built,
+    inside the persona folder: generation/executor.py)."""
+    source = step.params.input_image
+    if source is None:
+        if not earlier:
+            raise ValueError(f"step {step.name!r} is an edit step with no input image: as the first step it has no "
+                             "parent to edit; set params.input_image to a photo in the persona folder "
+                             "(e.g. photos/001.jpg)")
+    elif source.startswith("step:"):
+        if source[5:] not in earlier:
+            raise ValueError(f"step {step.name!r}: params.input_image {source!r} names no earlier step; earlier "
+                             f"steps: {', '.join(earlier) or 'none'}")
 
 
 class GenerationSettings(_Strict):
@@ -300,6 +337,9 @@ class GenerationSettings(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"step names must be unique; repeated: {', '.join(dupes)}")
+        for position, step in enumerate(self.steps):
+            if step.type == "edit":
+                _check_edit_input(step, names[:position])
         return self
 
 

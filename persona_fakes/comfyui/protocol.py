@@ -17,6 +17,10 @@ SAMPLERS = ["euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp"
 SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta", "linear_quadratic",
               "kl_optimal"]
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp", "lanczos"]
+# FLUX.1 Kontext's training resolutions, from which FluxKontextImageScale picks by aspect ratio.
+KONTEXT_RESOLUTIONS = [(672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
+                       (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
+                       (1456, 720), (1504, 688), (1568, 672)]
 _PREVIEW: list[bytes] = []
 
 
@@ -39,12 +43,19 @@ def _float(minimum: float, maximum: float, default: float) -> list:
     return ["FLOAT", {"default": default, "min": minimum, "max": maximum}]
 
 
+CLIP_TYPES = ["stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos", "lumina2",
+              "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image", "flux2", "ovis"]
+
+
 def node_definitions(loras: list[str], checkpoints: list[str], controlnets: list[str], images: list[str], *,
                      unets: list[str] = (), text_encoders: list[str] = (), vaes: list[str] = ()) -> dict:
     """The node catalogue in /object_info's shape, for the classes our workflows use (FLUX.1's loaders
-    and FluxGuidance with ComfyUI's own inputs and choices)."""
-    def node(required: dict, outputs: list[str], *, output_node: bool = False, category: str = "") -> dict:
-        return {"input": {"required": required, "optional": {}}, "input_order": {"required": list(required)},
+    and FluxGuidance, FLUX.1 Kontext's and Qwen-Image-Edit's nodes, with ComfyUI's own inputs and choices)."""
+    def node(required: dict, outputs: list[str], *, output_node: bool = False, category: str = "",
+             optional: dict | None = None) -> dict:
+        optional = optional or {}
+        return {"input": {"required": required, "optional": optional},
+                "input_order": {"required": list(required), **({"optional": list(optional)} if optional else {})},
                 "output": outputs, "output_is_list": [False] * len(outputs), "output_name": outputs,
                 "output_node": output_node, "category": category, "description": "", "python_module": "nodes",
                 "deprecated": False, "experimental": False}
@@ -87,6 +98,21 @@ def node_definitions(loras: list[str], checkpoints: list[str], controlnets: list
                                          "control_net": ["CONTROL_NET"], "image": ["IMAGE"],
                                          "strength": _float(0.0, 10.0, 1.0), "start_percent": _float(0.0, 1.0, 0.0),
                                          "end_percent": _float(0.0, 1.0, 1.0)}, ["CONDITIONING", "CONDITIONING"]),
+        # Image-edit models: comfy_extras/nodes_flux.py, nodes_edit_model.py, nodes_qwen.py, nodes_model_advanced.py
+        "FluxKontextImageScale": node({"image": ["IMAGE"]}, ["IMAGE"], category="advanced/conditioning/flux"),
+        "ReferenceLatent": node({"conditioning": ["CONDITIONING"]}, ["CONDITIONING"], optional={"latent": ["LATENT"]},
+                                category="advanced/conditioning/edit_models"),
+        "ConditioningZeroOut": node({"conditioning": ["CONDITIONING"]}, ["CONDITIONING"], category="advanced/conditioning"),
+        "CLIPLoader": node({"clip_name": [list(text_encoders), {}], "type": [CLIP_TYPES, {}]}, ["CLIP"],
+                           optional={"device": [["default", "cpu"], {}]}, category="advanced/loaders"),
+        "ModelSamplingAuraFlow": node({"model": ["MODEL"], "shift": _float(0.0, 100.0, 1.73)}, ["MODEL"],
+                                      category="advanced/model"),
+        "TextEncodeQwenImageEdit": node({"clip": ["CLIP"], "prompt": ["STRING", {"multiline": True}]}, ["CONDITIONING"],
+                                        optional={"vae": ["VAE"], "image": ["IMAGE"]}, category="advanced/conditioning"),
+        "ImageScaleToTotalPixels": node({"image": ["IMAGE"], "upscale_method": [UPSCALE_METHODS[:4] + ["lanczos"], {}],
+                                         "megapixels": _float(0.01, 16.0, 1.0)}, ["IMAGE"], category="image/upscaling"),
+        "EmptySD3LatentImage": node({"width": _int(16, 16384, 1024), "height": _int(16, 16384, 1024),
+                                     "batch_size": _int(1, 4096, 1)}, ["LATENT"], category="latent/sd3"),
         "SaveImage": node({"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}, [],
                           output_node=True, category="image"),
         "PreviewImage": node({"images": ["IMAGE"]}, [], output_node=True, category="image"),
@@ -195,11 +221,13 @@ def _top_error(kind: str, message: str, details: str) -> dict:
 def _node_errors(graph: dict, node_id: str, node: dict, definition: dict) -> list[dict]:
     errors = []
     inputs = node.get("inputs") or {}
-    for name, config in definition["input"]["required"].items():
+    required = definition["input"]["required"]
+    for name, config in {**required, **definition["input"].get("optional", {})}.items():
         extra = {"input_name": name, "input_config": config}
         if name not in inputs:
-            errors.append({"type": "required_input_missing", "message": "Required input is missing",
-                           "details": name, "extra_info": extra})
+            if name in required:
+                errors.append({"type": "required_input_missing", "message": "Required input is missing",
+                               "details": name, "extra_info": extra})
             continue
         value = inputs[name]
         kind = config[0]
@@ -219,6 +247,12 @@ def _node_errors(graph: dict, node_id: str, node: dict, definition: dict) -> lis
                     errors.append({"type": "bad_linked_input", "message": "Bad linked input",
                                    "details": f"{name}: node '{value[0]}' ({source}) has no output {value[1]}",
                                    "extra_info": {**extra, "linked_node": value}})
+                elif source_outputs is not None and isinstance(kind, str) and source_outputs[value[1]] != kind:
+                    # As execution.validate_inputs: a link must carry the type the input takes.
+                    received = source_outputs[value[1]]
+                    errors.append({"type": "return_type_mismatch", "message": "Return type mismatch between linked nodes",
+                                   "details": f"{name}, received_type({received}) mismatch input_type({kind})",
+                                   "extra_info": {**extra, "received_type": received, "linked_node": value}})
             continue
         extra["received_value"] = value
         if isinstance(kind, list):
@@ -253,3 +287,44 @@ def _dependents(graph: dict, node_id: str, outputs: list[str]) -> list[str]:
                    for v in graph[start].get("inputs", {}).values())
 
     return [o for o in outputs if reaches(o, set())]
+
+
+def output_size(graph: dict, input_size) -> tuple[int, int]:
+    """The pixel size of what the (first) KSampler draws, followed back through the graph as ComfyUI
+    computes it: an empty latent's size, or the encoded image's after its scaling nodes (ImageScale,
+    FluxKontextImageScale, ImageScaleToTotalPixels...). `input_size(name)` is an uploaded image's size."""
+    sampler = next((n for n in graph.values() if n.get("class_type") == "KSampler"), None)
+    source = sampler["inputs"].get("latent_image") if sampler else None
+    return _latent_size(graph, source, input_size) if _is_link(source) else (64, 64)
+
+
+def _latent_size(graph: dict, link: list, input_size) -> tuple[int, int]:
+    node = graph.get(link[0], {})
+    kind, inputs = node.get("class_type"), node.get("inputs", {})
+    if kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
+        return int(inputs["width"]), int(inputs["height"])
+    if kind == "VAEEncode" and _is_link(inputs.get("pixels")):
+        return _image_size(graph, inputs["pixels"], input_size)
+    if kind == "LatentUpscaleBy" and _is_link(inputs.get("samples")):
+        width, height = _latent_size(graph, inputs["samples"], input_size)
+        return round(width * float(inputs["scale_by"])), round(height * float(inputs["scale_by"]))
+    return 64, 64
+
+
+def _image_size(graph: dict, link: list, input_size) -> tuple[int, int]:
+    node = graph.get(link[0], {})
+    kind, inputs = node.get("class_type"), node.get("inputs", {})
+    if kind == "LoadImage":
+        return input_size(str(inputs.get("image")))
+    width, height = _image_size(graph, inputs["image"], input_size) if _is_link(inputs.get("image")) else (64, 64)
+    if kind == "ImageScale":
+        want_w, want_h = int(inputs["width"]), int(inputs["height"])
+        return (want_w or round(width * want_h / height)), (want_h or round(height * want_w / width))
+    if kind == "ImageScaleBy":
+        return round(width * float(inputs["scale_by"])), round(height * float(inputs["scale_by"]))
+    if kind == "FluxKontextImageScale":
+        return min(KONTEXT_RESOLUTIONS, key=lambda size: abs(width / height - size[0] / size[1]))
+    if kind == "ImageScaleToTotalPixels":
+        scale = (float(inputs["megapixels"]) * 1024 * 1024 / (width * height)) ** 0.5
+        return round(width * scale), round(height * scale)
+    return width, height

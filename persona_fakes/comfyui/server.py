@@ -50,7 +50,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from persona_fakes.comfyui.protocol import (GRAPH_FAULT, OUT_OF_MEMORY, node_definitions, png_bytes, preview_jpeg,
+from persona_fakes.comfyui.protocol import (GRAPH_FAULT, OUT_OF_MEMORY, output_size, node_definitions, png_bytes, preview_jpeg,
                                             seed_colour, topological_order, validate_prompt)
 from persona_fakes.serving import UvicornThread, bind_loopback
 
@@ -73,8 +73,10 @@ class FakeComfyUI:
 
     def __init__(self, job_time_s: float = 0.05, loras=("persona-pipeline/t.safetensors",),
                  checkpoints=("tiny.safetensors",), controlnets=("control_v11p_sd15_openpose.pth",),
-                 unets=("flux1-dev.safetensors",), text_encoders=("clip_l.safetensors", "t5xxl_fp16.safetensors"),
-                 vaes=("ae.safetensors",), port: int = 0, progress_steps: int = 4, log_level: str = "critical") -> None:
+                 unets=("flux1-dev.safetensors", "flux1-dev-kontext_fp8_scaled.safetensors",
+                        "qwen_image_edit_fp8_e4m3fn.safetensors"),
+                 text_encoders=("clip_l.safetensors", "t5xxl_fp16.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors"),
+                 vaes=("ae.safetensors", "qwen_image_vae.safetensors"), port: int = 0, progress_steps: int = 4, log_level: str = "critical") -> None:
         self.job_time_s = job_time_s
         self.seconds_per_step: float | None = None   # job time = KSampler steps x this, when set
         self.loras, self.checkpoints, self.controlnets = list(loras), list(checkpoints), list(controlnets)
@@ -532,15 +534,11 @@ class FakeComfyUI:
         """SaveImage node id -> [((subfolder, filename), png bytes)], named like ComfyUI names them."""
         graph = item.graph
         seed = next((int(n["inputs"].get("seed", 0)) for n in graph.values() if n["class_type"] == "KSampler"), 0)
-        width = height = 64
         batch = 1
         latent = next((n["inputs"] for n in graph.values() if n["class_type"] == "EmptyLatentImage"), None)
         if latent is not None:
-            width, height, batch = int(latent["width"]), int(latent["height"]), int(latent.get("batch_size", 1))
-        else:
-            image = next((n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"), None)
-            if image is not None:
-                width, height = self._input_size(str(image))
+            batch = int(latent.get("batch_size", 1))
+        width, height = output_size(graph, self._input_size)
         planned: dict[str, list] = {}
         for node_id, node in graph.items():
             if node["class_type"] != "SaveImage":

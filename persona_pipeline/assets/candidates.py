@@ -9,6 +9,7 @@ import json
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import dagster as dg
 from sqlalchemy import select
@@ -28,6 +29,7 @@ from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.comfyui import ComfyUIPool
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
+from persona_pipeline.training.families.edit_models import EditStepError, resolve_edit_model
 from persona_pipeline.training.params import TrainingConfigError
 from persona_pipeline.resources.generation import GenerationDefaults
 from persona_pipeline.resources.links import UiLinks
@@ -44,12 +46,24 @@ class CandidatesConfig(dg.Config):
     retry_failed_steps: bool = False  # give steps that failed (e.g. a broken template, since fixed) another go
 
 
-def pipeline_steps(config: PersonaConfig, default_backend: str, default_n: int) -> list[runs.StepSpec]:
-    """persona.yaml `generation.steps`, or one txt2img step of PERSONA_CANDIDATES_PER_RUN images."""
+def pipeline_steps(config: PersonaConfig, default_backend: str, default_n: int, family: Callable[[], str] | None = None,
+                   base_model: str | None = None) -> list[runs.StepSpec]:
+    """persona.yaml `generation.steps`, or one txt2img step of PERSONA_CANDIDATES_PER_RUN images. An edit
+    step's model and template are resolved here (`family` is asked only when the step names neither),
+    and stored with its params, so a run keeps the model it started with."""
     steps = config.generation.steps or [PipelineStep(name="base", template="txt2img_lora", n=default_n)]
     backend = config.generation.backend or default_backend
-    return [runs.StepSpec(name=s.name, template=s.template, n=s.n, keep=s.keep, top_k=s.top_k,
-                          backend=s.backend or backend, params=s.params.model_dump()) for s in steps]
+    specs = []
+    for s in steps:
+        template, params = s.template, s.params.model_dump()
+        if s.type == "edit":
+            asked = config.family or (family() if family and not (s.model or s.template) else None)
+            edit, weights = resolve_edit_model(s.name, s.model, s.template, asked, base_model)
+            template = s.template or edit.template
+            params.update(edit_model=edit.name, model=weights, checkpoint=s.checkpoint or edit.comfyui_file)
+        specs.append(runs.StepSpec(name=s.name, template=template, n=s.n, keep=s.keep, top_k=s.top_k,
+                                   backend=s.backend or backend, params=params))
+    return specs
 
 
 @dg.asset(partitions_def=persona_partitions, deps=["lora_model", "content_plan"], group_name="generation",
@@ -74,7 +88,11 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
             loras = loras_in_use(session, persona_id, slug, generation)
         except LoraChainError as exc:
             raise dg.Failure(str(exc)) from None
-        steps = pipeline_steps(persona_config, generation.backend, diffusion.candidates_per_run)
+        try:
+            steps = pipeline_steps(persona_config, generation.backend, diffusion.candidates_per_run,
+                                   family=diffusion.family_name, base_model=diffusion.base_model)
+        except EditStepError as exc:
+            raise dg.Failure(f"{slug}: persona.yaml generation.steps: {exc}") from None
         if any(s.backend == "comfyui" for s in steps) and not comfyui.server_urls():
             raise dg.Failure(f"{slug}: a step uses the comfyui backend but COMFYUI_URLS is empty")
         photo_paths = [Path(p) for p in session.scalars(select(models.SourcePhoto.path).where(

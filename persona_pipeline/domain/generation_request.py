@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from persona_pipeline.domain.generation_params import (CFG_RANGE, COMFY_SAMPLERS, COMFY_SCHEDULERS,
-                                                       CONTROL_STRENGTH_RANGE, DENOISE_RANGE,
+                                                       CONTROL_STRENGTH_RANGE, DENOISE_RANGE, FLUX_GUIDANCE_RANGE,
                                                        MAX_LORAS, SEED_MAX, STEPS_RANGE, ParamError, check_choice,
                                                        check_int, check_lora_weight, check_number, check_side)
 from persona_pipeline.domain.workflows import TemplateError, WorkflowTemplate
@@ -30,6 +30,7 @@ class LoraInUse:
     sha256: str
     weight: float
     comfy_name: str
+    family: str | None = None  # the library's family of the LoRA (sd15, sdxl, flux); None: not recorded
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,13 @@ class GenerationRequest:
     loras: tuple[LoraInUse, ...]  # applied in this order
     template: WorkflowTemplate
     min_side: int = 256
+    # An edit step (type: edit): the image it changes, the edit model (edit_models.py) with its diffusers
+    # weights and ComfyUI file, and the persona LoRAs that model cannot take (Qwen-Image-Edit takes none).
+    input_image: str | None = None
+    edit_model: str | None = None
+    model: str | None = None
+    checkpoint: str | None = None
+    loras_skipped: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loras", tuple(self.loras))
@@ -77,6 +85,13 @@ class GenerationRequest:
                 check_side(getattr(self, name), name, self.min_side)
         check_number(self.denoise, "denoise", *DENOISE_RANGE)
         check_number(self.control_strength, "control_strength", *CONTROL_STRENGTH_RANGE)
+        if self.edit_model is not None:
+            # Kontext's is FLUX's distilled guidance (FluxGuidance); Qwen-Image-Edit's a true CFG scale, drawn at 2.5-5.
+            check_number(self.cfg, f"cfg (the {self.edit_model} edit model's guidance)", *FLUX_GUIDANCE_RANGE)
+            for name in ("width", "height"):
+                if getattr(self, name) % 16:
+                    raise ParamError(f"{name} = {getattr(self, name)} must be a multiple of 16 for an edit model "
+                                     "(its latents are packed in 2x2 patches)")
         if len(self.loras) > MAX_LORAS:
             raise ParamError(f"{len(self.loras)} LoRAs are chained; at most {MAX_LORAS}")
         for lora in self.loras:
@@ -93,15 +108,21 @@ class GenerationRequest:
             "loras": [{"id": l.lora_id, "name": l.comfy_name, "path": l.path, "sha256": l.sha256, "weight": l.weight}
                       for l in self.loras],
             "template": self.template.name, "template_sha256": self.template.sha256,
+            **({"edit_model": self.edit_model, "input_image": self.input_image, "edit_weights": self.model,
+                "comfyui_file": self.checkpoint, "loras_skipped": list(self.loras_skipped)} if self.edit_model else {}),
         }
 
 
 def build_request(template: WorkflowTemplate, params: Mapping, *, prompt: str, negative_prompt: str, seed: int,
                   parent_image: str | None, pose_image: str | None, loras: Sequence[LoraInUse],
-                  default_size: int, min_side: int, step_position: int) -> GenerationRequest:
+                  default_size: int, min_side: int, step_position: int, input_image: str | None = None,
+                  input_size: tuple[int, int] | None = None) -> GenerationRequest:
     """The request of one planned job: the step's `params` (persona.yaml), the template's needs,
     and the backend's size defaults. Raises TemplateError when the template needs an input the job
-    lacks (a parent, a pose reference), ParamError for a value out of range."""
+    lacks (a parent, a pose reference, an image to edit), ParamError for a value out of range."""
+    if params.get("edit_model") or "input_image" in template.placeholders:
+        return _edit_request(template, params, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                             loras=loras, min_side=min_side, input_image=input_image, input_size=input_size)
     if "parent_image" in template.placeholders and parent_image is None:
         raise TemplateError(f"template {template.name!r} refines a parent image (`{{{{parent_image}}}}`); "
                             f"it cannot be step {step_position} of a run, which has no parents")
@@ -115,3 +136,40 @@ def build_request(template: WorkflowTemplate, params: Mapping, *, prompt: str, n
         denoise=float(params["denoise"]), parent_image=parent_image, control_image=pose_image,
         control_strength=float(params["control_strength"]), controlnet=params.get("controlnet") or DEFAULT_CONTROLNET,
         loras=tuple(loras), min_side=min_side)
+
+
+def _edit_request(template: WorkflowTemplate, params: Mapping, *, prompt: str, negative_prompt: str, seed: int,
+                  loras: Sequence[LoraInUse], min_side: int, input_image: str | None,
+                  input_size: tuple[int, int] | None) -> GenerationRequest:
+    """An edit step's request: the instruction (else the run's prompt) on the input image, at the step's
+    size or, unset, the size the edit model draws at for the input's aspect ratio; the persona's LoRAs
+    where the model takes them, refused by name where they are of another family."""
+    from persona_pipeline.training.families.edit_models import edit_model_named
+
+    if not params.get("edit_model"):
+        raise TemplateError(f"template {template.name!r} edits an input image (`{{{{input_image}}}}`): use it in a "
+                            "step of type: edit")
+    edit = edit_model_named(params["edit_model"])
+    if "input_image" not in template.placeholders:
+        raise TemplateError(f"edit step template {template.name!r} has no `{{{{input_image}}}}` to put the image to "
+                            f"edit in; {edit.title} draws with {edit.template}")
+    if input_image is None or input_size is None:
+        raise TemplateError(f"edit step ({edit.title}) has no input image: set params.input_image, or make it a later "
+                            "step, which edits its parent")
+    width, height = (params["width"], params["height"]) if params.get("width") and params.get("height") else \
+        edit.size_for(input_size)
+    kept, skipped = list(loras), []
+    if edit.lora_family is None:
+        kept, skipped = [], [lora.lora_id for lora in loras]
+    else:
+        for lora in loras:
+            if lora.family is not None and lora.family != edit.lora_family:
+                raise ParamError(f"LoRA {lora.lora_id} ({lora.comfy_name}) is a {lora.family} LoRA; {edit.title} takes "
+                                 f"{edit.lora_family} LoRAs only")
+    return GenerationRequest(
+        template=template, prompt=params.get("instruction") or prompt, negative_prompt=negative_prompt, seed=seed,
+        steps=params["steps"], cfg=float(params["cfg"]), sampler=params["sampler"], scheduler=params["scheduler"],
+        width=width, height=height, denoise=1.0, parent_image=None, control_image=None,
+        control_strength=float(params["control_strength"]), controlnet=params.get("controlnet") or DEFAULT_CONTROLNET,
+        loras=tuple(kept), min_side=min_side, input_image=input_image, edit_model=edit.name, model=params.get("model"),
+        checkpoint=params.get("checkpoint") or edit.comfyui_file, loras_skipped=tuple(skipped))

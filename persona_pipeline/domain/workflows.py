@@ -58,6 +58,15 @@ NODE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "ControlNetLoader": ("CONTROL_NET",),
     "ControlNetApply": ("CONDITIONING",),
     "ControlNetApplyAdvanced": ("CONDITIONING", "CONDITIONING"),
+    # Image-edit models (FLUX.1 Kontext, Qwen-Image-Edit)
+    "FluxKontextImageScale": ("IMAGE",),
+    "ReferenceLatent": ("CONDITIONING",),
+    "ConditioningZeroOut": ("CONDITIONING",),
+    "CLIPLoader": ("CLIP",),
+    "ModelSamplingAuraFlow": ("MODEL",),
+    "TextEncodeQwenImageEdit": ("CONDITIONING",),
+    "ImageScaleToTotalPixels": ("IMAGE",),
+    "EmptySD3LatentImage": ("LATENT",),
 }
 
 PLACEHOLDER_TYPES: dict[str, type] = {
@@ -65,6 +74,7 @@ PLACEHOLDER_TYPES: dict[str, type] = {
     "seed": int, "steps": int, "cfg": float, "sampler": str, "scheduler": str,
     "width": int, "height": int, "batch_size": int, "denoise": float,
     "parent_image": str, "pose_image": str, "controlnet": str, "control_strength": float,
+    "input_image": str,  # the image an edit step changes
 }
 
 # Any `{{...}}` is a placeholder attempt; its content must then be a known name exactly, so a
@@ -317,7 +327,7 @@ def validate_params(graph: dict, *, min_side: int = 256, source: str = "<graph>"
             if field in inputs and not isinstance(inputs[field], list):
                 checker(inputs[field], f"{source}: node {node_id} ({class_type}) input {field!r}", *args)
 
-        if class_type == "EmptyLatentImage":
+        if class_type in ("EmptyLatentImage", "EmptySD3LatentImage"):
             check("width", check_side, min_side)
             check("height", check_side, min_side)
             check("batch_size", check_int, *BATCH_RANGE)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from PIL import Image
+
 from persona_pipeline.domain import workflows as wf
 from persona_pipeline.domain.generation_request import LoraInUse, build_request
 from persona_pipeline.fileio import atomic_write, entry_refusal, sha256_file
@@ -96,10 +98,12 @@ class GenerationExecutor:
         (a broken template, placeholder or parameter) before anything is sent."""
         template = self.template(job.template)
         backend = self.backend(job.backend)
+        input_image, input_size = self._input_image(job) if job.params.get("edit_model") else (None, None)
         request = build_request(template, job.params, prompt=job.prompt, negative_prompt=job.negative_prompt,
-                                seed=job.seed, parent_image=job.parent_image, pose_image=self._pose_image(job.params),
+                                seed=job.seed, parent_image=None if input_image else job.parent_image,
+                                pose_image=self._persona_file(job.params, "pose_image"),
                                 loras=self.ctx.loras, default_size=backend.default_size, min_side=backend.min_side,
-                                step_position=job.step_position)
+                                step_position=job.step_position, input_image=input_image, input_size=input_size)
         image_job = ImageJob(key=str(job.job_id), request=request,
                              folder=self.storage.run_dir(self.ctx.slug, job.run_id, job.step_position), stem=job_stem(job),
                              label=f"{self.ctx.slug}/run{job.run_id}-step{job.step_position}")
@@ -111,17 +115,32 @@ class GenerationExecutor:
         }
         return BuiltJob(job, backend, backend.prepare(image_job), manifest)
 
-    def _pose_image(self, params: dict) -> str | None:
-        """params.pose_image, read from the persona folder under the user-folder rule: no link, no `..` (fileio)."""
-        if not params.get("pose_image"):
+    def _persona_file(self, params: dict, name: str) -> str | None:
+        """params.<name> (a pose reference, an image to edit), read from the persona folder under the
+        user-folder rule: no link on the way, nothing outside it (fileio.entry_refusal)."""
+        if not params.get(name):
             return None
-        refusal = entry_refusal(self.ctx.persona_folder, Path(params["pose_image"]))
+        refusal = entry_refusal(self.ctx.persona_folder, Path(params[name]))
         if refusal:
-            raise wf.TemplateError(f"pose_image {params['pose_image']!r} is refused: {refusal}")
-        pose_path = (self.ctx.persona_folder / params["pose_image"]).resolve()
-        if not pose_path.is_file():
-            raise wf.TemplateError(f"pose_image {params['pose_image']!r} not found: {pose_path}")
-        return str(pose_path)
+            raise wf.TemplateError(f"params.{name} {params[name]!r} is refused: {refusal}")
+        path = (self.ctx.persona_folder / params[name]).resolve()
+        if not path.is_file():
+            raise wf.TemplateError(f"params.{name} {params[name]!r} not found: {path}")
+        return str(path)
+
+    def _input_image(self, job: PlannedJob) -> tuple[str | None, tuple[int, int] | None]:
+        """An edit job's image and its size: a file in the persona folder (params.input_image), else the
+        candidate the plan chose (the parent, or the ancestor `step:<name>` names)."""
+        source = job.params.get("input_image")
+        path = self._persona_file(job.params, "input_image") if source and not source.startswith("step:") else job.input_image
+        if path is None:
+            return None, None
+        try:
+            with Image.open(path) as image:
+                return path, image.size
+        except (OSError, ValueError) as exc:
+            raise wf.TemplateError(f"input image {path} of edit step {job.step_name!r} is not a readable image "
+                                   f"({exc})") from None
 
     # ---- running --------------------------------------------------------------------------
     def run(self, built: list[BuiltJob], on_outcome: Callable[[JobOutcome], None]) -> None:

@@ -38,5 +38,5 @@ def loras_in_use(session: Session, persona_id: int, slug: str, generation) -> li
             raise LoraChainError(f"{slug}: LoRA {lora.id} file {path} has changed since it was registered "
                                  f"(sha256 {actual[:12]}…, library {lora.sha256[:12]}…)")
         out.append(LoraInUse(lora_id=lora.id, path=str(path), sha256=lora.sha256, weight=mapping.weight,
-                             comfy_name=generation.comfy_lora_name(slug, str(path))))
+                             comfy_name=generation.comfy_lora_name(slug, str(path)), family=lora.family))
     return out

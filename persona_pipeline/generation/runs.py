@@ -51,6 +51,7 @@ class PlannedJob:
     parent_sha256: str | None
     slot: int
     seed: int
+    input_image: str | None = None  # an edit step's image when a candidate: its parent's, or `step:<name>`'s ancestor
 
 
 def start_run(session: Session, persona_id: int, *, prompt: str, negative_prompt: str, pillar_id: int | None,
@@ -174,11 +175,26 @@ def plan_jobs(session: Session, persona_id: int, dagster_run_id: str | None,
     for job, step, parent in new_jobs:
         run = step.run
         parent_image, parent_sha = locate_image(parent) if parent is not None else (None, None)
-        planned.append(PlannedJob(job_id=job.id, run_id=run.id, step_id=step.id, step_position=step.position,
+        input_image = _edit_input(session, step, parent, locate_image) if step.params.get("edit_model") else None
+        planned.append(PlannedJob(input_image=input_image, job_id=job.id, run_id=run.id, step_id=step.id, step_position=step.position,
                                   step_name=step.name, template=step.workflow, backend=job.backend, params=dict(step.params),
                                   prompt=run.prompt, negative_prompt=run.negative_prompt, parent_id=job.parent_id,
                                   parent_image=parent_image, parent_sha256=parent_sha, slot=job.slot, seed=job.seed))
     return planned, notes
+
+
+def _edit_input(session: Session, step: models.RunStep, parent: models.Candidate | None,
+                locate_image: Callable[[models.Candidate], tuple[str, str]]) -> str | None:
+    """The candidate image an edit job changes: its parent's, or with params.input_image `step:<name>`
+    the one its ancestor from that earlier step has (a file in the persona folder is the executor's)."""
+    source = step.params.get("input_image")
+    if source and not source.startswith("step:"):
+        return None
+    node = parent
+    if source:
+        while node is not None and session.get(models.RunStep, node.step_id).name != source[5:]:
+            node = session.get(models.Candidate, node.parent_id) if node.parent_id else None
+    return locate_image(node)[0] if node is not None else None
 
 
 def fail_step(session: Session, step_id: int, reason: str) -> None:

@@ -38,11 +38,15 @@ from persona_pipeline.resources.diffusion_samplers import GenerationParamError, 
 from persona_pipeline.training.families import families, model_family
 from persona_pipeline.training.lora import LoraTrainingParams, TrainingConfigError, TrainingResult, train_lora
 from persona_pipeline.world.world_models import world_models_id, world_sd_path
+from persona_pipeline.training.families.edit_models import KONTEXT, QWEN_IMAGE_EDIT, edit_model_of_pipeline, pipeline_class_of
 from persona_pipeline.training.tiny_models import (TINY_CONTROLNET_NAME, TINY_FLUX_NAME, TINY_RESOLUTION, TINY_SD_NAME,
                                                    build_tiny_controlnet, build_tiny_flux, build_tiny_sd)
 
 WORLD_BASE_MODEL = "world"
 TINY_FLUX = "tiny-flux"  # a FLUX.1 [dev] layout with random weights, built under models_dir (shapes alone)
+# The edit models' tiny stand-ins (tiny-kontext shares tiny-flux's weights, so its LoRAs load on it).
+TINY_KONTEXT, TINY_QWEN_EDIT = KONTEXT.tiny, QWEN_IMAGE_EDIT.tiny
+TINY_MODELS = ("tiny", TINY_FLUX, TINY_KONTEXT, TINY_QWEN_EDIT)
 
 # Importers reach the job type, its batching and the errors through this module.
 __all__ = ["DiffusersJob", "DiffusionBackend", "GenerationInputError", "GenerationParamError", "ReproductionError",
@@ -66,7 +70,9 @@ TRAINING_PRESETS = {
 TINY_TRAINING, SD15_TRAINING = TRAINING_PRESETS["tiny"], TRAINING_PRESETS["sd15"]
 # Validation renders per preset: (size, sampling steps).
 VALIDATION_RENDER = {"tiny": (TINY_RESOLUTION, 4), "world": (64, 12), TINY_FLUX: (TINY_RESOLUTION, 4),
-                     **{family.name: family.validation_render for family in families()}}
+                     TINY_KONTEXT: (TINY_RESOLUTION, 4), TINY_QWEN_EDIT: (TINY_RESOLUTION, 4),
+                     QWEN_IMAGE_EDIT.name: (1024, 28), **{family.name: family.validation_render for family in families()}}
+FLOW_MATCHING_PRESETS = (TINY_FLUX, "flux", TINY_KONTEXT, TINY_QWEN_EDIT, QWEN_IMAGE_EDIT.name)
 
 
 class ReproductionError(ValueError):
@@ -96,13 +102,19 @@ class DiffusionBackend(dg.ConfigurableResource):
     def for_persona(self, config) -> "DiffusionBackend":
         """This backend on the persona's own base model (persona.yaml `base_model`, else this one's),
         after checking it is of the family the persona asks for (`family`), naming both if not."""
-        chosen = self if not config.base_model or config.base_model == self.base_model else DiffusionBackend(
-            base_model=config.base_model, device=self.device, models_dir=self.models_dir, candidates_per_run=self.candidates_per_run,
-            controlnet_model=self.controlnet_model, batch_size=self.batch_size)
+        chosen = self if not config.base_model else self.for_model(config.base_model)
         if config.family and chosen.family_name() != config.family:
             raise TrainingConfigError(f"persona.yaml family={config.family!r}, but its base model {chosen.base_model!r} is "
                                       f"{chosen.family_name()!r}; set base_model to a {config.family} model or change family")
         return chosen
+
+    def for_model(self, base_model: str) -> "DiffusionBackend":
+        """This backend on another model (a persona's own, an edit step's edit model), same device and folders."""
+        if base_model == self.base_model:
+            return self
+        return DiffusionBackend(base_model=base_model, device=self.device, models_dir=self.models_dir,
+                                candidates_per_run=self.candidates_per_run, controlnet_model=self.controlnet_model,
+                                batch_size=self.batch_size)
 
     def family_name(self) -> str:
         """The registered family (sd15, sdxl, flux) of the base model, from its model_index.json."""
@@ -111,13 +123,19 @@ class DiffusionBackend(dg.ConfigurableResource):
     @property
     def is_flow_matching(self) -> bool:
         """A FLUX.1 base model: Euler on its flow schedule, cfg as distilled guidance, no ControlNet here."""
-        return self.preset_name() in (TINY_FLUX, "flux")
+        return self.preset_name() in FLOW_MATCHING_PRESETS
 
     def base_model_path(self) -> str:
         if self.is_tiny:
             return str(build_tiny_sd(Path(self.models_dir) / TINY_SD_NAME))
         if self.base_model == TINY_FLUX:
             return str(build_tiny_flux(Path(self.models_dir) / TINY_FLUX_NAME))
+        if self.base_model == TINY_KONTEXT:
+            return str(build_tiny_flux(Path(self.models_dir) / TINY_KONTEXT, kontext=True))
+        if self.base_model == TINY_QWEN_EDIT:
+            from persona_pipeline.training.tiny_edit_models import build_tiny_qwen_edit
+
+            return str(build_tiny_qwen_edit(Path(self.models_dir) / TINY_QWEN_EDIT))
         if self.is_world:
             return str(world_sd_path())  # checked against its manifest first
         return self.base_model  # a local folder or a hub id; from_pretrained resolves either
@@ -134,8 +152,10 @@ class DiffusionBackend(dg.ConfigurableResource):
     def preset_name(self) -> str:
         """The training and render preset: `tiny`, `world`, `tiny-flux`, or the model family's (`sd15`, `sdxl`,
         `flux`: from the model's model_index.json)."""
-        if self.is_tiny or self.is_world or self.base_model == TINY_FLUX:
+        if self.is_world or self.base_model in TINY_MODELS:
             return self.base_model
+        if edit_model_of_pipeline(pipeline_class_of(self.base_model) or "") is QWEN_IMAGE_EDIT:
+            return QWEN_IMAGE_EDIT.name  # an edit model of no family we train (training/families/edit_models.py)
         return model_family(self.base_model)
 
     def training_defaults(self) -> LoraTrainingParams:
@@ -152,7 +172,7 @@ class DiffusionBackend(dg.ConfigurableResource):
     def min_side(self) -> int:
         """The smallest image side this model is asked for (the tiny model draws 32 px images, the
         world model 64 px ones)."""
-        return 32 if self.is_tiny or self.base_model == TINY_FLUX else 64 if self.is_world else 256
+        return 32 if self.base_model in TINY_MODELS else 64 if self.is_world else 256
 
     def train(self, dataset_dir: Path, output_dir: Path, params: LoraTrainingParams, weight_name: str,
               log: Callable[[str], None]) -> TrainingResult:
@@ -221,7 +241,7 @@ class DiffusionBackend(dg.ConfigurableResource):
         # Hashed once, before loading: the manifests name the bytes that were loaded even if a file
         # is replaced while the batches run.
         hashes = {path: cached_sha256(path) for job in jobs
-                  for path in [p for p, _ in job.loras] + [p for p in (job.init_image, job.control_image) if p]}
+                  for path in [p for p, _ in job.loras] + [p for p in (job.init_image, job.control_image, job.edit_image) if p]}
         batches = plan_batches(jobs, self.batch_size)
         runtime = shared_runtime(self.base_model_path(), self.device)
         results: list[tuple[Image.Image, dict] | None] = [None] * len(jobs)
@@ -250,7 +270,7 @@ class DiffusionBackend(dg.ConfigurableResource):
         index = seeds.index(job.seed) if batch_index is None else batch_index
         if not 0 <= index < len(seeds) or seeds[index] != job.seed:
             raise ValueError(f"batch_index={batch_index} does not point at seed {job.seed} in batch_seeds={seeds}")
-        files = [p for p, _ in job.loras] + [p for p in (job.init_image, job.control_image) if p]
+        files = [p for p, _ in job.loras] + [p for p in (job.init_image, job.control_image, job.edit_image) if p]
         return self._manifest(job, seeds, index, {path: cached_sha256(path) for path in files})
 
     def _manifest(self, job: DiffusersJob, seeds: list[int], index: int, hashes: dict[str, str]) -> dict:
@@ -267,6 +287,7 @@ class DiffusionBackend(dg.ConfigurableResource):
             "control_image_sha256": hashes[job.control_image] if job.control_image else None,
             "control_strength": job.control_strength,
             "controlnet_model": self.controlnet_model if job.control_image else None,
+            "edit_image": job.edit_image, "edit_image_sha256": hashes[job.edit_image] if job.edit_image else None,
             "loras": [{"path": path, "sha256": hashes[path], "weight": weight} for path, weight in job.loras],
             "batch_seeds": list(seeds), "batch_index": index,
             "device": self.device, "torch_threads": torch.get_num_threads(),
@@ -299,7 +320,7 @@ class DiffusionBackend(dg.ConfigurableResource):
                 raise ReproductionError(f"LoRA file {path} has sha256 {actual}, the manifest recorded {sha}: "
                                         "the file changed since the image was made")
             loras.append((path, float(lora["weight"])))
-        for key in ("init_image", "control_image"):
+        for key in ("init_image", "control_image", "edit_image"):
             path, sha = manifest.get(key), manifest.get(f"{key}_sha256")
             if path and sha:
                 if not Path(path).is_file():
@@ -322,7 +343,7 @@ class DiffusionBackend(dg.ConfigurableResource):
             scheduler=manifest["scheduler"], width=int(manifest["width"]), height=int(manifest["height"]),
             denoise=float(manifest.get("denoise", 1.0)), init_image=manifest.get("init_image"),
             control_image=manifest.get("control_image"), control_strength=float(manifest.get("control_strength", CONTROL_STRENGTH_DEFAULT)),
-            loras=tuple(loras))
+            loras=tuple(loras), edit_image=manifest.get("edit_image"))
         seeds = [int(seed) for seed in manifest.get("batch_seeds") or [job.seed]]
         index = int(manifest.get("batch_index", 0))
         if not 0 <= index < len(seeds) or seeds[index] != job.seed:
@@ -343,7 +364,9 @@ class DiffusionBackend(dg.ConfigurableResource):
         controlnet = runtime.controlnet(self.controlnet_path()) if job.control_image else None
         pipe = runtime.variant(img2img=job.init_image is not None, controlnet=controlnet)
         runtime.activate(*runtime.adapter_weights(job.loras))
-        arguments = call_arguments(job, seeds, runtime.scheduler_config["num_train_timesteps"], runtime.flow_matching)
+        edit = edit_model_of_pipeline(type(runtime.pipe).__name__)
+        arguments = call_arguments(job, seeds, runtime.scheduler_config["num_train_timesteps"], runtime.flow_matching,
+                                   edit_model=edit.name if edit else None)
         original = pipe.scheduler
         # A fresh scheduler per call: no state carries over from one call into the next.
         pipe.scheduler = make_scheduler(job.sampler, job.scheduler, runtime.scheduler_config)

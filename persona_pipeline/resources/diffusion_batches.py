@@ -33,11 +33,12 @@ class DiffusersJob:
     control_image: str | None = None  # an OpenPose skeleton image for the ControlNet
     control_strength: float = CONTROL_STRENGTH_DEFAULT
     loras: tuple[tuple[str, float], ...] = field(default=())  # (safetensors path, weight), applied in this order
+    edit_image: str | None = None  # the image an edit model (Kontext, Qwen-Image-Edit) changes, scaled to width x height
 
     def __post_init__(self) -> None:
         # Normalised so that jobs compare and hash by value (batch grouping) whatever the caller passed.
         object.__setattr__(self, "loras", tuple((str(path), float(weight)) for path, weight in self.loras))
-        for name in ("init_image", "control_image"):
+        for name in ("init_image", "control_image", "edit_image"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, str(getattr(self, name)))
 
@@ -69,6 +70,8 @@ def check_job(job: DiffusersJob, where: str, minimum_side: int, flow_matching: b
         if flow_matching and job.control_image:
             raise GenerationParamError("control_image: the pose ControlNet is for Stable Diffusion base models; "
                                        "a FLUX.1 base model has none here")
+        if job.edit_image and (job.init_image or job.control_image):
+            raise GenerationParamError("edit_image: an edit job takes no init_image or control_image")
         if job.denoise < 1 and not job.init_image:
             raise GenerationParamError(f"denoise={job.denoise} needs an init_image (img2img); txt2img runs at denoise=1")
         if len(job.loras) > MAX_LORAS:
@@ -78,14 +81,16 @@ def check_job(job: DiffusersJob, where: str, minimum_side: int, flow_matching: b
         raise GenerationParamError(f"{where}: {exc}") from None
     for path, _ in job.loras:
         _check_lora_file(path, where)
-    for kind, path in (("init_image", job.init_image), ("control_image", job.control_image)):
+    for kind, path in (("init_image", job.init_image), ("control_image", job.control_image), ("edit_image", job.edit_image)):
         if path is not None:
             _check_image_file(path, kind, where)
 
 
-def call_arguments(job: DiffusersJob, seeds: list[int], train_timesteps: int, flow_matching: bool = False) -> dict:
+def call_arguments(job: DiffusersJob, seeds: list[int], train_timesteps: int, flow_matching: bool = False,
+                   edit_model: str | None = None) -> dict:
     """The pipeline call for a batch. On FLUX.1, cfg is the distilled guidance input and there is no
-    negative prompt (as in ComfyUI's FLUX workflows: FluxGuidance, no true CFG)."""
+    negative prompt (as in ComfyUI's FLUX workflows: FluxGuidance, no true CFG). An edit job's
+    arguments are `edit_arguments`'."""
     import torch
 
     arguments = {
@@ -94,6 +99,8 @@ def call_arguments(job: DiffusersJob, seeds: list[int], train_timesteps: int, fl
         # CPU generators whatever the device: the starting noise of a seed is the same everywhere.
         "generator": [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
     }
+    if job.edit_image:
+        return edit_arguments(job, arguments, edit_model)
     if job.init_image:
         # ComfyUI's denoise d runs `steps` steps: the last ones of a steps/d schedule. diffusers'
         # strength s runs int(n * s) of n steps from the same end, so n = steps/d and s is chosen
@@ -113,7 +120,26 @@ def call_arguments(job: DiffusersJob, seeds: list[int], train_timesteps: int, fl
     return arguments
 
 
+def edit_arguments(job: DiffusersJob, arguments: dict, edit_model: str | None) -> dict:
+    """An edit model's call, as its ComfyUI template draws it (workflows/): the input scaled to the
+    output size and encoded as the reference. Kontext: cfg is FluxGuidance's distilled guidance, no
+    negative prompt, and the pipeline keeps the given size (its own Kontext-resolution resize is off:
+    the request already chose the size). Qwen-Image-Edit: cfg is a true CFG scale against the negative
+    prompt (its text encoder sees the image too, at about 1 megapixel, as TextEncodeQwenImageEdit does)."""
+    arguments.update(num_inference_steps=job.steps, image=_load_rgb(job.edit_image, (job.width, job.height)))
+    if edit_model == "kontext":
+        arguments.update(max_area=job.width * job.height, _auto_resize=False)
+    elif edit_model == "qwen_image_edit":
+        del arguments["guidance_scale"]
+        arguments.update(true_cfg_scale=job.cfg, negative_prompt=job.negative_prompt or " ")
+    else:
+        raise GenerationParamError("edit_image: the base model is no edit model (FLUX.1 Kontext, Qwen-Image-Edit)")
+    return arguments
+
+
 def describe_mode(job: DiffusersJob) -> str:
+    if job.edit_image:
+        return "edit"
     return ("img2img" if job.init_image else "txt2img") + (" + ControlNet" if job.control_image else "")
 
 

@@ -193,11 +193,10 @@ def _load_runtime(base_model: str, device: str) -> PipelineRuntime:
         # Exact reproduction on CUDA needs cuDNN to pick the same (deterministic) kernels every run.
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    from persona_pipeline.training.families import detect_family
-
-    # DiffusionPipeline picks the pipeline class (SD1.5, SDXL, FLUX.1) from model_index.json.
-    unet_only = {} if detect_family(base_model).objective == "flow_matching" else {"safety_checker": None,
-                                                                                    "requires_safety_checker": False}
+    # DiffusionPipeline picks the pipeline class (SD1.5, SDXL, FLUX.1, an edit model) from model_index.json;
+    # only Stable Diffusion's has a safety checker to leave out.
+    stable_diffusion = str(DiffusionPipeline.load_config(base_model).get("_class_name", "")).startswith("StableDiffusion")
+    unet_only = {"safety_checker": None, "requires_safety_checker": False} if stable_diffusion else {}
     pipe = DiffusionPipeline.from_pretrained(base_model, **unet_only)
     pipe.set_progress_bar_config(disable=True)
     return PipelineRuntime(pipe.to(device), device, base_model)

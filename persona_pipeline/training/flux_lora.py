@@ -71,17 +71,23 @@ def train_flux_lora(
         transformer.enable_gradient_checkpointing()
     optimizer = _optimizer(params, [p for p in transformer.parameters() if p.requires_grad])
     cache = cached_flux_inputs(model, dataset, params.resolution, Path(cache_dir or Path(dataset_dir) / "cache"),
-                               base_model, accelerator.device, params.max_sequence_length, log)
+                               base_model, accelerator.device, params.max_sequence_length, log, params.aspect_buckets)
+    buckets = cache["buckets"]
+    if len(buckets) > 1:
+        log("aspect buckets: " + ", ".join(f"{b['size'][0]}x{b['size'][1]} ({len(b['members'])})" for b in buckets))
     scaling, shift = float(model.vae.config.scaling_factor), float(model.vae.config.shift_factor or 0.0)
     del model.vae, model.text_pipeline  # the encoders are done: free them before the transformer's activations arrive
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
 
     sampling = np.asarray([item.repeats for item in dataset.items], dtype=np.float64)
     sampling /= sampling.sum()  # kohya repeats as sampling weight
+    # A batch comes from one bucket (one image size): the bucket drawn by its images' total weight, then
+    # its images by theirs. One bucket draws exactly as an unbucketed dataset does.
+    bucket_p = np.asarray([sampling[b["members"]].sum() for b in buckets])
+    member_p = [sampling[b["members"]] / sampling[b["members"]].sum() for b in buckets]
     is_reg = torch.tensor([item.is_reg for item in dataset.items], device=accelerator.device)
     rng = np.random.default_rng(params.seed)
-    channels, height, width = cache["mean"].shape[1:]
-    image_ids = FluxPipeline._prepare_latent_image_ids(params.batch_size, height // 2, width // 2, accelerator.device, weight_dtype)
+    image_ids = {}  # per latent size, made once
 
     stem = Path(weight_name).stem
     checkpoint_dir, state_path = output_dir / CHECKPOINT_DIR, output_dir / STATE_FILE
@@ -96,11 +102,19 @@ def train_flux_lora(
     transformer.train()
     progress = Progress(params.steps, start_step, log, log_interval_s)
     for step in range(start_step + 1, params.steps + 1):
-        index = torch.as_tensor(rng.choice(len(dataset.items), size=params.batch_size, p=sampling), device=accelerator.device)
+        number = int(rng.choice(len(buckets), p=bucket_p)) if len(buckets) > 1 else 0
+        bucket = buckets[number]
+        rows = rng.choice(len(bucket["members"]), size=params.batch_size, p=member_p[number])
+        index = torch.as_tensor(bucket["members"][rows], device=accelerator.device)
+        rows = torch.as_tensor(rows, device=accelerator.device)
         flip = (torch.rand(params.batch_size) < 0.5 if dataset.flip else torch.zeros(params.batch_size, dtype=torch.bool))
         flip = flip[:, None, None, None].to(accelerator.device)
-        mean = torch.where(flip, cache["mean_flipped"][index], cache["mean"][index])
-        std = torch.where(flip, cache["std_flipped"][index], cache["std"][index])
+        mean = torch.where(flip, bucket["mean_flipped"][rows], bucket["mean"][rows])
+        std = torch.where(flip, bucket["std_flipped"][rows], bucket["std"][rows])
+        channels, height, width = mean.shape[1:]
+        if (height, width) not in image_ids:
+            image_ids[height, width] = FluxPipeline._prepare_latent_image_ids(params.batch_size, height // 2, width // 2,
+                                                                             accelerator.device, weight_dtype)
         latents = ((mean + std * torch.randn_like(mean)) - shift) * scaling  # a fresh VAE sample each step
         noise = torch.randn_like(latents)
         sigmas = flux.sample_sigmas(params.batch_size, (height // 2) * (width // 2), model.scheduler_config, params.timestep_sampling,
@@ -109,7 +123,7 @@ def train_flux_lora(
         packed = FluxPipeline._pack_latents(noisy.to(weight_dtype), params.batch_size, channels, height, width)
 
         with accelerator.autocast():
-            prediction = flux.predict_velocity(transformer, packed, sigmas, cache, index, image_ids, guidance)
+            prediction = flux.predict_velocity(transformer, packed, sigmas, cache, index, image_ids[height, width], guidance)
         # Back to (B, C, H, W): _unpack_latents takes pixel sizes and the VAE factor (8 here: any, it cancels out).
         prediction = FluxPipeline._unpack_latents(prediction, height * 8, width * 8, 8)
         per_sample = F.mse_loss(prediction.float(), (noise - latents).float(), reduction="none").mean(dim=(1, 2, 3))

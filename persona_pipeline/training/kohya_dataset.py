@@ -74,19 +74,21 @@ def read_kohya_dataset(dataset_dir: Path) -> KohyaDataset:
     return KohyaDataset(items=items, flip=flip)
 
 
-def load_pixels(path: Path, resolution: int):
-    """Resize the short side to `resolution`, centre-crop, scale to [-1, 1], NCHW. Also returns the
-    original (height, width) and the crop's (top, left), which SDXL is conditioned on."""
+def load_pixels(path: Path, resolution: int, size: tuple[int, int] | None = None):
+    """Resize to cover `size` (width, height; default a `resolution` square), centre-crop, scale to
+    [-1, 1], NCHW. Also returns the original (height, width) and the crop's (top, left), which SDXL
+    is conditioned on."""
     import numpy as np
     import torch
 
+    width, height = size or (resolution, resolution)
     with Image.open(path) as image:
         image = image.convert("RGB")
         original = (image.height, image.width)
-        scale = resolution / min(image.size)
-        image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
+        scale = max(width / image.width, height / image.height)
+        image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
                              Image.Resampling.BICUBIC)
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
+        left, top = (image.width - width) // 2, (image.height - height) // 2
+        image = image.crop((left, top, left + width, top + height))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0), original, (top, left)

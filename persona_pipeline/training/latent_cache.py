@@ -60,33 +60,41 @@ def _config_digest(model) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def encode_dataset(vae, dataset: KohyaDataset, resolution: int, device, conditioning=None) -> dict:
+def encode_dataset(vae, dataset: KohyaDataset, resolution: int, device, conditioning=None,
+                   sizes: list[tuple[int, int]] | None = None) -> dict:
     """Each item's VAE latent distribution (`mean`, `std`, and `mean_flipped`, `std_flipped` for its
     mirror when flips are on), plus what `conditioning(item, original_size, crop)` returns per item,
-    stacked on the CPU in fp32."""
+    stacked on the CPU in fp32. With `sizes` (each item's aspect bucket, training/buckets.py) the
+    latents are stacked per bucket instead, as `<w>x<h>.mean` etc., items in dataset order."""
     import torch
 
     vae = vae.to(device)
     columns: dict[str, list] = {"mean": [], "std": [], "mean_flipped": [], "std_flipped": []}
     with torch.no_grad():
-        for item in dataset.items:
-            pixels, original_size, crop = load_pixels(item.image, resolution)
+        for index, item in enumerate(dataset.items):
+            size = sizes[index] if sizes else None
+            prefix = f"{size[0]}x{size[1]}." if size else ""
+            pixels, original_size, crop = load_pixels(item.image, resolution, size)
             variants = [pixels, torch.flip(pixels, dims=[3])] if dataset.flip else [pixels]
             for name, variant in zip(("", "_flipped"), variants):
                 dist = vae.encode(variant.to(device, torch.float32)).latent_dist
-                columns["mean" + name].append(dist.mean)
-                columns["std" + name].append(dist.std)
+                columns.setdefault(f"{prefix}mean{name}", []).append(dist.mean)
+                columns.setdefault(f"{prefix}std{name}", []).append(dist.std)
             for name, tensor in (conditioning(item, original_size, crop) if conditioning else {}).items():
                 columns.setdefault(name, []).append(tensor)
     return {k: torch.cat(v).float().cpu().contiguous() for k, v in columns.items() if v}
 
 
 def cached_flux_inputs(model, dataset: KohyaDataset, resolution: int, cache_dir: Path, base_model: str, device,
-                       max_sequence_length: int, log: Callable[[str], None]) -> dict:
+                       max_sequence_length: int, log: Callable[[str], None], aspect_buckets: bool = False) -> dict:
     """FLUX's two caches: the latent distributions (keyed by the images, resolution and VAE, as for
     SD) and the text embeddings (`prompt_embeds`, `pooled`), keyed by the dataset's captions and the
     text encoders, so a [dev] and a [schnell] run on one dataset share them. The T5 embeddings depend
-    on the tokenizer too: a text cache written with another one is refused, naming both."""
+    on the tokenizer too: a text cache written with another one is refused, naming both.
+
+    The latents come back as `buckets`: one per image size, each with its `size` (w, h), `members`
+    (dataset indices) and `mean`/`std`/`mean_flipped`/`std_flipped` stacked in member order. Without
+    `aspect_buckets` there is one, the `resolution` square."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -94,15 +102,16 @@ def cached_flux_inputs(model, dataset: KohyaDataset, resolution: int, cache_dir:
     from persona_pipeline.training.families.flux import text_conditioning, tokenizer_identity
 
     images = [sha256_file(item.image) for item in dataset.items]
+    sizes = _bucket_of_each(dataset, resolution) if aspect_buckets else None
     latent_key = _digest({"base": str(base_model), "family": "flux", "resolution": resolution, "flip": dataset.flip,
-                          "vae": _config_digest(model.vae), "items": images})
+                          "vae": _config_digest(model.vae), "items": images, **({"buckets": sizes} if sizes else {})})
     latent_path = cache_dir / f"flux-latents-{latent_key}.safetensors"
     if latent_path.is_file():
         log(f"using cached latents {latent_path.name}")
         latents = load_file(str(latent_path))
     else:
         started = time.perf_counter()
-        latents = encode_dataset(model.vae, dataset, resolution, device)
+        latents = encode_dataset(model.vae, dataset, resolution, device, sizes=sizes)
         write_via_temp(latent_path, lambda tmp: save_file(latents, str(tmp)))
         log(f"cached latents for {len(dataset.items)} images in {time.perf_counter() - started:.1f}s")
     model.vae.to("cpu")
@@ -128,10 +137,37 @@ def cached_flux_inputs(model, dataset: KohyaDataset, resolution: int, cache_dir:
         text = {k: v.cpu().contiguous() for k, v in text.items()}
         write_via_temp(text_path, lambda tmp: save_file(text, str(tmp), metadata={"t5_tokenizer": tokenizer}))
         log(f"cached text embeddings for {len(dataset.items)} captions in {time.perf_counter() - started:.1f}s")
-    tensors = {k: v.to(device) for k, v in {**latents, **text}.items()}
-    if not dataset.flip:
-        tensors["mean_flipped"], tensors["std_flipped"] = tensors["mean"], tensors["std"]
+    tensors = {k: v.to(device) for k, v in text.items()}
+    tensors["buckets"] = _buckets(latents, sizes or [(resolution, resolution)] * len(dataset.items), bool(sizes),
+                                  dataset.flip, device)
     return tensors
+
+
+def _bucket_of_each(dataset: KohyaDataset, resolution: int) -> list[tuple[int, int]]:
+    from PIL import Image
+
+    from persona_pipeline.training.buckets import bucket_sizes, nearest_bucket
+
+    options = bucket_sizes(resolution)
+    sizes = []
+    for item in dataset.items:
+        with Image.open(item.image) as image:
+            sizes.append(nearest_bucket(image.width, image.height, options))
+    return sizes
+
+
+def _buckets(latents: dict, sizes: list[tuple[int, int]], prefixed: bool, flip: bool, device) -> list[dict]:
+    import numpy as np
+
+    out = []
+    for size in sorted(set(sizes)):
+        prefix = f"{size[0]}x{size[1]}." if prefixed else ""
+        bucket = {"size": size, "members": np.asarray([i for i, s in enumerate(sizes) if s == size])}
+        for name in ("mean", "std"):
+            bucket[name] = latents[prefix + name].to(device)
+            bucket[name + "_flipped"] = latents[prefix + name + "_flipped"].to(device) if flip else bucket[name]
+        out.append(bucket)
+    return out
 
 
 def _digest(value) -> str:

@@ -90,8 +90,8 @@ def train_unet_lora(
     """Train, or resume the run whose state is in `output_dir`. Checkpoints go to
     `output_dir/checkpoints/<stem>-step<N>.safetensors`; the result names the last one."""
     params.validate(device)
-    if params.guidance is not None or params.quantize_base != "none":
-        raise TrainingConfigError(f"training.guidance and training.quantize_base apply to FLUX.1 only; the base model "
+    if params.guidance is not None or params.quantize_base != "none" or params.aspect_buckets:
+        raise TrainingConfigError(f"training.guidance, quantize_base and aspect_buckets apply to FLUX.1 only; the base model "
                                   f"{base_model} is {model_family(base_model)}: leave them unset")
     import numpy as np
     import torch

@@ -43,6 +43,9 @@ class LoraTrainingParams:
     timestep_sampling: str = "logit_normal"  # logit_normal | uniform
     max_sequence_length: int = 512
     quantize_base: str = "none"  # none | int8 | fp8
+    # Aspect-ratio buckets (training/buckets.py): each photo near its own shape at about resolution² pixels,
+    # instead of a centre square. The FLUX.1 loop only.
+    aspect_buckets: bool = False
 
     # Numeric bounds checked before any model is loaded; each error names the field and the bound.
     BOUNDS = {

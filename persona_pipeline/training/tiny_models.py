@@ -191,16 +191,19 @@ def _tiny_t5_tokenizer():
                            extra_ids=0, model_max_length=512)
 
 
-def build_tiny_flux(folder: Path, seed: int = 0, *, guidance: bool = True) -> Path:
+def build_tiny_flux(folder: Path, seed: int = 0, *, guidance: bool = True, kontext: bool = False) -> Path:
     """Write a working FluxPipeline with random weights to `folder` (idempotent): a 1+1-block
     FluxTransformer2DModel, a 32-wide CLIP text encoder (its pooled output) and T5 encoder, each with
     a locally built tokenizer, and a 16-channel VAE with FLUX's scale and shift. `guidance` True is
-    FLUX.1 [dev]'s layout (a guidance embedding, dynamic shift); False is [schnell]'s."""
+    FLUX.1 [dev]'s layout (a guidance embedding, dynamic shift); False is [schnell]'s. `kontext`
+    writes the same weights as a FluxKontextPipeline (FLUX.1 Kontext: the reference image's tokens
+    join the sequence, so the transformer, and a LoRA trained on the tiny FLUX, are the same)."""
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
         return folder
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline,
+                           FluxTransformer2DModel)
     from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
     tmp = folder.with_name(folder.name + ".partial")
@@ -228,7 +231,7 @@ def build_tiny_flux(folder: Path, seed: int = 0, *, guidance: bool = True) -> Pa
                                                     base_image_seq_len=256, max_image_seq_len=4096)
     else:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+    pipe = (FluxKontextPipeline if kontext else FluxPipeline)(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                         tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
                         text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer, transformer=transformer)
     pipe.save_pretrained(tmp)

@@ -27,7 +27,9 @@ class ComfyUIBackend:
         """The filled, LoRA-injected, checked graph of one job (the template itself was checked when loaded)."""
         request = job.request
         values = {
-            "prompt": request.prompt, "negative_prompt": request.negative_prompt, "checkpoint": self.checkpoint,
+            # An edit step loads its edit model's diffusion model (the step's `checkpoint`), not the persona's.
+            "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+            "checkpoint": request.checkpoint or self.checkpoint, "input_image": request.input_image,
             "filename_prefix": f"persona-pipeline/{job.label}", "seed": request.seed, "steps": request.steps,
             "cfg": request.cfg, "sampler": request.sampler, "scheduler": request.scheduler,
             "width": request.width, "height": request.height, "batch_size": 1, "denoise": request.denoise,
@@ -44,7 +46,7 @@ class ComfyUIBackend:
         from persona_pipeline.resources.comfyui import ComfyJob
 
         graph = self.graph(job)
-        local = {job.request.parent_image, job.request.control_image} - {None}
+        local = {job.request.parent_image, job.request.control_image, job.request.input_image} - {None}
         uploads = {node: Path(graph[node]["inputs"]["image"]) for node in wf.load_image_nodes(graph)
                    if graph[node]["inputs"].get("image") in local}
         return PreparedJob(job, ComfyJob(key=job.key, graph=graph, output_dir=job.folder, file_stem=job.stem,
@@ -53,6 +55,7 @@ class ComfyUIBackend:
     def run(self, jobs: Sequence[PreparedJob], on_result: Callable[[ImageResult], None]) -> None:
         from persona_pipeline.resources.comfyui import ComfyUIUnavailable
 
+        prepared_by_key = {prepared.job.key: prepared.job for prepared in jobs}
         for prepared in jobs:
             prepared.job.folder.mkdir(parents=True, exist_ok=True)
 
@@ -62,7 +65,8 @@ class ComfyUIBackend:
                     for extra in result.images[1:]:  # one candidate per job: a template saving more keeps its first
                         extra.unlink(missing_ok=True)
                     outcome = ImageResult(result.key, image_path=result.images[0], submitted=result.graph,
-                                          fields={"base_model": self.checkpoint, "prompt_id": result.prompt_id,
+                                          fields={"base_model": prepared_by_key[result.key].request.checkpoint or self.checkpoint,
+                                                  "prompt_id": result.prompt_id,
                                                   "failed_attempts": result.attempts},
                                           server=result.server, timings=dict(result.timings),
                                           attempts=len(result.attempts) + 1)

@@ -34,14 +34,22 @@ class DiffusersBackend:
             width=request.width or self.default_size, height=request.height or self.default_size,
             denoise=request.denoise, init_image=request.parent_image, control_image=request.control_image,
             control_strength=request.control_strength if request.control_image else CONTROL_STRENGTH_DEFAULT,
-            loras=tuple((lora.path, lora.weight) for lora in request.loras)))
+            loras=tuple((lora.path, lora.weight) for lora in request.loras), edit_image=request.input_image))
 
     def run(self, jobs: Sequence[PreparedJob], on_result: Callable[[ImageResult], None]) -> None:
+        """The jobs of each model in turn: the persona's base model, then each edit step's edit model."""
+        by_model: dict[str | None, list[PreparedJob]] = {}
+        for prepared in jobs:
+            by_model.setdefault(prepared.job.request.model, []).append(prepared)
+        for model, group in by_model.items():
+            self._run_on(self.diffusion if model is None else self.diffusion.for_model(model), group, on_result)
+
+    def _run_on(self, diffusion, jobs: Sequence[PreparedJob], on_result: Callable[[ImageResult], None]) -> None:
         payloads = [prepared.payload for prepared in jobs]
-        for chunk in plan_batches(payloads, max(1, int(self.diffusion.batch_size))):
+        for chunk in plan_batches(payloads, max(1, int(diffusion.batch_size))):
             started = time.perf_counter()
             try:
-                results = self.diffusion.generate_with_manifests([payloads[i] for i in chunk], log=self.log)
+                results = diffusion.generate_with_manifests([payloads[i] for i in chunk], log=self.log)
             except Exception as exc:
                 for i in chunk:
                     on_result(ImageResult(jobs[i].job.key, error=f"{type(exc).__name__}: {exc}",
@@ -63,7 +71,7 @@ class DiffusersBackend:
                 # The pipeline call as made (what `reproduce` reads) is both what was submitted and the
                 # manifest's `diffusers` record.
                 on_result(ImageResult(job.key, image_path=image_path, submitted=fields,
-                                      fields={"base_model": self.diffusion.base_model, "diffusers": fields},
+                                      fields={"base_model": diffusion.base_model, "diffusers": fields},
                                       timings=dict(timings)))
 
 

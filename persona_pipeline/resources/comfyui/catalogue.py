@@ -8,6 +8,9 @@ MODEL_INPUTS: dict[str, tuple[str, str]] = {
     "LoraLoader": ("lora_name", "LoraLoader"),
     "LoraLoaderModelOnly": ("lora_name", "LoraLoader"),
     "ControlNetLoader": ("control_net_name", "ControlNetLoader"),
+    # A diffusion model loaded alone (FLUX.1, FLUX.1 Kontext, Qwen-Image-Edit): an edit step's model file
+    # is on some servers only.
+    "UNETLoader": ("unet_name", "UNETLoader"),
 }
 
 # (node id, class_type, input name, file name, /object_info class) of one model file a graph names.

@@ -41,6 +41,7 @@ class ModelFamily:
     validation_render: tuple[int, int]  # (size in px, sampling steps) for checkpoint selection
     trainer: str  # "module:function" of the training loop, imported only when a run starts
     lora_matches: Callable[[list[str]], bool] = field(default=lambda keys: False)  # a LoRA file's keys -> made for this family
+    edit_model: str | None = None  # its image-edit model (families/edit_models.py), which takes its LoRAs
 
     def train_function(self) -> Callable:
         module, _, name = self.trainer.partition(":")

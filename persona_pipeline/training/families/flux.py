@@ -51,19 +51,25 @@ def unknown_lora_key(keys: list[str]) -> str | None:
 FAMILY = ModelFamily(
     name="flux",
     title="FLUX.1 [dev]/[schnell]",
-    detects=lambda pipeline: pipeline == "FluxPipeline",
+    # FLUX.1 Kontext is FLUX.1's transformer conditioned on a reference image too: same LoRAs.
+    detects=lambda pipeline: pipeline in ("FluxPipeline", "FluxKontextPipeline"),
     text_encoders=("text_encoder", "text_encoder_2"),
     objective="flow_matching",
     lora_target_modules=tuple(LORA_TARGET_MODULES),
     lora_key_format="diffusers",
     lora_key_prefix=LORA_PREFIX,
-    pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "pose": "FluxControlNetPipeline"},
-    comfyui_templates=("flux_txt2img_lora", "flux_img2img_refine"),
+    pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "pose": "FluxControlNetPipeline",
+               "edit": "FluxKontextPipeline"},
+    comfyui_templates=("flux_txt2img_lora", "flux_img2img_refine", "flux_kontext_edit"),
+    # Memory options: gradient checkpointing on; bf16 on a GPU (mixed_precision auto); quantize_base int8/fp8
+    # is the persona's choice (docs/training.md#flux1). Guidance: [dev] trains at 1 (DEFAULT_TRAINING_GUIDANCE).
     preset=LoraTrainingParams(rank=16, alpha=16.0, steps=1000, learning_rate=1e-4, batch_size=1, resolution=1024,
-                              gradient_checkpointing=True, checkpoint_every=250, max_sequence_length=512),
+                              gradient_checkpointing=True, checkpoint_every=250, max_sequence_length=512,
+                              aspect_buckets=True),
     validation_render=(1024, 28),
     trainer="persona_pipeline.training.flux_lora:train_flux_lora",
     lora_matches=lambda keys: any(_FLUX_BLOCKS.search(key) for key in keys),
+    edit_model="kontext",
 )
 
 
