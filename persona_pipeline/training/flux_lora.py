@@ -21,11 +21,10 @@ from typing import Callable
 
 from persona_pipeline.fileio import sha256_file, write_safetensors
 from persona_pipeline.training.families import flux
-from persona_pipeline.training.kohya_dataset import read_kohya_dataset
 from persona_pipeline.training.latent_cache import cached_flux_inputs
 from persona_pipeline.training.lora import (CHECKPOINT_DIR, STATE_FILE, Progress, TrainingResult, _optimizer, _resume,
-                                            _save_state, apply_update, prior_weighted, training_result)
-from persona_pipeline.training.params import LoraTrainingParams, TrainingConfigError, resolve_mixed_precision
+                                            _save_state, apply_update, open_run, prior_weighted, training_result)
+from persona_pipeline.training.params import LoraTrainingParams, TrainingConfigError
 
 
 def train_flux_lora(
@@ -49,21 +48,11 @@ def train_flux_lora(
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from diffusers import FluxPipeline
 
     started = time.perf_counter()
     output_dir = Path(output_dir)
-    dataset = read_kohya_dataset(dataset_dir)
-    if any(item.is_reg for item in dataset.items) and params.prior_loss_weight == 0:
-        log("regularisation images present but training.prior_loss_weight is 0: they are ignored")
-    precision = resolve_mixed_precision(params.mixed_precision, device)
-    AcceleratorState._reset_state(reset_partial_state=True)  # see train_unet_lora
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-
-    torch.manual_seed(params.seed)  # the LoRA's gaussian init draws from it
+    dataset, precision, accelerator, weight_dtype = open_run(dataset_dir, params, device, log)
     model = flux.load_frozen_flux(base_model, params.rank, params.alpha, weight_dtype=weight_dtype,
                                   quantize=params.quantize_base)
     transformer = model.transformer

@@ -96,22 +96,10 @@ def train_unet_lora(
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     started = time.perf_counter()
     output_dir = Path(output_dir)
-    dataset = read_kohya_dataset(dataset_dir)
-    if any(item.is_reg for item in dataset.items) and params.prior_loss_weight == 0:
-        log("regularisation images present but training.prior_loss_weight is 0: they are ignored")
-    precision = resolve_mixed_precision(params.mixed_precision, device)
-    # accelerate keeps one process-wide state; a long-lived process (the Dagster daemon's
-    # in-process executor, the tests) may train again with another precision.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-
-    torch.manual_seed(params.seed)  # the LoRA's gaussian init draws from it
+    dataset, precision, accelerator, weight_dtype = open_run(dataset_dir, params, device, log)
     train_text = params.text_encoder_lr > 0
     model = load_frozen_model_with_lora(base_model, params.rank, params.alpha, weight_dtype=weight_dtype,
                                         text_encoder_lora=train_text)
@@ -193,6 +181,26 @@ def train_unet_lora(
             _save_state(state_path, step, params, adapted, optimizer, rng, losses, checkpoints)
 
     return training_result(checkpoints, losses, started, dataset, start_step, model.family, precision)
+
+
+def open_run(dataset_dir: Path, params: LoraTrainingParams, device: str, log: Callable[[str], None]):
+    """What every family's loop starts with: (dataset, precision, accelerator, weight dtype), the torch
+    seed set for the LoRA's gaussian init."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    dataset = read_kohya_dataset(dataset_dir)
+    if any(item.is_reg for item in dataset.items) and params.prior_loss_weight == 0:
+        log("regularisation images present but training.prior_loss_weight is 0: they are ignored")
+    precision = resolve_mixed_precision(params.mixed_precision, device)
+    # accelerate keeps one process-wide state; a long-lived process (the Dagster daemon's
+    # in-process executor, the tests) may train again with another precision.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    torch.manual_seed(params.seed)  # the LoRA's gaussian init draws from it
+    return dataset, precision, accelerator, weight_dtype
 
 
 def prior_weighted(per_sample, is_reg, prior_loss_weight: float):
