@@ -15,7 +15,7 @@ RENEW_EVERY (`renew_waiting`), so only a dead or stuck run loses them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -142,6 +142,8 @@ class PostClaims:
     publisher: str
     retry_wait_s: float
     clock: Callable[[], datetime]
+    # post id -> the lease this run last wrote for it (claim or renewal), to skip a renewal that proves nothing new
+    leases: dict[int, datetime] = field(default_factory=dict, compare=False, repr=False)
 
     # --- finding and claiming -------------------------------------------------------------------
 
@@ -228,12 +230,16 @@ class PostClaims:
                         .values(**claimed)).rowcount:
                     won.append(post.id)
             fresh = {p.id: p for p in _read_due(connection, models.Post.id.in_(won))} if won else {}
+        self.leases.update(dict.fromkeys(fresh, stamp))
         return [fresh[p.id] for p in posts if p.id in fresh]
 
     def _update(self, connection: Connection, post_id: int, values: dict[str, Any]) -> int:
         """Update one post while our claim holds; the rows changed (0: the claim is lost)."""
-        return connection.execute(_update_ours(frozenset(values)), {**values, "_post": post_id,
-                                                                    "_token": self.token}).rowcount
+        changed = connection.execute(_update_ours(frozenset(values)), {**values, "_post": post_id,
+                                                                       "_token": self.token}).rowcount
+        if changed and "claimed_at" in values:
+            self.leases[post_id] = values["claimed_at"]
+        return changed
 
     def renew(self, post: DuePost) -> None:
         """Before a call for `post`: prove the claim is still ours and renew its lease; LostClaim
@@ -244,6 +250,15 @@ class PostClaims:
         if not renewed:
             raise LostClaim(f"post {post.id} is no longer claimed by this run")
 
+    def renew_unless_fresh(self, post: DuePost) -> None:
+        """Before a container is made: `renew`, unless this run claimed or renewed the post less
+        than RENEW_EVERY ago (no other run may take a lease over before LEASE). A container needs
+        no more: its id is written only while the claim holds (`write`), an unused one expires by
+        itself, and the publish call always renews first. Saves a transaction on most posts."""
+        held = self.leases.get(post.id)
+        if held is None or self.clock() - held >= RENEW_EVERY:
+            self.renew(post)
+
     def renew_waiting(self, post_ids: list[int], since: datetime) -> datetime:
         """Posts claimed up front wait their turn without a call of their own: once RENEW_EVERY
         has passed `since` (the last renewal), renew the leases of those still ours, so a long
@@ -252,9 +267,10 @@ class PostClaims:
         if stamp - since < RENEW_EVERY or not post_ids:
             return since
         with self._transaction() as connection:
-            connection.execute(update(models.Post).where(
+            renewed = connection.scalars(update(models.Post).where(
                 models.Post.id.in_(post_ids), models.Post.status == post_states.PUBLISHING,
-                models.Post.claimed_by == self.token).values(claimed_at=stamp))
+                models.Post.claimed_by == self.token).values(claimed_at=stamp).returning(models.Post.id)).all()
+        self.leases.update(dict.fromkeys(renewed, stamp))
         return stamp
 
     def in_flight_elsewhere(self, posts: list[DuePost]) -> int:
