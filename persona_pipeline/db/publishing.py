@@ -110,7 +110,7 @@ def due_media_paths(url: str, now: datetime) -> list[Path]:
 def _update_ours(columns: frozenset[str]):
     """UPDATE posts SET <columns> of one post while this run's claim holds (binds `_post`, `_token`
     and one per column), built once per set of columns: building the statement anew cost more CPU
-    than running it, at five writes per post."""
+    than running it, at four writes per post."""
     return update(models.Post).where(
         models.Post.id == bindparam("_post"), models.Post.status == post_states.PUBLISHING,
         models.Post.claimed_by == bindparam("_token")).values({name: bindparam(name) for name in sorted(columns)})
