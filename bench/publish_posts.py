@@ -1,5 +1,5 @@
-"""Publishing speed: 1,000 due posts across 20 Instagram accounts through the fake Graph API at
-100 ms per call, with every account's quota respected and no post published twice.
+"""Publishing speed: 10,000 due posts across 200 Instagram accounts through the fake Graph API at
+100 ms per call, with every account's quota respected and no post published twice (issue 25).
 
     python bench/publish_posts.py [--quick] [--sqlite] [--posts N] [--accounts A] [--latency S]
         [--quota Q] [--workers W] [--prepare-ahead P] [--reference-accounts RA] [--reference-posts RP]
@@ -9,7 +9,7 @@ end; `--sqlite` for a SQLite file), A personas each with its own Instagram accou
 token env var) and N / A due posts with their own small JPEG and library item, the fake Graph API
 (persona_fakes/graph.py, real HTTP, `latency_s` on every answer, quota Q per account,
 the images fetched by the fake from the local media server as Meta would) and the media server
-over MEDIA_PUBLIC_DIR. Full size: 1,000 posts over 20 accounts, 100 ms per call, quota 50;
+over MEDIA_PUBLIC_DIR. Full size: 10,000 posts over 200 accounts (50 each), 100 ms per call, quota 50;
 --quick: 200 over 10.
 
 Each post costs four Graph calls (create container, container status, media_publish, permalink)
@@ -21,18 +21,20 @@ plus its share of the per-account token check and quota reads (the fake also fet
    says "extrapolated".
 2. Ours: `publish_due` as the publish op runs it: accounts in parallel (PERSONA_PUBLISH_WORKERS,
    default 32), each account's containers prepared `prepare_ahead` (4) posts ahead while its
-   publish calls go out one at a time in slot order. Target: <= 30 s for the full size.
+   publish calls go out one at a time in slot order. Target: <= 60 s for the full size.
 
 The fake Graph API and the media server run in a child process (Meta's servers and the CDN are not
-on the publisher's CPU; in one process they would share its GIL). The publishing process's own CPU
-time is printed: on a small machine the run is CPU-bound (about 18 ms of Python per post: four
-requests calls, the URL check, two short transactions), not bound by the 100 ms latencies.
+on the publisher's CPU; in one process they would share its GIL). Both processes' CPU times are
+printed: on a small machine the run is CPU-bound (four Graph calls, the URL check and five short
+transactions per post), not bound by the 100 ms latencies. The publishing process's peak RSS over
+the batch is printed too (its high-water mark is reset after the set-up, /proc/self/clear_refs).
 
 Checks (PASS/FAIL): every post published exactly once (the fake saw one media_publish per post and
 no repeated container or caption: `double_publishes() == []`), every post's row published with its
-media id, permalink and library item used, and each account's quota respected: the fake's usage
-never above its total (the fake refuses beyond it, so the check is that no media_publish call was
-refused: calls == publishes, and publishes per account <= quota).
+media id, permalink and library item used, and each account's quota respected: the fake's usage of
+the moving 24 h window (its own record of publish times, as the API counts) never above its total
+(the fake refuses beyond it, so the check is also that no media_publish call was refused: calls ==
+publishes, and publishes per account <= quota).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import argparse
 import hashlib
 import multiprocessing
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -53,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from PIL import Image  # noqa: E402
-from sqlalchemy import func, select  # noqa: E402
+from sqlalchemy import func, insert, select  # noqa: E402
 
 from persona_pipeline.automation.publishing import run_batch  # noqa: E402
 from persona_pipeline.db import models, registry  # noqa: E402
@@ -68,7 +71,8 @@ from persona_fakes.graph import FakeGraphAPI, MediaServer  # noqa: E402
 
 from _report import emit, record  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
-TARGET_S = 30.0
+TARGET_S = 60.0
+FULL = (10_000, 200)  # posts, accounts: the size the target is set at
 
 
 class RemoteFake:
@@ -94,7 +98,8 @@ class RemoteFake:
         self._ask("add_account", user_id, token, quota_total)
 
     def records(self) -> dict:
-        """{"calls": Counter by endpoint, "publishes": {user: n}, "doubles": [...]}"""
+        """{"calls": Counter by endpoint, "publishes": {user: n}, "usage": {user: (in the 24 h window, total)},
+        "doubles": [...], "cpu_s": the fake's process CPU so far}"""
         return self._ask("records")
 
     def stop(self) -> None:
@@ -118,7 +123,9 @@ def _serve_fake(conn, latency: float, quota: int, public: str) -> None:
                     with fake._lock:
                         calls = Counter(r.endpoint for r in fake.requests)
                         publishes = Counter(user for user, _c, _m, _caption in fake.published)
-                    conn.send({"calls": calls, "publishes": dict(publishes), "doubles": fake.double_publishes()})
+                        usage = {user: (fake._window_usage(a), a.quota_total) for user, a in fake.accounts.items()}
+                    conn.send({"calls": calls, "publishes": dict(publishes), "usage": usage,
+                               "doubles": fake.double_publishes(), "cpu_s": time.process_time()})
                 else:
                     conn.send(ValueError(f"unknown command {command!r}"))
             except Exception as exc:  # noqa: BLE001 - hand it to the parent
@@ -144,30 +151,30 @@ def seed(url: str, folder: Path, fake: RemoteFake, prefix: str, accounts: int, p
     start = datetime.now(timezone.utc).replace(second=0, microsecond=0) - timedelta(days=1)
     out: dict[str, list[int]] = {}
     for a in range(accounts):
-        slug, user_id = f"{prefix}{a:02d}", f"178414{1 if prefix == 'ref' else 2}{a:010d}"
+        slug, user_id = f"{prefix}{a:03d}", f"178414{1 if prefix == 'ref' else 2}{a:010d}"
         token_env, token = f"BENCH_IG_TOKEN_{prefix.upper()}{a:02d}", f"EAAG-bench-{prefix}-{a:02d}-" + "x" * 24
         os.environ[token_env] = token
         fake.add_account(user_id, token, quota_total=quota)
         persona_folder = write_persona(folder / "datasets", slug, photos=0,
                                        instagram={"user_id": user_id, "token_env": token_env})
+        paths = []
+        for i in range(per_account):
+            path = folder / "media" / slug / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (80, 100), (a * 11 % 256, i * 5 % 256, 120)).save(path, quality=90)
+            paths.append(path)
         with session_scope(url) as session:
             persona_id = registry.sync_persona(session, load_persona(persona_folder)).id
-            ids = []
-            for i in range(per_account):
-                path = folder / "media" / slug / f"{i}.jpg"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.new("RGB", (80, 100), (a * 11 % 256, i * 5 % 256, 120)).save(path, quality=90)
-                item = models.LibraryItem(persona_id=persona_id, kind="winner", image_path=str(path),
-                                          image_sha256=hashlib.sha256(f"{slug}/{i}".encode()).hexdigest())
-                session.add(item)
-                session.flush()
-                post = models.Post(persona_id=persona_id, account=user_id, status="scheduled",
-                                   caption=f"Post {i} of {slug}: a quiet morning by the river.", hashtags=["#one", "#two"],
-                                   media_path=str(path), scheduled_at=start + timedelta(minutes=i), library_item_id=item.id)
-                session.add(post)
-                session.flush()
-                ids.append(post.id)
-        out[user_id] = ids
+            items = session.scalars(insert(models.LibraryItem).returning(models.LibraryItem.id, sort_by_parameter_order=True), [
+                dict(persona_id=persona_id, kind="winner", image_path=str(path),
+                     image_sha256=hashlib.sha256(f"{slug}/{i}".encode()).hexdigest())
+                for i, path in enumerate(paths)]).all()
+            ids = session.scalars(insert(models.Post).returning(models.Post.id, sort_by_parameter_order=True), [
+                dict(persona_id=persona_id, account=user_id, status="scheduled",
+                     caption=f"Post {i} of {slug}: a quiet morning by the river.", hashtags=["#one", "#two"],
+                     media_path=str(path), scheduled_at=start + timedelta(minutes=i), library_item_id=item)
+                for i, (path, item) in enumerate(zip(paths, items))]).all()
+        out[user_id] = list(ids)
     return out
 
 
@@ -177,12 +184,35 @@ def publisher(fake: RemoteFake, public: Path, workers: int, prepare_ahead: int) 
                               prepare_ahead=prepare_ahead)
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (Linux: /proc/self/clear_refs), so the peak read
+    after the batch is the batch's, not the set-up's. False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss where /proc is missing), MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run(url: str, pub: InstagramPublisher, workers: int) -> tuple[float, dict, QuietLog]:
     log = QuietLog()
+    log.rss_reset = reset_peak_rss()
     started, cpu = time.perf_counter(), time.process_time()
     report = run_batch(AppDatabase(url=url), pub, datetime.now(timezone.utc), log, run_id=f"bench-{time.time_ns()}",
                        workers=workers)
     log.cpu_s = time.process_time() - cpu  # the publishing process only (the fake runs in its own)
+    log.peak_rss_mib = peak_rss_mib()
     return time.perf_counter() - started, report, log
 
 
@@ -215,6 +245,9 @@ def check(url: str, fake: RemoteFake, groups: dict[str, list[int]], quota: int, 
     over = {user: records["publishes"].get(user, 0) for user in groups if records["publishes"].get(user, 0) > quota}
     if over:
         problems.append(f"quota exceeded: {over}")
+    window = {user: records["usage"][user] for user in groups if records["usage"][user][0] > records["usage"][user][1]}
+    if window:
+        problems.append(f"24 h window usage above the account's total (fake's own count): {window}")
     return problems
 
 
@@ -222,8 +255,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="200 posts over 10 accounts")
     parser.add_argument("--sqlite", action="store_true", help="a SQLite file instead of PostgreSQL")
-    parser.add_argument("--posts", type=int, help="posts in all (default 1000, quick 200)")
-    parser.add_argument("--accounts", type=int, help="accounts (default 20, quick 10)")
+    parser.add_argument("--posts", type=int, help="posts in all (default 10000, quick 200)")
+    parser.add_argument("--accounts", type=int, help="accounts (default 200, quick 10)")
     parser.add_argument("--latency", type=float, default=0.1, help="seconds per Graph API answer (0.1)")
     parser.add_argument("--quota", type=int, default=50, help="posts per account per 24 h (50)")
     parser.add_argument("--workers", type=int, default=32, help="accounts in parallel (32, PERSONA_PUBLISH_WORKERS)")
@@ -231,8 +264,8 @@ def main() -> int:
     parser.add_argument("--reference-accounts", type=int, default=2)
     parser.add_argument("--reference-posts", type=int, default=10, help="posts per reference account (10)")
     args = parser.parse_args()
-    total = args.posts or (200 if args.quick else 1000)
-    accounts = args.accounts or (10 if args.quick else 20)
+    total = args.posts or (200 if args.quick else FULL[0])
+    accounts = args.accounts or (10 if args.quick else FULL[1])
     if total % accounts:
         raise SystemExit(f"--posts {total} must be a multiple of --accounts {accounts}")
     per_account = total // accounts
@@ -257,8 +290,11 @@ def main() -> int:
             # 2. ours, the full batch
             groups = seed(url, folder, fake, "acct", accounts, per_account, args.quota)
             before = fake.records()["calls"]
+            fake_cpu = fake.records()["cpu_s"]
             ours_s, report, log = run(url, publisher(fake, public, args.workers, args.prepare_ahead), workers=args.workers)
-            calls = fake.records()["calls"] - before
+            records = fake.records()
+            calls, fake_cpu = records["calls"] - before, records["cpu_s"] - fake_cpu
+            window_max = max(records["usage"][user][0] for user in groups)
             problems = check(url, fake, groups, args.quota, before) + log.errors + report.errors
             usage = {user: q.get("usage_after") for user, q in report.quotas.items()}
         finally:
@@ -275,24 +311,30 @@ def main() -> int:
               f"{total:6d} {ours_s:8.2f}s {total / ours_s:8.1f}")
         print(f"  reference/ours: {ref_extrapolated / ours_s:.1f}x")
         print(f"  CPU of the publishing process: ours {log.cpu_s:.1f} s ({log.cpu_s / total * 1000:.1f} ms/post), "
-              f"reference {ref_log.cpu_s / ref_posts * 1000:.1f} ms/post; load average {os.getloadavg()[0]:.1f} "
+              f"reference {ref_log.cpu_s / ref_posts * 1000:.1f} ms/post; the fake Graph API + media server "
+              f"{fake_cpu:.1f} s ({fake_cpu / total * 1000:.1f} ms/post); load average {os.getloadavg()[0]:.1f} "
               f"on {os.cpu_count()} CPUs")
+        print(f"  peak RSS of the publishing process during the batch: {log.peak_rss_mib:,.0f} MiB"
+              f"{'' if log.rss_reset else ' (high-water mark not resettable here: includes the set-up)'}")
         print(f"  Graph calls (ours): {dict(sorted(calls.items()))}")
-        print(f"  per-account usage after: min {min(usage.values())}, max {max(usage.values())} of {args.quota}; "
-              f"counts {report.counts}")
+        print(f"  per-account usage after: min {min(usage.values())}, max {max(usage.values())} of {args.quota} "
+              f"(the fake's own 24 h window: max {window_max}); counts {report.counts}")
+        print(f"  double publishes (the fake's records): {len(records['doubles'])}")
         if ref_problems:
             print(f"  reference problems: {ref_problems[:5]}")
         for problem in problems[:10]:
             print(f"  PROBLEM: {problem}")
-        ok = ours_s <= TARGET_S and not problems and not ref_problems
-        full = total == 1000 and accounts == 20 and args.latency == 0.1
-        print(f"RESULT: {total:,} posts in {ours_s:.2f} s (target <= {TARGET_S:g} s at 1,000 posts / 20 accounts / "
-              f"100 ms{'' if full else '; not the full size'}), quotas respected, "
-              f"{len(problems)} problem(s), zero double posts: {'PASS' if ok else 'FAIL'}")
+        full = (total, accounts) == FULL and args.latency == 0.1
+        # The time target is the issue's, set at the full size; a smaller run is judged on its checks alone.
+        ok = (ours_s <= TARGET_S or not full) and not problems and not ref_problems
+        print(f"RESULT: {total:,} posts in {ours_s:.2f} s ({total / ours_s:.0f} posts/s; target <= {TARGET_S:g} s at "
+              f"10,000 posts / 200 accounts / 100 ms{'' if full else ', not this size: only the checks count'}), "
+              f"quotas respected, {len(problems)} problem(s), {len(records['doubles'])} double posts, "
+              f"peak RSS {log.peak_rss_mib:,.0f} MiB: {'PASS' if ok else 'FAIL'}")
         record(f"publish {total:,} posts / {accounts} accounts, {args.latency * 1000:.0f} ms per Graph call, {backend}: "
                f"one at a time vs accounts in parallel", reference=ref_extrapolated, ours=ours_s, unit="s", better="lower",
-               target=f"ours <= {TARGET_S:g} s at 1,000 posts, no double post, quotas kept", ok=ok,
-               note=f"reference extrapolated from {ref_posts} posts")
+               target=f"ours <= {TARGET_S:g} s at 10,000 posts / 200 accounts, no double post, quotas kept", ok=ok,
+               note=f"reference extrapolated from {ref_posts} posts; peak RSS {log.peak_rss_mib:,.0f} MiB")
         return 0 if ok else 1
     finally:
         cleanup()

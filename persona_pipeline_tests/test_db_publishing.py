@@ -201,3 +201,30 @@ def test_container_digest_permalinks_quota_in_flight_and_media_paths(db_url, per
     assert attempts(db_url, ours)[-1] == ("permalink", "ok", None)
     add_post(db_url, persona_id, 60)  # not due yet
     assert [str(p) for p in due_media_paths(db_url, NOW)] == ["/media/-4.jpg"]  # the published one is not due
+
+
+def test_a_fresh_claim_skips_the_renewal_before_a_container_a_stale_one_is_checked(db_url, persona_id):
+    """renew_unless_fresh writes nothing within RENEW_EVERY of the lease this run wrote; past it,
+    it renews like renew, and a claim taken over meanwhile is LostClaim."""
+    ids = [add_post(db_url, persona_id, m) for m in (-2, -1)]
+    clock = Clock(NOW)
+    run = claims(db_url, "run-1", clock)
+    first, second = run.claim(run.due())  # one bulk claim, both won
+    assert [row(db_url, i).claimed_by for i in ids] == ["run-1", "run-1"]
+    clock.at = NOW + RENEW_EVERY - timedelta(seconds=1)
+    run.renew_unless_fresh(first)
+    assert row(db_url, ids[0]).claimed_at == NOW  # fresh: no write
+    clock.at = NOW + RENEW_EVERY
+    run.renew_unless_fresh(first)
+    assert row(db_url, ids[0]).claimed_at == clock.at  # stale: renewed, and remembered
+    clock.at += timedelta(seconds=30)
+    run.renew_unless_fresh(first)
+    assert row(db_url, ids[0]).claimed_at == clock.at - timedelta(seconds=30)
+    # The second post's lease runs out and another run takes it over: the stale check finds out.
+    rival_clock = Clock(NOW + LEASE + timedelta(seconds=1))
+    rival = claims(db_url, "run-2", rival_clock)
+    assert [p.id for p in rival.claim([p for p in rival.due() if p.id == ids[1]])] == [ids[1]]
+    clock.at = rival_clock.at
+    with pytest.raises(LostClaim):
+        run.renew_unless_fresh(second)
+    assert row(db_url, ids[1]).claimed_by == "run-2"

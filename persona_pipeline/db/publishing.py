@@ -15,15 +15,16 @@ RENEW_EVERY (`renew_waiting`), so only a dead or stuck run loses them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, insert, or_, select, update
 
 from persona_pipeline.db import models
-from persona_pipeline.db.session import session_scope
+from persona_pipeline.db.session import get_engine, session_scope
 from persona_pipeline.domain import post_states
 
 # One call (HTTP timeouts and retries included) takes far less than a lease.
@@ -66,12 +67,26 @@ class DuePost:
     def text(self) -> str:
         return post_text(self.caption, list(self.hashtags))
 
-    @classmethod
-    def of(cls, post: models.Post, persona: models.Persona) -> DuePost:
-        return cls(post.id, post.status, post.persona_id, persona.slug, persona.folder, dict(persona.settings or {}),
-                   post.account, post.caption, list(post.hashtags or []), post.media_path, post.scheduled_at,
-                   post.retry_count, post.container_id, post.container_created_at, post.library_item_id,
-                   post.candidate_id, post.claimed_by, post.claimed_at, post.updated_at)
+
+# DuePost's fields as columns: read as plain rows (no ORM objects), the persona's with them.
+_POST_COLUMNS = (models.Post.id, models.Post.status, models.Post.persona_id, models.Persona.slug,
+                 models.Persona.folder, models.Persona.settings, models.Post.account, models.Post.caption,
+                 models.Post.hashtags, models.Post.media_path, models.Post.scheduled_at, models.Post.retry_count,
+                 models.Post.container_id, models.Post.container_created_at, models.Post.library_item_id,
+                 models.Post.candidate_id, models.Post.claimed_by, models.Post.claimed_at, models.Post.updated_at)
+
+
+def _read_due(connection: Connection, where) -> list[DuePost]:
+    """The DuePosts matching `where`, in slot order. A persona's settings are read into one dict
+    that all its posts share (a batch of 10,000 posts has a few hundred personas)."""
+    rows = connection.execute(select(*_POST_COLUMNS).join(models.Persona, models.Persona.id == models.Post.persona_id)
+                              .where(where).order_by(models.Post.scheduled_at, models.Post.id)).all()
+    settings: dict[int, dict] = {}
+    posts = []
+    for row in rows:
+        shared = settings.setdefault(row.persona_id, dict(row.settings or {}))
+        posts.append(DuePost(*row[:5], shared, row.account, row.caption, list(row.hashtags or []), *row[9:]))
+    return posts
 
 
 class LostClaim(Exception):
@@ -91,6 +106,29 @@ def due_media_paths(url: str, now: datetime) -> list[Path]:
             models.Post.scheduled_at <= now, models.Post.media_path.is_not(None)))]
 
 
+@lru_cache(maxsize=64)
+def _update_ours(columns: frozenset[str]):
+    """UPDATE posts SET <columns> of one post while this run's claim holds (binds `_post`, `_token`
+    and one per column), built once per set of columns: building the statement anew cost more CPU
+    than running it, at four writes per post."""
+    return update(models.Post).where(
+        models.Post.id == bindparam("_post"), models.Post.status == post_states.PUBLISHING,
+        models.Post.claimed_by == bindparam("_token")).values({name: bindparam(name) for name in sorted(columns)})
+
+
+@lru_cache(maxsize=1)
+def _statements():
+    """The other per-post statements, built once (see `_update_ours`)."""
+    item = dict(status="used", used_by_post_id=bindparam("_post"), used_at=bindparam("_at"))
+    return dict(
+        attempt=insert(models.PostAttempt),
+        item_by_id=update(models.LibraryItem).where(models.LibraryItem.id == bindparam("_item")).values(**item),
+        item_by_candidate=update(models.LibraryItem).where(
+            models.LibraryItem.candidate_id == bindparam("_candidate")).values(**item),
+        permalink=update(models.Post).where(models.Post.id == bindparam("_post")).values(
+            permalink=bindparam("permalink")))
+
+
 @dataclass(frozen=True)
 class PostClaims:
     """One run's claims on the posts table (`token` is its claimed_by). `clock` tells the time as
@@ -104,8 +142,14 @@ class PostClaims:
     publisher: str
     retry_wait_s: float
     clock: Callable[[], datetime]
+    # post id -> the lease this run last wrote for it (claim or renewal), to skip a renewal that proves nothing new
+    leases: dict[int, datetime] = field(default_factory=dict, compare=False, repr=False)
 
     # --- finding and claiming -------------------------------------------------------------------
+
+    def _transaction(self):
+        """One short transaction on a pooled connection (Core: no ORM session to set up per write)."""
+        return get_engine(self.url).begin()
 
     def sweep(self, max_retries: int) -> list[tuple[int, str, int]]:
         """failed + retryable → scheduled while retries are left, else abandoned. Conditional
@@ -131,11 +175,8 @@ class PostClaims:
             and_(models.Post.status == post_states.SCHEDULED, models.Post.scheduled_at <= self.now,
                  or_(models.Post.next_attempt_at.is_(None), models.Post.next_attempt_at <= self.now)),
             models.Post.status == post_states.PUBLISHING)
-        with session_scope(self.url) as session:
-            rows = session.execute(select(models.Post, models.Persona)
-                                   .join(models.Persona, models.Persona.id == models.Post.persona_id)
-                                   .where(due).order_by(models.Post.scheduled_at, models.Post.id)).all()
-            posts = [DuePost.of(post, persona) for post, persona in rows]
+        with self._transaction() as connection:
+            posts = _read_due(connection, due)
         alive: dict[str, bool | None] = {}
         return [post for post in posts
                 if post.status != post_states.PUBLISHING or self.reclaimable(post, is_run_alive, alive, warn)]
@@ -161,47 +202,62 @@ class PostClaims:
         return cache[post.claimed_by] is False
 
     def claim(self, posts: list[DuePost]) -> list[DuePost]:
-        """Claim `posts` (one transaction, one conditional UPDATE each); the ones won, in the
-        order given, re-read after the claim (a person may have edited the caption just before)."""
+        """Claim `posts` (one transaction: one conditional UPDATE for the scheduled ones, one per
+        claim taken over); the ones won, in the order given, re-read after the claim (a person may
+        have edited the caption just before)."""
         if not posts:
             return []
-        won: list[int] = []
         stamp = self.clock()
-        with session_scope(self.url) as session:
+        claimed = dict(status=post_states.PUBLISHING, claimed_by=self.token, claimed_at=stamp, updated_at=stamp)
+        scheduled = [p.id for p in posts if p.status == post_states.SCHEDULED]
+        with self._transaction() as connection:
+            won: list[int] = []
+            if scheduled:
+                post_states.check_transition(post_states.SCHEDULED, post_states.PUBLISHING)
+                won += connection.scalars(update(models.Post).where(
+                    models.Post.id.in_(scheduled), models.Post.status == post_states.SCHEDULED,
+                    models.Post.scheduled_at <= self.now).values(**claimed).returning(models.Post.id)).all()
             for post in posts:
                 if post.status == post_states.SCHEDULED:
-                    post_states.check_transition(post_states.SCHEDULED, post_states.PUBLISHING)
-                    condition = and_(models.Post.status == post_states.SCHEDULED, models.Post.scheduled_at <= self.now)
-                else:  # taking over an expired claim: only if nobody took it over or renewed it since we looked
-                    owner = (models.Post.claimed_by.is_(None) if post.claimed_by is None
-                             else models.Post.claimed_by == post.claimed_by)
-                    lease = (models.Post.claimed_at.is_(None) if post.claimed_at is None
-                             else models.Post.claimed_at == post.claimed_at)
-                    condition = and_(models.Post.status == post_states.PUBLISHING, owner, lease)
-                claimed = session.connection().execute(update(models.Post).where(models.Post.id == post.id, condition)
-                                                       .values(status=post_states.PUBLISHING, claimed_by=self.token,
-                                                               claimed_at=stamp, updated_at=stamp)).rowcount
-                if claimed:
+                    continue
+                # Taking over an expired claim: only if nobody took it over or renewed it since we looked.
+                owner = (models.Post.claimed_by.is_(None) if post.claimed_by is None
+                         else models.Post.claimed_by == post.claimed_by)
+                lease = (models.Post.claimed_at.is_(None) if post.claimed_at is None
+                         else models.Post.claimed_at == post.claimed_at)
+                if connection.execute(update(models.Post).where(
+                        models.Post.id == post.id, models.Post.status == post_states.PUBLISHING, owner, lease)
+                        .values(**claimed)).rowcount:
                     won.append(post.id)
-            rows = session.execute(select(models.Post, models.Persona)
-                                   .join(models.Persona, models.Persona.id == models.Post.persona_id)
-                                   .where(models.Post.id.in_(won))).all() if won else []
-            fresh = {post.id: DuePost.of(post, persona) for post, persona in rows}
+            fresh = {p.id: p for p in _read_due(connection, models.Post.id.in_(won))} if won else {}
+        self.leases.update(dict.fromkeys(fresh, stamp))
         return [fresh[p.id] for p in posts if p.id in fresh]
 
-    def _ours(self, post_id: int):
-        return and_(models.Post.id == post_id, models.Post.status == post_states.PUBLISHING,
-                    models.Post.claimed_by == self.token)
+    def _update(self, connection: Connection, post_id: int, values: dict[str, Any]) -> int:
+        """Update one post while our claim holds; the rows changed (0: the claim is lost)."""
+        changed = connection.execute(_update_ours(frozenset(values)), {**values, "_post": post_id,
+                                                                       "_token": self.token}).rowcount
+        if changed and "claimed_at" in values:
+            self.leases[post_id] = values["claimed_at"]
+        return changed
 
     def renew(self, post: DuePost) -> None:
         """Before a call for `post`: prove the claim is still ours and renew its lease; LostClaim
         if another run took it over (our lease ran out while we were stuck), which then owns it alone."""
         stamp = self.clock()
-        with session_scope(self.url) as session:
-            renewed = session.connection().execute(update(models.Post).where(self._ours(post.id)).values(
-                claimed_at=stamp)).rowcount
+        with self._transaction() as connection:
+            renewed = self._update(connection, post.id, {"claimed_at": stamp})
         if not renewed:
             raise LostClaim(f"post {post.id} is no longer claimed by this run")
+
+    def renew_unless_fresh(self, post: DuePost) -> None:
+        """Before a container is made: `renew`, unless this run claimed or renewed the post less
+        than RENEW_EVERY ago (no other run may take a lease over before LEASE). A container needs
+        no more: its id is written only while the claim holds (`write`), an unused one expires by
+        itself, and the publish call always renews first. Saves a transaction on most posts."""
+        held = self.leases.get(post.id)
+        if held is None or self.clock() - held >= RENEW_EVERY:
+            self.renew(post)
 
     def renew_waiting(self, post_ids: list[int], since: datetime) -> datetime:
         """Posts claimed up front wait their turn without a call of their own: once RENEW_EVERY
@@ -210,10 +266,11 @@ class PostClaims:
         stamp = self.clock()
         if stamp - since < RENEW_EVERY or not post_ids:
             return since
-        with session_scope(self.url) as session:
-            session.connection().execute(update(models.Post).where(
+        with self._transaction() as connection:
+            renewed = connection.scalars(update(models.Post).where(
                 models.Post.id.in_(post_ids), models.Post.status == post_states.PUBLISHING,
-                models.Post.claimed_by == self.token).values(claimed_at=stamp))
+                models.Post.claimed_by == self.token).values(claimed_at=stamp).returning(models.Post.id)).all()
+        self.leases.update(dict.fromkeys(renewed, stamp))
         return stamp
 
     def in_flight_elsewhere(self, posts: list[DuePost]) -> int:
@@ -242,22 +299,18 @@ class PostClaims:
         `publishing` has its lease renewed), its attempts, and with `library` its library item marked used."""
         stamp = self.clock()
         lease = {} if "status" in values else {"claimed_at": stamp}
-        with session_scope(self.url) as session:
-            # Core statements on the session's connection: the ORM's bulk-update bookkeeping is not needed here.
-            connection = session.connection()
-            changed = connection.execute(update(models.Post).where(self._ours(post.id)).values(
-                updated_at=stamp, **lease, **values)).rowcount
-            if not changed:
+        statements = _statements()
+        with self._transaction() as connection:
+            if not self._update(connection, post.id, dict(updated_at=stamp, **lease, **values)):
                 raise LostClaim(f"post {post.id} is no longer claimed by this run")
             if attempts:
-                connection.execute(insert(models.PostAttempt), attempts)
+                connection.execute(statements["attempt"], attempts)
             if library:
-                item = (models.LibraryItem.id == post.library_item_id if post.library_item_id is not None
-                        else models.LibraryItem.candidate_id == post.candidate_id if post.candidate_id is not None
-                        else None)
-                if item is not None:
-                    connection.execute(update(models.LibraryItem).where(item).values(
-                        status="used", used_by_post_id=post.id, used_at=datetime.now(timezone.utc)))
+                used = {"_post": post.id, "_at": datetime.now(timezone.utc)}
+                if post.library_item_id is not None:
+                    connection.execute(statements["item_by_id"], {**used, "_item": post.library_item_id})
+                elif post.candidate_id is not None:
+                    connection.execute(statements["item_by_candidate"], {**used, "_candidate": post.candidate_id})
 
     def mark_published(self, post: DuePost, *, external_id: str | None, permalink: str | None, already: bool,
                        step: str, container_id: str | None = None, detail: str | None = None,
@@ -305,12 +358,12 @@ class PostClaims:
         the permalinks found, and an attempt row for each."""
         if not links:
             return
-        with session_scope(self.url) as session:
-            connection = session.connection()
+        statements = _statements()
+        with self._transaction() as connection:
             for post_id, _media_id, link, _error in links:
                 if link:
-                    connection.execute(update(models.Post).where(models.Post.id == post_id).values(permalink=link))
-            connection.execute(insert(models.PostAttempt), [
+                    connection.execute(statements["permalink"], {"_post": post_id, "permalink": link})
+            connection.execute(statements["attempt"], [
                 self.attempt(post_id, "permalink", "ok" if link else "failed", external_id=media_id, error=error,
                              detail=link)
                 for post_id, media_id, link, error in links])

@@ -45,10 +45,17 @@ def get_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+@lru_cache(maxsize=16)
+def _session_factory(url: str) -> sessionmaker:
+    """One factory per engine: each `sessionmaker()` makes a new Session subclass, whose event
+    set-up cost about 1 ms per call when every short transaction built its own."""
+    return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
     """A session that commits on success and rolls back on any error."""
-    session = sessionmaker(get_engine(url), expire_on_commit=False)()
+    session = _session_factory(url)()
     try:
         yield session
         session.commit()

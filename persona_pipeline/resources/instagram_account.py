@@ -136,8 +136,12 @@ def account_settings(publisher: InstagramPublisher, post: DuePost) -> tuple[Inst
 def caption_problems(posts: list[DuePost]) -> dict[int, str]:
     """Post id → why its caption cannot go out. A post with a container was sent already: it is asked first."""
     bad: dict[int, str] = {}
+    limits: dict[int, int] = {}  # per settings dict (a persona's posts share one): validated once, not per post
     for post in posts:
-        max_tags = PersonaConfig.model_validate(post.settings).hashtags.max_per_post
+        key = id(post.settings)
+        if key not in limits:
+            limits[key] = PersonaConfig.model_validate(post.settings).hashtags.max_per_post
+        max_tags = limits[key]
         problems = validate_post_text(post.caption, list(post.hashtags), max_tags)
         if problems and not post.container_id:
             bad[post.id] = (f"caption over Instagram's limits: {'; '.join(problems)} "

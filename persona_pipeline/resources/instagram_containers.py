@@ -125,7 +125,7 @@ class Containers:
                          attempts=[*seen, claims.attempt(post.id, "container", "media_unreachable", detail=problem)])
             return Ready(post, done=True)
         text = post.text
-        claims.renew(post)  # staging may have taken a while: never make a container for a post lost meanwhile
+        claims.renew_unless_fresh(post)  # staging may have taken a while: no container for a post lost meanwhile
         try:
             cid = account.graph.create_container(account.user_id, account.token, staged.url, text)
         except GraphError as exc:

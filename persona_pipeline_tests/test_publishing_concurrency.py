@@ -1,0 +1,121 @@
+"""Accounts published side by side against the fake Graph API (real HTTP), on SQLite and
+PostgreSQL: each account's quota held as the API counts it while the others run, and a process
+killed while several accounts are mid-batch, then rerun, publishing every post exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from persona_pipeline.automation.publishing import CRASH_ENV, publish_due
+from persona_pipeline.resources.database import AppDatabase
+from persona_pipeline.resources.instagram import InstagramGraphClient
+from persona_pipeline.resources.publisher import InstagramPublisher
+from persona_pipeline_tests.conftest import REPO
+from persona_pipeline_tests.helpers import LogCapture as Log
+from persona_pipeline_tests.test_publishing import World, assert_published_once, persona, posts, world  # noqa: F401
+
+ACCOUNTS = 4
+
+
+def accounts(world: World, n: int = ACCOUNTS, per_account: int = 4,
+             quotas: dict[str, dict] | None = None) -> dict[str, list[int]]:
+    """`n` personas, each with its own Instagram account and token (`quotas[user]`: its quota_total
+    and usage), and `per_account` due posts."""
+    out = {}
+    for a in range(n):
+        user_id, env, token = f"1784150000000{a:04d}", f"IG_TOKEN_CONCURRENT_{a}", f"EAAG-concurrent-{a}-" + "x" * 20
+        os.environ[env] = token  # removed by the fixture below
+        world.fake.add_account(user_id, token, **(quotas or {}).get(user_id, {}))
+        pid = persona(world, f"p{a}", user_id, env)
+        out[user_id] = posts(world, pid, f"p{a}", user_id, per_account)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _token_env():
+    yield
+    for a in range(ACCOUNTS):
+        os.environ.pop(f"IG_TOKEN_CONCURRENT_{a}", None)
+
+
+def test_accounts_publish_side_by_side_each_within_its_own_quota(world):
+    """Four accounts at once (the fake answers each call after 50 ms): two have room for only
+    part of their posts. Each account's media_publish calls overlap another's, none is refused,
+    and the fake's own 24 h window never goes past an account's total."""
+    world.fake.latency_s = 0.05
+    users = [f"1784150000000{a:04d}" for a in range(ACCOUNTS)]
+    groups = accounts(world, quotas={users[1]: {"quota_total": 2}, users[2]: {"quota_total": 50, "usage": 47}})
+    spans: list[tuple[str, float, float]] = []
+    publish = world.fake._publish
+
+    def timed_publish(user_id: str, params: dict) -> dict:
+        started = time.monotonic()
+        try:
+            return publish(user_id, params)
+        finally:
+            spans.append((user_id, started - world.fake.latency_s, time.monotonic()))
+
+    world.fake._publish = timed_publish
+    counts = world.publish(publisher=world.publisher(workers=ACCOUNTS, prepare_ahead=2))
+    allowed = {users[0]: 4, users[1]: 2, users[2]: 3, users[3]: 4}
+    assert counts["published"] == sum(allowed.values()) and counts["deferred"] == 3
+    for user, ids in groups.items():
+        assert world.fake.publish_count(user) == allowed[user]
+        account = world.fake.accounts[user]
+        assert world.fake._window_usage(account) <= account.quota_total
+        # slot order within the account: its first posts went out, the rest wait
+        assert [world.post(i).status for i in ids] == ["published"] * allowed[user] + ["scheduled"] * (4 - allowed[user])
+        assert_published_once(world, ids[:allowed[user]])
+    assert len(world.fake.requests_to("publish")) == sum(allowed.values())  # none refused for the quota
+    overlapping = {(a, b) for a, start_a, end_a in spans for b, start_b, end_b in spans
+                   if a < b and start_a < end_b and start_b < end_a}
+    assert overlapping, spans  # the accounts' publish calls really ran at the same time
+
+
+def _child() -> None:
+    """Entry point of the crash subprocess: one batch, accounts in parallel, containers prepared ahead."""
+    config = json.loads(sys.argv[1])
+    publisher = InstagramPublisher(
+        graph=InstagramGraphClient(base_url=config["graph"], timeout_s=5, max_retries=1, backoff_s=0.01,
+                                   poll_interval_s=0.01, poll_timeout_s=2),
+        media_public_base_url=config["media"], media_public_dir=config["public"], workers=ACCOUNTS, prepare_ahead=2)
+    publish_due(AppDatabase(url=config["db"]), publisher, datetime.now(timezone.utc), Log(), run_id="run-that-dies")
+    print("the batch ended without the crash hook firing")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["after_publish", "after_container"])
+def test_killed_with_accounts_mid_batch_then_rerun_publishes_each_post_once(world, where):
+    """kill -9 (os._exit) at the first crash point any account's thread reaches, while the other
+    accounts are mid-flight (containers committed, publish calls under way); the rerun takes every
+    claim over and leaves each post published exactly once: no container is published twice."""
+    world.fake.latency_s = 0.03
+    groups = accounts(world)
+    ids = [i for group in groups.values() for i in group]
+    config = {"graph": world.fake.url, "media": world.media.url, "public": str(world.public), "db": world.url}
+    code = "from persona_pipeline_tests.test_publishing_concurrency import _child; _child()"
+    env = {**os.environ, CRASH_ENV: where}
+    child = subprocess.run([sys.executable, "-c", code, json.dumps(config)], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == 137, child.stdout + child.stderr
+    time.sleep(4 * world.fake.latency_s)  # calls the dead process left in flight reach the fake
+    in_flight = [world.post(i) for i in ids]
+    assert {p.claimed_by for p in in_flight if p.status == "publishing"} == {"run-that-dies"}
+    assert sum(p.status == "publishing" for p in in_flight) >= 2  # claims of more than one post were left behind
+    before = len(world.fake.published)
+    counts = world.publish(run_id="run-2", is_run_alive=lambda run_id: run_id != "run-that-dies")
+    assert counts["published"] + counts["already_published"] == len(ids) - sum(p.status == "published"
+                                                                               for p in in_flight)
+    assert_published_once(world, ids)
+    assert len(world.fake.published) == len(ids) and world.fake.double_publishes() == []
+    # every publish call went out once: those of the dead run that reached the fake were reconciled, not repeated
+    assert len(world.fake.requests_to("publish")) == len(ids)
+    assert counts["already_published"] == before - sum(p.status == "published" for p in in_flight)
