@@ -61,6 +61,8 @@ class DuePost:
     claimed_by: str | None
     claimed_at: datetime | None
     updated_at: datetime | None
+    format: str = "feed"  # domain/post_formats.py
+    format_options: dict | None = None
 
     @property
     def text(self) -> str:
@@ -71,7 +73,23 @@ class DuePost:
         return cls(post.id, post.status, post.persona_id, persona.slug, persona.folder, dict(persona.settings or {}),
                    post.account, post.caption, list(post.hashtags or []), post.media_path, post.scheduled_at,
                    post.retry_count, post.container_id, post.container_created_at, post.library_item_id,
-                   post.candidate_id, post.claimed_by, post.claimed_at, post.updated_at)
+                   post.candidate_id, post.claimed_by, post.claimed_at, post.updated_at, post.format or "feed",
+                   dict(post.format_options or {}))
+
+
+@dataclass(frozen=True)
+class DueItem:
+    """One still of a carousel, story or reel post, as the publisher needs it."""
+
+    position: int
+    candidate_id: int | None
+    source_path: str
+    media_path: str | None
+    container_id: str | None
+
+    @property
+    def label(self) -> str:
+        return f"item {self.position}" + (f" (candidate {self.candidate_id})" if self.candidate_id else "")
 
 
 class LostClaim(Exception):
@@ -84,11 +102,18 @@ def retry_wait(retry_wait_s: float, retries: int) -> timedelta:
 
 
 def due_media_paths(url: str, now: datetime) -> list[Path]:
-    """The media files of the posts a batch at `now` may publish (scheduled, publishing or failed, slot passed)."""
+    """The media files of the posts a batch at `now` may publish (scheduled, publishing or failed,
+    slot passed): each post's image, its items' exports and its video."""
+    due = and_(models.Post.status.in_((post_states.SCHEDULED, post_states.PUBLISHING, post_states.FAILED)),
+               models.Post.scheduled_at <= now)
     with session_scope(url) as session:
-        return [Path(p) for p in session.scalars(select(models.Post.media_path).where(
-            models.Post.status.in_((post_states.SCHEDULED, post_states.PUBLISHING, post_states.FAILED)),
-            models.Post.scheduled_at <= now, models.Post.media_path.is_not(None)))]
+        paths = [Path(p) for p in session.scalars(select(models.Post.media_path).where(
+            due, models.Post.media_path.is_not(None)))]
+        paths += [Path(p) for p in session.scalars(select(models.PostItem.media_path).join(
+            models.Post, models.Post.id == models.PostItem.post_id).where(due, models.PostItem.media_path.is_not(None)))]
+        paths += [Path(o["video_path"]) for o in session.scalars(select(models.Post.format_options).where(
+            due, models.Post.format != "feed")) if isinstance(o, dict) and o.get("video_path")]
+    return paths
 
 
 @dataclass(frozen=True)
@@ -314,6 +339,26 @@ class PostClaims:
                 self.attempt(post_id, "permalink", "ok" if link else "failed", external_id=media_id, error=error,
                              detail=link)
                 for post_id, media_id, link, error in links])
+
+    def items(self, post_id: int) -> list[DueItem]:
+        """The post's stills in order (a carousel's item containers among them)."""
+        with session_scope(self.url) as session:
+            rows = session.scalars(select(models.PostItem).where(models.PostItem.post_id == post_id)
+                                   .order_by(models.PostItem.position)).all()
+            return [DueItem(r.position, r.candidate_id, r.source_path, r.media_path, r.container_id) for r in rows]
+
+    def write_item(self, post: DuePost, position: int, values: dict[str, Any], attempts: list[dict]) -> None:
+        """One transaction: item `position` of `post` (only while our claim holds, whose lease is
+        renewed) and its attempts. An item container id is committed here before the next call."""
+        stamp = self.clock()
+        with session_scope(self.url) as session:
+            connection = session.connection()
+            if not connection.execute(update(models.Post).where(self._ours(post.id)).values(claimed_at=stamp)).rowcount:
+                raise LostClaim(f"post {post.id} is no longer claimed by this run")
+            connection.execute(update(models.PostItem).where(models.PostItem.post_id == post.id,
+                                                             models.PostItem.position == position).values(**values))
+            if attempts:
+                connection.execute(insert(models.PostAttempt), attempts)
 
     def container_caption_digest(self, post_id: int, container_id: str) -> str | None:
         """The caption digest a container was made with (`text_sha256=` in its attempt row), None if unknown."""
