@@ -346,3 +346,21 @@ def test_reel_audio_is_trimmed_and_faded_and_a_file_that_is_not_audio_is_named(w
         with pytest.raises(post_formats.FormatError, match=rf"post {post.id}: a reel of 1 stills x 1.5 s = 1.5 s "
                                                            r"is outside 3..900 s"):
             make_video(post, items, reel_plan(SETTINGS), tmp_path, audio=None, cover=False)
+
+
+@pytest.mark.parametrize("where", ["after_container", "after_publish"])
+def test_a_reel_killed_between_two_calls_then_rerun_goes_out_once_from_the_same_container(world, where):
+    post_id = reel(world)
+    config = {"graph": world.fake.url, "media": world.media.url, "public": str(world.public), "db": world.url}
+    code = "from persona_pipeline_tests.test_formats_publishing import _child; _child()"
+    world.fake.video_ready_after_s = 0.0  # the child polls on the wall clock; processing is tested above
+    child = subprocess.run([sys.executable, "-c", code, json.dumps(config)], cwd=REPO,
+                           env={**os.environ, CRASH_ENV: where}, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 137, child.stdout + child.stderr
+    counts = publish_due(AppDatabase(url=world.url), world.publisher(), datetime.now(timezone.utc), LogCapture(),
+                         run_id="rerun", is_run_alive=lambda run_id: run_id != "dies")
+    assert counts["reclaimed"] == 1 and world.post(post_id).status == "published"
+    assert len(created(world, "REELS")) == 1 and len(world.fake.published) == 1
+    assert world.fake.double_publishes() == []
+    outcome = "already_published" if where == "after_publish" else "published"
+    assert outcome in [o for _step, o in world.attempts(post_id)]
