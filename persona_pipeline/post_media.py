@@ -204,6 +204,12 @@ def remake(session: Session, post: models.Post, settings: FormatSettings, media_
     elif post.format in (post_formats.REEL, post_formats.STORY) and (post.format_options or {}).get("video"):
         make_video(post, items, reel_plan(settings), media_dir, audio=audio_path(folder, settings.reel.audio),
                    cover=settings.reel.cover)
+    elif post.format == post_formats.STORY:
+        path = Path(media_dir) / f"post-{post.id:06d}.jpg"
+        post.media_sha256 = atomic_write(path, media.story_jpeg(Path(items[0].source_path), post_formats.VERTICAL_SIZE,
+                                                                post_formats.STORY_SAFE_TOP,
+                                                                post_formats.STORY_SAFE_BOTTOM))
+        post.media_path = str(path)
 
 
 __all__ = ["MediaMaker", "Still", "audio_path", "export_carousel", "held_candidates", "make_video", "remake",
