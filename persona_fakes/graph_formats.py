@@ -23,9 +23,6 @@ Records: `kinds[container] = {"media_type", "children", "fields"}`, `item_create
 from __future__ import annotations
 
 import io
-import socket
-import urllib.error
-import urllib.request
 from collections import deque
 from typing import Any
 
@@ -191,18 +188,6 @@ class FakeFormatsGraphAPI(FakeGraphAPI):
     def _check_caption(self, caption: str) -> None:
         if len(caption) > 2200:
             raise _graph_error(36004, 2207010, f"The caption is too long ({len(caption)} > 2200 characters)")
-
-    def _fetch(self, url: str, limit: int) -> bytes:
-        try:
-            with urllib.request.urlopen(url, timeout=self.fetch_timeout_s) as response:
-                data = response.read(limit + 1)
-        except (TimeoutError, socket.timeout):
-            raise _graph_error(-2, 2207003, "It takes too long to download the media.", transient=True) from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise _graph_error(9004, 2207052, f"The media could not be fetched from this uri: {url} ({exc})") from None
-        if len(data) > limit:
-            raise _graph_error(36000, 2207004, f"The media is too large (over {limit} bytes).")
-        return data
 
     def _check_jpeg(self, data: bytes, vertical: bool | None) -> None:
         from PIL import Image

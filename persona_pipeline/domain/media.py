@@ -129,6 +129,16 @@ def check_post_jpeg(data: bytes, max_bytes: int = MAX_MEDIA_BYTES) -> list[str]:
     return problems
 
 
+def image_size(path: str | Path | None) -> tuple[int, int]:
+    """(width, height) of the image at `path` from its header; (0, 0) when it cannot be read (the
+    format rules then name it as no picture)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, TypeError, SyntaxError):
+        return 0, 0
+
+
 THUMB_SIDE = 120  # a calendar card shows a post at most 48x60 CSS px: 2x for a sharp screen
 THUMB_QUALITY = 75
 

@@ -19,8 +19,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PIL import Image
-
 from persona_pipeline.db.publishing import DueItem, DuePost
 from persona_pipeline.domain import media, post_formats
 from persona_pipeline.resources.instagram import GraphError
@@ -33,14 +31,6 @@ if TYPE_CHECKING:
 
 def is_video(post: DuePost) -> bool:
     return post.format in (post_formats.REEL, post_formats.STORY) and bool((post.format_options or {}).get("video"))
-
-
-def _size(path: str | None) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, ValueError, TypeError):
-        return 0, 0
 
 
 class FormatContainers:
@@ -97,7 +87,8 @@ class FormatContainers:
         from persona_pipeline.resources.instagram_containers import Ready, caption_digest
 
         items = self.claims.items(post.id)
-        problems = post_formats.carousel_problems(f"post {post.id}", [(i.label, *_size(i.media_path)) for i in items])
+        sizes = [(i.label, *media.image_size(i.media_path)) for i in items]
+        problems = post_formats.carousel_problems(f"post {post.id}", sizes)
         if problems:
             return self._fail(post, "; ".join(problems), seen)
         children = []
@@ -182,7 +173,7 @@ class FormatContainers:
                 elif options.get("thumb_offset_ms") is not None:
                     fields["thumb_offset"] = str(int(options["thumb_offset_ms"]))
         else:
-            width, height = _size(post.media_path)
+            width, height = media.image_size(post.media_path)
             if not post_formats.is_vertical(width, height):
                 return self._fail(post, f"post {post.id}: story image {post.media_path}: aspect {width}x{height} "
                                         "is not 9:16", seen)

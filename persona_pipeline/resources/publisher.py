@@ -26,7 +26,7 @@ from pathlib import Path
 import dagster as dg
 
 from persona_pipeline.db.publishing import DueItem, DuePost, LostClaim
-from persona_pipeline.domain import post_formats
+from persona_pipeline.domain import media, post_formats
 from persona_pipeline.fileio import atomic_write, sha256_file
 from persona_pipeline.resources import instagram_account
 from persona_pipeline.resources.instagram import InstagramGraphClient
@@ -108,7 +108,7 @@ class OutboxPublisher(Publisher):
         files: list[tuple[str, Path]] = []  # (name in the outbox, source)
         if fmt == "carousel":
             problems = post_formats.carousel_problems(
-                f"post {post_id}", [(i.label, *_image_size(i.media_path)) for i in items])
+                f"post {post_id}", [(i.label, *media.image_size(i.media_path)) for i in items])
             if problems:
                 raise ValueError("; ".join(problems))
             files = [(f"{stem}-{i.position:02d}.jpg", Path(i.media_path or "")) for i in items]
@@ -141,16 +141,6 @@ class OutboxPublisher(Publisher):
                          thumb_offset_ms=options.get("thumb_offset_ms"), duration_s=options.get("duration_s"))
         atomic_write(record, json.dumps(entry, indent=2).encode())
         return PublishOutcome(external_id, False, str(record))
-
-
-def _image_size(path: str | None) -> tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, ValueError, TypeError):
-        return 0, 0
 
 
 class InstagramPublisher(Publisher):
