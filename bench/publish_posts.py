@@ -80,10 +80,11 @@ class RemoteFake:
     CDN are not on the publisher's CPU (one Python process would share one GIL with them). The
     parent asks the child for its records over a pipe."""
 
-    def __init__(self, latency: float, quota: int, public: Path) -> None:
+    def __init__(self, latency: float, quota: int, public: Path, formats: bool = False) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self.process = context.Process(target=_serve_fake, args=(child, latency, quota, str(public)), daemon=True)
+        self.process = context.Process(target=_serve_fake, args=(child, latency, quota, str(public), formats),
+                                       daemon=True)
         self.process.start()
         self.url, self.media_url = self._conn.recv()
 
@@ -107,8 +108,12 @@ class RemoteFake:
         self.process.join(10)
 
 
-def _serve_fake(conn, latency: float, quota: int, public: str) -> None:
-    with FakeGraphAPI(latency_s=latency, quota_total=quota) as fake, MediaServer(Path(public)) as media:
+def _serve_fake(conn, latency: float, quota: int, public: str, formats: bool = False) -> None:
+    """`formats`: the fake that also takes carousels, stories and reels (persona_fakes/graph_formats.py)."""
+    from persona_fakes.graph_formats import FakeFormatsGraphAPI
+
+    kind = FakeFormatsGraphAPI if formats else FakeGraphAPI
+    with kind(latency_s=latency, quota_total=quota) as fake, MediaServer(Path(public)) as media:
         conn.send((fake.url, media.url))
         while True:
             command, args = conn.recv()
@@ -124,8 +129,10 @@ def _serve_fake(conn, latency: float, quota: int, public: str) -> None:
                         calls = Counter(r.endpoint for r in fake.requests)
                         publishes = Counter(user for user, _c, _m, _caption in fake.published)
                         usage = {user: (fake._window_usage(a), a.quota_total) for user, a in fake.accounts.items()}
+                    items = len(fake.item_creates()) if formats else 0
                     conn.send({"calls": calls, "publishes": dict(publishes), "usage": usage,
-                               "doubles": fake.double_publishes(), "cpu_s": time.process_time()})
+                               "doubles": fake.double_publishes(), "cpu_s": time.process_time(),
+                               "item_containers": items})
                 else:
                     conn.send(ValueError(f"unknown command {command!r}"))
             except Exception as exc:  # noqa: BLE001 - hand it to the parent

@@ -353,16 +353,22 @@ class FakeGraphAPI(HTTPFake):
             self.containers[container.id] = container
         return {"id": container.id}
 
-    def _check_media(self, image_url: str) -> None:
+    def _fetch(self, url: str, limit: int = MAX_MEDIA_BYTES) -> bytes:
+        """The bytes at `url`, fetched as Meta does; the API's errors for a slow, missing or big file."""
         try:
-            with urllib.request.urlopen(image_url, timeout=self.fetch_timeout_s) as response:
-                data = response.read(MAX_MEDIA_BYTES + 1)
+            with urllib.request.urlopen(url, timeout=self.fetch_timeout_s) as response:
+                data = response.read(limit + 1)
         except (TimeoutError, socket.timeout):
             raise _graph_error(-2, 2207003, "It takes too long to download the media.", transient=True) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise _graph_error(9004, 2207052, f"The media could not be fetched from this uri: {image_url} ({exc})") from None
-        if len(data) > MAX_MEDIA_BYTES:
-            raise _graph_error(36000, 2207004, "The image size is too large. It should be less than 8 MiB.")
+            raise _graph_error(9004, 2207052, f"The media could not be fetched from this uri: {url} ({exc})") from None
+        if len(data) > limit:
+            raise _graph_error(36000, 2207004, f"The media size is too large. It should be less than "
+                                               f"{limit // (1024 * 1024)} MiB.")
+        return data
+
+    def _check_media(self, image_url: str) -> None:
+        data = self._fetch(image_url)
         from PIL import Image  # the fake decodes like Meta does; PIL is a project dependency
 
         try:

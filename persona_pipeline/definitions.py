@@ -112,7 +112,8 @@ def build_publisher(settings: Settings) -> Publisher:
         raise ValueError("PERSONA_PUBLISHER=instagram needs MEDIA_PUBLIC_BASE_URL: the public URL where "
                          f"{settings.public_media_dir} is served, so Instagram can fetch each post's JPEG")
     return InstagramPublisher(
-        graph=InstagramGraphClient(base_url=env("instagram_graph_url"), poll_timeout_s=env("instagram_poll_timeout_s")),
+        graph=InstagramGraphClient(base_url=env("instagram_graph_url"), poll_timeout_s=env("instagram_poll_timeout_s"),
+                                   video_poll_timeout_s=env("instagram_video_poll_timeout_s")),
         media_public_base_url=env("media_public_base_url"), media_public_dir=str(settings.public_media_dir),
         token_warn_days=env("instagram_token_warn_days"), **common)
 

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from persona_pipeline.fileio import FolderScan, UnsafePath, entry_refusal, read_regular, scan_folder
+from persona_pipeline.persona_formats import FormatSettings
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic"}
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -357,6 +358,7 @@ class PersonaConfig(_Strict):
     library: LibrarySettings = LibrarySettings()
     schedules: ScheduleSettings = ScheduleSettings()
     instagram: InstagramAccount | None = None
+    formats: FormatSettings = FormatSettings()  # persona_formats.py
     training: TrainingOverrides = TrainingOverrides()
     generation: GenerationSettings = GenerationSettings()
     # This persona's base model (`tiny`, `tiny-flux`, `world`, a local folder or hub id); unset:

@@ -327,6 +327,9 @@ class Settings:
     instagram_poll_timeout_s: float = setting(
         "INSTAGRAM_POLL_TIMEOUT_S", Number(1, 24 * 3600), "120",
         "Seconds a media container may stay `IN_PROGRESS` before the attempt fails (it is retried later).")
+    instagram_video_poll_timeout_s: float = setting(
+        "INSTAGRAM_VIDEO_POLL_TIMEOUT_S", Number(1, 24 * 3600), "900",
+        "The same for a reel's or video story's container, which Instagram processes for seconds to minutes.")
     instagram_token_warn_days: int = setting(
         "INSTAGRAM_TOKEN_WARN_DAYS", Integer(0, 365), "7",
         "Warn (log + run metadata) when an account's access token expires within this many days.")

@@ -16,10 +16,11 @@ from persona_pipeline.db import insights as insight_store
 from persona_pipeline.db import library, models, review_posts
 from persona_pipeline.domain import learning, post_states, strategy
 from persona_pipeline.domain.captions import repeated_phrases, select_hashtags, template_caption, validate_post_text
-from persona_pipeline.domain.media import MediaError, export_post_jpeg
+from persona_pipeline.domain.media import MediaError
+from persona_pipeline.domain.post_formats import FormatError
 from persona_pipeline.domain.slots import spaced_slots
-from persona_pipeline.fileio import atomic_write
 from persona_pipeline.partitions import persona_partitions
+from persona_pipeline.post_media import MediaMaker
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.gemini import GeminiClient, GeminiError
 from persona_pipeline.resources.links import UiLinks
@@ -27,6 +28,7 @@ from persona_pipeline.resources.review_policy import AutoReviewer
 from persona_pipeline.resources.storage import PersonaStorage
 
 RECENT_CAPTIONS = 30  # captions scanned for repeated phrases to avoid
+FORMAT_WINDOW = timedelta(days=30)  # the format mix is measured over this, like the pillars' shares
 # Posts that are in the feed or hold a slot: the strategy's history.
 IN_PLAY = (post_states.AWAITING_APPROVAL, post_states.SCHEDULED, post_states.PUBLISHING, post_states.PUBLISHED,
            post_states.FAILED, post_states.DRAFT)
@@ -109,6 +111,9 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
             tz=config.timezone, target_shares=shares, pillar_notes=notes)
         avoid = repeated_phrases([p.caption for p in posts[-RECENT_CAPTIONS:]])
         created, rows = [], []
+        # The format mix is honoured over the last 30 days' posts and the ones planned here.
+        formats = [p.format for p in in_play if (p.published_at or p.scheduled_at) >= now - FORMAT_WINDOW]
+        maker = MediaMaker(session, persona, config.formats, storage.media_dir(slug), Path(persona.folder))
         for planned in result.posts:
             item = items[planned.item_id]
             pillar = by_pillar.get(planned.pillar_id)
@@ -130,17 +135,17 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
                                                                if planned.slot in hour_notes else ""))
             session.add(post)
             session.flush()
+            fmt, stills, format_note = maker.choose(item, formats)
             try:
-                jpeg = export_post_jpeg(Path(item.image_path))
-            except MediaError as exc:
-                raise dg.Failure(f"{slug}: library item {item.id}: {exc}") from None
-            media = storage.media_dir(slug) / f"post-{post.id:06d}.jpg"
-            post.media_sha256 = atomic_write(media, jpeg)
-            post.media_path = str(media)
+                maker.make(post, fmt, stills)
+            except (MediaError, FormatError) as exc:
+                raise dg.Failure(f"{slug}: post {post.id} ({fmt}) of library item {item.id}: {exc}") from None
+            formats.append(fmt)
+            post.strategy_note = f"{post.strategy_note}; {format_note}"
             review_posts.set_post_status(session, post, post_states.AWAITING_APPROVAL)
             auto_review.approve_post(session, post)
             created.append(post)
-            rows.append({"post": post.id, "slot_utc": post.scheduled_at.isoformat(),
+            rows.append({"post": post.id, "format": fmt, "items": len(stills), "slot_utc": post.scheduled_at.isoformat(),
                          "pillar": pillar.name if pillar else "", "theme": post.theme, "item": item.id,
                          "status": post.status, "caption_source": source, "relaxed": ", ".join(planned.relaxed),
                          "why": planned.reason, "caption": caption, "hashtags": " ".join(hashtags)})

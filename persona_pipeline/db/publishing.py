@@ -62,6 +62,8 @@ class DuePost:
     claimed_by: str | None
     claimed_at: datetime | None
     updated_at: datetime | None
+    format: str = "feed"  # domain/post_formats.py
+    format_options: dict | None = None
 
     @property
     def text(self) -> str:
@@ -73,7 +75,8 @@ _POST_COLUMNS = (models.Post.id, models.Post.status, models.Post.persona_id, mod
                  models.Persona.folder, models.Persona.settings, models.Post.account, models.Post.caption,
                  models.Post.hashtags, models.Post.media_path, models.Post.scheduled_at, models.Post.retry_count,
                  models.Post.container_id, models.Post.container_created_at, models.Post.library_item_id,
-                 models.Post.candidate_id, models.Post.claimed_by, models.Post.claimed_at, models.Post.updated_at)
+                 models.Post.candidate_id, models.Post.claimed_by, models.Post.claimed_at, models.Post.updated_at,
+                 models.Post.format, models.Post.format_options)
 
 
 def _read_due(connection: Connection, where) -> list[DuePost]:
@@ -85,8 +88,24 @@ def _read_due(connection: Connection, where) -> list[DuePost]:
     posts = []
     for row in rows:
         shared = settings.setdefault(row.persona_id, dict(row.settings or {}))
-        posts.append(DuePost(*row[:5], shared, row.account, row.caption, list(row.hashtags or []), *row[9:]))
+        posts.append(DuePost(*row[:5], shared, row.account, row.caption, list(row.hashtags or []), *row[9:19],
+                             row.format or "feed", dict(row.format_options or {})))
     return posts
+
+
+@dataclass(frozen=True)
+class DueItem:
+    """One still of a carousel, story or reel post, as the publisher needs it."""
+
+    position: int
+    candidate_id: int | None
+    source_path: str
+    media_path: str | None
+    container_id: str | None
+
+    @property
+    def label(self) -> str:
+        return f"item {self.position}" + (f" (candidate {self.candidate_id})" if self.candidate_id else "")
 
 
 class LostClaim(Exception):
@@ -99,11 +118,18 @@ def retry_wait(retry_wait_s: float, retries: int) -> timedelta:
 
 
 def due_media_paths(url: str, now: datetime) -> list[Path]:
-    """The media files of the posts a batch at `now` may publish (scheduled, publishing or failed, slot passed)."""
+    """The media files of the posts a batch at `now` may publish (scheduled, publishing or failed,
+    slot passed): each post's image, its items' exports and its video."""
+    due = and_(models.Post.status.in_((post_states.SCHEDULED, post_states.PUBLISHING, post_states.FAILED)),
+               models.Post.scheduled_at <= now)
     with session_scope(url) as session:
-        return [Path(p) for p in session.scalars(select(models.Post.media_path).where(
-            models.Post.status.in_((post_states.SCHEDULED, post_states.PUBLISHING, post_states.FAILED)),
-            models.Post.scheduled_at <= now, models.Post.media_path.is_not(None)))]
+        paths = [Path(p) for p in session.scalars(select(models.Post.media_path).where(
+            due, models.Post.media_path.is_not(None)))]
+        paths += [Path(p) for p in session.scalars(select(models.PostItem.media_path).join(
+            models.Post, models.Post.id == models.PostItem.post_id).where(due, models.PostItem.media_path.is_not(None)))]
+        paths += [Path(o["video_path"]) for o in session.scalars(select(models.Post.format_options).where(
+            due, models.Post.format != "feed")) if isinstance(o, dict) and o.get("video_path")]
+    return paths
 
 
 @lru_cache(maxsize=64)
@@ -367,6 +393,26 @@ class PostClaims:
                 self.attempt(post_id, "permalink", "ok" if link else "failed", external_id=media_id, error=error,
                              detail=link)
                 for post_id, media_id, link, error in links])
+
+    def items(self, post_id: int) -> list[DueItem]:
+        """The post's stills in order (a carousel's item containers among them)."""
+        with session_scope(self.url) as session:
+            rows = session.scalars(select(models.PostItem).where(models.PostItem.post_id == post_id)
+                                   .order_by(models.PostItem.position)).all()
+            return [DueItem(r.position, r.candidate_id, r.source_path, r.media_path, r.container_id) for r in rows]
+
+    def write_item(self, post: DuePost, position: int, values: dict[str, Any], attempts: list[dict]) -> None:
+        """One transaction: item `position` of `post` (only while our claim holds, whose lease is
+        renewed) and its attempts. An item container id is committed here before the next call."""
+        stamp = self.clock()
+        with session_scope(self.url) as session:
+            connection = session.connection()
+            if not connection.execute(update(models.Post).where(self._ours(post.id)).values(claimed_at=stamp)).rowcount:
+                raise LostClaim(f"post {post.id} is no longer claimed by this run")
+            connection.execute(update(models.PostItem).where(models.PostItem.post_id == post.id,
+                                                             models.PostItem.position == position).values(**values))
+            if attempts:
+                connection.execute(insert(models.PostAttempt), attempts)
 
     def container_caption_digest(self, post_id: int, container_id: str) -> str | None:
         """The caption digest a container was made with (`text_sha256=` in its attempt row), None if unknown."""

@@ -40,7 +40,7 @@ def fit_aspect(width: int, height: int) -> tuple[int, int]:
     return width, height
 
 
-def _open_rgb(source: Path, draft: int | None = None) -> Image.Image:
+def open_rgb(source: Path, draft: int | None = None) -> Image.Image:
     """The source as upright RGB: EXIF orientation applied, transparency flattened onto white. With
     `draft`, a JPEG may be decoded at 1/2 to 1/8 scale, still at least `draft` px a side."""
     try:
@@ -94,7 +94,7 @@ def export_post_jpeg(source: Path, max_bytes: int = MAX_MEDIA_BYTES, max_side: i
     60 is too big, the picture is scaled down (by the square root of the size overshoot) and tried
     again. A corrupt or unreadable source, or one that cannot fit, is a MediaError naming it."""
     source = Path(source)
-    content = _open_rgb(source)
+    content = open_rgb(source)
     long_side = min(max_side, max(content.size))
     while True:
         picture = _padded(_scaled(content, long_side))
@@ -129,6 +129,16 @@ def check_post_jpeg(data: bytes, max_bytes: int = MAX_MEDIA_BYTES) -> list[str]:
     return problems
 
 
+def image_size(path: str | Path | None) -> tuple[int, int]:
+    """(width, height) of the image at `path` from its header; (0, 0) when it cannot be read (the
+    format rules then name it as no picture)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, TypeError, SyntaxError):
+        return 0, 0
+
+
 THUMB_SIDE = 120  # a calendar card shows a post at most 48x60 CSS px: 2x for a sharp screen
 THUMB_QUALITY = 75
 
@@ -137,6 +147,57 @@ def thumbnail_jpeg(source: Path, max_side: int = THUMB_SIDE) -> bytes:
     """A small JPEG of `source` for pages that show many posts at once (the calendar inlines them):
     upright RGB, long side <= `max_side`, the same aspect as the source (a post's media is already
     the export's padded aspect). A MediaError names a file that cannot be read."""
-    picture = _open_rgb(Path(source), draft=max_side)
+    picture = open_rgb(Path(source), draft=max_side)
     picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return _jpeg(picture, THUMB_QUALITY)
+
+
+def export_item_jpeg(source: Path, size: tuple[int, int], focus: tuple[float, float] = (0.5, 0.5),
+                     max_bytes: int = MAX_MEDIA_BYTES) -> bytes:
+    """A carousel item: `source` cropped to `size`'s aspect around the focus point (the reviewer's
+    crop, post_formats.crop_box) and scaled to `size`, as a JPEG of at most `max_bytes`. Every item
+    of a carousel goes through this with one size, so they share one aspect exactly."""
+    from persona_pipeline.domain.post_formats import crop_box
+
+    picture = open_rgb(Path(source))
+    box = crop_box(picture.width, picture.height, size, focus)
+    picture = picture.resize(size, Image.Resampling.LANCZOS, box=box)
+    for quality in QUALITIES:
+        data = _jpeg(picture, quality)
+        if len(data) <= max_bytes:
+            return data
+    raise MediaError(f"{source}: even at JPEG quality {QUALITIES[-1]} the {size[0]}x{size[1]} item is "
+                     f"{len(data)} bytes, more than {max_bytes}")
+
+
+def vertical_frame(source: Path, size: tuple[int, int] = (1080, 1920), safe_top: int = 0,
+                   safe_bottom: int = 0) -> Image.Image:
+    """`source` on a 9:16 canvas for a story: the whole picture fitted between the safe bands
+    (`safe_top`, `safe_bottom` px kept clear of the subject, where Instagram draws its own bar and
+    reply field) over a darkened, blurred fill of itself, so nothing of the persona is cut or covered."""
+    from PIL import ImageEnhance, ImageFilter
+
+    picture = open_rgb(Path(source))
+    width, height = size
+    cover = max(width / picture.width, height / picture.height)
+    fill = picture.resize((max(width, round(picture.width * cover)), max(height, round(picture.height * cover))),
+                          Image.Resampling.BILINEAR)
+    left, top = (fill.width - width) // 2, (fill.height - height) // 2
+    fill = fill.crop((left, top, left + width, top + height)).filter(ImageFilter.GaussianBlur(24))
+    canvas = ImageEnhance.Brightness(fill).enhance(0.6)
+    room = height - safe_top - safe_bottom
+    fit = min(width / picture.width, room / picture.height)
+    inner = picture.resize((max(1, round(picture.width * fit)), max(1, round(picture.height * fit))),
+                           Image.Resampling.LANCZOS)
+    canvas.paste(inner, ((width - inner.width) // 2, safe_top + (room - inner.height) // 2))
+    return canvas
+
+
+def story_jpeg(source: Path, size: tuple[int, int], safe_top: int, safe_bottom: int) -> bytes:
+    """An image story's JPEG (vertical_frame), at most MAX_MEDIA_BYTES."""
+    picture = vertical_frame(source, size, safe_top, safe_bottom)
+    for quality in QUALITIES:
+        data = _jpeg(picture, quality)
+        if len(data) <= MAX_MEDIA_BYTES:
+            return data
+    raise MediaError(f"{source}: the {size[0]}x{size[1]} story frame is over {MAX_MEDIA_BYTES} bytes")

@@ -224,6 +224,7 @@ class InstagramGraphClient(dg.ConfigurableResource):
     backoff_s: float = 1.0
     poll_interval_s: float = 1.0
     poll_timeout_s: float = 120
+    video_poll_timeout_s: float = 900  # a reel stays IN_PROGRESS for seconds to minutes
     name: str = "instagram"
 
     # --- the calls -----------------------------------------------------------------------------
@@ -241,7 +242,14 @@ class InstagramGraphClient(dg.ConfigurableResource):
 
     def create_container(self, user_id: str, token: str, image_url: str, caption: str) -> str:
         """POST /{user}/media: a container for the JPEG at `image_url` (Meta fetches it) -> its id."""
-        body = self._call("POST", f"/{user_id}/media", token, {"image_url": image_url, "caption": caption})
+        return self.create_media(user_id, token, {"image_url": image_url, "caption": caption})
+
+    def create_media(self, user_id: str, token: str, fields: dict[str, str]) -> str:
+        """POST /{user}/media with a format's fields -> the container id: a carousel item
+        (`is_carousel_item=true`, image_url), a carousel (`media_type=CAROUSEL`, `children`,
+        caption), a reel (`media_type=REELS`, video_url, caption, share_to_feed, cover_url or
+        thumb_offset) or a story (`media_type=STORIES`, image_url or video_url)."""
+        body = self._call("POST", f"/{user_id}/media", token, dict(fields))
         return self._field(body, "id", f"POST /{user_id}/media")
 
     def container_status(self, container_id: str, token: str) -> str:
@@ -249,19 +257,26 @@ class InstagramGraphClient(dg.ConfigurableResource):
         body = self._call("GET", f"/{container_id}", token, {"fields": "status_code"})
         return self._field(body, "status_code", f"GET /{container_id}")
 
-    def wait_for_container(self, container_id: str, token: str) -> str:
+    def container_error(self, container_id: str, token: str) -> str:
+        """Why a container is in ERROR: its `status` field, as the API words it (empty if it says nothing)."""
+        body = self._call("GET", f"/{container_id}", token, {"fields": "status_code,status"})
+        return scrub(str(body.get("status") or ""), token)
+
+    def wait_for_container(self, container_id: str, token: str, timeout_s: float | None = None) -> str:
         """Poll the container until it leaves IN_PROGRESS and return that status. The interval
-        starts at `poll_interval_s` and grows x1.5 up to 10 s; after `poll_timeout_s` (counted as
-        the longer of wall time and time slept) a GraphError of kind "transient"."""
+        starts at `poll_interval_s` and grows x1.5 up to 10 s; after `timeout_s` (default
+        `poll_timeout_s`; a video takes minutes: `video_poll_timeout_s`), counted as the longer of
+        wall time and time slept, a GraphError of kind "transient"."""
         start = time.monotonic()
         interval = self.poll_interval_s
         slept = 0.0
+        limit = self.poll_timeout_s if timeout_s is None else timeout_s
         while True:
             status = self.container_status(container_id, token)
             if status != "IN_PROGRESS":
                 return status
             spent = max(time.monotonic() - start, slept)
-            if spent + interval > self.poll_timeout_s:
+            if spent + interval > limit:
                 raise GraphError("transient", f"container {container_id} still IN_PROGRESS after {spent:.0f} s",
                                  call=f"GET /{container_id}")
             sleep(interval)

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from persona_pipeline.db.publishing import DuePost, LostClaim
+from persona_pipeline.domain import post_formats
 from persona_pipeline.resources.instagram import GraphError
+from persona_pipeline.resources.instagram_formats import FormatContainers, is_video
 from persona_pipeline.resources.public_media import MediaProblem
 from persona_pipeline.resources.publish_batch import crash_point
 
@@ -49,6 +51,13 @@ class Containers:
         self.account = account
         self.batch = account.batch
         self.claims = account.batch.claims
+        self.formats = FormatContainers(self)
+
+    def _wait(self, post: DuePost, cid: str) -> str:
+        """The container's status once it leaves IN_PROGRESS; a video may take minutes."""
+        account = self.account
+        timeout = account.graph.video_poll_timeout_s if is_video(post) else None
+        return account.graph.wait_for_container(cid, account.token, timeout)
 
     def prepare(self, post: DuePost) -> Ready:
         """Make `post` ready to publish. Any unexpected error while handling it fails that post
@@ -81,7 +90,7 @@ class Containers:
             return Ready(post, done=True)
         if status == "IN_PROGRESS":
             try:
-                status = account.graph.wait_for_container(cid, account.token)
+                status = self._wait(post, cid)
             except GraphError as exc:
                 return self._error(post, exc, cid, "status", seen)
             seen.append(self.claims.attempt(post.id, "status", status.lower(), container_id=cid))
@@ -102,6 +111,16 @@ class Containers:
         if status == "PUBLISHED":  # it went out while we were waiting on it (another client?)
             self.account.reconcile(post, cid, seen)
             return Ready(post, done=True)
+        if status == "ERROR" and is_video(post):
+            # Processing failed: the same video would fail again. The stills and the file stay for a person.
+            try:
+                reason = self.account.graph.container_error(cid, self.account.token) or "no reason given"
+            except GraphError as exc:
+                reason = f"the reason could not be read ({exc})"
+            self.batch.failed(post, f"post {post.id}: Instagram could not process the {post.format} video "
+                                    f"(container {cid} ERROR): {reason}",
+                              retryable=False, step="status", container_id=cid, clear_container=True, attempts=seen)
+            return Ready(post, done=True)
         self.batch.failed(post, f"Instagram could not process container {cid} (status {status}); "
                                 "a new one is made next time",
                           retryable=True, step="status", container_id=cid, clear_container=True, attempts=seen)
@@ -109,6 +128,43 @@ class Containers:
 
     def new_container(self, post: DuePost, seen: list, recreated: int = 0) -> Ready:
         """Stage the JPEG, check its URL, create the container (its id committed first), wait for it."""
+        account, batch, claims, publisher = self.account, self.batch, self.claims, self.account.publisher
+        if post.format != post_formats.FEED:
+            made = self.formats.create(post, seen)
+            if isinstance(made, Ready):
+                return made
+            cid, values, detail = made  # `seen` holds the attempts not yet written with an item
+        else:
+            made = self._feed_container(post, seen)
+            if isinstance(made, Ready):
+                return made
+            cid, values, detail = made
+        created = datetime.now(timezone.utc)
+        # The container id is committed before anything else: a crash from here on is recovered by asking it.
+        claims.write(post, dict(container_id=cid, container_created_at=created, **values),
+                     [*seen, claims.attempt(post.id, "container", "created", container_id=cid, detail=detail)])
+        crash_point("after_container")
+        post = replace(post, container_id=cid, container_created_at=created)
+        try:
+            status = self._wait(post, cid)
+        except GraphError as exc:
+            return self._error(post, exc, cid, "status", [])
+        seen = [claims.attempt(post.id, "status", status.lower(), container_id=cid)]
+        if status == "FINISHED":
+            return Ready(post, cid, attempts=seen)
+        if status == "EXPIRED" and recreated:
+            seen.append(claims.attempt(post.id, "container", "replaced", container_id=cid, detail="EXPIRED again"))
+            batch.failed(post, f"container {cid} expired right after it was made", retryable=True, step="status",
+                         container_id=cid, clear_container=True, attempts=seen)
+            return Ready(post, done=True)
+        if status == "EXPIRED":
+            seen.append(claims.attempt(post.id, "container", "replaced", container_id=cid,
+                                       detail="container EXPIRED; a new one replaces it"))
+            return self.new_container(post, seen, recreated + 1)
+        return self._unusable(post, cid, status, seen)
+
+    def _feed_container(self, post: DuePost, seen: list) -> tuple[str, dict, str] | Ready:
+        """Stage the feed JPEG, check its URL, create its container: (id, post values, attempt detail)."""
         account, batch, claims, publisher = self.account, self.batch, self.claims, self.account.publisher
         if not post.media_path:
             batch.failed(post, f"post {post.id} has no media file", retryable=False, step="container", attempts=seen)
@@ -130,32 +186,8 @@ class Containers:
             cid = account.graph.create_container(account.user_id, account.token, staged.url, text)
         except GraphError as exc:
             return self._error(post, exc, None, "container", seen)
-        created = datetime.now(timezone.utc)
-        # The container id is committed before anything else: a crash from here on is recovered by asking it.
-        claims.write(post, dict(container_id=cid, container_created_at=created, media_url=staged.url,
-                                media_sha256=staged.sha256),
-                     [*seen, claims.attempt(post.id, "container", "created", container_id=cid,
-                                            detail=f"text_sha256={caption_digest(text)} media={staged.url}"
-                                                   + (" (exported)" if staged.exported else ""))])
-        crash_point("after_container")
-        post = replace(post, container_id=cid, container_created_at=created)
-        try:
-            status = account.graph.wait_for_container(cid, account.token)
-        except GraphError as exc:
-            return self._error(post, exc, cid, "status", [])
-        seen = [claims.attempt(post.id, "status", status.lower(), container_id=cid)]
-        if status == "FINISHED":
-            return Ready(post, cid, attempts=seen)
-        if status == "EXPIRED" and recreated:
-            seen.append(claims.attempt(post.id, "container", "replaced", container_id=cid, detail="EXPIRED again"))
-            batch.failed(post, f"container {cid} expired right after it was made", retryable=True, step="status",
-                         container_id=cid, clear_container=True, attempts=seen)
-            return Ready(post, done=True)
-        if status == "EXPIRED":
-            seen.append(claims.attempt(post.id, "container", "replaced", container_id=cid,
-                                       detail="container EXPIRED; a new one replaces it"))
-            return self.new_container(post, seen, recreated + 1)
-        return self._unusable(post, cid, status, seen)
+        return cid, dict(media_url=staged.url, media_sha256=staged.sha256), (
+            f"text_sha256={caption_digest(text)} media={staged.url}" + (" (exported)" if staged.exported else ""))
 
     def _error(self, post: DuePost, exc: GraphError, cid: str | None, step: str, seen: list) -> Ready:
         """A failed container create or status call, by the error's kind."""

@@ -57,6 +57,27 @@ def stage_jpeg(public_dir: str, base_url: str, persona_slug: str, post_id: int, 
     return StagedMedia(target, f"{base_url.rstrip('/')}/{persona_slug}/{name}", sha, exported)
 
 
+def stage_file(public_dir: str, base_url: str, persona_slug: str, stem: str, source: Path) -> StagedMedia:
+    """Put a file as it is (a carousel item or story JPEG already exported to its format, a
+    reel's MP4, a cover) at <public_dir>/<slug>/<stem>-<sha12><suffix>: the name holds the content
+    hash, as stage_jpeg's does. A file that cannot be read is a MediaProblem naming it."""
+    source = Path(source)
+    try:
+        sha = sha256_file(source)
+    except OSError as exc:
+        raise MediaProblem(f"{stem}: media file {source} cannot be read ({exc.strerror or exc})") from None
+    name = f"{stem}-{sha[:12]}{source.suffix.lower()}"
+    target = Path(public_dir) / persona_slug / name
+    if not (target.is_file() and sha256_file(target) == sha):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{name}.partial")
+        with open(source, "rb") as reader, open(tmp, "wb") as writer:
+            for block in iter(lambda: reader.read(1 << 20), b""):
+                writer.write(block)
+        tmp.replace(target)
+    return StagedMedia(target, f"{base_url.rstrip('/')}/{persona_slug}/{name}", sha, False)
+
+
 def url_problem(url: str, timeout: float) -> str | None:
     """None when `url` answers 200 (HEAD, or GET when HEAD is not allowed; up to 3 redirects
     followed), else the problem. Instagram fetches the image itself; an unreachable URL would cost

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from persona_pipeline.db.publishing import DuePost, LostClaim
+from persona_pipeline.db.publishing import DueItem, DuePost, LostClaim
+from persona_pipeline.domain import media, post_formats
 from persona_pipeline.fileio import atomic_write, sha256_file
 from persona_pipeline.resources import instagram_account
 from persona_pipeline.resources.instagram import InstagramGraphClient
-from persona_pipeline.resources.public_media import MediaProblem, StagedMedia, stage_jpeg, url_problem
+from persona_pipeline.resources.public_media import MediaProblem, StagedMedia, stage_file, stage_jpeg, url_problem
 from persona_pipeline.resources.publish_batch import PublishBatch
 
 __all__ = ["InstagramPublisher", "MediaProblem", "OutboxPublisher", "PublishOutcome", "Publisher", "StagedMedia"]
@@ -80,7 +81,9 @@ class OutboxPublisher(Publisher):
                 try:
                     outcome = self.publish(post_id=post.id, persona_slug=post.slug, account=post.account,
                                            media_path=Path(post.media_path or ""), caption=post.caption,
-                                           hashtags=list(post.hashtags), scheduled_at=post.scheduled_at)
+                                           hashtags=list(post.hashtags), scheduled_at=post.scheduled_at,
+                                           fmt=post.format, options=post.format_options or {},
+                                           items=batch.claims.items(post.id) if post.format != "feed" else [])
                 except Exception as exc:  # noqa: BLE001 - recorded on the post, never lost
                     batch.failed(post, f"{type(exc).__name__}: {exc}", retryable=True, step="outbox")
                     continue
@@ -90,24 +93,53 @@ class OutboxPublisher(Publisher):
                 batch.warn(str(exc))
 
     def publish(self, *, post_id: int, persona_slug: str, account: str, media_path: Path, caption: str,
-                hashtags: list[str], scheduled_at: datetime) -> PublishOutcome:
+                hashtags: list[str], scheduled_at: datetime, fmt: str = "feed", options: dict | None = None,
+                items: list[DueItem] = ()) -> PublishOutcome:
+        """Write the post's files (by format) then its JSON record, last: the record's presence
+        means the post went out. feed and image story: post-N.jpg; carousel: post-N-01.jpg.. in
+        order; reel and video story: post-N.mp4 and post-N-cover.jpg."""
         folder = self.outbox_dir(persona_slug)
         record = folder / f"post-{post_id:06d}.json"
         if record.is_file():  # written last: its presence means this post went out already
             existing = json.loads(record.read_text())
             return PublishOutcome(existing["external_id"], True, str(record))
-        media_path = Path(media_path)
-        if not media_path.is_file():
-            raise FileNotFoundError(f"post {post_id}: media file {media_path} is missing")
-        image_path = folder / f"post-{post_id:06d}.jpg"
-        image_sha = atomic_write(image_path, media_path.read_bytes())
+        options = dict(options or {})
+        stem = f"post-{post_id:06d}"
+        files: list[tuple[str, Path]] = []  # (name in the outbox, source)
+        if fmt == "carousel":
+            problems = post_formats.carousel_problems(
+                f"post {post_id}", [(i.label, *media.image_size(i.media_path)) for i in items])
+            if problems:
+                raise ValueError("; ".join(problems))
+            files = [(f"{stem}-{i.position:02d}.jpg", Path(i.media_path or "")) for i in items]
+        elif fmt in ("reel", "story") and options.get("video"):
+            files = [(f"{stem}.mp4", Path(options.get("video_path") or "")), (f"{stem}-cover.jpg", Path(media_path))]
+        else:
+            files = [(f"{stem}.jpg", Path(media_path))]
+        for _name, source in files:
+            if not source.is_file():
+                raise FileNotFoundError(f"post {post_id}: {fmt} media file {source} is missing")
+        written = []
+        for name, source in files:
+            sha = atomic_write(folder / name, source.read_bytes())
+            written.append({"file": name, "sha256": sha, "source_sha256": sha256_file(source)})
         external_id = f"outbox-{persona_slug}-{post_id}"
-        atomic_write(record, json.dumps({
+        entry = {
             "post_id": post_id, "external_id": external_id, "persona": persona_slug, "account": account,
-            "caption": caption, "hashtags": hashtags, "text": caption + ("\n\n" + " ".join(hashtags) if hashtags else ""),
-            "image": image_path.name, "image_sha256": image_sha, "source_sha256": sha256_file(media_path),
+            "format": fmt, "caption": caption, "hashtags": hashtags,
+            "text": caption + ("\n\n" + " ".join(hashtags) if hashtags else ""),
+            "image": written[0]["file"] if fmt == "feed" or not options.get("video") else written[1]["file"],
+            "image_sha256": written[0]["sha256"] if fmt == "feed" or not options.get("video") else written[1]["sha256"],
+            "source_sha256": written[0]["source_sha256"], "files": written,
             "scheduled_at": scheduled_at.isoformat(), "published_at": datetime.now(timezone.utc).isoformat(),
-        }, indent=2).encode())
+        }
+        if items:
+            entry["items"] = [{"position": i.position, "candidate_id": i.candidate_id, "still": i.source_path}
+                              for i in items]
+        if fmt == "reel":
+            entry.update(share_to_feed=bool(options.get("share_to_feed", True)), cover=bool(options.get("cover")),
+                         thumb_offset_ms=options.get("thumb_offset_ms"), duration_s=options.get("duration_s"))
+        atomic_write(record, json.dumps(entry, indent=2).encode())
         return PublishOutcome(external_id, False, str(record))
 
 
@@ -139,6 +171,10 @@ class InstagramPublisher(Publisher):
     def stage_media(self, persona_slug: str, post_id: int, source: Path) -> StagedMedia:
         """The post's JPEG under MEDIA_PUBLIC_DIR, exported when it breaks Instagram's rules (public_media.stage_jpeg)."""
         return stage_jpeg(self.media_public_dir, self.media_public_base_url, persona_slug, post_id, source)
+
+    def stage_file(self, persona_slug: str, stem: str, source: Path) -> StagedMedia:
+        """A format's file as it is under MEDIA_PUBLIC_DIR (public_media.stage_file): an item, a story, a video, a cover."""
+        return stage_file(self.media_public_dir, self.media_public_base_url, persona_slug, stem, source)
 
     def check_media_url(self, url: str) -> str | None:
         """None when Instagram can fetch `url`, else the problem (public_media.url_problem)."""

@@ -21,7 +21,8 @@ from persona_pipeline.objectstore import ObjectStoreError
 from persona_pipeline.review import auth
 from persona_pipeline.review.web import config_of, home_of
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+# Images, and a reel's or video story's MP4 (the Posts page plays it).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".mp4"})
 THUMB_CACHE = ".cache/thumbs"  # under PERSONA_HOME
 
 

@@ -14,7 +14,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from persona_pipeline.db import models, review, review_posts, review_views
+from persona_pipeline.db import models, review, review_items, review_posts, review_views
+from persona_pipeline.domain import post_formats
 from persona_pipeline.review.inputs import BadInput, form_text, format_time, local_zone, parse_local_slot, path_id, split_hashtags
 from persona_pipeline.review.media import media_url
 from persona_pipeline.review.web import flash, home_of, in_db, page, render
@@ -35,8 +36,38 @@ def _posts(session: Session, slug: str | None, home: Path) -> list[dict[str, Any
             "slot_input": post.scheduled_at.astimezone(zone).strftime("%Y-%m-%dT%H:%M"),
             "candidate_id": post.candidate_id,
             "failure_reason": post.failure_reason, "retry_count": post.retry_count, "retryable": post.retryable,
+            **_format_view(session, post, home),
         })
     return result
+
+
+def _versioned(home: Path, path: str | None, sha: str | None) -> str | None:
+    """The file's /media URL with its content hash, so a remade item never shows from the browser's cache."""
+    url = media_url(home, path)
+    return f"{url}?v={sha[:12]}" if url and sha else url
+
+
+def _format_view(session: Session, post: models.Post, home: Path) -> dict[str, Any]:
+    """What the page shows of a post's format: a carousel's items (they swipe), a reel's video (it
+    plays), a story's safe bands; and the candidates an item may be replaced with."""
+    view: dict[str, Any] = {"format": post.format or "feed", "items": [], "video_url": None, "options": []}
+    if post.format in (None, post_formats.FEED):
+        return view
+    options = post.format_options or {}
+    view["items"] = [{"position": i.position, "candidate_id": i.candidate_id,
+                      "url": _versioned(home, i.media_path or i.source_path, i.media_sha256) or media_url(home, i.source_path)}
+                     for i in review_items.items_of(session, post.id)]
+    if options.get("video_path"):
+        view["video_url"] = media_url(home, options["video_path"])
+        view["url"] = _versioned(home, post.media_path, post.media_sha256)
+    elif post.format == post_formats.CAROUSEL:
+        view["url"] = None  # the strip shows every item
+    if post.format == post_formats.STORY and not options.get("video"):
+        view["safe"] = True  # review.css draws the bands (STORY_SAFE_TOP/BOTTOM of the 1920 px frame)
+        view["url"] = _versioned(home, post.media_path, post.media_sha256)
+    view["options"] = [{"id": c.id, "url": media_url(home, c.image_path)}
+                       for c in review_items.replacement_options(session, post)[:12]]
+    return view
 
 
 async def _render_posts(request: Request, slug: str | None, *, errors: dict[int, dict[str, str]] | None = None,
@@ -50,6 +81,14 @@ async def _render_posts(request: Request, slug: str | None, *, errors: dict[int,
                    if post_id not in shown and typed.get("error")]
     return render(request, "posts.html", {"posts": posts, "persona": slug, "title": "Posts to approve",
                                           "page_errors": page_errors}, status)
+
+
+def _positions(text: str) -> list[int]:
+    """"3, 1, 2" -> [3, 1, 2]; anything else is a BadInput naming the value."""
+    parts = [p for p in re.split(r"[\s,]+", text.strip()) if p]
+    if not parts or not all(p.isdigit() and len(p) <= 9 for p in parts):
+        raise BadInput(f"{text!r} is not a list of numbers (e.g. 2, 1, 3)")
+    return [int(p) for p in parts]
 
 
 def slug_param(value: str | None) -> str | None:
@@ -78,7 +117,8 @@ def post_timezone(session: Session, post_id: int) -> str:
 
 @page
 async def post_action(request: Request, reviewer: str, form: FormData) -> Response:
-    """approve | edit | reject | move | retry | abandon one post (the action is the last path segment)."""
+    """approve | edit | reject | move | retry | abandon | reorder | replace one post (the action is the
+    last path segment)."""
     post_id = path_id(request, "post_id")
     action = request.path_params["action"]
     slug = slug_param(form_text(form, "persona", 64) or None)
@@ -104,6 +144,16 @@ async def post_action(request: Request, reviewer: str, form: FormData) -> Respon
         elif action == "retry":
             await in_db(request, review_posts.retry_post, post_id, reviewer)
             message = f"Post {post_id} will be published again."
+        elif action == "reorder":
+            typed.update(order=form_text(form, "order", 100))
+            order = _positions(typed["order"])
+            await in_db(request, review_items.reorder_items, post_id, order, reviewer, home_of(request))
+            message = f"Post {post_id}: items in the order {', '.join(map(str, order))}; its media was made again."
+        elif action == "replace":
+            typed.update(position=form_text(form, "position", 4), candidate=form_text(form, "candidate", 12))
+            position, candidate = _positions(typed["position"])[0], _positions(typed["candidate"])[0]
+            await in_db(request, review_items.replace_item, post_id, position, candidate, reviewer, home_of(request))
+            message = f"Post {post_id}: item {position} is now candidate {candidate}; its media was made again."
         elif action == "abandon":
             typed.update(reason=form_text(form, "reason", 500))
             await in_db(request, lambda s: review_posts.abandon_post(s, post_id, reviewer, reason=typed["reason"]))

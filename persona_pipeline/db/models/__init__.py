@@ -29,7 +29,7 @@ from persona_pipeline.db.models.generation import (
     Vote,
 )
 from persona_pipeline.db.models.library import Cluster, LibraryItem, PillarGapReport, TopicRotation
-from persona_pipeline.db.models.posts import LIVE_SLOT, Post, PostAttempt
+from persona_pipeline.db.models.posts import LIVE_SLOT, Post, PostAttempt, PostItem
 from persona_pipeline.db.models.alerts import Alert
 from persona_pipeline.db.models.insights import AccountInsight, InsightPoll, PostInsight
 
@@ -38,7 +38,7 @@ __all__ = [
     "ContentPillar", "Dataset", "LoraModel", "Persona", "PersonaLora", "PhotoCaption", "SourcePhoto",
     "Candidate", "ContentPrompt", "GenerationJob", "GenerationRun", "PairOffer", "ReviewEvent", "RunStep", "Vote",
     "Cluster", "LibraryItem", "PillarGapReport", "TopicRotation",
-    "LIVE_SLOT", "Post", "PostAttempt",
+    "LIVE_SLOT", "Post", "PostAttempt", "PostItem",
     "Alert",
     "AccountInsight", "InsightPoll", "PostInsight",
 ]

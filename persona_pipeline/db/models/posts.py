@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from persona_pipeline.db.models.base import Base, CreatedAt, PersonaFK, PillarFK, UpdatedAt
@@ -31,6 +31,12 @@ class Post(Base):
                             postgresql_where=text(TO_PUBLISH)))
     persona_id: Mapped[PersonaFK]
     pillar_id: Mapped[PillarFK]
+    # feed | carousel | story | reel (domain/post_formats.py); a carousel's, story's or reel's stills
+    # are its `items`, in order. `media_path` is the feed or story image, or the reel's MP4.
+    format: Mapped[str] = mapped_column(String(16), default="feed", server_default="feed")
+    # Per-format settings the post was made with: a reel's share_to_feed, cover_path, thumb_offset_ms,
+    # audio; a carousel's aspect; a story's video flag.
+    format_options: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=dict)
     # A winner's candidate, or None for a post of a source photo (library_item_id says which).
     candidate_id: Mapped[int | None] = mapped_column(ForeignKey("candidates.id", ondelete="RESTRICT"))
     account: Mapped[str] = mapped_column(String(120))  # instagram user id, or outbox:<slug>
@@ -62,6 +68,28 @@ class Post(Base):
     updated_at: Mapped[UpdatedAt]
 
     candidate: Mapped[Candidate | None] = relationship()
+    items: Mapped[list["PostItem"]] = relationship(order_by="PostItem.position", cascade="all, delete-orphan",
+                                                   passive_deletes=True)
+
+
+class PostItem(Base):
+    """One still of a carousel, story or reel, in order: where it came from (candidate -> LoRA ->
+    dataset, or a library item), the crop chosen for it, its exported file and, for a carousel,
+    its item container (committed before the next call, so a rerun asks it instead of making another)."""
+
+    __tablename__ = "post_items"
+    __table_args__ = (UniqueConstraint("post_id", "position"),)
+    post_id: Mapped[int] = mapped_column(ForeignKey("posts.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)  # 1-based
+    candidate_id: Mapped[int | None] = mapped_column(ForeignKey("candidates.id", ondelete="RESTRICT"))
+    library_item_id: Mapped[int | None] = mapped_column(ForeignKey("library_items.id", ondelete="SET NULL"))
+    source_path: Mapped[str] = mapped_column(Text)  # the still as generated (kept when a video fails)
+    crop: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # {"x": 0.5, "y": 0.4}: the focus point
+    media_path: Mapped[str | None] = mapped_column(Text)  # the exported item (carousel JPEG, story frame)
+    media_sha256: Mapped[str | None] = mapped_column(String(64))
+    container_id: Mapped[str | None] = mapped_column(String(200))
+    container_created_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[CreatedAt]
 
 
 class PostAttempt(Base):
