@@ -405,14 +405,13 @@ class PostClaims:
         """One transaction: item `position` of `post` (only while our claim holds, whose lease is
         renewed) and its attempts. An item container id is committed here before the next call."""
         stamp = self.clock()
-        with session_scope(self.url) as session:
-            connection = session.connection()
-            if not connection.execute(update(models.Post).where(self._ours(post.id)).values(claimed_at=stamp)).rowcount:
+        with self._transaction() as connection:
+            if not self._update(connection, post.id, {"claimed_at": stamp}):
                 raise LostClaim(f"post {post.id} is no longer claimed by this run")
             connection.execute(update(models.PostItem).where(models.PostItem.post_id == post.id,
                                                              models.PostItem.position == position).values(**values))
             if attempts:
-                connection.execute(insert(models.PostAttempt), attempts)
+                connection.execute(_statements()["attempt"], attempts)
 
     def container_caption_digest(self, post_id: int, container_id: str) -> str | None:
         """The caption digest a container was made with (`text_sha256=` in its attempt row), None if unknown."""
