@@ -238,6 +238,15 @@ class Settings:
     clip_pretrained: str = setting(
         "PERSONA_CLIP_PRETRAINED", TEXT, "",
         "Weights for a real open_clip architecture: a local file, or a pretrained tag. Empty = random.")
+    face_model: str = setting(
+        "PERSONA_FACE_MODEL", TEXT, "",
+        "An ArcFace-style face-embedding ONNX model (local path). Set, identity scores (candidate gate, checkpoint and "
+        "LoRA evaluation) are face-embedding cosines; empty = the open_clip model (docs/training.md#identity). Needs "
+        "the `face` extra (onnxruntime).")
+    face_detector: str = setting(
+        "PERSONA_FACE_DETECTOR", TEXT, "",
+        "The face detector ONNX model (local path) that crops the face for `PERSONA_FACE_MODEL`; its input and output "
+        "contract is in docs/training.md#identity.")
     gemini_api_key: str = setting(
         "GEMINI_API_KEY", TEXT, "",
         "Gemini API key (captions of training photos and posts, content prompts, cluster names). Empty = the "

@@ -17,7 +17,9 @@ from persona_pipeline.assets.common import file_image_metadata, persona_for, she
 from persona_pipeline.db import models, registry
 from persona_pipeline.domain.checkpoint_selection import CheckpointScore, rank_checkpoints
 from persona_pipeline.partitions import persona_partitions
+from persona_pipeline.identity import ClipIdentity, FaceModelError, IdentityReference, identity_stats, reference_for
 from persona_pipeline.resources.clip import ClipModel
+from persona_pipeline.resources.face import FaceModel
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline.resources.links import UiLinks
@@ -45,7 +47,7 @@ TRAINING_OP_TAGS = {
 @dg.asset(partitions_def=persona_partitions, deps=["training_dataset"], group_name="training",
           kinds={"pytorch", "diffusers"}, pool=GPU_POOL, op_tags=TRAINING_OP_TAGS)
 def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
-               diffusion: DiffusionBackend, clip: ClipModel, links: UiLinks) -> dg.MaterializeResult:
+               diffusion: DiffusionBackend, clip: ClipModel, face: FaceModel, links: UiLinks) -> dg.MaterializeResult:
     """Trains the persona's LoRA on its latest dataset, keeps the best checkpoint and makes it the primary
     LoRA. Started by the photo_set job (persona_folders sensor), the persona_chain job, or lora_training by
     hand."""
@@ -59,10 +61,11 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
     if dataset is None:
         raise dg.Failure(f"{slug}: no training dataset; materialise training_dataset first")
     try:
+        identity = reference_for(face.identity(clip), ClipIdentity(clip), source_paths)
         diffusion = diffusion.for_persona(config)
         params = diffusion.training_params(config.training.param_overrides())
         preset = diffusion.preset_name()
-    except TrainingConfigError as exc:
+    except (TrainingConfigError, FaceModelError) as exc:
         raise dg.Failure(f"{slug}: {exc}") from None
     version = hashlib.sha256(json.dumps({"dataset": dataset.version, "base": diffusion.base_model,
                                          "params": params.as_dict()}, sort_keys=True).encode()).hexdigest()
@@ -84,7 +87,7 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
             raise dg.Failure(f"{slug}: {exc}") from None
         prompts = [p.format(trigger=config.trigger_word, class_word=config.class_word) for p in config.training.validation_prompts]
         seeds = list(config.training.validation_seeds)
-        scores = _score_checkpoints(diffusion, clip, result.checkpoints, prompts, seeds, source_paths, config.trigger_word, work)
+        scores = _score_checkpoints(diffusion, clip, identity, result.checkpoints, prompts, seeds, config.trigger_word, work)
         ranked = rank_checkpoints(scores)
         best = ranked[0]
         shutil.copyfile(work / "checkpoints" / best.file, work / weight_name)
@@ -99,7 +102,8 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
             "dataset_id": dataset.id, "dataset_version": dataset.version, "dataset_path": dataset.path,
             "steps": params.steps, "resumed_from_step": result.resumed_from, "seconds": result.seconds,
             "images": result.image_count, "losses": result.losses,
-            "validation": {"prompts": prompts, "seeds": seeds},
+            "validation": {"prompts": prompts, "seeds": seeds, "identity_method": identity.method,
+                           "identity_warning": identity.warning()},
             "checkpoints": [{"step": r.step, "file": r.file, "identity": r.identity, "alignment": r.alignment,
                              "combined": r.combined, "rank": r.rank} for r in sorted(ranked, key=lambda r: r.step)],
             "selected": {"step": best.step, "file": weight_name, "from": best.file},
@@ -133,6 +137,9 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
         "base_model": diffusion.base_model,
         "family": metadata["family"],
         "selected_step": metadata["selected"]["step"],
+        "identity_method": metadata["validation"].get("identity_method", "clip"),
+        **({"identity_warning": metadata["validation"]["identity_warning"]}
+           if metadata["validation"].get("identity_warning") else {}),
         "steps": len(losses),
         "resumed_from_step": metadata["resumed_from_step"],
         "final_loss": float(losses[-1]),
@@ -146,15 +153,15 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
     })
 
 
-def _score_checkpoints(diffusion: DiffusionBackend, clip: ClipModel, checkpoints: list[tuple[int, Path]], prompts: list[str],
-                       seeds: list[int], source_paths: list[Path], trigger_word: str, work: Path) -> list[CheckpointScore]:
-    """Identity: mean cosine of a checkpoint's renders to the centroid of the source photos.
-    Alignment: mean cosine of each render to its prompt, with the trigger word removed (it means
-    nothing to CLIP). Both with open_clip; noise on the tiny random model, meaningful on real weights."""
+def _score_checkpoints(diffusion: DiffusionBackend, clip: ClipModel, identity: IdentityReference,
+                       checkpoints: list[tuple[int, Path]], prompts: list[str], seeds: list[int], trigger_word: str,
+                       work: Path) -> list[CheckpointScore]:
+    """Identity: mean similarity of a checkpoint's renders to the source photos' centroid (face model
+    or open_clip; a render without a face counts 0). Alignment: mean open_clip cosine of each render
+    to its prompt, trigger word removed (it means nothing to CLIP). Noise on the tiny random model,
+    meaningful on real weights."""
     renders = diffusion.render_checkpoints([path for _, path in checkpoints], prompts, seeds)
-    centroid = clip.embed_images(source_paths).mean(axis=0)
-    centroid /= np.linalg.norm(centroid) or 1.0
-    texts = clip.embed_texts([" ".join(w for w in p.split() if w.strip(",") != trigger_word) for p in prompts])
+    texts = clip.embed_texts([strip_trigger(p, trigger_word) for p in prompts])
     scores = []
     out_dir = work / "validation"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +172,12 @@ def _score_checkpoints(diffusion: DiffusionBackend, clip: ClipModel, checkpoints
             image.save(target)
             paths.append(target)
         embedded = clip.embed_images(paths)
-        identity = float((embedded @ centroid).mean())
+        similarities, _ = identity.score(paths)
         alignment = float(np.mean([embedded[i] @ texts[i // len(seeds)] for i in range(len(paths))]))
-        scores.append(CheckpointScore(step=step, file=path.name, identity=identity, alignment=alignment))
+        scores.append(CheckpointScore(step=step, file=path.name, identity=identity_stats(similarities)[0], alignment=alignment))
     return scores
+
+
+def strip_trigger(prompt: str, trigger_word: str) -> str:
+    """The prompt as open_clip should read it: without the trigger word, which means nothing to it."""
+    return " ".join(w for w in prompt.split() if w.strip(",") != trigger_word)
