@@ -159,3 +159,45 @@ def test_lora_model_names_its_identity_model_and_refuses_a_wrong_face_path(face_
     import json
     recorded = json.loads((Path(meta["path"].value).parent / "metadata.json").read_text())["validation"]
     assert recorded["identity_method"] == "face:arcface.onnx+detector.onnx" and recorded["identity_warning"] is None
+
+
+def test_candidates_without_a_face_are_gated_with_the_reason(face_models, tmp_path, db_url):
+    """Through the candidates asset on the fake ComfyUI (solid-colour images: mostly no face): every
+    image the detector finds no face in is rejected as such; the metadata names the method and warns."""
+    from sqlalchemy import select
+
+    from persona_fakes.comfyui import FakeComfyUI
+    from persona_pipeline.assets.candidates import candidates
+    from persona_pipeline.assets.content_plan import content_plan
+    from persona_pipeline.assets.source_photos import source_photos
+    from persona_pipeline.db import models, registry
+    from persona_pipeline.db.session import session_scope
+    from persona_pipeline.personas import load_persona
+    from persona_pipeline_tests.conftest import materialise_persona, write_persona
+    from persona_pipeline_tests.test_generation import COMFY_STEPS, add_lora, comfy_persona, lora_name
+
+    with FakeComfyUI(job_time_s=0.01, loras=[lora_name("tester")], checkpoints=["tiny.safetensors"]) as server:
+        settings, _ = comfy_persona(tmp_path, db_url, server, auto_review=False, face_model=str(face_models[0]),
+                                    face_detector=str(face_models[1]))
+        folder = write_persona(settings.datasets_dir, photos=12, generation={
+            "prompts_per_plan": 1, "steps": [dict(COMFY_STEPS[0], n=6)], "identity_threshold": -1.0,
+            "checkpoint": "tiny.safetensors"})
+        with session_scope(settings.database_url) as session:
+            registry.sync_persona(session, load_persona(folder))
+        add_lora(settings, "tester", tmp_path)
+        result, _ = materialise_persona([source_photos, content_plan, candidates], settings, folder)
+    meta = result.asset_materializations_for_node("candidates")[0].metadata
+    assert meta["identity_method"].value == "face:arcface.onnx+detector.onnx"
+    embedder = OnnxFaceIdentity(str(face_models[0]), str(face_models[1]))
+    with session_scope(settings.database_url) as session:
+        rows = list(session.scalars(select(models.Candidate)))
+        faceless = [r for r in rows if embedder.detect(Image.open(r.image_path).convert("RGB")) is None]
+        assert len(rows) == 6 and faceless, "the fake's solid colours should include images without a face"
+        for row in rows:
+            if row in faceless:
+                assert row.status == "rejected" and row.identity_score is None
+                assert row.status_reason == f"{NO_FACE} by the face model face:arcface.onnx+detector.onnx"
+            else:
+                assert row.status != "rejected" and row.identity_score is not None
+    assert meta["identity_warning"].value == (f"face model configured, but {NO_FACE} in {len(faceless)} of 6 image(s); "
+                                              "those have no identity score")
