@@ -247,6 +247,14 @@ class Settings:
         "PERSONA_FACE_DETECTOR", TEXT, "",
         "The face detector ONNX model (local path) that crops the face for `PERSONA_FACE_MODEL`; its input and output "
         "contract is in docs/training.md#identity.")
+    promote_identity_tolerance: float = setting(
+        "PERSONA_PROMOTE_IDENTITY_TOLERANCE", Number(0, 2), "0",
+        "How far a new LoRA version's mean identity on the evaluation set may fall below the primary's and still "
+        "replace it (0 = not worse at all; docs/training.md#evaluation-and-promotion).")
+    promote_alignment_tolerance: float = setting(
+        "PERSONA_PROMOTE_ALIGNMENT_TOLERANCE", Number(0, 2), "0.02",
+        "How far a new LoRA version's prompt alignment on the evaluation set may fall below the primary's and "
+        "still replace it.")
     gemini_api_key: str = setting(
         "GEMINI_API_KEY", TEXT, "",
         "Gemini API key (captions of training photos and posts, content prompts, cluster names). Empty = the "

@@ -26,7 +26,7 @@ from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.personas import PersonaConfig, PipelineStep
 from persona_pipeline.identity import ClipIdentity, FaceModelError, reference_for
 from persona_pipeline.resources.clip import ClipModel
-from persona_pipeline.resources.face import FaceModel
+from persona_pipeline.resources.evaluation import FaceModel
 from persona_pipeline.resources.comfyui import ComfyUIPool
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend

@@ -1,8 +1,9 @@
 """lora_model: train a LoRA on the persona's latest dataset (resuming a killed run from its latest
 checkpoint), render every checkpoint on fixed validation prompts and seeds, score identity and
-prompt alignment with open_clip, keep the best checkpoint, and register it in the LoRA library
-as the persona's primary LoRA. The folder holds every checkpoint, the validation images, the loss
-curve and a metadata.json with the sha256 of each file."""
+prompt alignment, keep the best checkpoint and register it in the LoRA library as a new version.
+The version is then rendered on the persona's evaluation set next to the primary LoRA and becomes
+primary only when it is not worse (assets/lora_promotion.py). The folder holds every checkpoint,
+the validation images, the loss curve and a metadata.json with the sha256 of each file."""
 
 import hashlib
 import json
@@ -19,7 +20,8 @@ from persona_pipeline.domain.checkpoint_selection import CheckpointScore, rank_c
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.identity import ClipIdentity, FaceModelError, IdentityReference, identity_stats, reference_for
 from persona_pipeline.resources.clip import ClipModel
-from persona_pipeline.resources.face import FaceModel
+from persona_pipeline.assets.lora_promotion import evaluate_and_decide
+from persona_pipeline.resources.evaluation import FaceModel, PromotionRules
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline.resources.links import UiLinks
@@ -27,6 +29,7 @@ from persona_pipeline.resources.storage import PersonaStorage
 from persona_pipeline.fileio import atomic_write, sha256_file
 from persona_pipeline.training.lora import TrainingConfigError, TrainingDiverged
 from persona_pipeline.training.lora_files import inspect_lora_file
+from persona_pipeline.training.evaluation import strip_trigger
 from persona_pipeline.training.loss_curve import loss_curve_png
 
 GPU_POOL = "gpu_training"
@@ -47,9 +50,10 @@ TRAINING_OP_TAGS = {
 @dg.asset(partitions_def=persona_partitions, deps=["training_dataset"], group_name="training",
           kinds={"pytorch", "diffusers"}, pool=GPU_POOL, op_tags=TRAINING_OP_TAGS)
 def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
-               diffusion: DiffusionBackend, clip: ClipModel, face: FaceModel, links: UiLinks) -> dg.MaterializeResult:
-    """Trains the persona's LoRA on its latest dataset, keeps the best checkpoint and makes it the primary
-    LoRA. Started by the photo_set job (persona_folders sensor), the persona_chain job, or lora_training by
+               diffusion: DiffusionBackend, clip: ClipModel, face: FaceModel, promotion: PromotionRules,
+               links: UiLinks) -> dg.MaterializeResult:
+    """Trains the persona's LoRA on its latest dataset, keeps the best checkpoint, evaluates it against the
+    primary LoRA and makes it primary when it is not worse. Started by the photo_set job (persona_folders sensor), the persona_chain job, or lora_training by
     hand."""
     slug = context.partition_key
     with database.session() as session:
@@ -122,8 +126,11 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
             base_model=diffusion.base_model, trigger_word=config.trigger_word, dataset_id=dataset.id,
             training={"params": metadata["params"], "final_loss": metadata["losses"][-1], "seconds": metadata["seconds"],
                       "selected_step": metadata["selected"]["step"]},
-            weight=1.0, primary=True, origin="trained", family=metadata["family"], key_format=metadata["key_format"])
+            weight=1.0, primary=None, origin="trained", family=metadata["family"], key_format=metadata["key_format"])
         lora_id, lora_version = lora.id, lora.version
+    evaluation = evaluate_and_decide(context, database=database, storage=storage, links=links, diffusion=diffusion,
+                                     clip=clip, identity=identity, rules=promotion, persona_id=persona.id, slug=slug,
+                                     config=config, lora_id=lora_id)
     rows = metadata["checkpoints"]
     renders = sorted((folder / "validation").glob("*.png"))
     losses = metadata["losses"]
@@ -137,9 +144,7 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
         "base_model": diffusion.base_model,
         "family": metadata["family"],
         "selected_step": metadata["selected"]["step"],
-        "identity_method": metadata["validation"].get("identity_method", "clip"),
-        **({"identity_warning": metadata["validation"]["identity_warning"]}
-           if metadata["validation"].get("identity_warning") else {}),
+        **evaluation,
         "steps": len(losses),
         "resumed_from_step": metadata["resumed_from_step"],
         "final_loss": float(losses[-1]),
@@ -177,7 +182,3 @@ def _score_checkpoints(diffusion: DiffusionBackend, clip: ClipModel, identity: I
         scores.append(CheckpointScore(step=step, file=path.name, identity=identity_stats(similarities)[0], alignment=alignment))
     return scores
 
-
-def strip_trigger(prompt: str, trigger_word: str) -> str:
-    """The prompt as open_clip should read it: without the trigger word, which means nothing to it."""
-    return " ".join(w for w in prompt.split() if w.strip(",") != trigger_word)

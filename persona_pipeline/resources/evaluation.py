@@ -1,5 +1,6 @@
-"""The face model resource: which identity embedder the assets use. With PERSONA_FACE_MODEL set it
-is the ONNX face embedder (and detector), otherwise the open_clip model the assets already have."""
+"""The identity and promotion resources: which identity embedder the assets use (with
+PERSONA_FACE_MODEL set, the ONNX face embedder and detector, otherwise open_clip), and the promotion
+rule's tolerances for new LoRA versions."""
 
 from __future__ import annotations
 
@@ -22,3 +23,11 @@ class FaceModel(dg.ConfigurableResource):
         if not self.model_path:
             return ClipIdentity(clip)
         return OnnxFaceIdentity(self.model_path, self.detector_path)
+
+
+class PromotionRules(dg.ConfigurableResource):
+    """When a new LoRA version replaces the primary (persona_pipeline/domain/promotion.py): how far its
+    identity and its prompt alignment on the evaluation set may fall below the primary's."""
+
+    identity_tolerance: float = 0.0
+    alignment_tolerance: float = 0.02
