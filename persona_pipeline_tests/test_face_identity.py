@@ -154,8 +154,13 @@ def test_lora_model_names_its_identity_model_and_refuses_a_wrong_face_path(face_
     settings = make_settings(tmp_path, db_url, face_model=str(face_models[0]), face_detector=str(face_models[1]))
     result, _ = materialise_persona([lora_model], settings, folder)
     meta = result.asset_materializations_for_node("lora_model")[0].metadata
-    # The demo photos and the renders have red-enough regions for the toy detector: identity is the face model's.
-    assert meta["identity_method"].value == "face:arcface.onnx+detector.onnx" and "identity_warning" not in meta
+    # The demo photos have red-enough regions for the toy detector: identity is the face model's.
+    assert meta["identity_method"].value == "face:arcface.onnx+detector.onnx"
+    # The evaluation renders (default set: 3 prompts × 2 seeds) that have no face are counted and warned about.
+    no_face = meta["evaluation"].value.records[-1].data["no_face"]
+    assert no_face > 0, "the toy detector should miss the face in some of the world model's renders"
+    assert f"face model configured, but {NO_FACE} in {no_face} of 6 image(s); those have no identity score" == \
+        meta["identity_warning"].value
     import json
     recorded = json.loads((Path(meta["path"].value).parent / "metadata.json").read_text())["validation"]
     assert recorded["identity_method"] == "face:arcface.onnx+detector.onnx" and recorded["identity_warning"] is None

@@ -24,13 +24,15 @@ def evaluate_and_decide(context: dg.AssetExecutionContext, *, database, storage,
     with database.session() as session:
         new = session.get(models.LoraModel, lora_id)
         current = registry.primary_lora(session, persona_id)
-        rival = current.lora if current is not None and current.lora_id != lora_id else None
+        current_id = current.lora_id if current is not None else None
+        rival = current.lora if current_id is not None and current_id != lora_id else None
+        rival_id = rival.id if rival is not None else None
         earlier = promotion.decisions(session, persona_id, lora_id)
-        known = {lid: promotion.evaluation(session, lid, key) for lid in [lora_id] + ([rival.id] if rival else [])}
+        known = {lid: promotion.evaluation(session, lid, key) for lid in [lora_id] + ([rival_id] if rival else [])}
         versions = {row.id: (row.version, Path(row.path), row.family) for row in [new] + ([rival] if rival else [])}
     not_comparable = None
-    if rival is not None and known[rival.id] is None:
-        not_comparable = _why_not_comparable(versions[rival.id], versions[lora_id][2])
+    if rival_id is not None and known[rival_id] is None:
+        not_comparable = _why_not_comparable(versions[rival_id], versions[lora_id][2])
 
     todo = [lid for lid, row in known.items() if row is None and not (lid != lora_id and not_comparable)]
     if todo:
@@ -45,13 +47,15 @@ def evaluate_and_decide(context: dg.AssetExecutionContext, *, database, storage,
         scored = {lid: (promotion.scores_of(row), list(row.renders)) for lid, row in rows.items() if row is not None}
         if earlier:
             outcome, reason = earlier[-1].kind, f"decided before by {earlier[-1].reviewer}: {earlier[-1].payload.get('reason')}"
+        elif current_id == lora_id:  # made primary before promotion had events
+            outcome, reason = "primary", "already the primary; nothing to decide"
         else:
-            outcome, reason = _decide(session, persona_id, lora_id, rival, not_comparable, scored, rules)
+            outcome, reason = _decide(session, persona_id, lora_id, rival_id, not_comparable, scored, rules)
         primary_now = registry.primary_lora(session, persona_id)
         primary_now_id = primary_now.lora_id if primary_now else None
     context.log.info(f"{slug}: LoRA {lora_id} {outcome}: {reason}")
 
-    order = ([rival.id] if rival is not None and rival.id in scored else []) + [lora_id]
+    order = ([rival_id] if rival_id in scored else []) + [lora_id]
     labels = {lid: f"v{versions[lid][0]}{' (primary)' if lid == primary_now_id else ''}" for lid in order}
     sheet = [(Path(scored[lid][1][p * len(seeds) + s]), f"{labels[lid]} p{p} s{seeds[s]}")
              for p in range(len(prompts)) for lid in order for s in range(len(seeds))]
@@ -67,16 +71,16 @@ def evaluate_and_decide(context: dg.AssetExecutionContext, *, database, storage,
     }
 
 
-def _decide(session, persona_id: int, lora_id: int, rival, not_comparable: str | None,
+def _decide(session, persona_id: int, lora_id: int, rival_id: int | None, not_comparable: str | None,
             scored: dict[int, tuple[EvalScores, list[str]]], rules) -> tuple[str, str]:
     """Apply the rule once for a new version; the event records who (the asset) and why."""
     new_scores = scored[lora_id][0]
     payload = {"scores": new_scores.as_dict()}
-    if rival is not None and not_comparable:
-        why = f"the primary LoRA {rival.id} cannot be compared: {not_comparable}; promote by hand if it should replace it"
+    if rival_id is not None and not_comparable:
+        why = f"the primary LoRA {rival_id} cannot be compared: {not_comparable}; promote by hand if it should replace it"
         promotion.hold(session, persona_id, lora_id, why, payload)
         return promotion.HOLD, why
-    primary_scores = scored[rival.id][0] if rival is not None else None
+    primary_scores = scored[rival_id][0] if rival_id is not None else None
     if primary_scores is not None:
         payload["primary_scores"] = primary_scores.as_dict()
     decision = decide(new_scores, primary_scores, rules.identity_tolerance, rules.alignment_tolerance)
