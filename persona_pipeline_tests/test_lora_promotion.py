@@ -122,7 +122,7 @@ def test_new_versions_are_evaluated_against_the_primary_and_promoted_only_when_n
     assert second["promotion_reason"].value.startswith("identity ") and "worse than the primary's 1.0000" in \
         second["promotion_reason"].value
     table = [r.data for r in second["evaluation"].value.records]
-    assert [r["lora"] for r in table] == [v1, v2] and [r["role"] for r in table] == ["previous primary", "new"]
+    assert [r["lora"] for r in table] == [v1, v2] and [r["role"] for r in table] == ["incumbent", "new"]
     assert "(primary)" in table[0]["version"] and table[0]["identity_mean"] == 1.0
     with session_scope(db_url) as session:
         persona = registry.get_persona(session, "tester")

@@ -64,9 +64,9 @@ def evaluate_and_decide(context: dg.AssetExecutionContext, *, database, storage,
         "promotion_reason": reason,
         "identity_method": identity.method,
         **({"identity_warning": identity.warning()} if identity.warning() else {}),
-        "evaluation": table([{"lora": lid, "version": labels[lid], "role": "new" if lid == lora_id else "previous primary",
+        "evaluation": table([{"lora": lid, "version": labels[lid], "role": "new" if lid == lora_id else "incumbent",
                               **scored[lid][0].as_dict()} for lid in order]),
-        # One row per prompt; per row, each version's seeds side by side (the previous primary first).
+        # One row per prompt; per row, each version's seeds side by side (the incumbent primary first).
         **sheet_metadata("evaluation_sheet", sheet, storage, links, slug, columns=len(order) * len(seeds)),
     }
 
