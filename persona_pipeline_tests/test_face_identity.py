@@ -206,3 +206,26 @@ def test_candidates_without_a_face_are_gated_with_the_reason(face_models, tmp_pa
                 assert row.status != "rejected" and row.identity_score is not None
     assert meta["identity_warning"].value == (f"face model configured, but {NO_FACE} in {len(faceless)} of 6 image(s); "
                                               "those have no identity score")
+
+
+def test_the_dataset_identity_check_uses_the_face_model_and_names_photos_without_a_face(face_models, tmp_path, db_url):
+    from persona_pipeline.assets.source_photos import source_photos
+    from persona_pipeline.assets.training_dataset import IDENTITY_OUTLIERS, training_dataset
+    from persona_pipeline_tests.conftest import make_settings, materialise_persona, write_persona
+
+    settings = make_settings(tmp_path, db_url, face_model=str(face_models[0]), face_detector=str(face_models[1]))
+    folder = write_persona(settings.datasets_dir, photos=10)
+    # A grey, textured card big enough to be accepted as a photo, with no face at all.
+    noise = np.random.default_rng(3).integers(80, 160, size=(320, 320, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "photos" / "zz_no_face.png")
+    result, _ = materialise_persona([source_photos, training_dataset], settings, folder)
+    check = next(c for c in result.get_asset_check_evaluations() if c.check_name == IDENTITY_OUTLIERS)
+    assert check.metadata["identity_method"].value == "face:arcface.onnx+detector.onnx"
+    embedder = OnnxFaceIdentity(str(face_models[0]), str(face_models[1]))
+    faceless = sorted(p.name for p in (folder / "photos").iterdir() if p.suffix in {".jpg", ".png"}
+                      and embedder.detect(Image.open(p).convert("RGB")) is None)
+    assert "zz_no_face.png" in faceless
+    details = [row.data for row in check.metadata["details"].value.records]
+    named = sorted(row["file"] for row in details if row["message"].endswith(f"{NO_FACE} by the face model "
+                                                                               "face:arcface.onnx+detector.onnx"))
+    assert not check.passed and len(named) == len(faceless)
