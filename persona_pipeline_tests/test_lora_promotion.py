@@ -6,6 +6,7 @@ the CLI, and a rematerialisation does not undo the operator's decision."""
 from __future__ import annotations
 
 
+import getpass
 import re
 
 import numpy as np
@@ -145,12 +146,21 @@ def test_new_versions_are_evaluated_against_the_primary_and_promoted_only_when_n
     assert cli.main(["lora", "history", "tester"]) == 0
     history = capsys.readouterr().out
     assert "identity 1.0000" in history and "promote_lora  LoRA" in history and "by alice: the face reads better" in history
+    # `lora set --primary` is a promotion too, and setting the primary again records nothing.
+    for _ in range(2):
+        assert cli.main(["lora", "set", "tester", str(v2), "--primary"]) == 0
+    assert cli.main(["lora", "rollback", "tester", "--by", "bob", "--reason", "back to v1"]) == 0
+    capsys.readouterr()
+    with session_scope(db_url) as session:
+        kinds = [(e.kind, e.subject_id, e.payload["reason"]) for e in promotion.decisions(session, registry.get_persona(
+            session, "tester").id)][-2:]
+    assert kinds == [("promote_lora", v2, "lora set --primary"), ("rollback_lora", v1, "back to v1")]
 
     # Materialising v2 again reuses it and leaves the operator's decision alone.
     result, _ = materialise_persona([lora_model], settings, folder)
     again = result.asset_materializations_for_node("lora_model")[0].metadata
     assert again["lora_id"].value == v2 and again["promotion"].value == "promote_lora"
-    assert again["promotion_reason"].value == "decided before by alice: the face reads better"
+    assert again["promotion_reason"].value == f"decided before by {getpass.getuser()}: lora set --primary"
     with session_scope(db_url) as session:
         persona = registry.get_persona(session, "tester")
         assert registry.primary_lora(session, persona.id).lora_id == v1
