@@ -137,6 +137,7 @@ class _FixedClip:
         return np.tile(np.array([[0.6, 0.8]], dtype=np.float32), (len(paths), 1))
 
 
+@pytest.mark.slow
 def test_lora_model_names_its_identity_model_and_refuses_a_wrong_face_path(face_models, tmp_path, db_url):
     from persona_pipeline.assets.lora_model import lora_model
     from persona_pipeline.assets.source_photos import source_photos
@@ -166,6 +167,7 @@ def test_lora_model_names_its_identity_model_and_refuses_a_wrong_face_path(face_
     assert recorded["identity_method"] == "face:arcface.onnx+detector.onnx" and recorded["identity_warning"] is None
 
 
+@pytest.mark.slow
 def test_candidates_without_a_face_are_gated_with_the_reason(face_models, tmp_path, db_url):
     """Through the candidates asset on the fake ComfyUI (solid-colour images: mostly no face): every
     image the detector finds no face in is rejected as such; the metadata names the method and warns."""
@@ -208,6 +210,7 @@ def test_candidates_without_a_face_are_gated_with_the_reason(face_models, tmp_pa
                                               "those have no identity score")
 
 
+@pytest.mark.slow
 def test_the_dataset_identity_check_uses_the_face_model_and_names_photos_without_a_face(face_models, tmp_path, db_url):
     from persona_pipeline.assets.source_photos import source_photos
     from persona_pipeline.assets.training_dataset import IDENTITY_OUTLIERS, training_dataset

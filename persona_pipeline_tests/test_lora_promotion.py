@@ -89,6 +89,7 @@ def _use_cli_env(monkeypatch, settings, db_url):
     monkeypatch.setenv("PERSONA_DATASETS_DIR", str(settings.datasets_dir))
 
 
+@pytest.mark.slow
 def test_new_versions_are_evaluated_against_the_primary_and_promoted_only_when_not_worse(tmp_path, db_url, monkeypatch,
                                                                                           capsys):
     from persona_pipeline.assets.lora_model import lora_model
@@ -174,6 +175,7 @@ def test_an_evaluation_prompt_without_the_trigger_is_refused_naming_it(tmp_path)
         load_persona(folder)
 
 
+@pytest.mark.slow
 def test_the_review_form_shows_versions_and_promotes_and_rolls_back_as_the_reviewer(tmp_path, db_url):
     from PIL import Image
 
