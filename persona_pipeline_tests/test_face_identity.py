@@ -138,7 +138,7 @@ class _FixedClip:
 
 
 @pytest.mark.slow
-def test_lora_model_names_its_identity_model_and_refuses_a_wrong_face_path(face_models, tmp_path, db_url):
+def test_a_wrong_face_path_stops_the_chain_and_lora_model_names_its_identity_model(face_models, tmp_path, db_url):
     from persona_pipeline.assets.lora_model import lora_model
     from persona_pipeline.assets.source_photos import source_photos
     from persona_pipeline.assets.training_dataset import training_dataset
@@ -148,12 +148,14 @@ def test_lora_model_names_its_identity_model_and_refuses_a_wrong_face_path(face_
     settings = make_settings(tmp_path, db_url, face_model=str(wrong), face_detector=str(face_models[1]))
     folder = write_persona(settings.datasets_dir, photos=10)
     result, _ = materialise_persona([source_photos, training_dataset, lora_model], settings, folder, raise_on_error=False)
-    failure = next(e for e in result.all_events if e.step_key == "lora_model" and e.event_type_value == "STEP_FAILURE")
+    # The first step that scores identity (the dataset's identity check) refuses it; nothing trains.
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert failure.step_key == "training_dataset"
     assert f"PERSONA_FACE_MODEL={wrong}: no such file" in failure.step_failure_data.error.message
-    assert not (settings.home / "loras").exists() or not any((settings.home / "loras").rglob("*.safetensors"))
+    assert not any(settings.home.rglob("*.safetensors"))
 
     settings = make_settings(tmp_path, db_url, face_model=str(face_models[0]), face_detector=str(face_models[1]))
-    result, _ = materialise_persona([lora_model], settings, folder)
+    result, _ = materialise_persona([training_dataset, lora_model], settings, folder)
     meta = result.asset_materializations_for_node("lora_model")[0].metadata
     # The demo photos have red-enough regions for the toy detector: identity is the face model's.
     assert meta["identity_method"].value == "face:arcface.onnx+detector.onnx"

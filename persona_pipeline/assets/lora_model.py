@@ -11,14 +11,13 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 from sqlalchemy import select
 
 from persona_pipeline.assets.common import file_image_metadata, persona_for, sheet_metadata, table
 from persona_pipeline.db import models, registry
 from persona_pipeline.domain.checkpoint_selection import CheckpointScore, rank_checkpoints
 from persona_pipeline.partitions import persona_partitions
-from persona_pipeline.identity import ClipIdentity, FaceModelError, IdentityReference, identity_stats, reference_for
+from persona_pipeline.identity import ClipIdentity, FaceModelError, IdentityReference, reference_for
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.assets.lora_promotion import evaluate_and_decide
 from persona_pipeline.resources.evaluation import FaceModel, PromotionRules
@@ -29,7 +28,7 @@ from persona_pipeline.resources.storage import PersonaStorage
 from persona_pipeline.fileio import atomic_write, sha256_file
 from persona_pipeline.training.lora import TrainingConfigError, TrainingDiverged
 from persona_pipeline.training.lora_files import inspect_lora_file
-from persona_pipeline.training.evaluation import strip_trigger
+from persona_pipeline.training.evaluation import evaluate
 from persona_pipeline.training.loss_curve import loss_curve_png
 
 GPU_POOL = "gpu_training"
@@ -165,20 +164,9 @@ def _score_checkpoints(diffusion: DiffusionBackend, clip: ClipModel, identity: I
     or open_clip; a render without a face counts 0). Alignment: mean open_clip cosine of each render
     to its prompt, trigger word removed (it means nothing to CLIP). Noise on the tiny random model,
     meaningful on real weights."""
-    renders = diffusion.render_checkpoints([path for _, path in checkpoints], prompts, seeds)
-    texts = clip.embed_texts([strip_trigger(p, trigger_word) for p in prompts])
-    scores = []
     out_dir = work / "validation"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for (step, path), images in zip(checkpoints, renders):
-        paths = []
-        for index, image in enumerate(images):
-            target = out_dir / f"step{step:06d}-p{index // len(seeds)}-s{seeds[index % len(seeds)]}.png"
-            image.save(target)
-            paths.append(target)
-        embedded = clip.embed_images(paths)
-        similarities, _ = identity.score(paths)
-        alignment = float(np.mean([embedded[i] @ texts[i // len(seeds)] for i in range(len(paths))]))
-        scores.append(CheckpointScore(step=step, file=path.name, identity=identity_stats(similarities)[0], alignment=alignment))
-    return scores
+    runs = evaluate(diffusion, clip, identity, [path for _, path in checkpoints], prompts, seeds, trigger_word,
+                    lambda n, p, seed: out_dir / f"step{checkpoints[n][0]:06d}-p{p}-s{seed}.png")
+    return [CheckpointScore(step=step, file=path.name, identity=run.scores.identity_mean, alignment=run.scores.alignment)
+            for (step, path), run in zip(checkpoints, runs)]
 

@@ -36,8 +36,8 @@ def evaluate_and_decide(context: dg.AssetExecutionContext, *, database, storage,
 
     todo = [lid for lid, row in known.items() if row is None and not (lid != lora_id and not_comparable)]
     if todo:
-        runs = evaluate(diffusion, clip, identity, [versions[lid][1] for lid in todo],
-                        [evaluations / f"lora-{lid}-{key[:12]}" for lid in todo], prompts, seeds, config.trigger_word)
+        runs = evaluate(diffusion, clip, identity, [versions[lid][1] for lid in todo], prompts, seeds, config.trigger_word,
+                        lambda n, p, seed: evaluations / f"lora-{todo[n]}-{key[:12]}" / f"p{p}-s{seed}.png")
         with database.session() as session:
             for lid, run in zip(todo, runs):
                 promotion.store_evaluation(session, persona_id, lid, key, identity.method, run.scores,

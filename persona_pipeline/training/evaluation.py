@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,17 +34,18 @@ def eval_key(prompts: list[str], seeds: list[int], base_model: str, identity_met
                                       "identity": identity_method}, sort_keys=True).encode()).hexdigest()
 
 
-def evaluate(diffusion, clip, identity: IdentityReference, loras: list[Path], out_dirs: list[Path], prompts: list[str],
-             seeds: list[int], trigger_word: str) -> list[EvalRun]:
-    """Render and score each LoRA in `loras`, writing its renders to the matching `out_dirs` entry."""
+def evaluate(diffusion, clip, identity: IdentityReference, loras: list[Path], prompts: list[str], seeds: list[int],
+             trigger_word: str, file_for: Callable[[int, int, int], Path]) -> list[EvalRun]:
+    """Render and score each LoRA in `loras` (checkpoint selection and version evaluation alike);
+    `file_for(lora index, prompt index, seed)` is where each render is written."""
     rendered = diffusion.render_checkpoints(loras, prompts, seeds)
     texts = clip.embed_texts([strip_trigger(p, trigger_word) for p in prompts])
     runs = []
-    for images, out_dir in zip(rendered, out_dirs):
-        out_dir.mkdir(parents=True, exist_ok=True)
+    for number, images in enumerate(rendered):
         paths = []
         for index, image in enumerate(images):
-            target = out_dir / f"p{index // len(seeds)}-s{seeds[index % len(seeds)]}.png"
+            target = file_for(number, index // len(seeds), seeds[index % len(seeds)])
+            target.parent.mkdir(parents=True, exist_ok=True)
             image.save(target)
             paths.append(target)
         embedded = clip.embed_images(paths)
