@@ -1,5 +1,5 @@
-"""`persona-pipeline`: demo, db upgrade, personas check, schedules, demo-photos, trace, lora list/set, review,
-settings, world data/train-classifier."""
+"""`persona-pipeline`: demo, db upgrade, personas check, schedules, demo-photos, trace, lora
+list/set/promote/rollback/history, review, settings, world data/train-classifier."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from persona_pipeline import lora_commands
 from persona_pipeline.world import commands as world_commands
 
 
@@ -237,7 +238,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_lora_list(args: argparse.Namespace) -> int:
-    from persona_pipeline.db import registry
+    from persona_pipeline.db import promotion, registry
     from persona_pipeline.db.session import session_scope
 
     with session_scope(_database_url(_settings())) as session:
@@ -252,11 +253,16 @@ def cmd_lora_list(args: argparse.Namespace) -> int:
             print(f"{lora.id:>5}  v{lora.version or '-':<3} {role:<7}  "
                   f"weight {mapping.weight:.2f}  {lora.origin:<8} {lora.family or '-':<9} {lora.key_format or '-':<9} "
                   f"{lora.name}  {lora.path}")
+            last = promotion.decisions(session, persona.id, lora.id)[-1:]
+            if last and not mapping.is_primary:
+                print(f"{'':>12}{last[0].kind} by {last[0].reviewer}: {last[0].payload.get('reason')}")
     return 0
 
 
 def cmd_lora_set(args: argparse.Namespace) -> int:
-    from persona_pipeline.db import registry
+    import getpass
+
+    from persona_pipeline.db import promotion, registry
     from persona_pipeline.db.session import session_scope
 
     if args.weight is None and args.primary is None and args.chain is None:
@@ -264,6 +270,10 @@ def cmd_lora_set(args: argparse.Namespace) -> int:
     with session_scope(_database_url(_settings())) as session:
         persona = registry.get_persona(session, args.slug)
         try:
+            if args.primary:  # a change of primary is an event with who and why, as `lora promote` makes it
+                current = registry.primary_lora(session, persona.id)
+                if current is None or current.lora_id != args.lora_id:
+                    promotion.promote(session, persona.id, args.lora_id, getpass.getuser(), "lora set --primary")
             mapping = registry.set_lora_mapping(session, persona.id, args.lora_id, weight=args.weight, primary=args.primary,
                                                 chained=args.chain)
         except ValueError as exc:  # a weight out of range, too many chained LoRAs
@@ -421,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     lora_set.add_argument("--chain", action=argparse.BooleanOptionalAction, default=None,
                           help="chain this LoRA after the primary in every generation (at most 5 in all)")
     lora_set.set_defaults(func=cmd_lora_set)
+    lora_commands.register(lora_sub)
     export = lora_sub.add_parser("export-comfyui", help="copy the LoRAs in use into a ComfyUI models/loras folder")
     export.add_argument("loras_dir")
     export.set_defaults(func=cmd_lora_export_comfyui)

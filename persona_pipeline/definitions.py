@@ -41,6 +41,7 @@ from persona_pipeline.automation.publishing import publish_job, publish_schedule
 from persona_pipeline.automation.review_sensor import review_sensor
 from persona_pipeline.resources.alerts import AlertWebhook, FreshnessRules
 from persona_pipeline.resources.clip import ClipModel
+from persona_pipeline.resources.evaluation import FaceModel, PromotionRules
 from persona_pipeline.resources.comfyui import ComfyUIPool
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
@@ -87,6 +88,9 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
                                          comfyui_checkpoint=env("comfyui_checkpoint"),
                                          comfyui_lora_prefix=env("comfyui_lora_prefix")),
         "clip": ClipModel(model_name=env("clip_model"), pretrained=env("clip_pretrained"), device=env("device")),
+        "face": FaceModel(model_path=env("face_model"), detector_path=env("face_detector")),
+        "promotion": PromotionRules(identity_tolerance=env("promote_identity_tolerance"),
+                                    alignment_tolerance=env("promote_alignment_tolerance")),
         "gemini": GeminiClient(api_key=env("gemini_api_key"), model=env("gemini_model"), base_url=env("gemini_base_url")),
         "auto_review": AutoReviewer(enabled=env("auto_review")),
         "publisher": build_publisher(settings),

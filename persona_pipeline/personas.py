@@ -344,6 +344,26 @@ class GenerationSettings(_Strict):
         return self
 
 
+class EvaluationSet(_Strict):
+    """The fixed, seeded renders every new LoRA version is judged on (docs/training.md#evaluation-and-promotion):
+    prompts × seeds, the same for the new version and the primary, so their scores compare."""
+
+    prompts: list[str] = Field(default=[
+        "photo of {trigger} {class_word}, close-up portrait, soft window light",
+        "photo of {trigger} {class_word} walking in a city street, full-body shot",
+        "photo of {trigger} {class_word} sitting in a cafe, smiling",
+    ], min_length=1, max_length=12)
+    seeds: list[int] = Field(default=[1001, 2002], min_length=1, max_length=8)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_name_the_persona(cls, value: list[str]) -> list[str]:
+        for prompt in value:
+            if "{trigger}" not in prompt:
+                raise ValueError(f"evaluation prompt {prompt!r} has no {{trigger}}: it would not test the LoRA")
+        return value
+
+
 class PersonaConfig(_Strict):
     name: str = Field(min_length=1)
     trigger_word: str = Field(min_length=2, max_length=40, pattern=r"^\S+$")
@@ -361,6 +381,7 @@ class PersonaConfig(_Strict):
     formats: FormatSettings = FormatSettings()  # persona_formats.py
     training: TrainingOverrides = TrainingOverrides()
     generation: GenerationSettings = GenerationSettings()
+    evaluation: EvaluationSet = EvaluationSet()
     # This persona's base model (`tiny`, `tiny-flux`, `world`, a local folder or hub id); unset:
     # PERSONA_BASE_MODEL. `family` (sd15, sdxl, flux) says which family it must be: a base model of
     # another family is refused, naming both, before anything trains or draws.

@@ -238,6 +238,23 @@ class Settings:
     clip_pretrained: str = setting(
         "PERSONA_CLIP_PRETRAINED", TEXT, "",
         "Weights for a real open_clip architecture: a local file, or a pretrained tag. Empty = random.")
+    face_model: str = setting(
+        "PERSONA_FACE_MODEL", TEXT, "",
+        "An ArcFace-style face-embedding ONNX model (local path). Set, identity scores (candidate gate, checkpoint and "
+        "LoRA evaluation) are face-embedding cosines; empty = the open_clip model (docs/training.md#identity). Needs "
+        "the `face` extra (onnxruntime).")
+    face_detector: str = setting(
+        "PERSONA_FACE_DETECTOR", TEXT, "",
+        "The face detector ONNX model (local path) that crops the face for `PERSONA_FACE_MODEL`; its input and output "
+        "contract is in docs/training.md#identity.")
+    promote_identity_tolerance: float = setting(
+        "PERSONA_PROMOTE_IDENTITY_TOLERANCE", Number(0, 2), "0",
+        "How far a new LoRA version's mean identity on the evaluation set may fall below the primary's and still "
+        "replace it (0 = not worse at all; docs/training.md#evaluation-and-promotion).")
+    promote_alignment_tolerance: float = setting(
+        "PERSONA_PROMOTE_ALIGNMENT_TOLERANCE", Number(0, 2), "0.02",
+        "How far a new LoRA version's prompt alignment on the evaluation set may fall below the primary's and "
+        "still replace it.")
     gemini_api_key: str = setting(
         "GEMINI_API_KEY", TEXT, "",
         "Gemini API key (captions of training photos and posts, content prompts, cluster names). Empty = the "

@@ -263,7 +263,7 @@ def test_persona_schedules_show_each_personas_cron_and_timezone(tmp_path):
 # Loaded by every UI reload and every sensor/schedule process start: these cost seconds of CPU
 # together and belong to the runs that use them (docs/operations.md#load-time).
 HEAVY_AT_LOAD = ("sklearn", "scipy", "torch", "torchvision", "diffusers", "transformers", "open_clip", "peft",
-                 "pandas", "safetensors", "cv2", "alembic")
+                 "pandas", "safetensors", "cv2", "alembic", "onnxruntime", "onnx")
 
 
 def test_loading_the_code_location_imports_no_heavy_library(tmp_path):

@@ -268,7 +268,14 @@ def test_import_registers_versions_copies_and_moves(library, tiny_loras, db_url)
     assert (incoming / "imported" / "mira" / "b-2.safetensors").is_file()
     with session_scope(db_url) as session:
         assert session.scalar(select(func.count()).select_from(models.LoraModel)) == 2
-        assert registry.primary_lora(session, registry.get_persona(session, "mira").id).lora.version == 2
+        mira_id = registry.get_persona(session, "mira").id
+        assert registry.primary_lora(session, mira_id).lora.version == 2
+        # metadata.json's primary: true is a promotion like any other: an event with who and why.
+        from persona_pipeline.db import promotion
+
+        [event] = promotion.decisions(session, mira_id)
+        assert (event.kind, event.reviewer, event.payload["reason"]) == (
+            "promote_lora", "lora_import", "mira/b.safetensors: its metadata.json sets primary: true")
 
     # The same bytes for another persona: one library row, a mapping for that persona.
     with session_scope(db_url) as session:

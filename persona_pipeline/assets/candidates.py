@@ -25,7 +25,9 @@ from persona_pipeline.generation.executor import GenerationContext, GenerationEx
 from persona_pipeline.generation.lora_chain import LoraChainError, loras_in_use
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.personas import PersonaConfig, PipelineStep
+from persona_pipeline.identity import ClipIdentity, FaceModelError, reference_for
 from persona_pipeline.resources.clip import ClipModel
+from persona_pipeline.resources.evaluation import FaceModel
 from persona_pipeline.resources.comfyui import ComfyUIPool
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
@@ -70,7 +72,7 @@ def pipeline_steps(config: PersonaConfig, default_backend: str, default_n: int, 
           kinds={"diffusers", "comfyui"})
 def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, database: AppDatabase, storage: PersonaStorage,
                diffusion: DiffusionBackend, comfyui: ComfyUIPool, generation: GenerationDefaults, clip: ClipModel,
-               auto_review: AutoReviewer, links: UiLinks) -> dg.MaterializeResult:
+               face: FaceModel, auto_review: AutoReviewer, links: UiLinks) -> dg.MaterializeResult:
     """Starts a generation run per planned prompt and moves every open run along its steps (images, manifests,
     open_clip scores). Started by the persona_generation schedule (job generation_runs), the review_events
     sensor after a step approval or kill (job advance_runs), the generation job or persona_chain."""
@@ -120,7 +122,10 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
     backends = make_backends(comfyui=comfyui, diffusion=diffusion, log=log,
                              checkpoint=persona_config.generation.checkpoint or generation.comfyui_checkpoint)
     executor = GenerationExecutor(ctx, storage, backends)
-    reference = curation.identity_reference(clip, photo_paths)
+    try:
+        identity = reference_for(face.identity(clip), ClipIdentity(clip), photo_paths)
+    except FaceModelError as exc:
+        raise dg.Failure(f"{slug}: {exc}") from None
     threshold = persona_config.generation.identity_threshold
     made: list[int] = []
     tally: Counter = Counter()
@@ -150,7 +155,7 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
         new_ids = _execute(executor, built, database, slug, context, tally, unreachable)
         made.extend(new_ids)
         with database.session() as session:
-            counts = curation.score(session, clip, new_ids, reference, threshold)
+            counts = curation.score(session, clip, new_ids, identity, threshold)
             tally.update(counts)
             reached = runs.finish_steps(session, persona_id, hold=unreachable)
             approved = 0
@@ -200,6 +205,8 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
         "steps_failed": tally["steps_failed"],
         "gate_rejected": tally["gate_rejected"],
         "culled": tally["culled"],
+        "identity_method": identity.method,
+        **({"identity_warning": identity.warning()} if identity.warning() else {}),
         "auto_votes": tally["auto_votes"],
         "loras": ", ".join(f"#{l.lora_id}×{l.weight:g}" for l in loras),
         **sheet_metadata("contact_sheet", preview, storage, links, slug,

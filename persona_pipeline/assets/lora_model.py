@@ -1,8 +1,9 @@
 """lora_model: train a LoRA on the persona's latest dataset (resuming a killed run from its latest
 checkpoint), render every checkpoint on fixed validation prompts and seeds, score identity and
-prompt alignment with open_clip, keep the best checkpoint, and register it in the LoRA library
-as the persona's primary LoRA. The folder holds every checkpoint, the validation images, the loss
-curve and a metadata.json with the sha256 of each file."""
+prompt alignment, keep the best checkpoint and register it in the LoRA library as a new version.
+The version is then rendered on the persona's evaluation set next to the primary LoRA and becomes
+primary only when it is not worse (assets/lora_promotion.py). The folder holds every checkpoint,
+the validation images, the loss curve and a metadata.json with the sha256 of each file."""
 
 import hashlib
 import json
@@ -10,14 +11,16 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 from sqlalchemy import select
 
 from persona_pipeline.assets.common import file_image_metadata, persona_for, sheet_metadata, table
 from persona_pipeline.db import models, registry
 from persona_pipeline.domain.checkpoint_selection import CheckpointScore, rank_checkpoints
 from persona_pipeline.partitions import persona_partitions
+from persona_pipeline.identity import ClipIdentity, FaceModelError, IdentityReference, reference_for
 from persona_pipeline.resources.clip import ClipModel
+from persona_pipeline.assets.lora_promotion import evaluate_and_decide
+from persona_pipeline.resources.evaluation import FaceModel, PromotionRules
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline.resources.links import UiLinks
@@ -25,6 +28,7 @@ from persona_pipeline.resources.storage import PersonaStorage
 from persona_pipeline.fileio import atomic_write, sha256_file
 from persona_pipeline.training.lora import TrainingConfigError, TrainingDiverged
 from persona_pipeline.training.lora_files import inspect_lora_file
+from persona_pipeline.training.evaluation import evaluate
 from persona_pipeline.training.loss_curve import loss_curve_png
 
 GPU_POOL = "gpu_training"
@@ -45,9 +49,10 @@ TRAINING_OP_TAGS = {
 @dg.asset(partitions_def=persona_partitions, deps=["training_dataset"], group_name="training",
           kinds={"pytorch", "diffusers"}, pool=GPU_POOL, op_tags=TRAINING_OP_TAGS)
 def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
-               diffusion: DiffusionBackend, clip: ClipModel, links: UiLinks) -> dg.MaterializeResult:
-    """Trains the persona's LoRA on its latest dataset, keeps the best checkpoint and makes it the primary
-    LoRA. Started by the photo_set job (persona_folders sensor), the persona_chain job, or lora_training by
+               diffusion: DiffusionBackend, clip: ClipModel, face: FaceModel, promotion: PromotionRules,
+               links: UiLinks) -> dg.MaterializeResult:
+    """Trains the persona's LoRA on its latest dataset, keeps the best checkpoint, evaluates it against the
+    primary LoRA and makes it primary when it is not worse. Started by the photo_set job (persona_folders sensor), the persona_chain job, or lora_training by
     hand."""
     slug = context.partition_key
     with database.session() as session:
@@ -59,10 +64,11 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
     if dataset is None:
         raise dg.Failure(f"{slug}: no training dataset; materialise training_dataset first")
     try:
+        identity = reference_for(face.identity(clip), ClipIdentity(clip), source_paths)
         diffusion = diffusion.for_persona(config)
         params = diffusion.training_params(config.training.param_overrides())
         preset = diffusion.preset_name()
-    except TrainingConfigError as exc:
+    except (TrainingConfigError, FaceModelError) as exc:
         raise dg.Failure(f"{slug}: {exc}") from None
     version = hashlib.sha256(json.dumps({"dataset": dataset.version, "base": diffusion.base_model,
                                          "params": params.as_dict()}, sort_keys=True).encode()).hexdigest()
@@ -84,7 +90,7 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
             raise dg.Failure(f"{slug}: {exc}") from None
         prompts = [p.format(trigger=config.trigger_word, class_word=config.class_word) for p in config.training.validation_prompts]
         seeds = list(config.training.validation_seeds)
-        scores = _score_checkpoints(diffusion, clip, result.checkpoints, prompts, seeds, source_paths, config.trigger_word, work)
+        scores = _score_checkpoints(diffusion, clip, identity, result.checkpoints, prompts, seeds, config.trigger_word, work)
         ranked = rank_checkpoints(scores)
         best = ranked[0]
         shutil.copyfile(work / "checkpoints" / best.file, work / weight_name)
@@ -99,7 +105,8 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
             "dataset_id": dataset.id, "dataset_version": dataset.version, "dataset_path": dataset.path,
             "steps": params.steps, "resumed_from_step": result.resumed_from, "seconds": result.seconds,
             "images": result.image_count, "losses": result.losses,
-            "validation": {"prompts": prompts, "seeds": seeds},
+            "validation": {"prompts": prompts, "seeds": seeds, "identity_method": identity.method,
+                           "identity_warning": identity.warning()},
             "checkpoints": [{"step": r.step, "file": r.file, "identity": r.identity, "alignment": r.alignment,
                              "combined": r.combined, "rank": r.rank} for r in sorted(ranked, key=lambda r: r.step)],
             "selected": {"step": best.step, "file": weight_name, "from": best.file},
@@ -118,8 +125,11 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
             base_model=diffusion.base_model, trigger_word=config.trigger_word, dataset_id=dataset.id,
             training={"params": metadata["params"], "final_loss": metadata["losses"][-1], "seconds": metadata["seconds"],
                       "selected_step": metadata["selected"]["step"]},
-            weight=1.0, primary=True, origin="trained", family=metadata["family"], key_format=metadata["key_format"])
+            weight=1.0, primary=None, origin="trained", family=metadata["family"], key_format=metadata["key_format"])
         lora_id, lora_version = lora.id, lora.version
+    evaluation = evaluate_and_decide(context, database=database, storage=storage, links=links, diffusion=diffusion,
+                                     clip=clip, identity=identity, rules=promotion, persona_id=persona.id, slug=slug,
+                                     config=config, lora_id=lora_id)
     rows = metadata["checkpoints"]
     renders = sorted((folder / "validation").glob("*.png"))
     losses = metadata["losses"]
@@ -133,6 +143,7 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
         "base_model": diffusion.base_model,
         "family": metadata["family"],
         "selected_step": metadata["selected"]["step"],
+        **evaluation,
         "steps": len(losses),
         "resumed_from_step": metadata["resumed_from_step"],
         "final_loss": float(losses[-1]),
@@ -146,26 +157,16 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
     })
 
 
-def _score_checkpoints(diffusion: DiffusionBackend, clip: ClipModel, checkpoints: list[tuple[int, Path]], prompts: list[str],
-                       seeds: list[int], source_paths: list[Path], trigger_word: str, work: Path) -> list[CheckpointScore]:
-    """Identity: mean cosine of a checkpoint's renders to the centroid of the source photos.
-    Alignment: mean cosine of each render to its prompt, with the trigger word removed (it means
-    nothing to CLIP). Both with open_clip; noise on the tiny random model, meaningful on real weights."""
-    renders = diffusion.render_checkpoints([path for _, path in checkpoints], prompts, seeds)
-    centroid = clip.embed_images(source_paths).mean(axis=0)
-    centroid /= np.linalg.norm(centroid) or 1.0
-    texts = clip.embed_texts([" ".join(w for w in p.split() if w.strip(",") != trigger_word) for p in prompts])
-    scores = []
+def _score_checkpoints(diffusion: DiffusionBackend, clip: ClipModel, identity: IdentityReference,
+                       checkpoints: list[tuple[int, Path]], prompts: list[str], seeds: list[int], trigger_word: str,
+                       work: Path) -> list[CheckpointScore]:
+    """Identity: mean similarity of a checkpoint's renders to the source photos' centroid (face model
+    or open_clip; a render without a face counts 0). Alignment: mean open_clip cosine of each render
+    to its prompt, trigger word removed (it means nothing to CLIP). Noise on the tiny random model,
+    meaningful on real weights."""
     out_dir = work / "validation"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for (step, path), images in zip(checkpoints, renders):
-        paths = []
-        for index, image in enumerate(images):
-            target = out_dir / f"step{step:06d}-p{index // len(seeds)}-s{seeds[index % len(seeds)]}.png"
-            image.save(target)
-            paths.append(target)
-        embedded = clip.embed_images(paths)
-        identity = float((embedded @ centroid).mean())
-        alignment = float(np.mean([embedded[i] @ texts[i // len(seeds)] for i in range(len(paths))]))
-        scores.append(CheckpointScore(step=step, file=path.name, identity=identity, alignment=alignment))
-    return scores
+    runs = evaluate(diffusion, clip, identity, [path for _, path in checkpoints], prompts, seeds, trigger_word,
+                    lambda n, p, seed: out_dir / f"step{checkpoints[n][0]:06d}-p{p}-s{seed}.png")
+    return [CheckpointScore(step=step, file=path.name, identity=run.scores.identity_mean, alignment=run.scores.alignment)
+            for (step, path), run in zip(checkpoints, runs)]
+

@@ -28,10 +28,12 @@ from persona_pipeline.domain.captions import fill, training_caption
 from persona_pipeline.domain.training_captions import compose_training_caption
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.personas import PersonaConfig
+from persona_pipeline.identity import FaceModelError, IdentityEmbedder
 from persona_pipeline.resources.captioners import ClipCaptioner
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
+from persona_pipeline.resources.evaluation import FaceModel
 from persona_pipeline.training.params import TrainingConfigError
 from persona_pipeline.resources.gemini import GeminiClient, GeminiError
 from persona_pipeline.resources.links import UiLinks
@@ -78,7 +80,8 @@ def kohya_toml(subsets: list[dict], resolution: int, flip: bool) -> str:
 @dg.asset(partitions_def=persona_partitions, deps=["source_photos"], group_name="dataset", kinds={"kohya"},
           check_specs=CHECKS)
 def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, storage: PersonaStorage,
-                     clip: ClipModel, gemini: GeminiClient, diffusion: DiffusionBackend, links: UiLinks) -> dg.MaterializeResult:
+                     clip: ClipModel, face: FaceModel, gemini: GeminiClient, diffusion: DiffusionBackend,
+                     links: UiLinks) -> dg.MaterializeResult:
     """The captioned kohya dataset of the accepted photos, with its quality checks. Started after source_photos
     in the photo_set job (persona_folders sensor) and the persona_chain job."""
     slug = context.partition_key
@@ -94,7 +97,8 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
     training = config.training
     try:
         diffusion = diffusion.for_persona(config)  # its regularisation images come from the persona's base model
-    except TrainingConfigError as exc:
+        identity = face.identity(clip)
+    except (TrainingConfigError, FaceModelError) as exc:
         raise dg.Failure(f"{slug}: {exc}") from None
 
     edits = _collect_edits(context, database, persona_id, [Path(p) for p, _ in previous])
@@ -163,7 +167,7 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
                                for i, ((name, _, _, _), (c, s)) in enumerate(zip(photos, captions), start=1)]),
             **sheet_metadata("preview", [(image, image.name) for image in images], storage, links, slug),
         },
-        check_results=_quality_checks(clip, config, images, caption_files, resolution),
+        check_results=_quality_checks(clip, identity, config, images, caption_files, resolution),
     )
 
 
@@ -299,8 +303,8 @@ def _restore_captions(context, folder: Path) -> None:
                                 "restored the caption recorded for this dataset version")
 
 
-def _quality_checks(clip: ClipModel, config: PersonaConfig, images: list[Path], captions: dict[str, str],
-                    resolution: int) -> list[dg.AssetCheckResult]:
+def _quality_checks(clip: ClipModel, identity: IdentityEmbedder, config: PersonaConfig, images: list[Path],
+                    captions: dict[str, str], resolution: int) -> list[dg.AssetCheckResult]:
     training, limits = config.training, config.training.quality
     stats = {}
     for image in images:
@@ -314,7 +318,7 @@ def _quality_checks(clip: ClipModel, config: PersonaConfig, images: list[Path], 
         IMAGE_QUALITY: (quality.blur_findings(stats, limits.blur_min_variance) + quality.exposure_findings(stats)
                         + quality.resolution_findings(stats, resolution)),
         NEAR_DUPLICATES: quality.near_duplicate_findings(names, embeddings, limits.duplicate_cosine),
-        IDENTITY_OUTLIERS: quality.identity_outlier_findings(names, embeddings, limits.outlier_z),
+        IDENTITY_OUTLIERS: _identity_findings(identity, images, names, embeddings, limits.outlier_z),
     }
     results = []
     for check, findings in groups.items():
@@ -328,9 +332,22 @@ def _quality_checks(clip: ClipModel, config: PersonaConfig, images: list[Path], 
             severity=dg.AssetCheckSeverity.ERROR if worst == "ERROR" else dg.AssetCheckSeverity.WARN,
             description=description or None,
             metadata={"findings": len(findings),
+                      **({"identity_method": identity.method} if check == IDENTITY_OUTLIERS else {}),
                       "files": ", ".join(sorted({f.file for f in findings if f.file})) or "-",
                       "details": table([{"file": f.file, "severity": f.severity, "value": "" if f.value is None else f"{f.value:.4g}",
                                          "threshold": "" if f.threshold is None else f"{f.threshold:.4g}", "message": f.message}
                                         for f in findings])},
         ))
     return results
+
+
+def _identity_findings(identity: IdentityEmbedder, images: list[Path], names: list[str], clip_embeddings,
+                       z: float) -> list[quality.Finding]:
+    """Identity outliers in the identity model's space: open_clip's embeddings as they are, or the
+    face model's, among the photos with a face, plus a finding for each photo without one."""
+    if not identity.face:
+        return quality.identity_outlier_findings(names, clip_embeddings, z)
+    embedded = identity.embed(images)
+    kept = [i for i, ok in enumerate(embedded.found) if ok]
+    return (quality.faceless_findings(names, embedded.found, identity.method)
+            + quality.identity_outlier_findings([names[i] for i in kept], embedded.vectors[kept], z))

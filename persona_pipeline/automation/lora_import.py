@@ -29,7 +29,7 @@ from typing import Any
 import dagster as dg
 from sqlalchemy import select
 
-from persona_pipeline.db import models, registry
+from persona_pipeline.db import models, promotion, registry
 from persona_pipeline.domain.generation_params import ParamError, check_lora_weight
 from persona_pipeline.fileio import (atomic_copy, entry_refusal, filesystem_now_ns, link_refusal, read_regular, scan_folder,
                                      sha256_file)
@@ -182,8 +182,11 @@ def import_lora(context: dg.OpExecutionContext, config: LoraImportConfig, databa
             lora = registry.register_lora(
                 session, persona_id, name=str(metadata.get("name") or source.stem)[:200], path=target, sha256=sha256,
                 base_model=diffusion.base_model, trigger_word=trigger_word,
-                dataset_id=None, training=training, weight=float(weight), primary=primary,
+                dataset_id=None, training=training, weight=float(weight), primary=None,
                 origin="imported", family=info.family, key_format=info.key_format)
+            if primary:  # a change of primary is an event with who and why (db/promotion.py)
+                promotion.promote(session, persona_id, lora.id, "lora_import",
+                                  f"{config.path}: its metadata.json sets primary: true")
             status = "imported" if known is None else "mapped"
         result = {"lora_id": lora.id, "version": lora.version, "status": status, "family": info.family,
                   "key_format": info.key_format, "rank": info.rank, "path": lora.path}

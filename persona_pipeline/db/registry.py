@@ -90,13 +90,14 @@ def register_lora(
     dataset_id: int | None,
     training: dict[str, Any],
     weight: float = 1.0,
-    primary: bool = True,
+    primary: bool | None = True,
     origin: str = "trained",
     family: str | None = None,
     key_format: str | None = None,
 ) -> models.LoraModel:
     """Add a LoRA file to the library (once per sha256: a known file keeps its row and version)
-    as the persona's next version, and map it to the persona."""
+    as the persona's next version, and map it to the persona. `primary=None` leaves the flag as it
+    is (a new mapping is not primary): the promotion rule decides (db/promotion.py)."""
     check_lora_weight(weight)
     lora = session.scalar(select(models.LoraModel).where(models.LoraModel.sha256 == sha256))
     if lora is None:
@@ -110,13 +111,14 @@ def register_lora(
     mapping = session.scalar(select(models.PersonaLora).where(
         models.PersonaLora.persona_id == persona_id, models.PersonaLora.lora_id == lora.id))
     if mapping is None:
-        mapping = models.PersonaLora(persona_id=persona_id, lora_id=lora.id)
+        mapping = models.PersonaLora(persona_id=persona_id, lora_id=lora.id, is_primary=False)
         session.add(mapping)
     mapping.weight = weight
     if primary:
         session.execute(update(models.PersonaLora).where(models.PersonaLora.persona_id == persona_id)
                         .values(is_primary=False))
-    mapping.is_primary = primary
+    if primary is not None:
+        mapping.is_primary = primary
     session.flush()
     return lora
 

@@ -220,6 +220,12 @@ def identity_outlier_findings(
     return findings
 
 
+def faceless_findings(names: Sequence[str], found: Sequence[bool], method: str) -> list[Finding]:
+    """WARN for each photo a configured face model found no face in: it cannot teach the face."""
+    return [Finding("identity_outlier", "WARN", name, None, None, f"{name}: no face found by the face model {method}")
+            for name, ok in zip(names, found) if not ok]
+
+
 def trigger_findings(captions: Mapping[str, str], trigger_word: str) -> list[Finding]:
     """ERROR for each caption that does not start with the trigger word as a whole word.
 

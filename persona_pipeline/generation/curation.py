@@ -1,39 +1,31 @@
-"""open_clip curation of new candidates: prompt alignment and identity similarity, the identity
-gate, and "generate N, keep the best M"."""
+"""Curation of new candidates: open_clip prompt alignment, identity similarity (a face model or
+open_clip), the identity gate, and "generate N, keep the best M"."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from persona_pipeline.db import models
 from persona_pipeline.domain import generation_plan as plan
+from persona_pipeline.identity import NO_FACE, IdentityReference
 
 
-def identity_reference(clip, photo_paths: list[Path]) -> np.ndarray | None:
-    """The normalised centroid of the persona's accepted source photos (None without photos)."""
-    if not photo_paths:
-        return None
-    embeddings = clip.embed_images(photo_paths)
-    centroid = embeddings.mean(axis=0)
-    norm = float(np.linalg.norm(centroid))
-    return centroid / norm if norm > 0 else None
-
-
-def score(session: Session, clip, candidate_ids: list[int], reference: np.ndarray | None,
+def score(session: Session, clip, candidate_ids: list[int], identity: IdentityReference,
           identity_threshold: float | None) -> dict[str, int]:
-    """Score the candidates, reject those under the identity threshold (before any reviewer sees
-    them), then apply keep-best to every finished group. Returns counts for the log."""
+    """Score the candidates (alignment by open_clip, identity by `identity.embedder`),
+    reject those under the identity threshold or, under a face model, without a face (before any
+    reviewer sees them), then apply keep-best to every finished group. Returns counts for the log."""
     rows = [session.get(models.Candidate, cid) for cid in candidate_ids]
     rows = [r for r in rows if r is not None]
-    counts = {"scored": 0, "gate_rejected": 0, "culled": 0}
+    counts = {"scored": 0, "gate_rejected": 0, "culled": 0, "no_face": 0}
     if rows:
         paths = [Path(r.image_path) for r in rows]
         images = clip.embed_images(paths)
+        similarities, found = identity.score(paths)
         by_prompt: dict[str, list[int]] = defaultdict(list)
         for index, row in enumerate(rows):
             by_prompt[row.run.prompt].append(index)
@@ -42,12 +34,18 @@ def score(session: Session, clip, candidate_ids: list[int], reference: np.ndarra
             for index in indices:
                 rows[index].clip_score = round(float(images[index] @ text), 6)
         for index, row in enumerate(rows):
-            row.identity_score = None if reference is None else round(float(images[index] @ reference), 6)
+            value = similarities[index]
+            row.identity_score = None if value is None else round(value, 6)
             counts["scored"] += 1
+            no_face = not found[index]
+            counts["no_face"] += int(no_face)
             if not plan.passes_identity_gate(row.identity_score, identity_threshold):
                 row.status = "rejected"
-                row.status_reason = f"identity {row.identity_score} is below the gate {identity_threshold}"
+                row.status_reason = (f"{NO_FACE} by the face model {identity.method}" if no_face
+                                     else f"identity {row.identity_score} is below the gate {identity_threshold}")
                 counts["gate_rejected"] += 1
+            elif no_face:
+                row.status_reason = f"{NO_FACE} by the face model {identity.method}; no identity score"
         session.flush()
     for step_id in sorted({r.step_id for r in rows}):
         counts["culled"] += apply_keep_best(session, step_id)

@@ -30,6 +30,7 @@ from persona_pipeline.review.config import ReviewConfig
 from persona_pipeline.review.gallery import (approve_step, compare_page, gallery_page, kill_candidate, pick_winner,
                                              restore_candidate)
 from persona_pipeline.review.login import login, login_form, logout
+from persona_pipeline.review.loras import loras_page, promote_lora, rollback_lora
 from persona_pipeline.review.media import media
 from persona_pipeline.review.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
 from persona_pipeline.review.posts import post_action, posts_page
@@ -69,6 +70,9 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/calendar", calendar_page, methods=["GET"]),
         Route("/calendar/posts/{post_id:int}", calendar_post_page, methods=["GET"]),
         Route("/calendar/posts/{post_id:int}/edit", calendar_post_edit, methods=["POST"]),
+        Route("/loras", loras_page, methods=["GET"]),
+        Route("/loras/rollback", rollback_lora, methods=["POST"]),
+        Route("/loras/{lora_id:int}/promote", promote_lora, methods=["POST"]),
         Route("/audit", audit_page, methods=["GET"]),
         Route("/performance", performance_page, methods=["GET"]),
         Route("/media/{path:path}", media, methods=["GET"]),

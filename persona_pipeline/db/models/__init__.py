@@ -12,6 +12,7 @@ from persona_pipeline.db.models.base import NAMING, Base, UTCDateTime, utcnow
 from persona_pipeline.db.models.personas import (
     ContentPillar,
     Dataset,
+    LoraEvaluation,
     LoraModel,
     Persona,
     PersonaLora,
@@ -35,7 +36,7 @@ from persona_pipeline.db.models.insights import AccountInsight, InsightPoll, Pos
 
 __all__ = [
     "NAMING", "Base", "UTCDateTime", "utcnow",
-    "ContentPillar", "Dataset", "LoraModel", "Persona", "PersonaLora", "PhotoCaption", "SourcePhoto",
+    "ContentPillar", "Dataset", "LoraEvaluation", "LoraModel", "Persona", "PersonaLora", "PhotoCaption", "SourcePhoto",
     "Candidate", "ContentPrompt", "GenerationJob", "GenerationRun", "PairOffer", "ReviewEvent", "RunStep", "Vote",
     "Cluster", "LibraryItem", "PillarGapReport", "TopicRotation",
     "LIVE_SLOT", "Post", "PostAttempt", "PostItem",

@@ -129,3 +129,23 @@ class PersonaLora(Base):
     chained: Mapped[bool] = mapped_column(Boolean, default=False)
 
     lora: Mapped[LoraModel] = relationship()
+
+
+class LoraEvaluation(Base):
+    """One LoRA's scores on the persona's evaluation set (docs/training.md#evaluation-and-promotion).
+    `eval_key` hashes what makes two evaluations comparable (prompts, seeds, base model, identity
+    model); the primary's row is reused while the key holds, so it is rendered once."""
+
+    __tablename__ = "lora_evaluations"
+    __table_args__ = (UniqueConstraint("lora_id", "eval_key"),)
+    persona_id: Mapped[PersonaFK]
+    lora_id: Mapped[int] = mapped_column(ForeignKey("lora_models.id", ondelete="CASCADE"), index=True)
+    eval_key: Mapped[str] = mapped_column(String(64))
+    identity_method: Mapped[str] = mapped_column(String(200))
+    identity_mean: Mapped[float] = mapped_column(Float)
+    identity_std: Mapped[float] = mapped_column(Float)
+    alignment: Mapped[float] = mapped_column(Float)
+    diversity: Mapped[float] = mapped_column(Float)
+    no_face: Mapped[int] = mapped_column(Integer, default=0)
+    renders: Mapped[list[Any]] = mapped_column(JSON, default=list)  # paths, prompt-major then seed
+    created_at: Mapped[CreatedAt]
