@@ -239,7 +239,7 @@ def test_a_new_backend_is_one_module_in_generation_backends(tmp_path, monkeypatc
     """Dropping one module into the backends package is all it takes: persona.yaml accepts its name,
     and make_backends builds it beside the others. An unknown name is refused, naming the choices."""
     from persona_pipeline.generation import backends
-    from persona_pipeline.personas import GenerationSettings, PipelineStep
+    from persona_pipeline.persona_generation import GenerationSettings, PipelineStep
 
     assert backends.backend_names() == ("comfyui", "diffusers")
     with pytest.raises(ValueError, match=r"backend 'echo' is not one of: comfyui, diffusers"):

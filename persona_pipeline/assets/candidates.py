@@ -24,7 +24,8 @@ from persona_pipeline.generation.backends import make_backends
 from persona_pipeline.generation.executor import GenerationContext, GenerationExecutor, JobOutcome, job_stem
 from persona_pipeline.generation.lora_chain import LoraChainError, loras_in_use
 from persona_pipeline.partitions import persona_partitions
-from persona_pipeline.personas import PersonaConfig, PipelineStep
+from persona_pipeline.persona_generation import PipelineStep
+from persona_pipeline.personas import PersonaConfig
 from persona_pipeline.identity import ClipIdentity, FaceModelError, reference_for
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.evaluation import FaceModel
