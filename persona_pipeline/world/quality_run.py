@@ -92,6 +92,7 @@ def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path 
     from persona_pipeline.domain import generation_plan as plan
     from persona_pipeline.domain.checkpoint_selection import rank_checkpoints
     from persona_pipeline.domain.clustering import fit_clusters
+    from persona_pipeline.identity import ClipIdentity, reference_for
     from persona_pipeline.personas import TrainingOverrides
     from persona_pipeline.resources.clip import ClipModel
     from persona_pipeline.resources.diffusion import DiffusionBackend
@@ -130,7 +131,8 @@ def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path 
     source_images = sorted((work / f"dataset-{DEMO_TRIGGER}").rglob("*.png"))
     defaults = TrainingOverrides()
     prompts = [p.format(trigger=DEMO_TRIGGER, class_word=CLASS_WORD) for p in defaults.validation_prompts]
-    scores = _score_checkpoints(diffusion, clip, persona.checkpoints, prompts, list(defaults.validation_seeds), source_images,
+    identity = reference_for(ClipIdentity(clip), ClipIdentity(clip), source_images)
+    scores = _score_checkpoints(diffusion, clip, identity, persona.checkpoints, prompts, list(defaults.validation_seeds),
                                 DEMO_TRIGGER, work / "checkpoint-scoring")
     chosen = rank_checkpoints(scores)[0]
     by_step = {step: persona.figures[step].all_correct for step, _ in persona.checkpoints}
