@@ -66,7 +66,8 @@ MEASURE = """async () => {
     check();
   });
   const thumbs = [...document.querySelectorAll('#calendar img.cal-thumb')];
-  return {ms: performance.now(), cards: document.querySelectorAll('#calendar .cal-post').length,
+  const nav = performance.getEntriesByType('navigation')[0];
+  return {ms: performance.now(), first_byte: nav.responseStart, last_byte: nav.responseEnd, cards: document.querySelectorAll('#calendar .cal-post').length,
           loaded: thumbs.filter((i) => i.naturalWidth > 0).length};
 }"""
 
@@ -151,6 +152,8 @@ def main() -> int:
         median, p95 = statistics.median(ms), percentile(ms, 0.95)
         print(f"  1. cold (thumbnails made on the server): {cold['ms']:.0f} ms")
         print(f"  2. warm, {runs} runs: median {median:.0f} ms, p95 {p95:.0f} ms, min {min(ms):.0f} ms, max {max(ms):.0f} ms")
+        print(f"     of which the page's first byte (server) median {statistics.median(r['first_byte'] for r in warm):.0f} ms, "
+              f"its last byte {statistics.median(r['last_byte'] for r in warm):.0f} ms")
         print(f"  every run showed {args.posts} posts with {args.posts} thumbnails loaded -> {'PASS' if complete else 'FAIL'}"
               + ("" if complete else f": {[(r['cards'], r['loaded']) for r in [cold, *warm]]}"))
         clean = ws.server_clean()

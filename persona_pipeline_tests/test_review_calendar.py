@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 import re
 from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -187,6 +188,26 @@ def test_the_month_shows_scheduled_awaiting_and_published_posts_with_thumbnails_
     assert len(list((client.home / ".cache" / "thumbs").rglob("*.jpg"))) == 3  # made once, kept for the next page
     assert re.search(rf'id="cal-post-{published}"[^>]*href', page.text) or local(-1).month != local(2).month
     assert f'id="cal-post-{published}" data-post-id="{published}" data-movable' not in page.text
+
+
+def test_an_inlined_thumbnail_is_remembered_until_its_image_changes(tmp_path):
+    from persona_pipeline.review import media
+
+    home = tmp_path.resolve()
+    image = home / "personas" / "p" / "a.png"
+    image.parent.mkdir(parents=True)
+    Image.new("RGB", (64, 80), (200, 10, 10)).save(image)
+    first = media.thumbnail_src(home, str(image))
+    for cached in (home / media.THUMB_CACHE).rglob("*.jpg"):
+        cached.unlink()  # a second call must not need the file cache: it is remembered in the process
+    assert media.thumbnail_src(home, str(image)) == first
+    Image.new("RGB", (64, 80), (10, 10, 200)).save(image)  # a replaced image (new size or mtime) is read again
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    second = media.thumbnail_src(home, str(image))
+    assert second.startswith("data:image/jpeg;base64,") and second != first
+    with Image.open(io.BytesIO(base64.b64decode(second.split(",", 1)[1]))) as thumb:
+        assert thumb.convert("RGB").getpixel((32, 40))[2] > 150  # the blue replacement, not the red original
 
 
 def test_a_week_view_and_bad_input_get_clear_answers(client):

@@ -24,6 +24,12 @@ from persona_pipeline.review.web import config_of, home_of
 # Images, and a reel's or video story's MP4 (the Posts page plays it).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".mp4"})
 THUMB_CACHE = ".cache/thumbs"  # under PERSONA_HOME
+# The data: URLs pages inline, kept in this process by (file, mtime, size): a month view reads the
+# same few hundred thumbnails on every load, and hashing, reading and encoding each again was most
+# of the page's server time. Bounded: emptied when full (a plain dict's get/set/clear are safe across
+# the threadpool's threads).
+_DATA_URLS: dict[tuple[str, int, int], str] = {}
+DATA_URL_MEMO = 5000
 
 
 def media_name_ok(raw: str) -> bool:
@@ -89,6 +95,9 @@ def thumbnail_src(home: Path, image_path: str | None) -> str | None:
         return url
     try:
         stat = target.stat()
+        memo = (str(target), stat.st_mtime_ns, stat.st_size)
+        if (known := _DATA_URLS.get(memo)) is not None:
+            return known
         key = hashlib.sha256(f"{target.relative_to(home)}|{stat.st_mtime_ns}|{stat.st_size}|{THUMB_SIDE}".encode()).hexdigest()
         cached = home / THUMB_CACHE / key[:2] / f"{key}.jpg"
         try:
@@ -98,4 +107,7 @@ def thumbnail_src(home: Path, image_path: str | None) -> str | None:
             atomic_write(cached, data)
     except (OSError, MediaError):
         return url
-    return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
+    if len(_DATA_URLS) >= DATA_URL_MEMO:
+        _DATA_URLS.clear()
+    _DATA_URLS[memo] = src = "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
+    return src
