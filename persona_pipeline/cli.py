@@ -274,9 +274,13 @@ def cmd_lora_set(args: argparse.Namespace) -> int:
                 current = registry.primary_lora(session, persona.id)
                 if current is None or current.lora_id != args.lora_id:
                     promotion.promote(session, persona.id, args.lora_id, getpass.getuser(), "lora set --primary")
+            elif args.primary is False:  # taking the primary away is an event too
+                current = registry.primary_lora(session, persona.id)
+                if current is not None and current.lora_id == args.lora_id:
+                    promotion.demote(session, persona.id, args.lora_id, getpass.getuser(), "lora set --no-primary")
             mapping = registry.set_lora_mapping(session, persona.id, args.lora_id, weight=args.weight, primary=args.primary,
                                                 chained=args.chain)
-        except ValueError as exc:  # a weight out of range, too many chained LoRAs
+        except ValueError as exc:  # a weight out of range, too many chained LoRAs, a LoRA not in the library
             raise CliError(str(exc)) from None
         print(f"{args.slug}: LoRA {args.lora_id} weight {mapping.weight:.2f}{', primary' if mapping.is_primary else ''}"
               f"{', chained' if mapping.chained else ''}")

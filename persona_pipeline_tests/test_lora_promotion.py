@@ -89,6 +89,30 @@ def _use_cli_env(monkeypatch, settings, db_url):
     monkeypatch.setenv("PERSONA_DATASETS_DIR", str(settings.datasets_dir))
 
 
+def test_taking_the_primary_away_is_an_event_and_only_the_primary_can_lose_it(tmp_path, db_url, monkeypatch, capsys):
+    settings = make_settings(tmp_path, db_url)
+    with session_scope(db_url) as session:
+        persona = registry.sync_persona(session, load_persona(write_persona(settings.datasets_dir, photos=0)))
+        one, two = _register(session, persona.id, "aaaaaaaa", tmp_path), _register(session, persona.id, "bbbbbbbb", tmp_path)
+        promotion.promote(session, persona.id, one, "ana", "first version")
+        with pytest.raises(promotion.PromotionError, match=f"LoRA {two} is not the primary"):
+            promotion.demote(session, persona.id, two, "ana", "not in use")
+        with pytest.raises(promotion.PromotionError, match="needs a reason"):
+            promotion.demote(session, persona.id, one, "ana", "")
+        persona_id = persona.id
+    _use_cli_env(monkeypatch, settings, db_url)
+    assert cli.main(["lora", "set", "tester", str(two), "--no-primary"]) == 0  # not the primary: nothing to record
+    assert cli.main(["lora", "set", "tester", str(one), "--no-primary"]) == 0
+    capsys.readouterr()
+    with session_scope(db_url) as session:
+        assert registry.primary_lora(session, persona_id) is None
+        events = [(e.kind, e.subject_id, e.reviewer, e.payload["reason"]) for e in promotion.decisions(session, persona_id)]
+    assert events == [("promote_lora", one, "ana", "first version"),
+                      ("demote_lora", one, getpass.getuser(), "lora set --no-primary")]
+    assert cli.main(["lora", "history", "tester"]) == 0
+    assert "demote_lora" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_new_versions_are_evaluated_against_the_primary_and_promoted_only_when_not_worse(tmp_path, db_url, monkeypatch,
                                                                                           capsys):

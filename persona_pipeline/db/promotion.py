@@ -1,6 +1,6 @@
 """Promotion of LoRA versions: evaluations stored per LoRA, and every change of primary as a
-`ReviewEvent` (who and why): `promote_lora` and `rollback_lora` change the primary, `hold_lora`
-records why a new version stayed a candidate. The lora_model asset, the CLI and the review form
+`ReviewEvent` (who and why): `promote_lora` and `rollback_lora` change the primary, `demote_lora`
+leaves the persona with none, `hold_lora` records why a new version stayed a candidate. The lora_model asset, the CLI and the review form
 all go through here."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from persona_pipeline.db import models, registry
 from persona_pipeline.db.review import record_event
 from persona_pipeline.domain.promotion import EvalScores
 
-PROMOTE, ROLLBACK, HOLD = "promote_lora", "rollback_lora", "hold_lora"
-KINDS = (PROMOTE, ROLLBACK, HOLD)
+PROMOTE, ROLLBACK, HOLD, DEMOTE = "promote_lora", "rollback_lora", "hold_lora", "demote_lora"
+KINDS = (PROMOTE, ROLLBACK, HOLD, DEMOTE)
 AUTOMATIC = "lora_model (automatic)"
 
 
@@ -86,6 +86,18 @@ def rollback(session: Session, persona_id: int, who: str, why: str, to: int | No
         if to is None:
             raise PromotionError(f"LoRA {current.lora_id} replaced no earlier primary; name one with --to")
     return promote(session, persona_id, to, who, why, kind=ROLLBACK)
+
+
+def demote(session: Session, persona_id: int, lora_id: int, who: str, why: str) -> models.ReviewEvent:
+    """Take the primary flag from `lora_id`, the persona's primary, leaving it none, as an event:
+    generation then runs without a persona LoRA until one is promoted."""
+    _check_reason(why)
+    _mapping(session, persona_id, lora_id)
+    current = registry.primary_lora(session, persona_id)
+    if current is None or current.lora_id != lora_id:
+        raise PromotionError(f"LoRA {lora_id} is not the primary")
+    registry.set_lora_mapping(session, persona_id, lora_id, primary=False)
+    return record_event(session, persona_id, DEMOTE, "lora", lora_id, who, {"reason": why, "previous_primary": lora_id})
 
 
 def _mapping(session: Session, persona_id: int, lora_id: int) -> models.PersonaLora:
