@@ -7,7 +7,8 @@ the persona's mix, the stills gathered from the lead image's generation run, and
 - story: the lead image on a 9:16 canvas inside the safe bands; with `formats.story.video`, a
   video made like a reel (at most 60 s).
 - reel: the run's top stills as a 9:16 video (video.encode_reel), with the persona's audio
-  file when set. `media_path` is its first frame as a JPEG (pages show it; `cover_url` when
+  file when set; when the library item is a video step's candidate, its clip (and the run's other
+  clips) played in turn instead (video.encode_clips: real motion, no pan and zoom). `media_path` is its first frame as a JPEG (pages show it; `cover_url` when
   `formats.reel.cover`); the MP4 is `format_options.video_path`.
 
 Each still is a `post_items` row linking back to its candidate (-> LoRA -> dataset). A format that
@@ -64,6 +65,20 @@ def run_stills(session: Session, item: models.LibraryItem, n: int, held: set[int
     return [lead, *others[: n - 1]]
 
 
+def run_clips(session: Session, item: models.LibraryItem, n: int, held: set[int]) -> list[Still]:
+    """Up to `n` video clips for a reel whose library item is a video step's candidate: its clip first,
+    then the best other usable clips of the same run that no live post holds; [] when the item has no clip."""
+    lead = session.get(models.Candidate, item.candidate_id) if item.candidate_id is not None else None
+    if lead is None or not lead.video_path or not Path(lead.video_path).is_file():
+        return []
+    rows = session.scalars(select(models.Candidate).where(
+        models.Candidate.run_id == lead.run_id, models.Candidate.id != lead.id, models.Candidate.status.in_(USABLE),
+        models.Candidate.video_path.is_not(None))
+        .order_by(models.Candidate.bt_score.desc().nulls_last(), models.Candidate.elo.desc(), models.Candidate.id)).all()
+    others = [Still(Path(c.video_path), c.id, None) for c in rows if c.id not in held and Path(c.video_path).is_file()]
+    return [Still(Path(lead.video_path), lead.id, item.id), *others[: n - 1]]
+
+
 def audio_path(folder: Path, relative: str | None) -> Path | None:
     """The persona's audio file (formats.reel.audio), refused by name if it leaves the folder or is a link."""
     if not relative:
@@ -100,8 +115,15 @@ class MediaMaker:
             stills = run_stills(self.session, item, self.settings.carousel.items, self.held)
             return stills if len(stills) >= post_formats.CAROUSEL_MIN_ITEMS else None
         if fmt == post_formats.REEL or (fmt == post_formats.STORY and self.settings.story.video):
-            stills = run_stills(self.session, item, self.settings.reel.stills, self.held)
-            seconds = len(stills) * self.settings.reel.seconds_per_still
+            # A video step's clips when the item is one (real motion), else the run's stills with pan and zoom.
+            stills = run_clips(self.session, item, self.settings.reel.stills, self.held)
+            if stills:
+                from persona_pipeline.video import clip_facts
+
+                seconds = sum(clip_facts(s.path)["duration_s"] for s in stills)
+            else:
+                stills = run_stills(self.session, item, self.settings.reel.stills, self.held)
+                seconds = len(stills) * self.settings.reel.seconds_per_still
             limits = post_formats.video_limits(fmt)
             return stills if limits.min_s <= seconds <= limits.max_s else None
         return [Still(Path(item.image_path), item.candidate_id, item.id)]
@@ -169,18 +191,29 @@ def export_carousel(post: models.Post, items: Sequence[models.PostItem], aspect:
 
 def make_video(post: models.Post, items: Sequence[models.PostItem], plan, media_dir: Path, *,
                audio: Path | None, cover: bool) -> None:
-    """The post's MP4 (and cover JPEG) from its items' stills, checked against the API's limits."""
+    """The post's MP4 (and cover JPEG) from its items' stills or a video step's clips, checked against
+    the API's limits."""
     from persona_pipeline import video
 
-    seconds = plan.duration(len(items))
+    sources = [Path(i.source_path) for i in items]
+    clips = [path for path in sources if video.is_clip(path)]
+    if clips and len(clips) != len(sources):
+        raise post_formats.FormatError(f"post {post.id}: a {post.format} is made of stills or of clips, not both "
+                                       f"({len(clips)} clips, {len(sources) - len(clips)} stills)")
+    if clips:
+        seconds = sum(video.clip_facts(path)["duration_s"] for path in clips)
+        what = f"{len(clips)} clips of {seconds:g} s"
+    else:
+        seconds = plan.duration(len(items))
+        what = f"{len(items)} stills x {plan.seconds_per_still:g} s = {seconds:g} s"
     limits = post_formats.video_limits(post.format)
     if not limits.min_s <= seconds <= limits.max_s:
-        raise post_formats.FormatError(
-            f"post {post.id}: a {post.format} of {len(items)} stills x {plan.seconds_per_still:g} s = {seconds:g} s "
-            f"is outside {limits.min_s:g}..{limits.max_s:g} s")
+        raise post_formats.FormatError(f"post {post.id}: a {post.format} of {what} is outside "
+                                       f"{limits.min_s:g}..{limits.max_s:g} s")
     focus = [(item.crop["x"], item.crop["y"]) for item in items]
     target = Path(media_dir) / f"post-{post.id:06d}.mp4"
-    facts = video.encode_reel([Path(i.source_path) for i in items], target, plan, focus=focus, audio=audio)
+    encode = video.encode_clips if clips else video.encode_reel
+    facts = encode(sources, target, plan, focus=focus, audio=audio)
     problems = post_formats.video_problems(f"post {post.id} video {target.name}", post.format, facts)
     if problems:
         raise post_formats.FormatError("; ".join(problems))
@@ -213,4 +246,4 @@ def remake(session: Session, post: models.Post, settings: FormatSettings, media_
 
 
 __all__ = ["MediaMaker", "Still", "audio_path", "export_carousel", "held_candidates", "make_video", "remake",
-           "run_stills"]
+           "run_clips", "run_stills"]
