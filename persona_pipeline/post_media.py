@@ -3,7 +3,8 @@ the persona's mix, the stills gathered from the lead image's generation run, and
 
 - feed: the lead image as an Instagram-ready JPEG (domain/media.export_post_jpeg), as before.
 - carousel: the run's top candidates (the lead first, then by Bradley-Terry score, Elo), each
-  cropped to one aspect around its focus point (domain/media.export_item_jpeg).
+  cropped to one aspect around its focus point (domain/media.export_item_jpeg); with
+  `formats.carousel.source: cluster`, the best available items of the lead's library cluster instead.
 - story: the lead image on a 9:16 canvas inside the safe bands; with `formats.story.video`, a
   video made like a reel (at most 60 s).
 - reel: the run's top stills as a 9:16 video (video.encode_reel), with the persona's audio
@@ -65,6 +66,34 @@ def run_stills(session: Session, item: models.LibraryItem, n: int, held: set[int
     return [lead, *others[: n - 1]]
 
 
+def held_items(session: Session, persona_id: int) -> set[int]:
+    """Library items a live post of the persona already shows (as its lead or as one of its items)."""
+    live = models.Post.status.in_(post_states.HOLDS_IMAGE)
+    leads = session.scalars(select(models.Post.library_item_id).where(
+        models.Post.persona_id == persona_id, live, models.Post.library_item_id.is_not(None)))
+    items = session.scalars(select(models.PostItem.library_item_id).join(models.Post, models.Post.id == models.PostItem.post_id)
+                            .where(models.Post.persona_id == persona_id, live, models.PostItem.library_item_id.is_not(None)))
+    return set(leads) | set(items)
+
+
+def cluster_stills(session: Session, item: models.LibraryItem, n: int, held: set[int], held_library: set[int]) -> list[Still]:
+    """Up to `n` stills for a carousel of one content-library cluster: the library item first, then the best
+    other available items of its cluster (BT score, then nearest its centre) that no live post shows; just the
+    item when it has no cluster."""
+    lead = Still(Path(item.image_path), item.candidate_id, item.id)
+    if item.cluster_id is None or n <= 1:
+        return [lead]
+    rows = session.scalars(select(models.LibraryItem).where(
+        models.LibraryItem.persona_id == item.persona_id, models.LibraryItem.cluster_id == item.cluster_id,
+        models.LibraryItem.id != item.id, models.LibraryItem.status == "available")
+        .order_by(models.LibraryItem.score.desc().nulls_last(), models.LibraryItem.cluster_distance.asc().nulls_last(),
+                  models.LibraryItem.id)).all()
+    others = [Still(Path(r.image_path), r.candidate_id, r.id) for r in rows
+              if r.id not in held_library and (r.candidate_id is None or r.candidate_id not in held)
+              and Path(r.image_path).is_file()]
+    return [lead, *others[: n - 1]]
+
+
 def run_clips(session: Session, item: models.LibraryItem, n: int, held: set[int]) -> list[Still]:
     """Up to `n` video clips for a reel whose library item is a video step's candidate: its clip first,
     then the best other usable clips of the same run that no live post holds; [] when the item has no clip."""
@@ -108,11 +137,14 @@ class MediaMaker:
         self.session, self.persona, self.settings = session, persona, settings
         self.media_dir, self.folder = Path(media_dir), Path(folder)
         self.held = held_candidates(session, persona.id)
+        self.held_library = held_items(session, persona.id)
 
     def stills_for(self, fmt: str, item: models.LibraryItem) -> list[Still] | None:
         """The stills a post of `fmt` would show, or None when the run has too few for it."""
         if fmt == post_formats.CAROUSEL:
-            stills = run_stills(self.session, item, self.settings.carousel.items, self.held)
+            carousel = self.settings.carousel
+            stills = (cluster_stills(self.session, item, carousel.items, self.held, self.held_library)
+                      if carousel.source == "cluster" else run_stills(self.session, item, carousel.items, self.held))
             return stills if len(stills) >= post_formats.CAROUSEL_MIN_ITEMS else None
         if fmt == post_formats.REEL or (fmt == post_formats.STORY and self.settings.story.video):
             # A video step's clips when the item is one (real motion), else the run's stills with pan and zoom.
@@ -137,7 +169,8 @@ class MediaMaker:
             if stills is not None:
                 note = f"format {fmt}" + (f" ({'; '.join(passed)})" if passed else "")
                 return fmt, stills, note
-            passed.append(f"{fmt} passed over: too few usable stills in the run of library item {item.id}")
+            where = "cluster" if fmt == post_formats.CAROUSEL and self.settings.carousel.source == "cluster" else "run"
+            passed.append(f"{fmt} passed over: too few usable stills in the {where} of library item {item.id}")
         # Every wanted format needs more stills than there are: a feed post always can be made.
         return post_formats.FEED, [Still(Path(item.image_path), item.candidate_id, item.id)], \
             "format feed (" + "; ".join(passed) + ")"
@@ -146,6 +179,7 @@ class MediaMaker:
         """Write `post`'s files and items; a MediaError or FormatError names the post and the file."""
         post.format = fmt
         self.held.update(s.candidate_id for s in stills if s.candidate_id is not None)
+        self.held_library.update(s.library_item_id for s in stills if s.library_item_id is not None)
         stem = self.media_dir / f"post-{post.id:06d}"
         if fmt == post_formats.FEED:
             post.media_sha256 = atomic_write(stem.with_suffix(".jpg"), media.export_post_jpeg(stills[0].path))
@@ -159,6 +193,8 @@ class MediaMaker:
         self.session.add_all(items)
         if fmt == post_formats.CAROUSEL:
             post.format_options = {"aspect": self.settings.carousel.aspect}
+            if self.settings.carousel.source == "cluster":
+                post.format_options["cluster_id"] = self.session.get(models.LibraryItem, stills[0].library_item_id).cluster_id
             export_carousel(post, items, self.settings.carousel.aspect, self.media_dir)
         elif fmt == post_formats.STORY and not self.settings.story.video:
             post.format_options = {"video": False}
@@ -245,5 +281,5 @@ def remake(session: Session, post: models.Post, settings: FormatSettings, media_
         post.media_path = str(path)
 
 
-__all__ = ["MediaMaker", "Still", "audio_path", "export_carousel", "held_candidates", "make_video", "remake",
-           "run_clips", "run_stills"]
+__all__ = ["MediaMaker", "Still", "audio_path", "cluster_stills", "export_carousel", "held_candidates", "held_items",
+           "make_video", "remake", "run_clips", "run_stills"]
