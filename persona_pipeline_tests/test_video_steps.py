@@ -34,10 +34,10 @@ from persona_pipeline_tests.test_generation import materialise
 PARAMS = {"steps": 2, "cfg": 3.5, "sampler": "euler", "scheduler": "simple"}
 
 
-def video_steps(size: tuple[int, int], clip: tuple[int, int], frames: int = 49, fps: int = 16) -> list[dict]:
+def video_steps(size: tuple[int, int], clip: tuple[int, int], frames: int = 49, fps: int = 16, n: int = 1) -> list[dict]:
     return [{"name": "base", "template": "flux_txt2img_lora", "n": 2, "top_k": 1,
              "params": {**PARAMS, "width": size[0], "height": size[1]}},
-            {"name": "motion", "type": "video", "n": 1,
+            {"name": "motion", "type": "video", "n": n,
              "params": {**PARAMS, "cfg": 5.0, "instruction": "she turns to the camera and smiles", "frames": frames,
                         "fps": fps, "width": clip[0], "height": clip[1]}}]
 
@@ -71,11 +71,13 @@ def test_video_step_with_diffusers_makes_a_clip_and_reproduces(tmp_path, db_url)
     from persona_pipeline.resources.diffusion import DiffusionBackend
 
     settings = make_settings(tmp_path, db_url, base_model="tiny")
-    folder, lora_id = flux_persona_with_lora(settings, tmp_path, video_steps((64, 64), (32, 48)))
+    folder, lora_id = flux_persona_with_lora(settings, tmp_path, video_steps((64, 64), (32, 48), n=2))
     assert materialise(settings, folder).success
     with session_scope(settings.database_url) as session:
         run, (base, motion) = _rows(session)
-        assert [s.status for s in run.steps] == ["approved", "voting"] and len(motion) == 1
+        # Two clips of one parent: each its own pipeline call (the Wan pipeline makes one video per call)
+        assert [s.status for s in run.steps] == ["approved", "voting"] and len(motion) == 2
+        assert motion[0].video_sha256 != motion[1].video_sha256
         clip = motion[0]
         parent = session.get(models.Candidate, clip.parent_id)
         manifest = json.loads(Path(clip.manifest_path).read_text())
@@ -89,6 +91,7 @@ def test_video_step_with_diffusers_makes_a_clip_and_reproduces(tmp_path, db_url)
         facts = clip_facts(Path(clip.video_path))
         assert (facts["frames"], facts["fps"], facts["width"], facts["height"]) == (49, 16.0, 32, 48)
         assert manifest["video_facts"] == facts and facts["duration_s"] >= 3.0
+        assert manifest["diffusers"]["batch_seeds"] == [clip.seed]
         image_path, recorded = clip.image_path, manifest["diffusers"]
     frames = DiffusionBackend(base_model="tiny-wan-i2v", models_dir=str(settings.home / "models")).reproduce(
         recorded, log=lambda _: None)

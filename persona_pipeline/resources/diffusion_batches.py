@@ -58,8 +58,11 @@ def plan_batches(jobs: Sequence[DiffusersJob], batch_size: int) -> list[list[int
     groups: dict[DiffusersJob, list[int]] = {}
     for index, job in enumerate(jobs):
         groups.setdefault(job.batch_key(), []).append(index)
-    return [members[start:start + batch_size] for members in groups.values()
-            for start in range(0, len(members), batch_size)]
+    # A video job runs alone: WanImageToVideoPipeline (diffusers 0.42) does not repeat its image embeddings
+    # for num_videos_per_prompt > 1, so a batch of clips fails in the transformer.
+    sizes = {key: 1 if key.frames else batch_size for key in groups}
+    return [members[start:start + sizes[key]] for key, members in groups.items()
+            for start in range(0, len(members), sizes[key])]
 
 
 
