@@ -26,6 +26,7 @@ from persona_pipeline.domain.generation_request import build_request
 from persona_pipeline.domain.workflows import TemplateError, fill_template, load_template
 from persona_pipeline.fileio import sha256_file
 from persona_pipeline.settings import REPO_WORKFLOWS
+from persona_pipeline.trace import TraceError, trace_post
 from persona_pipeline.training.families.video_models import WAN_I2V, VideoStepError, resolve_video_model
 from persona_pipeline.video import clip_facts
 from persona_pipeline_tests.conftest import make_settings, write_persona
@@ -142,6 +143,27 @@ def test_video_step_against_the_fake_comfyui(tmp_path, db_url):
         assert sha256_file(Path(clip.video_path)) == clip.video_sha256
         with Image.open(clip.image_path) as image:
             assert image.size == (256, 448)
+        # Provenance: a post of the clip traces to the clip (hash checked), the still it animated, and that
+        # still's LoRA (Wan took none) and dataset.
+        folder_of_dataset = tmp_path / "dataset"
+        folder_of_dataset.mkdir()
+        (folder_of_dataset / "metadata.json").write_text(json.dumps({"version": "v1"}))
+        dataset = models.Dataset(persona_id=run.persona_id, version="v1", path=str(folder_of_dataset), image_count=12,
+                                 settings={})
+        session.add(dataset)
+        session.flush()
+        session.get(models.LoraModel, lora_id).dataset_id = dataset.id
+        post = models.Post(persona_id=run.persona_id, account="outbox", status="scheduled", format="reel",
+                           candidate_id=clip.id, caption="c", hashtags=[], scheduled_at=models.utcnow())
+        session.add(post)
+        session.flush()
+        trace = trace_post(session, post.id)
+        assert trace["candidate"]["video"]["sha256"] == clip.video_sha256
+        assert trace["candidate"]["lora_from_ancestor"] == clip.parent_id and trace["lora"]["id"] == lora_id
+        assert trace["dataset"]["version"] == "v1" and [p["id"] for p in trace["parents"]] == [clip.parent_id]
+        Path(clip.video_path).write_bytes(b"changed")
+        with pytest.raises(TraceError, match=f"candidate {clip.id}: clip .* does not match its manifest's sha256"):
+            trace_post(session, post.id)
 
 
 @pytest.mark.slow
