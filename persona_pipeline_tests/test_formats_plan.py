@@ -197,6 +197,15 @@ def test_a_carousel_from_one_cluster_takes_its_best_items_across_runs_when_the_p
     for item in post_items(lib, post.id):
         with Image.open(item.media_path) as image:
             assert image.size == post_formats.CAROUSEL_ASPECTS["1:1"]
+    # A reviewer's Replace offers the cluster's remaining item (not a run's own still), and the item then
+    # names that library item.
+    from persona_pipeline.db.review_items import replace_item, replacement_options
+
+    with session_scope(lib.url) as session:
+        options = [c.id for c in replacement_options(session, session.get(models.Post, post.id))]
+        assert options == [others[2]]
+        replace_item(session, post.id, 3, others[2], "tester", lib.home)
+    assert post_items(lib, post.id)[2].library_item_id == items[others[2]].id
     later = datetime.now(timezone.utc) + timedelta(days=8)
     assert publish_due(AppDatabase(url=lib.url), OutboxPublisher(home=str(lib.home)), later, LogCapture())["published"] == 1
 
