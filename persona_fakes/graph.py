@@ -301,6 +301,10 @@ class FakeGraphAPI(HTTPFake):
         """Endpoints a subclass adds (graph_insights.py), tried before the node lookup."""
         return None
 
+    def _raw_post(self, handler, path: str) -> bool:
+        """A subclass's POST whose body is no form (an upload): True when it answered it itself."""
+        return False
+
     def _answer_headers(self, endpoint: str, account: str | None) -> tuple[tuple[str, str], ...]:
         """Headers every answer carries (a subclass's usage headers); called once per request."""
         return ()
@@ -517,6 +521,8 @@ def _handler_for(fake: FakeGraphAPI) -> type[BaseHTTPRequestHandler]:
             split = urlsplit(self.path)
             params = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
             token_in = "query" if params.get("access_token") else ""
+            if method == "POST" and fake._raw_post(self, split.path):
+                return  # a binary upload (graph_formats.py: the resumable upload)
             if method == "POST":
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
                 form = {k: v[-1] for k, v in parse_qs(raw, keep_blank_values=True).items()}

@@ -17,7 +17,16 @@ Faults, each for the next containers of its kind (`times`):
 - `fail_videos(times, reason)`: video containers end in ERROR during processing, with `reason`;
 - an image of the wrong aspect for its format: code 36003 subcode 2207009, as Meta answers.
 
-Records: `kinds[container] = {"media_type", "children", "fields"}`, `item_creates(user)`.
+Resumable upload (a video with no public URL): `upload_type=resumable` on a REELS or STORIES container
+(no video_url) answers {"id", "uri"}; POST uri with `Authorization: OAuth <token>`, `offset` (the bytes
+received so far, else 400) and `file_size` headers and the bytes from the offset appends them; the
+container is IN_PROGRESS, not processed, until all `file_size` bytes are in, then checked as a fetched
+video and processed for `video_ready_after_s`. GET /{container}?fields=video_status answers
+{"uploading_phase": {"status": not_started|in_progress|complete, "bytes_transferred": N}}.
+Fault `interrupt_uploads(times, after_bytes)`: the next upload POSTs keep only their first `after_bytes`
+bytes and drop the connection without an answer (an interrupted upload, resumed at its offset).
+
+Records: `kinds[container] = {"media_type", "children", "fields"}`, `item_creates(user)`, `uploads[container]`.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import io
 from collections import deque
 from typing import Any
 
-from persona_fakes.graph import MAX_MEDIA_BYTES, Container, FakeGraphAPI, _graph_error
+from persona_fakes.graph import MAX_MEDIA_BYTES, Container, FakeGraphAPI, RecordedRequest, _graph_error
 
 CAROUSEL_MAX = 10
 REEL_MAX_BYTES = 300 * 1024 * 1024
@@ -42,6 +51,8 @@ class FakeFormatsGraphAPI(FakeGraphAPI):
         self._item_faults: deque[str] = deque()
         self._video_faults: deque[str] = deque()
         self.errors: dict[str, str] = {}  # container -> the ERROR reason its status gives
+        self.uploads: dict[str, dict[str, Any]] = {}  # resumable container -> {"data", "size", "posts", "media_type"}
+        self._upload_faults: deque[int] = deque()
         super().__init__(*args, **kwargs)
 
     # --- faults ---------------------------------------------------------------------------------
@@ -57,6 +68,10 @@ class FakeFormatsGraphAPI(FakeGraphAPI):
     def fail_videos(self, times: int = 1, reason: str = "ERROR: Video processing failed: unsupported audio") -> None:
         with self._lock:
             self._video_faults.extend([f"error:{reason}"] * times)
+
+    def interrupt_uploads(self, times: int = 1, after_bytes: int = 4096) -> None:
+        with self._lock:
+            self._upload_faults.extend([after_bytes] * times)
 
     # --- records --------------------------------------------------------------------------------
 
@@ -131,6 +146,14 @@ class FakeFormatsGraphAPI(FakeGraphAPI):
     def _single(self, user_id: str, media_type: str, params: dict[str, str]) -> dict[str, Any]:
         video, image = params.get("video_url", ""), params.get("image_url", "")
         caption = params.get("caption", "")
+        if params.get("upload_type") == "resumable":
+            if video or image:
+                raise _graph_error(100, None, "A resumable upload takes no video_url or image_url")
+            self._check_caption(caption)
+            container = self._new(user_id, "", caption, media_type, params, ready_after=float("inf"))
+            with self._lock:
+                self.uploads[container.id] = {"data": bytearray(), "size": None, "posts": 0, "media_type": media_type}
+            return {"id": container.id, "uri": f"{self.origin}/ig-api-upload/v23.0/{container.id}"}
         if media_type == "REELS" and not video:
             raise _graph_error(100, None, "The parameter video_url is required for REELS")
         if not video and not image:
@@ -160,6 +183,12 @@ class FakeFormatsGraphAPI(FakeGraphAPI):
 
     def _status(self, container_id: str, params: dict[str, str]) -> dict[str, Any]:
         answer = super()._status(container_id, params)
+        if "video_status" in params.get("fields", "") and container_id in self.uploads:
+            with self._lock:
+                upload = self.uploads[container_id]
+                done = upload["size"] is not None and len(upload["data"]) >= upload["size"]
+                phase = "complete" if done else "in_progress" if upload["data"] else "not_started"
+                answer["video_status"] = {"uploading_phase": {"status": phase, "bytes_transferred": len(upload["data"])}}
         if "status" in params.get("fields", ""):
             with self._lock:
                 reason = self.errors.get(container_id) if answer["status_code"] == "ERROR" else None
@@ -182,6 +211,70 @@ class FakeFormatsGraphAPI(FakeGraphAPI):
             for child in kind.get("children", []):
                 self.containers[child].state = "PUBLISHED"
         return answer
+
+    # --- the resumable upload -------------------------------------------------------------------
+
+    def _raw_post(self, handler, path: str) -> bool:
+        parts = [p for p in path.split("/") if p]
+        if len(parts) != 3 or parts[0] != "ig-api-upload":
+            return False
+        cid = parts[2]
+        length = int(handler.headers.get("Content-Length") or 0)
+        with self._lock:
+            upload, container = self.uploads.get(cid), self.containers.get(cid)
+            fault = self._upload_faults.popleft() if upload is not None and self._upload_faults else None
+        token = (handler.headers.get("Authorization") or "").removeprefix("OAuth ").strip()
+        account = self.accounts.get(container.user_id) if container else None
+        error = None
+        if upload is None:
+            error = (404, "ProcessingFailedError", f"no resumable upload for container {cid}")
+        elif account is None or token != account.token:
+            error = (401, "AuthError", "Invalid OAuth access token")
+        else:
+            try:
+                offset, size = int(handler.headers["offset"]), int(handler.headers["file_size"])
+            except (KeyError, ValueError):
+                offset = size = None
+                error = (400, "BadRequest", "the offset and file_size headers are required")
+        if error is None and (offset != len(upload["data"]) or (upload["size"] not in (None, size))):
+            error = (400, "OffsetMismatch", f"offset {offset} is not the {len(upload['data'])} bytes received "
+                                            f"(file_size {upload['size']})")
+        body = handler.rfile.read(length)
+        with self._lock:  # the token came in the Authorization header; its value is never recorded
+            self.requests.append(RecordedRequest("POST", path, {"offset": handler.headers.get("offset", ""),
+                                                                "file_size": handler.headers.get("file_size", "")},
+                                                 "upload", "header"))
+        if error is not None:
+            handler._send(error[0], {"debug_info": {"retriable": False, "type": error[1], "message": error[2]}})
+            return True
+        with self._lock:
+            upload["size"], upload["posts"] = size, upload["posts"] + 1
+            upload["data"].extend(body[:fault] if fault is not None else body)
+            complete = len(upload["data"]) >= size
+        if fault is not None:
+            handler._drop()  # the connection breaks mid-upload: no answer
+            return True
+        if complete:
+            self._uploaded(cid, upload)
+        handler._send(200, {"success": True, "message": "Upload successful."})
+        return True
+
+    def _uploaded(self, cid: str, upload: dict[str, Any]) -> None:
+        """All bytes in: checked as a fetched video would be, then processed for video_ready_after_s."""
+        data = bytes(upload["data"])
+        limit = REEL_MAX_BYTES if upload["media_type"] == "REELS" else STORY_VIDEO_MAX_BYTES
+        with self._lock:
+            container = self.containers[cid]
+            if len(data) < 12 or data[4:8] != b"ftyp" or len(data) > limit:
+                container.state = "ERROR"
+                self.errors[cid] = "ERROR: the uploaded video is not an MP4/MOV within the size limit"
+                return
+            container.ready_at = self.now() + self.video_ready_after_s
+            fault = self._video_faults.popleft() if self._video_faults else None
+            if fault == "stuck":
+                container.ready_at = float("inf")
+            elif fault:
+                self.errors[cid] = fault.split(":", 1)[1]
 
     # --- media checks ---------------------------------------------------------------------------
 
@@ -212,3 +305,4 @@ class FakeFormatsGraphAPI(FakeGraphAPI):
 
 def _public(params: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in params.items() if k not in ("access_token", "input_token")}
+

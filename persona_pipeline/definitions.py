@@ -112,14 +112,16 @@ def build_publisher(settings: Settings) -> Publisher:
     common = dict(workers=env("publish_workers"), max_retries=env("publish_max_retries"))
     if settings.publisher == "outbox":
         return OutboxPublisher(home=str(settings.home), **common)
-    if not settings.media_public_base_url:
+    if not settings.media_public_base_url and settings.instagram_video_upload == "url":
         raise ValueError("PERSONA_PUBLISHER=instagram needs MEDIA_PUBLIC_BASE_URL: the public URL where "
-                         f"{settings.public_media_dir} is served, so Instagram can fetch each post's JPEG")
+                         f"{settings.public_media_dir} is served, so Instagram can fetch each post's JPEG "
+                         "(INSTAGRAM_VIDEO_UPLOAD=url; with auto or resumable, videos are uploaded without it and "
+                         "image posts fail each, naming it)")
     return InstagramPublisher(
         graph=InstagramGraphClient(base_url=env("instagram_graph_url"), poll_timeout_s=env("instagram_poll_timeout_s"),
                                    video_poll_timeout_s=env("instagram_video_poll_timeout_s")),
         media_public_base_url=env("media_public_base_url"), media_public_dir=str(settings.public_media_dir),
-        token_warn_days=env("instagram_token_warn_days"), **common)
+        token_warn_days=env("instagram_token_warn_days"), video_upload=env("instagram_video_upload"), **common)
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from persona_pipeline.domain import post_formats
@@ -16,6 +18,9 @@ class CarouselSettings(_Strict):
     items: int = Field(default=5, ge=post_formats.CAROUSEL_MIN_ITEMS, le=post_formats.CAROUSEL_MAX_ITEMS)
     aspect: str = "4:5"  # every item is cropped to this one aspect
     focus_y: float = Field(default=0.4, ge=0, le=1)  # the default crop's focus: faces sit above the middle
+    # Where the items come from: `run`, the lead's generation run's top candidates; `cluster`, the best
+    # available items of the lead's content-library cluster (one look or scene across runs and photos).
+    source: Literal["run", "cluster"] = "run"
 
     @field_validator("aspect")
     @classmethod

@@ -43,6 +43,10 @@ class StepParams(_Strict):
     # e.g. a source photo) and the instruction (unset: the run's prompt).
     input_image: str | None = Field(default=None, min_length=1)
     instruction: str | None = Field(default=None, min_length=1, max_length=2000)
+    # Video steps only (docs/generation.md#video-steps): frames per clip (unset: the video model's; Wan
+    # takes 4k + 1) and their rate (unset: the model's own, 16 for Wan). input_image as for edit steps.
+    frames: int | None = Field(default=None, ge=5, le=161)
+    fps: int | None = Field(default=None, ge=8, le=30)
 
     @field_validator("sampler", "scheduler")
     @classmethod
@@ -60,8 +64,9 @@ class PipelineStep(_Strict):
 
     name: str = Field(min_length=1, max_length=80, pattern=r"^[\w-]+$")
     # `generate` draws from the prompt (txt2img, img2img, pose); `edit` changes an input image by an
-    # instruction with an image-edit model (FLUX.1 Kontext, Qwen-Image-Edit: training/families/edit_models.py).
-    type: Literal["generate", "edit"] = "generate"
+    # instruction with an image-edit model (FLUX.1 Kontext, Qwen-Image-Edit: training/families/edit_models.py);
+    # `video` makes an input image move (Wan 2.1 image-to-video: training/families/video_models.py).
+    type: Literal["generate", "edit", "video"] = "generate"
     template: str | None = Field(default=None, min_length=1)  # workflows/<name>.json; an edit step's default: its model's
     # Edit steps: the edit model's weights for the diffusers backend (tiny-kontext, tiny-qwen-edit, a local
     # folder or hub id; unset: the persona family's edit model) and its file on ComfyUI (unset: the model's usual file).
@@ -85,18 +90,22 @@ class PipelineStep(_Strict):
                 f"params.{name}" for name in ("input_image", "instruction") if getattr(self.params, name)]
             if extra:
                 raise ValueError(f"step {self.name!r}: {', '.join(extra)} apply to edit steps only (type: edit)")
+        if self.type != "video":
+            extra = [f"params.{name}" for name in ("frames", "fps") if getattr(self.params, name) is not None]
+            if extra:
+                raise ValueError(f"step {self.name!r}: {', '.join(extra)} apply to video steps only (type: video)")
         return self
 
 
-def _check_edit_input(step: "PipelineStep", earlier: list[str]) -> None:
-    """Where an edit step's input image comes from (the file itself is checked when a job is built,
-    inside the persona folder: generation/executor.py)."""
+def _check_input_image(step: "PipelineStep", earlier: list[str]) -> None:
+    """Where an edit or video step's input image comes from (the file itself is checked when a job is
+    built, inside the persona folder: generation/executor.py)."""
     source = step.params.input_image
     if source is None:
         if not earlier:
-            raise ValueError(f"step {step.name!r} is an edit step with no input image: as the first step it has no "
-                             "parent to edit; set params.input_image to a photo in the persona folder "
-                             "(e.g. photos/001.jpg)")
+            raise ValueError(f"step {step.name!r} is an {step.type} step with no input image: as the first step it "
+                             f"has no parent to {'edit' if step.type == 'edit' else 'animate'}; set params.input_image "
+                             "to a photo in the persona folder (e.g. photos/001.jpg)")
     elif source.startswith("step:"):
         if source[5:] not in earlier:
             raise ValueError(f"step {step.name!r}: params.input_image {source!r} names no earlier step; earlier "
@@ -124,6 +133,6 @@ class GenerationSettings(_Strict):
         if dupes:
             raise ValueError(f"step names must be unique; repeated: {', '.join(dupes)}")
         for position, step in enumerate(self.steps):
-            if step.type == "edit":
-                _check_edit_input(step, names[:position])
+            if step.type in ("edit", "video"):
+                _check_input_image(step, names[:position])
         return self

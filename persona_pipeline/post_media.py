@@ -3,11 +3,13 @@ the persona's mix, the stills gathered from the lead image's generation run, and
 
 - feed: the lead image as an Instagram-ready JPEG (domain/media.export_post_jpeg), as before.
 - carousel: the run's top candidates (the lead first, then by Bradley-Terry score, Elo), each
-  cropped to one aspect around its focus point (domain/media.export_item_jpeg).
+  cropped to one aspect around its focus point (domain/media.export_item_jpeg); with
+  `formats.carousel.source: cluster`, the best available items of the lead's library cluster instead.
 - story: the lead image on a 9:16 canvas inside the safe bands; with `formats.story.video`, a
   video made like a reel (at most 60 s).
 - reel: the run's top stills as a 9:16 video (video.encode_reel), with the persona's audio
-  file when set. `media_path` is its first frame as a JPEG (pages show it; `cover_url` when
+  file when set; when the library item is a video step's candidate, its clip (and the run's other
+  clips) played in turn instead (video.encode_clips: real motion, no pan and zoom). `media_path` is its first frame as a JPEG (pages show it; `cover_url` when
   `formats.reel.cover`); the MP4 is `format_options.video_path`.
 
 Each still is a `post_items` row linking back to its candidate (-> LoRA -> dataset). A format that
@@ -64,6 +66,48 @@ def run_stills(session: Session, item: models.LibraryItem, n: int, held: set[int
     return [lead, *others[: n - 1]]
 
 
+def held_items(session: Session, persona_id: int) -> set[int]:
+    """Library items a live post of the persona already shows (as its lead or as one of its items)."""
+    live = models.Post.status.in_(post_states.HOLDS_IMAGE)
+    leads = session.scalars(select(models.Post.library_item_id).where(
+        models.Post.persona_id == persona_id, live, models.Post.library_item_id.is_not(None)))
+    items = session.scalars(select(models.PostItem.library_item_id).join(models.Post, models.Post.id == models.PostItem.post_id)
+                            .where(models.Post.persona_id == persona_id, live, models.PostItem.library_item_id.is_not(None)))
+    return set(leads) | set(items)
+
+
+def cluster_stills(session: Session, item: models.LibraryItem, n: int, held: set[int], held_library: set[int]) -> list[Still]:
+    """Up to `n` stills for a carousel of one content-library cluster: the library item first, then the best
+    other available items of its cluster (BT score, then nearest its centre) that no live post shows; just the
+    item when it has no cluster."""
+    lead = Still(Path(item.image_path), item.candidate_id, item.id)
+    if item.cluster_id is None or n <= 1:
+        return [lead]
+    rows = session.scalars(select(models.LibraryItem).where(
+        models.LibraryItem.persona_id == item.persona_id, models.LibraryItem.cluster_id == item.cluster_id,
+        models.LibraryItem.id != item.id, models.LibraryItem.status == "available")
+        .order_by(models.LibraryItem.score.desc().nulls_last(), models.LibraryItem.cluster_distance.asc().nulls_last(),
+                  models.LibraryItem.id)).all()
+    others = [Still(Path(r.image_path), r.candidate_id, r.id) for r in rows
+              if r.id not in held_library and (r.candidate_id is None or r.candidate_id not in held)
+              and Path(r.image_path).is_file()]
+    return [lead, *others[: n - 1]]
+
+
+def run_clips(session: Session, item: models.LibraryItem, n: int, held: set[int]) -> list[Still]:
+    """Up to `n` video clips for a reel whose library item is a video step's candidate: its clip first,
+    then the best other usable clips of the same run that no live post holds; [] when the item has no clip."""
+    lead = session.get(models.Candidate, item.candidate_id) if item.candidate_id is not None else None
+    if lead is None or not lead.video_path or not Path(lead.video_path).is_file():
+        return []
+    rows = session.scalars(select(models.Candidate).where(
+        models.Candidate.run_id == lead.run_id, models.Candidate.id != lead.id, models.Candidate.status.in_(USABLE),
+        models.Candidate.video_path.is_not(None))
+        .order_by(models.Candidate.bt_score.desc().nulls_last(), models.Candidate.elo.desc(), models.Candidate.id)).all()
+    others = [Still(Path(c.video_path), c.id, None) for c in rows if c.id not in held and Path(c.video_path).is_file()]
+    return [Still(Path(lead.video_path), lead.id, item.id), *others[: n - 1]]
+
+
 def audio_path(folder: Path, relative: str | None) -> Path | None:
     """The persona's audio file (formats.reel.audio), refused by name if it leaves the folder or is a link."""
     if not relative:
@@ -93,15 +137,25 @@ class MediaMaker:
         self.session, self.persona, self.settings = session, persona, settings
         self.media_dir, self.folder = Path(media_dir), Path(folder)
         self.held = held_candidates(session, persona.id)
+        self.held_library = held_items(session, persona.id)
 
     def stills_for(self, fmt: str, item: models.LibraryItem) -> list[Still] | None:
         """The stills a post of `fmt` would show, or None when the run has too few for it."""
         if fmt == post_formats.CAROUSEL:
-            stills = run_stills(self.session, item, self.settings.carousel.items, self.held)
+            carousel = self.settings.carousel
+            stills = (cluster_stills(self.session, item, carousel.items, self.held, self.held_library)
+                      if carousel.source == "cluster" else run_stills(self.session, item, carousel.items, self.held))
             return stills if len(stills) >= post_formats.CAROUSEL_MIN_ITEMS else None
         if fmt == post_formats.REEL or (fmt == post_formats.STORY and self.settings.story.video):
-            stills = run_stills(self.session, item, self.settings.reel.stills, self.held)
-            seconds = len(stills) * self.settings.reel.seconds_per_still
+            # A video step's clips when the item is one (real motion), else the run's stills with pan and zoom.
+            stills = run_clips(self.session, item, self.settings.reel.stills, self.held)
+            if stills:
+                from persona_pipeline.video import clip_facts
+
+                seconds = sum(clip_facts(s.path)["duration_s"] for s in stills)
+            else:
+                stills = run_stills(self.session, item, self.settings.reel.stills, self.held)
+                seconds = len(stills) * self.settings.reel.seconds_per_still
             limits = post_formats.video_limits(fmt)
             return stills if limits.min_s <= seconds <= limits.max_s else None
         return [Still(Path(item.image_path), item.candidate_id, item.id)]
@@ -115,7 +169,8 @@ class MediaMaker:
             if stills is not None:
                 note = f"format {fmt}" + (f" ({'; '.join(passed)})" if passed else "")
                 return fmt, stills, note
-            passed.append(f"{fmt} passed over: too few usable stills in the run of library item {item.id}")
+            where = "cluster" if fmt == post_formats.CAROUSEL and self.settings.carousel.source == "cluster" else "run"
+            passed.append(f"{fmt} passed over: too few usable stills in the {where} of library item {item.id}")
         # Every wanted format needs more stills than there are: a feed post always can be made.
         return post_formats.FEED, [Still(Path(item.image_path), item.candidate_id, item.id)], \
             "format feed (" + "; ".join(passed) + ")"
@@ -124,6 +179,7 @@ class MediaMaker:
         """Write `post`'s files and items; a MediaError or FormatError names the post and the file."""
         post.format = fmt
         self.held.update(s.candidate_id for s in stills if s.candidate_id is not None)
+        self.held_library.update(s.library_item_id for s in stills if s.library_item_id is not None)
         stem = self.media_dir / f"post-{post.id:06d}"
         if fmt == post_formats.FEED:
             post.media_sha256 = atomic_write(stem.with_suffix(".jpg"), media.export_post_jpeg(stills[0].path))
@@ -137,6 +193,8 @@ class MediaMaker:
         self.session.add_all(items)
         if fmt == post_formats.CAROUSEL:
             post.format_options = {"aspect": self.settings.carousel.aspect}
+            if self.settings.carousel.source == "cluster":
+                post.format_options["cluster_id"] = self.session.get(models.LibraryItem, stills[0].library_item_id).cluster_id
             export_carousel(post, items, self.settings.carousel.aspect, self.media_dir)
         elif fmt == post_formats.STORY and not self.settings.story.video:
             post.format_options = {"video": False}
@@ -169,18 +227,29 @@ def export_carousel(post: models.Post, items: Sequence[models.PostItem], aspect:
 
 def make_video(post: models.Post, items: Sequence[models.PostItem], plan, media_dir: Path, *,
                audio: Path | None, cover: bool) -> None:
-    """The post's MP4 (and cover JPEG) from its items' stills, checked against the API's limits."""
+    """The post's MP4 (and cover JPEG) from its items' stills or a video step's clips, checked against
+    the API's limits."""
     from persona_pipeline import video
 
-    seconds = plan.duration(len(items))
+    sources = [Path(i.source_path) for i in items]
+    clips = [path for path in sources if video.is_clip(path)]
+    if clips and len(clips) != len(sources):
+        raise post_formats.FormatError(f"post {post.id}: a {post.format} is made of stills or of clips, not both "
+                                       f"({len(clips)} clips, {len(sources) - len(clips)} stills)")
+    if clips:
+        seconds = sum(video.clip_facts(path)["duration_s"] for path in clips)
+        what = f"{len(clips)} clips of {seconds:g} s"
+    else:
+        seconds = plan.duration(len(items))
+        what = f"{len(items)} stills x {plan.seconds_per_still:g} s = {seconds:g} s"
     limits = post_formats.video_limits(post.format)
     if not limits.min_s <= seconds <= limits.max_s:
-        raise post_formats.FormatError(
-            f"post {post.id}: a {post.format} of {len(items)} stills x {plan.seconds_per_still:g} s = {seconds:g} s "
-            f"is outside {limits.min_s:g}..{limits.max_s:g} s")
+        raise post_formats.FormatError(f"post {post.id}: a {post.format} of {what} is outside "
+                                       f"{limits.min_s:g}..{limits.max_s:g} s")
     focus = [(item.crop["x"], item.crop["y"]) for item in items]
     target = Path(media_dir) / f"post-{post.id:06d}.mp4"
-    facts = video.encode_reel([Path(i.source_path) for i in items], target, plan, focus=focus, audio=audio)
+    encode = video.encode_clips if clips else video.encode_reel
+    facts = encode(sources, target, plan, focus=focus, audio=audio)
     problems = post_formats.video_problems(f"post {post.id} video {target.name}", post.format, facts)
     if problems:
         raise post_formats.FormatError("; ".join(problems))
@@ -212,5 +281,5 @@ def remake(session: Session, post: models.Post, settings: FormatSettings, media_
         post.media_path = str(path)
 
 
-__all__ = ["MediaMaker", "Still", "audio_path", "export_carousel", "held_candidates", "make_video", "remake",
-           "run_stills"]
+__all__ = ["MediaMaker", "Still", "audio_path", "cluster_stills", "export_carousel", "held_candidates", "held_items",
+           "make_video", "remake", "run_clips", "run_stills"]

@@ -329,7 +329,12 @@ class Settings:
     media_public_base_url: str = setting(
         "MEDIA_PUBLIC_BASE_URL", BASE_URL, "",
         "Public URL under which `MEDIA_PUBLIC_DIR` is served; Instagram fetches each post's JPEG from there. "
-        "Required by the `instagram` publisher.")
+        "Required by the `instagram` publisher for images (videos: `INSTAGRAM_VIDEO_UPLOAD`).")
+    instagram_video_upload: str = setting(
+        "INSTAGRAM_VIDEO_UPLOAD", Choice("auto", "url", "resumable"), "auto",
+        "How a reel's or video story's MP4 reaches Instagram: `url` (staged under `MEDIA_PUBLIC_BASE_URL`, "
+        "fetched by Instagram), `resumable` (uploaded to the Graph API's rupload endpoint, resumed at its offset "
+        "after an interruption), or `auto`: `resumable` when `MEDIA_PUBLIC_BASE_URL` is unset, else `url`.")
     media_public_dir: Path | None = setting(
         "MEDIA_PUBLIC_DIR", FOLDER, "$PERSONA_HOME/public_media",
         "Folder the publisher copies post JPEGs into (`<slug>/<post>-<sha12>.jpg`) for the web server (or bucket "

@@ -41,10 +41,22 @@ def trace_post(session: Session, post_id: int) -> dict:
     image_sha = hashlib.sha256(Path(candidate.image_path).read_bytes()).hexdigest()
     if image_sha != manifest["sha256"] or image_sha != candidate.image_sha256:
         raise TraceError(f"candidate {candidate.id}: image {candidate.image_path} does not match its manifest's sha256")
-    lora = candidate.lora
-    chain = manifest.get("loras", [])
+    video = None
+    if candidate.video_path:  # a video step's clip: checked like the image
+        video_sha = hashlib.sha256(Path(candidate.video_path).read_bytes()).hexdigest()
+        if video_sha != manifest.get("video_sha256") or video_sha != candidate.video_sha256:
+            raise TraceError(f"candidate {candidate.id}: clip {candidate.video_path} does not match its manifest's sha256")
+        video = {"path": candidate.video_path, "sha256": video_sha, "video_model": manifest.get("video_model")}
+    # A model that takes none of the persona's LoRAs (a video model, Qwen-Image-Edit) lists them as skipped:
+    # the LoRA is then the one of the ancestor it drew from.
+    drawn, drawn_manifest = candidate, manifest
+    while not drawn_manifest.get("loras") and drawn_manifest.get("loras_skipped") and drawn.parent is not None:
+        drawn = drawn.parent
+        drawn_manifest = json.loads(Path(drawn.manifest_path).read_text())
+    lora = drawn.lora
+    chain = drawn_manifest.get("loras", [])
     if lora is None or not chain or chain[0]["id"] != lora.id or chain[0]["sha256"] != lora.sha256:
-        raise TraceError(f"candidate {candidate.id}: manifest LoRA {chain[0]['id'] if chain else None} is not the recorded LoRA")
+        raise TraceError(f"candidate {drawn.id}: manifest LoRA {chain[0]['id'] if chain else None} is not the recorded LoRA")
     for entry in chain:
         row = session.get(models.LoraModel, entry["id"])
         if row is None or hashlib.sha256(Path(row.path).read_bytes()).hexdigest() != entry["sha256"]:
@@ -67,7 +79,8 @@ def trace_post(session: Session, post_id: int) -> dict:
         "post": publishing,
         "library_item": library_entry,
         "candidate": {"id": candidate.id, "run_id": candidate.run_id, "elo": candidate.elo, "image": candidate.image_path,
-                      "sha256": image_sha},
+                      "sha256": image_sha, **({"video": video} if video else {}),
+                      **({"lora_from_ancestor": drawn.id} if drawn is not candidate else {})},
         "manifest": {"path": str(manifest_path), "workflow": str(graph_path),
                      **{k: manifest[k] for k in ("prompt", "seed", "steps", "cfg", "sampler", "scheduler", "width", "height",
                                                  "denoise", "template", "backend", "server", "base_model")}},

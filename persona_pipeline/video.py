@@ -186,16 +186,54 @@ def _audio_chunks(path: Path, seconds: float, fade_s: float):
 def encode_reel(stills: Sequence[Path], target: Path, plan: ReelPlan = ReelPlan(), *,
                 focus: Sequence[tuple[float, float]] | None = None, audio: Path | None = None) -> VideoFacts:
     """Write the video of `stills` to `target` (MP4, H.264 + AAC when `audio`) and return its probe."""
-    import av
-
     if not stills:
         raise media.MediaError(f"{target}: a video needs at least one still")
     focus = list(focus or [(0.5, 0.5)] * len(stills))
-    target = Path(target)
+    return _write_mp4(_frames(stills, plan, focus), Path(target), plan, plan.duration(len(stills)), audio)
+
+
+def encode_clips(clips: Sequence[Path], target: Path, plan: ReelPlan = ReelPlan(), *,
+                 focus: Sequence[tuple[float, float]] | None = None, audio: Path | None = None) -> VideoFacts:
+    """A reel of video clips (a video step's output) played one after the other, each frame cropped to
+    9:16 around its clip's focus and scaled to the reel's size, at the reel's frame rate (a clip's frames
+    are held or skipped to keep its own timing), with the persona's audio as for stills."""
+    if not clips:
+        raise media.MediaError(f"{target}: a video needs at least one clip")
+    focus = list(focus or [(0.5, 0.5)] * len(clips))
+    duration = sum(clip_facts(Path(clip))["duration_s"] for clip in clips)
+    return _write_mp4(_clip_frames(clips, plan, focus), Path(target), plan, duration, audio)
+
+
+def _clip_frames(clips: Sequence[Path], plan: ReelPlan, focus: Sequence[tuple[float, float]]):
+    """The reel's frames from the clips, one decoded frame held at a time."""
+    import av
+
+    width, height = plan.size
+    for clip, point in zip(clips, focus):
+        with av.open(str(clip)) as container:
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or plan.fps)
+            shown, box = 0, None
+            for index, frame in enumerate(container.decode(stream)):
+                picture = frame.to_image()
+                box = box or crop_box(picture.width, picture.height, plan.size, point)
+                view = None
+                # output frames whose time falls within this clip frame's time on screen
+                while (shown + 0.5) / plan.fps < (index + 1) / rate:
+                    if view is None:
+                        view = av.VideoFrame.from_image(picture.resize((width, height), Image.Resampling.BICUBIC,
+                                                                        box=box)).reformat(format="yuv420p")
+                    yield view
+                    shown += 1
+
+
+def _write_mp4(frames, target: Path, plan: ReelPlan, duration: float, audio: Path | None) -> VideoFacts:
+    """Encode `frames` (yuv420p VideoFrames at plan.fps) and the audio to `target` through a temporary name."""
+    import av
+
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
     width, height = plan.size
-    duration = plan.duration(len(stills))
     try:
         with av.open(str(partial), mode="w", format="mp4",
                      options={"movflags": "+faststart", "use_editlist": "0"}) as container:
@@ -213,7 +251,7 @@ def encode_reel(stills: Sequence[Path], target: Path, plan: ReelPlan = ReelPlan(
                 sound.codec_context.layout = "stereo"
                 sound.codec_context.bit_rate = AUDIO_BITRATE
             time_base = Fraction(1, plan.fps)
-            for k, frame in enumerate(_frames(stills, plan, focus)):
+            for k, frame in enumerate(frames):
                 frame.pts, frame.time_base = k, time_base
                 container.mux(video.encode(frame))
             container.mux(video.encode(None))
@@ -230,9 +268,76 @@ def encode_reel(stills: Sequence[Path], target: Path, plan: ReelPlan = ReelPlan(
     return probe(target)
 
 
+def write_clip(frames: Sequence[Image.Image], target: Path, fps: int) -> dict:
+    """A video step's clip: its frames as an H.264 MP4 at their own size and rate (through a temporary
+    name), and its facts (`clip_facts`)."""
+    import av
+
+    target = Path(target)
+    partial = target.with_name(f".{target.name}.partial")
+    width, height = frames[0].size
+    try:
+        with av.open(str(partial), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = _even(width, 2), _even(height, 2), "yuv420p"
+            stream.codec_context.options = {"preset": "superfast", "crf": "16"}
+            for k, picture in enumerate(frames):
+                frame = av.VideoFrame.from_image(picture.convert("RGB")).reformat(
+                    width=stream.width, height=stream.height, format="yuv420p")
+                frame.pts, frame.time_base = k, Fraction(1, fps)
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, target)
+    return clip_facts(target)
+
+
+def clip_facts(path: Path) -> dict:
+    """frames, fps, duration_s, width, height of a clip; a MediaError naming the file if it is no video."""
+    facts = probe(path)
+    return {"frames": round(facts.duration_s * facts.fps), "fps": facts.fps, "duration_s": round(facts.duration_s, 3),
+            "width": facts.width, "height": facts.height}
+
+
+def clip_poster_png(path: Path) -> bytes:
+    """A clip's first frame as a PNG (a video candidate's image); a MediaError naming the file if it has none."""
+    import io
+
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise media.MediaError(f"{path}: has no video stream")
+            frame = next(container.decode(container.streams.video[0]), None)
+    except (av.error.FFmpegError, OSError) as exc:
+        raise media.MediaError(f"{path}: not a video FFmpeg can read ({exc})") from None
+    if frame is None:
+        raise media.MediaError(f"{path}: holds no frame")
+    buffer = io.BytesIO()
+    frame.to_image().save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def cover_jpeg(still: Path, size: tuple[int, int] = VERTICAL_SIZE, focus: tuple[float, float] = (0.5, 0.5)) -> bytes:
-    """A reel's cover: the still cropped to the video's 9:16 around its focus (the first frame's view)."""
+    """A reel's cover: the still (or a clip's first frame) cropped to the video's 9:16 around its focus
+    (the first frame's view)."""
+    if is_clip(still):
+        import io
+
+        with Image.open(io.BytesIO(clip_poster_png(still))) as picture:
+            return media.picture_jpeg(picture.convert("RGB"), size, focus, source=str(still))
     return media.export_item_jpeg(still, size, focus)
+
+
+CLIP_SUFFIXES = (".mp4", ".webm", ".mov")
+
+
+def is_clip(path: Path) -> bool:
+    """A post item's source that is a video step's clip, not a still."""
+    return Path(path).suffix.lower() in CLIP_SUFFIXES
 
 
 def probe(path: Path) -> VideoFacts:

@@ -62,6 +62,11 @@ def test_the_publisher_setting_picks_outbox_or_instagram(monkeypatch, tmp_path):
     monkeypatch.setenv("PERSONA_DATABASE_URL", f"sqlite:///{tmp_path / 'x.db'}")
     assert type(build_definitions().resources["publisher"]).__name__ == "OutboxPublisher"
     monkeypatch.setenv("PERSONA_PUBLISHER", "instagram")
+    # Without MEDIA_PUBLIC_BASE_URL, videos go by the resumable upload (INSTAGRAM_VIDEO_UPLOAD=auto); only
+    # INSTAGRAM_VIDEO_UPLOAD=url still needs it for every post.
+    with dg.build_resources({"publisher": build_definitions().resources["publisher"]}) as built:
+        assert built.publisher.uploads_videos()
+    monkeypatch.setenv("INSTAGRAM_VIDEO_UPLOAD", "url")
     with pytest.raises(ValueError, match="needs MEDIA_PUBLIC_BASE_URL"):
         build_definitions()
     monkeypatch.setenv("MEDIA_PUBLIC_BASE_URL", "https://cdn.example.com/media/")

@@ -166,3 +166,70 @@ def test_the_mix_is_honoured_over_many_plans_and_the_weekly_cap_is_never_relaxed
     posts = [p for p in lib.posts() if p.library_item_id is not None]
     assert len(posts) == 4  # the weekly cap (4) holds whatever the formats
     assert Counter(p.format for p in posts) == {"feed": 2, "carousel": 2}
+
+
+def test_a_carousel_from_one_cluster_takes_its_best_items_across_runs_when_the_persona_says_so(tmp_path, db_url):
+    from persona_pipeline.assets.clusters import clusters
+    from persona_pipeline_tests.test_library import ROOFTOP, SURF
+
+    formats = {"mix": {"carousel": 100}, "carousel": {"items": 3, "aspect": "1:1", "source": "cluster"}}
+    lib = Library(tmp_path, db_url, **_posting(formats=formats, strategy={
+        "posts_per_week": 1, "plan_ahead_days": 7, "weekly_cap": 5, "theme_spacing_days": 3, "theme_max_per_week": 2}))
+    # Four red winners of four runs (one cluster) and two blue ones; each run has a better still of its own.
+    red = [lib.winner("red", "city", ROOFTOP, "rooftop", score) for score in (5.0, 1.0, 3.0, 2.0)]
+    blue = [lib.winner("blue", "beach", SURF, "surf", score) for score in (4.0, 0.5)]
+    for winner in red + blue:
+        add_run_candidates(lib, winner, ["green"], [9.0])
+    lib.materialise(content_library, clusters)
+    items = {i.candidate_id: i for i in lib.items()}
+    assert len({items[c].cluster_id for c in red}) == 1 and items[red[0]].cluster_id != items[blue[0]].cluster_id
+
+    lib.materialise(scheduled_posts)
+    (post,) = [p for p in lib.posts() if p.library_item_id is not None]
+    assert post.format == "carousel"
+    lead = next(c for c, i in items.items() if i.id == post.library_item_id)
+    shown = [i.candidate_id for i in post_items(lib, post.id)]
+    # The lead, then the best other items of its cluster (BT score), never a run's own other stills or blue ones.
+    others = sorted((c for c in red if c != lead), key=lambda c: -items[c].score)
+    assert lead in red and shown == [lead, *others[:2]]
+    assert [i.library_item_id for i in post_items(lib, post.id)] == [items[c].id for c in shown]
+    assert post.format_options == {"aspect": "1:1", "cluster_id": items[lead].cluster_id}
+    for item in post_items(lib, post.id):
+        with Image.open(item.media_path) as image:
+            assert image.size == post_formats.CAROUSEL_ASPECTS["1:1"]
+    # A reviewer's Replace offers the cluster's remaining item (not a run's own still), and the item then
+    # names that library item.
+    from persona_pipeline.db.review_items import replace_item, replacement_options
+
+    with session_scope(lib.url) as session:
+        options = [c.id for c in replacement_options(session, session.get(models.Post, post.id))]
+        assert options == [others[2]]
+        replace_item(session, post.id, 3, others[2], "tester", lib.home)
+    assert post_items(lib, post.id)[2].library_item_id == items[others[2]].id
+    later = datetime.now(timezone.utc) + timedelta(days=8)
+    assert publish_due(AppDatabase(url=lib.url), OutboxPublisher(home=str(lib.home)), later, LogCapture())["published"] == 1
+
+
+def test_a_cluster_carousel_of_a_lone_item_falls_back_and_says_why(tmp_path, db_url):
+    from persona_pipeline.assets.clusters import clusters
+    from persona_pipeline_tests.test_library import ROOFTOP
+
+    lib = Library(tmp_path, db_url, **_posting(formats={"mix": {"carousel": 100, "feed": 1},
+                                                        "carousel": {"source": "cluster"}}))
+    lonely = lib.winner("red", "city", ROOFTOP, "rooftop", 5.0)
+    add_run_candidates(lib, lonely, ["red", "red"], [3.0, 2.0])  # its run has stills, its cluster has no other item
+    lib.materialise(content_library, clusters)
+    lib.materialise(scheduled_posts)
+    (post,) = [p for p in lib.posts() if p.library_item_id is not None]
+    assert post.format == "feed" and post_items(lib, post.id) == []
+    assert (f"carousel passed over: too few usable stills in the cluster of library item {post.library_item_id}"
+            in post.strategy_note)
+
+
+def test_a_carousel_source_that_is_neither_run_nor_cluster_is_refused(tmp_path):
+    from persona_pipeline.personas import PersonaFileError, load_persona
+    from persona_pipeline_tests.conftest import write_persona
+
+    folder = write_persona(tmp_path, photos=0, formats={"carousel": {"source": "pillar"}})
+    with pytest.raises(PersonaFileError, match=r"formats.carousel.source"):
+        load_persona(folder)

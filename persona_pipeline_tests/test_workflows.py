@@ -41,6 +41,7 @@ STANDARD_VALUES = {
     "prompt": "photo of mira walking in a city street, golden hour",
     "negative_prompt": "blurry, deformed hands",
     "input_image": "mira/base_00001_.png",
+    "frames": 81, "fps": 16,  # a video step's clip
     "checkpoint": "sd15/realistic.safetensors",
     "filename_prefix": "persona-pipeline/mira/run7",
     "seed": 123456789,
@@ -586,7 +587,7 @@ def test_every_shipped_template_loads_fills_and_validates_with_two_loras(path):
     flux = any(node["class_type"] == "UNETLoader" for node in injected.values())
     loader = "LoraLoaderModelOnly" if flux else "LoraLoader"  # FLUX: the LoRA patches the diffusion model alone
     model = sampler["inputs"]["model"][0]
-    if injected[model]["class_type"] == "ModelSamplingAuraFlow":  # Qwen-Image's sampling shift sits after the LoRAs
+    if injected[model]["class_type"] in ("ModelSamplingAuraFlow", "ModelSamplingSD3"):  # Qwen-Image's, Wan's shift sits after the LoRAs
         model = injected[model]["inputs"]["model"][0]
     assert model in {i for i, n in injected.items() if n["class_type"] == loader}
     assert len([n for n in injected.values() if n["class_type"] == loader]) == 2

@@ -48,7 +48,8 @@ CLIP_TYPES = ["stable_diffusion", "stable_cascade", "sd3", "stable_audio", "moch
 
 
 def node_definitions(loras: list[str], checkpoints: list[str], controlnets: list[str], images: list[str], *,
-                     unets: list[str] = (), text_encoders: list[str] = (), vaes: list[str] = ()) -> dict:
+                     unets: list[str] = (), text_encoders: list[str] = (), vaes: list[str] = (),
+                     clip_visions: list[str] = ()) -> dict:
     """The node catalogue in /object_info's shape, for the classes our workflows use (FLUX.1's loaders
     and FluxGuidance, FLUX.1 Kontext's and Qwen-Image-Edit's nodes, with ComfyUI's own inputs and choices)."""
     def node(required: dict, outputs: list[str], *, output_node: bool = False, category: str = "",
@@ -113,6 +114,23 @@ def node_definitions(loras: list[str], checkpoints: list[str], controlnets: list
                                          "megapixels": _float(0.01, 16.0, 1.0)}, ["IMAGE"], category="image/upscaling"),
         "EmptySD3LatentImage": node({"width": _int(16, 16384, 1024), "height": _int(16, 16384, 1024),
                                      "batch_size": _int(1, 4096, 1)}, ["LATENT"], category="latent/sd3"),
+        # Image-to-video (Wan 2.x): comfy_extras/nodes_wan.py, nodes_model_advanced.py, nodes_video.py, nodes.py
+        "CLIPVisionLoader": node({"clip_name": [list(clip_visions), {}]}, ["CLIP_VISION"], category="loaders"),
+        "CLIPVisionEncode": node({"clip_vision": ["CLIP_VISION"], "image": ["IMAGE"], "crop": [["center", "none"], {}]},
+                                 ["CLIP_VISION_OUTPUT"], category="conditioning"),
+        "WanImageToVideo": node({"positive": ["CONDITIONING"], "negative": ["CONDITIONING"], "vae": ["VAE"],
+                                 "width": _int(16, 16384, 832), "height": _int(16, 16384, 480),
+                                 "length": _int(1, 16384, 81), "batch_size": _int(1, 4096, 1)},
+                                ["CONDITIONING", "CONDITIONING", "LATENT"],
+                                optional={"clip_vision_output": ["CLIP_VISION_OUTPUT"], "start_image": ["IMAGE"]},
+                                category="conditioning/video_models"),
+        "ModelSamplingSD3": node({"model": ["MODEL"], "shift": _float(0.0, 100.0, 3.0)}, ["MODEL"],
+                                 category="advanced/model"),
+        "CreateVideo": node({"images": ["IMAGE"], "fps": _float(1.0, 120.0, 30.0)}, ["VIDEO"],
+                            optional={"audio": ["AUDIO"]}, category="image/video"),
+        "SaveVideo": node({"video": ["VIDEO"], "filename_prefix": ["STRING", {"default": "video/ComfyUI"}],
+                           "format": [["auto", "mp4"], {}], "codec": [["auto", "h264"], {}]}, [], output_node=True,
+                          category="image/video"),
         "SaveImage": node({"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}, [],
                           output_node=True, category="image"),
         "PreviewImage": node({"images": ["IMAGE"]}, [], output_node=True, category="image"),
@@ -147,6 +165,39 @@ def png_bytes(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
 
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def mp4_bytes(width: int, height: int, frames: int, fps: float, rgb: tuple[int, int, int]) -> bytes:
+    """A small H.264 MP4 (PyAV): `frames` frames of the colour with a bar moving across, so consecutive
+    frames differ as a clip's do."""
+    import os
+    import tempfile
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    handle, name = tempfile.mkstemp(suffix=".mp4")
+    os.close(handle)
+    try:
+        with av.open(name, mode="w", format="mp4") as container:
+            rate = Fraction(fps).limit_denominator(1000)
+            stream = container.add_stream("libx264", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
+            stream.codec_context.options = {"preset": "ultrafast"}
+            picture = np.empty((stream.height, stream.width, 3), np.uint8)
+            for k in range(frames):
+                picture[:] = rgb
+                left = (k * stream.width) // max(1, frames)
+                picture[:, left:left + max(2, stream.width // 8)] = (255, 255, 255)
+                frame = av.VideoFrame.from_ndarray(picture, format="rgb24").reformat(format="yuv420p")
+                frame.pts, frame.time_base = k, 1 / rate
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        with open(name, "rb") as handle_:
+            return handle_.read()
+    finally:
+        os.unlink(name)
 
 
 def seed_colour(seed: int, index: int) -> tuple[int, int, int]:
@@ -301,7 +352,7 @@ def output_size(graph: dict, input_size) -> tuple[int, int]:
 def _latent_size(graph: dict, link: list, input_size) -> tuple[int, int]:
     node = graph.get(link[0], {})
     kind, inputs = node.get("class_type"), node.get("inputs", {})
-    if kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
+    if kind in ("EmptyLatentImage", "EmptySD3LatentImage", "WanImageToVideo"):
         return int(inputs["width"]), int(inputs["height"])
     if kind == "VAEEncode" and _is_link(inputs.get("pixels")):
         return _image_size(graph, inputs["pixels"], input_size)

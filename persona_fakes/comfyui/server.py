@@ -17,7 +17,9 @@ works against a real ComfyUI.
   (KSampler raises a graph fault: a RuntimeError on mismatched shapes), `out_of_memory_next` (KSampler
   raises torch.OutOfMemoryError, reported as ComfyUI reports it, tips included),
   `drop_socket_after_progress`, `hang_next`, `fail_system_stats`, `refuse_websockets`,
-  `refuse_websockets_after_drop`, `omit_executed`.
+  `refuse_websockets_after_drop`, `omit_executed`, `video_as_image_next` (a SaveVideo node saves a PNG).
+- A video graph (Wan's WanImageToVideo ... CreateVideo -> SaveVideo) saves an H.264 MP4 of `length`
+  frames at CreateVideo's fps, listed under "images" with "animated": [true] as ComfyUI lists it.
 - Counters and `finished_at[prompt_id]` (time.time() when the outputs and history were written,
   just before `executing null` goes out) are attributes, and `GET /fake/stats` for a subprocess.
 
@@ -50,7 +52,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from persona_fakes.comfyui.protocol import (GRAPH_FAULT, OUT_OF_MEMORY, output_size, node_definitions, png_bytes, preview_jpeg,
+from persona_fakes.comfyui.protocol import (GRAPH_FAULT, OUT_OF_MEMORY, mp4_bytes, output_size, node_definitions, png_bytes,
+                                            preview_jpeg,
                                             seed_colour, topological_order, validate_prompt)
 from persona_fakes.serving import UvicornThread, bind_loopback
 
@@ -74,14 +77,17 @@ class FakeComfyUI:
     def __init__(self, job_time_s: float = 0.05, loras=("persona-pipeline/t.safetensors",),
                  checkpoints=("tiny.safetensors",), controlnets=("control_v11p_sd15_openpose.pth",),
                  unets=("flux1-dev.safetensors", "flux1-dev-kontext_fp8_scaled.safetensors",
-                        "qwen_image_edit_fp8_e4m3fn.safetensors"),
-                 text_encoders=("clip_l.safetensors", "t5xxl_fp16.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors"),
-                 vaes=("ae.safetensors", "qwen_image_vae.safetensors"), port: int = 0, progress_steps: int = 4, log_level: str = "critical") -> None:
+                        "qwen_image_edit_fp8_e4m3fn.safetensors", "wan2.1_i2v_480p_14B_fp16.safetensors"),
+                 text_encoders=("clip_l.safetensors", "t5xxl_fp16.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                                "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+                 vaes=("ae.safetensors", "qwen_image_vae.safetensors", "wan_2.1_vae.safetensors"),
+                 clip_visions=("clip_vision_h.safetensors",), port: int = 0, progress_steps: int = 4, log_level: str = "critical") -> None:
         self.job_time_s = job_time_s
         self.seconds_per_step: float | None = None   # job time = KSampler steps x this, when set
         self.loras, self.checkpoints, self.controlnets = list(loras), list(checkpoints), list(controlnets)
         # FLUX.1's separate files: models/diffusion_models, models/text_encoders, models/vae
         self.unets, self.text_encoders, self.vaes = list(unets), list(text_encoders), list(vaes)
+        self.clip_visions = list(clip_visions)  # models/clip_vision (Wan's image encoder)
         self.port = port
         self.progress_steps = progress_steps
         self.log_level = log_level
@@ -98,6 +104,7 @@ class FakeComfyUI:
         self.refuse_websockets = False            # /ws answers 403
         self.refuse_websockets_after_drop = False  # set refuse_websockets when a socket is dropped
         self.omit_executed = False                # no `executed` messages (outputs only in /history)
+        self.video_as_image_next = 0              # a SaveVideo node saves a PNG, not a clip (a broken video graph)
         # counters
         self.submitted = 0              # accepted prompts
         self.submit_requests = 0        # every POST /prompt, refused ones included
@@ -222,7 +229,7 @@ class FakeComfyUI:
     def _defs(self) -> dict:
         images = sorted(f"{sub}/{name}" if sub else name for (kind, sub, name) in self._files if kind == "input")
         return node_definitions(self.loras, self.checkpoints, self.controlnets, images, unets=self.unets,
-                                text_encoders=self.text_encoders, vaes=self.vaes)
+                                text_encoders=self.text_encoders, vaes=self.vaes, clip_visions=self.clip_visions)
 
     def _queue_remaining(self) -> int:
         return len(self._pending) + (self._running is not None)
@@ -493,9 +500,11 @@ class FakeComfyUI:
                     with self._lock:
                         self._files[("output",) + key] = data
                 images = [{"filename": key[1], "subfolder": key[0], "type": "output"} for key, _ in planned[node_id]]
-                outputs[node_id] = {"images": images}
+                # SaveVideo's UI output (PreviewVideo) lists its file under "images" with "animated": [true].
+                output = {"images": images, **({"animated": [True]} if node["class_type"] == "SaveVideo" else {})}
+                outputs[node_id] = output
                 if not self.omit_executed:
-                    await emit("executed", {"node": node_id, "display_node": node_id, "output": {"images": images}})
+                    await emit("executed", {"node": node_id, "display_node": node_id, "output": output})
             executed.append(node_id)
         if status == "success":
             await emit("execution_success", {"timestamp": int(time.time() * 1000)}, record=True)
@@ -540,8 +549,14 @@ class FakeComfyUI:
             batch = int(latent.get("batch_size", 1))
         width, height = output_size(graph, self._input_size)
         planned: dict[str, list] = {}
+        video = next((n["inputs"] for n in graph.values() if n["class_type"] == "WanImageToVideo"), None)
+        rate = next((float(n["inputs"].get("fps", 16)) for n in graph.values() if n["class_type"] == "CreateVideo"), 16.0)
+        as_image = False
+        if video is not None and self.video_as_image_next > 0:
+            self.video_as_image_next -= 1
+            as_image = True
         for node_id, node in graph.items():
-            if node["class_type"] != "SaveImage":
+            if node["class_type"] not in ("SaveImage", "SaveVideo"):
                 continue
             prefix = str(node["inputs"].get("filename_prefix", "ComfyUI"))
             subfolder, _, base = prefix.rpartition("/")
@@ -550,7 +565,12 @@ class FakeComfyUI:
                 counter_key = f"{subfolder}/{base}"
                 with self._lock:
                     self._counters[counter_key] = counter = self._counters.get(counter_key, 0) + 1
-                files.append(((subfolder, f"{base}_{counter:05}_.png"), png_bytes(width, height, seed_colour(seed, index))))
+                colour = seed_colour(seed, index)
+                if node["class_type"] == "SaveVideo" and not as_image:
+                    frames = int(video["length"]) if video else 16
+                    files.append(((subfolder, f"{base}_{counter:05}_.mp4"), mp4_bytes(width, height, frames, rate, colour)))
+                else:
+                    files.append(((subfolder, f"{base}_{counter:05}_.png"), png_bytes(width, height, colour)))
             planned[node_id] = files
         return planned
 
@@ -568,7 +588,8 @@ class FakeComfyUI:
 
 _KNOBS = {"fail_next_submits", "fail_mode", "execution_error_next", "out_of_memory_next",
           "drop_socket_after_progress", "hang_next",
-          "fail_system_stats", "job_time_s", "seconds_per_step", "refuse_websockets", "refuse_websockets_after_drop", "omit_executed"}
+          "fail_system_stats", "job_time_s", "seconds_per_step", "refuse_websockets", "refuse_websockets_after_drop", "omit_executed",
+          "video_as_image_next"}
 _COUNTERS = ("submitted", "submit_requests", "interrupts", "uploads", "views", "history_gets", "system_stats_gets",
              "object_info_gets", "ws_connects", "max_queue_depth", "fail_next_submits", "execution_error_next",
              "out_of_memory_next",

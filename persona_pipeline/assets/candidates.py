@@ -33,6 +33,7 @@ from persona_pipeline.resources.comfyui import ComfyUIPool
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline.training.families.edit_models import EditStepError, resolve_edit_model
+from persona_pipeline.training.families.video_models import VideoStepError, resolve_video_model
 from persona_pipeline.training.params import TrainingConfigError
 from persona_pipeline.resources.generation import GenerationDefaults
 from persona_pipeline.resources.links import UiLinks
@@ -51,8 +52,8 @@ class CandidatesConfig(dg.Config):
 
 def pipeline_steps(config: PersonaConfig, default_backend: str, default_n: int, family: Callable[[], str] | None = None,
                    base_model: str | None = None) -> list[runs.StepSpec]:
-    """persona.yaml `generation.steps`, or one txt2img step of PERSONA_CANDIDATES_PER_RUN images. An edit
-    step's model and template are resolved here (`family` is asked only when the step names neither),
+    """persona.yaml `generation.steps`, or one txt2img step of PERSONA_CANDIDATES_PER_RUN images. An edit or
+    video step's model and template are resolved here (`family` is asked only when the step names neither),
     and stored with its params, so a run keeps the model it started with."""
     steps = config.generation.steps or [PipelineStep(name="base", template="txt2img_lora", n=default_n)]
     backend = config.generation.backend or default_backend
@@ -64,6 +65,11 @@ def pipeline_steps(config: PersonaConfig, default_backend: str, default_n: int, 
             edit, weights = resolve_edit_model(s.name, s.model, s.template, asked, base_model)
             template = s.template or edit.template
             params.update(edit_model=edit.name, model=weights, checkpoint=s.checkpoint or edit.comfyui_file)
+        elif s.type == "video":
+            video, weights = resolve_video_model(s.name, s.model, s.template, base_model)
+            template = s.template or video.template
+            params.update(video_model=video.name, model=weights, checkpoint=s.checkpoint or video.comfyui_file,
+                          frames=params["frames"] or video.frames, fps=params["fps"] or video.fps)
         specs.append(runs.StepSpec(name=s.name, template=template, n=s.n, keep=s.keep, top_k=s.top_k,
                                    backend=s.backend or backend, params=params))
     return specs
@@ -94,7 +100,7 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
         try:
             steps = pipeline_steps(persona_config, generation.backend, diffusion.candidates_per_run,
                                    family=diffusion.family_name, base_model=diffusion.base_model)
-        except EditStepError as exc:
+        except (EditStepError, VideoStepError) as exc:
             raise dg.Failure(f"{slug}: persona.yaml generation.steps: {exc}") from None
         if any(s.backend == "comfyui" for s in steps) and not comfyui.server_urls():
             raise dg.Failure(f"{slug}: a step uses the comfyui backend but COMFYUI_URLS is empty")
@@ -271,9 +277,12 @@ def _execute(executor: GenerationExecutor, built, database: AppDatabase, slug: s
 def _add_candidate(session, job: models.GenerationJob, image_path: Path, sha256: str, manifest_path: Path) -> int:
     manifest = json.loads(manifest_path.read_text())
     lora_ids = [l["id"] for l in manifest.get("loras", [])]
+    video = manifest.get("video")  # a video step's clip, beside its first frame (the image)
     row = models.Candidate(run_id=job.run_id, step_id=job.step_id, parent_id=job.parent_id, job_id=job.id, seed=job.seed,
                            lora_id=lora_ids[0] if lora_ids else None, image_path=str(image_path), image_sha256=sha256,
-                           manifest_path=str(manifest_path))
+                           manifest_path=str(manifest_path),
+                           video_path=str(manifest_path.with_name(video)) if video else None,
+                           video_sha256=manifest.get("video_sha256") if video else None)
     session.add(row)
     job.status = "done"
     session.flush()

@@ -64,6 +64,7 @@ class DuePost:
     updated_at: datetime | None
     format: str = "feed"  # domain/post_formats.py
     format_options: dict | None = None
+    media_url: str | None = None  # the URL Instagram fetched, or a resumable upload's rupload uri
 
     @property
     def text(self) -> str:
@@ -76,7 +77,7 @@ _POST_COLUMNS = (models.Post.id, models.Post.status, models.Post.persona_id, mod
                  models.Post.hashtags, models.Post.media_path, models.Post.scheduled_at, models.Post.retry_count,
                  models.Post.container_id, models.Post.container_created_at, models.Post.library_item_id,
                  models.Post.candidate_id, models.Post.claimed_by, models.Post.claimed_at, models.Post.updated_at,
-                 models.Post.format, models.Post.format_options)
+                 models.Post.format, models.Post.format_options, models.Post.media_url)
 
 
 def _read_due(connection: Connection, where) -> list[DuePost]:
@@ -89,7 +90,7 @@ def _read_due(connection: Connection, where) -> list[DuePost]:
     for row in rows:
         shared = settings.setdefault(row.persona_id, dict(row.settings or {}))
         posts.append(DuePost(*row[:5], shared, row.account, row.caption, list(row.hashtags or []), *row[9:19],
-                             row.format or "feed", dict(row.format_options or {})))
+                             row.format or "feed", dict(row.format_options or {}), row.media_url))
     return posts
 
 

@@ -17,7 +17,7 @@ from persona_pipeline.db.review import ReviewError, record_event
 from persona_pipeline.db.review_posts import _post, check_editable
 from persona_pipeline.domain import media, post_formats
 from persona_pipeline.persona_formats import FormatSettings
-from persona_pipeline.post_media import USABLE, held_candidates, remake
+from persona_pipeline.post_media import USABLE, held_candidates, held_items, remake
 
 
 def items_of(session: Session, post_id: int) -> list[models.PostItem]:
@@ -26,7 +26,17 @@ def items_of(session: Session, post_id: int) -> list[models.PostItem]:
 
 
 def replacement_options(session: Session, post: models.Post) -> list[models.Candidate]:
-    """Usable candidates of the lead's run that no live post shows, best first."""
+    """Usable candidates of the lead's run that no live post shows, best first; for a carousel of one
+    library cluster (`format_options.cluster_id`), the candidates of that cluster's available items."""
+    cluster_id = (post.format_options or {}).get("cluster_id")
+    if cluster_id is not None:
+        held, held_library = held_candidates(session, post.persona_id), held_items(session, post.persona_id)
+        rows = session.execute(select(models.Candidate, models.LibraryItem.id).join(
+            models.LibraryItem, models.LibraryItem.candidate_id == models.Candidate.id).where(
+            models.LibraryItem.cluster_id == cluster_id, models.LibraryItem.status == "available",
+            models.Candidate.status.in_(USABLE))
+            .order_by(models.LibraryItem.score.desc().nulls_last(), models.LibraryItem.id)).all()
+        return [c for c, item_id in rows if c.id not in held and item_id not in held_library]
     items = items_of(session, post.id)
     lead = next((i.candidate_id for i in items if i.candidate_id), post.candidate_id)
     if lead is None:
@@ -93,9 +103,12 @@ def replace_item(session: Session, post_id: int, position: int, candidate_id: in
     options = {c.id: c for c in replacement_options(session, post)}
     if candidate_id not in options:
         raise ReviewError(f"post {post.id}: candidate {candidate_id} cannot replace item {position}: it is not a "
-                          "usable candidate of this post's run, or another post shows it")
+                          "usable candidate of this post's run (or cluster), or another post shows it")
     before = item.candidate_id
-    item.candidate_id, item.library_item_id = candidate_id, None
+    library_item = None
+    if (post.format_options or {}).get("cluster_id") is not None:  # a cluster's item: the post shows that item
+        library_item = session.scalar(select(models.LibraryItem.id).where(models.LibraryItem.candidate_id == candidate_id))
+    item.candidate_id, item.library_item_id = candidate_id, library_item
     item.source_path = options[candidate_id].image_path
     item.container_id, item.container_created_at, item.media_path, item.media_sha256 = None, None, None, None
     _remake(session, post, home)

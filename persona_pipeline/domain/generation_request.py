@@ -63,6 +63,11 @@ class GenerationRequest:
     model: str | None = None
     checkpoint: str | None = None
     loras_skipped: tuple[int, ...] = ()
+    # A video step (type: video): its image-to-video model (video_models.py), frames per clip and their rate;
+    # input_image, model, checkpoint and loras_skipped as for an edit step.
+    video_model: str | None = None
+    frames: int | None = None
+    fps: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loras", tuple(self.loras))
@@ -92,6 +97,15 @@ class GenerationRequest:
                 if getattr(self, name) % 16:
                     raise ParamError(f"{name} = {getattr(self, name)} must be a multiple of 16 for an edit model "
                                      "(its latents are packed in 2x2 patches)")
+        if self.video_model is not None:
+            check_int(self.frames, "frames", 5, 161)
+            check_int(self.fps, "fps", 8, 30)
+            if (self.frames - 1) % 4:
+                raise ParamError(f"frames = {self.frames} must be 4k + 1 (5, 9, ... 81) for {self.video_model}: its VAE "
+                                 "packs 4 frames into a latent after the first")
+            for name in ("width", "height"):
+                if getattr(self, name) % 16:
+                    raise ParamError(f"{name} = {getattr(self, name)} must be a multiple of 16 for a video model")
         if len(self.loras) > MAX_LORAS:
             raise ParamError(f"{len(self.loras)} LoRAs are chained; at most {MAX_LORAS}")
         for lora in self.loras:
@@ -110,7 +124,15 @@ class GenerationRequest:
             "template": self.template.name, "template_sha256": self.template.sha256,
             **({"edit_model": self.edit_model, "input_image": self.input_image, "edit_weights": self.model,
                 "comfyui_file": self.checkpoint, "loras_skipped": list(self.loras_skipped)} if self.edit_model else {}),
+            **({"video_model": self.video_model, "input_image": self.input_image, "video_weights": self.model,
+                "comfyui_file": self.checkpoint, "frames": self.frames, "fps": self.fps,
+                "loras_skipped": list(self.loras_skipped)} if self.video_model else {}),
         }
+
+
+def takes_input_image(params: Mapping) -> bool:
+    """An edit or video step's job: it changes (or animates) an input image rather than drawing from noise."""
+    return bool(params.get("edit_model") or params.get("video_model"))
 
 
 def build_request(template: WorkflowTemplate, params: Mapping, *, prompt: str, negative_prompt: str, seed: int,
@@ -120,6 +142,9 @@ def build_request(template: WorkflowTemplate, params: Mapping, *, prompt: str, n
     """The request of one planned job: the step's `params` (persona.yaml), the template's needs,
     and the backend's size defaults. Raises TemplateError when the template needs an input the job
     lacks (a parent, a pose reference, an image to edit), ParamError for a value out of range."""
+    if params.get("video_model") or "frames" in template.placeholders:
+        return _video_request(template, params, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                              loras=loras, min_side=min_side, input_image=input_image, input_size=input_size)
     if params.get("edit_model") or "input_image" in template.placeholders:
         return _edit_request(template, params, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
                              loras=loras, min_side=min_side, input_image=input_image, input_size=input_size)
@@ -173,3 +198,33 @@ def _edit_request(template: WorkflowTemplate, params: Mapping, *, prompt: str, n
         control_strength=float(params["control_strength"]), controlnet=params.get("controlnet") or DEFAULT_CONTROLNET,
         loras=tuple(kept), min_side=min_side, input_image=input_image, edit_model=edit.name, model=params.get("model"),
         checkpoint=params.get("checkpoint") or edit.comfyui_file, loras_skipped=tuple(skipped))
+
+
+def _video_request(template: WorkflowTemplate, params: Mapping, *, prompt: str, negative_prompt: str, seed: int,
+                   loras: Sequence[LoraInUse], min_side: int, input_image: str | None,
+                   input_size: tuple[int, int] | None) -> GenerationRequest:
+    """A video step's request: the input image made to move, by the instruction (else the run's prompt),
+    at the step's size or, unset, the video model's resolution in the input's orientation. No model family
+    we train LoRAs for is a video model: the persona's LoRAs are recorded as skipped."""
+    from persona_pipeline.training.families.video_models import video_model_named
+
+    if not params.get("video_model"):
+        raise TemplateError(f"template {template.name!r} makes a video (`{{{{frames}}}}`): use it in a step of "
+                            "type: video")
+    video = video_model_named(params["video_model"])
+    if "frames" not in template.placeholders or "input_image" not in template.placeholders:
+        raise TemplateError(f"video step template {template.name!r} has no `{{{{input_image}}}}` and `{{{{frames}}}}` "
+                            f"to put the still and the clip length in; {video.title} draws with {video.template}")
+    if input_image is None or input_size is None:
+        raise TemplateError(f"video step ({video.title}) has no input image: set params.input_image, or make it a "
+                            "later step, which animates its parent")
+    width, height = (params["width"], params["height"]) if params.get("width") and params.get("height") else \
+        video.size_for(input_size)
+    return GenerationRequest(
+        template=template, prompt=params.get("instruction") or prompt, negative_prompt=negative_prompt, seed=seed,
+        steps=params["steps"], cfg=float(params["cfg"]), sampler=params["sampler"], scheduler=params["scheduler"],
+        width=width, height=height, denoise=1.0, parent_image=None, control_image=None,
+        control_strength=float(params["control_strength"]), controlnet=params.get("controlnet") or DEFAULT_CONTROLNET,
+        loras=(), min_side=min_side, input_image=input_image, model=params.get("model"),
+        checkpoint=params.get("checkpoint") or video.comfyui_file, loras_skipped=tuple(l.lora_id for l in loras),
+        video_model=video.name, frames=params.get("frames") or video.frames, fps=params.get("fps") or video.fps)

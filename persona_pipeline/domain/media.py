@@ -157,9 +157,14 @@ def export_item_jpeg(source: Path, size: tuple[int, int], focus: tuple[float, fl
     """A carousel item: `source` cropped to `size`'s aspect around the focus point (the reviewer's
     crop, post_formats.crop_box) and scaled to `size`, as a JPEG of at most `max_bytes`. Every item
     of a carousel goes through this with one size, so they share one aspect exactly."""
+    return picture_jpeg(open_rgb(Path(source)), size, focus, max_bytes, source=str(source))
+
+
+def picture_jpeg(picture: Image.Image, size: tuple[int, int], focus: tuple[float, float] = (0.5, 0.5),
+                 max_bytes: int = MAX_MEDIA_BYTES, *, source: str = "picture") -> bytes:
+    """`export_item_jpeg` on a picture already decoded (a video clip's frame)."""
     from persona_pipeline.domain.post_formats import crop_box
 
-    picture = open_rgb(Path(source))
     box = crop_box(picture.width, picture.height, size, focus)
     picture = picture.resize(size, Image.Resampling.LANCZOS, box=box)
     for quality in QUALITIES:

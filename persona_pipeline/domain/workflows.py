@@ -67,14 +67,20 @@ NODE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "TextEncodeQwenImageEdit": ("CONDITIONING",),
     "ImageScaleToTotalPixels": ("IMAGE",),
     "EmptySD3LatentImage": ("LATENT",),
+    # Image-to-video (Wan 2.x): a clip's frames are an IMAGE batch, made a VIDEO and saved as MP4
+    "CLIPVisionLoader": ("CLIP_VISION",), "CLIPVisionEncode": ("CLIP_VISION_OUTPUT",), "ModelSamplingSD3": ("MODEL",),
+    "WanImageToVideo": ("CONDITIONING", "CONDITIONING", "LATENT"), "CreateVideo": ("VIDEO",), "SaveVideo": (),
 }
+# The nodes whose files are a job's output: an image, or a video step's clip.
+SAVE_NODES = ("SaveImage", "SaveVideo")
 
 PLACEHOLDER_TYPES: dict[str, type] = {
     "prompt": str, "negative_prompt": str, "checkpoint": str, "filename_prefix": str,
     "seed": int, "steps": int, "cfg": float, "sampler": str, "scheduler": str,
     "width": int, "height": int, "batch_size": int, "denoise": float,
     "parent_image": str, "pose_image": str, "controlnet": str, "control_strength": float,
-    "input_image": str,  # the image an edit step changes
+    "input_image": str,  # the image an edit step changes (or a video step animates)
+    "frames": int, "fps": int,  # a video step's clip length and frame rate
 }
 
 # Any `{{...}}` is a placeholder attempt; its content must then be a known name exactly, so a
@@ -240,7 +246,7 @@ def validate_graph(graph: dict, source: str = "<graph>") -> None:
             raise GraphError(f"{source}: node {node_id} ({graph[node_id]['class_type']}) input {field!r} "
                              f"links to output {index} of node {target} ({target_class}); {allowed}")
     if not save_image_nodes(graph):
-        raise GraphError(f"{source}: the graph has no SaveImage node, so it would produce no image")
+        raise GraphError(f"{source}: the graph has no SaveImage (or SaveVideo) node, so it would produce no image")
     _check_acyclic(graph, source)
 
 
@@ -284,8 +290,8 @@ def _check_acyclic(graph: dict, source: str) -> None:
 
 
 def save_image_nodes(graph: dict) -> list[str]:
-    """Ids of the SaveImage nodes, in numeric order."""
-    return _ids_of_class(graph, "SaveImage")
+    """Ids of the nodes that save the job's output (SAVE_NODES: SaveImage, SaveVideo), in numeric order."""
+    return sorted((node_id for class_type in SAVE_NODES for node_id in _ids_of_class(graph, class_type)), key=_id_order)
 
 
 def load_image_nodes(graph: dict) -> list[str]:
@@ -352,6 +358,11 @@ def validate_params(graph: dict, *, min_side: int = 256, source: str = "<graph>"
         elif class_type in ("LoraLoader", "LoraLoaderModelOnly"):
             check("strength_model", check_lora_weight)
             check("strength_clip", check_lora_weight)
+        elif class_type == "WanImageToVideo":
+            check("width", check_side, min_side)
+            check("height", check_side, min_side)
+            check("length", check_int, 5, 161)
+            check("batch_size", check_int, *BATCH_RANGE)
         elif class_type == "FluxGuidance":
             check("guidance", check_number, *FLUX_GUIDANCE_RANGE)
 
@@ -480,7 +491,7 @@ def _strings(value: Any) -> Iterator[str]:
 
 __all__ = [
     "COMFY_SAMPLERS", "COMFY_SCHEDULERS", "CONTROL_STRENGTH_DEFAULT", "CONTROL_STRENGTH_RANGE", "GraphError",
-    "LoraRef", "MAX_LORAS", "NODE_OUTPUTS", "PLACEHOLDER_TYPES", "ParamError", "TemplateError", "WorkflowError",
+    "LoraRef", "MAX_LORAS", "NODE_OUTPUTS", "PLACEHOLDER_TYPES", "ParamError", "SAVE_NODES", "TemplateError", "WorkflowError",
     "WorkflowTemplate", "check_params", "fill_template", "inject_loras", "load_image_nodes", "load_template",
     "load_templates", "parse_template", "save_image_nodes", "template_placeholders", "validate_graph",
     "validate_params",

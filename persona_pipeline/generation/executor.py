@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 from PIL import Image
 
 from persona_pipeline.domain import workflows as wf
-from persona_pipeline.domain.generation_request import LoraInUse, build_request
+from persona_pipeline.domain.generation_request import LoraInUse, build_request, takes_input_image
 from persona_pipeline.fileio import atomic_write, entry_refusal, sha256_file
 from persona_pipeline.generation.backends import GenerationBackend, ImageJob, ImageResult, PreparedJob, storing_failed
 from persona_pipeline.generation.runs import PlannedJob
@@ -98,7 +98,7 @@ class GenerationExecutor:
         (a broken template, placeholder or parameter) before anything is sent."""
         template = self.template(job.template)
         backend = self.backend(job.backend)
-        input_image, input_size = self._input_image(job) if job.params.get("edit_model") else (None, None)
+        input_image, input_size = self._input_image(job) if takes_input_image(job.params) else (None, None)
         request = build_request(template, job.params, prompt=job.prompt, negative_prompt=job.negative_prompt,
                                 seed=job.seed, parent_image=None if input_image else job.parent_image,
                                 pose_image=self._persona_file(job.params, "pose_image"),
@@ -129,8 +129,8 @@ class GenerationExecutor:
         return str(path)
 
     def _input_image(self, job: PlannedJob) -> tuple[str | None, tuple[int, int] | None]:
-        """An edit job's image and its size: a file in the persona folder (params.input_image), else the
-        candidate the plan chose (the parent, or the ancestor `step:<name>` names)."""
+        """An edit or video job's image and its size: a file in the persona folder (params.input_image), else
+        the candidate the plan chose (the parent, or the ancestor `step:<name>` names)."""
         source = job.params.get("input_image")
         path = self._persona_file(job.params, "input_image") if source and not source.startswith("step:") else job.input_image
         if path is None:
@@ -139,7 +139,8 @@ class GenerationExecutor:
             with Image.open(path) as image:
                 return path, image.size
         except (OSError, ValueError) as exc:
-            raise wf.TemplateError(f"input image {path} of edit step {job.step_name!r} is not a readable image "
+            kind = "video" if job.params.get("video_model") else "edit"
+            raise wf.TemplateError(f"input image {path} of {kind} step {job.step_name!r} is not a readable image "
                                    f"({exc})") from None
 
     # ---- running --------------------------------------------------------------------------
@@ -181,8 +182,12 @@ class GenerationExecutor:
         sha = sha256_file(result.image_path)
         workflow = f"{job.stem}.workflow.json"
         atomic_write(job.folder / workflow, json.dumps(result.submitted, indent=2, sort_keys=True).encode())
+        clip = {}
+        if result.video_path is not None:  # a video step: the clip beside its first frame, both hashed
+            clip = {"video": result.video_path.name, "video_sha256": sha256_file(result.video_path),
+                    "video_facts": result.video_facts}
         manifest = dict(b.manifest, **result.fields, image=result.image_path.name, sha256=sha, server=result.server,
-                        timings=result.timings, workflow=workflow)
+                        timings=result.timings, workflow=workflow, **clip)
         manifest_path = job.folder / f"{job.stem}.json"
         atomic_write(manifest_path, json.dumps(manifest, indent=2).encode())  # last: its presence means "complete"
         return JobOutcome(b.planned, result.image_path, manifest_path, sha, result.server, timings=result.timings,

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from persona_pipeline.db import models
 from persona_pipeline.domain import generation_plan as plan
+from persona_pipeline.domain.generation_request import takes_input_image
 
 PLACE_HOLDING = ("active", "winner", "culled")  # candidate statuses that fill a place under a parent
 
@@ -175,7 +176,7 @@ def plan_jobs(session: Session, persona_id: int, dagster_run_id: str | None,
     for job, step, parent in new_jobs:
         run = step.run
         parent_image, parent_sha = locate_image(parent) if parent is not None else (None, None)
-        input_image = _edit_input(session, step, parent, locate_image) if step.params.get("edit_model") else None
+        input_image = _edit_input(session, step, parent, locate_image) if takes_input_image(step.params) else None
         planned.append(PlannedJob(input_image=input_image, job_id=job.id, run_id=run.id, step_id=step.id, step_position=step.position,
                                   step_name=step.name, template=step.workflow, backend=job.backend, params=dict(step.params),
                                   prompt=run.prompt, negative_prompt=run.negative_prompt, parent_id=job.parent_id,
@@ -185,7 +186,7 @@ def plan_jobs(session: Session, persona_id: int, dagster_run_id: str | None,
 
 def _edit_input(session: Session, step: models.RunStep, parent: models.Candidate | None,
                 locate_image: Callable[[models.Candidate], tuple[str, str]]) -> str | None:
-    """The candidate image an edit job changes: its parent's, or with params.input_image `step:<name>`
+    """The candidate image an edit job changes (or a video job animates): its parent's, or with params.input_image `step:<name>`
     the one its ancestor from that earlier step has (a file in the persona folder is the executor's)."""
     source = step.params.get("input_image")
     if source and not source.startswith("step:"):

@@ -39,6 +39,7 @@ from persona_pipeline.training.families import families, model_family
 from persona_pipeline.training.lora import LoraTrainingParams, TrainingConfigError, TrainingResult, train_lora
 from persona_pipeline.world.world_models import world_models_id, world_sd_path
 from persona_pipeline.training.families.edit_models import KONTEXT, QWEN_IMAGE_EDIT, edit_model_of_pipeline, pipeline_class_of
+from persona_pipeline.training.families.video_models import WAN_I2V, video_model_of_pipeline
 from persona_pipeline.training.tiny_models import (TINY_CONTROLNET_NAME, TINY_FLUX_NAME, TINY_RESOLUTION, TINY_SD_NAME,
                                                    build_tiny_controlnet, build_tiny_flux, build_tiny_sd)
 
@@ -46,7 +47,8 @@ WORLD_BASE_MODEL = "world"
 TINY_FLUX = "tiny-flux"  # a FLUX.1 [dev] layout with random weights, built under models_dir (shapes alone)
 # The edit models' tiny stand-ins (tiny-kontext shares tiny-flux's weights, so its LoRAs load on it).
 TINY_KONTEXT, TINY_QWEN_EDIT = KONTEXT.tiny, QWEN_IMAGE_EDIT.tiny
-TINY_MODELS = ("tiny", TINY_FLUX, TINY_KONTEXT, TINY_QWEN_EDIT)
+TINY_WAN_I2V = WAN_I2V.tiny  # the image-to-video model's stand-in (training/tiny_video_models.py)
+TINY_MODELS = ("tiny", TINY_FLUX, TINY_KONTEXT, TINY_QWEN_EDIT, TINY_WAN_I2V)
 
 # Importers reach the job type, its batching and the errors through this module.
 __all__ = ["DiffusersJob", "DiffusionBackend", "GenerationInputError", "GenerationParamError", "ReproductionError",
@@ -71,8 +73,9 @@ TINY_TRAINING, SD15_TRAINING = TRAINING_PRESETS["tiny"], TRAINING_PRESETS["sd15"
 # Validation renders per preset: (size, sampling steps).
 VALIDATION_RENDER = {"tiny": (TINY_RESOLUTION, 4), "world": (64, 12), TINY_FLUX: (TINY_RESOLUTION, 4),
                      TINY_KONTEXT: (TINY_RESOLUTION, 4), TINY_QWEN_EDIT: (TINY_RESOLUTION, 4),
-                     QWEN_IMAGE_EDIT.name: (1024, 28), **{family.name: family.validation_render for family in families()}}
-FLOW_MATCHING_PRESETS = (TINY_FLUX, "flux", TINY_KONTEXT, TINY_QWEN_EDIT, QWEN_IMAGE_EDIT.name)
+                     QWEN_IMAGE_EDIT.name: (1024, 28), TINY_WAN_I2V: (TINY_RESOLUTION, 4), WAN_I2V.name: (WAN_I2V.size[1], 30),
+                     **{family.name: family.validation_render for family in families()}}
+FLOW_MATCHING_PRESETS = (TINY_FLUX, "flux", TINY_KONTEXT, TINY_QWEN_EDIT, QWEN_IMAGE_EDIT.name, TINY_WAN_I2V, WAN_I2V.name)
 
 
 class ReproductionError(ValueError):
@@ -136,6 +139,10 @@ class DiffusionBackend(dg.ConfigurableResource):
             from persona_pipeline.training.tiny_edit_models import build_tiny_qwen_edit
 
             return str(build_tiny_qwen_edit(Path(self.models_dir) / TINY_QWEN_EDIT))
+        if self.base_model == TINY_WAN_I2V:
+            from persona_pipeline.training.tiny_video_models import build_tiny_wan_i2v
+
+            return str(build_tiny_wan_i2v(Path(self.models_dir) / TINY_WAN_I2V))
         if self.is_world:
             return str(world_sd_path())  # checked against its manifest first
         return self.base_model  # a local folder or a hub id; from_pretrained resolves either
@@ -156,6 +163,8 @@ class DiffusionBackend(dg.ConfigurableResource):
             return self.base_model
         if edit_model_of_pipeline(pipeline_class_of(self.base_model) or "") is QWEN_IMAGE_EDIT:
             return QWEN_IMAGE_EDIT.name  # an edit model of no family we train (training/families/edit_models.py)
+        if video_model_of_pipeline(pipeline_class_of(self.base_model) or "") is WAN_I2V:
+            return WAN_I2V.name  # an image-to-video model (training/families/video_models.py)
         return model_family(self.base_model)
 
     def training_defaults(self) -> LoraTrainingParams:
@@ -288,6 +297,7 @@ class DiffusionBackend(dg.ConfigurableResource):
             "control_strength": job.control_strength,
             "controlnet_model": self.controlnet_model if job.control_image else None,
             "edit_image": job.edit_image, "edit_image_sha256": hashes[job.edit_image] if job.edit_image else None,
+            **({"frames": job.frames, "fps": job.fps} if job.frames else {}),
             "loras": [{"path": path, "sha256": hashes[path], "weight": weight} for path, weight in job.loras],
             "batch_seeds": list(seeds), "batch_index": index,
             "device": self.device, "torch_threads": torch.get_num_threads(),
@@ -295,7 +305,7 @@ class DiffusionBackend(dg.ConfigurableResource):
         }
 
     def reproduce(self, manifest: dict, log: Callable[[str], None] = print) -> Image.Image:
-        """Regenerate the image of a manifest written from `manifest_fields`: re-runs its whole batch
+        """Regenerate the image (a video job's frames) of a manifest written from `manifest_fields`: re-runs its whole batch
         (`batch_seeds`, module docstring) and returns the image at `batch_index`. Refuses, naming
         the file or key, when the base model, the ControlNet or a LoRA / parent / pose file's sha256
         differs from the manifest's."""
@@ -343,7 +353,8 @@ class DiffusionBackend(dg.ConfigurableResource):
             scheduler=manifest["scheduler"], width=int(manifest["width"]), height=int(manifest["height"]),
             denoise=float(manifest.get("denoise", 1.0)), init_image=manifest.get("init_image"),
             control_image=manifest.get("control_image"), control_strength=float(manifest.get("control_strength", CONTROL_STRENGTH_DEFAULT)),
-            loras=tuple(loras), edit_image=manifest.get("edit_image"))
+            loras=tuple(loras), edit_image=manifest.get("edit_image"), frames=manifest.get("frames"),
+            fps=manifest.get("fps"))
         seeds = [int(seed) for seed in manifest.get("batch_seeds") or [job.seed]]
         index = int(manifest.get("batch_index", 0))
         if not 0 <= index < len(seeds) or seeds[index] != job.seed:
@@ -371,7 +382,8 @@ class DiffusionBackend(dg.ConfigurableResource):
         # A fresh scheduler per call: no state carries over from one call into the next.
         pipe.scheduler = make_scheduler(job.sampler, job.scheduler, runtime.scheduler_config)
         try:
-            return pipe(**arguments).images
+            output = pipe(**arguments)
+            return output.frames if job.frames else output.images  # a video job: each seed's list of frames
         finally:
             pipe.scheduler = original  # generate_plain and render_checkpoints keep the model's own scheduler
 

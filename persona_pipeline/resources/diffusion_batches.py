@@ -34,6 +34,9 @@ class DiffusersJob:
     control_strength: float = CONTROL_STRENGTH_DEFAULT
     loras: tuple[tuple[str, float], ...] = field(default=())  # (safetensors path, weight), applied in this order
     edit_image: str | None = None  # the image an edit model (Kontext, Qwen-Image-Edit) changes, scaled to width x height
+    # A video job (an image-to-video model, Wan): edit_image is the still it animates, made `frames` frames at `fps`.
+    frames: int | None = None
+    fps: int | None = None
 
     def __post_init__(self) -> None:
         # Normalised so that jobs compare and hash by value (batch grouping) whatever the caller passed.
@@ -55,8 +58,11 @@ def plan_batches(jobs: Sequence[DiffusersJob], batch_size: int) -> list[list[int
     groups: dict[DiffusersJob, list[int]] = {}
     for index, job in enumerate(jobs):
         groups.setdefault(job.batch_key(), []).append(index)
-    return [members[start:start + batch_size] for members in groups.values()
-            for start in range(0, len(members), batch_size)]
+    # A video job runs alone: WanImageToVideoPipeline (diffusers 0.42) does not repeat its image embeddings
+    # for num_videos_per_prompt > 1, so a batch of clips fails in the transformer.
+    sizes = {key: 1 if key.frames else batch_size for key in groups}
+    return [members[start:start + sizes[key]] for key, members in groups.items()
+            for start in range(0, len(members), sizes[key])]
 
 
 
@@ -99,6 +105,8 @@ def call_arguments(job: DiffusersJob, seeds: list[int], train_timesteps: int, fl
         # CPU generators whatever the device: the starting noise of a seed is the same everywhere.
         "generator": [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
     }
+    if job.frames:
+        return video_arguments(job, arguments)
     if job.edit_image:
         return edit_arguments(job, arguments, edit_model)
     if job.init_image:
@@ -137,7 +145,20 @@ def edit_arguments(job: DiffusersJob, arguments: dict, edit_model: str | None) -
     return arguments
 
 
+def video_arguments(job: DiffusersJob, arguments: dict) -> dict:
+    """An image-to-video call (WanImageToVideoPipeline), as workflows/wan_i2v.json draws it: the still scaled
+    to the clip's size as its first frame, cfg a true CFG scale against the negative prompt, PIL frames out."""
+    if not job.edit_image:
+        raise GenerationParamError("frames: a video job needs the still it animates (edit_image)")
+    arguments["num_videos_per_prompt"] = arguments.pop("num_images_per_prompt")
+    arguments.update(num_inference_steps=job.steps, num_frames=job.frames, output_type="pil",
+                     negative_prompt=job.negative_prompt or None, image=_load_rgb(job.edit_image, (job.width, job.height)))
+    return arguments
+
+
 def describe_mode(job: DiffusersJob) -> str:
+    if job.frames:
+        return f"image-to-video, {job.frames} frames"
     if job.edit_image:
         return "edit"
     return ("img2img" if job.init_image else "txt2img") + (" + ControlNet" if job.control_image else "")

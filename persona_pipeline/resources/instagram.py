@@ -252,6 +252,18 @@ class InstagramGraphClient(dg.ConfigurableResource):
         body = self._call("POST", f"/{user_id}/media", token, dict(fields))
         return self._field(body, "id", f"POST /{user_id}/media")
 
+    def create_resumable(self, user_id: str, token: str, fields: dict[str, str]) -> tuple[str, str]:
+        """POST /{user}/media upload_type=resumable: a video container whose bytes come by upload, not by URL ->
+        (container id, the rupload `uri` to POST the bytes to: instagram_upload.py)."""
+        body = self._call("POST", f"/{user_id}/media", token, {**fields, "upload_type": "resumable"})
+        return self._field(body, "id", f"POST /{user_id}/media"), self._field(body, "uri", f"POST /{user_id}/media")
+
+    def upload_state(self, container_id: str, token: str) -> tuple[str, int]:
+        """A resumable container's upload: (uploading_phase status, bytes_transferred), from its video_status."""
+        body = self._call("GET", f"/{container_id}", token, {"fields": "status_code,video_status"})
+        phase = (body.get("video_status") or {}).get("uploading_phase") or {}
+        return str(phase.get("status") or "not_started"), int(phase.get("bytes_transferred") or 0)
+
     def container_status(self, container_id: str, token: str) -> str:
         """IN_PROGRESS | FINISHED | ERROR | EXPIRED | PUBLISHED."""
         body = self._call("GET", f"/{container_id}", token, {"fields": "status_code"})

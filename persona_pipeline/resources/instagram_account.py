@@ -156,12 +156,20 @@ def publish_account(publisher: InstagramPublisher, batch: PublishBatch, posts: l
         batch.fail_all(posts, problem, step="container")
         return
     if not publisher.media_public_base_url:
-        # A setting, not a post's fault: nothing is claimed, and the op fails so a person sees it.
-        message = "MEDIA_PUBLIC_BASE_URL is not set: Instagram needs a public URL to fetch each image from"
-        batch.report.add_error(message)
-        batch.error(f"account {publisher.account_key(posts[0])}: {message}; its due posts stay scheduled")
-        batch.report.add("deferred", len(posts))
-        return
+        # A setting, not a post's fault: nothing is claimed, and the op fails so a person sees it. A video
+        # goes without it by the resumable upload (INSTAGRAM_VIDEO_UPLOAD auto or resumable).
+        from persona_pipeline.resources.instagram_formats import is_video
+
+        waiting = [p for p in posts if not (publisher.uploads_videos() and is_video(p))]
+        if waiting:
+            message = "MEDIA_PUBLIC_BASE_URL is not set: Instagram needs a public URL to fetch each image from"
+            batch.report.add_error(message)
+            batch.error(f"account {publisher.account_key(posts[0])}: {message}; its {len(waiting)} due image "
+                        "post(s) stay scheduled")
+            batch.report.add("deferred", len(waiting))
+        posts = [p for p in posts if p not in waiting]
+        if not posts:
+            return
     account = AccountBatch(publisher, batch, instagram.user_id, publisher.token(instagram.token_env))
     if not account.token_ok():
         batch.report.add("deferred", len(posts))

@@ -89,6 +89,10 @@ class Containers:
             account.reconcile(post, cid, seen)
             return Ready(post, done=True)
         if status == "IN_PROGRESS":
+            uploaded = self._upload_if_resumable(post, cid)  # a kill mid-upload: resumed at Instagram's offset
+            if isinstance(uploaded, Ready):
+                return uploaded
+            seen.extend(uploaded)
             try:
                 status = self._wait(post, cid)
             except GraphError as exc:
@@ -102,6 +106,13 @@ class Containers:
                 return self.new_container(post, seen)
             return Ready(post, cid, attempts=seen)
         return self._unusable(post, cid, status, seen)
+
+    def _upload_if_resumable(self, post: DuePost, cid: str) -> list | Ready:
+        """A resumable video container's bytes (instagram_upload.py), before its status is waited for."""
+        if not (is_video(post) and self.account.publisher.uploads_videos() and post.media_url
+                and "/ig-api-upload/" in post.media_url):
+            return []
+        return self.formats.upload(post, cid)
 
     def _unusable(self, post: DuePost, cid: str, status: str, seen: list) -> Ready:
         if status == "EXPIRED":
@@ -144,12 +155,17 @@ class Containers:
         claims.write(post, dict(container_id=cid, container_created_at=created, **values),
                      [*seen, claims.attempt(post.id, "container", "created", container_id=cid, detail=detail)])
         crash_point("after_container")
-        post = replace(post, container_id=cid, container_created_at=created)
+        post = replace(post, container_id=cid, container_created_at=created, media_url=values.get("media_url"))
+        uploaded = self._upload_if_resumable(post, cid)
+        if isinstance(uploaded, Ready):
+            return uploaded
+        if uploaded:
+            crash_point("after_upload")
         try:
             status = self._wait(post, cid)
         except GraphError as exc:
-            return self._error(post, exc, cid, "status", [])
-        seen = [claims.attempt(post.id, "status", status.lower(), container_id=cid)]
+            return self._error(post, exc, cid, "status", uploaded)
+        seen = [*uploaded, claims.attempt(post.id, "status", status.lower(), container_id=cid)]
         if status == "FINISHED":
             return Ready(post, cid, attempts=seen)
         if status == "EXPIRED" and recreated:

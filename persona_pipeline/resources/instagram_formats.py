@@ -10,7 +10,9 @@ between any two calls never doubles an item container. A child that ends in ERRO
 
 Reel and video story: the MP4 is probed and checked against the API's limits before anything is
 sent (domain/post_formats.video_problems), staged at a public URL, and sent as `video_url` with
-share_to_feed and cover_url (or thumb_offset). Image story: its 9:16 JPEG as `image_url`.
+share_to_feed and cover_url (or thumb_offset); or, with no public URL (INSTAGRAM_VIDEO_UPLOAD), its
+container made with upload_type=resumable, committed, and the bytes uploaded (instagram_upload.py).
+Image story: its 9:16 JPEG as `image_url`.
 """
 
 from __future__ import annotations
@@ -159,6 +161,8 @@ class FormatContainers:
             problems = self._video_problems(post, video_path)
             if problems:
                 return self._fail(post, "; ".join(problems) + "; nothing was uploaded", seen)
+            if self.account.publisher.uploads_videos():
+                return self._resumable(post, media_type, video_path, seen)
             staged = self._stage(post, str(post.id), video_path, seen)
             if isinstance(staged, Ready):
                 return staged
@@ -186,6 +190,47 @@ class FormatContainers:
             return cid
         detail = f"text_sha256={caption_digest(post.text)} media={staged.url} media_type={media_type}"
         return cid, dict(media_url=staged.url, media_sha256=staged.sha256), detail
+
+    def _resumable(self, post: DuePost, media_type: str, video_path: str, seen: list) -> tuple[str, dict, str] | Ready:
+        """A video container for the resumable upload: the format's fields with upload_type=resumable and no
+        video_url. Its bytes go after its id is committed (`upload`). With no public URL for a cover, a reel's
+        cover is its frame at thumb_offset (the first frame, unless formats.reel.thumb_offset_ms says)."""
+        from persona_pipeline.fileio import sha256_file
+        from persona_pipeline.resources.instagram_containers import Ready, caption_digest
+
+        options = post.format_options or {}
+        fields = {"media_type": media_type}
+        if post.format == post_formats.REEL:
+            fields.update(caption=post.text, share_to_feed="true" if options.get("share_to_feed", True) else "false")
+            if options.get("cover") and self.account.publisher.media_public_base_url:
+                cover = self._stage(post, f"{post.id}-cover", post.media_path, seen)
+                if isinstance(cover, Ready):
+                    return cover
+                fields["cover_url"] = cover.url
+            else:
+                fields["thumb_offset"] = str(int(options.get("thumb_offset_ms") or 0))
+        self.claims.renew(post)
+        try:
+            cid, uri = self.account.graph.create_resumable(self.account.user_id, self.account.token, fields)
+        except GraphError as exc:
+            return self.containers._error(post, exc, None, "container", seen)
+        sha = sha256_file(Path(video_path))
+        detail = f"text_sha256={caption_digest(post.text)} upload=resumable media_type={media_type} video_sha256={sha}"
+        return cid, dict(media_url=uri, media_sha256=sha), detail
+
+    def upload(self, post: DuePost, cid: str) -> list | Ready:
+        """Send a resumable container's video (resuming where Instagram says it stopped): the attempt rows to
+        write with the next step, or a finished Ready when the upload failed (recorded; the container stays
+        committed, so the next run resumes it)."""
+        from persona_pipeline.resources.instagram_upload import upload_video
+
+        account, path = self.account, Path((post.format_options or {})["video_path"])
+        try:
+            resumed = upload_video(account.graph, cid, post.media_url, account.token, path, log=self.batch.warn)
+        except GraphError as exc:
+            return self.containers._error(post, exc, cid, "upload", [])
+        return [self.claims.attempt(post.id, "upload", "uploaded", container_id=cid,
+                                    detail=f"{path.stat().st_size} bytes, {resumed} interruption(s) resumed")]
 
     def _video_problems(self, post: DuePost, video_path: str | None) -> list[str]:
         from persona_pipeline import video

@@ -155,6 +155,11 @@ class InstagramPublisher(Publisher):
     # Containers prepared ahead of the publish calls, per account (0: strictly one post at a time).
     prepare_ahead: int = 4
     media_check_timeout_s: float = 5.0
+    video_upload: str = "auto"  # INSTAGRAM_VIDEO_UPLOAD: auto | url | resumable
+
+    def uploads_videos(self) -> bool:
+        """True when a video goes by the resumable upload (instagram_upload.py), not by a public URL."""
+        return self.video_upload == "resumable" or (self.video_upload == "auto" and not self.media_public_base_url)
 
     def account_key(self, post: DuePost) -> str:
         """The persona's Instagram user id; a persona without one is a group of its own (its posts fail)."""

@@ -117,6 +117,9 @@ class Candidate(Base):
     image_path: Mapped[str] = mapped_column(Text)
     image_sha256: Mapped[str] = mapped_column(String(64))
     manifest_path: Mapped[str] = mapped_column(Text)
+    # A video step's clip (MP4); image_path is then its first frame, which review and scoring show.
+    video_path: Mapped[str | None] = mapped_column(Text)
+    video_sha256: Mapped[str | None] = mapped_column(String(64))
     elo: Mapped[int] = mapped_column(Integer, default=1000)
     bt_score: Mapped[float | None] = mapped_column(Float)
     bt_ci_low: Mapped[float | None] = mapped_column(Float)

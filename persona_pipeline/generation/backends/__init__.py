@@ -51,7 +51,9 @@ class ImageResult:
     and what the backend adds to the manifest (`fields`: base model, prompt id, batch...)."""
 
     key: str
-    image_path: Path | None = None
+    image_path: Path | None = None  # a video step's: its clip's first frame (what review and scoring show)
+    video_path: Path | None = None  # a video step's clip (MP4), beside its image
+    video_facts: dict = field(default_factory=dict)  # frames, fps, duration_s, width, height of the clip
     submitted: dict | None = None
     fields: dict = field(default_factory=dict)
     server: str | None = None

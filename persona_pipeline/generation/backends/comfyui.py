@@ -35,6 +35,7 @@ class ComfyUIBackend:
             "width": request.width, "height": request.height, "batch_size": 1, "denoise": request.denoise,
             "parent_image": request.parent_image, "pose_image": request.control_image,
             "controlnet": request.controlnet, "control_strength": request.control_strength,
+            "frames": request.frames, "fps": request.fps,
         }
         source = request.template.name
         graph = wf.fill_template(request.template, values)
@@ -64,6 +65,10 @@ class ComfyUIBackend:
                 if result.ok:
                     for extra in result.images[1:]:  # one candidate per job: a template saving more keeps its first
                         extra.unlink(missing_ok=True)
+                    request = prepared_by_key[result.key].request
+                    if request.video_model:
+                        on_result(_clip_result(result, request.video_model, request.checkpoint))
+                        return
                     outcome = ImageResult(result.key, image_path=result.images[0], submitted=result.graph,
                                           fields={"base_model": prepared_by_key[result.key].request.checkpoint or self.checkpoint,
                                                   "prompt_id": result.prompt_id,
@@ -79,6 +84,32 @@ class ComfyUIBackend:
             on_result(outcome)
 
         self.pool.run_jobs([prepared.payload for prepared in jobs], log=self.log, on_done=done)
+
+
+def _clip_result(result, video_model: str, checkpoint: str) -> ImageResult:
+    """A video job's end: the clip ComfyUI saved, and its first frame stored beside it as the image. A
+    server that saved no video (a still, a file FFmpeg cannot read) fails the job, naming the file."""
+    from persona_pipeline.domain.media import MediaError
+    from persona_pipeline.fileio import atomic_write
+    from persona_pipeline.video import clip_facts, clip_poster_png, is_clip
+
+    clip = result.images[0]
+    where = f"video step ({video_model}): ComfyUI at {result.server} returned no video"
+    if not is_clip(clip):
+        clip.unlink(missing_ok=True)
+        return ImageResult(result.key, error=f"{where}: it saved {clip.name!r}, not a clip (.mp4, .webm, .mov)",
+                           permanent=True, attempts=len(result.attempts) + 1)
+    try:
+        facts = clip_facts(clip)
+        image_path = clip.with_suffix(".png")
+        atomic_write(image_path, clip_poster_png(clip))
+    except MediaError as exc:
+        clip.unlink(missing_ok=True)
+        return ImageResult(result.key, error=f"{where}: {exc}", permanent=True, attempts=len(result.attempts) + 1)
+    return ImageResult(result.key, image_path=image_path, video_path=clip, video_facts=facts, submitted=result.graph,
+                       fields={"base_model": checkpoint, "prompt_id": result.prompt_id,
+                               "failed_attempts": result.attempts},
+                       server=result.server, timings=dict(result.timings), attempts=len(result.attempts) + 1)
 
 
 def build(*, comfyui, diffusion, checkpoint: str, log: Callable[[str], None]) -> ComfyUIBackend:

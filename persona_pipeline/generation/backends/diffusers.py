@@ -34,10 +34,11 @@ class DiffusersBackend:
             width=request.width or self.default_size, height=request.height or self.default_size,
             denoise=request.denoise, init_image=request.parent_image, control_image=request.control_image,
             control_strength=request.control_strength if request.control_image else CONTROL_STRENGTH_DEFAULT,
-            loras=tuple((lora.path, lora.weight) for lora in request.loras), edit_image=request.input_image))
+            loras=tuple((lora.path, lora.weight) for lora in request.loras), edit_image=request.input_image,
+            frames=request.frames, fps=request.fps))
 
     def run(self, jobs: Sequence[PreparedJob], on_result: Callable[[ImageResult], None]) -> None:
-        """The jobs of each model in turn: the persona's base model, then each edit step's edit model."""
+        """The jobs of each model in turn: the persona's base model, then each edit or video step's model."""
         by_model: dict[str | None, list[PreparedJob]] = {}
         for prepared in jobs:
             by_model.setdefault(prepared.job.request.model, []).append(prepared)
@@ -59,8 +60,15 @@ class DiffusersBackend:
             timings = {"batch_s": round(elapsed, 4), "batch_size": len(chunk), "per_image_s": round(elapsed / len(chunk), 4)}
             for i, (image, fields) in zip(chunk, results):
                 job = jobs[i].job
+                clip, facts = None, {}
                 try:
                     job.folder.mkdir(parents=True, exist_ok=True)
+                    if isinstance(image, list):  # a video job's frames: the clip, and its first frame as the image
+                        from persona_pipeline.video import write_clip
+
+                        clip = job.folder / f"{job.stem}.mp4"
+                        facts = write_clip(image, clip, job.request.fps)
+                        image = image[0]
                     buffer = io.BytesIO()
                     image.save(buffer, format="PNG")
                     image_path = job.folder / f"{job.stem}.png"
@@ -70,7 +78,7 @@ class DiffusersBackend:
                     continue
                 # The pipeline call as made (what `reproduce` reads) is both what was submitted and the
                 # manifest's `diffusers` record.
-                on_result(ImageResult(job.key, image_path=image_path, submitted=fields,
+                on_result(ImageResult(job.key, image_path=image_path, video_path=clip, video_facts=facts, submitted=fields,
                                       fields={"base_model": diffusion.base_model, "diffusers": fields},
                                       timings=dict(timings)))
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, NoReturn
 
+from persona_pipeline.domain.workflows import SAVE_NODES
 from persona_pipeline.resources.comfyui.channel import LOST, RECONNECTED
 from persona_pipeline.resources.comfyui.errors import (ComfyUITimeout, ComfyUITransientError, ComfyUIWorkflowError,
                                                        execution_error, interrupted_error)
@@ -41,7 +42,7 @@ def socket_images(graph: dict, executed: dict[str, list]) -> list[dict]:
     """The saved images as the `executed` messages announced them, if every SaveImage node of
     the graph sent one; else [] and the caller reads /history (a node served from ComfyUI's
     cache on an older build, or messages missed while the socket was down)."""
-    save_nodes = [n for n, node in graph.items() if isinstance(node, dict) and node.get("class_type") == "SaveImage"]
+    save_nodes = [n for n, node in graph.items() if isinstance(node, dict) and node.get("class_type") in SAVE_NODES]
     if not save_nodes or any(n not in executed for n in save_nodes):
         return []
     return in_node_order({node_id: executed[node_id] for node_id in save_nodes})
