@@ -177,3 +177,36 @@ def test_the_vote_page_shows_the_prompt_and_what_to_judge_by_in_reviewer_words(f
     assert "10 pairs not voted yet." in text
     for jargon in ("probability", "explore", "strategy"):
         assert jargon not in text.lower()
+
+
+@pytest.mark.postgres
+def test_a_vote_committed_between_the_counts_reads_never_labels_an_old_count_as_new(tmp_path, monkeypatch) -> None:
+    """On PostgreSQL each statement sees what was committed when it began. A vote committed while
+    `step_counts` reads must not come back as the old count under the new vote's `as_of`, which the
+    page would keep over the right count."""
+    from persona_fakes.databases import make_database
+    from persona_pipeline.review import voting
+
+    url, drop = make_database("postgresql", tmp_path)
+    try:
+        form = make_form(url, tmp_path, candidates=4, steps=1, posts=0)
+        step_id = form.seed.step_ids[0]
+        with session_scope(url) as session:
+            persona_id = session.get(models.RunStep, step_id).run.persona_id
+        count = review_views.unvoted_pairs
+        landed: list[int] = []
+
+        def count_then_a_vote_lands(session, step):
+            seen = count(session, step)
+            with session_scope(url) as other:  # another reviewer's answer commits now
+                event = review.record_event(other, persona_id, "vote", "step", step, "bob", {})
+                other.flush()
+                landed.append(event.id)
+            return seen
+
+        monkeypatch.setattr(review_views, "unvoted_pairs", count_then_a_vote_lands)
+        with session_scope(url) as session:
+            counts = voting.step_counts(session, step_id)
+        assert counts["remaining"] == 6 and counts["as_of"] < landed[0]
+    finally:
+        drop()

@@ -52,9 +52,14 @@ def judge_by(persona: models.Persona, pillar: models.ContentPillar | None, step:
 def step_counts(session: Session, step_id: int) -> dict[str, int]:
     """The step's count of pairs not voted yet (`unvoted_pairs`, the same count the queue and the
     gallery show) and `as_of`, the newest review event it saw: the page keeps the count with the
-    highest `as_of` when answers come back out of order."""
-    return {"remaining": review_views.unvoted_pairs(session, step_id),
-            "as_of": session.scalar(select(func.max(models.ReviewEvent.id))) or 0}
+    highest `as_of` when answers come back out of order.
+
+    `as_of` is read before the count: on PostgreSQL each statement sees what was committed when it
+    began, so a vote committed between the two reads is then at most counted under an older label
+    (which any later answer replaces), never an old count labelled with the newer vote's id, which
+    the page would have kept."""
+    as_of = session.scalar(select(func.max(models.ReviewEvent.id))) or 0
+    return {"remaining": review_views.unvoted_pairs(session, step_id), "as_of": as_of}
 
 
 @page
