@@ -31,7 +31,7 @@ from persona_pipeline.db import dataset_candidates as dc
 from persona_pipeline.db import models
 from persona_pipeline.domain import dataset_quality as quality
 from persona_pipeline.domain.dataset_share import bound_generated
-from persona_pipeline.enrichment import describe_origin, origin_of
+from persona_pipeline.domain.provenance import describe_origin, origin_of
 from persona_pipeline.domain.captions import fill, training_caption
 from persona_pipeline.domain.training_captions import compose_training_caption
 from persona_pipeline.partitions import persona_partitions
