@@ -109,6 +109,9 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
         left_out = [{"dataset_candidate": r.id, "image": r.image_path, "reason": bound_reason} for r in left_out]
     if not photos:
         raise dg.Failure(f"{slug}: no accepted source photos; materialise source_photos first")
+    missing = [str(path) for _, path, *_ in extra if not path.is_file()]
+    if missing:
+        raise dg.Failure(f"{slug}: accepted dataset candidate image(s) missing: {', '.join(missing)}; nothing was built")
     training = config.training
     try:
         diffusion = diffusion.for_persona(config)  # its regularisation images come from the persona's base model
