@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -136,9 +137,11 @@ def measure(quick: bool, work: Path, log) -> dict:
                      clip.embed_images, photos, 0.98)
     accepted_edits = [(Path(path), edit_caption(plan.photo.caption, plan))
                       for (plan, _, path), verdict in zip(made, verdicts) if verdict.status == "pending"]
-    reasons = sorted({(v.reason or "").split(" (")[0].split(" is below")[0] for v in verdicts if v.status == "dropped"})
+    reasons = Counter("identity below the floor" if " is below " in (v.reason or "") else (v.reason or "").split(" (")[0]
+                      for v in verdicts if v.status == "dropped")
     log(f"enrichment: {len(jobs)} edits with {edit.title} ({weights}) in {time.perf_counter() - started:.0f} s, "
-        f"{len(made)} made, {len(accepted_edits)} accepted by identity; dropped for: {reasons or 'nothing'}")
+        f"{len(made)} made, {len(accepted_edits)} accepted by identity; dropped: {dict(reasons) or 'none'}, "
+        f"best identity {max((v.identity for v in verdicts if v.identity is not None), default=float('nan')):.3f}")
     kept, _, note = bound_generated(PHOTOS, accepted_edits, SHARE)
     b = train_and_probe("B-enriched", base_items + kept)
 
