@@ -21,12 +21,13 @@ from starlette.middleware.sessions import SessionMiddleware
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from persona_pipeline.db import review
+from persona_pipeline.db import dataset_candidates, review
 from persona_pipeline.review import auth
 from persona_pipeline.review.audit import audit_page
 from persona_pipeline.review.performance import performance_page
 from persona_pipeline.review.calendar import api_move, calendar_page, calendar_post_edit, calendar_post_page
 from persona_pipeline.review.config import ReviewConfig
+from persona_pipeline.review.dataset import api_decide, api_queue, dataset_error, dataset_page, decide_form
 from persona_pipeline.review.gallery import (approve_step, compare_page, gallery_page, kill_candidate, pick_winner,
                                              restore_candidate)
 from persona_pipeline.review.login import login, login_form, logout
@@ -73,6 +74,8 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/loras", loras_page, methods=["GET"]),
         Route("/loras/rollback", rollback_lora, methods=["POST"]),
         Route("/loras/{lora_id:int}/promote", promote_lora, methods=["POST"]),
+        Route("/dataset/{slug:str}", dataset_page, methods=["GET"]),
+        Route("/dataset/candidates/{candidate_id:int}/decide", decide_form, methods=["POST"]),
         Route("/audit", audit_page, methods=["GET"]),
         Route("/performance", performance_page, methods=["GET"]),
         Route("/media/{path:path}", media, methods=["GET"]),
@@ -85,6 +88,8 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/api/offers/{offer_id:int}/undo-skip", api_undo_skip, methods=["POST"]),
         Route("/api/candidates/{candidate_id:int}/kill", api_kill, methods=["POST"]),
         Route("/api/candidates/{candidate_id:int}/restore", api_restore, methods=["POST"]),
+        Route("/api/dataset/{slug:str}/queue", api_queue, methods=["GET"]),
+        Route("/api/dataset/candidates/{candidate_id:int}/decide", api_decide, methods=["POST"]),
         Route("/api/calendar/posts/{post_id:int}/move", api_move, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
@@ -96,6 +101,7 @@ def create_app(config: ReviewConfig) -> Starlette:
     ]
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={HTTPException: http_error, review.ReviewError: review_error,
+                                        dataset_candidates.DatasetDecisionError: dataset_error,
                                         Exception: server_error})
     app.state.config = config
     app.state.login_throttle = auth.LoginThrottle(config.login_max_failures, config.login_window_s)

@@ -1,0 +1,191 @@
+"""The dataset review page: a persona's queue of dataset candidates (edits of its photos, approved
+winners, published posts), one at a time, to accept or reject with its caption as it should train.
+The page shows each candidate's identity score, the nearest image already in the dataset and where
+the candidate came from.
+
+Every decision goes through `db.dataset_candidates.decide` with the logged-in reviewer's name (one
+`dataset_accept` / `dataset_reject` review event in the same transaction); a decision on an image
+that a built dataset version already holds, or that someone already decided, is refused there and
+answered 409 (JSON under /api/, the styled error page for the form post). The `dataset_reviews`
+sensor (automation/dataset_sensor.py) turns accepted decisions into a new dataset version."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+
+from persona_pipeline.db import dataset_candidates, models, registry
+from persona_pipeline.review.inputs import BadInput, int_value, path_id
+from persona_pipeline.review.media import media_url
+from persona_pipeline.review.posts import slug_param
+from persona_pipeline.review.web import api, flash, home_of, http_error, in_db, page, render
+
+QUEUE_BATCH = 20  # candidates one queue request returns (the page asks again as it runs low)
+MAX_EXCLUDE = 100  # candidate ids one queue request may hold back (on the page or in flight)
+MAX_CAPTION = 1000
+DECISIONS = ("accept", "reject")
+
+
+def _persona(session: Session, slug: str) -> models.Persona:
+    try:
+        return registry.get_persona(session, slug)
+    except LookupError:
+        raise HTTPException(404, f"persona {slug!r} does not exist") from None
+
+
+def _persona_file(home: Path, slug: str, path: str | None) -> str | None:
+    """The /media URL of a file named relative to the persona's folder under PERSONA_HOME (or an
+    absolute path under it); None for anything else (the media route serves nothing outside home)."""
+    if not path:
+        return None
+    return media_url(home, Path(path) if Path(path).is_absolute() else home / "personas" / slug / path)
+
+
+def _photo_name(session: Session, persona_id: int, sha256: str | None) -> str | None:
+    if not sha256:
+        return None
+    return session.scalar(select(models.SourcePhoto.original_name).where(
+        models.SourcePhoto.persona_id == persona_id, models.SourcePhoto.sha256 == sha256).limit(1))
+
+
+def origin_of(session: Session, row: Any) -> dict[str, Any]:
+    """Where a candidate came from, in words and with a link where the form has a page for it."""
+    if row.origin == "edit":
+        photo = _photo_name(session, row.persona_id, row.source_photo_sha256) or \
+            (f"sha256 {row.source_photo_sha256[:12]}" if row.source_photo_sha256 else "an unknown photo")
+        text = f"Edit of photo {photo}"
+        if row.instruction:
+            text += f" with “{row.instruction}”"
+        if row.edit_model:
+            text += f" by {row.edit_model}"
+        if row.seed is not None:
+            text += f", seed {row.seed}"
+        return {"kind": "edit", "text": text, "link": None}
+    if row.origin == "winner":
+        step_id = session.scalar(select(models.Candidate.step_id).where(models.Candidate.id == row.candidate_id)) \
+            if row.candidate_id is not None else None
+        return {"kind": "winner", "text": f"Winner candidate #{row.candidate_id}",
+                "link": f"/steps/{step_id}" if step_id else None}
+    if row.origin == "post":
+        slug = session.scalar(select(models.Persona.slug).where(models.Persona.id == row.persona_id))
+        return {"kind": "post", "text": f"Post #{row.post_id}", "link": f"/posts?persona={slug}#post-{row.post_id}"}
+    return {"kind": str(row.origin), "text": str(row.origin), "link": None}
+
+
+def candidate_json(session: Session, home: Path, slug: str, row: Any) -> dict[str, Any]:
+    """A dataset candidate as the page shows it."""
+    return {"id": row.id, "url": _persona_file(home, slug, row.image_path), "sha256": row.sha256,
+            "caption": row.caption or "", "status": row.status,
+            "identity": None if row.identity_score is None else round(float(row.identity_score), 4),
+            "identity_method": row.identity_method,
+            "identity_text": "not scored" if row.identity_score is None else
+            f"{row.identity_score:.3f} ({row.identity_method or 'unknown method'})",
+            "nearest": None if not (row.nearest_sha256 or row.nearest_path) else _nearest(home, slug, row),
+            "origin": origin_of(session, row)}
+
+
+def _nearest(home: Path, slug: str, row: Any) -> dict[str, Any]:
+    url = _persona_file(home, slug, row.nearest_path)
+    text = "Nearest in the dataset" + ("" if row.nearest_cosine is None else f": cosine {row.nearest_cosine:.3f}")
+    if url is None:
+        text += f" ({(row.nearest_sha256 or '')[:12]}, not under PERSONA_HOME)"
+    return {"url": url, "sha256": row.nearest_sha256, "text": text,
+            "cosine": None if row.nearest_cosine is None else round(float(row.nearest_cosine), 4)}
+
+
+def pending_count(session: Session, persona_id: int) -> int:
+    table = models.DatasetCandidate
+    return session.scalar(select(func.count()).select_from(table).where(
+        table.persona_id == persona_id, table.status == "pending")) or 0
+
+
+def _header(session: Session, slug: str) -> dict[str, Any]:
+    persona = _persona(session, slug)
+    return {"slug": persona.slug, "name": persona.name, "pending": pending_count(session, persona.id),
+            "as_of": session.scalar(select(func.max(models.ReviewEvent.id))) or 0}
+
+
+@page
+async def dataset_page(request: Request, reviewer: str) -> Response:
+    slug = slug_param(request.path_params["slug"])
+    data = await in_db(request, _queue, slug, set(), home_of(request), 1)
+    persona = {**data["persona"], "pending": data["remaining"]}
+    first = data["items"][0] if data["items"] else None
+    return render(request, "dataset.html", {"persona": persona, "first": first, "title": f"Dataset · @{slug}"})
+
+
+def _queue(session: Session, slug: str, exclude: set[int], home: Path, batch: int = QUEUE_BATCH) -> dict[str, Any]:
+    header = _header(session, slug)
+    rows = dataset_candidates.pending_for(session, slug, batch + len(exclude))
+    items = [candidate_json(session, home, slug, row) for row in rows if row.id not in exclude][:batch]
+    return {"items": items, "remaining": header["pending"], "as_of": header["as_of"],
+            "persona": {"slug": header["slug"], "name": header["name"]}}
+
+
+@api
+async def api_queue(request: Request, reviewer: str) -> Response:
+    """The persona's pending candidates, oldest first, less those the page holds (`exclude`)."""
+    slug = slug_param(request.path_params["slug"])
+    parts = [p for p in request.query_params.get("exclude", "").split(",") if p.strip()]
+    if len(parts) > MAX_EXCLUDE:
+        raise BadInput(f"exclude lists {len(parts)} candidates; at most {MAX_EXCLUDE}")
+    exclude = {int_value(p, "exclude") for p in parts}
+    data = await in_db(request, _queue, slug, exclude, home_of(request))
+    return JSONResponse(data, headers={"Cache-Control": "no-store"})
+
+
+def read_decision(decision: Any, caption: Any) -> tuple[str, str | None]:
+    """The decision and the caption as typed (None: keep the candidate's caption); 400 naming the field."""
+    if decision not in DECISIONS:
+        raise BadInput(f"decision must be accept or reject, got {str(decision)[:40]!r}")
+    if caption is None:
+        return decision, None
+    if not isinstance(caption, str):
+        raise BadInput("caption must be text")
+    if len(caption) > MAX_CAPTION:
+        raise BadInput(f"caption is {len(caption)} characters; at most {MAX_CAPTION}")
+    caption = " ".join(caption.split())
+    if not caption:
+        raise BadInput("caption is empty; leave it out to keep the candidate's caption")
+    return decision, caption
+
+
+def _decide(session: Session, candidate_id: int, decision: str, reviewer: str, caption: str | None) -> dict[str, Any]:
+    row = dataset_candidates.decide(session, candidate_id, decision, by=reviewer, caption=caption,
+                                    now=datetime.now(timezone.utc))
+    slug = session.scalar(select(models.Persona.slug).where(models.Persona.id == row.persona_id))
+    return {"id": row.id, "status": row.status, "caption": row.caption, "decided_by": row.decided_by,
+            "persona": slug, "remaining": pending_count(session, row.persona_id),
+            "as_of": session.scalar(select(func.max(models.ReviewEvent.id))) or 0}
+
+
+@api
+async def api_decide(request: Request, reviewer: str, body: dict[str, Any]) -> Response:
+    """Accept or reject a candidate, with its caption as edited (optional)."""
+    decision, caption = read_decision(body.get("decision"), body.get("caption"))
+    data = await in_db(request, _decide, path_id(request, "candidate_id"), decision, reviewer, caption)
+    return JSONResponse(data)
+
+
+@page
+async def decide_form(request: Request, reviewer: str, form: FormData) -> Response:
+    """The same decision from the page's form (without JavaScript): back to the queue, or the
+    styled error page when it is refused."""
+    caption = form.get("caption")
+    decision, caption = read_decision(form.get("decision"), caption if caption not in (None, "") else None)
+    data = await in_db(request, _decide, path_id(request, "candidate_id"), decision, reviewer, caption)
+    flash(request, f"Candidate #{data['id']} {data['status']}.")
+    return RedirectResponse(f"/dataset/{data['persona']}", status_code=303)
+
+
+async def dataset_error(request: Request, exc: Exception) -> Response:
+    """`DatasetDecisionError` (frozen in a built version, or decided already): 409, with its text."""
+    return await http_error(request, HTTPException(getattr(exc, "status_code", 409), str(exc)))
