@@ -17,7 +17,7 @@ from persona_pipeline.personas import load_persona
 from persona_pipeline_tests.conftest import write_persona
 
 
-HEAD = "0013"  # the latest migration
+HEAD = "0014"  # the latest migration
 
 
 def test_migrations_match_the_models(db_url):

@@ -33,6 +33,7 @@ from persona_pipeline.db.models.library import Cluster, LibraryItem, PillarGapRe
 from persona_pipeline.db.models.posts import LIVE_SLOT, Post, PostAttempt, PostItem
 from persona_pipeline.db.models.alerts import Alert
 from persona_pipeline.db.models.insights import AccountInsight, InsightPoll, PostInsight
+from persona_pipeline.db.models.dataset import DatasetCandidate
 
 __all__ = [
     "NAMING", "Base", "UTCDateTime", "utcnow",
@@ -42,4 +43,5 @@ __all__ = [
     "LIVE_SLOT", "Post", "PostAttempt", "PostItem",
     "Alert",
     "AccountInsight", "InsightPoll", "PostInsight",
+    "DatasetCandidate",
 ]
