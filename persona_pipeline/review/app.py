@@ -21,13 +21,13 @@ from starlette.middleware.sessions import SessionMiddleware
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from persona_pipeline.db import dataset_candidates, review
+from persona_pipeline.db import review
 from persona_pipeline.review import auth
 from persona_pipeline.review.audit import audit_page
 from persona_pipeline.review.performance import performance_page
 from persona_pipeline.review.calendar import api_move, calendar_page, calendar_post_edit, calendar_post_page
 from persona_pipeline.review.config import ReviewConfig
-from persona_pipeline.review.dataset import api_decide, api_queue, dataset_error, dataset_page, decide_form
+from persona_pipeline.review.dataset import api_decide, api_queue, dataset_page, decide_form
 from persona_pipeline.review.gallery import (approve_step, compare_page, gallery_page, kill_candidate, pick_winner,
                                              restore_candidate)
 from persona_pipeline.review.login import login, login_form, logout
@@ -101,7 +101,6 @@ def create_app(config: ReviewConfig) -> Starlette:
     ]
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={HTTPException: http_error, review.ReviewError: review_error,
-                                        dataset_candidates.DatasetDecisionError: dataset_error,
                                         Exception: server_error})
     app.state.config = config
     app.state.login_throttle = auth.LoginThrottle(config.login_max_failures, config.login_window_s)

@@ -6,7 +6,8 @@ the candidate came from.
 Every decision goes through `db.dataset_candidates.decide` with the logged-in reviewer's name (one
 `dataset_accept` / `dataset_reject` review event in the same transaction); a decision on an image
 that a built dataset version already holds, or that someone already decided, is refused there and
-answered 409 (JSON under /api/, the styled error page for the form post). The `dataset_reviews`
+answered 409 (its `DatasetDecisionError` is a `ReviewError`: JSON under /api/, the styled error
+page for the form post, as every refusal of the form). The `dataset_reviews`
 sensor (automation/dataset_sensor.py) turns accepted decisions into a new dataset version."""
 
 from __future__ import annotations
@@ -26,12 +27,10 @@ from persona_pipeline.db import dataset_candidates, models, registry
 from persona_pipeline.review.inputs import BadInput, int_value, path_id
 from persona_pipeline.review.media import media_url
 from persona_pipeline.review.posts import slug_param
-from persona_pipeline.review.web import api, flash, home_of, http_error, in_db, page, render
+from persona_pipeline.review.web import api, flash, home_of, in_db, page, render
 
 QUEUE_BATCH = 20  # candidates one queue request returns (the page asks again as it runs low)
 MAX_EXCLUDE = 100  # candidate ids one queue request may hold back (on the page or in flight)
-MAX_CAPTION = 1000
-DECISIONS = ("accept", "reject")
 
 
 def _persona(session: Session, slug: str) -> models.Persona:
@@ -119,7 +118,8 @@ async def dataset_page(request: Request, reviewer: str) -> Response:
     data = await in_db(request, _queue, slug, set(), home_of(request), 1)
     persona = {**data["persona"], "pending": data["remaining"]}
     first = data["items"][0] if data["items"] else None
-    return render(request, "dataset.html", {"persona": persona, "first": first, "title": f"Dataset · @{slug}"})
+    return render(request, "dataset.html", {"persona": persona, "first": first, "max_caption": dataset_candidates.MAX_CAPTION,
+                                            "title": f"Dataset · @{slug}"})
 
 
 def _queue(session: Session, slug: str, exclude: set[int], home: Path, batch: int = QUEUE_BATCH) -> dict[str, Any]:
@@ -143,18 +143,12 @@ async def api_queue(request: Request, reviewer: str) -> Response:
 
 
 def read_decision(decision: Any, caption: Any) -> tuple[str, str | None]:
-    """The decision and the caption as typed (None: keep the candidate's caption); 400 naming the field."""
-    if decision not in DECISIONS:
+    """The decision and the caption as typed (None: keep the candidate's caption); 400 naming the
+    field. What a caption may be (not empty, not too long) is `decide`'s rule, refused there."""
+    if decision not in dataset_candidates.DECISIONS:
         raise BadInput(f"decision must be accept or reject, got {str(decision)[:40]!r}")
-    if caption is None:
-        return decision, None
-    if not isinstance(caption, str):
+    if caption is not None and not isinstance(caption, str):
         raise BadInput("caption must be text")
-    if len(caption) > MAX_CAPTION:
-        raise BadInput(f"caption is {len(caption)} characters; at most {MAX_CAPTION}")
-    caption = " ".join(caption.split())
-    if not caption:
-        raise BadInput("caption is empty; leave it out to keep the candidate's caption")
     return decision, caption
 
 
@@ -184,8 +178,3 @@ async def decide_form(request: Request, reviewer: str, form: FormData) -> Respon
     data = await in_db(request, _decide, path_id(request, "candidate_id"), decision, reviewer, caption)
     flash(request, f"Candidate #{data['id']} {data['status']}.")
     return RedirectResponse(f"/dataset/{data['persona']}", status_code=303)
-
-
-async def dataset_error(request: Request, exc: Exception) -> Response:
-    """`DatasetDecisionError` (frozen in a built version, or decided already): 409, with its text."""
-    return await http_error(request, HTTPException(getattr(exc, "status_code", 409), str(exc)))

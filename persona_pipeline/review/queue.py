@@ -10,15 +10,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from persona_pipeline.db import models, review_views
-from persona_pipeline.db.models import DatasetCandidate
 from persona_pipeline.review.web import in_db, page, render
 
 
 def _queue(session: Session) -> list[dict[str, Any]]:
     result = []
     dataset = dict(session.execute(
-        select(models.Persona.slug, func.count()).join(DatasetCandidate, DatasetCandidate.persona_id == models.Persona.id)
-        .where(DatasetCandidate.status == "pending").group_by(models.Persona.slug)).all())
+        select(models.Persona.slug, func.count()).join(models.DatasetCandidate, models.DatasetCandidate.persona_id == models.Persona.id)
+        .where(models.DatasetCandidate.status == "pending").group_by(models.Persona.slug)).all())
     for queue in review_views.review_queue(session):
         final_steps = {}
         for run_id in queue.runs_to_pick:
