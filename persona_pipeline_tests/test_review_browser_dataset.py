@@ -1,6 +1,6 @@
 """The dataset review queue as a person meets it: Debian's Chromium driven by playwright against the
 form under real uvicorn, at desktop (1400x900, keyboard) and phone (390x844, touch) sizes. Accepts
-by key (desktop) and by tap (phone), rejects, edits a caption, and meets the refusal for an image a
+by key (desktop) and by tap (phone), rejects, undoes, edits a caption, and meets the refusal for an image a
 built dataset version already holds; the database is checked after each, and the count shown is the
 server's. Screenshots are saved (under the test's output, and $PERSONA_TEST_ARTIFACTS when set)."""
 
@@ -114,7 +114,7 @@ def test_accept_reject_edit_and_a_frozen_refusal(served: Served, chromium, size:
     else:
         assert main["width"] >= 700 and main["height"] >= 550
     # The buttons: big, in view without scrolling, covering no image; keyboard hints only with a keyboard.
-    for action in ("accept", "reject", "edit"):
+    for action in ("accept", "reject", "edit", "undo"):
         box = page.locator(f".ds-actions button[data-action='{action}']").bounding_box()
         assert box["height"] >= 44 and box["y"] + box["height"] <= viewport["height"], (action, box)
         assert box["y"] >= main["y"] + main["height"] or box["x"] >= main["x"] + main["width"], (action, box, main)
@@ -139,6 +139,23 @@ def test_accept_reject_edit_and_a_frozen_refusal(served: Served, chromium, size:
     settled(page, 2)
     assert row(served.url, ds.winner_id).status == "rejected"
     assert shown_count(page) == 3 == pending(served.url, ds.persona_id)
+
+    # Undo it (U, or the Undo button): pending again in the database, back on screen; then reject it again.
+    assert ready(page) == ds.post_id
+    press(page, phone, "u", "undo")
+    page.wait_for_function("() => document.getElementById('dataset').dataset.undone === '1'", timeout=PAGE_WAIT_MS)
+    settled(page, 1)
+    assert ready(page) == ds.winner_id and "is undone: decide again." in page.locator("#status").inner_text()
+    undone = row(served.url, ds.winner_id)
+    assert (undone.status, undone.decided_by) == ("pending", None)
+    with session_scope(served.url) as session:
+        assert session.scalars(select(models.ReviewEvent.reviewer).where(
+            models.ReviewEvent.kind == "dataset_undo", models.ReviewEvent.subject_id == ds.winner_id)).all() == ["alice"]
+    assert shown_count(page) == 4 == pending(served.url, ds.persona_id)
+    shots(page, "undone")
+    press(page, phone, "r", "reject")
+    settled(page, 2)
+    assert row(served.url, ds.winner_id).status == "rejected" and shown_count(page) == 3
 
     # Edit the caption, then accept with it: E and Ctrl+Enter, or taps and the phone's keyboard.
     assert ready(page) == ds.post_id
@@ -198,4 +215,4 @@ def test_accept_reject_edit_and_a_frozen_refusal(served: Served, chromium, size:
     shots(page, "done")
     context.close()
     assert problems == []
-    assert len(shots.taken) == 4 and all(p.stat().st_size > 5000 for p in shots.taken)
+    assert len(shots.taken) == 5 and all(p.stat().st_size > 5000 for p in shots.taken)

@@ -205,13 +205,13 @@ def test_the_sensor_starts_one_dataset_version_once_reviewing_pauses(form) -> No
     with session_scope(form.url) as session:
         # Still reviewing: nothing yet, the decisions wait in the cursor.
         requests, cursor, _ = plan_dataset_runs(session, start, last.created_at + timedelta(seconds=5))
-        assert requests == [] and cursor.waiting["tester"]["accepted"] == 2 and cursor.waiting["tester"]["rejected"] == 1
+        assert requests == [] and cursor.waiting["tester"]["changes"] == 2 and cursor.waiting["tester"]["others"] == 1
         # Quiet: one run for the persona, keyed by the last decision; the cursor survives a reload.
         requests, after, _ = plan_dataset_runs(session, DatasetCursor.load(cursor.dump()), last.created_at + DATASET_QUIET)
         [request] = requests
         assert (request.job_name, request.partition_key, request.run_key) == ("dataset_version", "tester",
                                                                               f"dataset_version:tester:{last.id}")
-        assert request.tags["accepted"] == "2" and after.waiting == {} and after.last_id == last.id
+        assert request.tags["dataset_changes"] == "2" and after.waiting == {} and after.last_id == last.id
         # Evaluated twice from the old cursor: the same run key (Dagster drops the repeat).
         again, _, _ = plan_dataset_runs(session, start, last.created_at + DATASET_QUIET)
         assert [r.run_key for r in again] == [request.run_key]
@@ -226,3 +226,46 @@ def test_the_sensor_starts_one_dataset_version_once_reviewing_pauses(form) -> No
     with session_scope(form.url) as session:
         requests, cursor, notes = plan_dataset_runs(session, after, models.utcnow() + DATASET_QUIET)
     assert requests == [] and cursor.waiting == {} and "no acceptance" in notes[0]
+
+
+def test_undo_takes_back_your_own_recent_decision_until_a_version_holds_it(form) -> None:
+    form, ds = form
+    headers = {"X-CSRF-Token": form.login()}
+    assert decide(form, ds.edit_id, headers, decision="accept", caption="t3st woman, head turned").status_code == 200
+    undo = form.client.post(f"/api/dataset/candidates/{ds.edit_id}/undo", json={}, headers=headers)
+    assert undo.status_code == 200, undo.text
+    data = undo.json()
+    # Back in the queue as it was before the decision: the caption too; the reply carries it to decide again.
+    assert data["remaining"] == 3 and data["candidate"]["id"] == ds.edit_id and data["candidate"]["caption"] == "t3st woman, candidate 0"
+    assert row(form.url, ds.edit_id) == {"status": "pending", "caption": "t3st woman, candidate 0", "decided_by": None,
+                                         "dataset_version": None}
+    [accept] = events(form.url, "dataset_accept")
+    [undone] = events(form.url, "dataset_undo")
+    assert undone.reviewer == "alice" and undone.payload["undone"] == "accepted" and undone.payload["event_id"] == accept.id
+    assert undone.payload["undone_caption"] == "t3st woman, head turned"
+    again = form.client.post(f"/api/dataset/candidates/{ds.edit_id}/undo", json={}, headers=headers)
+    assert again.status_code == 409 and "no decision to undo" in again.json()["error"]
+    # The sensor counts an undone acceptance as a change of the dataset.
+    with session_scope(form.url) as session:
+        requests, _, _ = plan_dataset_runs(session, DatasetCursor(accept.id), undone.created_at + DATASET_QUIET)
+    assert [r.tags["dataset_changes"] for r in requests] == ["1"]
+
+    # Someone else's decision, one too old, and one a built version holds: refused, nothing changes.
+    assert decide(form, ds.winner_id, headers, decision="reject").status_code == 200
+    bob = {"X-CSRF-Token": form.login("bob-token-4567")}
+    theirs = form.client.post(f"/api/dataset/candidates/{ds.winner_id}/undo", json={}, headers=bob)
+    assert theirs.status_code == 409 and "decided by alice" in theirs.json()["error"]
+    assert decide(form, ds.post_id, bob, decision="accept").status_code == 200
+    with session_scope(form.url) as session:
+        session.get(models.DatasetCandidate, ds.post_id).decided_at = models.utcnow() - timedelta(minutes=6)
+    old = form.client.post(f"/api/dataset/candidates/{ds.post_id}/undo", json={}, headers=bob)
+    assert old.status_code == 409 and "more than 5 minutes ago" in old.json()["error"]
+    with session_scope(form.url) as session:
+        session.get(models.DatasetCandidate, ds.post_id).decided_at = models.utcnow()
+        dataset_candidates.mark_included(session, [ds.post_id], "0123abcd")
+    frozen = form.client.post(f"/api/dataset/candidates/{ds.post_id}/undo", json={}, headers=bob)
+    assert frozen.status_code == 409 and "0123abcd" in frozen.json()["error"] and "cand-2.png" in frozen.json()["error"]
+    assert row(form.url, ds.winner_id)["status"] == "rejected" and row(form.url, ds.post_id)["status"] == "accepted"
+    assert len(events(form.url, "dataset_undo")) == 1
+    assert form.client.post("/api/dataset/candidates/99999/undo", json={}, headers=bob).status_code == 404
+    assert form.client.post(f"/api/dataset/candidates/{ds.post_id}/undo", json={}).status_code == 403

@@ -7,7 +7,8 @@ only when it is better).
 A reviewer decides a queue one image at a time, so the run waits until the persona's decisions have
 been quiet for DATASET_QUIET (or DATASET_MAX_WAIT after the first waiting one while reviewing goes
 on): one new version for a review session, not one training run per click. Rejections alone leave
-the dataset as it was, so they start nothing.
+the dataset as it was, so they start nothing; an undone acceptance (`dataset_undo`) changes it as
+much as an acceptance.
 
 The cursor holds the last event id read and the decisions still waiting, so a restart neither loses
 nor repeats work; the run key names the last event it covers, so a tick evaluated twice (cursor not
@@ -25,18 +26,20 @@ from sqlalchemy.orm import Session
 
 from persona_pipeline.automation.jobs import dataset_version_job
 from persona_pipeline.db import models
+from persona_pipeline.db.dataset_undo import UNDO_KIND
 from persona_pipeline.resources.database import AppDatabase
 
 DATASET_QUIET = timedelta(minutes=2)
 DATASET_MAX_WAIT = timedelta(minutes=30)
 BATCH = 1000  # events read per tick; the rest wait for the next tick
-KINDS = ("dataset_accept", "dataset_reject")
+KINDS = ("dataset_accept", "dataset_reject", UNDO_KIND)
 
 
 @dataclass
 class DatasetCursor:
     last_id: int = 0
-    # slug → its waiting decisions: first/last event id and time, accepted and rejected counts
+    # slug → its waiting decisions: first/last event id and time, and how many change the dataset
+    # (acceptances and undone acceptances: "changes") or not (rejections and undone rejections: "others")
     waiting: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
@@ -55,21 +58,23 @@ def plan_dataset_runs(session: Session, cursor: DatasetCursor, now: datetime) ->
     from reading the database). Returns (requests, new cursor, log lines)."""
     rows = session.execute(
         select(models.ReviewEvent.id, models.ReviewEvent.kind, models.ReviewEvent.created_at, models.Persona.slug,
-               models.Persona.active)
+               models.Persona.active, models.ReviewEvent.payload)
         .join(models.Persona, models.ReviewEvent.persona_id == models.Persona.id)
         .where(models.ReviewEvent.id > cursor.last_id, models.ReviewEvent.kind.in_(KINDS))
         .order_by(models.ReviewEvent.id).limit(BATCH)).all()
     waiting = {slug: dict(entry) for slug, entry in cursor.waiting.items()}
     notes: list[str] = []
     last_id = cursor.last_id
-    for event_id, kind, created_at, slug, active in rows:
+    for event_id, kind, created_at, slug, active, payload in rows:
         last_id = event_id
         if not active:
             notes.append(f"event {event_id} ({kind}) of {slug}: the persona's folder is gone; nothing started")
             continue
-        entry = waiting.setdefault(slug, {"first_id": event_id, "first_at": created_at.isoformat(), "accepted": 0, "rejected": 0})
+        entry = waiting.setdefault(slug, {"first_id": event_id, "first_at": created_at.isoformat(), "changes": 0, "others": 0})
         entry.update(last_id=event_id, last_at=created_at.isoformat())
-        entry["accepted" if kind == "dataset_accept" else "rejected"] += 1
+        # An undone acceptance changes the dataset like an acceptance; an undone rejection does not.
+        changes = kind == "dataset_accept" or (kind == UNDO_KIND and (payload or {}).get("undone") == "accepted")
+        entry["changes" if changes else "others"] += 1
     requests = []
     for slug in sorted(waiting):
         entry = waiting[slug]
@@ -78,15 +83,15 @@ def plan_dataset_runs(session: Session, cursor: DatasetCursor, now: datetime) ->
         if not (quiet or overdue):
             continue
         del waiting[slug]
-        if not entry["accepted"]:
-            notes.append(f"{slug}: {entry['rejected']} rejection(s) up to event {entry['last_id']} and no acceptance: "
+        if not entry["changes"]:
+            notes.append(f"{slug}: {entry['others']} decision(s) up to event {entry['last_id']} and no acceptance: "
                          f"the dataset is unchanged, nothing started")
             continue
         requests.append(dg.RunRequest(
             job_name=dataset_version_job.name, partition_key=slug,
             run_key=f"{dataset_version_job.name}:{slug}:{entry['last_id']}",
             tags={"persona": slug, "review_events": f"dataset {entry['first_id']}..{entry['last_id']}",
-                  "accepted": str(entry["accepted"]), "rejected": str(entry["rejected"])}))
+                  "dataset_changes": str(entry["changes"]), "other_decisions": str(entry["others"])}))
     return requests, DatasetCursor(last_id, waiting), notes
 
 

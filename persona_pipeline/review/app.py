@@ -27,7 +27,7 @@ from persona_pipeline.review.audit import audit_page
 from persona_pipeline.review.performance import performance_page
 from persona_pipeline.review.calendar import api_move, calendar_page, calendar_post_edit, calendar_post_page
 from persona_pipeline.review.config import ReviewConfig
-from persona_pipeline.review.dataset import api_decide, api_queue, dataset_page, decide_form
+from persona_pipeline.review.dataset import api_decide, api_queue, api_undo, dataset_page, decide_form
 from persona_pipeline.review.gallery import (approve_step, compare_page, gallery_page, kill_candidate, pick_winner,
                                              restore_candidate)
 from persona_pipeline.review.login import login, login_form, logout
@@ -90,6 +90,7 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/api/candidates/{candidate_id:int}/restore", api_restore, methods=["POST"]),
         Route("/api/dataset/{slug:str}/queue", api_queue, methods=["GET"]),
         Route("/api/dataset/candidates/{candidate_id:int}/decide", api_decide, methods=["POST"]),
+        Route("/api/dataset/candidates/{candidate_id:int}/undo", api_undo, methods=["POST"]),
         Route("/api/calendar/posts/{post_id:int}/move", api_move, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]

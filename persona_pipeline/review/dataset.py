@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from persona_pipeline.db import dataset_candidates, models, registry
+from persona_pipeline.db import dataset_candidates, dataset_undo, models, registry, review
 from persona_pipeline.review.inputs import BadInput, int_value, path_id
 from persona_pipeline.review.media import media_url
 from persona_pipeline.review.posts import slug_param
@@ -119,6 +119,7 @@ async def dataset_page(request: Request, reviewer: str) -> Response:
     persona = {**data["persona"], "pending": data["remaining"]}
     first = data["items"][0] if data["items"] else None
     return render(request, "dataset.html", {"persona": persona, "first": first, "max_caption": dataset_candidates.MAX_CAPTION,
+                                            "undo_minutes": int(review.UNDO_WINDOW.total_seconds() // 60),
                                             "title": f"Dataset · @{slug}"})
 
 
@@ -167,6 +168,20 @@ async def api_decide(request: Request, reviewer: str, body: dict[str, Any]) -> R
     decision, caption = read_decision(body.get("decision"), body.get("caption"))
     data = await in_db(request, _decide, path_id(request, "candidate_id"), decision, reviewer, caption)
     return JSONResponse(data)
+
+
+def _undo(session: Session, candidate_id: int, reviewer: str, home: Path) -> dict[str, Any]:
+    row = dataset_undo.undo_decision(session, candidate_id, reviewer)
+    slug = session.scalar(select(models.Persona.slug).where(models.Persona.id == row.persona_id))
+    return {"candidate": candidate_json(session, home, slug, row), "remaining": pending_count(session, row.persona_id),
+            "as_of": session.scalar(select(func.max(models.ReviewEvent.id))) or 0}
+
+
+@api
+async def api_undo(request: Request, reviewer: str, body: dict[str, Any]) -> Response:
+    """Take back your own decision (within review.UNDO_WINDOW, while no dataset version holds the
+    image); the answer carries the candidate, back in the queue, to decide again."""
+    return JSONResponse(await in_db(request, _undo, path_id(request, "candidate_id"), reviewer, home_of(request)))
 
 
 @page

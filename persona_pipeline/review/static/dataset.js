@@ -2,7 +2,9 @@
 // preloaded, so a decision swaps the picture at once while its POST goes in the background (as on
 // the vote page). Every candidate the page holds, or whose decision is still in flight, is sent as
 // `exclude`, so the server never hands the same candidate twice.
-// A: accept, R: reject, E: edit the caption (Ctrl/Cmd+Enter accepts with it, Esc stops editing).
+// A: accept, R: reject, E: edit the caption (Ctrl/Cmd+Enter accepts with it, Esc stops editing),
+// U: undo the last decision still within the server's window (data-undo-ms): the candidate goes back
+// to the queue as it was and comes back on screen, to decide again.
 // The caption goes with the decision only when it was changed. A candidate takes input only once it
 // has been on screen for SETTLE_MS, so a double tap never decides the one that replaced it.
 // A refused decision (the image is already in a built dataset version, or someone decided it first)
@@ -32,6 +34,8 @@
   var remainingEl = document.getElementById("remaining");
   var doneBox = document.getElementById("done");
   var lostList = document.getElementById("lost");
+  var undoButtons = root.querySelectorAll("[data-action='undo']");
+  var undoMs = parseInt(root.dataset.undoMs, 10) || 300000;
 
   var current = null;        // the candidate on screen
   var upcoming = [];         // candidates to show next, first first
@@ -43,6 +47,8 @@
   var asOf = -1;
   var acceptAt = Infinity;
   var stopped = false;
+  var history = [];          // decisions that may be undone, newest last: {item, kind, at, result}
+  var undoing = false, undoTimer = null;
 
   function setStatus(text, isError) {
     statusLine.textContent = text;
@@ -143,6 +149,53 @@
     setEditing(false);
   }
 
+  function refreshUndo() {
+    clearTimeout(undoTimer);
+    var now = Date.now();
+    while (history.length && now - history[0].at > undoMs) history.shift();
+    var last = history[history.length - 1];
+    undoButtons.forEach(function (button) { button.disabled = stopped || undoing || !last; });
+    root.dataset.undoable = last ? last.kind : "";
+    if (last) undoTimer = setTimeout(refreshUndo, Math.max(50, history[0].at + undoMs - now + 10));
+  }
+
+  // Take back the newest decision still in the window, once it has landed; the candidate comes back
+  // on screen (the one that was there goes back to the front of the line).
+  function undo() {
+    if (stopped || undoing) return;
+    refreshUndo();
+    var entry = history.pop();
+    if (!entry) return;
+    undoing = true;
+    refreshUndo();
+    root.dataset.countsSettled = "0";
+    entry.result.then(function (data) {
+      if (!data) throw Object.assign(new Error("it was never recorded, so there is nothing to undo"), { status: 0 });
+      return fetch("/api/dataset/candidates/" + entry.item.id + "/undo", {
+        method: "POST", credentials: "same-origin",
+        headers: { "Content-Type": "application/json", "Accept": "application/json", "X-CSRF-Token": csrf },
+        body: "{}"
+      }).then(readJson);
+    }).then(function (data) {
+      applyCounts(data);
+      decided -= 1;
+      root.dataset.decided = String(decided);
+      root.dataset.undone = String((parseInt(root.dataset.undone || "0", 10)) + 1);
+      var again = preload(data.candidate);
+      held.add(again.id);
+      if (current) upcoming.unshift(current);
+      show(again);
+      setStatus("Your " + (entry.kind === "accept" ? "acceptance" : "rejection") + " of #" + again.id + " is undone: decide again.", false);
+    }).catch(function (err) {
+      if (err.status === 0) setStatus("Nothing to undo: " + err.message, true);
+      else { setStatus("The undo was refused: " + explain(err), true); if (sessionGone(err)) stop(); }
+    }).then(function () {
+      undoing = false;
+      refreshUndo();
+      if (!inflight.size) root.dataset.countsSettled = "1";
+    });
+  }
+
   function finish() {
     current = null;
     delete root.dataset.candidateId;
@@ -197,6 +250,8 @@
       return data;
     }, function (err) {
       lose(item, kind === "accept" ? "acceptance" : "rejection", err);
+      history = history.filter(function (entry) { return entry.result !== request; });  // nothing to undo there
+      refreshUndo();
       return null;
     }).then(function (data) {
       held.delete(item.id);
@@ -208,6 +263,9 @@
       return data;
     });
     inflight.add(request);
+    history.push({ item: item, kind: kind, at: Date.now(), result: request });
+    if (history.length > 20) history.shift();
+    refreshUndo();
     advance();
   }
 
@@ -217,6 +275,7 @@
     if (button && button.dataset.action) decide(button.dataset.action);
   });
   editButton.addEventListener("click", function () { setEditing(caption.readOnly); });
+  undoButtons.forEach(function (button) { button.addEventListener("click", undo); });
   caption.addEventListener("keydown", function (event) {
     if (event.key === "Escape") { event.preventDefault(); setEditing(false); caption.blur(); }
     else if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) { event.preventDefault(); decide("accept"); }
@@ -226,10 +285,12 @@
     if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
     var tag = (event.target && event.target.tagName) || "";
     if (tag === "INPUT" || tag === "SELECT" || (tag === "TEXTAREA" && !event.target.readOnly)) return;
-    var kind = { a: "accept", A: "accept", r: "reject", R: "reject", e: "edit", E: "edit" }[event.key];
+    var kind = { a: "accept", A: "accept", r: "reject", R: "reject", e: "edit", E: "edit", u: "undo", U: "undo" }[event.key];
     if (!kind) return;
     event.preventDefault();
-    if (kind === "edit") { if (current && !stopped) setEditing(true); } else decide(kind);
+    if (kind === "edit") { if (current && !stopped) setEditing(true); }
+    else if (kind === "undo") undo();
+    else decide(kind);
   });
 
   // The server rendered the first candidate for a browser without JavaScript; from here the page
