@@ -113,6 +113,11 @@ def test_queue_shows_identity_nearest_image_and_origin(form) -> None:
     # The images the page shows are served (inside PERSONA_HOME).
     for url in (edit["url"], edit["nearest"]["url"], post["url"]):
         assert form.client.get(url).status_code == 200, url
+    # A nearest path that leads out of PERSONA_HOME is never linked.
+    with session_scope(form.url) as session:
+        session.get(models.DatasetCandidate, ds.edit_id).nearest_path = "../../../outside.png"
+    nearest = form.client.get("/api/dataset/tester/queue").json()["items"][0]["nearest"]
+    assert nearest["url"] is None and "not under PERSONA_HOME" in nearest["text"]
     # `exclude` holds back what the page already has.
     assert [i["id"] for i in form.client.get(f"/api/dataset/tester/queue?exclude={ds.edit_id},{ds.winner_id}").json()["items"]] == [ds.post_id]
 

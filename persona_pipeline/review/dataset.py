@@ -12,6 +12,7 @@ sensor (automation/dataset_sensor.py) turns accepted decisions into a new datase
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,12 @@ def _persona(session: Session, slug: str) -> models.Persona:
 
 def _persona_file(home: Path, slug: str, path: str | None) -> str | None:
     """The /media URL of a file named relative to the persona's folder under PERSONA_HOME (or an
-    absolute path under it); None for anything else (the media route serves nothing outside home)."""
+    absolute path under it); None for a path that leads out of home (the media route also follows
+    symlinks and serves nothing whose real path is outside home)."""
     if not path:
         return None
-    return media_url(home, Path(path) if Path(path).is_absolute() else home / "personas" / slug / path)
+    target = Path(os.path.normpath(Path(path) if Path(path).is_absolute() else home / "personas" / slug / path))
+    return media_url(home, target) if target.is_relative_to(home) else None
 
 
 def _photo_name(session: Session, persona_id: int, sha256: str | None) -> str | None:
