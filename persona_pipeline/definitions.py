@@ -18,6 +18,7 @@ from persona_pipeline.assets.rankings import rankings
 from persona_pipeline.assets.scheduled_posts import scheduled_posts
 from persona_pipeline.assets.source_photos import source_photos
 from persona_pipeline.assets.training_dataset import training_dataset
+from persona_pipeline.assets.dataset_growth import dataset_enrichment, dataset_flywheel
 from persona_pipeline.assets.weekly_report import weekly_report
 from persona_pipeline.assets.freshness_checks import calendar_covers_ahead, library_runway
 from persona_pipeline.automation.alerts import alert_sensor, run_failure_alerts
@@ -25,6 +26,7 @@ from persona_pipeline.automation.dataset_sensor import dataset_sensor
 from persona_pipeline.automation.jobs import (
     advance_runs_job,
     content_planning_job,
+    dataset_growth_job,
     dataset_version_job,
     generation_job,
     generation_runs_job,
@@ -59,7 +61,7 @@ from persona_pipeline.personas import discover_personas
 from persona_pipeline.settings import Settings
 
 ASSETS = [source_photos, training_dataset, lora_model, content_plan, candidates, rankings, content_library, clusters,
-          pillar_gaps, scheduled_posts, post_calendar, weekly_report, audience_insights]
+          pillar_gaps, scheduled_posts, post_calendar, weekly_report, audience_insights, dataset_enrichment, dataset_flywheel]
 
 
 def from_settings(settings: Settings, attr: str):
@@ -132,7 +134,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         asset_checks=[calendar_slots_valid, pillars_stocked, calendar_covers_ahead, library_runway],
         jobs=[persona_chain_job, lora_training_job, generation_job, advance_runs_job, rankings_job, library_job,
               post_calendar_job, publish_job, lora_import_job, content_planning_job, generation_runs_job,
-              weekly_report_job, insights_job, dataset_version_job],
+              weekly_report_job, insights_job, dataset_growth_job, dataset_version_job],
         sensors=[persona_sensor, lora_incoming_sensor, review_sensor, dataset_sensor, run_failure_alerts,
                  alert_sensor],
         schedules=[publish_schedule(settings.publish_cron), insights_schedule(settings.insights_cron),

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from persona_pipeline.fileio import FolderScan, UnsafePath, entry_refusal, read_regular, scan_folder
 from persona_pipeline.persona_formats import FormatSettings
+from persona_pipeline.persona_dataset import EnrichmentSettings, FlywheelSettings
 from persona_pipeline.persona_generation import GenerationSettings
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic"}
@@ -267,6 +268,8 @@ class PersonaConfig(_Strict):
     training: TrainingOverrides = TrainingOverrides()
     generation: GenerationSettings = GenerationSettings()
     evaluation: EvaluationSet = EvaluationSet()
+    enrichment: EnrichmentSettings = EnrichmentSettings()  # persona_dataset.py, docs/dataset.md
+    flywheel: FlywheelSettings = FlywheelSettings()
     # This persona's base model (`tiny`, `tiny-flux`, `world`, a local folder or hub id); unset:
     # PERSONA_BASE_MODEL. `family` (sd15, sdxl, flux) says which family it must be: a base model of
     # another family is refused, naming both, before anything trains or draws.

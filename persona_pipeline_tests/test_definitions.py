@@ -13,7 +13,7 @@ def test_definitions_load_with_every_stage_partitioned_by_persona(tmp_path):
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == set(CHAIN_ASSETS) | {"weekly_report", "audience_insights"}
+    assert keys == set(CHAIN_ASSETS) | {"weekly_report", "audience_insights", "dataset_enrichment", "dataset_flywheel"}
     for key in graph.get_all_asset_keys():
         assert graph.get(key).partitions_def.name == "personas"
     upstream = {k.to_user_string(): sorted(p.to_user_string() for p in graph.get(k).parent_keys) for k in graph.get_all_asset_keys()}

@@ -10,6 +10,11 @@ Where a caption comes from, first match wins:
 4. the captioner: Gemini when GEMINI_API_KEY is set, else open_clip zero-shot (or the persona's
    caption_template when training.captioner is `template`). Each new caption is saved as soon as
    it exists, so a failure halfway loses none of them.
+
+After the photos come the accepted dataset candidates (edits, winners, posts; docs/dataset.md) with
+the caption their reviewer accepted, up to the persona's `flywheel.max_generated_share` (applied
+here, once: those over it wait, recorded in metadata). metadata.json records every image's origin,
+and each included candidate is frozen with the first version that included it.
 """
 
 import hashlib
@@ -22,8 +27,11 @@ from PIL import Image
 from sqlalchemy import select
 
 from persona_pipeline.assets.common import persona_for, sheet_metadata, table
+from persona_pipeline.db import dataset_candidates as dc
 from persona_pipeline.db import models
 from persona_pipeline.domain import dataset_quality as quality
+from persona_pipeline.domain.dataset_share import bound_generated
+from persona_pipeline.enrichment import describe_origin, origin_of
 from persona_pipeline.domain.captions import fill, training_caption
 from persona_pipeline.domain.training_captions import compose_training_caption
 from persona_pipeline.partitions import persona_partitions
@@ -93,6 +101,13 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
             select(models.SourcePhoto).where(models.SourcePhoto.persona_id == persona_id, models.SourcePhoto.status == "accepted")
             .order_by(models.SourcePhoto.original_name))]
         previous = [(d.path, d.id) for d in session.scalars(select(models.Dataset).where(models.Dataset.persona_id == persona_id))]
+        names = {sha: name for name, _, sha, _ in photos}
+        # Already-built candidates first (a new version keeps what the last one had), then the oldest accepted.
+        accepted = sorted(dc.accepted_for(session, persona_id), key=lambda r: r.dataset_version is None)
+        extra, left_out, bound_reason = bound_generated(len(photos), accepted, config.flywheel.max_generated_share)
+        extra = [(r.id, storage.persona_dir(slug) / r.image_path, r.sha256, training_caption(config.trigger_word, r.caption),
+                  origin_of(r, names)) for r in extra]
+        left_out = [{"dataset_candidate": r.id, "image": r.image_path, "reason": bound_reason} for r in left_out]
     if not photos:
         raise dg.Failure(f"{slug}: no accepted source photos; materialise source_photos first")
     training = config.training
@@ -104,6 +119,13 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
 
     edits = _collect_edits(context, database, persona_id, [Path(p) for p, _ in previous])
     captions = _captions(context, database, persona_id, config, photos, clip, gemini)
+    if bound_reason:
+        context.log.warning(f"{slug}: {bound_reason}")
+    # One list from here on: (name, file, sha256, caption, caption source, origin) per image.
+    entries = [(name, path, sha, c, s, {"kind": "photo", "photo": name, "sha256": sha})
+               for (name, path, sha, _), (c, s) in zip(photos, captions)]
+    entries += [(f"dataset candidate #{cid}", path, sha, caption, "dataset review", origin)
+                for cid, path, sha, caption, origin in extra]
     resolution = diffusion.training_params(training.param_overrides()).resolution
     reg = _regularisation_set(context, storage, diffusion, slug, config, resolution)
 
@@ -112,8 +134,8 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
                 "captioner": training.captioner, "flip_aug": training.flip_augment, "resolution": resolution,
                 "regularization": reg["key"] if reg else None, "reg_repeats": training.regularization.repeats if reg else None}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for (_, _, pixel_sha, _), (caption, _) in zip(photos, captions):
-        digest.update(pixel_sha.encode() + b"\0" + caption.encode() + b"\0")
+    for _, _, sha, caption, _, _ in entries:
+        digest.update(sha.encode() + b"\0" + caption.encode() + b"\0")
     version = digest.hexdigest()
 
     folder = storage.dataset_dir(slug, version[:16])
@@ -122,8 +144,8 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
         shutil.rmtree(partial, ignore_errors=True)
         subset = partial / subset_name
         subset.mkdir(parents=True)
-        for index, ((_, path, _, _), (caption, _)) in enumerate(zip(photos, captions), start=1):
-            shutil.copyfile(path, subset / f"{index:04d}.png")
+        for index, (_, path, _, caption, _, _) in enumerate(entries, start=1):
+            _copy_png(path, subset / f"{index:04d}.png")
             (subset / f"{index:04d}.txt").write_text(caption + "\n", encoding="utf-8")
         subsets = [{"image_dir": str(folder / subset_name), "class_tokens": f"{config.trigger_word} {config.class_word}",
                     "repeats": training.repeats}]
@@ -135,8 +157,10 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
         (partial / "dataset.toml").write_text(kohya_toml(subsets, resolution, training.flip_augment))
         atomic_write(partial / "metadata.json", json.dumps({
             "persona": slug, "version": version, "settings": settings, "subset": subset_name,
-            "images": [{"file": f"{i:04d}.png", "source": name, "sha256": sha, "caption": c, "caption_source": s}
-                       for i, ((name, _, sha, _), (c, s)) in enumerate(zip(photos, captions), start=1)],
+            "images": [{"file": f"{i:04d}.png", "source": name, "sha256": sha, "caption": c, "caption_source": s,
+                        "origin": origin} for i, (name, _, sha, c, s, origin) in enumerate(entries, start=1)],
+            "generated_share": {"max": config.flywheel.max_generated_share, "generated": len(extra),
+                                "images": len(entries), "left_out": left_out},
             "regularization": {"images": reg["count"], "prompt": reg["prompt"], "folder": str(reg["folder"])} if reg else None,
         }, indent=2).encode())
         shutil.rmtree(folder, ignore_errors=True)
@@ -148,24 +172,30 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
         dataset = session.scalar(select(models.Dataset).where(models.Dataset.persona_id == persona_id, models.Dataset.version == version))
         if dataset is None:
             session.add(models.Dataset(persona_id=persona_id, version=version, path=str(folder),
-                                       image_count=len(photos), settings=settings))
+                                       image_count=len(entries), settings=settings))
+        frozen = dc.mark_included(session, [cid for cid, *_ in extra], version)
 
-    images = [folder / subset_name / f"{i:04d}.png" for i in range(1, len(photos) + 1)]
+    images = [folder / subset_name / f"{i:04d}.png" for i in range(1, len(entries) + 1)]
     caption_files = {image.name: (image.with_suffix(".txt").read_text(encoding="utf-8").strip()
                                   if image.with_suffix(".txt").is_file() else "") for image in images}
-    sources = [s for _, s in captions]
+    sources = [s for _, _, _, _, s, _ in entries]
     storage.push_written()  # object storage: a failed upload fails the step (a teardown failure only logs)
     return dg.MaterializeResult(
         metadata={
             "dataset_version": version,
-            "images": len(photos),
+            "images": len(entries),
+            "generated_images": len(extra),
+            "candidates_frozen": frozen,
+            "generated_share_bound": bound_reason or "within the bound",
+            "left_out": table(left_out),
             "caption_sources": json.dumps({s: sources.count(s) for s in sorted(set(sources))}),
             "edits_recorded": edits,
             "flip_augment": training.flip_augment,
             "regularization_images": reg["count"] if reg else 0,
             "path": dg.MetadataValue.path(str(folder)),
-            "captions": table([{"image": f"{i:04d}.png", "source_photo": name, "caption": c, "source": s}
-                               for i, ((name, _, _, _), (c, s)) in enumerate(zip(photos, captions), start=1)]),
+            "captions": table([{"image": f"{i:04d}.png", "source_photo": name, "caption": c, "source": s,
+                                "origin": describe_origin(origin)}
+                               for i, (name, _, _, c, s, origin) in enumerate(entries, start=1)]),
             **sheet_metadata("preview", [(image, image.name) for image in images], storage, links, slug),
         },
         check_results=_quality_checks(clip, identity, config, images, caption_files, resolution),
@@ -184,8 +214,8 @@ def _collect_edits(context, database: AppDatabase, persona_id: int, folders: lis
         subset = folder / meta.get("subset", f"{meta['settings']['repeats']}_{meta['settings']['trigger']} {meta['settings']['class_word']}")
         for image in meta["images"]:
             text_file = (subset / image["file"]).with_suffix(".txt")
-            if not text_file.is_file():
-                continue
+            if not text_file.is_file() or image.get("origin", {}).get("kind", "photo") != "photo":
+                continue  # a candidate's caption is edited in the review queue, before it is built
             text = text_file.read_text(encoding="utf-8").strip()
             if text and text != image["caption"]:
                 found.append((text_file.stat().st_mtime, image["sha256"], text, text_file))
@@ -256,6 +286,15 @@ def _captions(context, database: AppDatabase, persona_id: int, config: PersonaCo
                 row.caption, row.captioner, row.fields = caption, captioner.name, caption_fields.to_dict()
                 out[i] = (caption, captioner.name)
     return out
+
+
+def _copy_png(source: Path, target: Path) -> None:
+    """Every dataset image is `NNNN.png`: a PNG copied as it is, anything else converted."""
+    if source.suffix.lower() == ".png":
+        shutil.copyfile(source, target)
+    else:
+        with Image.open(source) as image:
+            image.convert("RGB").save(target, format="PNG")
 
 
 def _regularisation_set(context, storage: PersonaStorage, diffusion: DiffusionBackend, slug: str, config: PersonaConfig,

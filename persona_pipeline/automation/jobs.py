@@ -69,6 +69,15 @@ dataset_version_job = _persona_job(
                 "sensor once acceptances have come in and reviewing has paused.",
 )
 
+dataset_growth_job = _persona_job(
+    "dataset_growth",
+    ["dataset_enrichment", "dataset_flywheel"],
+    tags={**TRAINING_TAGS},
+    description="New dataset candidates for the review queue: edits of the accepted photos by persona.yaml's "
+                "enrichment instructions, and the approved winners and published posts (docs/dataset.md). Started "
+                "by hand from the launchpad; each image is scored and waits for a person in the review queue.",
+)
+
 lora_training_job = _persona_job(
     "lora_training",
     ["lora_model"],
