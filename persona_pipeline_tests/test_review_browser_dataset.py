@@ -102,7 +102,8 @@ def test_accept_reject_edit_and_a_frozen_refusal(served: Served, chromium, size:
 
     # What to judge by: the image, its identity score, the nearest dataset image, where it came from.
     assert page.locator("#ds-identity").inner_text() == "0.812 (clip)"
-    assert page.locator("#ds-origin").inner_text() == "Edit of photo face-01.jpg with “turn her head to the left” by qwen-image-edit, seed 7"
+    assert page.locator("#ds-origin").inner_text() == (f"Edit of photo face-01.jpg with instruction 'turn her head to the left' "
+                                                       f"by model qwen-image-edit seed 7 (dataset candidate #{ds.edit_id})")
     assert page.locator("#ds-nearest-text").inner_text() == "Nearest in the dataset: cosine 0.903"
     assert page.evaluate("() => ['ds-img', 'ds-nearest-img'].every(id => { const i = document.getElementById(id);"
                          " return i.complete && i.naturalWidth > 0; })")
@@ -134,7 +135,7 @@ def test_accept_reject_edit_and_a_frozen_refusal(served: Served, chromium, size:
 
     # Reject: R, or a tap.
     assert ready(page) == ds.winner_id
-    assert page.locator("#ds-origin").inner_text() == f"Winner candidate #{ds.winner_candidate}"
+    assert page.locator("#ds-origin").inner_text() == f"Winner candidate #{ds.winner_candidate} (dataset candidate #{ds.winner_id})"
     press(page, phone, "r", "reject")
     settled(page, 2)
     assert row(served.url, ds.winner_id).status == "rejected"
@@ -159,7 +160,7 @@ def test_accept_reject_edit_and_a_frozen_refusal(served: Served, chromium, size:
 
     # Edit the caption, then accept with it: E and Ctrl+Enter, or taps and the phone's keyboard.
     assert ready(page) == ds.post_id
-    assert page.locator("#ds-origin").inner_text() == f"Post #{ds.post}" and page.locator("#ds-identity").inner_text() == "not scored"
+    assert page.locator("#ds-origin").inner_text() == f"Post #{ds.post} (dataset candidate #{ds.post_id})" and page.locator("#ds-identity").inner_text() == "not scored"
     assert page.locator("#ds-nearest").is_hidden()
     caption = page.locator("#ds-caption")
     assert caption.get_attribute("readonly") is not None

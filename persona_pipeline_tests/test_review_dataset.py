@@ -50,7 +50,8 @@ def seed_dataset(url: str, home: Path, slug: str, persona_id: int, candidate_id:
     source_sha = _png(folder / "photos" / "face-01.png", (10, 20, 30))
     nearest_sha = _png(folder / "datasets" / "abc123" / "face-01.png", (10, 20, 30))
     with session_scope(url) as session:
-        session.add(models.SourcePhoto(persona_id=persona_id, original_name="face-01.jpg", sha256=source_sha,
+        session.add(models.SourcePhoto(persona_id=persona_id, original_name="face-01.jpg", sha256="f" * 64,
+                                       pixel_sha256=source_sha,
                                        status="accepted", path=str(folder / "photos" / "face-01.png")))
         rows = []
         specs = [dict(origin="edit", source_photo_sha256=source_sha, instruction="turn her head to the left",
@@ -102,13 +103,15 @@ def test_queue_shows_identity_nearest_image_and_origin(form) -> None:
     assert data["remaining"] == 3 and [i["id"] for i in data["items"]] == [ds.edit_id, ds.winner_id, ds.post_id]
     edit, winner, post = data["items"]
     assert edit["identity"] == 0.8125 and edit["identity_method"] == "clip" and edit["identity_text"] == "0.812 (clip)"
-    assert edit["origin"]["text"] == "Edit of photo face-01.jpg with “turn her head to the left” by qwen-image-edit, seed 7"
+    assert edit["origin"]["text"] == (f"Edit of photo face-01.jpg with instruction 'turn her head to the left' by model "
+                                      f"qwen-image-edit seed 7 (dataset candidate #{ds.edit_id})")
     assert edit["nearest"] == {"url": "/media/personas/tester/datasets/abc123/face-01.png",
                                "sha256": edit["nearest"]["sha256"], "cosine": 0.9031,
                                "text": "Nearest in the dataset: cosine 0.903"}
-    assert winner["origin"] == {"kind": "winner", "text": f"Winner candidate #{ds.winner_candidate}",
+    assert winner["origin"] == {"kind": "winner", "text": f"Winner candidate #{ds.winner_candidate} (dataset candidate #{ds.winner_id})",
                                 "link": f"/steps/{ds.winner_step}"}
-    assert post["origin"] == {"kind": "post", "text": f"Post #{ds.post}", "link": f"/posts?persona=tester#post-{ds.post}"}
+    assert post["origin"] == {"kind": "post", "text": f"Post #{ds.post} (dataset candidate #{ds.post_id})",
+                              "link": f"/posts?persona=tester#post-{ds.post}"}
     assert post["identity"] is None and post["identity_text"] == "not scored" and post["nearest"] is None
     # The images the page shows are served (inside PERSONA_HOME).
     for url in (edit["url"], edit["nearest"]["url"], post["url"]):

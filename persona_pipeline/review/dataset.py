@@ -24,7 +24,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
+from persona_pipeline import enrichment
 from persona_pipeline.db import dataset_candidates, dataset_undo, models, registry, review
+from persona_pipeline.enrichment import describe_origin
 from persona_pipeline.review.inputs import BadInput, int_value, path_id
 from persona_pipeline.review.media import media_url
 from persona_pipeline.review.posts import slug_param
@@ -51,35 +53,21 @@ def _persona_file(home: Path, slug: str, path: str | None) -> str | None:
     return media_url(home, target) if target.is_relative_to(home) else None
 
 
-def _photo_name(session: Session, persona_id: int, sha256: str | None) -> str | None:
-    if not sha256:
-        return None
-    return session.scalar(select(models.SourcePhoto.original_name).where(
-        models.SourcePhoto.persona_id == persona_id, models.SourcePhoto.sha256 == sha256).limit(1))
-
-
 def origin_of(session: Session, row: Any) -> dict[str, Any]:
-    """Where a candidate came from, in words and with a link where the form has a page for it."""
-    if row.origin == "edit":
-        photo = _photo_name(session, row.persona_id, row.source_photo_sha256) or \
-            (f"sha256 {row.source_photo_sha256[:12]}" if row.source_photo_sha256 else "an unknown photo")
-        text = f"Edit of photo {photo}"
-        if row.instruction:
-            text += f" with “{row.instruction}”"
-        if row.edit_model:
-            text += f" by {row.edit_model}"
-        if row.seed is not None:
-            text += f", seed {row.seed}"
-        return {"kind": "edit", "text": text, "link": None}
-    if row.origin == "winner":
-        step_id = session.scalar(select(models.Candidate.step_id).where(models.Candidate.id == row.candidate_id)) \
-            if row.candidate_id is not None else None
-        return {"kind": "winner", "text": f"Winner candidate #{row.candidate_id}",
-                "link": f"/steps/{step_id}" if step_id else None}
-    if row.origin == "post":
+    """Where a candidate came from, in the words `persona-pipeline trace` and the dataset manifest use
+    (enrichment.describe_origin), with a link where the form has a page for it."""
+    names = dict(session.execute(select(models.SourcePhoto.pixel_sha256, models.SourcePhoto.original_name).where(
+        models.SourcePhoto.persona_id == row.persona_id, models.SourcePhoto.pixel_sha256 == row.source_photo_sha256)).all()) \
+        if row.source_photo_sha256 else {}
+    text = describe_origin(enrichment.origin_of(row, names))
+    link = None
+    if row.origin == "winner" and row.candidate_id is not None:
+        step_id = session.scalar(select(models.Candidate.step_id).where(models.Candidate.id == row.candidate_id))
+        link = f"/steps/{step_id}" if step_id else None
+    elif row.origin == "post" and row.post_id is not None:
         slug = session.scalar(select(models.Persona.slug).where(models.Persona.id == row.persona_id))
-        return {"kind": "post", "text": f"Post #{row.post_id}", "link": f"/posts?persona={slug}#post-{row.post_id}"}
-    return {"kind": str(row.origin), "text": str(row.origin), "link": None}
+        link = f"/posts?persona={slug}#post-{row.post_id}"
+    return {"kind": row.origin, "text": text[:1].upper() + text[1:], "link": link}
 
 
 def candidate_json(session: Session, home: Path, slug: str, row: Any) -> dict[str, Any]:
