@@ -147,6 +147,9 @@ def test_accept_with_a_caption_edit_and_reject_are_review_events(form) -> None:
     assert row(form.url, ds.winner_id)["status"] == "rejected" and row(form.url, ds.winner_id)["caption"] == "t3st woman, candidate 1"
     assert [e.subject_id for e in events(form.url, "dataset_reject")] == [ds.winner_id]
     assert [i["id"] for i in form.client.get("/api/dataset/tester/queue").json()["items"]] == [ds.post_id]
+    audit = form.client.get("/audit").text  # the audit trail lists both, with the caption edit
+    assert 'data-kind="dataset_accept"' in audit and 'data-kind="dataset_reject"' in audit
+    assert "caption=t3st woman, head turned left" in audit
 
 
 def test_a_decided_or_frozen_image_is_refused_clearly(form) -> None:

@@ -26,7 +26,6 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from persona_pipeline import enrichment
 from persona_pipeline.db import dataset_candidates, dataset_undo, models, registry, review
-from persona_pipeline.enrichment import describe_origin
 from persona_pipeline.review.inputs import BadInput, int_value, path_id
 from persona_pipeline.review.media import media_url
 from persona_pipeline.review.posts import slug_param
@@ -59,7 +58,7 @@ def origin_of(session: Session, row: Any) -> dict[str, Any]:
     names = dict(session.execute(select(models.SourcePhoto.pixel_sha256, models.SourcePhoto.original_name).where(
         models.SourcePhoto.persona_id == row.persona_id, models.SourcePhoto.pixel_sha256 == row.source_photo_sha256)).all()) \
         if row.source_photo_sha256 else {}
-    text = describe_origin(enrichment.origin_of(row, names))
+    text = enrichment.describe_origin(enrichment.origin_of(row, names))
     link = None
     if row.origin == "winner" and row.candidate_id is not None:
         step_id = session.scalar(select(models.Candidate.step_id).where(models.Candidate.id == row.candidate_id))
