@@ -1,4 +1,6 @@
-"""Provenance: from a post back through its candidate and manifest to the LoRA and the dataset."""
+"""Provenance: from a post back through its candidate and manifest to the LoRA, the dataset, and
+each dataset image's origin (an uploaded photo, an edit of photo X with instruction Y by model Z and
+seed S, a winner candidate #N, a post #M: docs/dataset.md#provenance)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from persona_pipeline.db import models
+from persona_pipeline.domain.provenance import describe_origin
 
 
 class TraceError(ValueError):
@@ -75,4 +78,16 @@ def trace_post(session: Session, post_id: int) -> dict:
         "parents": lineage,
         "lora": {"id": lora.id, "path": lora.path, "sha256": lora.sha256, "base_model": lora.base_model},
         "dataset": {"id": dataset.id, "version": dataset.version, "path": dataset.path, "images": dataset.image_count},
+        "dataset_images": dataset_images(dataset_meta),
     }
+
+
+def dataset_images(meta: dict) -> list[dict]:
+    """Each image of a dataset's metadata.json with its origin (a version built before origins were
+    recorded holds uploaded photos only, named by `source`)."""
+    out = []
+    for image in meta.get("images", []):
+        origin = image.get("origin") or {"kind": "photo", "photo": image.get("source"), "sha256": image.get("sha256")}
+        out.append({"file": image["file"], "sha256": image.get("sha256"), "caption": image.get("caption"),
+                    "origin": describe_origin(origin), "provenance": origin})
+    return out

@@ -207,6 +207,8 @@ def test_publishing_posts_once_and_traces_back(chain):
         assert session.scalar(select(func.count(models.PostAttempt.id))) == 1
     assert trace["dataset"]["version"] == dataset.version
     assert trace["candidate"]["id"] == published.candidate_id
+    assert len(trace["dataset_images"]) == dataset.image_count  # the photos behind the LoRA, each with its origin
+    assert all(image["origin"].startswith("uploaded photo ") for image in trace["dataset_images"])
     record = json.loads(next(outbox.glob("post-*.json")).read_text())
     assert record["post_id"] == published.id and record["hashtags"] == published.hashtags
 

@@ -22,6 +22,7 @@ from persona_pipeline.db import models
 from persona_pipeline.db.session import session_scope
 from persona_pipeline.domain.dataset_share import bound_generated, generated_allowance
 from persona_pipeline.fileio import sha256_file
+from persona_pipeline.trace import dataset_images
 from persona_pipeline_tests.conftest import DEMO, make_settings, materialise_persona, write_persona
 
 NOW = datetime(2026, 12, 7, 12, tzinfo=timezone.utc)
@@ -108,6 +109,9 @@ def test_winners_and_posts_become_candidates_and_accepted_ones_join_the_dataset_
     origins = [image["origin"] for image in manifest["images"]]
     assert [o["kind"] for o in origins] == ["photo", "photo", "photo", "winner", "post"]
     assert origins[3]["candidate"] == winner and origins[4]["post"] == post_id
+    traced = [image["origin"] for image in dataset_images(manifest)]  # what `persona-pipeline trace` prints
+    assert traced[0].startswith("uploaded photo ") and traced[3] == f"winner candidate #{winner} (dataset candidate #{ids['winner']})"
+    assert traced[4] == f"post #{post_id} (dataset candidate #{ids['post']})"
     subset = dataset / manifest["subset"]
     assert (subset / "0004.txt").read_text().strip() == "t3st woman on a rooftop, dusk"
     with session_scope(db_url) as session:
@@ -130,3 +134,16 @@ def test_winners_and_posts_become_candidates_and_accepted_ones_join_the_dataset_
     with session_scope(db_url) as session:
         row = session.get(models.DatasetCandidate, third_id)
         assert (row.status, row.dataset_version) == ("accepted", None)
+
+
+def test_an_edit_origin_names_photo_instruction_model_and_seed():
+    from persona_pipeline.domain.provenance import describe_origin, origin_of
+
+    class Row:
+        id, origin, sha256, image_path, identity_score, decided_by = 4, "edit", "e" * 64, "dataset_candidates/edits/x.png", 0.8, "ana"
+        source_photo_sha256, instruction, edit_model, seed, candidate_id, post_id = "a" * 64, "turn left", "kontext:tiny-kontext", 9, None, None
+
+    origin = origin_of(Row(), {"a" * 64: "mira_01.jpg"})
+    assert describe_origin(origin) == ("edit of photo mira_01.jpg with instruction 'turn left' by model "
+                                       "kontext:tiny-kontext seed 9 (dataset candidate #4)")
+    assert describe_origin({"kind": "photo", "photo": "mira_02.jpg"}) == "uploaded photo mira_02.jpg"

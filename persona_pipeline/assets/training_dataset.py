@@ -31,7 +31,7 @@ from persona_pipeline.db import dataset_candidates as dc
 from persona_pipeline.db import models
 from persona_pipeline.domain import dataset_quality as quality
 from persona_pipeline.domain.dataset_share import bound_generated
-from persona_pipeline.enrichment import describe_origin, origin_of
+from persona_pipeline.domain.provenance import describe_origin, origin_of
 from persona_pipeline.domain.captions import fill, training_caption
 from persona_pipeline.domain.training_captions import compose_training_caption
 from persona_pipeline.partitions import persona_partitions
@@ -110,6 +110,9 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
         left_out = [{"dataset_candidate": r.id, "image": r.image_path, "reason": bound_reason} for r in left_out]
     if not photos:
         raise dg.Failure(f"{slug}: no accepted source photos; materialise source_photos first")
+    missing = [str(path) for _, path, *_ in extra if not path.is_file()]
+    if missing:
+        raise dg.Failure(f"{slug}: accepted dataset candidate image(s) missing: {', '.join(missing)}; nothing was built")
     training = config.training
     try:
         diffusion = diffusion.for_persona(config)  # its regularisation images come from the persona's base model

@@ -1,0 +1,216 @@
+"""The dataset flywheel on the world models (issue 23): does a persona's LoRA get better as its dataset grows?
+
+    python bench/flywheel.py [--quick]
+
+Start: 6 photos of the demo persona (the world renderer draws them; m1ra: teal bob, yellow jacket,
+red scarf). Three datasets, each trained into a LoRA on the world base model with the world preset:
+A. the 6 photos alone;
+B. A + one enrichment round: every photo edited by the persona's instructions through the pipeline's
+   enrichment (persona_pipeline/enrichment.py: plan, edit requests on the diffusers backend's edit
+   model, the output checks, the identity and near-duplicate judge), auto-reviewed by identity (an
+   edit is accepted when the judge keeps it: identity at or above the photos' leave-one-out floor,
+   not a near duplicate); the edit model is the tiny Qwen-Image-Edit, random weights (no world edit
+   model exists offline), so this round measures what the loop does with an edit model that cannot edit;
+C. B + one flywheel round: B's LoRA renders the persona in every scene (seeds unlike the probe's),
+   the same judge keeps those at or above the floor as approved winners, and the generated share is
+   bounded as training_dataset bounds it (domain/dataset_share.py, 0.5).
+
+Each LoRA is probed on "photo of m1ra woman, <scene>" (8 scenes x seeds) and scored:
+- attribute accuracy: share of images whose four look attributes all read right (world classifier);
+- identity consistency: mean world-CLIP cosine of the images to the 6 photos' centroid (and spread);
+- prompt alignment: share of images showing the prompted scene (world classifier).
+Targets (issue 23): each round no worse than the one before on identity consistency, and C above A
+on identity consistency; the margin C - A is printed. Exit 1 when a target is missed. Nothing here is
+tuned to the targets. --quick: 2 probe seeds, one edit per photo, half the training steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from _report import emit, record  # noqa: E402
+
+INSTRUCTIONS = [
+    {"kind": "angle", "text": "turn her slightly to the left, keep her face, hair and clothes"},
+    {"kind": "expression", "text": "make her smile, keep her face, hair and clothes"},
+    {"kind": "lighting", "text": "golden hour light, keep her face, hair and clothes"},
+    {"kind": "background", "text": "put her on a beach, keep her face, hair and clothes"},
+]
+PHOTOS, SHARE = 6, 0.5
+
+
+def _dataset(folder: Path, items: list[tuple[Path, str]], trigger: str) -> Path:
+    """A kohya folder (`10_<trigger> woman/NNN.png` + caption) of (image, caption) pairs."""
+    subset = folder / f"10_{trigger} woman"
+    subset.mkdir(parents=True)
+    for index, (image, caption) in enumerate(items):
+        shutil.copyfile(image, subset / f"{index:03d}.png")
+        (subset / f"{index:03d}.txt").write_text(caption + "\n", encoding="utf-8")
+    return folder
+
+
+def measure(quick: bool, work: Path, log) -> dict:
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    from persona_pipeline.domain.captions import training_caption
+    from persona_pipeline.domain.dataset_share import bound_generated
+    from persona_pipeline.domain.workflows import load_template
+    from persona_pipeline.enrichment import (SourceImage, edit_caption, edit_model_for, edit_request, judge,
+                                             output_refusal, plan_edits, run_edits)
+    from persona_pipeline.generation.backends import ImageJob
+    from persona_pipeline.generation.backends.diffusers import DiffusersBackend
+    from persona_pipeline.identity import ClipIdentity, reference_for
+    from persona_pipeline.persona_dataset import EnrichmentSettings
+    from persona_pipeline.resources.clip import ClipModel
+    from persona_pipeline.resources.diffusion import WORLD_TRAINING, DiffusionBackend
+    from persona_pipeline.settings import REPO_WORKFLOWS
+    from persona_pipeline.world import quality
+    from persona_pipeline.world.attributes import CLASS_WORD, DEMO_PERSONA, DEMO_TRIGGER, SCENES
+    from persona_pipeline.world.classifier import load_classifier
+    from persona_pipeline.world.quality_run import embed, leave_one_out_floor
+
+    trigger = DEMO_TRIGGER
+    params = replace(WORLD_TRAINING, steps=WORLD_TRAINING.steps // 2 if quick else WORLD_TRAINING.steps)
+    seeds = (0, 1) if quick else (0, 1, 2, 3)
+    classifier = load_classifier()
+    diffusion = DiffusionBackend(base_model="world", models_dir=str(work / "models"))
+    clip = ClipModel(model_name="world")
+    pipe = StableDiffusionPipeline.from_pretrained(diffusion.base_model_path(), safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+
+    # The 6 photos, as the persona's accepted source photos.
+    start = quality.write_persona_dataset(work / "photos", character=DEMO_PERSONA, trigger=trigger, count=PHOTOS)
+    photo_files = sorted(start.rglob("*.png"))
+    photos = [SourceImage(p, f"{i:064d}", p.with_suffix(".txt").read_text().strip(), f"photos/{p.name}")
+              for i, p in enumerate(photo_files)]
+    identity = reference_for(ClipIdentity(clip), ClipIdentity(clip), photo_files)
+    centroid = identity.centroid
+    floor = leave_one_out_floor(clip.embed_images(photo_files))
+    log(f"6 photos; identity floor (leave-one-out) {floor:.4f}")
+
+    def train_and_probe(name: str, items: list[tuple[Path, str]]) -> dict:
+        started = time.perf_counter()
+        folder = _dataset(work / f"dataset-{name}", items, trigger)
+        lora = diffusion.train(folder, work / f"lora-{name}", params, f"{name}.safetensors", log=lambda _: None).checkpoints[-1][1]
+        pipe.load_lora_weights(str(lora), adapter_name=name)
+        pipe.set_adapters([name], [1.0])
+        try:
+            figures, images = quality.persona_figures(pipe, classifier, seeds=seeds, trigger=trigger,
+                                                      look=quality.look_of(DEMO_PERSONA))
+        finally:
+            pipe.delete_adapters(name)
+        similarity = embed(clip, images, work / f"probe-{name}") @ centroid
+        out = {"images": len(items), "accuracy": figures.all_correct, "identity": float(np.mean(similarity)),
+               "identity_std": float(np.std(similarity)), "alignment": figures.scene_kept, "lora": lora}
+        log(f"dataset {name}: {len(items)} images, accuracy {out['accuracy']:.3f}, identity {out['identity']:.4f} "
+            f"(sd {out['identity_std']:.4f}), alignment {out['alignment']:.3f} ({time.perf_counter() - started:.0f} s)")
+        return out
+
+    base_items = [(p.path, p.caption) for p in photos]
+    a = train_and_probe("A-photos", base_items)
+
+    # Enrichment round: the pipeline's plan, edit requests and backend, then the judge.
+    settings = EnrichmentSettings.model_validate({"instructions": INSTRUCTIONS, "per_photo": 1 if quick else 2, "seed": 0,
+                                                  "model": "tiny-qwen-edit", "steps": 4, "cfg": 4.0, "width": 64,
+                                                  "height": 64, "min_identity": floor})
+    edit, weights = edit_model_for(settings, lambda: "sd15", diffusion.base_model)
+    backend = DiffusersBackend(diffusion, log=lambda _: None)
+    template = load_template(REPO_WORKFLOWS / f"{edit.template}.json")
+    plans = plan_edits(photos, settings)
+    jobs = [ImageJob(key=p.stem, request=edit_request(template, settings, edit, weights, p, "", backend),
+                     folder=work / "edits", stem=p.stem, label="bench/enrichment") for p in plans]
+    started = time.perf_counter()
+    results = run_edits(backend, jobs)
+    made = [(plan, job, results[job.key].image_path) for plan, job in zip(plans, jobs) if results[job.key].image_path]
+    verdicts = judge([Path(m[2]) for m in made], [output_refusal(Path(m[2]), (64, 64)) for m in made], identity, floor,
+                     clip.embed_images, photos, 0.98)
+    accepted_edits = [(Path(path), edit_caption(plan.photo.caption, plan))
+                      for (plan, _, path), verdict in zip(made, verdicts) if verdict.status == "pending"]
+    reasons = sorted({(v.reason or "").split(" (")[0].split(" is below")[0] for v in verdicts if v.status == "dropped"})
+    log(f"enrichment: {len(jobs)} edits with {edit.title} ({weights}) in {time.perf_counter() - started:.0f} s, "
+        f"{len(made)} made, {len(accepted_edits)} accepted by identity; dropped for: {reasons or 'nothing'}")
+    kept, _, note = bound_generated(PHOTOS, accepted_edits, SHARE)
+    b = train_and_probe("B-enriched", base_items + kept)
+
+    # Flywheel round: B's LoRA renders the persona in every scene; winners kept by the same judge, bounded.
+    pipe.load_lora_weights(str(b["lora"]), adapter_name="winners")
+    pipe.set_adapters(["winners"], [1.0])
+    prompts = quality.persona_prompts(trigger)
+    winner_seeds = [100 + i for i in range(len(prompts))]
+    renders = quality.render(pipe, prompts, winner_seeds)
+    pipe.delete_adapters("winners")
+    winner_files = []
+    for index, image in enumerate(renders):
+        path = work / "winners" / f"w{index:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        winner_files.append(path)
+    dataset_b = photos + [SourceImage(p, f"e{i:063d}", c, f"edits/{p.name}") for i, (p, c) in enumerate(kept)]
+    verdicts = judge(winner_files, [output_refusal(p, (64, 64)) for p in winner_files], identity, floor,
+                     clip.embed_images, dataset_b, 0.98)
+    winners = [(p, training_caption(trigger, f"{CLASS_WORD}, {scene}")) for p, scene, v in zip(winner_files, SCENES, verdicts)
+               if v.status == "pending"]
+    kept_c, left, note = bound_generated(PHOTOS, kept + winners, SHARE)
+    log(f"flywheel: {len(renders)} renders, {len(winners)} kept by identity, {len(kept_c)} in the dataset"
+        f"{'; ' + note if note else ''}")
+    c = train_and_probe("C-flywheel", base_items + kept_c)
+    return {"A": a, "B": b, "C": c, "edits": len(jobs), "edits_accepted": len(accepted_edits), "winners": len(winners),
+            "winners_in": len(kept_c) - len(kept), "floor": floor}
+
+
+def report(figures: dict) -> bool:
+    ok_all = True
+    print(f"\n{'dataset':<14} {'images':>6} {'attr acc':>9} {'identity':>9} {'id sd':>7} {'align':>7}")
+    for key in ("A", "B", "C"):
+        f = figures[key]
+        print(f"{key:<14} {f['images']:>6} {f['accuracy']:>9.3f} {f['identity']:>9.4f} {f['identity_std']:>7.4f} "
+              f"{f['alignment']:>7.3f}")
+    a, b, c = figures["A"], figures["B"], figures["C"]
+    print(f"\nenrichment: {figures['edits_accepted']} of {figures['edits']} edits accepted; flywheel: "
+          f"{figures['winners']} winners kept, {figures['winners_in']} in dataset C (share bound {SHARE})")
+    for name, before, after in (("enrichment round (B vs A)", a, b), ("flywheel round (C vs B)", b, c)):
+        ok = after["identity"] >= before["identity"]
+        ok_all &= ok
+        print(f"{name}: identity {after['identity'] - before['identity']:+.4f}, accuracy "
+              f"{after['accuracy'] - before['accuracy']:+.3f}, alignment {after['alignment'] - before['alignment']:+.3f}"
+              f"  no worse on identity: {'PASS' if ok else 'FAIL'}")
+        record(f"{name}: identity consistency", reference=before["identity"], ours=after["identity"], unit="cosine",
+               better="higher", target="no worse", ok=ok)
+    margin = c["identity"] - a["identity"]
+    ok = margin > 0
+    ok_all &= ok
+    print(f"final vs 6 photos: identity margin {margin:+.4f} (C {c['identity']:.4f} vs A {a['identity']:.4f}) "
+          f"{'PASS' if ok else 'FAIL'}")
+    record("final (C) vs 6-photo (A) LoRA: identity consistency", reference=a["identity"], ours=c["identity"],
+           unit="cosine", better="higher", target="C > A", ok=ok, note=f"margin {margin:+.4f}")
+    for key, label in (("accuracy", "attribute accuracy"), ("alignment", "prompt alignment (scene kept)")):
+        record(f"final (C) vs 6-photo (A) LoRA: {label}", reference=a[key], ours=c[key], unit="share", better="higher")
+    return ok_all
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 probe seeds, one edit per photo, half the training steps")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-flywheel-") as folder:
+        figures = measure(args.quick, Path(folder), lambda line: print(f"  {line}", flush=True))
+    ok = report(figures)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    code = main()
+    emit()
+    sys.exit(code)
