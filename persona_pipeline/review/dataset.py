@@ -24,8 +24,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from persona_pipeline import enrichment
 from persona_pipeline.db import dataset_candidates, dataset_undo, models, registry, review
+from persona_pipeline.domain import provenance
 from persona_pipeline.review.inputs import BadInput, int_value, path_id
 from persona_pipeline.review.media import media_url
 from persona_pipeline.review.posts import slug_param
@@ -54,11 +54,11 @@ def _persona_file(home: Path, slug: str, path: str | None) -> str | None:
 
 def origin_of(session: Session, row: Any) -> dict[str, Any]:
     """Where a candidate came from, in the words `persona-pipeline trace` and the dataset manifest use
-    (enrichment.describe_origin), with a link where the form has a page for it."""
+    (domain/provenance.py), with a link where the form has a page for it."""
     names = dict(session.execute(select(models.SourcePhoto.pixel_sha256, models.SourcePhoto.original_name).where(
         models.SourcePhoto.persona_id == row.persona_id, models.SourcePhoto.pixel_sha256 == row.source_photo_sha256)).all()) \
         if row.source_photo_sha256 else {}
-    text = enrichment.describe_origin(enrichment.origin_of(row, names))
+    text = provenance.describe_origin(provenance.origin_of(row, names))
     link = None
     if row.origin == "winner" and row.candidate_id is not None:
         step_id = session.scalar(select(models.Candidate.step_id).where(models.Candidate.id == row.candidate_id))
