@@ -90,16 +90,20 @@ def _nearest(home: Path, slug: str, row: Any) -> dict[str, Any]:
             "cosine": None if row.nearest_cosine is None else round(float(row.nearest_cosine), 4)}
 
 
-def pending_count(session: Session, persona_id: int) -> int:
+def counts(session: Session, persona_id: int) -> dict[str, int]:
+    """The persona's count of candidates waiting and `as_of`, the newest review event, read in ONE
+    statement (one snapshot on both backends): read apart, a decision committed in between could
+    label an old count with a new event id, and the page keeps the count with the highest `as_of`."""
     table = models.DatasetCandidate
-    return session.scalar(select(func.count()).select_from(table).where(
-        table.persona_id == persona_id, table.status == "pending")) or 0
+    waiting = select(func.count()).select_from(table).where(table.persona_id == persona_id, table.status == "pending")
+    remaining, as_of = session.execute(select(waiting.scalar_subquery(),
+                                              select(func.max(models.ReviewEvent.id)).scalar_subquery())).one()
+    return {"remaining": remaining or 0, "as_of": as_of or 0}
 
 
 def _header(session: Session, slug: str) -> dict[str, Any]:
     persona = _persona(session, slug)
-    return {"slug": persona.slug, "name": persona.name, "pending": pending_count(session, persona.id),
-            "as_of": session.scalar(select(func.max(models.ReviewEvent.id))) or 0}
+    return {"slug": persona.slug, "name": persona.name, **counts(session, persona.id)}
 
 
 @page
@@ -117,7 +121,7 @@ def _queue(session: Session, slug: str, exclude: set[int], home: Path, batch: in
     header = _header(session, slug)
     rows = dataset_candidates.pending_for(session, slug, batch + len(exclude))
     items = [candidate_json(session, home, slug, row) for row in rows if row.id not in exclude][:batch]
-    return {"items": items, "remaining": header["pending"], "as_of": header["as_of"],
+    return {"items": items, "remaining": header["remaining"], "as_of": header["as_of"],
             "persona": {"slug": header["slug"], "name": header["name"]}}
 
 
@@ -148,8 +152,7 @@ def _decide(session: Session, candidate_id: int, decision: str, reviewer: str, c
                                     now=datetime.now(timezone.utc))
     slug = session.scalar(select(models.Persona.slug).where(models.Persona.id == row.persona_id))
     return {"id": row.id, "status": row.status, "caption": row.caption, "decided_by": row.decided_by,
-            "persona": slug, "remaining": pending_count(session, row.persona_id),
-            "as_of": session.scalar(select(func.max(models.ReviewEvent.id))) or 0}
+            "persona": slug, **counts(session, row.persona_id)}
 
 
 @api
@@ -163,8 +166,7 @@ async def api_decide(request: Request, reviewer: str, body: dict[str, Any]) -> R
 def _undo(session: Session, candidate_id: int, reviewer: str, home: Path) -> dict[str, Any]:
     row = dataset_undo.undo_decision(session, candidate_id, reviewer)
     slug = session.scalar(select(models.Persona.slug).where(models.Persona.id == row.persona_id))
-    return {"candidate": candidate_json(session, home, slug, row), "remaining": pending_count(session, row.persona_id),
-            "as_of": session.scalar(select(func.max(models.ReviewEvent.id))) or 0}
+    return {"candidate": candidate_json(session, home, slug, row), **counts(session, row.persona_id)}
 
 
 @api
