@@ -22,10 +22,12 @@ from persona_pipeline.assets.dataset_growth import dataset_enrichment, dataset_f
 from persona_pipeline.assets.weekly_report import weekly_report
 from persona_pipeline.assets.freshness_checks import calendar_covers_ahead, library_runway
 from persona_pipeline.automation.alerts import alert_sensor, run_failure_alerts
+from persona_pipeline.automation.dataset_sensor import dataset_sensor
 from persona_pipeline.automation.jobs import (
     advance_runs_job,
     content_planning_job,
     dataset_growth_job,
+    dataset_version_job,
     generation_job,
     generation_runs_job,
     library_job,
@@ -134,8 +136,9 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         asset_checks=[calendar_slots_valid, pillars_stocked, calendar_covers_ahead, library_runway],
         jobs=[persona_chain_job, lora_training_job, generation_job, advance_runs_job, rankings_job, library_job,
               post_calendar_job, publish_job, lora_import_job, content_planning_job, generation_runs_job,
-              weekly_report_job, insights_job, dataset_growth_job],
-        sensors=[persona_sensor, lora_incoming_sensor, review_sensor, run_failure_alerts, alert_sensor],
+              weekly_report_job, insights_job, dataset_growth_job, dataset_version_job],
+        sensors=[persona_sensor, lora_incoming_sensor, review_sensor, dataset_sensor, run_failure_alerts,
+                 alert_sensor],
         schedules=[publish_schedule(settings.publish_cron), insights_schedule(settings.insights_cron),
                    *persona_schedules(personas, persona_errors)],
         resources=build_resources(settings),

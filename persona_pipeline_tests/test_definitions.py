@@ -24,8 +24,12 @@ def test_definitions_load_with_every_stage_partitioned_by_persona(tmp_path):
         "post_calendar:library_runway"}
     assert defs.resolve_job_def("persona_chain").tags[GPU_TAG] == "training"
     assert defs.resolve_job_def("publish_job").tags["persona-pipeline/publish"] == "batch"  # one at a time (dagster.yaml)
-    for sensor in ("persona_folders", "review_events", "run_failure_alerts", "alerts"):
+    for sensor in ("persona_folders", "review_events", "dataset_reviews", "run_failure_alerts", "alerts"):
         assert defs.resolve_sensor_def(sensor).default_status == dg.DefaultSensorStatus.RUNNING
+    # Accepted dataset candidates: a new dataset version and a LoRA trained on it, one training run per GPU.
+    dataset_version = defs.resolve_job_def("dataset_version")
+    assert dataset_version.tags[GPU_TAG] == "training" and dataset_version.partitions_def.name == "personas"
+    assert {k.to_user_string() for k in dataset_version.asset_layer.selected_asset_keys} == {"training_dataset", "lora_model"}
     # One schedule per kind of persona.yaml `schedules:` entry, each aimed at its partitioned job.
     for kind, job in {"planning": "content_planning", "generation": "generation_runs", "posting": "library",
                       "report": "weekly_reporting"}.items():

@@ -52,8 +52,8 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
                diffusion: DiffusionBackend, clip: ClipModel, face: FaceModel, promotion: PromotionRules,
                links: UiLinks) -> dg.MaterializeResult:
     """Trains the persona's LoRA on its latest dataset, keeps the best checkpoint, evaluates it against the
-    primary LoRA and makes it primary when it is not worse. Started by the photo_set job (persona_folders sensor), the persona_chain job, or lora_training by
-    hand."""
+    primary LoRA and makes it primary when it is not worse. Started by the photo_set job (persona_folders sensor), the dataset_version
+    job (dataset_reviews sensor), the persona_chain job, or lora_training by hand."""
     slug = context.partition_key
     with database.session() as session:
         persona, config = persona_for(session, slug)

@@ -54,7 +54,7 @@ IMAGE_QUALITY = "image_quality"
 NEAR_DUPLICATES = "near_duplicates"
 IDENTITY_OUTLIERS = "identity_outliers"
 # What starts the checks (in their descriptions, as the Dagster UI shows them).
-RUNS_WITH_DATASET = "Runs with every training_dataset materialisation (photo_set and persona_chain jobs)."
+RUNS_WITH_DATASET = "Runs with every training_dataset materialisation (photo_set, dataset_version and persona_chain jobs)."
 BLOCKS = " Blocking: a failure stops lora_model from training on the dataset."
 CHECKS = [
     dg.AssetCheckSpec(CAPTIONS_HAVE_TRIGGER, asset="training_dataset", blocking=True,
@@ -91,7 +91,8 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
                      clip: ClipModel, face: FaceModel, gemini: GeminiClient, diffusion: DiffusionBackend,
                      links: UiLinks) -> dg.MaterializeResult:
     """The captioned kohya dataset of the accepted photos, with its quality checks. Started after source_photos
-    in the photo_set job (persona_folders sensor) and the persona_chain job."""
+    in the photo_set job (persona_folders sensor) and the persona_chain job, and by the dataset_version job
+    (dataset_reviews sensor) after dataset candidates are accepted in the review form."""
     slug = context.partition_key
     with database.session() as session:
         persona, config = persona_for(session, slug)

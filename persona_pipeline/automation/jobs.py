@@ -60,6 +60,15 @@ advance_runs_job = _persona_job(
                 "Started by the review_events sensor after a step approval, a kill or a restore in the review form.",
 )
 
+dataset_version_job = _persona_job(
+    "dataset_version",
+    ["training_dataset", "lora_model"],
+    tags=TRAINING_TAGS,
+    description="Build a new dataset version with the dataset candidates accepted in the review form, and train the "
+                "LoRA on it (the new version is promoted only when it is better). Started by the dataset_reviews "
+                "sensor once acceptances have come in and reviewing has paused.",
+)
+
 dataset_growth_job = _persona_job(
     "dataset_growth",
     ["dataset_enrichment", "dataset_flywheel"],

@@ -27,6 +27,7 @@ from persona_pipeline.review.audit import audit_page
 from persona_pipeline.review.performance import performance_page
 from persona_pipeline.review.calendar import api_move, calendar_page, calendar_post_edit, calendar_post_page
 from persona_pipeline.review.config import ReviewConfig
+from persona_pipeline.review.dataset import api_decide, api_queue, api_undo, dataset_page, decide_form
 from persona_pipeline.review.gallery import (approve_step, compare_page, gallery_page, kill_candidate, pick_winner,
                                              restore_candidate)
 from persona_pipeline.review.login import login, login_form, logout
@@ -73,6 +74,8 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/loras", loras_page, methods=["GET"]),
         Route("/loras/rollback", rollback_lora, methods=["POST"]),
         Route("/loras/{lora_id:int}/promote", promote_lora, methods=["POST"]),
+        Route("/dataset/{slug:str}", dataset_page, methods=["GET"]),
+        Route("/dataset/candidates/{candidate_id:int}/decide", decide_form, methods=["POST"]),
         Route("/audit", audit_page, methods=["GET"]),
         Route("/performance", performance_page, methods=["GET"]),
         Route("/media/{path:path}", media, methods=["GET"]),
@@ -85,6 +88,9 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/api/offers/{offer_id:int}/undo-skip", api_undo_skip, methods=["POST"]),
         Route("/api/candidates/{candidate_id:int}/kill", api_kill, methods=["POST"]),
         Route("/api/candidates/{candidate_id:int}/restore", api_restore, methods=["POST"]),
+        Route("/api/dataset/{slug:str}/queue", api_queue, methods=["GET"]),
+        Route("/api/dataset/candidates/{candidate_id:int}/decide", api_decide, methods=["POST"]),
+        Route("/api/dataset/candidates/{candidate_id:int}/undo", api_undo, methods=["POST"]),
         Route("/api/calendar/posts/{post_id:int}/move", api_move, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import Response
@@ -15,6 +15,9 @@ from persona_pipeline.review.web import in_db, page, render
 
 def _queue(session: Session) -> list[dict[str, Any]]:
     result = []
+    dataset = dict(session.execute(
+        select(models.Persona.slug, func.count()).join(models.DatasetCandidate, models.DatasetCandidate.persona_id == models.Persona.id)
+        .where(models.DatasetCandidate.status == "pending").group_by(models.Persona.slug)).all())
     for queue in review_views.review_queue(session):
         final_steps = {}
         for run_id in queue.runs_to_pick:
@@ -23,7 +26,8 @@ def _queue(session: Session) -> list[dict[str, Any]]:
         result.append({"slug": queue.slug, "name": queue.name, "pairs_to_vote": queue.pairs_to_vote,
                        "steps_to_vote": list(queue.steps_to_vote), "steps_to_approve": list(queue.steps_to_approve),
                        "runs_to_pick": [(run_id, final_steps[run_id]) for run_id in queue.runs_to_pick],
-                       "posts_to_approve": queue.posts_to_approve, "total": queue.total})
+                       "posts_to_approve": queue.posts_to_approve, "dataset_pending": dataset.get(queue.slug, 0),
+                       "total": queue.total + dataset.get(queue.slug, 0)})
     return result
 
 
