@@ -73,13 +73,9 @@ def pending_for(session: Session, persona_slug: str, limit: int = 50) -> list[mo
     return list(session.scalars(query))
 
 
-def decide(session: Session, candidate_id: int, decision: str, by: str, caption: str | None = None,
-           now: datetime | None = None) -> models.DatasetCandidate:
-    """Accept or reject one pending candidate (optionally with an edited caption), as a ReviewEvent in
-    the same transaction. Refused: an unknown decision, a candidate already decided or dropped, and
-    one a built dataset version already includes (its decision is frozen)."""
-    if decision not in DECISIONS:
-        raise DatasetDecisionError(f"decision {decision!r} is not one of {', '.join(DECISIONS)}")
+def unfrozen_for_update(session: Session, candidate_id: int) -> models.DatasetCandidate:
+    """The candidate, locked for this transaction, while no built dataset version includes it: the
+    one check that freezes a decision (decide and undo both go through it)."""
     row = session.scalar(select(models.DatasetCandidate).where(models.DatasetCandidate.id == candidate_id)
                          .with_for_update())
     if row is None:
@@ -87,6 +83,17 @@ def decide(session: Session, candidate_id: int, decision: str, by: str, caption:
     if row.dataset_version is not None:
         raise DatasetDecisionError(f"{row.image_path} (dataset candidate {row.id}) is in dataset version "
                                    f"{row.dataset_version}; its decision is frozen")
+    return row
+
+
+def decide(session: Session, candidate_id: int, decision: str, by: str, caption: str | None = None,
+           now: datetime | None = None) -> models.DatasetCandidate:
+    """Accept or reject one pending candidate (optionally with an edited caption), as a ReviewEvent in
+    the same transaction. Refused: an unknown decision, a candidate already decided or dropped, and
+    one a built dataset version already includes (its decision is frozen)."""
+    if decision not in DECISIONS:
+        raise DatasetDecisionError(f"decision {decision!r} is not one of {', '.join(DECISIONS)}")
+    row = unfrozen_for_update(session, candidate_id)
     if row.status != "pending":
         why = f": {row.reason}" if row.reason else ""
         raise DatasetDecisionError(f"{row.image_path} (dataset candidate {row.id}) is already {row.status}{why}")

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from persona_pipeline.db import models
-from persona_pipeline.db.dataset_candidates import DECISIONS, SUBJECT, DatasetCandidateNotFound, DatasetDecisionError
+from persona_pipeline.db.dataset_candidates import DECISIONS, SUBJECT, DatasetDecisionError, unfrozen_for_update
 from persona_pipeline.db.review import UNDO_WINDOW, record_event
 
 UNDO_KIND = "dataset_undo"
@@ -23,13 +23,8 @@ def undo_decision(session: Session, candidate_id: int, by: str, now: datetime | 
     image named) when it is frozen in a dataset version, not decided, decided by someone else, or
     decided longer ago than UNDO_WINDOW."""
     now = now or models.utcnow()
-    row = session.scalar(select(models.DatasetCandidate).where(models.DatasetCandidate.id == candidate_id)
-                         .with_for_update())
-    if row is None:
-        raise DatasetCandidateNotFound(f"dataset candidate {candidate_id} does not exist")
+    row = unfrozen_for_update(session, candidate_id)
     name = f"{row.image_path} (dataset candidate {row.id})"
-    if row.dataset_version is not None:
-        raise DatasetDecisionError(f"{name} is in dataset version {row.dataset_version}; its decision is frozen")
     decision = session.scalar(select(models.ReviewEvent).where(
         models.ReviewEvent.subject_type == SUBJECT, models.ReviewEvent.subject_id == row.id,
         models.ReviewEvent.kind.in_([kind for _, kind in DECISIONS.values()])).order_by(models.ReviewEvent.id.desc()).limit(1))
