@@ -228,6 +228,7 @@ def test_the_review_form_shows_versions_and_promotes_and_rolls_back_as_the_revie
     assert form.client.post(f"/loras/{two}/promote", data={"persona": "tester", "reason": "x"},
                             follow_redirects=False).status_code == 403  # no CSRF token
     refused = form.client.post(f"/loras/{two}/promote", data={"csrf_token": csrf, "persona": "tester", "reason": " "})
+    assert refused.status_code == 400 and 'id="page-error"' in refused.text  # shown as a refusal, not as a done flash
     assert "Not changed: a promotion needs a reason" in refused.text
     done = form.client.post(f"/loras/{two}/promote", data={"csrf_token": csrf, "persona": "tester",
                                                            "reason": "the smile is hers"})

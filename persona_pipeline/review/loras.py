@@ -83,6 +83,11 @@ async def _change(request: Request, form: FormData, action) -> Response:
 
         message = await in_db(request, work)
     except (promotion.PromotionError, review.ReviewError, BadInput, LookupError) as exc:
-        message = f"Not changed: {getattr(exc, 'detail', None) or exc}"
+        # A refusal is shown as one (base.html's red `error` box, status 400), never as the green
+        # flash a change gets; the page is shown again as the database holds it.
+        personas = await in_db(request, _versions, slug, home_of(request))
+        return render(request, "loras.html", {"personas": personas, "persona": slug, "title": "LoRA versions",
+                                              "error": f"Not changed: {getattr(exc, 'detail', None) or exc}"},
+                      status=404 if isinstance(exc, LookupError) else getattr(exc, "status_code", 400))
     flash(request, message)
     return RedirectResponse(back, status_code=303)
