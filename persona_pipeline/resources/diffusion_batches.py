@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image
 
 from persona_pipeline.domain.generation_params import CONTROL_STRENGTH_DEFAULT, MAX_LORAS
 from persona_pipeline.resources.diffusion_runtime import GenerationInputError
@@ -57,7 +56,6 @@ def plan_batches(jobs: Sequence[DiffusersJob], batch_size: int) -> list[list[int
         groups.setdefault(job.batch_key(), []).append(index)
     return [members[start:start + batch_size] for members in groups.values()
             for start in range(0, len(members), batch_size)]
-
 
 
 def check_job(job: DiffusersJob, where: str, minimum_side: int, flow_matching: bool = False) -> None:
@@ -144,6 +142,8 @@ def describe_mode(job: DiffusersJob) -> str:
 
 
 def _load_rgb(path: str, size: tuple[int, int] | None) -> Image.Image:
+    from PIL import Image
+
     with Image.open(path) as image:
         image = image.convert("RGB")
     if size and image.size != size:
@@ -165,6 +165,8 @@ def _check_lora_file(path: str, where: str) -> None:
 
 
 def _check_image_file(path: str, kind: str, where: str) -> None:
+    from PIL import Image
+
     if not Path(path).is_file():
         raise GenerationInputError(f"{where}: {kind} {path} not found")
     try:
