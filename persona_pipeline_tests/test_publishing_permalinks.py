@@ -85,3 +85,33 @@ def test_a_failed_lookup_falls_back_to_one_call_per_post(world):
     assert any(f"post {ids[0]}: published as media" in line for line in world.log.lines)
     assert world.fake.double_publishes() == []
     assert_no_token_leaked(world)
+
+
+def test_the_next_run_reads_the_permalinks_a_killed_run_never_asked_for_but_not_a_failed_one(world):
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import delete, update
+
+    from persona_pipeline.db import models
+    from persona_pipeline.db.session import session_scope
+
+    pid = persona(world)
+    first = posts(world, pid, "anna", USER_A, 3)
+    assert world.publish()["published"] == 3
+    killed, failed, fine = first
+    with session_scope(world.url) as session:  # as a run killed before its batch's lookup leaves `killed`
+        session.execute(update(models.Post).where(models.Post.id.in_([killed, failed])).values(permalink=None))
+        session.execute(delete(models.PostAttempt).where(models.PostAttempt.post_id == killed,
+                                                         models.PostAttempt.step == "permalink"))
+        session.execute(update(models.PostAttempt).where(models.PostAttempt.post_id == failed,
+                                                         models.PostAttempt.step == "permalink").values(outcome="failed"))
+    before = len(world.fake.requests_to("permalinks"))
+    later = posts(world, pid, "anna", USER_A, 1,
+                  first=datetime.now(timezone.utc).replace(second=0, microsecond=0) - timedelta(hours=1))
+    assert world.publish()["published"] == 1
+    assert world.post(killed).permalink.startswith("https://www.instagram.com/p/")
+    assert world.post(failed).permalink is None  # a read that failed is recorded, not asked again each run
+    (lookup,) = world.fake.requests_to("permalinks")[before:]
+    asked = set(lookup.params["ids"].split(","))
+    assert asked == {world.post(killed).external_id, world.post(later[0]).external_id}
+    assert world.fake.double_publishes() == []

@@ -3,14 +3,16 @@ prepared on a small pool while the previous post is being published; the publish
 themselves go out one at a time on the account's thread, each with a quota unit reserved first.
 The media id, the library item becoming used and the post becoming published are one
 transaction. The permalinks follow in batches of PERMALINK_BATCH posts (one multi-id lookup and
-one transaction each, off the account's thread) and at the end of the account's posts: a run
-killed mid-batch leaves at most PERMALINK_BATCH - 1 published posts without their permalink
-(published, with their media id: a permalink is a link, never what decides a publish)."""
+one transaction each, off the account's thread) and at the end of the account's posts. A run
+killed mid-batch leaves up to PERMALINK_BATCH - 1 published posts without their permalink for a
+while (published, with their media id: a permalink is a link, never what decides a publish); the
+account's next run reads them first (`PostClaims.unlinked`)."""
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from datetime import timedelta
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from persona_pipeline.resources.instagram_account import AccountBatch
 
 PERMALINK_BATCH = 10  # published posts whose permalinks are read in one request and written in one transaction
+UNLINKED_SINCE = timedelta(days=7)  # how far back a run looks for permalinks a killed run never read
 
 
 class QuotaShare:
@@ -60,7 +63,7 @@ class InstagramPipeline:
         self.containers = Containers(account)
         self.budget = budget
         self.stats = stats  # the account's entry in the batch report's quotas: `published` counts here
-        self.unlinked: list[tuple[DuePost, str]] = []  # published, permalink not read yet: (post, media id)
+        self.unlinked: list[tuple[int, str]] = []  # published, permalink not read yet: (post id, media id)
 
     def run(self, posts: list[DuePost]) -> None:
         account, batch = self.account, self.batch
@@ -78,6 +81,8 @@ class InstagramPipeline:
 
         renewed = batch.clock()  # when the claims were made
         try:
+            # Permalinks a killed run published but never read come first (one lookup with the next ones).
+            self.unlinked = self.claims.unlinked(sorted({p.account for p in posts}), renewed - UNLINKED_SINCE)
             fill()
             while inflight:
                 renewed = self.claims.renew_waiting([p.id for p, _ in inflight] + [p.id for p in pending], renewed)
@@ -140,7 +145,7 @@ class InstagramPipeline:
             batch.published(post, external_id=media_id, permalink=None, already=False, step="publish",
                             container_id=cid, detail=f"media {media_id}", attempts=ready.attempts)
             self.stats["published"] += 1
-            self.unlinked.append((post, media_id))
+            self.unlinked.append((post.id, media_id))
             if len(self.unlinked) >= PERMALINK_BATCH:
                 self._read_permalinks(after, pool)
             return
@@ -164,20 +169,20 @@ class InstagramPipeline:
             task: Callable = lambda: self.claims.record_permalinks(self._permalinks(unlinked))  # noqa: E731
             after.append(pool.submit(task) if pool else _done(task()))
 
-    def _permalinks(self, published: list[tuple[DuePost, str]]) -> list[tuple[int, str, str | None, GraphError | None]]:
+    def _permalinks(self, published: list[tuple[int, str]]) -> list[tuple[int, str, str | None, GraphError | None]]:
         """After the posts are recorded as published: their permalinks, in one lookup; when it fails,
         one by one, so that one post's failure leaves only its own permalink empty."""
         account = self.account
         try:
             links = account.graph.permalinks([media_id for _, media_id in published], account.token)
-            return [(post.id, media_id, links[media_id], None) for post, media_id in published]
+            return [(post_id, media_id, links[media_id], None) for post_id, media_id in published]
         except GraphError:
             pass
         read = []
-        for post, media_id in published:
+        for post_id, media_id in published:
             try:
-                read.append((post.id, media_id, account.graph.permalink(media_id, account.token), None))
+                read.append((post_id, media_id, account.graph.permalink(media_id, account.token), None))
             except GraphError as exc:
-                self.batch.warn(f"post {post.id}: published as media {media_id}, but its permalink could not be read ({exc})")
-                read.append((post.id, media_id, None, exc))
+                self.batch.warn(f"post {post_id}: published as media {media_id}, but its permalink could not be read ({exc})")
+                read.append((post_id, media_id, None, exc))
         return read
