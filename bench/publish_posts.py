@@ -12,8 +12,9 @@ the images fetched by the fake from the local media server as Meta would) and th
 over MEDIA_PUBLIC_DIR. Full size: 10,000 posts over 200 accounts (50 each), 100 ms per call, quota 50;
 --quick: 200 over 10.
 
-Each post costs four Graph calls (create container, container status, media_publish, permalink)
-plus its share of the per-account token check and quota reads (the fake also fetches the image).
+Each post costs three Graph calls (create container, container status, media_publish) and a
+tenth of a permalink lookup (GET /?ids=..., 10 posts a request), plus its share of the per-account
+token check and quota reads (the fake also fetches the image).
 
 1. Reference, the older sequential flow: one post at a time, the same calls (workers=1,
    prepare_ahead=0: create, wait, publish, permalink, then the next post). It runs on a subset
@@ -25,8 +26,9 @@ plus its share of the per-account token check and quota reads (the fake also fet
 
 The fake Graph API and the media server run in a child process (Meta's servers and the CDN are not
 on the publisher's CPU; in one process they would share its GIL). Both processes' CPU times are
-printed: on a small machine the run is CPU-bound (four Graph calls, the URL check and five short
-transactions per post), not bound by the 100 ms latencies. The publishing process's peak RSS over
+printed: on a small machine the run is CPU-bound (three Graph calls, the URL check and three
+short transactions per post, and a tenth of a permalink lookup and of its transaction), not bound
+by the 100 ms latencies. The publishing process's peak RSS over
 the batch is printed too (its high-water mark is reset after the set-up, /proc/self/clear_refs).
 
 Checks (PASS/FAIL): every post published exactly once (the fake saw one media_publish per post and

@@ -10,6 +10,8 @@ Endpoints (the token is the `access_token` query parameter or form field):
 - GET /{container}?fields=status_code -> {"status_code", "id"}.
 - POST /{user}/media_publish (creation_id) -> {"id": media}; counts against the moving 24 h quota.
 - GET /{media}?fields=permalink -> {"permalink": "https://www.instagram.com/p/<code>/", "id"}.
+- GET /?ids=a,b,c&fields=permalink (the multi-id lookup, at most 50 ids) -> {"a": {"permalink", "id"}, ...};
+  one id that is not a media of the token's account fails the whole request (803).
 - GET /{user}/media?fields=id,caption,permalink,timestamp[&limit&after] -> {"data": newest first,
   "paging": {"cursors": {"after"}, "next"}} (cursor paging).
 - GET /{user}/content_publishing_limit?fields=quota_usage,config ->
@@ -35,6 +37,7 @@ Instagram error-code table:
 | publish of an already PUBLISHED container   | 100   | (none)   |  (and recorded: `double_publishes()`)
 | 24 h publishing limit reached               | 9     | 2207042  |
 | unknown object id / other user's container  | 100   | 33       |
+| multi-id lookup: an id not found / > 50 ids | 803 / 100 | (none) |
 
 Faults: `inject(endpoint, fault, times=1, account=None)` answers the next `times` requests to
 `endpoint` (one of ENDPOINTS; for one account only when `account` is given) with `fault` instead of
@@ -74,7 +77,7 @@ MAX_CAPTION = 2200
 MAX_MENTIONS = 20
 QUOTA_WINDOW_S = 86400
 CONTAINER_TTL_S = 86400
-ENDPOINTS = ("create", "status", "publish", "quota", "permalink", "media_list", "debug_token",
+ENDPOINTS = ("create", "status", "publish", "quota", "permalink", "permalinks", "media_list", "debug_token",
              "media_insights", "user_insights", "user")  # the last three: persona_fakes/graph_insights.py
 _SECRET_PARAMS = ("access_token", "input_token")
 
@@ -287,6 +290,9 @@ class FakeGraphAPI(HTTPFake):
             extra = self._more_routes(method, parts)
             if extra is not None:
                 return extra
+            if not parts and method == "GET" and "ids" in params:
+                first = self.media.get(params["ids"].split(",")[0])
+                return "permalinks", first.user_id if first else None, self._media_nodes
             if len(parts) == 1 and method == "GET":
                 node = parts[0]
                 if node in self.containers:
@@ -439,6 +445,22 @@ class FakeGraphAPI(HTTPFake):
             media = self.media[media_id]
         self._authorize(media.user_id, params)
         return {"permalink": media.permalink, "id": media_id}
+
+    def _media_nodes(self, params: dict[str, str]) -> dict[str, Any]:
+        """The multi-id lookup: every id must be a media of the token's account, as one answer."""
+        ids = [i for i in params.get("ids", "").split(",") if i]
+        if not ids or len(ids) > 50:
+            raise _graph_error(100, None, f"(#100) ids takes 1 to 50 ids, not {len(ids)}")
+        with self._lock:
+            found = {i: self.media[i] for i in ids if i in self.media}
+            caller = self._account_by_token(params.get("access_token", ""))
+        if caller is None:
+            raise _graph_error(190, None, "Invalid OAuth access token - Cannot parse access token")
+        self._authorize(caller.user_id, params)  # an expired token too
+        missing = [i for i in ids if i not in found or found[i].user_id != caller.user_id]
+        if missing:
+            raise _graph_error(803, None, f"(#803) Some of the aliases you requested do not exist: {','.join(missing)}")
+        return {i: {"permalink": found[i].permalink, "id": i} for i in ids}
 
     def _unknown_node(self, node: str, params: dict[str, str]) -> dict[str, Any]:
         raise _graph_error(100, 33, f"Unsupported get request. Object with ID '{node}' does not exist, cannot be "

@@ -17,10 +17,7 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
-
-import numpy as np
-from PIL import Image
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from persona_pipeline.domain.generation_request import GenerationRequest, build_request
 from persona_pipeline.domain.generation_params import WorkflowError
@@ -29,6 +26,9 @@ from persona_pipeline.generation.backends import GenerationBackend, ImageJob, Im
 from persona_pipeline.identity import IdentityReference
 from persona_pipeline.persona_dataset import EnrichmentSettings
 from persona_pipeline.training.families.edit_models import EditModel, EditStepError, edit_model_named, resolve_edit_model
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FOLDER = "dataset_candidates"  # under the persona's folder in PERSONA_HOME
 BLANK_STD = 2.0  # an output whose pixels vary less than this (0-255) is blank
@@ -104,6 +104,8 @@ def edit_model_for(settings: EnrichmentSettings, family: Callable[[], str | None
 
 def edit_request(template, settings: EnrichmentSettings, edit: EditModel, weights: str, plan: PlannedEdit,
                  negative_prompt: str, backend: GenerationBackend) -> GenerationRequest:
+    from PIL import Image
+
     with Image.open(plan.photo.path) as image:
         size = image.size
     params = {"edit_model": edit.name, "model": weights, "checkpoint": settings.checkpoint or edit.comfyui_file,
@@ -134,6 +136,9 @@ def run_edits(backend: GenerationBackend, jobs: Sequence[ImageJob]) -> dict[str,
 
 def output_refusal(path: Path, size: tuple[int, int] | None) -> str | None:
     """Why an edit's output cannot be a dataset image: unreadable, of another size than asked, or blank."""
+    import numpy as np
+    from PIL import Image
+
     try:
         with Image.open(path) as image:
             image.load()
@@ -154,6 +159,8 @@ def judge(paths: Sequence[Path], refusals: Sequence[str | None], identity: Ident
     """Score each image for identity against the source photos' centroid and for near duplication
     against the dataset (open_clip, as training_dataset's near_duplicates check); drop, with the
     reason, a refused output, a face-less one, identity below `min_identity`, a near duplicate."""
+    import numpy as np
+
     verdicts = [Judged(status="dropped", reason=r) if r else Judged() for r in refusals]
     live = [i for i, v in enumerate(verdicts) if v.status == "pending"]
     if not live:

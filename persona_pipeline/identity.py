@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TYPE_CHECKING
 
-import numpy as np
-from PIL import Image
+if TYPE_CHECKING:  # annotations only: imported where used, not when the code location loads
+    import numpy as np
+
 
 NO_FACE = "no face found"
 # A detector row counts as a face from this score up (the documented detector contract, docs/training.md).
@@ -36,6 +37,8 @@ class IdentityEmbeddings:
 
     def centroid(self) -> np.ndarray | None:
         """The normalised mean of the rows that have a face (None when none has)."""
+        import numpy as np
+
         if not self.found.any():
             return None
         mean = self.vectors[self.found].mean(axis=0)
@@ -111,6 +114,8 @@ class ClipIdentity:
         self.method = f"clip:{clip.model_id}"
 
     def embed(self, paths: list[Path]) -> IdentityEmbeddings:
+        import numpy as np
+
         vectors = self.clip.embed_images(paths) if paths else np.zeros((0, 0), dtype=np.float32)
         return IdentityEmbeddings(vectors, np.ones(len(paths), dtype=bool), self.method)
 
@@ -138,6 +143,9 @@ class OnnxFaceIdentity:
         self.method = f"face:{self.model_path.name}+{self.detector_path.name}"
 
     def embed(self, paths: list[Path]) -> IdentityEmbeddings:
+        import numpy as np
+        from PIL import Image
+
         rows, found = [], []
         for path in paths:
             with Image.open(path) as image:
@@ -152,6 +160,9 @@ class OnnxFaceIdentity:
 
     def detect(self, image: Image.Image) -> tuple[int, int, int, int] | None:
         """The pixel box of the best face in `image`, or None."""
+        import numpy as np
+        from PIL import Image
+
         height, width = _spatial(self.detector, 320)
         pixels = np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0
         feed = {self.detector.get_inputs()[0].name: pixels.transpose(2, 0, 1)[None]}
@@ -168,6 +179,9 @@ class OnnxFaceIdentity:
         return left, top, right, bottom
 
     def _embed_face(self, face: Image.Image) -> np.ndarray:
+        import numpy as np
+        from PIL import Image
+
         height, width = _spatial(self.model, 112)
         pixels = (np.asarray(face.resize((width, height), Image.BILINEAR), dtype=np.float32) - 127.5) / 127.5
         vector = np.asarray(self.model.run(None, {self.model.get_inputs()[0].name: pixels.transpose(2, 0, 1)[None]})[0],
@@ -209,6 +223,8 @@ def _spatial(session, default: int) -> tuple[int, int]:
 def identity_stats(values: list[float | None]) -> tuple[float, float]:
     """Mean and spread (population std) of identity scores. An image without a face counts as 0, no
     resemblance: a LoRA that loses the face must not win on the few faces it kept."""
+    import numpy as np
+
     if not values:
         return 0.0, 0.0
     array = np.array([0.0 if v is None else v for v in values], dtype=np.float64)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from typing import TYPE_CHECKING
 
 from persona_pipeline.domain.insight_stats import WEEKDAYS, GroupStat
+
+if TYPE_CHECKING:  # annotations only: imported where used, not when the code location loads
+    from PIL import Image
 
 BACKGROUND, AXIS, TEXT, BAR, WHISKER, EMPTY = (255, 255, 255), (90, 90, 90), (40, 40, 40), (31, 90, 180), (20, 20, 20), (235, 235, 235)
 LINE_COLOURS = ((31, 90, 180), (220, 120, 30), (40, 150, 70), (170, 40, 40))
@@ -26,11 +27,15 @@ def _png(image: Image.Image) -> bytes:
 
 
 def _font() -> ImageFont.ImageFont:
+    from PIL import ImageFont
+
     return ImageFont.load_default()
 
 
 def engagement_bars_png(stats: Sequence[GroupStat], title: str, width: int = 520, row: int = 22) -> bytes:
     """Horizontal bars of each group's engagement rate with its 95 % interval and n."""
+    from PIL import Image, ImageDraw
+
     font = _font()
     label_w, top = 150, 24
     height = top + row * max(1, len(stats)) + 24
@@ -66,6 +71,9 @@ def engagement_bars_png(stats: Sequence[GroupStat], title: str, width: int = 520
 
 def heatmap_png(rates: np.ndarray, counts: np.ndarray, title: str, cell: int = 18) -> bytes:
     """7 × 24 engagement rates (NaN: no post) as shades of blue, weekdays down, local hours across."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
     font = _font()
     left, top = 34, 34
     image = Image.new("RGB", (left + 24 * cell + 10, top + 7 * cell + 30), BACKGROUND)
@@ -94,6 +102,8 @@ def heatmap_png(rates: np.ndarray, counts: np.ndarray, title: str, cell: int = 1
 def lines_png(series: dict[str, Sequence[float]], title: str, x_label: str, width: int = 560,
               height: int = 260) -> bytes:
     """One line per named series over a shared x (index), with the y range labelled."""
+    from PIL import Image, ImageDraw
+
     font = _font()
     left, right, top, bottom = 60, 110, 24, 30
     image = Image.new("RGB", (width, height), BACKGROUND)

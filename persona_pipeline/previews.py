@@ -14,7 +14,6 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
 
 DAGSTER_INLINE_LIMIT = 1000  # characters: the UI shows a shorter markdown entry without a click
 # 3 x 124 px: the sheet fits the metadata value column of the asset page at a 1400 px wide window
@@ -29,6 +28,8 @@ INK = (30, 30, 30)
 
 
 def _font() -> ImageFont.ImageFont:
+    from PIL import ImageFont
+
     return ImageFont.load_default(size=FONT_SIZE)
 
 
@@ -63,6 +64,8 @@ def contact_sheet_png(paths: Sequence[Path], labels: Sequence[str] | None = None
                       columns: int = COLUMNS) -> bytes | None:
     """A grid of `paths` as PNG bytes, each label (when given) under its image; None for no paths.
     An unreadable image leaves its tile empty under its label: a preview must never fail the asset."""
+    from PIL import Image, ImageDraw
+
     paths = list(paths)
     if not paths:
         return None

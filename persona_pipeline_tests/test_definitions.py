@@ -272,7 +272,8 @@ def test_persona_schedules_show_each_personas_cron_and_timezone(tmp_path):
 # Loaded by every UI reload and every sensor/schedule process start: these cost seconds of CPU
 # together and belong to the runs that use them (docs/operations.md#load-time).
 HEAVY_AT_LOAD = ("sklearn", "scipy", "torch", "torchvision", "diffusers", "transformers", "open_clip", "peft",
-                 "pandas", "safetensors", "cv2", "alembic", "onnxruntime", "onnx")
+                 "pandas", "safetensors", "cv2", "alembic", "onnxruntime", "onnx", "numpy", "PIL", "av", "imageio",
+                 "matplotlib", "choix")
 
 
 def test_loading_the_code_location_imports_no_heavy_library(tmp_path):
@@ -282,7 +283,9 @@ def test_loading_the_code_location_imports_no_heavy_library(tmp_path):
     import sys
 
     env = {**os.environ, "PERSONA_HOME": str(tmp_path / "h"), "PERSONA_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
-    code = ("import json, sys, persona_pipeline.definitions as d; assert d.defs.resolve_asset_graph(); "
+    # The collector is paused while the code location loads (definitions.collector_paused) and must be back on.
+    code = ("import gc, json, sys, persona_pipeline.definitions as d; assert d.defs.resolve_asset_graph(); "
+            "assert gc.isenabled(), 'the garbage collector was left off after the load'; "
             f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY_AT_LOAD!r})))")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -14,13 +14,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import dagster as dg
-import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy import update as sql_update
 
 from persona_pipeline.assets.common import persona_for, sheet_metadata, table
 from persona_pipeline.db import library, models
-from persona_pipeline.domain import clustering
 from persona_pipeline.partitions import persona_partitions
 from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.database import AppDatabase
@@ -31,8 +29,10 @@ from persona_pipeline.resources.storage import PersonaStorage
 LABEL_IMAGES = 4  # members nearest the centroid shown to Gemini when naming a cluster
 
 
-def _pillar_by_text(clip: ClipModel, centroid: np.ndarray, pillars: list[models.ContentPillar]) -> int | None:
-    """The pillar whose text open_clip puts nearest the cluster centroid (zero-shot)."""
+def _pillar_by_text(clip: ClipModel, centroid, pillars: list[models.ContentPillar]) -> int | None:
+    """The pillar whose text open_clip puts nearest the cluster centroid (an array; zero-shot)."""
+    import numpy as np
+
     if not pillars:
         return None
     texts = [f"{p.name}. {p.guidelines}".strip() for p in pillars]
@@ -45,6 +45,10 @@ def clusters(context: dg.AssetExecutionContext, database: AppDatabase, clip: Cli
              gemini: GeminiClient, storage: PersonaStorage, links: UiLinks) -> dg.MaterializeResult:
     """Groups the library by look, each cluster named and mapped to a pillar. Started after content_library in
     the library job (persona_posting schedule, review_events sensor) and the persona_chain job."""
+    import numpy as np  # numpy and scikit-learn: here, not when the code location loads
+
+    from persona_pipeline.domain import clustering
+
     slug = context.partition_key
     model_id = clip.model_id
     version = context.run_id  # the run that last changed a cluster
@@ -165,6 +169,8 @@ update_items = sql_update(models.LibraryItem)  # bulk UPDATE by primary key, one
 def _incremental(session, items: list, current: list[int | None], active: list[models.Cluster]):
     """The pass that reads only the embeddings of the items without a key, when every active
     cluster still has exactly its stored members; None when the full pass is needed."""
+    from persona_pipeline.domain import clustering
+
     member_distances: dict[int, list[float]] = {c.key: [] for c in active}
     for item, key in zip(items, current):
         if key is not None:

@@ -21,15 +21,14 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
-from PIL import Image
 from sqlalchemy import select
 
 from persona_pipeline.assets.common import persona_for, sheet_metadata, table
 from persona_pipeline.db import dataset_candidates as dc
 from persona_pipeline.db import models
-from persona_pipeline.domain import dataset_quality as quality
 from persona_pipeline.domain.dataset_share import bound_generated
 from persona_pipeline.domain.provenance import describe_origin, origin_of
 from persona_pipeline.domain.captions import fill, training_caption
@@ -47,6 +46,9 @@ from persona_pipeline.resources.gemini import GeminiClient, GeminiError
 from persona_pipeline.resources.links import UiLinks
 from persona_pipeline.resources.storage import PersonaStorage
 from persona_pipeline.fileio import atomic_write
+
+if TYPE_CHECKING:
+    from persona_pipeline.domain import dataset_quality as quality
 
 CAPTIONS_HAVE_TRIGGER = "captions_start_with_trigger"
 IMAGE_COUNT = "image_count_in_range"
@@ -348,6 +350,10 @@ def _restore_captions(context, folder: Path) -> None:
 
 def _quality_checks(clip: ClipModel, identity: IdentityEmbedder, config: PersonaConfig, images: list[Path],
                     captions: dict[str, str], resolution: int) -> list[dg.AssetCheckResult]:
+    from PIL import Image  # PIL and numpy: here, not when the code location loads
+
+    from persona_pipeline.domain import dataset_quality as quality
+
     training, limits = config.training, config.training.quality
     stats = {}
     for image in images:
@@ -385,9 +391,11 @@ def _quality_checks(clip: ClipModel, identity: IdentityEmbedder, config: Persona
 
 
 def _identity_findings(identity: IdentityEmbedder, images: list[Path], names: list[str], clip_embeddings,
-                       z: float) -> list[quality.Finding]:
+                       z: float) -> "list[quality.Finding]":
     """Identity outliers in the identity model's space: open_clip's embeddings as they are, or the
     face model's, among the photos with a face, plus a finding for each photo without one."""
+    from persona_pipeline.domain import dataset_quality as quality
+
     if not identity.face:
         return quality.identity_outlier_findings(names, clip_embeddings, z)
     embedded = identity.embed(images)

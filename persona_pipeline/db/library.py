@@ -13,7 +13,6 @@ from datetime import datetime
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
-import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer
 
@@ -97,6 +96,8 @@ def sync_library(session: Session, persona_id: int, include_source_photos: bool)
 
 
 def embedding_of(item: models.LibraryItem) -> np.ndarray:
+    import numpy as np
+
     return np.frombuffer(item.embedding, dtype=np.float32)
 
 
@@ -126,12 +127,16 @@ def placed_items(session: Session, persona_id: int, model_name: str) -> list[Pla
 
 def embedding_dims(session: Session, item_id: int) -> int:
     """The length of one item's embedding, read by the database (the blob is not sent)."""
+    import numpy as np
+
     return int(session.scalar(select(func.length(models.LibraryItem.embedding)).where(
         models.LibraryItem.id == item_id)) or 0) // np.dtype(np.float32).itemsize
 
 
 def embeddings(session: Session, item_ids: list[int], chunk: int = 5000) -> np.ndarray:
     """The embeddings of `item_ids`, one row each, in that order (all of one length)."""
+    import numpy as np
+
     found: dict[int, bytes] = {}
     for start in range(0, len(item_ids), chunk):
         part = item_ids[start:start + chunk]
@@ -142,6 +147,8 @@ def embeddings(session: Session, item_ids: list[int], chunk: int = 5000) -> np.n
 
 
 def set_embedding(item: models.LibraryItem, vector: np.ndarray, model_name: str) -> None:
+    import numpy as np
+
     item.embedding = np.asarray(vector, dtype=np.float32).tobytes()
     item.embedding_model = model_name
 

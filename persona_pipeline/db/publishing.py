@@ -380,6 +380,19 @@ class PostClaims:
                    [*attempts, self.attempt(post.id, step, outcome, container_id=post.container_id, error=error,
                                             detail=detail)])
 
+    def unlinked(self, accounts: list[str], since: datetime, limit: int = 50) -> list[tuple[int, str]]:
+        """(post id, media id) of the posts of `accounts` published since `since` whose permalink was never
+        asked for: a run killed after a publish and before its batch's permalink lookup. The next run
+        reads them (a read that failed is recorded and not asked again)."""
+        post, tried = models.Post, models.PostAttempt
+        asked = select(tried.id).where(tried.post_id == post.id, tried.step == "permalink").exists()
+        with self._transaction() as connection:
+            rows = connection.execute(select(post.id, post.external_id).where(
+                post.account.in_(accounts), post.status == "published", post.external_id.is_not(None),
+                post.permalink.is_(None), post.published_at >= since, ~asked)
+                .order_by(post.published_at, post.id).limit(limit)).all()
+        return [(post_id, media_id) for post_id, media_id in rows]
+
     def record_permalinks(self, links: list[tuple[int, str, str | None, Exception | None]]) -> None:
         """(post id, media id, permalink or None, error) of published posts, in one transaction:
         the permalinks found, and an attempt row for each."""

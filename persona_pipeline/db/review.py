@@ -14,7 +14,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from persona_pipeline.db import models
-from persona_pipeline.domain import bradley_terry, elo, pairing
+from persona_pipeline.domain import elo
+from persona_pipeline.domain.standings import BTStanding
 
 LIVE = ("active", "winner")
 OPEN_STEP = ("generating", "voting")  # a step whose candidates can still be voted on or killed
@@ -332,6 +333,8 @@ def next_pair(session: Session, step_id: int, reviewer: str, exclude_offer_ids: 
     exclude |= {frozenset(p) for p in session.execute(skipped).all()}
     if exclude_ids:
         exclude |= {frozenset(p) for p in session.execute(held.where(models.PairOffer.id.in_(exclude_ids))).all()}
+    from persona_pipeline.domain import pairing  # numpy: here, not when the code location loads
+
     rng = rng or random.Random()
     choice = pairing.choose_pair(live, _step_votes(session, step_id), default_top_k(step) if step.top_k is None else step.top_k,
                                  exclude=frozenset(exclude), exploration=exploration, rng=rng)
@@ -384,7 +387,7 @@ def pick_winner(session: Session, run_id: int, candidate_id: int, reviewer: str)
 
 
 @dataclass(frozen=True)
-class RankedCandidate(bradley_terry.BTStanding):
+class RankedCandidate(BTStanding):
     """A step's live candidate as the form shows it: its Bradley–Terry standing (the ranking that
     decides) plus its Elo, status and image."""
 
@@ -398,6 +401,8 @@ def step_ranking(session: Session, step_id: int, rounds: int = BOOTSTRAP_ROUNDS)
     95% intervals. Ties: see `bradley_terry.rank` (score, more wins, fewer losses, lower id)."""
     live = {c.id: c for c in session.scalars(select(models.Candidate).where(
         models.Candidate.step_id == step_id, models.Candidate.status.in_(LIVE)))}
+    from persona_pipeline.domain import bradley_terry  # numpy: here, not when the code location loads
+
     standings = bradley_terry.rank(sorted(live), _step_votes(session, step_id), rounds=rounds, seed=step_id)
     return [RankedCandidate(**vars(s), elo=live[s.candidate_id].elo, status=live[s.candidate_id].status,
                             image_path=live[s.candidate_id].image_path) for s in standings]

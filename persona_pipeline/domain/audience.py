@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
-import numpy as np
 
 # Shares of interactions by kind (likes dominate on Instagram; saves and shares are rarer).
 INTERACTION_SPLIT = (("likes", 0.86), ("comments", 0.05), ("saved", 0.06), ("shares", 0.03))
@@ -85,6 +84,8 @@ class PostInsight:
 
 def _stream(*parts: object) -> np.random.Generator:
     """A generator keyed by `parts`: the same key gives the same draws in any process."""
+    import numpy as np
+
     digest = hashlib.sha256("\0".join(str(p) for p in parts).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 

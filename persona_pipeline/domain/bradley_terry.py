@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from persona_pipeline.domain.standings import BTStanding  # re-exported: the fit's output type
+
 ELO_SCALE = 400.0 / math.log(10.0)
 MEAN_SCORE = 1000.0
 PRIOR_SD = 400.0          # Elo points; see the module docstring
@@ -65,20 +67,6 @@ def single_threaded_blas() -> Iterator[None]:
         return
     with controller.limit(limits=1, user_api="blas"):
         yield
-
-
-@dataclass(frozen=True)
-class BTStanding:
-    candidate_id: int
-    score: float
-    ci_low: float
-    ci_high: float
-    wins: int
-    losses: int
-
-    @property
-    def votes(self) -> int:
-        return self.wins + self.losses
 
 
 @dataclass(frozen=True)

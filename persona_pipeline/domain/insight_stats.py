@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-import numpy as np
 
 BOOTSTRAP_ROUNDS = 1000
 CAPTION_BUCKETS = ((0, 60, "short (<60)"), (60, 200, "medium (60-199)"), (200, 10**9, "long (200+)"))
@@ -86,6 +85,8 @@ DIMENSIONS: dict[str, Callable[[PostPerformance], str]] = {
 
 
 def _seed(values: Sequence[float]) -> int:
+    import numpy as np
+
     digest = hashlib.sha256(np.asarray(values, dtype=np.float64).tobytes()).digest()
     return int.from_bytes(digest[:8], "little")
 
@@ -94,6 +95,8 @@ def ratio_interval(numerators: Sequence[float], denominators: Sequence[float],
                    rounds: int = BOOTSTRAP_ROUNDS) -> tuple[float | None, float | None, float | None]:
     """(Σ num / Σ den, 2.5th, 97.5th percentile of the bootstrap over items); Nones without data.
     One item gives the point value with no interval."""
+    import numpy as np
+
     num = np.asarray(numerators, dtype=np.float64)
     den = np.asarray(denominators, dtype=np.float64)
     if len(num) == 0 or den.sum() <= 0:
@@ -133,6 +136,8 @@ def all_group_stats(posts: Sequence[PostPerformance]) -> dict[str, list[GroupSta
 
 def hour_weekday_grid(posts: Sequence[PostPerformance]) -> tuple[np.ndarray, np.ndarray]:
     """(7 × 24 engagement rate, NaN where no post; 7 × 24 post counts), weekday by local hour."""
+    import numpy as np
+
     interactions = np.zeros((7, 24))
     reach = np.zeros((7, 24))
     counts = np.zeros((7, 24), dtype=int)

@@ -31,11 +31,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from fractions import Fraction
+from functools import lru_cache
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
-import numpy as np
-
 from persona_pipeline.domain.insight_stats import pct, ratio_interval
+
+if TYPE_CHECKING:  # numpy is imported where it runs: persona.yaml's checks use this module when the code location loads
+    import numpy as np
 
 HOURS = 24
 PILLAR_PRIOR_SD = 1.0
@@ -43,17 +46,17 @@ HOUR_PRIOR_SD = 0.3
 HOUR_PRIOR_LENGTH = 3.0  # hours: an audience's activity changes smoothly through the day
 
 
+@lru_cache(maxsize=1)
 def _hour_prior_precision() -> np.ndarray:
     """Inverse of a squared-exponential covariance on the 24-hour circle: neighbouring hours share
     strength, so a few posts at 13:00 also say something about 12:00 and 14:00."""
+    import numpy as np
+
     hours = np.arange(HOURS)
     gap = np.abs(hours[:, None] - hours[None, :])
     gap = np.minimum(gap, HOURS - gap)
     cov = HOUR_PRIOR_SD ** 2 * np.exp(-gap ** 2 / (2 * HOUR_PRIOR_LENGTH ** 2)) + 1e-4 * np.eye(HOURS)
     return np.linalg.inv(cov)
-
-
-_HOUR_PRIOR_PRECISION = _hour_prior_precision()
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,8 @@ def bounded_best(values: Mapping[str, float], bounds: Mapping[str, tuple[Fractio
 
 
 def _stream(seed: int, observations: Sequence[Observation]) -> np.random.Generator:
+    import numpy as np
+
     digest = hashlib.sha256(str(seed).encode())
     for o in observations:
         digest.update(f"{o.pillar}|{o.local_hour}|{o.reach}|{o.interactions}|{o.at.isoformat()}".encode())
@@ -171,6 +176,8 @@ def _stream(seed: int, observations: Sequence[Observation]) -> np.random.Generat
 def fit_posterior(observations: Sequence[Observation], pillars: Sequence[str], now: datetime,
                   half_life_days: float) -> Posterior:
     """The regression posterior (module docstring); observations of unknown pillars inform hours only."""
+    import numpy as np
+
     names = tuple(sorted(pillars))
     index = {name: i for i, name in enumerate(names)}
     size = len(names) + HOURS
@@ -184,7 +191,7 @@ def fit_posterior(observations: Sequence[Observation], pillars: Sequence[str], n
     prior_mean = np.concatenate([np.full(len(names), pooled), np.zeros(HOURS)])
     prior = np.zeros((size, size))
     prior[:len(names), :len(names)] = np.eye(len(names)) * PILLAR_PRIOR_SD ** -2
-    prior[len(names):, len(names):] = _HOUR_PRIOR_PRECISION
+    prior[len(names):, len(names):] = _hour_prior_precision()  # computed once, copied in
     x = np.zeros((len(observations), size))
     for row, o in enumerate(observations):
         if o.pillar in index:
@@ -309,6 +316,8 @@ def rotation_scale(learned: LearnedStrategy | None) -> dict[str, float]:
 
 
 def _hour_seed(seed: int, posterior: Posterior, slots: Sequence[datetime]) -> np.random.Generator:
+    import numpy as np
+
     digest = hashlib.sha256(f"hours|{seed}|{posterior.n}".encode() + posterior.mean.tobytes())
     for slot in slots:
         digest.update(slot.isoformat().encode())

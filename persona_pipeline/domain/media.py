@@ -11,8 +11,10 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+if TYPE_CHECKING:  # annotations only: imported where used, not when the code location loads
+    from PIL import Image
 
 MAX_MEDIA_BYTES = 8 * 1024 * 1024
 MIN_ASPECT = 4 / 5
@@ -43,6 +45,8 @@ def fit_aspect(width: int, height: int) -> tuple[int, int]:
 def open_rgb(source: Path, draft: int | None = None) -> Image.Image:
     """The source as upright RGB: EXIF orientation applied, transparency flattened onto white. With
     `draft`, a JPEG may be decoded at 1/2 to 1/8 scale, still at least `draft` px a side."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     try:
         with Image.open(source) as opened:
             if draft:
@@ -63,6 +67,8 @@ def open_rgb(source: Path, draft: int | None = None) -> Image.Image:
 
 
 def _scaled(image: Image.Image, long_side: int) -> Image.Image:
+    from PIL import Image
+
     if max(image.size) <= long_side:
         return image
     factor = long_side / max(image.size)
@@ -73,6 +79,8 @@ def _scaled(image: Image.Image, long_side: int) -> Image.Image:
 def _padded(image: Image.Image) -> Image.Image:
     """Centred on a white canvas of the fitted aspect: padding, never a crop, so the persona is
     never cut out of her own photo."""
+    from PIL import Image
+
     width, height = fit_aspect(*image.size)
     if (width, height) == image.size:
         return image
@@ -113,6 +121,8 @@ def export_post_jpeg(source: Path, max_bytes: int = MAX_MEDIA_BYTES, max_side: i
 
 def check_post_jpeg(data: bytes, max_bytes: int = MAX_MEDIA_BYTES) -> list[str]:
     """What stops Instagram from taking `data` as a post image; empty when nothing does."""
+    from PIL import Image, UnidentifiedImageError
+
     problems: list[str] = []
     if len(data) > max_bytes:
         problems.append(f"{len(data)} bytes, more than {max_bytes} ({max_bytes // (1024 * 1024)} MiB)")
@@ -132,6 +142,8 @@ def check_post_jpeg(data: bytes, max_bytes: int = MAX_MEDIA_BYTES) -> list[str]:
 def image_size(path: str | Path | None) -> tuple[int, int]:
     """(width, height) of the image at `path` from its header; (0, 0) when it cannot be read (the
     format rules then name it as no picture)."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(path) as image:
             return image.size
@@ -147,6 +159,8 @@ def thumbnail_jpeg(source: Path, max_side: int = THUMB_SIDE) -> bytes:
     """A small JPEG of `source` for pages that show many posts at once (the calendar inlines them):
     upright RGB, long side <= `max_side`, the same aspect as the source (a post's media is already
     the export's padded aspect). A MediaError names a file that cannot be read."""
+    from PIL import Image
+
     picture = open_rgb(Path(source), draft=max_side)
     picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return _jpeg(picture, THUMB_QUALITY)
@@ -163,6 +177,8 @@ def export_item_jpeg(source: Path, size: tuple[int, int], focus: tuple[float, fl
 def picture_jpeg(picture: Image.Image, size: tuple[int, int], focus: tuple[float, float] = (0.5, 0.5),
                  max_bytes: int = MAX_MEDIA_BYTES, *, source: str = "picture") -> bytes:
     """`export_item_jpeg` on a picture already decoded (a video clip's frame)."""
+    from PIL import Image
+
     from persona_pipeline.domain.post_formats import crop_box
 
     box = crop_box(picture.width, picture.height, size, focus)
@@ -180,7 +196,7 @@ def vertical_frame(source: Path, size: tuple[int, int] = (1080, 1920), safe_top:
     """`source` on a 9:16 canvas for a story: the whole picture fitted between the safe bands
     (`safe_top`, `safe_bottom` px kept clear of the subject, where Instagram draws its own bar and
     reply field) over a darkened, blurred fill of itself, so nothing of the persona is cut or covered."""
-    from PIL import ImageEnhance, ImageFilter
+    from PIL import Image, ImageEnhance, ImageFilter
 
     picture = open_rgb(Path(source))
     width, height = size

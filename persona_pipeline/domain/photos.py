@@ -7,9 +7,6 @@ import io
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-
 
 @dataclass(frozen=True)
 class AcceptedPhoto:
@@ -29,6 +26,8 @@ class RejectedPhoto:
 def inspect_photo(data: bytes, *, min_side: int, max_side: int) -> AcceptedPhoto | RejectedPhoto:
     """Decode fully (a truncated file fails here, not later), apply EXIF orientation, convert to
     RGB, refuse images whose short side is below `min_side`, and shrink the long side to `max_side`."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     if not data:
         return RejectedPhoto("empty file (0 bytes)")
     try:
@@ -73,6 +72,8 @@ def inspect_photo(data: bytes, *, min_side: int, max_side: int) -> AcceptedPhoto
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB with transparency flattened onto white (dropping alpha would turn it black), and
     high-bit-depth greys scaled by their real range (PIL's convert clips them: see _grey_to_8bit)."""
+    from PIL import Image
+
     if image.mode.startswith("I") or image.mode == "F":
         return _grey_to_8bit(image).convert("RGB")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
@@ -99,6 +100,9 @@ def _grey_to_8bit(image: Image.Image) -> Image.Image:
       from its own minimum..maximum (NaN and -inf count as the minimum, +inf as the maximum).
     A constant image outside those ranges (no range to stretch) is clipped into 0..255.
     """
+    import numpy as np
+    from PIL import Image
+
     values = np.asarray(image).astype(np.float32)  # float32: exact for 16-bit, plenty for an 8-bit result
     finite = np.isfinite(values)
     low, high = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (0.0, 0.0)

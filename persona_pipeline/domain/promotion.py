@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
 
 @dataclass(frozen=True)
 class EvalScores:
@@ -58,6 +56,8 @@ def decide(new: EvalScores, primary: EvalScores | None, identity_tolerance: floa
 def diversity(embeddings: np.ndarray, prompts: int, seeds: int) -> float:
     """Mean 1 − cosine over every pair of one prompt's renders (rows prompt-major, L2-normalised):
     0 when every seed gives the same picture. A single seed has no pairs: 0."""
+    import numpy as np
+
     if seeds < 2:
         return 0.0
     values = []

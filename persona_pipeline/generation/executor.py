@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from PIL import Image
 
 from persona_pipeline.domain import workflows as wf
 from persona_pipeline.domain.generation_request import LoraInUse, build_request, takes_input_image
@@ -131,6 +130,8 @@ class GenerationExecutor:
     def _input_image(self, job: PlannedJob) -> tuple[str | None, tuple[int, int] | None]:
         """An edit or video job's image and its size: a file in the persona folder (params.input_image), else
         the candidate the plan chose (the parent, or the ancestor `step:<name>` names)."""
+        from PIL import Image
+
         source = job.params.get("input_image")
         path = self._persona_file(job.params, "input_image") if source and not source.startswith("step:") else job.input_image
         if path is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from persona_pipeline.domain.training_captions import FIELD_NAMES, VOCABULARIES, CaptionFields
 from persona_pipeline.resources.clip import ClipModel
@@ -31,6 +30,8 @@ class ClipCaptioner:
     def caption_fields(self, paths: list[Path], *, trigger_word: str = "", class_word: str = "") -> list[CaptionFields]:
         """One `CaptionFields` per photo, in order. `trigger_word`/`class_word` are accepted so that
         this and `GeminiClient.caption_fields` are called alike; zero-shot does not need them."""
+        import numpy as np
+
         if not paths:
             return []
         images = self.clip.embed_images(list(paths))

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
-import numpy as np
-from PIL import Image
 
 from persona_pipeline.training.tiny_models import register_tiny_clip
+
+if TYPE_CHECKING:  # annotations only: imported where used, not when the code location loads
+    import numpy as np
 
 WORLD_CLIP_MODEL = "world"
 
@@ -32,6 +34,8 @@ class ClipModel(dg.ConfigurableResource):
 
     def embed_images(self, paths: list[Path], batch_size: int = 32) -> np.ndarray:
         """L2-normalised image embeddings, one row per path."""
+        import numpy as np
+        from PIL import Image
         import torch
 
         model, preprocess, _ = _load(self.model_name, self.pretrained, self.device)

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TYPE_CHECKING
 
 import dagster as dg
-from PIL import Image
 
 from persona_pipeline.domain.generation_params import CONTROL_STRENGTH_DEFAULT
 from persona_pipeline.resources.diffusion_batches import DiffusersJob, call_arguments, check_job, describe_mode, plan_batches
@@ -42,6 +41,9 @@ from persona_pipeline.training.families.edit_models import KONTEXT, QWEN_IMAGE_E
 from persona_pipeline.training.families.video_models import WAN_I2V, video_model_of_pipeline
 from persona_pipeline.training.tiny_models import (TINY_CONTROLNET_NAME, TINY_FLUX_NAME, TINY_RESOLUTION, TINY_SD_NAME,
                                                    build_tiny_controlnet, build_tiny_flux, build_tiny_sd)
+
+if TYPE_CHECKING:  # annotations only: imported where used, not when the code location loads
+    from PIL import Image
 
 WORLD_BASE_MODEL = "world"
 TINY_FLUX = "tiny-flux"  # a FLUX.1 [dev] layout with random weights, built under models_dir (shapes alone)

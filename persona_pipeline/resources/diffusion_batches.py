@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image
 
 from persona_pipeline.domain.generation_params import CONTROL_STRENGTH_DEFAULT, MAX_LORAS
 from persona_pipeline.resources.diffusion_runtime import GenerationInputError
@@ -63,7 +62,6 @@ def plan_batches(jobs: Sequence[DiffusersJob], batch_size: int) -> list[list[int
     sizes = {key: 1 if key.frames else batch_size for key in groups}
     return [members[start:start + sizes[key]] for key, members in groups.items()
             for start in range(0, len(members), sizes[key])]
-
 
 
 def check_job(job: DiffusersJob, where: str, minimum_side: int, flow_matching: bool = False) -> None:
@@ -165,6 +163,8 @@ def describe_mode(job: DiffusersJob) -> str:
 
 
 def _load_rgb(path: str, size: tuple[int, int] | None) -> Image.Image:
+    from PIL import Image
+
     with Image.open(path) as image:
         image = image.convert("RGB")
     if size and image.size != size:
@@ -186,6 +186,8 @@ def _check_lora_file(path: str, where: str) -> None:
 
 
 def _check_image_file(path: str, kind: str, where: str) -> None:
+    from PIL import Image
+
     if not Path(path).is_file():
         raise GenerationInputError(f"{where}: {kind} {path} not found")
     try:

@@ -2,8 +2,8 @@
 
 Three steps publish a photo: create a container from a public JPEG URL (`create_container`), wait
 until Meta has fetched and processed it (`wait_for_container`), publish it (`publish_container`).
-Around them: the account's 24 h quota, the permalink, finding a post whose media id was lost, and
-the token's health.
+Around them: the account's 24 h quota, the permalinks (many ids a request), finding a post whose
+media id was lost, and the token's health.
 
 Every call takes the account's token explicitly; it travels as the `access_token` form field (POST)
 or query parameter (GET), as the Graph API expects, and never appears in an error: messages and
@@ -57,6 +57,7 @@ sleep = time.sleep
 MAX_BACKOFF_S = 60.0
 MAX_POLL_INTERVAL_S = 10.0
 POLL_GROWTH = 1.5
+MAX_IDS = 50  # ids in one multi-id lookup (GET /?ids=...), the Graph API's limit
 # Container status codes the API documents (GET /{container}?fields=status_code).
 CONTAINER_STATUSES = ("IN_PROGRESS", "FINISHED", "ERROR", "EXPIRED", "PUBLISHED")
 _SECRET_PARAM_RE = re.compile(r"((?:access_token|input_token)=)[^&\s'\"]+")
@@ -307,6 +308,20 @@ class InstagramGraphClient(dg.ConfigurableResource):
         """The post's public URL (https://www.instagram.com/p/<code>/)."""
         body = self._call("GET", f"/{media_id}", token, {"fields": "permalink"})
         return self._field(body, "permalink", f"GET /{media_id}")
+
+    def permalinks(self, media_ids: list[str], token: str) -> dict[str, str]:
+        """Media id -> permalink for many posts at once: the multi-id lookup (GET /?ids=a,b,c
+        &fields=permalink), MAX_IDS ids a request. One id the API does not find (code 803) fails
+        its whole request: the caller falls back to `permalink` per id."""
+        links: dict[str, str] = {}
+        for start in range(0, len(media_ids), MAX_IDS):
+            part = media_ids[start:start + MAX_IDS]
+            call = f"GET /?ids={','.join(part)}"
+            body = self._call("GET", "/", token, {"ids": ",".join(part), "fields": "permalink"})
+            for media_id in part:
+                node = body.get(media_id)
+                links[media_id] = self._field(node if isinstance(node, dict) else {}, "permalink", call)
+        return links
 
     def find_media(self, user_id: str, token: str, caption: str, since: datetime) -> tuple[str, str] | None:
         """(media_id, permalink) of the newest post whose caption equals `caption` (whitespace

@@ -2,13 +2,17 @@
 prepared on a small pool while the previous post is being published; the publish calls
 themselves go out one at a time on the account's thread, each with a quota unit reserved first.
 The media id, the library item becoming used and the post becoming published are one
-transaction; the permalink follows and is written as soon as it is read, so a run killed later
-in the batch leaves the posts it published with their permalinks."""
+transaction. The permalinks follow in batches of PERMALINK_BATCH posts (one multi-id lookup and
+one transaction each, off the account's thread) and at the end of the account's posts. A run
+killed mid-batch leaves up to PERMALINK_BATCH - 1 published posts without their permalink for a
+while (published, with their media id: a permalink is a link, never what decides a publish); the
+account's next run reads them first (`PostClaims.unlinked`)."""
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from datetime import timedelta
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -19,6 +23,9 @@ from persona_pipeline.resources.publish_batch import crash_point
 
 if TYPE_CHECKING:
     from persona_pipeline.resources.instagram_account import AccountBatch
+
+PERMALINK_BATCH = 10  # published posts whose permalinks are read in one request and written in one transaction
+UNLINKED_SINCE = timedelta(days=7)  # how far back a run looks for permalinks a killed run never read
 
 
 class QuotaShare:
@@ -56,6 +63,7 @@ class InstagramPipeline:
         self.containers = Containers(account)
         self.budget = budget
         self.stats = stats  # the account's entry in the batch report's quotas: `published` counts here
+        self.unlinked: list[tuple[int, str]] = []  # published, permalink not read yet: (post id, media id)
 
     def run(self, posts: list[DuePost]) -> None:
         account, batch = self.account, self.batch
@@ -73,6 +81,8 @@ class InstagramPipeline:
 
         renewed = batch.clock()  # when the claims were made
         try:
+            # Permalinks a killed run published but never read come first (one lookup with the next ones).
+            self.unlinked = self.claims.unlinked(sorted({p.account for p in posts}), renewed - UNLINKED_SINCE)
             fill()
             while inflight:
                 renewed = self.claims.renew_waiting([p.id for p, _ in inflight] + [p.id for p in pending], renewed)
@@ -92,7 +102,8 @@ class InstagramPipeline:
             for post in pending:  # the account stopped before these were started
                 batch.safely(post, lambda p=post: batch.give_back(p, "deferred", account.stop_reason, step="publish"))
         finally:
-            for future in after:  # each permalink is recorded by its own task; wait for the last ones
+            self._read_permalinks(after, pool)  # the last ones
+            for future in after:  # each batch of permalinks is recorded by its own task; wait for the last ones
                 future.result()
             if pool:
                 pool.shutdown(wait=True)
@@ -134,8 +145,9 @@ class InstagramPipeline:
             batch.published(post, external_id=media_id, permalink=None, already=False, step="publish",
                             container_id=cid, detail=f"media {media_id}", attempts=ready.attempts)
             self.stats["published"] += 1
-            task: Callable = lambda: self.claims.record_permalinks([self._permalink(post, media_id)])  # noqa: E731
-            after.append(pool.submit(task) if pool else _done(task()))
+            self.unlinked.append((post.id, media_id))
+            if len(self.unlinked) >= PERMALINK_BATCH:
+                self._read_permalinks(after, pool)
             return
 
     def _refused(self, post: DuePost, cid: str, exc: GraphError, attempts: list[dict]) -> None:
@@ -150,11 +162,27 @@ class InstagramPipeline:
         self.batch.failed(post, str(exc), retryable=retryable, step="publish", error=exc, container_id=cid,
                           clear_container=exc.container_status in ("EXPIRED", "ERROR"), attempts=attempts)
 
-    def _permalink(self, post: DuePost, media_id: str) -> tuple[int, str, str | None, GraphError | None]:
-        """After the post is recorded as published: its permalink (a failure only leaves it empty)."""
+    def _read_permalinks(self, after: list[Future], pool: ThreadPoolExecutor | None) -> None:
+        """Read and record the permalinks of the posts published since the last call (on the pool when there is one)."""
+        unlinked, self.unlinked = self.unlinked, []
+        if unlinked:
+            task: Callable = lambda: self.claims.record_permalinks(self._permalinks(unlinked))  # noqa: E731
+            after.append(pool.submit(task) if pool else _done(task()))
+
+    def _permalinks(self, published: list[tuple[int, str]]) -> list[tuple[int, str, str | None, GraphError | None]]:
+        """After the posts are recorded as published: their permalinks, in one lookup; when it fails,
+        one by one, so that one post's failure leaves only its own permalink empty."""
         account = self.account
         try:
-            return post.id, media_id, account.graph.permalink(media_id, account.token), None
-        except GraphError as exc:
-            self.batch.warn(f"post {post.id}: published as media {media_id}, but its permalink could not be read ({exc})")
-            return post.id, media_id, None, exc
+            links = account.graph.permalinks([media_id for _, media_id in published], account.token)
+            return [(post_id, media_id, links[media_id], None) for post_id, media_id in published]
+        except GraphError:
+            pass
+        read = []
+        for post_id, media_id in published:
+            try:
+                read.append((post_id, media_id, account.graph.permalink(media_id, account.token), None))
+            except GraphError as exc:
+                self.batch.warn(f"post {post_id}: published as media {media_id}, but its permalink could not be read ({exc})")
+                read.append((post_id, media_id, None, exc))
+        return read

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from persona_pipeline.domain.promotion import EvalScores, diversity
 from persona_pipeline.identity import IdentityReference, identity_stats
@@ -38,6 +37,8 @@ def evaluate(diffusion, clip, identity: IdentityReference, loras: list[Path], pr
              trigger_word: str, file_for: Callable[[int, int, int], Path]) -> list[EvalRun]:
     """Render and score each LoRA in `loras` (checkpoint selection and version evaluation alike);
     `file_for(lora index, prompt index, seed)` is where each render is written."""
+    import numpy as np
+
     rendered = diffusion.render_checkpoints(loras, prompts, seeds)
     texts = clip.embed_texts([strip_trigger(p, trigger_word) for p in prompts])
     runs = []

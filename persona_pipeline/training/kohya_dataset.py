@@ -11,7 +11,6 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
 
 from persona_pipeline.training.params import TrainingConfigError
 
@@ -78,6 +77,7 @@ def load_pixels(path: Path, resolution: int, size: tuple[int, int] | None = None
     """Resize to cover `size` (width, height; default a `resolution` square), centre-crop, scale to
     [-1, 1], NCHW. Also returns the original (height, width) and the crop's (top, left), which SDXL
     is conditioned on."""
+    from PIL import Image
     import numpy as np
     import torch
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Sequence
+from typing import Sequence, TYPE_CHECKING
 
-from PIL import Image, ImageDraw, ImageFont
+if TYPE_CHECKING:  # annotations only: imported where used, not when the code location loads
+    from PIL import Image
 
 BACKGROUND, AXIS, RAW, SMOOTH, TEXT = (255, 255, 255), (90, 90, 90), (190, 190, 200), (31, 90, 180), (40, 40, 40)
 CHECKPOINT, CHECKPOINT_LIGHT = (220, 120, 30), (245, 220, 195)
@@ -39,6 +40,8 @@ def loss_curve_png(losses: Sequence[float], *, checkpoints: Sequence[int] = (), 
                    height: int = 200) -> bytes:
     """PNG bytes of `losses` (one per step, step = index + 1) at exactly width x height.
     Non-finite losses are skipped; no steps (or none finite) gives a PNG that says so."""
+    from PIL import Image, ImageDraw, ImageFont
+
     if width < MIN_WIDTH or height < MIN_HEIGHT:
         raise ValueError(f"loss curve must be at least {MIN_WIDTH}x{MIN_HEIGHT}, got {width}x{height}")
     image = Image.new("RGB", (width, height), BACKGROUND)
