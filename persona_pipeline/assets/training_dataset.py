@@ -298,6 +298,8 @@ def _copy_png(source: Path, target: Path) -> None:
     if source.suffix.lower() == ".png":
         shutil.copyfile(source, target)
     else:
+        from PIL import Image
+
         with Image.open(source) as image:
             image.convert("RGB").save(target, format="PNG")
 
