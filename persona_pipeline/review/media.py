@@ -183,6 +183,8 @@ def thumbnail_sprite(home: Path, images: list[str | None]) -> tuple[Sprite | Non
             sources.setdefault(key, image)
     if not sources or len(sources) > SPRITE_MAX:
         return None, [thumbnail_src(home, image) for image in images]
+    # Tiles in the order of their keys, not of the posts: a moved post finds the same sprite.
+    sources = {key: sources[key] for key in sorted(sources)}
     wanted = _sprite_key(list(sources))
     keys = _SPRITES.get(wanted)
     if keys and not (home / SPRITE_CACHE / f"{_sprite_key(keys)}.jpg").is_file():
