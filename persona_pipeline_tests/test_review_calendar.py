@@ -226,6 +226,33 @@ def test_an_inlined_thumbnail_is_remembered_until_its_image_changes(tmp_path):
         assert thumb.convert("RGB").getpixel((32, 40))[2] > 150  # the blue replacement, not the red original
 
 
+def test_a_sprite_holds_each_readable_thumbnail_once_and_is_made_once(tmp_path):
+    from persona_pipeline.review import media
+
+    home = tmp_path.resolve()
+    folder = home / "personas" / "p"
+    folder.mkdir(parents=True)
+    red, blue, broken = folder / "red.png", folder / "blue.png", folder / "broken.png"
+    Image.new("RGB", (64, 80), (200, 10, 10)).save(red)
+    Image.new("RGB", (800, 1000), (10, 10, 200)).save(blue)
+    broken.write_bytes(b"not a picture")
+    images = [str(red), str(blue), str(broken), str(folder / "missing.png"), str(red)]
+    sprite, tiles = media.thumbnail_sprite(home, images)
+    assert tiles[2:4] == ["/media/personas/p/broken.png", "/media/personas/p/missing.png"]  # the plain URL, as before
+    assert sorted(tiles[:2]) == [0, 1] and tiles[4] == tiles[0]  # one tile per image, shared by its posts
+    path = home / media.SPRITE_CACHE / f"{sprite.key}.jpg"
+    with Image.open(path) as sheet:
+        assert (sprite.columns, sprite.rows, sheet.size) == (2, 1, (192, 120))
+        for index, colour in ((tiles[0], (200, 10, 10)), (tiles[1], (10, 10, 200))):
+            assert all(abs(a - b) < 12 for a, b in zip(sheet.convert("RGB").getpixel((index * 96 + 48, 60)), colour))
+    made = path.stat().st_mtime_ns
+    again, moved = media.thumbnail_sprite(home, list(reversed(images)))  # other posts' order: the same sprite
+    assert again == sprite and moved == list(reversed(tiles)) and path.stat().st_mtime_ns == made
+    assert len(list((home / media.SPRITE_CACHE).glob("*.jpg"))) == 1
+    path.unlink()  # an emptied cache is made again
+    assert media.thumbnail_sprite(home, images) == (sprite, tiles) and path.is_file()
+
+
 def test_a_week_view_and_bad_input_get_clear_answers(client):
     week = client.get(f"/calendar?view=week&date={local(2).date().isoformat()}")
     assert week.status_code == 200 and client.ids[0] in cards(week.text) and len(cards(week.text)) <= 2
