@@ -100,20 +100,31 @@ async def media(request: Request) -> Response:
     return FileResponse(target, headers={"Cache-Control": "private, max-age=3600"})
 
 
-def _thumbnail(home: Path, image_path: str | None) -> tuple[str | None, tuple[str, int, int] | None, bytes | None]:
-    """(its /media URL, its (file, mtime, size) key, its small JPEG) for a post's image: the JPEG
-    made once (domain/media.thumbnail_jpeg) and kept under PERSONA_HOME/.cache/thumbs. An image that
-    is not here (not yet pulled from object storage) or cannot be read has no key and no JPEG; one
-    outside home not even a URL."""
+def _thumbnail_key(home: Path, image_path: str | None) -> tuple[str | None, tuple[str, int, int] | None]:
+    """(its /media URL, its (file, mtime, size) key) of a post's image, without reading it: an image
+    that is not here (not yet pulled from object storage) has no key; one outside home not even a URL."""
     url = media_url(home, image_path)
     target = resolve_media(home, url.removeprefix("/media/")) if url else None
     if target is None:
-        return url, None, None
+        return url, None
     try:
         stat = target.stat()
-        memo = (str(target), stat.st_mtime_ns, stat.st_size)
-        key = hashlib.sha256(f"{target.relative_to(home)}|{stat.st_mtime_ns}|{stat.st_size}|{THUMB_SIDE}".encode()).hexdigest()
-        cached = home / THUMB_CACHE / key[:2] / f"{key}.jpg"
+    except OSError:
+        return url, None
+    return url, (str(target), stat.st_mtime_ns, stat.st_size)
+
+
+def _thumbnail(home: Path, image_path: str | None) -> tuple[str | None, tuple[str, int, int] | None, bytes | None]:
+    """(its /media URL, its key, its small JPEG) for a post's image: the JPEG made once
+    (domain/media.thumbnail_jpeg) and kept under PERSONA_HOME/.cache/thumbs. An image that cannot
+    be read has no key and no JPEG."""
+    url, memo = _thumbnail_key(home, image_path)
+    if memo is None:
+        return url, None, None
+    target, mtime, size = Path(memo[0]), memo[1], memo[2]
+    key = hashlib.sha256(f"{target.relative_to(home)}|{mtime}|{size}|{THUMB_SIDE}".encode()).hexdigest()
+    cached = home / THUMB_CACHE / key[:2] / f"{key}.jpg"
+    try:
         try:
             data = cached.read_bytes()
         except FileNotFoundError:
@@ -210,20 +221,6 @@ async def sprite(request: Request) -> Response:
     if not _SPRITE_NAME.match(name) or not target.is_file():
         raise HTTPException(404, "no such sprite")
     return FileResponse(target, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
-
-
-def _thumbnail_key(home: Path, image_path: str | None) -> tuple[str | None, tuple[str, int, int] | None]:
-    """(its /media URL, its (file, mtime, size) key) without reading the thumbnail when the key is
-    already remembered in this process (as a data: URL)."""
-    url = media_url(home, image_path)
-    target = resolve_media(home, url.removeprefix("/media/")) if url else None
-    if target is None:
-        return url, None
-    try:
-        stat = target.stat()
-    except OSError:
-        return url, None
-    return url, (str(target), stat.st_mtime_ns, stat.st_size)
 
 
 def thumbnail_src(home: Path, image_path: str | None) -> str | None:
