@@ -20,7 +20,8 @@ must be `complete`, and a thumbnail counts when its image has a natural width or
 loaded sprite. The run also checks that P post cards and P loaded thumbnails are on the page, else
 FAIL.
 
-1. Cold: the first load, which makes the thumbnails on the server (kept under PERSONA_HOME/.cache).
+1. Cold: the first load, which makes the thumbnails and the sprite on the server (kept under
+   PERSONA_HOME/.cache).
 2. Warm: N more loads (default 15; --quick 5), thumbnails already made, as a reviewer meets the
    page every day after the posts' first showing.
 
@@ -160,7 +161,7 @@ def main() -> int:
         complete = all(r["cards"] == args.posts and r["loaded"] == args.posts for r in [cold, *warm])
         ms = [r["ms"] for r in warm]
         median, p95 = statistics.median(ms), percentile(ms, 0.95)
-        print(f"  1. cold (thumbnails made on the server): {cold['ms']:.0f} ms")
+        print(f"  1. cold (thumbnails and sprite made on the server): {cold['ms']:.0f} ms")
         print(f"  2. warm, {runs} runs: median {median:.0f} ms, p95 {p95:.0f} ms, min {min(ms):.0f} ms, max {max(ms):.0f} ms")
         print(f"     of which the page's first byte (server) median {statistics.median(r['first_byte'] for r in warm):.0f} ms, "
               f"its last byte {statistics.median(r['last_byte'] for r in warm):.0f} ms")
