@@ -71,10 +71,22 @@ def day_of(page, post_id: int) -> str:
     return page.locator(f"#cal-post-{post_id}").evaluate("card => card.closest('.cal-day').dataset.day")
 
 
+# Post thumbnails drawn: an <img class="cal-thumb"> loaded with a width, or a sprite tile (a card's
+# .cal-tile showing the loaded sprite #cal-sprite as its background, with a size on the page).
+THUMBS_SETTLED = "() => [...document.querySelectorAll('img.cal-thumb, img.cal-sprite')].every(i => i.complete)"
+THUMBS_DRAWN = """() => {
+  const sprite = document.getElementById('cal-sprite');
+  const ready = sprite && sprite.complete && sprite.naturalWidth > 0;
+  const tiles = ready ? [...document.querySelectorAll('.cal-tile')].filter((t) => t.offsetWidth > 0
+    && getComputedStyle(t).backgroundImage.includes(sprite.src) && t.style.backgroundPosition !== '') : [];
+  return tiles.length + [...document.querySelectorAll('img.cal-thumb')].filter((i) => i.naturalWidth > 0).length;
+}"""
+
+
 def thumbnails_shown(page) -> int:
-    """How many post thumbnails have loaded (a decoded image with a width), after all have settled."""
-    page.wait_for_function("() => [...document.querySelectorAll('.cal-thumb')].every(i => i.complete)")
-    return page.evaluate("() => [...document.querySelectorAll('.cal-thumb')].filter(i => i.naturalWidth > 0).length")
+    """How many post thumbnails are drawn (THUMBS_DRAWN), after all images have settled."""
+    page.wait_for_function(THUMBS_SETTLED)
+    return page.evaluate(THUMBS_DRAWN)
 
 
 def drag(page, size: str, post_id: int, day: date) -> None:

@@ -181,11 +181,27 @@ def test_the_month_shows_scheduled_awaiting_and_published_posts_with_thumbnails_
     assert shown == {scheduled: local(2).date().isoformat(), awaiting: local(20).date().isoformat(),
                      published: local(-1).date().isoformat()}  # the cancelled post is not in the feed
     page = client.get(f"/calendar?date={local(2).date().isoformat()}")
-    thumb = re.search(rf'id="cal-post-{scheduled}".*?<img class="cal-thumb" src="([^"]+)"', page.text, re.S).group(1)
-    assert thumb.startswith("data:image/jpeg;base64,")  # inlined: a month of posts costs no request per image
-    with Image.open(io.BytesIO(base64.b64decode(thumb.split(",", 1)[1]))) as image:
-        assert (image.format, image.size) == ("JPEG", (64, 80))  # the source's own size and aspect (never enlarged)
+    # One sprite of the page's thumbnails (no request per image); each card shows its tile.
+    tile = int(re.search(rf'id="cal-post-{scheduled}".*?<span class="cal-thumb cal-tile" data-tile="(\d+)"', page.text, re.S).group(1))
+    src, columns, rows = re.search(r'data-sprite-columns="(\d+)" data-sprite-rows="(\d+)">\s*<img class="cal-sprite" '
+                                   r'id="cal-sprite" src="(/calendar/sprites/[0-9a-f]{64}\.jpg)"', page.text).group(3, 1, 2)
+    tiles = [int(t) for t in re.findall(r'data-tile="(\d+)"', page.text)]
+    assert sorted(tiles) == list(range(len(tiles))) and int(columns) * int(rows) >= len(tiles)
+    answer = client.get(src)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(answer.content)) as image:
+        assert (image.format, image.size) == ("JPEG", (int(columns) * 96, int(rows) * 120))
+        x, y = (tile % int(columns)) * 96 + 48, (tile // int(columns)) * 120 + 60
+        with session_scope(client.url) as session:
+            source = Image.open(session.get(models.Post, scheduled).media_path).convert("RGB").getpixel((32, 40))
+        assert all(abs(a - b) < 12 for a, b in zip(image.convert("RGB").getpixel((x, y)), source))  # its own picture
     assert len(list((client.home / ".cache" / "thumbs").rglob("*.jpg"))) == 3  # made once, kept for the next page
+    assert len(list((client.home / ".cache" / "sprites").glob("*.jpg"))) >= 1
+    again = client.get(f"/calendar?date={local(2).date().isoformat()}")
+    assert src in again.text and len(list((client.home / ".cache" / "sprites").glob("*.jpg"))) == len(set(
+        re.findall(r"/calendar/sprites/([0-9a-f]{64})\.jpg", again.text + page.text)))  # the same sprite, not another
+    assert client.get("/calendar/sprites/" + "0" * 64 + ".jpg").status_code == 404
+    assert client.get("/calendar/sprites/..%2Fthumbs.jpg").status_code == 404
     assert re.search(rf'id="cal-post-{published}"[^>]*href', page.text) or local(-1).month != local(2).month
     assert f'id="cal-post-{published}" data-post-id="{published}" data-movable' not in page.text
 
@@ -208,6 +224,33 @@ def test_an_inlined_thumbnail_is_remembered_until_its_image_changes(tmp_path):
     assert second.startswith("data:image/jpeg;base64,") and second != first
     with Image.open(io.BytesIO(base64.b64decode(second.split(",", 1)[1]))) as thumb:
         assert thumb.convert("RGB").getpixel((32, 40))[2] > 150  # the blue replacement, not the red original
+
+
+def test_a_sprite_holds_each_readable_thumbnail_once_and_is_made_once(tmp_path):
+    from persona_pipeline.review import media
+
+    home = tmp_path.resolve()
+    folder = home / "personas" / "p"
+    folder.mkdir(parents=True)
+    red, blue, broken = folder / "red.png", folder / "blue.png", folder / "broken.png"
+    Image.new("RGB", (64, 80), (200, 10, 10)).save(red)
+    Image.new("RGB", (800, 1000), (10, 10, 200)).save(blue)
+    broken.write_bytes(b"not a picture")
+    images = [str(red), str(blue), str(broken), str(folder / "missing.png"), str(red)]
+    sprite, tiles = media.thumbnail_sprite(home, images)
+    assert tiles[2:4] == ["/media/personas/p/broken.png", "/media/personas/p/missing.png"]  # the plain URL, as before
+    assert sorted(tiles[:2]) == [0, 1] and tiles[4] == tiles[0]  # one tile per image, shared by its posts
+    path = home / media.SPRITE_CACHE / f"{sprite.key}.jpg"
+    with Image.open(path) as sheet:
+        assert (sprite.columns, sprite.rows, sheet.size) == (2, 1, (192, 120))
+        for index, colour in ((tiles[0], (200, 10, 10)), (tiles[1], (10, 10, 200))):
+            assert all(abs(a - b) < 12 for a, b in zip(sheet.convert("RGB").getpixel((index * 96 + 48, 60)), colour))
+    made = path.stat().st_mtime_ns
+    again, moved = media.thumbnail_sprite(home, list(reversed(images)))  # other posts' order: the same sprite
+    assert again == sprite and moved == list(reversed(tiles)) and path.stat().st_mtime_ns == made
+    assert len(list((home / media.SPRITE_CACHE).glob("*.jpg"))) == 1
+    path.unlink()  # an emptied cache is made again
+    assert media.thumbnail_sprite(home, images) == (sprite, tiles) and path.is_file()
 
 
 def test_a_week_view_and_bad_input_get_clear_answers(client):

@@ -32,7 +32,7 @@ from persona_pipeline.review.gallery import (approve_step, compare_page, gallery
                                              restore_candidate)
 from persona_pipeline.review.login import login, login_form, logout
 from persona_pipeline.review.loras import loras_page, promote_lora, rollback_lora
-from persona_pipeline.review.media import media
+from persona_pipeline.review.media import media, sprite
 from persona_pipeline.review.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
 from persona_pipeline.review.posts import post_action, posts_page
 from persona_pipeline.review.queue import queue_page
@@ -69,6 +69,7 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/posts", posts_page, methods=["GET"]),
         Route("/posts/{post_id:int}/{action:str}", post_action, methods=["POST"]),
         Route("/calendar", calendar_page, methods=["GET"]),
+        Route("/calendar/sprites/{name:str}.jpg", sprite, methods=["GET"]),
         Route("/calendar/posts/{post_id:int}", calendar_post_page, methods=["GET"]),
         Route("/calendar/posts/{post_id:int}/edit", calendar_post_edit, methods=["POST"]),
         Route("/loras", loras_page, methods=["GET"]),

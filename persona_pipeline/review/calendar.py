@@ -25,7 +25,7 @@ from persona_pipeline.domain import calendar as cal
 from persona_pipeline.domain.media import fit_aspect
 from persona_pipeline.personas import PersonaConfig
 from persona_pipeline.review.inputs import BadInput, form_text, local_zone, parse_local_slot, path_id, split_hashtags
-from persona_pipeline.review.media import media_url, thumbnail_src
+from persona_pipeline.review.media import media_url, thumbnail_sprite
 from persona_pipeline.review.posts import post_timezone, slug_param
 from persona_pipeline.review.web import api, flash, home_of, in_db, page, render
 
@@ -66,14 +66,14 @@ class _Personas:
         return self.rows[persona_id]
 
 
-def _card(post: Row | models.Post, persona: models.Persona, config: PersonaConfig, home: Path,
-          image: str | None) -> dict[str, Any]:
-    """A calendar card (from a `review_views.calendar_posts` row, or the post itself)."""
+def _card(post: Row | models.Post, persona: models.Persona, config: PersonaConfig) -> dict[str, Any]:
+    """A calendar card (from a `review_views.calendar_posts` row, or the post itself); its "thumb"
+    (a tile of the page's sprite, or an image URL) is set by `_grid`."""
     zone = local_zone(persona.timezone)
     local = (post.published_at or post.scheduled_at).astimezone(zone)
     return {"id": post.id, "status": post.status, "persona_slug": persona.slug, "persona_name": persona.name,
             "account": config.account_name(post.account), "day": local.date(), "time": local.strftime("%H:%M"),
-            "zone": local.tzname(), "thumb": thumbnail_src(home, image), "caption": post.caption,
+            "zone": local.tzname(), "thumb": None, "caption": post.caption,
             "movable": post.status in review_posts.EDITABLE}
 
 
@@ -84,15 +84,23 @@ def _grid(session: Session, view: str, anchor: date, slug: str | None, home: Pat
     end = datetime.combine(span.last + timedelta(days=2), time.min, timezone.utc)
     personas = _Personas(session)
     by_day: dict[date, list[dict[str, Any]]] = {}
+    images: list[str | None] = []
+    shown: list[dict[str, Any]] = []
     for post in review_views.calendar_posts(session, cal.STATUSES, start, end, slug):
-        card = _card(post, *personas(post.persona_id), home, post.media_path or post.candidate_image)
+        card = _card(post, *personas(post.persona_id))
         if span.first <= card["day"] <= span.last:
             by_day.setdefault(card["day"], []).append(card)
+            images.append(post.media_path or post.candidate_image)
+            shown.append(card)
+    # One sprite of the thumbnails for the page: each card shows its tile (calendar.js places it).
+    sprite, thumbs = thumbnail_sprite(home, images)
+    for card, thumb in zip(shown, thumbs):
+        card["thumb" if not isinstance(thumb, int) else "tile"] = thumb
     weeks = [[{"date": day, "posts": by_day.get(day, []), "outside": not span.in_view(day)} for day in week]
              for week in span.weeks]
     choices = [(p.slug, p.name) for p in session.scalars(select(models.Persona).where(models.Persona.active.is_(True))
                                                            .order_by(models.Persona.slug))]
-    return {"span": span, "weeks": weeks, "count": sum(len(v) for v in by_day.values()), "personas": choices}
+    return {"span": span, "weeks": weeks, "count": len(shown), "personas": choices, "sprite": sprite}
 
 
 @page
@@ -124,7 +132,7 @@ def _post_view(session: Session, post_id: int, home: Path) -> dict[str, Any]:
         raise review.NotFound(f"post {post_id} does not exist")
     persona, config = _Personas(session)(post.persona_id)
     image = post.media_path or (post.candidate.image_path if post.candidate else None)
-    card = _card(post, persona, config, home, image)
+    card = _card(post, persona, config)
     shown, more = cal.caption_cut(post_text(post.caption, list(post.hashtags or [])))
     zone = local_zone(persona.timezone)
     return {**card, "hashtags": list(post.hashtags or []), "url": media_url(home, image), "aspect": _frame_aspect(image),

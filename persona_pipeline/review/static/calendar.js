@@ -16,6 +16,19 @@
 
   var grid = document.getElementById("calendar");
   if (!grid) return;
+  // The thumbnails: one sprite per page (the server's), each card showing its tile. The CSP allows
+  // no inline style, so the tiles are placed here; on the body, so a dragged card's copy has its own.
+  var sprite = document.getElementById("cal-sprite");
+  if (sprite) {
+    var columns = +grid.dataset.spriteColumns, rows = +grid.dataset.spriteRows;
+    document.body.style.setProperty("--sprite", 'url("' + sprite.src + '")');
+    document.body.style.setProperty("--sprite-size", columns * 100 + "% " + rows * 100 + "%");
+    grid.querySelectorAll(".cal-tile").forEach(function (tile) {
+      var i = +tile.dataset.tile, column = i % columns, row = Math.floor(i / columns);
+      tile.style.backgroundPosition = (columns > 1 ? column / (columns - 1) * 100 : 0) + "% " +
+        (rows > 1 ? row / (rows - 1) * 100 : 0) + "%";
+    });
+  }
   var errorBox = document.getElementById("cal-error");
   var csrf = document.querySelector("meta[name=csrf-token]").content;
   var drag = null; // {card, id, from, x, y, ghost, over, pointer}
