@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 from contextlib import contextmanager
 from functools import partial
@@ -16,13 +17,16 @@ def collector_paused():
     Collecting while they are built cost about a fifth of the load's CPU and finds next to no
     garbage (with the collector off throughout, a full collection after the load finds under 1,000
     unreachable objects, which freezing keeps); unfrozen, the first collection after the load
-    would walk them all again (docs/operations.md#load-time)."""
+    would walk them all again (docs/operations.md#load-time). They are unfrozen at exit, so the
+    interpreter's last collections free them: frozen, extension modules loaded later (triton's,
+    through torch) reported their objects as leaked at every exit of a process that generated."""
     collecting = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         gc.freeze()
+        atexit.register(gc.unfreeze)
         if collecting:
             gc.enable()
 
