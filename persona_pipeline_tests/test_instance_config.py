@@ -121,12 +121,14 @@ def test_every_training_or_generating_job_carries_the_tag_its_limit_counts(tmp_p
         if "lora_model" in nodes:
             assert job.tags.get(GPU_TAG) == "training", job.name
             seen.add(job.name)
-        if "candidates" in nodes:
+        generates = nodes & {"candidates", "dataset_enrichment"}  # an image model runs: generation's limit
+        if generates:
             assert job.tags.get(GENERATION_TAG) == "batch", job.name
             seen.add(job.name)
-        if "candidates" not in nodes and "lora_model" not in nodes:  # the caps count only what they are for
+        if not generates and "lora_model" not in nodes:  # the caps count only what they are for
             assert GPU_TAG not in job.tags and GENERATION_TAG not in job.tags, job.name
-    assert seen >= {"photo_set", "lora_training", "persona_chain", "generation", "generation_runs", "advance_runs"}
+    assert seen >= {"photo_set", "lora_training", "persona_chain", "generation", "generation_runs", "advance_runs",
+                    "dataset_version", "dataset_growth"}
     assert defs.resolve_sensor_def("persona_folders").job_name == "photo_set"
     assert {(GPU_TAG, "training"), (GENERATION_TAG, "batch"), *PUBLISH_TAG.items()} <= limited
 

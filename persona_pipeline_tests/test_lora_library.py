@@ -382,7 +382,9 @@ def test_cli_lists_and_sets(tmp_path, db_url, monkeypatch, capsys):
     assert cli.main(["lora", "set", "mira", str(lora_id), "--weight", "0.7", "--no-primary"]) == 0
     assert cli.main(["lora", "list", "mira"]) == 0
     out = capsys.readouterr().out
-    assert "weight 0.70" in out and "primary" not in out.splitlines()[-1]
+    (row,) = [line for line in out.splitlines() if line.split()[:1] == [str(lora_id)]]
+    assert "weight 0.70" in row and "primary" not in row  # no longer the primary: its role column is empty
+    assert "demote_lora by" in out and "lora set --no-primary" in out  # and taking it away was recorded
     assert cli.main(["lora", "set", "mira", str(lora_id), "--weight", "3"]) == 2
     assert "out of range" in capsys.readouterr().err
 

@@ -72,7 +72,7 @@ dataset_version_job = _persona_job(
 dataset_growth_job = _persona_job(
     "dataset_growth",
     ["dataset_enrichment", "dataset_flywheel"],
-    tags={**TRAINING_TAGS},
+    tags=GENERATION_TAGS,  # the edits run an image model, as generation does: they count against its limit
     description="New dataset candidates for the review queue: edits of the accepted photos by persona.yaml's "
                 "enrichment instructions, and the approved winners and published posts (docs/dataset.md). Started "
                 "by hand from the launchpad; each image is scored and waits for a person in the review queue.",
