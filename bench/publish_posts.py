@@ -2,7 +2,8 @@
 100 ms per call, with every account's quota respected and no post published twice (issue 25).
 
     python bench/publish_posts.py [--quick] [--sqlite] [--posts N] [--accounts A] [--latency S]
-        [--quota Q] [--workers W] [--prepare-ahead P] [--reference-accounts RA] [--reference-posts RP]
+        [--quota Q] [--workers W] [--processes K] [--prepare-ahead P] [--reference-accounts RA]
+        [--reference-posts RP]
 
 Set-up: a fresh, migrated PostgreSQL database (`make_database("postgresql", ...)`, dropped at the
 end; `--sqlite` for a SQLite file), A personas each with its own Instagram account (user id +
@@ -21,15 +22,17 @@ token check and quota reads (the fake also fetches the image).
    (RA accounts x RP posts, default 2 x 10) and its time per post is multiplied by N: the output
    says "extrapolated".
 2. Ours: `publish_due` as the publish op runs it: accounts in parallel (PERSONA_PUBLISH_WORKERS,
-   default 32), each account's containers prepared `prepare_ahead` (4) posts ahead while its
+   default 32, in all), dealt to K processes (PERSONA_PUBLISH_PROCESSES; --processes, default the
+   setting's default), each account's containers prepared `prepare_ahead` (4) posts ahead while its
    publish calls go out one at a time in slot order. Target: <= 60 s for the full size.
 
 The fake Graph API and the media server run in a child process (Meta's servers and the CDN are not
 on the publisher's CPU; in one process they would share its GIL). Both processes' CPU times are
-printed: on a small machine the run is CPU-bound (three Graph calls, the URL check and three
-short transactions per post, and a tenth of a permalink lookup and of its transaction), not bound
-by the 100 ms latencies. The publishing process's peak RSS over
-the batch is printed too (its high-water mark is reset after the set-up, /proc/self/clear_refs).
+printed (with K > 1: the parent's and each worker process's): on a small machine the run is
+CPU-bound (three Graph calls, the URL check and three short transactions per post, and a tenth of
+a permalink lookup and of its transaction), not bound by the 100 ms latencies. The publishing
+process's peak RSS over the batch is printed too (its high-water mark is reset after the set-up,
+/proc/self/clear_refs), and with K > 1 each worker's and the sum (an upper bound of the total).
 
 Checks (PASS/FAIL): every post published exactly once (the fake saw one media_publish per post and
 no repeated container or caption: `double_publishes() == []`), every post's row published with its
@@ -187,10 +190,10 @@ def seed(url: str, folder: Path, fake: RemoteFake, prefix: str, accounts: int, p
     return out
 
 
-def publisher(fake: RemoteFake, public: Path, workers: int, prepare_ahead: int) -> InstagramPublisher:
+def publisher(fake: RemoteFake, public: Path, workers: int, prepare_ahead: int, processes: int = 1) -> InstagramPublisher:
     return InstagramPublisher(graph=InstagramGraphClient(base_url=fake.url, timeout_s=30, poll_interval_s=0.5),
                               media_public_base_url=fake.media_url, media_public_dir=str(public), workers=workers,
-                              prepare_ahead=prepare_ahead)
+                              prepare_ahead=prepare_ahead, processes=processes)
 
 
 def reset_peak_rss() -> bool:
@@ -220,8 +223,11 @@ def run(url: str, pub: InstagramPublisher, workers: int) -> tuple[float, dict, Q
     started, cpu = time.perf_counter(), time.process_time()
     report = run_batch(AppDatabase(url=url), pub, datetime.now(timezone.utc), log, run_id=f"bench-{time.time_ns()}",
                        workers=workers)
-    log.cpu_s = time.process_time() - cpu  # the publishing process only (the fake runs in its own)
+    log.parent_cpu_s = time.process_time() - cpu  # the publishing process (the fake runs in its own)
+    log.workers = report.processes  # the worker processes' own figures, when there were several
+    log.cpu_s = log.parent_cpu_s + sum(w["cpu_s"] for w in log.workers)
     log.peak_rss_mib = peak_rss_mib()
+    log.total_rss_mib = log.peak_rss_mib + sum(w["peak_rss_mib"] or 0 for w in log.workers)
     return time.perf_counter() - started, report, log
 
 
@@ -269,6 +275,8 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=0.1, help="seconds per Graph API answer (0.1)")
     parser.add_argument("--quota", type=int, default=50, help="posts per account per 24 h (50)")
     parser.add_argument("--workers", type=int, default=32, help="accounts in parallel (32, PERSONA_PUBLISH_WORKERS)")
+    parser.add_argument("--processes", type=int, default=InstagramPublisher.model_fields["processes"].default,
+                        help="processes the accounts are dealt to (PERSONA_PUBLISH_PROCESSES)")
     parser.add_argument("--prepare-ahead", type=int, default=4, help="containers prepared ahead per account (4)")
     parser.add_argument("--reference-accounts", type=int, default=2)
     parser.add_argument("--reference-posts", type=int, default=10, help="posts per reference account (10)")
@@ -300,7 +308,8 @@ def main() -> int:
             groups = seed(url, folder, fake, "acct", accounts, per_account, args.quota)
             before = fake.records()["calls"]
             fake_cpu = fake.records()["cpu_s"]
-            ours_s, report, log = run(url, publisher(fake, public, args.workers, args.prepare_ahead), workers=args.workers)
+            ours_s, report, log = run(url, publisher(fake, public, args.workers, args.prepare_ahead, args.processes),
+                                      workers=args.workers)
             records = fake.records()
             calls, fake_cpu = records["calls"] - before, records["cpu_s"] - fake_cpu
             window_max = max(records["usage"][user][0] for user in groups)
@@ -316,15 +325,25 @@ def main() -> int:
               f"{ref_posts / ref_s:8.1f}   (measured on {args.reference_accounts} accounts x {args.reference_posts} posts)")
         print(f"  {'reference at full size':62s} {total:6d} {ref_extrapolated:8.1f}s {total / ref_extrapolated:8.1f}"
               f"   (EXTRAPOLATED: {ref_per_post * 1000:.0f} ms/post x {total})")
-        print(f"  {f'ours: {min(args.workers, accounts)} accounts in parallel, {args.prepare_ahead} containers ahead':62s} "
+        flow = (f"ours: {min(args.workers, accounts)} accounts in parallel, {args.prepare_ahead} containers ahead"
+                + (f", {len(log.workers)} processes" if log.workers else ""))
+        print(f"  {flow:62s} "
               f"{total:6d} {ours_s:8.2f}s {total / ours_s:8.1f}")
         print(f"  reference/ours: {ref_extrapolated / ours_s:.1f}x")
         print(f"  CPU of the publishing process: ours {log.cpu_s:.1f} s ({log.cpu_s / total * 1000:.1f} ms/post), "
               f"reference {ref_log.cpu_s / ref_posts * 1000:.1f} ms/post; the fake Graph API + media server "
               f"{fake_cpu:.1f} s ({fake_cpu / total * 1000:.1f} ms/post); load average {os.getloadavg()[0]:.1f} "
               f"on {os.cpu_count()} CPUs")
+        if log.workers:
+            print(f"  of which the parent {log.parent_cpu_s:.1f} s; each worker process: " + ", ".join(
+                f"{w['cpu_s']:.1f} s for {w['posts']} posts ({w['cpu_s'] / max(1, w['posts']) * 1000:.1f} ms/post)"
+                for w in log.workers))
         print(f"  peak RSS of the publishing process during the batch: {log.peak_rss_mib:,.0f} MiB"
               f"{'' if log.rss_reset else ' (high-water mark not resettable here: includes the set-up)'}")
+        if log.workers:
+            rss = [w["peak_rss_mib"] or 0 for w in log.workers]
+            print(f"  peak RSS of each worker process: {', '.join(f'{r:,.0f}' for r in rss)} MiB; parent + workers: "
+                  f"{log.peak_rss_mib + sum(rss):,.0f} MiB (a sum of peaks: an upper bound)")
         print(f"  Graph calls (ours): {dict(sorted(calls.items()))}")
         print(f"  per-account usage after: min {min(usage.values())}, max {max(usage.values())} of {args.quota} "
               f"(the fake's own 24 h window: max {window_max}); counts {report.counts}")
@@ -339,11 +358,13 @@ def main() -> int:
         print(f"RESULT: {total:,} posts in {ours_s:.2f} s ({total / ours_s:.0f} posts/s; target <= {TARGET_S:g} s at "
               f"10,000 posts / 200 accounts / 100 ms{'' if full else ', not this size: only the checks count'}), "
               f"quotas respected, {len(problems)} problem(s), {len(records['doubles'])} double posts, "
-              f"peak RSS {log.peak_rss_mib:,.0f} MiB: {'PASS' if ok else 'FAIL'}")
+              f"peak RSS {log.total_rss_mib:,.0f} MiB{' (parent + workers)' if log.workers else ''}: "
+              f"{'PASS' if ok else 'FAIL'}")
         record(f"publish {total:,} posts / {accounts} accounts, {args.latency * 1000:.0f} ms per Graph call, {backend}: "
                f"one at a time vs accounts in parallel", reference=ref_extrapolated, ours=ours_s, unit="s", better="lower",
                target=f"ours <= {TARGET_S:g} s at 10,000 posts / 200 accounts, no double post, quotas kept", ok=ok,
-               note=f"reference extrapolated from {ref_posts} posts; peak RSS {log.peak_rss_mib:,.0f} MiB")
+               note=f"reference extrapolated from {ref_posts} posts; peak RSS {log.total_rss_mib:,.0f} MiB; "
+                    f"{max(1, len(log.workers))} process(es)")
         return 0 if ok else 1
     finally:
         cleanup()

@@ -141,7 +141,8 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
 def build_publisher(settings: Settings) -> Publisher:
     """PERSONA_PUBLISHER: the dry-run outbox (default) or the Instagram Graph API."""
     env = partial(from_settings, settings)
-    common = dict(workers=env("publish_workers"), max_retries=env("publish_max_retries"))
+    common = dict(workers=env("publish_workers"), processes=env("publish_processes"),
+                  max_retries=env("publish_max_retries"))
     if settings.publisher == "outbox":
         return OutboxPublisher(home=str(settings.home), **common)
     if not settings.media_public_base_url and settings.instagram_video_upload == "url":

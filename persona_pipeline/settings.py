@@ -343,6 +343,10 @@ class Settings:
         "PERSONA_PUBLISH_WORKERS", Integer(1, 256), "32",
         "Posts in flight at once (accounts run in parallel; each account's quota is reserved before every "
         "publish call).")
+    publish_processes: int = setting(
+        "PERSONA_PUBLISH_PROCESSES", Integer(1, 64), "1",
+        "Processes the due accounts are dealt to (whole accounts; `PERSONA_PUBLISH_WORKERS` is the total across "
+        "them). One process's Python caps publishing near 140 posts/s; more lift that where there are cores.")
     publish_max_retries: int = setting(
         "PERSONA_PUBLISH_MAX_RETRIES", Integer(0, 20), "3",
         "Failed publishes retried (with growing waits) before a post is abandoned.")

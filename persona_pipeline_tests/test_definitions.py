@@ -121,6 +121,7 @@ FED_BY_ENVIRONMENT = {
     ("gemini", "model"): "PERSONA_GEMINI_MODEL",
     ("gemini", "base_url"): "GEMINI_BASE_URL",
     ("publisher", "workers"): "PERSONA_PUBLISH_WORKERS",
+    ("publisher", "processes"): "PERSONA_PUBLISH_PROCESSES",
     ("publisher", "max_retries"): "PERSONA_PUBLISH_MAX_RETRIES",
     ("publisher", "media_public_base_url"): "MEDIA_PUBLIC_BASE_URL",
     ("publisher", "token_warn_days"): "INSTAGRAM_TOKEN_WARN_DAYS",
@@ -176,6 +177,7 @@ def test_every_value_from_the_environment_reaches_the_resources_as_its_variable(
     }
     plain = {"PERSONA_DEVICE": "cpu", "PERSONA_CANDIDATES_PER_RUN": "7", "PERSONA_GENERATION_BATCH_SIZE": "3",
              "COMFYUI_MAX_IN_FLIGHT": "5", "PERSONA_GENERATION_BACKEND": "comfyui", "PERSONA_PUBLISH_WORKERS": "9",
+             "PERSONA_PUBLISH_PROCESSES": "3",
              "PERSONA_PUBLISH_MAX_RETRIES": "2", "INSTAGRAM_TOKEN_WARN_DAYS": "11", "ALERT_MAX_ATTEMPTS": "6",
              "PERSONA_PUBLISHER": "instagram"}
     for name, value in {**distinctive, **plain}.items():

@@ -25,7 +25,7 @@ def test_docs_settings_md_is_the_generated_table():
 
 def test_each_setting_is_declared_once_with_a_type_and_help():
     names = [s.env for s in SETTINGS]
-    assert len(names) == len(set(names)) == 58
+    assert len(names) == len(set(names)) == 59
     assert [s.attr for s in SETTINGS] == [f.name for f in fields(Settings) if "setting" in f.metadata]
     undeclared = {f.name for f in fields(Settings)} - {s.attr for s in SETTINGS}
     assert undeclared == {"artifact_store", "from_environment"}  # derived from PERSONA_HOME / by from_env

@@ -7,14 +7,14 @@ One batch (`run_batch`, or `publish_due` for its counts):
 2. Due posts: `scheduled`, slot passed, `next_attempt_at` passed or unset; plus posts left in
    `publishing` whose claim expired (db/publishing.py: claims, leases and the writes of outcomes).
 3. The posts are grouped by the publisher's `account_key`; accounts run in parallel (`workers`
-   threads), and each account's posts go to the publisher's `publish_account`, which claims them
+   threads in all, over `processes` processes: resources/publish_processes.py), and each
+   account's posts go to the publisher's `publish_account`, which claims them
    and records each outcome through the batch (resources/publisher.py; the Instagram flow in
    resources/instagram_account.py).
 """
 
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
@@ -24,6 +24,7 @@ from persona_pipeline.automation.jobs import PUBLISH_TAG
 from persona_pipeline.db.publishing import LEASE, LOCAL_CLAIM, DuePost, PostClaims, due_media_paths
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.publish_batch import CRASH_ENV, BatchReport, PublishBatch
+from persona_pipeline.resources.publish_processes import publish_accounts
 from persona_pipeline.resources.publisher import Publisher
 from persona_pipeline.resources.storage import PersonaStorage
 
@@ -33,18 +34,19 @@ __all__ = ["CRASH_ENV", "LEASE", "PUBLISH_TAG", "BatchReport", "publish_due", "p
 
 def publish_due(database: AppDatabase, publisher: Publisher, now: datetime, log, *, run_id: str | None = None,
                 is_run_alive: Callable[[str], bool] | None = None, workers: int | None = None,
-                clock: Callable[[], datetime] | None = None) -> dict[str, int]:
+                clock: Callable[[], datetime] | None = None, processes: int | None = None) -> dict[str, int]:
     """Publish every due post; the counts per outcome (see `run_batch` for the whole report)."""
     return run_batch(database, publisher, now, log, run_id=run_id, is_run_alive=is_run_alive, workers=workers,
-                     clock=clock).counts
+                     clock=clock, processes=processes).counts
 
 
 def run_batch(database: AppDatabase, publisher: Publisher, now: datetime, log, *, run_id: str | None = None,
               is_run_alive: Callable[[str], bool] | None = None, workers: int | None = None,
-              clock: Callable[[], datetime] | None = None) -> BatchReport:
+              clock: Callable[[], datetime] | None = None, processes: int | None = None) -> BatchReport:
     """One batch. `clock` tells the time as the batch goes on (claims and leases are stamped with
     it); by default `now` moved on by the monotonic time the batch has run. `is_run_alive(run_id)`
-    lets a claim of a finished run be taken over before its lease expires."""
+    lets a claim of a finished run be taken over before its lease expires. `workers` and
+    `processes` default to the publisher's (PERSONA_PUBLISH_WORKERS, PERSONA_PUBLISH_PROCESSES)."""
     claims = PostClaims(database.url, run_id or f"{LOCAL_CLAIM}{uuid.uuid4().hex[:16]}", now,
                         publisher=publisher.name, retry_wait_s=publisher.retry_wait_s, clock=clock or _moving(now))
     batch = PublishBatch(claims, BatchReport(), log)
@@ -54,16 +56,8 @@ def run_batch(database: AppDatabase, publisher: Publisher, now: datetime, log, *
         groups.setdefault(publisher.account_key(post), []).append(post)
     if not groups:
         return batch.report
-    with ThreadPoolExecutor(max_workers=max(1, min(workers or publisher.workers, len(groups))),
-                            thread_name_prefix="publish-account") as pool:
-        futures = {pool.submit(publisher.publish_account, batch, posts): key for key, posts in groups.items()}
-        for future, key in futures.items():
-            try:
-                future.result()
-            except Exception as exc:  # noqa: BLE001 - one account's bug must not hide the others' results
-                # Its claimed posts stay `publishing`; the next run takes them over (this run is over by then).
-                batch.report.add_error(f"account {key}: {type(exc).__name__}: {exc}")
-                batch.error(f"account {key}: publishing stopped: {type(exc).__name__}: {exc}")
+    publish_accounts(publisher, batch, groups, workers or publisher.workers,
+                     processes if processes is not None else publisher.processes)
     return batch.report
 
 

@@ -31,6 +31,9 @@ class BatchReport:
     quotas: dict[str, dict[str, Any]] = field(default_factory=dict)  # account -> usage before/after, total
     token_warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # problems a person must fix (the op fails on them)
+    # One entry per worker process when the batch ran in several (publish_processes.py): pid, accounts,
+    # posts, cpu_s, peak_rss_mib. Empty when it ran in this process.
+    processes: list[dict[str, Any]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, key: str, n: int = 1) -> None:

@@ -48,7 +48,8 @@ class Publisher(dg.ConfigurableResource):
     6 h) before its next attempt; after `max_retries` failures it is abandoned."""
 
     name: str = "publisher"
-    workers: int = 32  # PERSONA_PUBLISH_WORKERS: accounts published in parallel
+    workers: int = 32  # PERSONA_PUBLISH_WORKERS: accounts published in parallel (in all processes)
+    processes: int = 1  # PERSONA_PUBLISH_PROCESSES: processes the accounts are dealt to (publish_processes.py)
     max_retries: int = 3  # PERSONA_PUBLISH_MAX_RETRIES
     retry_wait_s: float = 300.0
 
