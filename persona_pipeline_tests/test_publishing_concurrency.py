@@ -195,7 +195,7 @@ def test_kill_minus_9_of_a_sharded_run_stops_its_workers_and_the_rerun_publishes
     """kill -9 of the publishing process while its two worker processes are mid-batch: the workers
     die with it (no publish call reaches the fake after the kill has settled), and the rerun, also
     over two processes, publishes every post exactly once."""
-    world.fake.latency_s = 0.15  # a slow API: the kill lands mid-batch whatever the machine's speed
+    world.fake.latency_s = 0.3  # a slow API: the kill lands mid-batch, and calls a worker would make on after it show
     groups = accounts(world, per_account=6)
     ids = [i for group in groups.values() for i in group]
     config = {"graph": world.fake.url, "media": world.media.url, "public": str(world.public), "db": world.url}
@@ -219,7 +219,10 @@ def test_kill_minus_9_of_a_sharded_run_stops_its_workers_and_the_rerun_publishes
         if child.poll() is None:
             child.kill()
             child.wait(30)
-    time.sleep(1.0)  # the workers' parent-death signal, and the calls they had in flight reaching the fake
+    # The calls the workers had sent reach the fake (it records a call when it arrives). A worker
+    # that outlived its parent would go on: a thread mid-container makes its status and publish
+    # calls (0.3 s each) before any write to its parent's closed pipe could stop it.
+    time.sleep(0.5)
     settled = len(world.fake.requests)
     time.sleep(2.0)
     assert len(world.fake.requests) == settled, "a worker process went on calling the API after its run was killed"
