@@ -734,15 +734,21 @@ def test_a_run_that_lost_its_claim_stops_touching_the_post(world):
 
 
 @pytest.mark.slow
-def test_the_dagster_job_reports_quotas_and_fails_on_a_rejected_token(world, monkeypatch):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_dagster_job_reports_quotas_and_fails_on_a_rejected_token(world, monkeypatch, processes):
+    """The same output, metadata and log whether the accounts go out from the op's process or
+    from two worker processes (PERSONA_PUBLISH_PROCESSES): one account each."""
     pid = persona(world)
     pid_b = persona(world, "bea", USER_B, ENV_B)
     posts(world, pid, "anna", USER_A, 2)
     ids_b = posts(world, pid_b, "bea", USER_B, 1)
-    resources = {"database": AppDatabase(url=world.url), "publisher": world.publisher(),
+    resources = {"database": AppDatabase(url=world.url), "publisher": world.publisher(processes=processes),
                  "storage": PersonaStorage(home=str(world.tmp / "home"))}
-    result = publish_job.execute_in_process(resources=resources, instance=dg.DagsterInstance.ephemeral())
+    instance = dg.DagsterInstance.ephemeral()
+    result = publish_job.execute_in_process(resources=resources, instance=instance)
     assert result.success and result.output_for_node("publish_due_posts")["published"] == 3
+    logged = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert sum(1 for line in logged if " published: media " in line) == 3, logged
     (output,) = [e for e in result.events_for_node("publish_due_posts") if e.is_successful_output]
     metadata = output.step_output_data.metadata
     assert metadata["published"].value == 3
