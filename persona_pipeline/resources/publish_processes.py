@@ -18,7 +18,6 @@ signal; elsewhere a watchdog thread), so a kill -9 of the run stops every publis
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import threading
@@ -86,6 +85,8 @@ def _build(recipe: tuple[type, dict[str, Any]]):
 
 def _processes(publisher, batch: PublishBatch, groups: dict[str, list[DuePost]], workers: int,
                processes: int) -> None:
+    import multiprocessing  # here, not at the top: loading the definitions need not pay for it
+
     claims = batch.claims
     context = multiprocessing.get_context("spawn")  # never fork a process that holds threads and pooled connections
     shards = shard(groups, processes)
