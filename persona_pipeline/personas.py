@@ -96,8 +96,8 @@ class LearningConfig(_Strict):
     max_share_shift: float = Field(default=15, ge=0, le=100)  # ± points around each pillar's configured share
     pillar_bounds: dict[str, tuple[float, float]] = {}  # pillar -> [min %, max %], instead of the shift
     learn_hours: bool = True  # move slots to the best-performing hour inside the posting windows
-    min_posts: int = Field(default=10, ge=1, le=10000)  # posts with insights before the shares move
-    half_life_days: float = Field(default=60, gt=0, le=3650)  # older posts count half after this
+    min_posts: int = Field(default=3, ge=1, le=10000)  # posts with insights before the shares and hours move
+    half_life_days: float = Field(default=120, gt=0, le=3650)  # older posts count half after this
     seed: int = 0
 
     def settings(self) -> "learning.LearningSettings":

@@ -135,10 +135,13 @@ def test_bounded_best_fills_lows_then_best():
 # --- learning ----------------------------------------------------------------------------------------
 
 def test_no_data_falls_back_to_configured_weights_saying_so():
-    result = learning.learn_shares(WEIGHTS, observations({"travel": 0.05}, 3), learning.LearningSettings(enabled=True), NOW)
+    result = learning.learn_shares(WEIGHTS, observations({"travel": 0.05}, 2), learning.LearningSettings(enabled=True), NOW)
     assert not result.learned
     assert result.shares == {"everyday": Fraction(40, 100), "travel": Fraction(35, 100), "outdoors": Fraction(25, 100)}
-    assert "only 3 post(s) with insights (needs 10): configured weights" in result.summary
+    assert "only 2 post(s) with insights (needs 3): configured weights" in result.summary
+    # Three posts are enough to start: the prior and the bounds keep the first moves small.
+    assert learning.learn_shares(WEIGHTS, observations({"travel": 0.05}, 3), learning.LearningSettings(enabled=True),
+                                 NOW).learned
 
 
 def test_learning_moves_shares_towards_the_better_pillar_within_bounds():
@@ -185,6 +188,18 @@ def test_hours_stay_inside_the_windows_and_move_to_the_better_hour():
         assert "Thompson" in why
     assert sum(new.astimezone(zone).hour == 14 for new, _ in moved) >= 7
     assert learning.pick_hours(None, slots, windows, "Europe/Lisbon", settings) == [(s, "") for s in slots]
+
+
+def test_hour_prior_is_a_valid_correlation_on_the_24_hour_day():
+    for length in (3.0, 6.0, 12.0):
+        corr = learning.hour_correlation(length)
+        assert np.allclose(corr, corr.T) and np.allclose(np.diag(corr), 1)
+        assert np.linalg.eigvalsh(corr).min() > -1e-9  # positive semi-definite at any length
+        assert corr[13, 14] == pytest.approx(np.exp(-1 / (2 * length ** 2)), rel=0.01)  # near hours: squared exp.
+        assert corr[23, 0] == pytest.approx(corr[0, 1]) and corr[1, 23] == pytest.approx(corr[0, 2])  # the day wraps
+    # A squared exponential of the circular distance, which the prior used before, is not valid beyond ~3 hours.
+    gap = np.abs(np.arange(24)[:, None] - np.arange(24)[None, :])
+    assert np.linalg.eigvalsh(np.exp(-np.minimum(gap, 24 - gap) ** 2 / (2 * 6.0 ** 2))).min() < -0.1
 
 
 def test_window_moments_are_window_starts_and_full_hours():

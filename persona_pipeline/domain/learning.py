@@ -3,7 +3,7 @@
 Model. Each post's log engagement rate y = log((interactions + 0.5) / (reach + 1)) is a pillar
 effect plus a local-hour effect plus noise: a Bayesian linear regression with Gaussian priors
 (pillar effects around the account's pooled log-rate, sd 1; hour effects around 0, sd 0.3,
-correlated between neighbouring hours with a 3-hour length scale) and a
+correlated between neighbouring hours by a periodic kernel on the 24-hour day, length 6 hours) and a
 per-post noise variance of the content's own spread (estimated from the fit's residuals) plus the binomial
 variance 1/(interactions + 0.5). Old posts count less (weight 0.5^(age / half_life_days)), since
 the audience's taste drifts.
@@ -43,20 +43,29 @@ if TYPE_CHECKING:  # numpy is imported where it runs: persona.yaml's checks use 
 HOURS = 24
 PILLAR_PRIOR_SD = 1.0
 HOUR_PRIOR_SD = 0.3
-HOUR_PRIOR_LENGTH = 3.0  # hours: an audience's activity changes smoothly through the day
+# Hours: an audience's activity changes smoothly through the day (a day has one or two busy
+# stretches, not a different taste every hour), so evidence is shared over about a quarter day.
+HOUR_PRIOR_LENGTH = 6.0
+
+
+def hour_correlation(length_hours: float) -> np.ndarray:
+    """The 24 × 24 prior correlation of the hour effects: a periodic (exp-sine-squared) kernel on
+    the 24-hour circle, so a few posts at 13:00 also say something about 11:00 and 15:00, and 23:00
+    is next to 00:00. Nearby hours correlate as a squared exponential of `length_hours` would;
+    unlike a squared exponential of the circular distance, it is a valid (positive semi-definite)
+    correlation at any length (that one is not from about 3 hours on)."""
+    import numpy as np
+
+    hours = np.arange(HOURS)
+    length = 2 * math.pi * length_hours / HOURS
+    return np.exp(-2 * np.sin(math.pi * (hours[:, None] - hours[None, :]) / HOURS) ** 2 / length ** 2)
 
 
 @lru_cache(maxsize=1)
 def _hour_prior_precision() -> np.ndarray:
-    """Inverse of a squared-exponential covariance on the 24-hour circle: neighbouring hours share
-    strength, so a few posts at 13:00 also say something about 12:00 and 14:00."""
     import numpy as np
 
-    hours = np.arange(HOURS)
-    gap = np.abs(hours[:, None] - hours[None, :])
-    gap = np.minimum(gap, HOURS - gap)
-    cov = HOUR_PRIOR_SD ** 2 * np.exp(-gap ** 2 / (2 * HOUR_PRIOR_LENGTH ** 2)) + 1e-4 * np.eye(HOURS)
-    return np.linalg.inv(cov)
+    return np.linalg.inv(HOUR_PRIOR_SD ** 2 * hour_correlation(HOUR_PRIOR_LENGTH) + 1e-4 * np.eye(HOURS))
 
 
 @dataclass(frozen=True)
@@ -65,8 +74,8 @@ class LearningSettings:
     max_share_shift: float = 15.0  # points each pillar's share may move from its configured share
     pillar_bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (min %, max %)
     learn_hours: bool = True
-    min_posts: int = 10
-    half_life_days: float = 60.0
+    min_posts: int = 3  # Thompson sampling needs no long warm-up: the bounds cap what a few posts move
+    half_life_days: float = 120.0  # at a few posts a week one post's noise outweighs months of drift
     draws: int = 64
     seed: int = 0
 
