@@ -90,6 +90,19 @@ class IdentityReference:
     def warning(self) -> str | None:
         return "; ".join(self.warnings) or None
 
+    @property
+    def digest(self) -> str:
+        """A short hash of the centroid: scores against another reference (another persona's photos,
+        a changed photo set) do not compare, so evaluations keyed by it are not reused across them."""
+        if self.centroid is None:
+            return "none"
+        import hashlib
+
+        import numpy as np
+
+        rounded = np.round(np.asarray(self.centroid, dtype=np.float64), 5) + 0.0  # + 0.0: no -0.0 bytes
+        return hashlib.sha256(rounded.tobytes()).hexdigest()[:16]
+
 
 def reference_for(embedder: IdentityEmbedder, fallback: IdentityEmbedder, photo_paths: list[Path]) -> IdentityReference:
     """Identity against the persona's source photos. A face model that finds no face in any of them

@@ -111,3 +111,56 @@ def test_a_decision_without_a_reviewer_is_refused_and_changes_nothing(db_url, tm
             dc.decide(session, cid, "accept", " ")
     with session_scope(db_url) as session:
         assert dc.pending_for(session, "ds", 10)[0].id == cid
+
+
+def test_a_reviewer_overrides_a_drop_as_a_review_event_and_undo_drops_it_again(db_url, tmp_path):
+    from persona_pipeline.db.dataset_undo import undo_decision
+
+    with session_scope(db_url) as session:
+        pid = _persona(session, tmp_path)
+        pending = dc.add_candidate(session, pid, **_edit(0)).id
+        twin = dc.add_candidate(session, pid, **_edit(1), status="dropped",
+                                reason="near duplicate of photos/a.jpg (cosine 0.981 >= 0.97)").id
+        low = dc.add_candidate(session, pid, **_edit(2), status="dropped", reason="identity 0.412 is below 0.6").id
+    with session_scope(db_url) as session:
+        assert [r.id for r in dc.queue_for(session, "ds", "dropped", 10)] == [twin, low]
+        assert [r.id for r in dc.queue_for(session, "ds", "pending", 10)] == [pending]
+        with pytest.raises(ValueError, match="queue 'accepted' is not one of pending, dropped"):
+            dc.queue_for(session, "ds", "accepted")
+        # A plain decision still cannot take a dropped one (the page's queue never overrides by accident) ...
+        with pytest.raises(dc.DatasetDecisionError, match=r"edit-1.png .* is already dropped: near duplicate .*"
+                                                          r"a reviewer may override the drop from the dropped list"):
+            dc.decide(session, twin, "accept", "ana", now=NOW)
+        # ... and an override needs a drop to override.
+        with pytest.raises(dc.DatasetDecisionError, match=r"edit-0.png .* is pending, not dropped; there is no drop to override"):
+            dc.decide(session, pending, "accept", "ana", now=NOW, override_drop=True)
+    with session_scope(db_url) as session:
+        row = dc.decide(session, twin, "accept", "ana", caption="t3st woman, the same smile", now=NOW, override_drop=True)
+        assert (row.status, row.decided_by, row.caption) == ("accepted", "ana", "t3st woman, the same smile")
+        assert row.reason.startswith("near duplicate")  # the machine's reason stays on the row
+        dc.decide(session, low, "reject", "bo", now=NOW, override_drop=True)  # confirmed: rejected for good
+    with session_scope(db_url) as session:
+        events = session.scalars(select(models.ReviewEvent).order_by(models.ReviewEvent.id)).all()
+        assert [(e.kind, e.subject_id, e.reviewer, e.payload["overrides_drop"]) for e in events] == [
+            ("dataset_accept", twin, "ana", "near duplicate of photos/a.jpg (cosine 0.981 >= 0.97)"),
+            ("dataset_reject", low, "bo", "identity 0.412 is below 0.6")]
+        assert [r.id for r in dc.accepted_for(session, pid)] == [twin]
+        assert dc.queue_for(session, "ds", "dropped", 10) == []
+        # Decided, it is not dropped any more: a second override is refused.
+        with pytest.raises(dc.DatasetDecisionError, match="is rejected, not dropped"):
+            dc.decide(session, low, "accept", "bo", now=NOW, override_drop=True)
+    with session_scope(db_url) as session:  # undo puts it back where it was: dropped, with its reason and caption
+        back = undo_decision(session, twin, "ana", now=NOW)
+        assert (back.status, back.decided_by, back.caption) == ("dropped", None, "t3st woman 1")
+        assert back.reason.startswith("near duplicate")
+        undo = session.scalars(select(models.ReviewEvent).where(models.ReviewEvent.kind == "dataset_undo")).one()
+        assert undo.payload["back_to"] == "dropped" and undo.payload["undone"] == "accepted"
+    with session_scope(db_url) as session:  # accepted again, then built into a version: frozen like any other
+        dc.decide(session, twin, "accept", "ana", now=NOW, override_drop=True)
+        dc.mark_included(session, [twin], "v7")
+    with session_scope(db_url) as session:
+        with pytest.raises(dc.DatasetDecisionError, match=r"edit-1.png \(dataset candidate \d+\) is in dataset version v7"):
+            undo_decision(session, twin, "ana", now=NOW)
+        with pytest.raises(dc.DatasetDecisionError, match="is in dataset version v7"):
+            dc.decide(session, twin, "reject", "ana", now=NOW, override_drop=True)
+        assert session.get(models.DatasetCandidate, twin).status == "accepted"

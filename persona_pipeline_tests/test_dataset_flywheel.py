@@ -147,3 +147,7 @@ def test_an_edit_origin_names_photo_instruction_model_and_seed():
     assert describe_origin(origin) == ("edit of photo mira_01.jpg with instruction 'turn left' by model "
                                        "kontext:tiny-kontext seed 9 (dataset candidate #4)")
     assert describe_origin({"kind": "photo", "photo": "mira_02.jpg"}) == "uploaded photo mira_02.jpg"
+    # An edit whose source photo was not recorded (add_candidate does not require it) still describes
+    # itself: training_dataset's captions table and the review page both call this.
+    Row.source_photo_sha256 = None
+    assert describe_origin(origin_of(Row(), {})).startswith("edit of photo ? with instruction 'turn left'")

@@ -239,3 +239,19 @@ def test_the_review_form_shows_versions_and_promotes_and_rolls_back_as_the_revie
         assert registry.primary_lora(session, form.seed.persona_id).lora_id == one
         events = [(e.kind, e.subject_id, e.reviewer, e.payload["reason"]) for e in promotion.decisions(session, form.seed.persona_id)]
     assert events[-2:] == [("promote_lora", two, "alice", "the smile is hers"), ("rollback_lora", one, "alice", "too soft")]
+
+
+def test_an_evaluation_is_keyed_by_the_photos_identity_is_judged_against():
+    """A stored evaluation is reused only against the same identity centroid: a LoRA mapped to two
+    personas (library rows are per sha256), or a persona whose photos changed, is scored again
+    against the photos it is now judged by, never compared on another persona's reference."""
+    from persona_pipeline.identity import IdentityReference
+    from persona_pipeline.training.evaluation import eval_key
+
+    def key(centroid):
+        reference = IdentityReference(None, None if centroid is None else np.array(centroid), [])
+        return eval_key(["photo of t3st woman"], [1, 2], "world", "clip:world", reference.digest)
+
+    assert key([0.6, 0.8]) == key([0.6 + 1e-9, 0.8])  # the same photos, embedded again
+    assert key([0.6, 0.8]) != key([0.8, 0.6]) != key(None)
+    assert key([0.0, 1.0]) == key([-0.0, 1.0])

@@ -1,8 +1,10 @@
 """The dataset review queue as a person meets it: Debian's Chromium driven by playwright against the
 form under real uvicorn, at desktop (1400x900, keyboard) and phone (390x844, touch) sizes. Accepts
 by key (desktop) and by tap (phone), rejects, undoes, edits a caption, and meets the refusal for an image a
-built dataset version already holds; the database is checked after each, and the count shown is the
-server's. Screenshots are saved (under the test's output, and $PERSONA_TEST_ARTIFACTS when set)."""
+built dataset version already holds; then, in the dropped view, sees what the automatic checks dropped
+with the reason and overrides a drop (accepts one anyway, undoes it, rejects one for good). The
+database is checked after each, and the count shown is the server's. Screenshots are saved (under the
+test's output, and $PERSONA_TEST_ARTIFACTS when set)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from persona_pipeline.db.session import session_scope
 from persona_pipeline_tests.browser_fixtures import (PAGE_WAIT_MS, SIZES, Served, Shots, chromium, fits, log_in,  # noqa: F401
                                                      open_page, serve_form, size)
 from persona_pipeline_tests.review_fixtures import seed_review
-from persona_pipeline_tests.test_review_dataset import seed_dataset
+from persona_pipeline_tests.test_review_dataset import DROP_REASONS, seed_dataset, seed_dropped
 
 pytestmark = pytest.mark.browser
 
@@ -217,3 +219,100 @@ def test_accept_reject_edit_and_a_frozen_refusal(served: Served, chromium, size:
     context.close()
     assert problems == []
     assert len(shots.taken) == 5 and all(p.stat().st_size > 5000 for p in shots.taken)
+
+
+def dropped_count(page) -> int:
+    text = page.locator("#remaining").inner_text()
+    assert text.endswith(" dropped by the checks."), text
+    assert page.locator("#view-dropped [data-count='dropped']").inner_text() == text.split()[0]  # the tab agrees
+    return int(text.split()[0])
+
+
+def dropped(url: str, persona_id: int) -> int:
+    with session_scope(url) as session:
+        return session.scalar(select(func.count()).select_from(models.DatasetCandidate).where(
+            models.DatasetCandidate.persona_id == persona_id, models.DatasetCandidate.status == "dropped"))
+
+
+def test_a_reviewer_sees_what_the_checks_dropped_and_overrides_a_drop(served: Served, chromium, size: str,
+                                                                     tmp_path: Path) -> None:
+    phone = size == "phone"
+    slug = f"dd{size[0]}"
+    shots = ScreenShots(tmp_path / f"dropped-{size}", size)
+    review = seed_review(served.url, served.home, slug=slug, candidates=2, steps=1, posts=1)
+    ds = seed_dataset(served.url, served.home, slug, review.persona_id, review.candidate_ids[0], review.step_ids[0],
+                      review.post_ids[0])
+    twin, low, faceless = seed_dropped(served.url, served.home, slug, review.persona_id, count=3)
+    problems: list[str] = []
+    context, page = open_page(chromium, size, problems)
+    log_in(page, served.base)
+    page.goto(f"{served.base}/dataset/{slug}")
+    assert ready(page) == ds.edit_id and page.locator("#ds-reason-row").is_hidden()
+    # The view of what the checks dropped is one tap (or Tab and Enter) away, with its count.
+    tab = page.locator("#view-dropped")
+    assert tab.inner_text() == "Dropped by the checks (3)" and tab.bounding_box()["height"] >= 44
+    if phone:
+        tab.tap()
+    else:
+        tab.focus()
+        page.keyboard.press("Enter")
+    page.wait_for_url(f"{served.base}/dataset/{slug}?view=dropped")
+    assert ready(page) == twin
+    assert page.locator("#view-dropped").get_attribute("aria-current") == "page"
+    assert page.locator("#ds-reason-row").is_visible() and page.locator("#ds-reason").inner_text() == DROP_REASONS[0]
+    assert page.locator("#ds-identity").inner_text() == "0.410 (clip)"
+    assert dropped_count(page) == 3 == dropped(served.url, ds.persona_id)
+    viewport = SIZES[size]["viewport"]
+    for action in ("accept", "reject", "undo"):
+        box = page.locator(f".ds-actions button[data-action='{action}']").bounding_box()
+        assert box["height"] >= 44 and box["y"] + box["height"] <= viewport["height"], (action, box)
+    fits(page, size)
+    shots(page, "dropped")
+
+    # Accept it anyway (a near duplicate the reviewer wants weighted): an acceptance saying it overrides the drop.
+    press(page, phone, "a", "accept")
+    settled(page, 1)
+    accepted = row(served.url, twin)
+    assert (accepted.status, accepted.decided_by, accepted.reason) == ("accepted", "alice", DROP_REASONS[0])
+    with session_scope(served.url) as session:
+        event = session.scalars(select(models.ReviewEvent).where(models.ReviewEvent.kind == "dataset_accept",
+                                                                 models.ReviewEvent.subject_id == twin)).one()
+        assert (event.reviewer, event.payload["overrides_drop"]) == ("alice", DROP_REASONS[0])
+    assert f"Accepted #{twin} over the drop." in page.locator("#status").inner_text()
+    assert dropped_count(page) == 2 == dropped(served.url, ds.persona_id)
+    assert page.locator("#view-pending [data-count='remaining']").inner_text() == "3"  # the queue is untouched
+
+    # Undo: dropped again, with its reason, back on screen; then reject it for good.
+    assert ready(page) == low and page.locator("#ds-reason").inner_text() == DROP_REASONS[1]
+    press(page, phone, "u", "undo")
+    page.wait_for_function("() => document.getElementById('dataset').dataset.undone === '1'", timeout=PAGE_WAIT_MS)
+    assert ready(page) == twin and page.locator("#ds-reason").inner_text() == DROP_REASONS[0]
+    assert "(dropped again: near duplicate" in page.locator("#status").inner_text()
+    assert (row(served.url, twin).status, row(served.url, twin).decided_by) == ("dropped", None)
+    page.wait_for_function("() => document.getElementById('remaining').textContent.startsWith('3 ')", timeout=PAGE_WAIT_MS)
+    assert dropped_count(page) == 3
+    press(page, phone, "r", "reject")
+    settled(page, 1)
+    assert row(served.url, twin).status == "rejected" and f"Rejected #{twin} over the drop." in page.locator("#status").inner_text()
+
+    # The next one, accepted anyway; the last is frozen under the page (bob overrode it, a version holds it): refused.
+    assert ready(page) == low
+    press(page, phone, "a", "accept")
+    settled(page, 2)
+    assert row(served.url, low).status == "accepted"
+    assert ready(page) == faceless and page.locator("#ds-reason").inner_text() == DROP_REASONS[2]
+    with session_scope(served.url) as session:
+        dataset_candidates.decide(session, faceless, "accept", by="bob", override_drop=True)
+        dataset_candidates.mark_included(session, [faceless], "0ddba11cafe")
+    press(page, phone, "r", "reject")
+    page.wait_for_function("() => document.getElementById('dataset').dataset.lost === '1'", timeout=PAGE_WAIT_MS)
+    assert "0ddba11cafe" in page.locator("#lost").inner_text() and "its decision is frozen" in page.locator("#status").inner_text()
+    assert (row(served.url, faceless).status, row(served.url, faceless).decided_by) == ("accepted", "bob")
+    page.wait_for_function("() => document.getElementById('dataset').dataset.done === '1'", timeout=PAGE_WAIT_MS)
+    assert page.locator("#done h2").inner_text() == "No dropped candidate left to look at"
+    assert dropped_count(page) == 0 == dropped(served.url, ds.persona_id)
+    fits(page, size)
+    shots(page, "dropped-done")
+    context.close()
+    assert problems == []
+    assert len(shots.taken) == 2 and all(p.stat().st_size > 5000 for p in shots.taken)

@@ -8,6 +8,7 @@ styled error page for the form post); the login, CSRF and path checks are the fo
 from __future__ import annotations
 
 import hashlib
+import html
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -69,6 +70,30 @@ def seed_dataset(url: str, home: Path, slug: str, persona_id: int, candidate_id:
             session.flush()
         ids = [row.id for row in rows]
     return DatasetSeed(slug, persona_id, ids[0], ids[1], ids[2], candidate_id, step_id, post_id)
+
+
+DROP_REASONS = ("near duplicate of photos/face-01.png (cosine 0.981 >= 0.97)",
+                "identity 0.412 is below 0.6 (clip)", "no face found (face:arcface)")
+
+
+def seed_dropped(url: str, home: Path, slug: str, persona_id: int, count: int = 2) -> list[int]:
+    """`count` candidates the automatic checks dropped (edits with real PNGs), each with its reason,
+    oldest first."""
+    folder = home / "personas" / slug
+    ids = []
+    with session_scope(url) as session:
+        for i in range(count):
+            relative = f"dataset_candidates/dropped-{i}.png"
+            sha = _png(folder / relative, (200, (i * 71 + 30) % 256, (i * 29) % 256))
+            row = dataset_candidates.add_candidate(
+                session, persona_id, origin="edit", image_path=relative, sha256=sha, caption=f"t3st woman, dropped {i}",
+                instruction=f"expression {i}", edit_model="flux-kontext", seed=50 + i, identity_score=0.41 + i / 100,
+                identity_method="clip", status="dropped", reason=DROP_REASONS[i % len(DROP_REASONS)],
+                # the near duplicate shows its twin (seed_dataset's dataset image), as enrichment records it
+                **(dict(nearest_path="datasets/abc123/face-01.png", nearest_cosine=0.981) if i % len(DROP_REASONS) == 0 else {}))
+            session.flush()
+            ids.append(row.id)
+    return ids
 
 
 @pytest.fixture
@@ -280,3 +305,68 @@ def test_undo_takes_back_your_own_recent_decision_until_a_version_holds_it(form)
     assert len(events(form.url, "dataset_undo")) == 1
     assert form.client.post("/api/dataset/candidates/99999/undo", json={}, headers=bob).status_code == 404
     assert form.client.post(f"/api/dataset/candidates/{ds.post_id}/undo", json={}).status_code == 403
+
+
+def test_a_dropped_candidate_is_listed_with_its_reason_and_a_reviewer_may_override_the_drop(form) -> None:
+    form, ds = form
+    twin, low = seed_dropped(form.url, form.home, ds.slug, ds.persona_id)
+    headers = {"X-CSRF-Token": form.login()}
+    # The queue lists only the pending ones; the dropped view lists the dropped, with the reason; both counts on each.
+    queue = form.client.get("/api/dataset/tester/queue").json()
+    assert [i["id"] for i in queue["items"]] == [ds.edit_id, ds.winner_id, ds.post_id]
+    assert (queue["remaining"], queue["dropped"]) == (3, 2)
+    dropped = form.client.get("/api/dataset/tester/queue?view=dropped").json()
+    assert dropped["view"] == "dropped" and [i["id"] for i in dropped["items"]] == [twin, low]
+    assert [(i["status"], i["reason"]) for i in dropped["items"]] == [("dropped", DROP_REASONS[0]), ("dropped", DROP_REASONS[1])]
+    page = form.client.get("/dataset/tester?view=dropped")
+    assert page.status_code == 200 and "2 dropped by the checks." in page.text and html.escape(DROP_REASONS[0]) in page.text
+    assert 'name="override_drop" value="1"' in page.text and f'action="/dataset/candidates/{twin}/decide"' in page.text
+    assert re.search(r'id="view-dropped" href="/dataset/tester\?view=dropped" aria-current="page">Dropped by the checks '
+                     r'\(<span data-count="dropped">2</span>\)', page.text)
+    assert 'name="override_drop"' not in form.client.get("/dataset/tester").text
+    assert form.client.get("/api/dataset/tester/queue?view=accepted").status_code == 400
+    assert "view must be one of pending, dropped" in form.client.get("/dataset/tester?view=x").text
+
+    # A plain decision on a dropped one is refused (409, the reason and the way to override named) ...
+    plain = decide(form, twin, headers, decision="accept")
+    assert plain.status_code == 409 and "is already dropped: near duplicate" in plain.json()["error"]
+    assert "override the drop" in plain.json()["error"]
+    assert decide(form, twin, headers, decision="accept", override_drop="yes").status_code == 400
+    # ... an override on a pending one too; the override itself is a dataset_accept event saying so.
+    assert decide(form, ds.edit_id, headers, decision="accept", override_drop=True).status_code == 409
+    accepted = decide(form, twin, headers, decision="accept", override_drop=True, caption="t3st woman, the same smile")
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["overrode_drop"] is True and (accepted.json()["remaining"], accepted.json()["dropped"]) == (3, 1)
+    assert row(form.url, twin) == {"status": "accepted", "caption": "t3st woman, the same smile", "decided_by": "alice",
+                                   "dataset_version": None}
+    [event] = events(form.url, "dataset_accept")
+    assert (event.subject_id, event.reviewer, event.payload["overrides_drop"]) == (twin, "alice", DROP_REASONS[0])
+    assert "overrides_drop=" + html.escape(DROP_REASONS[0]) in form.client.get("/audit").text
+    # Undone: dropped again, in the dropped view, with its reason and caption.
+    undone = form.client.post(f"/api/dataset/candidates/{twin}/undo", json={}, headers=headers).json()
+    assert (undone["candidate"]["status"], undone["candidate"]["reason"], undone["dropped"]) == ("dropped", DROP_REASONS[0], 2)
+    assert undone["candidate"]["caption"] == "t3st woman, dropped 0"
+    # Without JavaScript: the dropped view's form (its hidden override_drop) rejects one for good, back to the view.
+    page = form.client.get("/dataset/tester?view=dropped")
+    response = form.client.post(f"/dataset/candidates/{low}/decide", follow_redirects=False,
+                                data={"csrf_token": csrf_of(page.text), "decision": "reject", "override_drop": "1"})
+    assert response.status_code == 303 and response.headers["location"] == "/dataset/tester?view=dropped"
+    assert f"Candidate #{low} rejected over the drop." in form.client.get("/dataset/tester?view=dropped").text
+    assert row(form.url, low)["status"] == "rejected"
+    assert events(form.url, "dataset_reject")[-1].payload["overrides_drop"] == DROP_REASONS[1]
+    bad = form.client.post(f"/dataset/candidates/{twin}/decide", data={"csrf_token": csrf_of(page.text),
+                                                                      "decision": "accept", "override_drop": "yes"})
+    assert bad.status_code == 400 and row(form.url, twin)["status"] == "dropped"
+
+    # The sensor counts an accepted override as a change of the dataset; once built in, it is frozen.
+    assert decide(form, twin, headers, decision="accept", override_drop=True).status_code == 200
+    last = events(form.url, "dataset_accept")[-1]
+    with session_scope(form.url) as session:
+        requests, _, _ = plan_dataset_runs(session, DatasetCursor(last.id - 1), last.created_at + DATASET_QUIET)
+        assert [r.tags["dataset_changes"] for r in requests] == ["1"]
+        dataset_candidates.mark_included(session, [twin], "cafe0123beef")
+    for path, body in ((f"/api/dataset/candidates/{twin}/decide", {"decision": "reject", "override_drop": True}),
+                       (f"/api/dataset/candidates/{twin}/undo", {})):
+        frozen = form.client.post(path, json=body, headers=headers)
+        assert frozen.status_code == 409 and "cafe0123beef" in frozen.json()["error"] and "dropped-0.png" in frozen.json()["error"]
+    assert row(form.url, twin)["status"] == "accepted"

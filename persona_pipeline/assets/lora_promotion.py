@@ -19,7 +19,7 @@ def evaluate_and_decide(context: dg.AssetExecutionContext, *, database, storage,
                         identity: IdentityReference, rules, persona_id: int, slug: str, config,
                         lora_id: int) -> dict[str, dg.MetadataValue]:
     prompts, seeds = eval_prompts(config)
-    key = eval_key(prompts, seeds, diffusion.base_model, identity.method)
+    key = eval_key(prompts, seeds, diffusion.base_model, identity.method, identity.digest)
     evaluations = storage.persona_dir(slug) / "evaluations"
     with database.session() as session:
         new = session.get(models.LoraModel, lora_id)

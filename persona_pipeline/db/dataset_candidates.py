@@ -2,7 +2,11 @@
 and the decisions on them. Enrichment and the flywheel add them (`add_candidate`), the review queue
 lists and decides them (`pending_for`, `decide`), and training_dataset includes the accepted ones
 (`accepted_for`) and freezes them with the version it built (`mark_included`). Every decision is a
-`ReviewEvent` written in the same transaction (docs/dataset.md)."""
+`ReviewEvent` written in the same transaction (docs/dataset.md).
+
+A candidate the machine dropped (`dropped`, with its reason) is listed too (`queue_for(...,
+"dropped")`): a reviewer may accept it anyway, or reject it for good, with `decide(...,
+override_drop=True)`; the event's payload names the drop it overrides."""
 
 from __future__ import annotations
 
@@ -65,12 +69,23 @@ def add_candidate(session: Session, persona_id: int, **fields: Any) -> models.Da
     return row
 
 
-def pending_for(session: Session, persona_slug: str, limit: int = 50) -> list[models.DatasetCandidate]:
-    """The persona's review queue: pending candidates, oldest first."""
+QUEUES = ("pending", "dropped")  # what the review page lists: the queue, and what the checks dropped
+
+
+def queue_for(session: Session, persona_slug: str, status: str = "pending", limit: int = 50) -> list[models.DatasetCandidate]:
+    """The persona's candidates with `status` (pending: the review queue; dropped: what the automatic
+    checks dropped, for a reviewer to overrule), oldest first."""
+    if status not in QUEUES:
+        raise ValueError(f"queue {status!r} is not one of {', '.join(QUEUES)}")
     query = (select(models.DatasetCandidate).join(models.Persona, models.Persona.id == models.DatasetCandidate.persona_id)
-             .where(models.Persona.slug == persona_slug, models.DatasetCandidate.status == "pending")
+             .where(models.Persona.slug == persona_slug, models.DatasetCandidate.status == status)
              .order_by(models.DatasetCandidate.created_at, models.DatasetCandidate.id).limit(limit))
     return list(session.scalars(query))
+
+
+def pending_for(session: Session, persona_slug: str, limit: int = 50) -> list[models.DatasetCandidate]:
+    """The persona's review queue: pending candidates, oldest first."""
+    return queue_for(session, persona_slug, "pending", limit)
 
 
 def unfrozen_for_update(session: Session, candidate_id: int) -> models.DatasetCandidate:
@@ -87,17 +102,27 @@ def unfrozen_for_update(session: Session, candidate_id: int) -> models.DatasetCa
 
 
 def decide(session: Session, candidate_id: int, decision: str, by: str, caption: str | None = None,
-           now: datetime | None = None) -> models.DatasetCandidate:
+           now: datetime | None = None, override_drop: bool = False) -> models.DatasetCandidate:
     """Accept or reject one pending candidate (optionally with an edited caption), as a ReviewEvent in
-    the same transaction. Refused: an unknown decision, a candidate already decided or dropped, and
-    one a built dataset version already includes (its decision is frozen)."""
+    the same transaction. With `override_drop` the candidate must be one the automatic checks
+    dropped: the reviewer overrules the machine (accept it anyway, or reject it for good) and the
+    event's payload says so, with the drop's reason (the row keeps it, so an undo restores the drop).
+    Refused: an unknown decision, a candidate already decided, a dropped one without
+    `override_drop` (and a not-dropped one with it), and one a built dataset version already
+    includes (its decision is frozen)."""
     if decision not in DECISIONS:
         raise DatasetDecisionError(f"decision {decision!r} is not one of {', '.join(DECISIONS)}")
     row = unfrozen_for_update(session, candidate_id)
-    if row.status != "pending":
-        why = f": {row.reason}" if row.reason else ""
-        raise DatasetDecisionError(f"{row.image_path} (dataset candidate {row.id}) is already {row.status}{why}")
+    name = f"{row.image_path} (dataset candidate {row.id})"
+    why = f": {row.reason}" if row.reason else ""
+    if override_drop and row.status != "dropped":
+        raise DatasetDecisionError(f"{name} is {row.status}, not dropped; there is no drop to override")
+    if not override_drop and row.status != "pending":
+        hint = "; a reviewer may override the drop from the dropped list" if row.status == "dropped" else ""
+        raise DatasetDecisionError(f"{name} is already {row.status}{why}{hint}")
     payload: dict[str, Any] = {"image_path": row.image_path, "sha256": row.sha256, "origin": row.origin}
+    if override_drop:
+        payload["overrides_drop"] = row.reason or "dropped"
     if caption is not None:
         caption = caption.strip()
         if not caption:

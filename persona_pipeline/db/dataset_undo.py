@@ -1,7 +1,8 @@
 """Taking back a dataset decision (the dataset review page's Undo): the reviewer's own accept or
 reject, within review.UNDO_WINDOW, while no built dataset version holds the image. The candidate
-goes back to `pending` with the caption it had before the decision, and a `dataset_undo` review
-event (naming the decision event it undoes) keeps both in the audit trail. The dataset_reviews
+goes back to `pending` (or to `dropped`, when the decision overrode a drop) with the caption it had
+before the decision, and a `dataset_undo` review event (naming the decision event it undoes) keeps
+both in the audit trail. The dataset_reviews
 sensor counts an undone acceptance as a change of the dataset, like an acceptance."""
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ UNDO_KIND = "dataset_undo"
 
 
 def undo_decision(session: Session, candidate_id: int, by: str, now: datetime | None = None) -> models.DatasetCandidate:
-    """Put the candidate back in the queue as it was before `by`'s decision; refused (with the
+    """Put the candidate back as it was before `by`'s decision (in the queue, or dropped again when
+    the decision overrode a drop); refused (with the
     image named) when it is frozen in a dataset version, not decided, decided by someone else, or
     decided longer ago than UNDO_WINDOW."""
     now = now or models.utcnow()
@@ -40,7 +42,9 @@ def undo_decision(session: Session, candidate_id: int, by: str, now: datetime | 
     if "caption" in (decision.payload or {}) and previous is not None:
         payload.update(caption=previous, undone_caption=row.caption)
         row.caption = previous
+    back = "dropped" if "overrides_drop" in (decision.payload or {}) else "pending"
+    payload["back_to"] = back
     record_event(session, row.persona_id, UNDO_KIND, SUBJECT, row.id, by, payload)
-    row.status, row.decided_by, row.decided_at = "pending", None, None
+    row.status, row.decided_by, row.decided_at = back, None, None
     session.flush()
     return row

@@ -22,7 +22,7 @@ def describe_origin(origin: dict | None) -> str:
     if not origin or origin.get("kind") == "photo":
         return f"uploaded photo {(origin or {}).get('photo', '?')}"
     if origin["kind"] == "edit":
-        return (f"edit of photo {origin.get('photo') or origin.get('photo_sha256', '?')[:12]} with instruction "
+        return (f"edit of photo {origin.get('photo') or (origin.get('photo_sha256') or '?')[:12]} with instruction "
                 f"{origin.get('instruction')!r} by model {origin.get('edit_model')} seed {origin.get('seed')} "
                 f"(dataset candidate #{origin.get('dataset_candidate')})")
     if origin["kind"] == "winner":

@@ -8,7 +8,11 @@ Every decision goes through `db.dataset_candidates.decide` with the logged-in re
 that a built dataset version already holds, or that someone already decided, is refused there and
 answered 409 (its `DatasetDecisionError` is a `ReviewError`: JSON under /api/, the styled error
 page for the form post, as every refusal of the form). The `dataset_reviews`
-sensor (automation/dataset_sensor.py) turns accepted decisions into a new dataset version."""
+sensor (automation/dataset_sensor.py) turns accepted decisions into a new dataset version.
+
+`?view=dropped` lists what the automatic checks dropped (below the identity bound, a near duplicate,
+no face, blank...) with the reason: the reviewer may accept one anyway or reject it for good, a
+decision like the others whose event says it overrides the drop (`decide(..., override_drop=True)`)."""
 
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from persona_pipeline.review.media import media_url
 from persona_pipeline.review.posts import slug_param
 from persona_pipeline.review.web import api, flash, home_of, in_db, page, render
 
+VIEWS = dataset_candidates.QUEUES  # pending: the queue; dropped: what the checks dropped
 QUEUE_BATCH = 20  # candidates one queue request returns (the page asks again as it runs low)
 MAX_EXCLUDE = 100  # candidate ids one queue request may hold back (on the page or in flight)
 
@@ -72,7 +77,7 @@ def origin_of(session: Session, row: Any) -> dict[str, Any]:
 def candidate_json(session: Session, home: Path, slug: str, row: Any) -> dict[str, Any]:
     """A dataset candidate as the page shows it."""
     return {"id": row.id, "url": _persona_file(home, slug, row.image_path), "sha256": row.sha256,
-            "caption": row.caption or "", "status": row.status,
+            "caption": row.caption or "", "status": row.status, "reason": row.reason,
             "identity": None if row.identity_score is None else round(float(row.identity_score), 4),
             "identity_method": row.identity_method,
             "identity_text": "not scored" if row.identity_score is None else
@@ -91,14 +96,19 @@ def _nearest(home: Path, slug: str, row: Any) -> dict[str, Any]:
 
 
 def counts(session: Session, persona_id: int) -> dict[str, int]:
-    """The persona's count of candidates waiting and `as_of`, the newest review event, read in ONE
-    statement (one snapshot on both backends): read apart, a decision committed in between could
-    label an old count with a new event id, and the page keeps the count with the highest `as_of`."""
+    """The persona's count of candidates waiting, of those dropped, and `as_of`, the newest review
+    event, read in ONE statement (one snapshot on both backends): read apart, a decision committed in
+    between could label an old count with a new event id, and the page keeps the count with the
+    highest `as_of`."""
     table = models.DatasetCandidate
-    waiting = select(func.count()).select_from(table).where(table.persona_id == persona_id, table.status == "pending")
-    remaining, as_of = session.execute(select(waiting.scalar_subquery(),
-                                              select(func.max(models.ReviewEvent.id)).scalar_subquery())).one()
-    return {"remaining": remaining or 0, "as_of": as_of or 0}
+
+    def count(status: str):
+        return select(func.count()).select_from(table).where(table.persona_id == persona_id,
+                                                             table.status == status).scalar_subquery()
+
+    remaining, dropped, as_of = session.execute(select(count("pending"), count("dropped"), select(
+        func.max(models.ReviewEvent.id)).scalar_subquery())).one()
+    return {"remaining": remaining or 0, "dropped": dropped or 0, "as_of": as_of or 0}
 
 
 def _header(session: Session, slug: str) -> dict[str, Any]:
@@ -109,57 +119,76 @@ def _header(session: Session, slug: str) -> dict[str, Any]:
 @page
 async def dataset_page(request: Request, reviewer: str) -> Response:
     slug = slug_param(request.path_params["slug"])
-    data = await in_db(request, _queue, slug, set(), home_of(request), 1)
-    persona = {**data["persona"], "pending": data["remaining"]}
+    view = view_param(request.query_params.get("view"))
+    data = await in_db(request, _queue, slug, set(), home_of(request), 1, view)
+    persona = {**data["persona"], "pending": data["remaining"], "dropped": data["dropped"]}
     first = data["items"][0] if data["items"] else None
-    return render(request, "dataset.html", {"persona": persona, "first": first, "max_caption": dataset_candidates.MAX_CAPTION,
+    return render(request, "dataset.html", {"persona": persona, "first": first, "view": view,
+                                            "max_caption": dataset_candidates.MAX_CAPTION,
                                             "undo_minutes": int(review.UNDO_WINDOW.total_seconds() // 60),
                                             "title": f"Dataset · @{slug}"})
 
 
-def _queue(session: Session, slug: str, exclude: set[int], home: Path, batch: int = QUEUE_BATCH) -> dict[str, Any]:
+def view_param(value: str | None) -> str:
+    """`view`: pending (the default, the queue) or dropped; 400 naming it otherwise."""
+    if value in (None, ""):
+        return "pending"
+    if value not in VIEWS:
+        raise BadInput(f"view must be one of {', '.join(VIEWS)}, got {value[:40]!r}")
+    return value
+
+
+def _queue(session: Session, slug: str, exclude: set[int], home: Path, batch: int = QUEUE_BATCH,
+           view: str = "pending") -> dict[str, Any]:
     header = _header(session, slug)
-    rows = dataset_candidates.pending_for(session, slug, batch + len(exclude))
+    rows = dataset_candidates.queue_for(session, slug, view, batch + len(exclude))
     items = [candidate_json(session, home, slug, row) for row in rows if row.id not in exclude][:batch]
-    return {"items": items, "remaining": header["remaining"], "as_of": header["as_of"],
-            "persona": {"slug": header["slug"], "name": header["name"]}}
+    return {"items": items, "view": view, "remaining": header["remaining"], "dropped": header["dropped"],
+            "as_of": header["as_of"], "persona": {"slug": header["slug"], "name": header["name"]}}
 
 
 @api
 async def api_queue(request: Request, reviewer: str) -> Response:
-    """The persona's pending candidates, oldest first, less those the page holds (`exclude`)."""
+    """The persona's pending (or, with `view=dropped`, dropped) candidates, oldest first, less those
+    the page holds (`exclude`)."""
     slug = slug_param(request.path_params["slug"])
+    view = view_param(request.query_params.get("view"))
     parts = [p for p in request.query_params.get("exclude", "").split(",") if p.strip()]
     if len(parts) > MAX_EXCLUDE:
         raise BadInput(f"exclude lists {len(parts)} candidates; at most {MAX_EXCLUDE}")
     exclude = {int_value(p, "exclude") for p in parts}
-    data = await in_db(request, _queue, slug, exclude, home_of(request))
+    data = await in_db(request, _queue, slug, exclude, home_of(request), QUEUE_BATCH, view)
     return JSONResponse(data, headers={"Cache-Control": "no-store"})
 
 
-def read_decision(decision: Any, caption: Any) -> tuple[str, str | None]:
-    """The decision and the caption as typed (None: keep the candidate's caption); 400 naming the
-    field. What a caption may be (not empty, not too long) is `decide`'s rule, refused there."""
+def read_decision(decision: Any, caption: Any, override_drop: Any = False) -> tuple[str, str | None, bool]:
+    """The decision, the caption as typed (None: keep the candidate's caption) and whether it
+    overrides a drop; 400 naming the field. What a caption may be (not empty, not too long) is
+    `decide`'s rule, refused there."""
     if decision not in dataset_candidates.DECISIONS:
         raise BadInput(f"decision must be accept or reject, got {str(decision)[:40]!r}")
     if caption is not None and not isinstance(caption, str):
         raise BadInput("caption must be text")
-    return decision, caption
+    if not isinstance(override_drop, bool):
+        raise BadInput("override_drop must be true or false")
+    return decision, caption, override_drop
 
 
-def _decide(session: Session, candidate_id: int, decision: str, reviewer: str, caption: str | None) -> dict[str, Any]:
+def _decide(session: Session, candidate_id: int, decision: str, reviewer: str, caption: str | None,
+            override_drop: bool = False) -> dict[str, Any]:
     row = dataset_candidates.decide(session, candidate_id, decision, by=reviewer, caption=caption,
-                                    now=datetime.now(timezone.utc))
+                                    now=datetime.now(timezone.utc), override_drop=override_drop)
     slug = session.scalar(select(models.Persona.slug).where(models.Persona.id == row.persona_id))
     return {"id": row.id, "status": row.status, "caption": row.caption, "decided_by": row.decided_by,
-            "persona": slug, **counts(session, row.persona_id)}
+            "overrode_drop": override_drop, "persona": slug, **counts(session, row.persona_id)}
 
 
 @api
 async def api_decide(request: Request, reviewer: str, body: dict[str, Any]) -> Response:
-    """Accept or reject a candidate, with its caption as edited (optional)."""
-    decision, caption = read_decision(body.get("decision"), body.get("caption"))
-    data = await in_db(request, _decide, path_id(request, "candidate_id"), decision, reviewer, caption)
+    """Accept or reject a candidate, with its caption as edited (optional); `override_drop: true`
+    for one the automatic checks dropped."""
+    decision, caption, override = read_decision(body.get("decision"), body.get("caption"), body.get("override_drop", False))
+    data = await in_db(request, _decide, path_id(request, "candidate_id"), decision, reviewer, caption, override)
     return JSONResponse(data)
 
 
@@ -181,7 +210,11 @@ async def decide_form(request: Request, reviewer: str, form: FormData) -> Respon
     """The same decision from the page's form (without JavaScript): back to the queue, or the
     styled error page when it is refused."""
     caption = form.get("caption")
-    decision, caption = read_decision(form.get("decision"), caption if caption not in (None, "") else None)
-    data = await in_db(request, _decide, path_id(request, "candidate_id"), decision, reviewer, caption)
-    flash(request, f"Candidate #{data['id']} {data['status']}.")
-    return RedirectResponse(f"/dataset/{data['persona']}", status_code=303)
+    override = form.get("override_drop")
+    if override not in (None, "", "1"):
+        raise BadInput(f"override_drop must be 1 or absent, got {str(override)[:40]!r}")
+    decision, caption, override = read_decision(form.get("decision"), caption if caption not in (None, "") else None,
+                                                override == "1")
+    data = await in_db(request, _decide, path_id(request, "candidate_id"), decision, reviewer, caption, override)
+    flash(request, f"Candidate #{data['id']} {data['status']}{' over the drop' if override else ''}.")
+    return RedirectResponse(f"/dataset/{data['persona']}" + ("?view=dropped" if override else ""), status_code=303)

@@ -27,10 +27,13 @@ def eval_prompts(config) -> tuple[list[str], list[int]]:
     return prompts, list(config.evaluation.seeds)
 
 
-def eval_key(prompts: list[str], seeds: list[int], base_model: str, identity_method: str) -> str:
-    """What two evaluations must share to be compared: a change of any of these re-renders the primary."""
+def eval_key(prompts: list[str], seeds: list[int], base_model: str, identity_method: str, reference: str) -> str:
+    """What two evaluations must share to be compared: a change of any of these re-renders the primary.
+    `reference` is the identity centroid's digest (IdentityReference.digest): a LoRA shared by two
+    personas, or a persona whose photos changed, is scored against the photos it is judged by."""
     return hashlib.sha256(json.dumps({"prompts": prompts, "seeds": seeds, "base_model": base_model,
-                                      "identity": identity_method}, sort_keys=True).encode()).hexdigest()
+                                      "identity": identity_method, "reference": reference},
+                                     sort_keys=True).encode()).hexdigest()
 
 
 def evaluate(diffusion, clip, identity: IdentityReference, loras: list[Path], prompts: list[str], seeds: list[int],

@@ -11,6 +11,9 @@
 // is not passed over: the page says which candidate and why (#lost keeps the list), and when the
 // session has ended it takes no more decisions, which could only be lost too.
 // "Candidates waiting" is the server's count from each reply (the newest review event wins).
+// With ?view=dropped (data-view) the page goes through what the automatic checks dropped, each with
+// its reason: a decision there overrides the drop (`override_drop` in the POST), and undoing it
+// drops the candidate again, with its reason.
 (function () {
   "use strict";
   var SETTLE_MS = 300;
@@ -18,11 +21,14 @@
   var root = document.getElementById("dataset");
   if (!root) return;
   var slug = root.dataset.slug;
+  var view = root.dataset.view === "dropped" ? "dropped" : "pending";
   var csrf = document.querySelector('meta[name="csrf-token"]').content;
   var card = document.getElementById("ds-card");
   var image = document.getElementById("ds-img");
   var idEl = document.getElementById("ds-id");
   var identityEl = document.getElementById("ds-identity");
+  var reasonRow = document.getElementById("ds-reason-row");
+  var reasonEl = document.getElementById("ds-reason");
   var originEl = document.getElementById("ds-origin");
   var nearestBox = document.getElementById("ds-nearest");
   var nearestImg = document.getElementById("ds-nearest-img");
@@ -88,8 +94,12 @@
   function applyCounts(data) {
     if (!data || typeof data.remaining !== "number" || data.as_of < asOf) return;
     asOf = data.as_of;
-    remainingEl.textContent = data.remaining + " candidate" + (data.remaining === 1 ? "" : "s") + " waiting.";
-    root.dataset.remaining = String(data.remaining);
+    remainingEl.textContent = view === "dropped" ? data.dropped + " dropped by the checks."
+      : data.remaining + " candidate" + (data.remaining === 1 ? "" : "s") + " waiting.";
+    root.dataset.remaining = String(view === "dropped" ? data.dropped : data.remaining);
+    root.querySelectorAll("[data-count]").forEach(function (el) {
+      if (typeof data[el.dataset.count] === "number") el.textContent = String(data[el.dataset.count]);
+    });
   }
 
   function preload(item) {
@@ -100,7 +110,7 @@
 
   function fetchMore() {
     if (fetching) return fetching;
-    var query = held.size ? "?exclude=" + Array.from(held).join(",") : "";
+    var query = "?view=" + view + (held.size ? "&exclude=" + Array.from(held).join(",") : "");
     fetching = fetch("/api/dataset/" + encodeURIComponent(slug) + "/queue" + query, {
       headers: { "Accept": "application/json" }, credentials: "same-origin", cache: "no-store"
     }).then(readJson).then(function (data) {
@@ -131,6 +141,8 @@
     image.src = item.url || "data:,";
     idEl.textContent = item.id;
     identityEl.textContent = item.identity_text;
+    reasonRow.hidden = item.status !== "dropped";
+    reasonEl.textContent = item.status === "dropped" ? (item.reason || "dropped") : "";
     originEl.textContent = "";
     if (item.origin.link) {
       var link = document.createElement("a");
@@ -185,7 +197,8 @@
       held.add(again.id);
       if (current) upcoming.unshift(current);
       show(again);
-      setStatus("Your " + (entry.kind === "accept" ? "acceptance" : "rejection") + " of #" + again.id + " is undone: decide again.", false);
+      setStatus("Your " + (entry.kind === "accept" ? "acceptance" : "rejection") + " of #" + again.id + " is undone" +
+                (again.status === "dropped" ? " (dropped again: " + (again.reason || "dropped") + ")" : "") + ": decide again.", false);
     }).catch(function (err) {
       if (err.status === 0) setStatus("Nothing to undo: " + err.message, true);
       else { setStatus("The undo was refused: " + explain(err), true); if (sessionGone(err)) stop(); }
@@ -237,6 +250,7 @@
     var body = { decision: kind };
     var typed = caption.value.trim().replace(/\s+/g, " ");
     if (typed && typed !== item.caption) body.caption = typed;
+    if (view === "dropped") body.override_drop = true;
     root.dataset.countsSettled = "0";
     var request = fetch("/api/dataset/candidates/" + item.id + "/decide", {
       method: "POST", credentials: "same-origin",
@@ -245,7 +259,8 @@
     }).then(readJson).then(function (data) {
       decided += 1;
       root.dataset.decided = String(decided);
-      setStatus((kind === "accept" ? "Accepted #" : "Rejected #") + item.id + (body.caption ? " with your caption." : "."), false);
+      setStatus((kind === "accept" ? "Accepted #" : "Rejected #") + item.id + (body.override_drop ? " over the drop" : "") +
+                (body.caption ? " with your caption." : "."), false);
       applyCounts(data);
       return data;
     }, function (err) {
@@ -297,7 +312,10 @@
   // takes the queue from the API (the first candidate again, with the next ones).
   caption.readOnly = true;
   fetchMore().then(function () {
-    if (upcoming.length) { show(upcoming.shift()); setStatus("Accept or reject the candidate.", false); }
+    if (upcoming.length) {
+      show(upcoming.shift());
+      setStatus(view === "dropped" ? "Accept the candidate anyway, or reject it for good." : "Accept or reject the candidate.", false);
+    }
     else if (!stopped) finish();
   });
 })();
