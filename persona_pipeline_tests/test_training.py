@@ -219,6 +219,44 @@ def test_text_encoder_lora_resumes_to_the_uninterrupted_result(tmp_path, tiny_sd
         assert torch.allclose(ours[key], theirs[key], atol=1e-6), key
 
 
+def test_caption_options_vary_the_captions_each_step_and_resume_to_the_uninterrupted_result(tmp_path, tiny_sd, monkeypatch):
+    seen: list[str] = []
+    original = lora.text_conditioning
+
+    def recording(model, encoders, captions, device):
+        seen.extend(captions)
+        return original(model, encoders, captions, device)
+
+    monkeypatch.setattr(lora, "text_conditioning", recording)
+    params = LoraTrainingParams(steps=6, checkpoint_every=3, seed=3, shuffle_caption=True, caption_tag_dropout_rate=0.5)
+    dataset = make_dataset(tmp_path / "ds", n=3)  # captions "t3st woman, photo N"
+    reference = train_lora(tiny_sd, dataset, tmp_path / "reference", params, log=lambda m: None)
+    # The frozen encoder ran on this run's captions: the trigger tag kept, the other sometimes dropped,
+    # each caption string encoded once.
+    assert "t3st woman" in seen and any(c.startswith("t3st woman, photo ") for c in seen)
+    assert all(c.startswith("t3st woman") for c in seen) and len(seen) == len(set(seen))
+    seen.clear()
+    plain = train_lora(tiny_sd, dataset, tmp_path / "plain", LoraTrainingParams(steps=6, checkpoint_every=3, seed=3),
+                       log=lambda m: None)
+    assert seen == [] and plain.losses != reference.losses  # without options: the cached embeddings, as before
+
+    calls = {"n": 0}
+    predict = lora.predict_noise
+
+    def crash_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("killed")
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "predict_noise", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_lora(tiny_sd, dataset, tmp_path / "crashed", params, log=lambda m: None)
+    monkeypatch.setattr(lora, "predict_noise", predict)
+    resumed = train_lora(tiny_sd, dataset, tmp_path / "crashed", params, log=lambda m: None)
+    assert resumed.resumed_from == 3 and resumed.losses == reference.losses  # the caption draws came back with the RNG
+
+
 def _losses_of(tmp_path, base, name, **kwargs):
     params = LoraTrainingParams(steps=8, checkpoint_every=4, seed=3, **kwargs)
     return train_lora(base, make_dataset(tmp_path / f"ds-{name}", n=3, flip=True), tmp_path / name, params, log=lambda m: None)

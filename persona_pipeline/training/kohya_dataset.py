@@ -92,3 +92,19 @@ def load_pixels(path: Path, resolution: int, size: tuple[int, int] | None = None
         image = image.crop((left, top, left + width, top + height))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0), original, (top, left)
+
+
+def vary_caption(caption: str, rng, *, shuffle: bool = False, keep_tokens: int = 1, dropout: float = 0.0) -> str:
+    """One step's version of a caption, as kohya sd-scripts' `process_caption` makes it: the caption is
+    comma-separated tags; the first `keep_tokens` stay in place, the others are shuffled (`shuffle`) and
+    then each dropped with probability `dropout`. `rng` is a numpy Generator (the training loop's, so a
+    resumed run draws the same captions). A caption with no options on comes back unchanged."""
+    if not shuffle and dropout <= 0:
+        return caption
+    tags = [tag.strip() for tag in caption.strip().split(",")]
+    fixed, flexible = tags[:keep_tokens], tags[keep_tokens:]
+    if shuffle and flexible:
+        flexible = [flexible[i] for i in rng.permutation(len(flexible))]
+    if dropout > 0 and flexible:
+        flexible = [tag for tag, draw in zip(flexible, rng.random(len(flexible))) if draw >= dropout]
+    return ", ".join(fixed + flexible)

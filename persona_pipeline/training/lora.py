@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from persona_pipeline.fileio import sha256_file, write_via_temp
-from persona_pipeline.training.kohya_dataset import DatasetItem, KohyaDataset, load_pixels, read_kohya_dataset
+from persona_pipeline.training.kohya_dataset import DatasetItem, KohyaDataset, load_pixels, read_kohya_dataset, vary_caption
 from persona_pipeline.training.latent_cache import cached_inputs
 from persona_pipeline.training.params import LoraTrainingParams, TrainingConfigError, resolve_mixed_precision
 from persona_pipeline.training.families import detect_family, model_family
@@ -117,10 +117,14 @@ def train_unet_lora(
     # The frozen encoders are no longer needed: free them before the UNet's activations arrive.
     del model.vae
     text_encoders: list = []
+    vary = params.shuffle_caption or params.caption_tag_dropout_rate > 0
+    frozen_text: FrozenText | None = None
     if train_text:
         text_encoders = [accelerator.prepare(encoder) for encoder in model.text_encoders]
         for encoder in text_encoders:
             encoder.train()
+    elif vary:  # captions change every step: keep the frozen encoders, with a cache per caption string
+        frozen_text = FrozenText(model, [encoder.to(accelerator.device) for encoder in model.text_encoders], accelerator.device)
     del model.text_encoders
     captions = [item.caption for item in dataset.items]
     unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -157,10 +161,15 @@ def train_unet_lora(
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = scheduler.get_velocity(latents, noise, timesteps) if scheduler.config.prediction_type == "v_prediction" else noise
 
+        batch_captions = [captions[i] for i in index.tolist()]
+        if vary:
+            batch_captions = [vary_caption(c, rng, shuffle=params.shuffle_caption, keep_tokens=params.keep_tokens,
+                                           dropout=params.caption_tag_dropout_rate) for c in batch_captions]
         with accelerator.autocast():
             conditioning, at = cache, index
-            if train_text:  # the text encoders change every step: encode this batch's captions afresh
-                conditioning = text_conditioning(model, text_encoders, [captions[i] for i in index.tolist()], accelerator.device)
+            if train_text or frozen_text:  # this batch's captions, encoded now (the text encoders train, or captions vary)
+                conditioning = (text_conditioning(model, text_encoders, batch_captions, accelerator.device) if train_text
+                                else frozen_text.encode(batch_captions))
                 if "time_ids" in cache:
                     conditioning["time_ids"] = cache["time_ids"][index]
                 at = torch.arange(len(index), device=accelerator.device)
@@ -181,6 +190,22 @@ def train_unet_lora(
             _save_state(state_path, step, params, adapted, optimizer, rng, losses, checkpoints)
 
     return training_result(checkpoints, losses, started, dataset, start_step, model.family, precision)
+
+
+class FrozenText:
+    """The frozen text encoders' conditioning per caption string, each caption encoded once: with
+    caption variety a caption changes every step, but the variants of a short caption are few."""
+
+    def __init__(self, model: FrozenModel, encoders: list, device):
+        self.model, self.encoders, self.device, self.memo = model, encoders, device, {}
+
+    def encode(self, captions: list[str]) -> dict:
+        import torch
+
+        for caption in set(captions) - self.memo.keys():
+            with torch.no_grad():
+                self.memo[caption] = text_conditioning(self.model, self.encoders, [caption], self.device)
+        return {name: torch.cat([self.memo[c][name] for c in captions]) for name in self.memo[captions[0]]}
 
 
 def open_run(dataset_dir: Path, params: LoraTrainingParams, device: str, log: Callable[[str], None]):
