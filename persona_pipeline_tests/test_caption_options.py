@@ -73,6 +73,7 @@ def test_a_rate_of_one_leaves_only_the_kept_tags():
     ({"keep_tokens": 76}, ["training.keep_tokens=76", "[0, 75]"]),
     ({"caption_tag_dropout_rate": 1.5}, ["training.caption_tag_dropout_rate=1.5", "[0, 1]"]),
     ({"caption_tag_dropout_rate": -0.1}, ["training.caption_tag_dropout_rate=-0.1", "[0, 1]"]),
+    ({"trigger_embedding_lr": 0.5}, ["training.trigger_embedding_lr=0.5", "[0, 0.1]"]),
 ])
 def test_out_of_range_caption_options_are_refused_naming_the_setting(override, words):
     with pytest.raises(TrainingConfigError) as error:
@@ -110,3 +111,14 @@ def test_the_flux_loop_refuses_caption_options_before_loading_anything(tmp_path)
 
     with pytest.raises(TrainingConfigError, match="training.shuffle_caption and caption_tag_dropout_rate"):
         train_flux_lora(str(tmp_path / "no-model"), tmp_path, tmp_path / "out", LoraTrainingParams(caption_tag_dropout_rate=0.3))
+
+
+def test_pivotal_tuning_needs_one_trigger_word_starting_every_caption(tmp_path):
+    from persona_pipeline.training.kohya_dataset import DatasetItem, KohyaDataset, dataset_trigger
+
+    items = [DatasetItem(tmp_path / "a.png", "m1ra woman, beach", 10), DatasetItem(tmp_path / "b.png", "m1ra, cafe", 10),
+             DatasetItem(tmp_path / "r.png", "photo of a woman", 1, is_reg=True)]
+    assert dataset_trigger(KohyaDataset(items)) == "m1ra"  # regularisation captions have none
+    items.append(DatasetItem(tmp_path / "c.png", "woman, forest", 10))
+    with pytest.raises(TrainingConfigError, match=r"training.trigger_embedding_lr .*'m1ra', 'woman'"):
+        dataset_trigger(KohyaDataset(items))

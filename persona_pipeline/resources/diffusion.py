@@ -195,6 +195,8 @@ class DiffusionBackend(dg.ConfigurableResource):
         one loaded base pipeline: each LoRA is loaded, used and unloaded in turn."""
         import torch
 
+        from persona_pipeline.training.families.stable_diffusion import load_lora_file
+
         size, steps = VALIDATION_RENDER[self.preset_name()]
         runtime = shared_runtime(self.base_model_path(), self.device)
         pipe = runtime.pipe
@@ -204,7 +206,7 @@ class DiffusionBackend(dg.ConfigurableResource):
                 adapter = f"checkpoint_{index}"
                 runtime.forget_activation()
                 with quiet_adapters():
-                    pipe.load_lora_weights(str(checkpoint), adapter_name=adapter)
+                    runtime._embeddings[adapter] = load_lora_file(pipe, checkpoint, adapter)
                 images = []
                 try:
                     runtime.activate([adapter], [1.0])  # only this one, whatever generation left loaded
@@ -216,6 +218,7 @@ class DiffusionBackend(dg.ConfigurableResource):
                 finally:
                     with quiet_adapters():
                         pipe.delete_adapters(adapter)
+                    runtime._embeddings.pop(adapter, None)
                     runtime.forget_activation()
                 out.append(images)
         return out

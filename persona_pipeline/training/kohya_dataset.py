@@ -108,3 +108,13 @@ def vary_caption(caption: str, rng, *, shuffle: bool = False, keep_tokens: int =
     if dropout > 0 and flexible:
         flexible = [tag for tag, draw in zip(flexible, rng.random(len(flexible))) if draw >= dropout]
     return ", ".join(fixed + flexible)
+
+
+def dataset_trigger(dataset: KohyaDataset) -> str:
+    """The trigger word: the first word of every training caption (training_dataset's blocking check makes it so)."""
+    words = sorted({item.caption.split(",")[0].split()[0] if item.caption.split() else "" for item in dataset.items
+                    if not item.is_reg})
+    if len(words) != 1 or not words[0]:
+        raise TrainingConfigError(f"training.trigger_embedding_lr needs every training caption to start with the same "
+                                  f"trigger word; they start with {', '.join(repr(w) for w in words[:5])}")
+    return words[0]

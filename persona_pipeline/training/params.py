@@ -39,6 +39,10 @@ class LoraTrainingParams:
     # a caption is comma-separated tags; the first keep_tokens tags stay in place (the trigger word and
     # class), the others are shuffled (shuffle_caption) and each dropped with caption_tag_dropout_rate,
     # afresh every step, so the look binds to the trigger word rather than to the whole caption.
+    # Pivotal tuning (diffusers' --train_text_encoder_ti): above 0, the trigger word (the first word of every
+    # training caption) becomes a new token whose input embedding trains at this rate with the LoRA; the
+    # LoRA file bundles it and generation loads it with the LoRA (training/families/stable_diffusion.py).
+    trigger_embedding_lr: float = 0.0
     shuffle_caption: bool = False
     keep_tokens: int = 1
     caption_tag_dropout_rate: float = 0.0
@@ -60,6 +64,7 @@ class LoraTrainingParams:
         "batch_size": (1, 64), "resolution": (32, 2048), "min_snr_gamma": (0, 20), "noise_offset": (0, 1),
         "prior_loss_weight": (0, 10), "checkpoint_every": (0, 100000), "text_encoder_lr": (0, 1e-2),
         "max_sequence_length": (8, 512), "keep_tokens": (0, 75), "caption_tag_dropout_rate": (0, 1),
+        "trigger_embedding_lr": (0, 0.1),
     }
     GUIDANCE = FLUX_GUIDANCE_RANGE  # FLUX.1 [dev]'s distilled guidance, as generation bounds it
     TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
