@@ -32,7 +32,7 @@ import dagster as dg
 from persona_pipeline.domain.generation_params import CONTROL_STRENGTH_DEFAULT
 from persona_pipeline.resources.diffusion_batches import DiffusersJob, call_arguments, check_job, describe_mode, plan_batches
 from persona_pipeline.resources.diffusion_runtime import (GenerationInputError, PipelineRuntime, cached_sha256,
-                                                          quiet_adapters, shared_runtime, torch_threads)
+                                                          shared_runtime, torch_threads)
 from persona_pipeline.resources.diffusion_samplers import GenerationParamError, check_generation_params, make_scheduler
 from persona_pipeline.training.families import families, model_family
 from persona_pipeline.training.lora import LoraTrainingParams, TrainingConfigError, TrainingResult, train_lora
@@ -195,8 +195,6 @@ class DiffusionBackend(dg.ConfigurableResource):
         one loaded base pipeline: each LoRA is loaded, used and unloaded in turn."""
         import torch
 
-        from persona_pipeline.training.families.stable_diffusion import load_lora_file
-
         size, steps = VALIDATION_RENDER[self.preset_name()]
         runtime = shared_runtime(self.base_model_path(), self.device)
         pipe = runtime.pipe
@@ -204,9 +202,7 @@ class DiffusionBackend(dg.ConfigurableResource):
         with runtime.lock:
             for index, checkpoint in enumerate(checkpoints):
                 adapter = f"checkpoint_{index}"
-                runtime.forget_activation()
-                with quiet_adapters():
-                    runtime._embeddings[adapter] = load_lora_file(pipe, checkpoint, adapter)
+                runtime.load_checkpoint_adapter(checkpoint, adapter)
                 images = []
                 try:
                     runtime.activate([adapter], [1.0])  # only this one, whatever generation left loaded
@@ -216,10 +212,7 @@ class DiffusionBackend(dg.ConfigurableResource):
                             images.append(pipe(prompt, num_inference_steps=steps, guidance_scale=5.0, width=size, height=size,
                                                generator=generator).images[0])
                 finally:
-                    with quiet_adapters():
-                        pipe.delete_adapters(adapter)
-                    runtime._embeddings.pop(adapter, None)
-                    runtime.forget_activation()
+                    runtime.delete_checkpoint_adapter(adapter)
                 out.append(images)
         return out
 

@@ -149,6 +149,21 @@ class PipelineRuntime:
             self.pipe.disable_lora()
         self._active = state
 
+    def load_checkpoint_adapter(self, path, name: str) -> None:
+        """Load one LoRA file as adapter `name` outside the sha-keyed cache (checkpoint rendering), with the
+        trigger embedding it bundles; `activate` makes it active, `delete_checkpoint_adapter` removes it."""
+        from persona_pipeline.training.families.stable_diffusion import load_lora_file
+
+        self._active = None
+        with quiet_adapters():
+            self._embeddings[name] = load_lora_file(self.pipe, path, name)
+
+    def delete_checkpoint_adapter(self, name: str) -> None:
+        self._active = None
+        with quiet_adapters():
+            self.pipe.delete_adapters(name)
+        self._embeddings.pop(name, None)
+
     def forget_activation(self) -> None:
         """Adapters were loaded or deleted behind `activate`'s back: set them again next time."""
         self._active = None
