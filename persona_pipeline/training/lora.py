@@ -10,7 +10,9 @@ What it adds to the example loop:
   ComfyUI and diffusers' `load_lora_weights` both read;
 - a resumable state (LoRA weights, optimizer, RNG states, losses) saved with each checkpoint, so a
   killed run carries on from its latest checkpoint with the same numbers it would have produced;
-- a non-finite loss stops the run before the bad update, keeping every checkpoint written so far.
+- a non-finite loss stops the run before the bad update, keeping every checkpoint written so far;
+- kohya's caption options (shuffled and dropped tags behind the first keep_tokens, drawn from the
+  loop's saved generator) and pivotal tuning (the trigger word's own embedding, bundled in the file).
 
 The pieces around the loop have modules of their own: the settings (`training.params`), the kohya
 dataset (`training.kohya_dataset`), the model-family registry (`training.families`: detection,
