@@ -56,12 +56,11 @@ TINY_MODELS = ("tiny", TINY_FLUX, TINY_KONTEXT, TINY_QWEN_EDIT, TINY_WAN_I2V)
 __all__ = ["DiffusersJob", "DiffusionBackend", "GenerationInputError", "GenerationParamError", "ReproductionError",
            "check_generation_params", "plan_batches"]
 
-# 200 steps at 3e-3: on another character (k4ya) 400 and 1000 steps (rank 16, 5e-3) read no better,
-# and the demo must stay under 90 s. Caption tags dropped at 0.5 and shuffled behind the trigger, with a
-# text-encoder LoRA at 1e-3: chosen on the other characters at other seeds (persona_pipeline/world/
-# lora_recipe.py), the best of the recipes measured there (docs/world.md).
-WORLD_TRAINING = LoraTrainingParams(rank=8, alpha=8.0, steps=200, learning_rate=3e-3, batch_size=4, resolution=64,
-                                    checkpoint_every=50, text_encoder_lr=1e-3, shuffle_caption=True, keep_tokens=1,
+# Rank 8 at 3e-3; caption tags dropped at 0.5 and shuffled behind the trigger, with a text-encoder LoRA at
+# 1e-3, for 400 steps: chosen on the other characters at other seeds (persona_pipeline/world/lora_recipe.py),
+# the best of the recipes measured there (docs/world.md#the-lora-recipe). The demo must stay under 90 s.
+WORLD_TRAINING = LoraTrainingParams(rank=8, alpha=8.0, steps=400, learning_rate=3e-3, batch_size=4, resolution=64,
+                                    checkpoint_every=100, text_encoder_lr=1e-3, shuffle_caption=True, keep_tokens=1,
                                     caption_tag_dropout_rate=0.5)
 # Training presets: the two built-in base models, then each model family's own (training/families/);
 # persona.yaml overrides any field.
