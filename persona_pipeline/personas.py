@@ -202,6 +202,13 @@ class TrainingOverrides(_Strict):
     noise_offset: float | None = Field(default=None, ge=0, le=1)
     prior_loss_weight: float | None = Field(default=None, ge=0, le=10)
     checkpoint_every: int | None = Field(default=None, ge=0, le=100000)
+    text_encoder_lr: float | None = Field(default=None, ge=0, le=1e-2)
+    trigger_embedding_lr: float | None = Field(default=None, ge=0, le=0.1)  # pivotal tuning (docs/training.md)
+    # Caption variety (docs/training.md): kohya's shuffle_caption, keep_tokens, caption_tag_dropout_rate;
+    # the dataset.toml that training_dataset writes for kohya carries the same values.
+    shuffle_caption: bool | None = None
+    keep_tokens: int | None = Field(default=None, ge=0, le=75)
+    caption_tag_dropout_rate: float | None = Field(default=None, ge=0, le=1)
     # FLUX.1 only (docs/training.md#flux1); ranges are checked with the other settings (training/params.py).
     guidance: float | None = None
     timestep_sampling: Literal["logit_normal", "uniform"] | None = None
@@ -226,7 +233,8 @@ class TrainingOverrides(_Strict):
         """The fields that override the preset's LoraTrainingParams."""
         return self.model_dump(include={"rank", "alpha", "steps", "learning_rate", "batch_size", "resolution", "optimizer",
                                         "mixed_precision", "gradient_checkpointing", "min_snr_gamma", "noise_offset",
-                                        "prior_loss_weight", "checkpoint_every", "guidance", "timestep_sampling",
+                                        "prior_loss_weight", "checkpoint_every", "text_encoder_lr", "trigger_embedding_lr", "shuffle_caption",
+                                        "keep_tokens", "caption_tag_dropout_rate", "guidance", "timestep_sampling",
                                         "max_sequence_length", "quantize_base", "aspect_buckets", "seed"})
 
 

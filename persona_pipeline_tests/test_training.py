@@ -219,6 +219,103 @@ def test_text_encoder_lora_resumes_to_the_uninterrupted_result(tmp_path, tiny_sd
         assert torch.allclose(ours[key], theirs[key], atol=1e-6), key
 
 
+def test_caption_options_vary_the_captions_each_step_and_resume_to_the_uninterrupted_result(tmp_path, tiny_sd, monkeypatch):
+    seen: list[str] = []
+    original = lora.text_conditioning
+
+    def recording(model, encoders, captions, device):
+        seen.extend(captions)
+        return original(model, encoders, captions, device)
+
+    monkeypatch.setattr(lora, "text_conditioning", recording)
+    params = LoraTrainingParams(steps=6, checkpoint_every=3, seed=3, shuffle_caption=True, caption_tag_dropout_rate=0.5)
+    dataset = make_dataset(tmp_path / "ds", n=3)  # captions "t3st woman, photo N"
+    reference = train_lora(tiny_sd, dataset, tmp_path / "reference", params, log=lambda m: None)
+    # The frozen encoder ran on this run's captions: the trigger tag kept, the other sometimes dropped,
+    # each caption string encoded once.
+    assert "t3st woman" in seen and any(c.startswith("t3st woman, photo ") for c in seen)
+    assert all(c.startswith("t3st woman") for c in seen) and len(seen) == len(set(seen))
+    seen.clear()
+    plain = train_lora(tiny_sd, dataset, tmp_path / "plain", LoraTrainingParams(steps=6, checkpoint_every=3, seed=3),
+                       log=lambda m: None)
+    assert seen == [] and plain.losses != reference.losses  # without options: the cached embeddings, as before
+
+    calls = {"n": 0}
+    predict = lora.predict_noise
+
+    def crash_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("killed")
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "predict_noise", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_lora(tiny_sd, dataset, tmp_path / "crashed", params, log=lambda m: None)
+    monkeypatch.setattr(lora, "predict_noise", predict)
+    resumed = train_lora(tiny_sd, dataset, tmp_path / "crashed", params, log=lambda m: None)
+    assert resumed.resumed_from == 3 and resumed.losses == reference.losses  # the caption draws came back with the RNG
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_pivotal_tuning_trains_the_trigger_embedding_alone_bundles_it_and_resumes(family, tmp_path, tiny_sd, tiny_sdxl, monkeypatch):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = tiny_sd if family == "sd15" else tiny_sdxl
+    params = LoraTrainingParams(steps=6, checkpoint_every=3, seed=3, trigger_embedding_lr=1e-2)
+    dataset = make_dataset(tmp_path / "ds", n=3)
+    reference = train_lora(base, dataset, tmp_path / "reference", params, log=lambda m: None)
+    saved = load_file(str(reference.lora_path))
+    names = ["string_to_param.*"] if family == "sd15" else ["clip_l", "clip_g"]
+    assert {k for k in saved if k.startswith("bundle_emb.")} == {f"bundle_emb.t3st.{n}" for n in names}
+    assert any(k.startswith("lora_unet_") for k in saved) and not any(k.startswith("lora_te") for k in saved)
+    for name, sub in zip(names, ["", "_2"]):
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder=f"tokenizer{sub}")
+        encoder = CLIPTextModel.from_pretrained(base, subfolder=f"text_encoder{sub}")
+        pieces = tokenizer("t3st", add_special_tokens=False).input_ids
+        start = encoder.get_input_embeddings().weight[pieces].mean(dim=0)
+        row = saved[f"bundle_emb.t3st.{name}"]
+        assert row.shape == (1, start.shape[0]) and (row[0] - start).abs().max() > 1e-3  # it moved from its start
+
+    calls = {"n": 0}
+    predict = lora.predict_noise
+
+    def crash_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("killed")
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "predict_noise", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_lora(base, dataset, tmp_path / "crashed", params, log=lambda m: None)
+    monkeypatch.setattr(lora, "predict_noise", predict)
+    resumed = train_lora(base, dataset, tmp_path / "crashed", params, log=lambda m: None)
+    assert resumed.resumed_from == 3 and resumed.losses == reference.losses
+    ours = load_file(str(resumed.lora_path))
+    assert ours.keys() == saved.keys() and all(torch.allclose(ours[k], saved[k], atol=1e-6) for k in ours)
+
+
+def test_the_generation_runtime_loads_a_bundled_trigger_embedding_with_its_lora_and_drops_it_after(tmp_path, tiny_sd):
+    from persona_pipeline.resources.diffusion_runtime import _adapter_name, cached_sha256, shared_runtime
+
+    result = train_lora(tiny_sd, make_dataset(tmp_path / "ds", n=3), tmp_path / "out",
+                        LoraTrainingParams(steps=2, trigger_embedding_lr=1e-2), log=lambda m: None)
+    row = load_file(str(result.lora_path))["bundle_emb.t3st.string_to_param.*"][0]
+    runtime = shared_runtime(tiny_sd, "cpu")
+    pipe = runtime.pipe
+    size, before = len(pipe.tokenizer), pipe.tokenizer.tokenize("t3st woman")
+    with runtime.lock:
+        runtime.load_adapters([str(result.lora_path)], tiny_sd)
+        runtime.activate([_adapter_name(cached_sha256(str(result.lora_path)))], [1.0])
+        assert pipe.tokenizer.tokenize("t3st woman")[0] == "t3st"  # one token, with the trained row
+        token = pipe.tokenizer.convert_tokens_to_ids("t3st")
+        assert torch.allclose(pipe.text_encoder.get_input_embeddings().weight[token], row)
+        runtime.activate([], [])  # no LoRA: the trigger word reads as plain text again
+        assert len(pipe.tokenizer) == size and pipe.tokenizer.tokenize("t3st woman") == before
+        assert pipe.text_encoder.get_input_embeddings().weight.shape[0] == size
+
+
 def _losses_of(tmp_path, base, name, **kwargs):
     params = LoraTrainingParams(steps=8, checkpoint_every=4, seed=3, **kwargs)
     return train_lora(base, make_dataset(tmp_path / f"ds-{name}", n=3, flip=True), tmp_path / name, params, log=lambda m: None)

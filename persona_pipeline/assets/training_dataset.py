@@ -41,7 +41,7 @@ from persona_pipeline.resources.clip import ClipModel
 from persona_pipeline.resources.database import AppDatabase
 from persona_pipeline.resources.diffusion import DiffusionBackend
 from persona_pipeline.resources.evaluation import FaceModel
-from persona_pipeline.training.params import TrainingConfigError
+from persona_pipeline.training.params import LoraTrainingParams, TrainingConfigError
 from persona_pipeline.resources.gemini import GeminiClient, GeminiError
 from persona_pipeline.resources.links import UiLinks
 from persona_pipeline.resources.storage import PersonaStorage
@@ -75,10 +75,15 @@ CHECKS = [
 ]
 
 
-def kohya_toml(subsets: list[dict], resolution: int, flip: bool) -> str:
-    """kohya sd-scripts' dataset config: one dataset, a subset per folder (`is_reg` for class images)."""
-    lines = ["[general]", 'caption_extension = ".txt"', "shuffle_caption = false", "keep_tokens = 1",
-             f"flip_aug = {str(flip).lower()}", "", "[[datasets]]", f"resolution = {resolution}", "batch_size = 1"]
+def kohya_toml(subsets: list[dict], resolution: int, flip: bool, captions: dict | None = None) -> str:
+    """kohya sd-scripts' dataset config: one dataset, a subset per folder (`is_reg` for class images), with
+    the caption options our own loop trains with (`caption_options`), so a kohya run sees the same captions."""
+    captions = captions or {"shuffle_caption": False, "keep_tokens": 1, "caption_tag_dropout_rate": 0.0}
+    lines = ["[general]", 'caption_extension = ".txt"', f"shuffle_caption = {str(captions['shuffle_caption']).lower()}",
+             f"keep_tokens = {captions['keep_tokens']}"]
+    if captions["caption_tag_dropout_rate"]:
+        lines.append(f"caption_tag_dropout_rate = {captions['caption_tag_dropout_rate']}")
+    lines += [f"flip_aug = {str(flip).lower()}", "", "[[datasets]]", f"resolution = {resolution}", "batch_size = 1"]
     for subset in subsets:
         lines += ["", "  [[datasets.subsets]]", f"  image_dir = {json.dumps(subset['image_dir'])}",
                   f"  class_tokens = {json.dumps(subset['class_tokens'])}", f"  num_repeats = {subset['repeats']}"]
@@ -131,13 +136,16 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
                for (name, path, sha, _), (c, s) in zip(photos, captions)]
     entries += [(f"dataset candidate #{cid}", path, sha, caption, "dataset review", origin)
                 for cid, path, sha, caption, origin in extra]
-    resolution = diffusion.training_params(training.param_overrides()).resolution
+    params = diffusion.training_params(training.param_overrides())
+    resolution, caption_options = params.resolution, params.caption_options()
     reg = _regularisation_set(context, storage, diffusion, slug, config, resolution)
 
     subset_name = f"{training.repeats}_{config.trigger_word} {config.class_word}"
     settings = {"repeats": training.repeats, "trigger": config.trigger_word, "class_word": config.class_word,
                 "captioner": training.captioner, "flip_aug": training.flip_augment, "resolution": resolution,
                 "regularization": reg["key"] if reg else None, "reg_repeats": training.regularization.repeats if reg else None}
+    if caption_options != LoraTrainingParams().caption_options():  # a version per caption options; the defaults keep old versions
+        settings["caption_options"] = caption_options
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for _, _, sha, caption, _, _ in entries:
         digest.update(sha.encode() + b"\0" + caption.encode() + b"\0")
@@ -159,7 +167,7 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
             shutil.copytree(reg["folder"], reg_dir, ignore=shutil.ignore_patterns("*.json"))
             subsets.append({"image_dir": str(folder / reg_dir.relative_to(partial)), "class_tokens": config.class_word,
                             "repeats": training.regularization.repeats, "is_reg": True})
-        (partial / "dataset.toml").write_text(kohya_toml(subsets, resolution, training.flip_augment))
+        (partial / "dataset.toml").write_text(kohya_toml(subsets, resolution, training.flip_augment, caption_options))
         atomic_write(partial / "metadata.json", json.dumps({
             "persona": slug, "version": version, "settings": settings, "subset": subset_name,
             "images": [{"file": f"{i:04d}.png", "source": name, "sha256": sha, "caption": c, "caption_source": s,

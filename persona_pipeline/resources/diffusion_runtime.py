@@ -55,6 +55,7 @@ class PipelineRuntime:
         self._controlnets: dict[str, object] = {}
         self._adapters: OrderedDict[str, str] = OrderedDict()  # sha256 → adapter name, least recently used first
         self._active: tuple | None = None  # the last activate() arguments; None: unknown (an adapter came or went)
+        self._embeddings: dict[str, dict] = {}  # adapter name → the trigger embeddings its file bundles
 
     def controlnet(self, path: str):
         if path not in self._controlnets:
@@ -88,6 +89,7 @@ class PipelineRuntime:
         new adapter); drop the least recently used beyond MAX_CACHED_ADAPTERS. A LoRA made for another
         model family is refused first, naming both (diffusers would load none of its keys, silently)."""
         from persona_pipeline.training.lora_files import LoraFileError, base_model_family, refuse_other_family
+        from persona_pipeline.training.families.stable_diffusion import load_lora_file
 
         wanted = {cached_sha256(path) for path in paths}
         family = base_model_family(self.model_path)
@@ -106,13 +108,14 @@ class PipelineRuntime:
             self._active = None  # a load, even a failed one, may change which adapters are active
             try:
                 with quiet_adapters():
-                    self.pipe.load_lora_weights(path, adapter_name=name)
+                    self._embeddings[name] = load_lora_file(self.pipe, path, name)
             except Exception as exc:  # diffusers/peft raise many classes for a LoRA that does not fit
                 raise GenerationInputError(f"LoRA file {path} could not be loaded onto base model {base_model!r}: {exc}") from exc
             self._adapters[sha] = name
         for sha in [sha for sha in self._adapters if sha not in wanted][:max(0, len(self._adapters) - MAX_CACHED_ADAPTERS)]:
             with quiet_adapters():
-                self.pipe.delete_adapters(self._adapters.pop(sha))
+                self.pipe.delete_adapters(name := self._adapters.pop(sha))
+            self._embeddings.pop(name, None)
             self._active = None
 
     @staticmethod
@@ -131,12 +134,35 @@ class PipelineRuntime:
         state = (tuple(names), tuple(weights))
         if state == self._active:
             return
+        from persona_pipeline.training.families.stable_diffusion import use_trigger_embeddings
+
+        # The trigger embeddings the active LoRAs bundle (pivotal tuning); the first LoRA naming a trigger wins.
+        wanted: dict = {}
+        for name in names:
+            for trigger, rows in self._embeddings.get(name, {}).items():
+                wanted.setdefault(trigger, rows)
+        use_trigger_embeddings(self.pipe, wanted)
         if names:
             self.pipe.enable_lora()
             self.pipe.set_adapters(names, adapter_weights=weights)
         elif any(self.pipe.get_list_adapters().values()):
             self.pipe.disable_lora()
         self._active = state
+
+    def load_checkpoint_adapter(self, path, name: str) -> None:
+        """Load one LoRA file as adapter `name` outside the sha-keyed cache (checkpoint rendering), with the
+        trigger embedding it bundles; `activate` makes it active, `delete_checkpoint_adapter` removes it."""
+        from persona_pipeline.training.families.stable_diffusion import load_lora_file
+
+        self._active = None
+        with quiet_adapters():
+            self._embeddings[name] = load_lora_file(self.pipe, path, name)
+
+    def delete_checkpoint_adapter(self, name: str) -> None:
+        self._active = None
+        with quiet_adapters():
+            self.pipe.delete_adapters(name)
+        self._embeddings.pop(name, None)
 
     def forget_activation(self) -> None:
         """Adapters were loaded or deleted behind `activate`'s back: set them again next time."""

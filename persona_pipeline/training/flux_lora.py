@@ -41,9 +41,13 @@ def train_flux_lora(
 ) -> TrainingResult:
     """Train, or resume the run whose state is in `output_dir`; checkpoints as `train_unet_lora` writes them."""
     params.validate(device)
-    if params.text_encoder_lr > 0 or params.min_snr_gamma or params.noise_offset:
-        raise TrainingConfigError("training.text_encoder_lr, min_snr_gamma and noise_offset are for the SD families; "
+    if params.text_encoder_lr > 0 or params.trigger_embedding_lr > 0 or params.min_snr_gamma or params.noise_offset:
+        raise TrainingConfigError("training.text_encoder_lr, trigger_embedding_lr, min_snr_gamma and noise_offset are for the SD families; "
                                   f"the base model {base_model} is FLUX.1: leave them at 0")
+    if params.shuffle_caption or params.caption_tag_dropout_rate > 0:
+        raise TrainingConfigError("training.shuffle_caption and caption_tag_dropout_rate are for the SD families (the "
+                                  f"FLUX.1 loop caches its T5 embeddings once); the base model {base_model} is FLUX.1: "
+                                  "leave them off")
     guidance = flux.training_guidance(params, flux.variant_of(base_model))  # refused before anything loads
     import numpy as np
     import torch

@@ -92,3 +92,29 @@ def load_pixels(path: Path, resolution: int, size: tuple[int, int] | None = None
         image = image.crop((left, top, left + width, top + height))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0), original, (top, left)
+
+
+def vary_caption(caption: str, rng, *, shuffle: bool = False, keep_tokens: int = 1, dropout: float = 0.0) -> str:
+    """One step's version of a caption, as kohya sd-scripts' `process_caption` makes it: the caption is
+    comma-separated tags; the first `keep_tokens` stay in place, the others are shuffled (`shuffle`) and
+    then each dropped with probability `dropout`. `rng` is a numpy Generator (the training loop's, so a
+    resumed run draws the same captions). A caption with no options on comes back unchanged."""
+    if not shuffle and dropout <= 0:
+        return caption
+    tags = [tag.strip() for tag in caption.strip().split(",")]
+    fixed, flexible = tags[:keep_tokens], tags[keep_tokens:]
+    if shuffle and flexible:
+        flexible = [flexible[i] for i in rng.permutation(len(flexible))]
+    if dropout > 0 and flexible:
+        flexible = [tag for tag, draw in zip(flexible, rng.random(len(flexible))) if draw >= dropout]
+    return ", ".join(fixed + flexible)
+
+
+def dataset_trigger(dataset: KohyaDataset) -> str:
+    """The trigger word: the first word of every training caption (training_dataset's blocking check makes it so)."""
+    words = sorted({item.caption.split(",")[0].split()[0] if item.caption.split() else "" for item in dataset.items
+                    if not item.is_reg})
+    if len(words) != 1 or not words[0]:
+        raise TrainingConfigError(f"training.trigger_embedding_lr needs every training caption to start with the same "
+                                  f"trigger word; they start with {', '.join(repr(w) for w in words[:5])}")
+    return words[0]

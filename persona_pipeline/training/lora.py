@@ -10,7 +10,9 @@ What it adds to the example loop:
   ComfyUI and diffusers' `load_lora_weights` both read;
 - a resumable state (LoRA weights, optimizer, RNG states, losses) saved with each checkpoint, so a
   killed run carries on from its latest checkpoint with the same numbers it would have produced;
-- a non-finite loss stops the run before the bad update, keeping every checkpoint written so far.
+- a non-finite loss stops the run before the bad update, keeping every checkpoint written so far;
+- kohya's caption options (shuffled and dropped tags behind the first keep_tokens, drawn from the
+  loop's saved generator) and pivotal tuning (the trigger word's own embedding, bundled in the file).
 
 The pieces around the loop have modules of their own: the settings (`training.params`), the kohya
 dataset (`training.kohya_dataset`), the model-family registry (`training.families`: detection,
@@ -29,13 +31,14 @@ from pathlib import Path
 from typing import Callable
 
 from persona_pipeline.fileio import sha256_file, write_via_temp
-from persona_pipeline.training.kohya_dataset import DatasetItem, KohyaDataset, load_pixels, read_kohya_dataset
+from persona_pipeline.training.kohya_dataset import (DatasetItem, KohyaDataset, dataset_trigger, load_pixels, read_kohya_dataset,
+                                                     vary_caption)
 from persona_pipeline.training.latent_cache import cached_inputs
 from persona_pipeline.training.params import LoraTrainingParams, TrainingConfigError, resolve_mixed_precision
 from persona_pipeline.training.families import detect_family, model_family
-from persona_pipeline.training.families.stable_diffusion import (LORA_TARGET_MODULES, FrozenModel, kohya_state_dict,
-                                                                 load_frozen_model_with_lora, predict_noise,
-                                                                 save_checkpoint, text_conditioning)
+from persona_pipeline.training.families.stable_diffusion import (LORA_TARGET_MODULES, FrozenModel, add_trigger_token,
+                                                                 kohya_state_dict, load_frozen_model_with_lora, predict_noise,
+                                                                 save_checkpoint, text_conditioning, trigger_embedding_tensors)
 
 __all__ = [
     "CHECKPOINT_DIR", "LORA_TARGET_MODULES", "STATE_FILE", "DatasetItem", "FrozenModel", "KohyaDataset",
@@ -110,19 +113,25 @@ def train_unet_lora(
     if train_text:
         groups.append({"params": [p for e in model.text_encoders for p in e.parameters() if p.requires_grad],
                        "lr": params.text_encoder_lr})
-    optimizer = _optimizer(params, groups)
 
     cache = cached_inputs(model, dataset, params.resolution, Path(cache_dir or Path(dataset_dir) / "cache"),
                           base_model, accelerator.device, weight_dtype, log)
     # The frozen encoders are no longer needed: free them before the UNet's activations arrive.
     del model.vae
-    text_encoders: list = []
-    if train_text:
-        text_encoders = [accelerator.prepare(encoder) for encoder in model.text_encoders]
-        for encoder in text_encoders:
-            encoder.train()
+    vary = params.shuffle_caption or params.caption_tag_dropout_rate > 0
+    pivotal = Pivotal.start(model, dataset, groups, params) if params.trigger_embedding_lr > 0 else None
+    step_encoders: list = []  # text encoders run on every batch (a LoRA on them, or the trigger embedding, trains)
+    frozen_text: FrozenText | None = None
+    if train_text or pivotal:
+        step_encoders = [accelerator.prepare(encoder) for encoder in model.text_encoders]
+        for encoder in step_encoders:
+            encoder.train(train_text)
+    elif vary:  # captions change every step: keep the frozen encoders, with a cache per caption string
+        frozen_text = FrozenText(model, [encoder.to(accelerator.device) for encoder in model.text_encoders], accelerator.device)
+    text_encoders = step_encoders if train_text else []  # those whose LoRA is saved
     del model.text_encoders
     captions = [item.caption for item in dataset.items]
+    optimizer = _optimizer(params, groups)
     unet, optimizer = accelerator.prepare(unet, optimizer)
 
     sampling = np.asarray([item.repeats for item in dataset.items], dtype=np.float64)
@@ -138,7 +147,7 @@ def train_unet_lora(
     start_step = 0
     if state_path.is_file():
         start_step, losses, checkpoints = _resume(state_path, params, [accelerator.unwrap_model(m) for m in (unet, *text_encoders)],
-                                                  optimizer, rng)
+                                                  optimizer, rng, pivotal)
         log(f"resuming from step {start_step}/{params.steps} (checkpoint {checkpoints[-1][1].name if checkpoints else 'none'})")
 
     every = params.checkpoint_every or params.steps
@@ -157,10 +166,15 @@ def train_unet_lora(
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = scheduler.get_velocity(latents, noise, timesteps) if scheduler.config.prediction_type == "v_prediction" else noise
 
+        batch_captions = [captions[i] for i in index.tolist()]
+        if vary:
+            batch_captions = [vary_caption(c, rng, shuffle=params.shuffle_caption, keep_tokens=params.keep_tokens,
+                                           dropout=params.caption_tag_dropout_rate) for c in batch_captions]
         with accelerator.autocast():
             conditioning, at = cache, index
-            if train_text:  # the text encoders change every step: encode this batch's captions afresh
-                conditioning = text_conditioning(model, text_encoders, [captions[i] for i in index.tolist()], accelerator.device)
+            if step_encoders or frozen_text:  # this batch's captions, encoded now (the text side trains, or captions vary)
+                conditioning = (text_conditioning(model, step_encoders, batch_captions, accelerator.device) if step_encoders
+                                else frozen_text.encode(batch_captions))
                 if "time_ids" in cache:
                     conditioning["time_ids"] = cache["time_ids"][index]
                 at = torch.arange(len(index), device=accelerator.device)
@@ -175,12 +189,69 @@ def train_unet_lora(
             path = checkpoint_dir / f"{stem}-step{step:06d}.safetensors"
             adapted = [accelerator.unwrap_model(m) for m in (unet, *text_encoders)]
             save_checkpoint(adapted[0], params.alpha, path,
-                            {"step": str(step), "base_family": model.family, "rank": str(params.rank), "alpha": str(params.alpha)},
-                            text_encoders=adapted[1:])
+                            {"step": str(step), "base_family": model.family, "rank": str(params.rank), "alpha": str(params.alpha),
+                             **({"trigger_embedding": pivotal.trigger} if pivotal else {})},
+                            text_encoders=adapted[1:], embeddings=pivotal.tensors() if pivotal else None)
             checkpoints = [c for c in checkpoints if c[0] != step] + [(step, path)]
-            _save_state(state_path, step, params, adapted, optimizer, rng, losses, checkpoints)
+            _save_state(state_path, step, params, adapted, optimizer, rng, losses, checkpoints, pivotal)
 
     return training_result(checkpoints, losses, started, dataset, start_step, model.family, precision)
+
+
+class Pivotal:
+    """Pivotal tuning's trainable part: the trigger word as a new token of each tokenizer, whose embedding
+    row alone learns (the other rows' gradients are masked to zero, and the group has no weight decay, so
+    AdamW leaves them exactly as they were)."""
+
+    def __init__(self, trigger: str, weights: list, token_ids: list[int]):
+        self.trigger, self.weights, self.token_ids = trigger, weights, token_ids
+
+    @classmethod
+    def start(cls, model: FrozenModel, dataset: KohyaDataset, groups: list, params: LoraTrainingParams) -> "Pivotal":
+        import torch
+
+        trigger = dataset_trigger(dataset)
+        token_ids = add_trigger_token(model.tokenizers, model.text_encoders, trigger)
+        weights = []
+        for encoder, token_id in zip(model.text_encoders, token_ids):
+            weight = encoder.get_input_embeddings().weight
+            weight.data = weight.data.float()
+            weight.requires_grad_(True)
+            mask = torch.zeros(weight.shape[0], 1)
+            mask[token_id] = 1.0
+            weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
+            weights.append(weight)
+        groups.append({"params": weights, "lr": params.trigger_embedding_lr, "weight_decay": 0.0})
+        return cls(trigger, weights, token_ids)
+
+    def rows(self) -> list:
+        return [weight[token_id].detach().clone() for weight, token_id in zip(self.weights, self.token_ids)]
+
+    def restore(self, rows: list) -> None:
+        import torch
+
+        with torch.no_grad():
+            for weight, token_id, row in zip(self.weights, self.token_ids, rows):
+                weight[token_id] = row.to(weight.device, weight.dtype)
+
+    def tensors(self) -> dict:
+        return trigger_embedding_tensors(self.trigger, self.rows())
+
+
+class FrozenText:
+    """The frozen text encoders' conditioning per caption string, each caption encoded once: with
+    caption variety a caption changes every step, but the variants of a short caption are few."""
+
+    def __init__(self, model: FrozenModel, encoders: list, device):
+        self.model, self.encoders, self.device, self.memo = model, encoders, device, {}
+
+    def encode(self, captions: list[str]) -> dict:
+        import torch
+
+        for caption in set(captions) - self.memo.keys():
+            with torch.no_grad():
+                self.memo[caption] = text_conditioning(self.model, self.encoders, [caption], self.device)
+        return {name: torch.cat([self.memo[c][name] for c in captions]) for name in self.memo[captions[0]]}
 
 
 def open_run(dataset_dir: Path, params: LoraTrainingParams, device: str, log: Callable[[str], None]):
@@ -272,7 +343,7 @@ def _min_snr_weights(scheduler, timesteps, gamma: float):
 
 
 def _save_state(path: Path, step: int, params: LoraTrainingParams, adapted: list, optimizer, rng, losses: list[float],
-                checkpoints: list[tuple[int, Path]]) -> None:
+                checkpoints: list[tuple[int, Path]], pivotal: Pivotal | None = None) -> None:
     """`adapted`: the UNet, then any text encoders that train."""
     import torch
     from peft.utils import get_peft_model_state_dict
@@ -283,12 +354,12 @@ def _save_state(path: Path, step: int, params: LoraTrainingParams, adapted: list
         "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "numpy_rng": rng.bit_generator.state, "losses": losses,
-        "checkpoints": [(s, p.name) for s, p in checkpoints],
+        "checkpoints": [(s, p.name) for s, p in checkpoints], "trigger_embedding": pivotal.rows() if pivotal else None,
     }
     write_via_temp(path, lambda tmp: torch.save(state, tmp))  # a kill mid-save leaves the previous state whole
 
 
-def _resume(path: Path, params: LoraTrainingParams, adapted: list, optimizer, rng):
+def _resume(path: Path, params: LoraTrainingParams, adapted: list, optimizer, rng, pivotal: Pivotal | None = None):
     import torch
     from peft.utils import set_peft_model_state_dict
 
@@ -303,6 +374,8 @@ def _resume(path: Path, params: LoraTrainingParams, adapted: list, optimizer, rn
     set_peft_model_state_dict(adapted[0], state["lora"])
     for encoder, weights in zip(adapted[1:], state.get("lora_text_encoders", [])):
         set_peft_model_state_dict(encoder, weights)
+    if pivotal:
+        pivotal.restore(state["trigger_embedding"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():

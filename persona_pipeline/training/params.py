@@ -35,6 +35,17 @@ class LoraTrainingParams:
     # each text encoder's attention trains too, at this rate, so the trigger word itself comes to
     # mean the look (kohya's text_encoder_lr; diffusers' --train_text_encoder).
     text_encoder_lr: float = 0.0
+    # Caption variety, with kohya sd-scripts' names and meaning (training/kohya_dataset.py `vary_caption`):
+    # a caption is comma-separated tags; the first keep_tokens tags stay in place (the trigger word and
+    # class), the others are shuffled (shuffle_caption) and each dropped with caption_tag_dropout_rate,
+    # afresh every step, so the look binds to the trigger word rather than to the whole caption.
+    # Pivotal tuning (diffusers' --train_text_encoder_ti): above 0, the trigger word (the first word of every
+    # training caption) becomes a new token whose input embedding trains at this rate with the LoRA; the
+    # LoRA file bundles it and generation loads it with the LoRA (training/families/stable_diffusion.py).
+    trigger_embedding_lr: float = 0.0
+    shuffle_caption: bool = False
+    keep_tokens: int = 1
+    caption_tag_dropout_rate: float = 0.0
     # FLUX.1 only (training/families/flux.py). guidance: the [dev] guidance input while training (None:
     # 1.0; [schnell] has none and refuses one). timestep_sampling: how noise levels are drawn before
     # the scheduler's shift. max_sequence_length: T5 tokens per caption. quantize_base: the frozen
@@ -52,7 +63,8 @@ class LoraTrainingParams:
         "rank": (1, 256), "alpha": (0.01, 512), "steps": (1, 100000), "learning_rate": (1e-7, 1e-2),
         "batch_size": (1, 64), "resolution": (32, 2048), "min_snr_gamma": (0, 20), "noise_offset": (0, 1),
         "prior_loss_weight": (0, 10), "checkpoint_every": (0, 100000), "text_encoder_lr": (0, 1e-2),
-        "max_sequence_length": (8, 512),
+        "max_sequence_length": (8, 512), "keep_tokens": (0, 75), "caption_tag_dropout_rate": (0, 1),
+        "trigger_embedding_lr": (0, 0.1),
     }
     GUIDANCE = FLUX_GUIDANCE_RANGE  # FLUX.1 [dev]'s distilled guidance, as generation bounds it
     TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
@@ -89,6 +101,11 @@ class LoraTrainingParams:
             if self.quantize_base != "none" and not device.startswith("cuda"):
                 raise TrainingConfigError(f"training.quantize_base={self.quantize_base!r} needs a CUDA device; the device is "
                                           f"{device!r} (8-bit and fp8 kernels are GPU-only): set it to 'none'")
+
+    def caption_options(self) -> dict:
+        """The caption options by kohya's names, as a dataset.toml carries them."""
+        return {"shuffle_caption": self.shuffle_caption, "keep_tokens": self.keep_tokens,
+                "caption_tag_dropout_rate": self.caption_tag_dropout_rate}
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,14 +71,25 @@ def train_character_lora(diffusion, work: Path, trigger: str, character: Charact
 
 def probe(pipe, classifier, lora: Path | None, trigger: str, look: dict[str, str], seeds=PERSONA_SEEDS):
     """The persona probe (every scene x seeds) with `lora` loaded at full strength (None: the base)."""
-    if lora is not None:
-        pipe.load_lora_weights(str(lora), adapter_name="probe")
-        pipe.set_adapters(["probe"], [1.0])
-    try:
+    if lora is None:
         return quality.persona_figures(pipe, classifier, seeds=seeds, trigger=trigger, look=look)
+    with lora_loaded(pipe, lora, "probe"):
+        return quality.persona_figures(pipe, classifier, seeds=seeds, trigger=trigger, look=look)
+
+
+@contextmanager
+def lora_loaded(pipe, lora: Path, name: str):
+    """`lora` active at full strength, loaded as generation loads it (a trigger embedding it bundles too),
+    then removed, embedding included."""
+    from persona_pipeline.training.families.stable_diffusion import load_lora_file, use_trigger_embeddings
+
+    use_trigger_embeddings(pipe, load_lora_file(pipe, lora, name))
+    pipe.set_adapters([name], [1.0])
+    try:
+        yield
     finally:
-        if lora is not None:
-            pipe.delete_adapters("probe")
+        pipe.delete_adapters(name)
+        use_trigger_embeddings(pipe, {})
 
 
 def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path | None = None) -> dict:
@@ -177,13 +189,9 @@ def keep_best_figures(pipe, classifier, clip, lora: Path, centroid: np.ndarray, 
     from persona_pipeline.domain import generation_plan as plan
 
     prompts = [f"photo of {DEMO_TRIGGER} {CLASS_WORD}, teal bob, yellow jacket, red scarf, {scene}" for scene in SCENES]
-    pipe.load_lora_weights(str(lora), adapter_name="keep")
-    pipe.set_adapters(["keep"], [1.0])
-    try:
+    with lora_loaded(pipe, lora, "keep"):
         images = quality.render(pipe, [p for p in prompts for _ in range(GROUP_SIZE)],
                                 [1000 + i for i in range(len(prompts) * GROUP_SIZE)])
-    finally:
-        pipe.delete_adapters("keep")
     embedded = embed(clip, images, work / "embed-keep")
     texts = clip.embed_texts([p.replace(f"{DEMO_TRIGGER} ", "") for p in prompts])
     read = classifier.predict(images)

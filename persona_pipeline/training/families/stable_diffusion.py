@@ -94,9 +94,10 @@ def kohya_state_dict(unet, alpha: float, text_encoders=()) -> dict:
     return out
 
 
-def save_checkpoint(unet, alpha: float, path: Path, metadata: dict[str, str], text_encoders=()) -> str:
-    """Write a .safetensors checkpoint atomically; return its sha256."""
-    write_safetensors(path, kohya_state_dict(unet, alpha, text_encoders), metadata)
+def save_checkpoint(unet, alpha: float, path: Path, metadata: dict[str, str], text_encoders=(), embeddings=None) -> str:
+    """Write a .safetensors checkpoint atomically (with `embeddings`, a trained trigger embedding's
+    `trigger_embedding_tensors`); return its sha256."""
+    write_safetensors(path, {**kohya_state_dict(unet, alpha, text_encoders), **(embeddings or {})}, metadata)
     return sha256_file(path)
 
 
@@ -142,3 +143,103 @@ def predict_noise(unet, noisy, timesteps, cache: dict, index, family: str):
     time_ids = cache["time_ids"][index].clone()
     added = {"text_embeds": cache["pooled"][index].to(noisy.dtype), "time_ids": time_ids.to(noisy.dtype)}
     return unet(noisy, timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
+
+
+# Pivotal tuning (training.trigger_embedding_lr): the trigger word becomes one new token of each tokenizer
+# with an input embedding of its own, trained with the LoRA (diffusers' advanced DreamBooth LoRA script,
+# --train_text_encoder_ti). The LoRA file carries it in A1111's bundled-embedding keys, `bundle_emb.<trigger>.`
+# then `string_to_param.*` (one text encoder) or `clip_l` / `clip_g` (SDXL's two).
+EMBEDDING_PREFIX = "bundle_emb."
+
+
+def embedding_key_names(count: int) -> list[str]:
+    return ["string_to_param.*"] if count == 1 else ["clip_l", "clip_g"]
+
+
+def add_trigger_token(tokenizers, encoders, trigger: str) -> list[int]:
+    """Add `trigger` as one token to each tokenizer, its embedding row starting as the mean of the rows of
+    the pieces the tokenizer split it into (so the prompt first means what it did); the new token ids."""
+    import torch
+
+    from persona_pipeline.training.params import TrainingConfigError
+
+    ids = []
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        pieces = tokenizer(trigger, add_special_tokens=False).input_ids
+        if tokenizer.add_tokens([trigger]) != 1:
+            raise TrainingConfigError(f"training.trigger_embedding_lr: the trigger word {trigger!r} is already a token of the "
+                                      "base model's tokenizer; pivotal tuning needs a new word (or set it to 0)")
+        token_id = tokenizer.convert_tokens_to_ids(trigger)
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        weight = encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[token_id] = weight[pieces].mean(dim=0)
+        ids.append(token_id)
+    return ids
+
+
+def trigger_embedding_tensors(trigger: str, rows: list) -> dict:
+    """The file keys of a trained trigger embedding (one row per text encoder), each shaped (1, dim)."""
+    import torch
+
+    return {f"{EMBEDDING_PREFIX}{trigger}.{name}": row.detach().to("cpu", torch.float32).reshape(1, -1).contiguous()
+            for name, row in zip(embedding_key_names(len(rows)), rows)}
+
+
+def split_trigger_embeddings(state_dict: dict) -> tuple[dict, dict[str, list]]:
+    """(the LoRA weights, {trigger: [embedding per text encoder, in encoder order]}) of a LoRA file's tensors."""
+    lora, embeddings = {}, {}
+    for key, tensor in state_dict.items():
+        if not key.startswith(EMBEDDING_PREFIX):
+            lora[key] = tensor
+            continue
+        trigger, _, name = key[len(EMBEDDING_PREFIX):].partition(".")
+        embeddings.setdefault(trigger, {})[name] = tensor
+    ordered = {}
+    for trigger, parts in embeddings.items():
+        names = embedding_key_names(len(parts))
+        if set(parts) != set(names):
+            raise ValueError(f"bundled embedding {trigger!r} has keys {sorted(parts)}; expected {names}")
+        ordered[trigger] = [parts[name] for name in names]
+    return lora, ordered
+
+
+def load_lora_file(pipe, path, adapter_name: str) -> dict[str, list]:
+    """Load a LoRA file onto a diffusers pipeline as `adapter_name`, the way generation does; a trigger
+    embedding it bundles (pivotal tuning) is split off, since diffusers' LoRA loader refuses keys it does not
+    know, and returned ({trigger: [rows]}) for `use_trigger_embeddings`."""
+    from safetensors.torch import load_file
+
+    from persona_pipeline.training.lora_files import read_safetensors_header
+
+    if not any(key.startswith(EMBEDDING_PREFIX) for key in read_safetensors_header(Path(path))):
+        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        return {}
+    lora, embeddings = split_trigger_embeddings(load_file(str(path)))
+    pipe.load_lora_weights(lora, adapter_name=adapter_name)
+    return embeddings
+
+
+def use_trigger_embeddings(pipe, embeddings: dict[str, list]) -> None:
+    """Make exactly `embeddings` ({trigger: [row per text encoder]}) the pipeline's trigger tokens: each loaded
+    as a textual-inversion token into every tokenizer and text encoder, and any loaded before and not wanted
+    now unloaded, so a trigger word reads as the LoRA that is active (or as plain text when none is)."""
+    import torch
+
+    loaded = getattr(pipe, "_trigger_embeddings", {})
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    for trigger, rows in loaded.items():
+        if trigger not in embeddings or not all(torch.equal(a, b) for a, b in zip(rows, embeddings[trigger])):
+            for tokenizer, encoder in pairs:
+                pipe.unload_textual_inversion(trigger, tokenizer=tokenizer, text_encoder=encoder)
+    kept = {t: r for t, r in loaded.items() if t in embeddings and all(torch.equal(a, b) for a, b in zip(r, embeddings[t]))}
+    for trigger, rows in embeddings.items():
+        if trigger in kept:
+            continue
+        for (tokenizer, encoder), row in zip(pairs, rows):
+            pipe.load_textual_inversion(row.reshape(-1).to(encoder.dtype), token=trigger, tokenizer=tokenizer,
+                                        text_encoder=encoder)
+        kept[trigger] = rows
+    pipe._trigger_embeddings = kept
