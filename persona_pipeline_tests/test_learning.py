@@ -226,6 +226,49 @@ def test_planner_uses_learned_targets_and_notes_and_is_unchanged_without_them():
     assert "learned: travel: 6.0% ± 1.0 engagement over 20 posts, share raised 35 → 50%" in travel[0].reason
 
 
+BOUNDS = {1: (Fraction(25, 100), Fraction(55, 100)), 2: (Fraction(20, 100), Fraction(50, 100)),
+          3: (Fraction(10, 100), Fraction(40, 100))}  # everyday 40, travel 35, outdoors 25, ±15 points
+AT_BOUND = {1: Fraction(25, 100), 2: Fraction(35, 100), 3: Fraction(40, 100)}  # outdoors at its maximum
+
+
+def _first_pillar(history_pillars: list[int], bounds) -> int:
+    """The pillar planned for one slot after `history_pillars` posted 40-80 days before it: outside
+    the 30-day share window (so the target alone ranks outdoors first), inside the 90-day bound window."""
+    pillars = [StrategyPillar(1, "everyday", 40, 1), StrategyPillar(2, "travel", 35, 2), StrategyPillar(3, "outdoors", 25, 3)]
+    slot = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    history = [PastPost(p, "", slot - timedelta(days=40 + 3 * i)) for i, p in enumerate(history_pillars)]
+    plan = plan_posts(slots=[slot], pillars=pillars, options=[LibraryOption(i, 1 + i % 3, "", 1.0) for i in range(9)],
+                      history=history, rules=StrategyRules(weekly_cap=100), tz="UTC",
+                      target_shares=AT_BOUND, share_bounds=bounds)
+    return plan.posts[0].pillar_id
+
+
+def test_a_target_at_its_maximum_never_lifts_the_pillar_past_it():
+    history = [1, 1, 1, 2, 2, 2, 3, 3, 3, 3]  # outdoors 4 of 10: one more would be 5 of 11, 45 % > 40 %
+    assert _first_pillar(history, None) == 3  # the target alone: outdoors has the largest gap
+    assert _first_pillar(history, BOUNDS) == 2  # held: travel, the next gap
+
+
+def test_a_pillar_about_to_fall_below_its_minimum_goes_first():
+    history = [1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3]  # everyday 2 of 11: without this slot 2 of 12, 16.7 % < 25 %
+    assert _first_pillar(history, None) == 3
+    assert _first_pillar(history, BOUNDS) == 1
+
+
+def test_a_long_plan_with_targets_at_the_bounds_keeps_every_realised_share_inside_them():
+    pillars = [StrategyPillar(1, "everyday", 40, 1), StrategyPillar(2, "travel", 35, 2), StrategyPillar(3, "outdoors", 25, 3)]
+    slots = [datetime(2026, 1, 1, 12, tzinfo=UTC) + timedelta(days=2.3 * d) for d in range(160)]
+    plan = plan_posts(slots=slots, pillars=pillars, options=[LibraryOption(i, 1 + i % 3, "", 1.0) for i in range(480)],
+                      history=[], rules=StrategyRules(weekly_cap=100), tz="UTC",
+                      target_shares=AT_BOUND, share_bounds=BOUNDS)
+    assert len(plan.posts) == 160
+    for end in range(40, 161):  # every 90-day window from the 40th post on, and the whole run
+        window = [p for p in plan.posts[:end] if p.slot > plan.posts[end - 1].slot - timedelta(days=90)]
+        for pillar, (low, high) in BOUNDS.items():
+            share = Fraction(sum(p.pillar_id == pillar for p in window), len(window))
+            assert low <= share <= high, (end, pillar, share)
+
+
 def test_persona_yaml_bounds_are_checked_on_load(tmp_path):
     import shutil
     from pathlib import Path

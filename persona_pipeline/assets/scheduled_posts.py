@@ -87,7 +87,7 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
         by_pillar = {p.id: p for p in pillars}
         # persona.yaml strategy.learning: shares and hours from the audience (None: off, today's plan exactly).
         learned = insight_store.learned_targets(session, persona.id, config, now)
-        shares = notes = None
+        shares = bounds = notes = None
         hour_notes: dict[datetime, str] = {}
         if learned is not None:
             moved = learning.move_slots(learned, slots, config.windows(), config.timezone,
@@ -96,6 +96,7 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
             hour_notes = {slot: why for slot, why in moved if why}
             by_name = {p.name: p.id for p in pillars}
             shares = {by_name[n]: share for n, share in learned.shares.items() if n in by_name}
+            bounds = {by_name[n]: (d.low, d.high) for n, d in learned.pillars.items() if n in by_name}
             notes = {by_name[n]: d.note for n, d in learned.pillars.items() if n in by_name}
         options = library.available_items(session, persona.id)
         items = {i.id: i for i in options}
@@ -108,7 +109,7 @@ def scheduled_posts(context: dg.AssetExecutionContext, database: AppDatabase, st
             history=[strategy.PastPost(p.pillar_id, p.theme, p.published_at or p.scheduled_at) for p in in_play],
             rules=strategy.StrategyRules(theme_spacing=timedelta(days=plan.theme_spacing_days),
                                          theme_max_per_week=plan.theme_max_per_week, weekly_cap=plan.weekly_cap),
-            tz=config.timezone, target_shares=shares, pillar_notes=notes)
+            tz=config.timezone, target_shares=shares, share_bounds=bounds, pillar_notes=notes)
         avoid = repeated_phrases([p.caption for p in posts[-RECENT_CAPTIONS:]])
         created, rows = [], []
         # The format mix is honoured over the last 30 days' posts and the ones planned here.

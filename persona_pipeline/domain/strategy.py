@@ -12,7 +12,11 @@ at most once):
   local date (`starts_on`..`ends_on`, both inclusive, in `tz`); actual share = the pillar's posts /
   all posts (any pillar, or none) in [slot − share_days, slot). Largest target − actual first;
   ties: priority (1 first), then name. A pillar with no eligible option falls through to the next;
-  unassigned options (pillar_id None) come after every pillar.
+  unassigned options (pillar_id None) come after every pillar. With `share_bounds` (the learning
+  strategy's (min, max) shares), the posts in [slot − bound_days, slot) plus this one decide first:
+  a pillar that would fall below its minimum if this slot went elsewhere comes before every other,
+  and one this post would lift above its maximum after every other. So a target at its bound
+  cannot round its pillar past the bound the operator set.
 - Themes: the theme key is the theme casefolded with whitespace collapsed; "" means no theme and
   is never limited. A post may not be closer than `theme_spacing` (strictly less) to a post with the
   same key, in either direction; no 7-day window may hold more than `theme_max_per_week` posts of
@@ -90,6 +94,10 @@ class StrategyRules:
     theme_max_per_week: int = 3
     weekly_cap: int = 5
     share_days: int = 30
+    # The learning bounds are held over a quarter (about 39 posts at 3 a week), not over share_days:
+    # over 30 days (13 posts) one post is 7.7 points, so holding a ±15-point bound there would
+    # push the learner off targets the operator allowed (docs/insights.md, "the bounds").
+    bound_days: int = 90
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,8 @@ def _check_rules(rules: StrategyRules) -> None:
         raise ValueError(f"rules.weekly_cap must be >= 0, got {rules.weekly_cap}")
     if rules.share_days < 1:
         raise ValueError(f"rules.share_days must be >= 1, got {rules.share_days}")
+    if rules.bound_days < 1:
+        raise ValueError(f"rules.bound_days must be >= 1, got {rules.bound_days}")
 
 
 def _check_pillars(pillars: Sequence[StrategyPillar]) -> dict[int, StrategyPillar]:
@@ -219,10 +229,12 @@ def _score(score: float | None) -> str:
 def plan_posts(*, slots: Sequence[datetime], pillars: Sequence[StrategyPillar], options: Sequence[LibraryOption],
                history: Sequence[PastPost], rules: StrategyRules, tz: str,
                target_shares: Mapping[int, Fraction] | None = None,
+               share_bounds: Mapping[int, tuple[Fraction, Fraction]] | None = None,
                pillar_notes: Mapping[int, str] | None = None) -> StrategyPlan:
     """Fill `slots` from `options` (see the module docstring for the rules). `target_shares` (pillar
     id -> share, from the learning strategy, domain/learning.py) replace weight / total weight as the
-    targets, renormalised over the pillars active on the slot's date; `pillar_notes` are added to the
+    targets, renormalised over the pillars active on the slot's date; `share_bounds` (pillar id ->
+    (min, max) share, the operator's learning bounds) are held over `rules.bound_days`; `pillar_notes` are added to the
     reason of each post of that pillar. Without them the plan is exactly the weights' plan."""
     _check_rules(rules)
     zone = _zone(tz)
@@ -239,7 +251,8 @@ def plan_posts(*, slots: Sequence[datetime], pillars: Sequence[StrategyPillar], 
         if why is not None:
             plan.skipped.append((slot, why))
             continue
-        post = _plan_slot(slot, zone, by_id, ordered_options, used, posts, rules, target_shares, pillar_notes or {})
+        post = _plan_slot(slot, zone, by_id, ordered_options, used, posts, rules, target_shares, share_bounds or {},
+                          pillar_notes or {})
         if isinstance(post, str):
             plan.skipped.append((slot, post))
             continue
@@ -251,7 +264,7 @@ def plan_posts(*, slots: Sequence[datetime], pillars: Sequence[StrategyPillar], 
 
 def _plan_slot(slot: datetime, zone: ZoneInfo, by_id: dict[int, StrategyPillar], options: list[LibraryOption],
                used: set[int], posts: list[_Post], rules: StrategyRules, target_shares: Mapping[int, Fraction] | None,
-               pillar_notes: Mapping[int, str]) -> PlannedPost | str:
+               share_bounds: Mapping[int, tuple[Fraction, Fraction]], pillar_notes: Mapping[int, str]) -> PlannedPost | str:
     """The post for one slot, or why there is none."""
     day = slot.astimezone(zone).date()
     active = [p for p in by_id.values() if _active(p, day)]
@@ -270,7 +283,22 @@ def _plan_slot(slot: datetime, zone: ZoneInfo, by_id: dict[int, StrategyPillar],
     def actual(pillar: StrategyPillar) -> Fraction:
         return Fraction(counts.get(pillar.pillar_id, 0), len(recent)) if recent else Fraction(0)
 
-    ranked = sorted(active, key=lambda p: (actual(p) - target(p), p.priority, p.name))
+    bounded = [p for p in posts if slot - timedelta(days=rules.bound_days) <= p.at < slot] if share_bounds else []
+    bounded_counts: dict[int | None, int] = {}
+    for p in bounded:
+        bounded_counts[p.pillar_id] = bounded_counts.get(p.pillar_id, 0) + 1
+
+    def share_with(pillar: StrategyPillar, extra: int) -> Fraction:
+        """The pillar's share of the bound window once this slot is filled, `extra` posts of it here."""
+        return Fraction(bounded_counts.get(pillar.pillar_id, 0) + extra, len(bounded) + 1)
+
+    def under_floor(pillar: StrategyPillar) -> bool:
+        return pillar.pillar_id in share_bounds and share_with(pillar, 0) < share_bounds[pillar.pillar_id][0]
+
+    def over_cap(pillar: StrategyPillar) -> bool:
+        return pillar.pillar_id in share_bounds and share_with(pillar, 1) > share_bounds[pillar.pillar_id][1]
+
+    ranked = sorted(active, key=lambda p: (not under_floor(p), over_cap(p), actual(p) - target(p), p.priority, p.name))
     weighted = [p for p in ranked if p.weight > 0]
     zero_weight = [p for p in ranked if p.weight == 0]
 
