@@ -3,7 +3,7 @@ steps nobody tuned to; `choose_pair` against two references run in the same proc
 
     python bench/review_effort.py [--quick] [--seeds S] [--sigmas 1,2,3,5] [--sizes 20,30,60]
                                   [--flips 0,0.1,0.2] [--cells S:N:F,...] [--top-k K] [--exploration E]
-                                  [--jobs J]
+                                  [--jobs J] [--seed-offset O]
 
 Grid (full): hidden Bradley–Terry strengths θ ~ Normal(0, σ) in logits (natural units; 1 logit =
 174 Elo) for σ in {1, 2, 3, 5}, N in {20, 30, 60} candidates, voters who flip {0, 10, 20}% of their
@@ -12,6 +12,8 @@ as chance makes them (an older version redrew until they were 400 Elo apart, whi
 selector stopped learning). --quick: σ in {1, 3}, N = 20, flips {0, 0.2}, 20 seeds. --cells
 3:20:0,5:60:0.1 runs only those (σ, N, flip) cells of the grid, each with the same draws as in the
 full grid (the draws depend on the seed, N and σ only), e.g. to recheck the cells a change targets.
+--seed-offset O runs seeds O, O+1, ... instead of 0, 1, ...: for developing a selector on draws
+that the judged run (offset 0) does not use; a run with an offset is never the judged figure.
 
 Voter: asked about (i, j), picks i with probability (1 − flip)·σ(θ_i − θ_j) + flip·σ(θ_j − θ_i).
 A pair can be asked again. The m-th answer on a pair comes from a uniform drawn for (seed, pair, m),
@@ -85,6 +87,7 @@ class Cell:
     seeds: int
     top_k: int
     exploration: float
+    seed_offset: int = 0
 
     @property
     def label(self) -> str:
@@ -138,7 +141,7 @@ def simulate(cell: Cell, method: str) -> dict:
     n, k, horizon = cell.n, cell.top_k, budget(cell.n)
     pairs = np.array(list(itertools.combinations(range(n), 2)), dtype=np.int64)
     column = {(int(a), int(b)): u for u, (a, b) in enumerate(pairs)}
-    voters = [Voter(cell, seed, pairs) for seed in range(cell.seeds)]
+    voters = [Voter(cell, seed, pairs) for seed in range(cell.seed_offset, cell.seed_offset + cell.seeds)]
     count = len(voters)
     data = bt.PairData(n, pairs[:, 0], pairs[:, 1], np.zeros(len(pairs)), np.ones(len(pairs)))
     wins_a = np.zeros((count, len(pairs)))
@@ -229,6 +232,8 @@ def main() -> int:
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--exploration", type=float, default=0.1, help="choose_pair's exploration (0.1)")
     parser.add_argument("--jobs", type=int, default=1, help="cells simulated in parallel processes (1)")
+    parser.add_argument("--seed-offset", type=int, default=0,
+                        help="first seed (0, the judged seeds); another offset is for development only")
     args = parser.parse_args()
     floats = lambda text: [float(x) for x in text.split(",")]     # noqa: E731
     sigmas = floats(args.sigmas) if args.sigmas else ([1.0, 3.0] if args.quick else [1.0, 2.0, 3.0, 5.0])
@@ -243,11 +248,13 @@ def main() -> int:
                       (text.split(":") for text in args.cells.split(","))]
         except ValueError:
             parser.error(f"--cells {args.cells!r}: expected sigma:N:flip separated by commas, e.g. 3:20:0,5:60:0.1")
-        cells = [Cell(sigma, n, flip, seeds, args.top_k, args.exploration) for sigma, n, flip in chosen]
+        cells = [Cell(sigma, n, flip, seeds, args.top_k, args.exploration, args.seed_offset) for sigma, n, flip in chosen]
     else:
-        cells = [Cell(sigma, n, flip, seeds, args.top_k, args.exploration)
+        cells = [Cell(sigma, n, flip, seeds, args.top_k, args.exploration, args.seed_offset)
                  for n in sizes for sigma in sigmas for flip in flips]
-    print(f"Reviewer effort: true top {args.top_k}; strengths ~ Normal(0, sigma) logits; {seeds} seeds per cell; "
+    first = f"seeds {args.seed_offset}..{args.seed_offset + seeds - 1} (development, not the judged seeds)" \
+        if args.seed_offset else f"{seeds} seeds per cell"
+    print(f"Reviewer effort: true top {args.top_k}; strengths ~ Normal(0, sigma) logits; {first}; "
           f"budget max(435, 10N) votes; {len(cells)} cells")
     print("  median = votes until the fitted top K is right and stays so to the end of the budget "
           "(median over seeds, '-' = not within the budget); acc@v = share of seeds right after v votes")

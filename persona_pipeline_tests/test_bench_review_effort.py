@@ -36,3 +36,12 @@ def test_cells_that_do_not_parse_are_refused_naming_the_option():
     assert bad.returncode == 2 and "--cells '5:20'" in bad.stderr and "sigma:N:flip" in bad.stderr
     mixed = run("--cells", "5:20:0", "--sizes", "30")
     assert mixed.returncode == 2 and "--cells" in mixed.stderr and "--sizes" in mixed.stderr
+
+
+def test_seed_offset_runs_other_seeds_and_says_they_are_not_the_judged_ones():
+    judged = run("--seeds", "3", "--cells", "5:20:0")
+    other = run("--seeds", "3", "--cells", "5:20:0", "--seed-offset", "1000")
+    assert judged.returncode in (0, 1) and other.returncode in (0, 1), judged.stderr + other.stderr
+    assert "seeds 1000..1002 (development, not the judged seeds)" in other.stdout
+    assert "development" not in judged.stdout
+    assert len(rows(other.stdout)) == 1 and rows(other.stdout) != rows(judged.stdout)
