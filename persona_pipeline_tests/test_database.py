@@ -162,10 +162,11 @@ def test_primary_lora_is_unique_per_persona(db_url, tmp_path):
 
 
 @pytest.mark.postgres
-def test_a_pooled_connection_is_pinged_only_after_sitting_idle_and_a_dead_one_is_replaced(tmp_path, monkeypatch):
-    """pool_pre_ping cost a SELECT 1 round trip per short transaction (three a published post): a
-    connection checked in a moment ago is used as it is; one that sat idle is pinged, and one whose
-    server side died meanwhile is replaced before the transaction runs on it."""
+def test_the_batch_engine_pings_a_connection_only_after_it_sat_idle_and_replaces_a_dead_one(tmp_path, monkeypatch):
+    """pool_pre_ping cost a publish batch a SELECT 1 round trip per short transaction (three a
+    published post): the batch engine uses a connection checked in a moment ago as it is, pings one
+    that sat idle, and replaces one whose server side died meanwhile before the transaction runs on
+    it. The app's other engine keeps the ping at every checkout (an outage's errors name the server)."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import NullPool
 
@@ -173,7 +174,9 @@ def test_a_pooled_connection_is_pinged_only_after_sitting_idle_and_a_dead_one_is
     from persona_pipeline.db import session as db_session
 
     url, cleanup = make_database("postgresql", tmp_path)
-    engine = get_engine(url)
+    engine = db_session.batch_engine(url)
+    assert engine is not get_engine(url) and engine is db_session.batch_engine(url)
+    assert get_engine(url).pool._pre_ping and not engine.pool._pre_ping
     pings = []
     real_ping = engine.dialect.do_ping
     monkeypatch.setattr(engine.dialect, "do_ping", lambda conn: pings.append(1) or real_ping(conn), raising=False)

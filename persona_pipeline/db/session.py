@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -47,16 +49,36 @@ def get_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    engine = create_engine(url)
-    _ping_when_idle(engine)
-    return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+_batch_engines: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+_batch_lock = threading.Lock()
+
+
+def batch_engine(url: str) -> Engine:
+    """The engine for a burst of short transactions (a publish batch's claims and outcomes: three
+    a post): its own pool, whose connections are pinged only after sitting idle (`_ping_when_idle`).
+    Everything else keeps `get_engine`'s ping at every checkout, so an outage's errors there name
+    the server (a stale connection used without a ping fails with "server closed the connection"
+    instead). One per `get_engine` engine: clearing that cache drops it too. SQLite: get_engine's."""
+    engine = get_engine(url)
+    if engine.dialect.name == "sqlite":
+        return engine
+    with _batch_lock:
+        busy = _batch_engines.get(engine)
+        if busy is None:
+            busy = _batch_engines[engine] = create_engine(url)
+            _ping_when_idle(busy)
+    return busy
 
 
 def _ping_when_idle(engine: Engine) -> None:
     """Pessimistic disconnect handling, as `pool_pre_ping` does, but only for a connection that
     sat in the pool PING_IDLE_S or longer: pool_pre_ping sends a `SELECT 1` round trip at every
     checkout, one per short transaction (three a published post), while a connection checked in a
-    moment ago has just shown it works. A failed ping of an idle one (the server restarted)
+    moment ago has just shown it works (and a server that died within that moment fails the
+    transaction, as one dying mid-transaction does). A failed ping of an idle one (the server restarted)
     invalidates the pool, as pool_pre_ping does, and the checkout gets a new connection."""
     dialect = engine.dialect
 
