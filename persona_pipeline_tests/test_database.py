@@ -159,3 +159,43 @@ def test_primary_lora_is_unique_per_persona(db_url, tmp_path):
         primaries = session.scalars(select(models.PersonaLora).where(models.PersonaLora.is_primary.is_(True))).all()
         assert len(primaries) == 1 and primaries[0].lora.name == "l1"
         assert registry.primary_lora(session, persona.id).weight == 0.8
+
+
+@pytest.mark.postgres
+def test_the_batch_engine_pings_a_connection_only_after_it_sat_idle_and_replaces_a_dead_one(tmp_path, monkeypatch):
+    """pool_pre_ping cost a publish batch a SELECT 1 round trip per short transaction (three a
+    published post): the batch engine uses a connection checked in a moment ago as it is, pings one
+    that sat idle, and replaces one whose server side died meanwhile before the transaction runs on
+    it. The app's other engine keeps the ping at every checkout (an outage's errors name the server)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    from persona_fakes.databases import make_database
+    from persona_pipeline.db import session as db_session
+
+    url, cleanup = make_database("postgresql", tmp_path)
+    engine = db_session.batch_engine(url)
+    assert engine is not get_engine(url) and engine is db_session.batch_engine(url)
+    assert get_engine(url).pool._pre_ping and not engine.pool._pre_ping
+    pings = []
+    real_ping = engine.dialect.do_ping
+    monkeypatch.setattr(engine.dialect, "do_ping", lambda conn: pings.append(1) or real_ping(conn), raising=False)
+    try:
+        pids = set()
+        for _ in range(3):  # back to back, as a publish batch's writes go
+            with engine.begin() as conn:
+                pids.add(conn.execute(text("SELECT pg_backend_pid()")).scalar())
+        assert len(pids) == 1 and pings == []
+
+        # The server side of the pooled connection dies while it sits idle (a restart, a killed backend).
+        dead = pids.pop()
+        with create_engine(url, poolclass=NullPool).begin() as admin:
+            assert admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": dead}).scalar()
+        monkeypatch.setattr(db_session, "PING_IDLE_S", 0.0)  # as if it had sat in the pool past the limit
+        with engine.begin() as conn:  # a new connection, not an error
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != dead
+        assert pings  # the idle one was pinged (and the new one, as the limit is 0 here)
+    finally:
+        engine.dispose()
+        get_engine.cache_clear()
+        cleanup()

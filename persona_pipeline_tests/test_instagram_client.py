@@ -422,3 +422,35 @@ def test_faults_can_target_one_account(fake, client, waits):
     fake.inject("quota", Fault.http(500), times=1, account=OTHER_USER)
     assert client.quota(USER, TOKEN).usage == 0 and waits == []
     assert client.quota(OTHER_USER, OTHER_TOKEN).usage == 0 and len(waits) == 1
+
+
+def test_calls_go_to_the_origins_pool_directly_or_whole_through_a_proxy(fake, client, monkeypatch):
+    """Without a proxy a call asks the origin's own urllib3 pool with the path (a PoolManager parsed
+    and keyed every URL again, a quarter of urllib3's CPU per call); with HTTP_PROXY set, the full
+    URL goes to the proxy (here the fake itself, which answers an absolute-form request too)."""
+    import urllib3
+
+    seen: list[str] = []
+    real = urllib3.PoolManager.urlopen
+    monkeypatch.setattr(urllib3.PoolManager, "urlopen",
+                        lambda self, method, url, *a, **k: seen.append(url) or real(self, method, url, *a, **k))
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+    def in_a_new_thread():  # the pools are per thread: a new one starts without any
+        out = []
+        thread = threading.Thread(target=lambda: out.append(client.quota(USER, TOKEN)))
+        thread.start()
+        thread.join(30)
+        return out
+
+    instagram._environment.cache_clear()
+    assert in_a_new_thread() == [Quota(usage=0, total=50)]
+    assert seen == []
+    monkeypatch.setenv("HTTP_PROXY", fake.origin)
+    instagram._environment.cache_clear()
+    try:
+        assert in_a_new_thread() == [Quota(usage=0, total=50)]
+    finally:
+        instagram._environment.cache_clear()
+    assert len(seen) == 1 and seen[0].startswith(f"{fake.url}/{USER}/content_publishing_limit?")

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from sqlalchemy import Connection, and_, bindparam, insert, or_, select, update
 
 from persona_pipeline.db import models
-from persona_pipeline.db.session import get_engine, session_scope
+from persona_pipeline.db.session import batch_engine, session_scope
 from persona_pipeline.domain import post_states
 
 # One call (HTTP timeouts and retries included) takes far less than a lease.
@@ -175,8 +175,9 @@ class PostClaims:
     # --- finding and claiming -------------------------------------------------------------------
 
     def _transaction(self):
-        """One short transaction on a pooled connection (Core: no ORM session to set up per write)."""
-        return get_engine(self.url).begin()
+        """One short transaction on a pooled connection (Core: no ORM session to set up per write; the
+        batch engine, which pings a connection only after it sat idle)."""
+        return batch_engine(self.url).begin()
 
     def sweep(self, max_retries: int) -> list[tuple[int, str, int]]:
         """failed + retryable → scheduled while retries are left, else abandoned. Conditional

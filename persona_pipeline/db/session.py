@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
+import weakref
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -15,6 +19,9 @@ if TYPE_CHECKING:  # Alembic is imported where migrations run: loading the code 
     from alembic.config import Config
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# A pooled connection back in the pool less than this long ago is not pinged again at checkout.
+PING_IDLE_S = 1.0
+_RETURNED = "persona_returned_at"  # connection_record.info key: when the connection was last checked in
 
 
 def _make_sqlite_folder(url: str) -> bool:
@@ -43,6 +50,57 @@ def get_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+_batch_engines: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+_batch_lock = threading.Lock()
+
+
+def batch_engine(url: str) -> Engine:
+    """The engine for a burst of short transactions (a publish batch's claims and outcomes: three
+    a post): its own pool, whose connections are pinged only after sitting idle (`_ping_when_idle`).
+    Everything else keeps `get_engine`'s ping at every checkout, so an outage's errors there name
+    the server (a stale connection used without a ping fails with "server closed the connection"
+    instead). One per `get_engine` engine: clearing that cache drops it too. SQLite: get_engine's."""
+    engine = get_engine(url)
+    if engine.dialect.name == "sqlite":
+        return engine
+    with _batch_lock:
+        busy = _batch_engines.get(engine)
+        if busy is None:
+            busy = _batch_engines[engine] = create_engine(url)
+            _ping_when_idle(busy)
+    return busy
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Pessimistic disconnect handling, as `pool_pre_ping` does, but only for a connection that
+    sat in the pool PING_IDLE_S or longer: pool_pre_ping sends a `SELECT 1` round trip at every
+    checkout, one per short transaction (three a published post), while a connection checked in a
+    moment ago has just shown it works (and a server that died within that moment fails the
+    transaction, as one dying mid-transaction does). A failed ping of an idle one (the server restarted)
+    invalidates the pool, as pool_pre_ping does, and the checkout gets a new connection."""
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "connect")
+    def _fresh(_dbapi_conn, record) -> None:  # noqa: ANN001 - a new connection needs no ping
+        record.info[_RETURNED] = time.monotonic()
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn, record) -> None:  # noqa: ANN001
+        if record is not None:
+            record.info[_RETURNED] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn, record, _proxy) -> None:  # noqa: ANN001
+        if time.monotonic() - record.info.get(_RETURNED, float("-inf")) < PING_IDLE_S:
+            return
+        try:
+            dialect.do_ping(dbapi_conn)
+        except dialect.loaded_dbapi.Error as exc:
+            if dialect.is_disconnect(exc, dbapi_conn, None):
+                raise InvalidatePoolError(f"ping of an idle pooled connection failed: {exc}") from exc
+            raise
 
 
 @lru_cache(maxsize=16)

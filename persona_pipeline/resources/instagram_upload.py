@@ -58,13 +58,14 @@ def _post_bytes(graph: InstagramGraphClient, uri: str, token: str, path: Path, o
     """One upload POST from `offset`; None when Instagram took it, else what went wrong (a transport error or
     an answer that is no success). A refusal it says will not change (`retriable: false`) raises."""
     parts = urlsplit(uri)
-    pool = _thread_pool(f"{parts.scheme}://{parts.netloc}")
+    pool, full_url = _thread_pool(f"{parts.scheme}://{parts.netloc}")
+    target = uri if full_url else parts.path + (f"?{parts.query}" if parts.query else "")
     headers = {"Authorization": f"OAuth {token}", "offset": str(offset), "file_size": str(size),
                "Content-Type": "application/octet-stream", "Content-Length": str(size - offset)}
     try:
         with path.open("rb") as handle:
             handle.seek(offset)
-            response = pool.request("POST", uri, body=handle, headers=headers, redirect=False, preload_content=True,
+            response = pool.request("POST", target, body=handle, headers=headers, redirect=False, preload_content=True,
                                     timeout=urllib3.Timeout(connect=graph.timeout_s, read=graph.timeout_s * 10))
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         return f"{type(exc).__name__}: {scrub(str(exc), token)}"
