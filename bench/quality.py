@@ -87,6 +87,8 @@ def report(figures: dict) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer prompts, one other character (about 4 minutes)")
+    parser.add_argument("--world-models", type=Path, default=None, metavar="DIR",
+                        help="measure this world-models folder's SD model (a retrained base) instead of the committed one")
     args = parser.parse_args()
     import torch
 
@@ -94,7 +96,7 @@ def main() -> int:
     from persona_pipeline.world.quality_run import measure
 
     started = time.perf_counter()
-    figures = measure(quick=args.quick, log=lambda line: print(f"  {line}", flush=True))
+    figures = measure(quick=args.quick, log=lambda line: print(f"  {line}", flush=True), world_models=args.world_models)
     ok = report(figures)
     print(f"RESULT: {'PASS' if ok else 'FAIL'} in {time.perf_counter() - started:.0f} s")
     return 0 if ok else 1

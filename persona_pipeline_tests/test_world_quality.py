@@ -45,6 +45,52 @@ def test_the_world_base_model_has_its_own_preset_and_a_controlnet_that_fits_its_
     assert tuple(controlnet.config.conditioning_embedding_out_channels) == (16, 32, 64)
 
 
+def test_the_world_base_model_can_be_pointed_at_another_world_models_folder(tmp_path):
+    """A retrained base is measured (bench/quality.py, lora_recipe --world-models) through the same
+    backend, checked against its own manifest, before it replaces the committed one."""
+    from persona_pipeline.resources.diffusion import DiffusionBackend
+
+    copy = tmp_path / "retrained"
+    shutil.copytree(COMMITTED_WORLD_MODELS, copy)
+    backend = DiffusionBackend(base_model="world", models_dir=str(tmp_path / "models"), world_models_dir=str(copy))
+    assert backend.base_model_path() == str(copy / "sd") and backend.preset_name() == "world"
+    assert backend.for_model("world").base_model_path() == str(copy / "sd")
+    assert DiffusionBackend(base_model="world", models_dir=str(tmp_path)).base_model_path() == str(COMMITTED_WORLD_MODELS / "sd")
+    damaged = tmp_path / "damaged"  # another folder: a folder's check is done once per process
+    shutil.copytree(COMMITTED_WORLD_MODELS, damaged)
+    unet = damaged / "sd" / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:-1] + b"\0")
+    with pytest.raises(WorldWeightsError, match=str(unet)):
+        DiffusionBackend(base_model="world", models_dir=str(tmp_path), world_models_dir=str(damaged)).base_model_path()
+
+
+def test_the_quality_figures_refuse_a_folder_whose_clip_model_is_not_the_committed_one(tmp_path):
+    from persona_pipeline.world.model_manifest import write_manifest
+    from persona_pipeline.world.quality_run import same_clip_as_committed
+
+    copy = tmp_path / "retrained"
+    shutil.copytree(COMMITTED_WORLD_MODELS, copy)
+    same_clip_as_committed(copy)  # a --resume-from run keeps the CLIP model: accepted
+    fields = {k: v for k, v in json.loads((copy / "manifest.json").read_text()).items() if k != "files"}
+    clip = copy / "clip" / "open_clip_model.safetensors"
+    clip.write_bytes(clip.read_bytes()[:-1] + b"\0")
+    write_manifest(copy, fields)  # consistent with itself, but another CLIP model
+    with pytest.raises(ValueError, match="not the committed world CLIP model"):
+        same_clip_as_committed(copy)
+
+
+def test_the_lora_recipe_command_takes_a_world_models_folder():
+    from pathlib import Path
+
+    from persona_pipeline.world.lora_recipe import parse_args
+
+    args = parse_args(['{"steps": 400}', "k4ya,t0bi", "--world-models", "/tmp/base"])
+    assert args.overrides == {"steps": 400} and args.characters == ["k4ya", "t0bi"] and args.world_models == Path("/tmp/base")
+    assert parse_args([]).overrides == {} and parse_args([]).world_models is None
+    with pytest.raises(SystemExit):
+        parse_args(["{steps: 400}"])
+
+
 def test_the_world_clip_model_is_identified_by_its_weights():
     from persona_pipeline.resources.clip import ClipModel
 

@@ -36,6 +36,7 @@ from persona_pipeline.resources.diffusion_runtime import (GenerationInputError, 
 from persona_pipeline.resources.diffusion_samplers import GenerationParamError, check_generation_params, make_scheduler
 from persona_pipeline.training.families import families, model_family
 from persona_pipeline.training.lora import LoraTrainingParams, TrainingConfigError, TrainingResult, train_lora
+from persona_pipeline.world.model_manifest import COMMITTED_WORLD_MODELS
 from persona_pipeline.world.world_models import world_models_id, world_sd_path
 from persona_pipeline.training.families.edit_models import KONTEXT, QWEN_IMAGE_EDIT, edit_model_of_pipeline, pipeline_class_of
 from persona_pipeline.training.families.video_models import WAN_I2V, video_model_of_pipeline
@@ -97,6 +98,9 @@ class DiffusionBackend(dg.ConfigurableResource):
     candidates_per_run: int = 4
     controlnet_model: str = "tiny"  # "tiny" (built locally, random weights) or a local folder / hub id of an OpenPose ControlNet
     batch_size: int = 4  # images per pipeline call
+    # base_model="world" reads this world-models folder (sd/, clip/, manifest.json) instead of the committed
+    # one, checked against its manifest the same way: to measure a retrained world before committing it.
+    world_models_dir: str = ""
 
     @property
     def is_tiny(self) -> bool:
@@ -121,7 +125,7 @@ class DiffusionBackend(dg.ConfigurableResource):
             return self
         return DiffusionBackend(base_model=base_model, device=self.device, models_dir=self.models_dir,
                                 candidates_per_run=self.candidates_per_run, controlnet_model=self.controlnet_model,
-                                batch_size=self.batch_size)
+                                batch_size=self.batch_size, world_models_dir=self.world_models_dir)
 
     def family_name(self) -> str:
         """The registered family (sd15, sdxl, flux) of the base model, from its model_index.json."""
@@ -148,8 +152,12 @@ class DiffusionBackend(dg.ConfigurableResource):
 
             return str(build_tiny_wan_i2v(Path(self.models_dir) / TINY_WAN_I2V))
         if self.is_world:
-            return str(world_sd_path())  # checked against its manifest first
+            return str(world_sd_path(self.world_models()))  # checked against its manifest first
         return self.base_model  # a local folder or a hub id; from_pretrained resolves either
+
+    def world_models(self) -> Path:
+        """The world-models folder `world` means: `world_models_dir`, else the committed one."""
+        return Path(self.world_models_dir) if self.world_models_dir else COMMITTED_WORLD_MODELS
 
     def controlnet_path(self) -> str:
         if self.controlnet_model != "tiny":
@@ -157,7 +165,7 @@ class DiffusionBackend(dg.ConfigurableResource):
         if not (self.is_tiny or self.is_world):
             raise GenerationParamError(f"controlnet_model='tiny' only fits base_model='tiny' or 'world'; base_model="
                                        f"{self.base_model!r} needs an OpenPose ControlNet for its family (a local folder or a hub id)")
-        name = TINY_CONTROLNET_NAME if self.is_tiny else f"world-controlnet-{world_models_id()}"
+        name = TINY_CONTROLNET_NAME if self.is_tiny else f"world-controlnet-{world_models_id(self.world_models())}"
         return str(build_tiny_controlnet(Path(self.models_dir) / name, Path(self.base_model_path())))
 
     def preset_name(self) -> str:

@@ -92,12 +92,14 @@ def lora_loaded(pipe, lora: Path, name: str):
         use_trigger_embeddings(pipe, {})
 
 
-def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path | None = None) -> dict:
-    """Every figure of issue 21 on the committed world models; returns them as a flat dict. Datasets,
+def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path | None = None,
+            world_models: Path | None = None) -> dict:
+    """Every figure of issue 21 on the committed world models (or the SD model of the world-models folder
+    `world_models`, whose CLIP model must be the committed one); returns them as a flat dict. Datasets,
     LoRAs and renders go under `work` (a temporary folder, removed after, when none is given)."""
     if work is None:
         with tempfile.TemporaryDirectory(prefix="world-quality-") as folder:
-            return measure(quick, log, Path(folder))
+            return measure(quick, log, Path(folder), world_models)
     from diffusers import StableDiffusionPipeline
 
     from persona_pipeline.assets.lora_model import _score_checkpoints
@@ -113,9 +115,11 @@ def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path 
     from sklearn.metrics import adjusted_rand_score
 
     work = Path(work)
+    if world_models is not None:
+        same_clip_as_committed(Path(world_models))
     figures: dict = {}
     classifier = load_classifier()
-    diffusion = DiffusionBackend(base_model="world", models_dir=str(work / "models"))
+    diffusion = DiffusionBackend(base_model="world", models_dir=str(work / "models"), world_models_dir=str(world_models or ""))
     clip = ClipModel(model_name="world")
     pipe = StableDiffusionPipeline.from_pretrained(diffusion.base_model_path(), safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
@@ -183,6 +187,20 @@ def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path 
                     "clusters_ari": float(adjusted_rand_score([s.labels["scene"] for s in held], clusters.labels))})
     log(f"clustering: k={clusters.k}, ARI {figures['clusters_ari']:.3f}")
     return figures
+
+
+def same_clip_as_committed(folder: Path) -> None:
+    """The identity, alignment and clustering figures use the CLIP resource, which reads the committed world
+    CLIP model; another folder's figures are only comparable when its clip/ is that model (a `--resume-from`
+    run copies it unchanged). Raises ValueError naming the folder otherwise."""
+    from persona_pipeline.world.model_manifest import COMMITTED_WORLD_MODELS, verify_folder
+
+    def clip_files(path: Path) -> dict:
+        return {name: digest for name, digest in verify_folder(path).get("files", {}).items() if name.startswith("clip/")}
+
+    if clip_files(folder) != clip_files(COMMITTED_WORLD_MODELS):
+        raise ValueError(f"{folder}: its clip/ is not the committed world CLIP model, which the quality figures read "
+                         "identity and clusters with; measure only a run that kept it (world train --resume-from)")
 
 
 def keep_best_figures(pipe, classifier, clip, lora: Path, centroid: np.ndarray, look: dict[str, str], work: Path) -> dict:
