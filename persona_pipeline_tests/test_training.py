@@ -417,6 +417,28 @@ def test_latents_are_cached_once_per_dataset_version(tmp_path, tiny_sd, monkeypa
     assert any("using cached latents" in m for m in second)
 
 
+def test_caching_pass_encodes_the_captions_in_batches(tmp_path, tiny_sd, monkeypatch):
+    """One text-encoder call for the dataset's captions, not one per caption (issue 25: per-caption calls
+    made our caching pass slower than the kohya-style loop's), with each item's conditioning unchanged."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    from persona_pipeline.training.families.stable_diffusion import load_frozen_model_with_lora, text_conditioning
+
+    batches: list[int] = []
+    forward = CLIPTextModel.forward
+    monkeypatch.setattr(CLIPTextModel, "forward", lambda self, ids, *a, **k: batches.append(len(ids)) or forward(self, ids, *a, **k))
+    dataset = make_dataset(tmp_path / "ds", n=3)
+    train_lora(tiny_sd, dataset, tmp_path / "out", LoraTrainingParams(steps=1), log=lambda m: None)
+    assert batches == [3]
+    cached = load_file(str(next((dataset / "cache").glob("latents-*.safetensors"))))
+    model = load_frozen_model_with_lora(tiny_sd, rank=4, alpha=4.0)
+    with torch.no_grad():
+        one_by_one = torch.cat([text_conditioning(model, model.text_encoders, [f"t3st woman, photo {i}"], "cpu")["hidden"]
+                                for i in range(3)])
+    assert torch.allclose(cached["hidden"], one_by_one, atol=1e-5)
+
+
 def test_caption_conditioning_per_family(tiny_sd, tiny_sdxl):
     """SD1.5 is conditioned on the text encoder's hidden state alone; SDXL also on the second
     encoder's pooled projection and the image's original size, crop and target size."""

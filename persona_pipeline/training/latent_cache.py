@@ -14,7 +14,7 @@ from typing import Callable
 
 from persona_pipeline.fileio import sha256_file, write_via_temp
 from persona_pipeline.training.kohya_dataset import KohyaDataset, load_pixels
-from persona_pipeline.training.families.stable_diffusion import FrozenModel, caption_conditioning
+from persona_pipeline.training.families.stable_diffusion import FrozenModel, batched_text_conditioning, caption_conditioning
 from persona_pipeline.training.params import TrainingConfigError
 
 
@@ -39,10 +39,13 @@ def cached_inputs(model: FrozenModel, dataset: KohyaDataset, resolution: int, ca
     else:
         started = time.perf_counter()
         encoders = [e.to(device) for e in model.text_encoders]
+        # The captions in batches (one encoder call per caption costs more), handed out per item below.
+        texts = dict(zip(map(id, dataset.items),
+                         batched_text_conditioning(model, encoders, [item.caption for item in dataset.items], device)))
 
         def conditioning(item, original_size, crop):
             return caption_conditioning(model, encoders, item.caption, device, original_size=original_size, crop=crop,
-                                        resolution=resolution)
+                                        resolution=resolution, text=texts[id(item)])
 
         tensors = encode_dataset(model.vae, dataset, resolution, device, conditioning)
         write_via_temp(path, lambda tmp: save_file(tensors, str(tmp)))

@@ -102,17 +102,32 @@ def save_checkpoint(unet, alpha: float, path: Path, metadata: dict[str, str], te
 
 
 def caption_conditioning(model: FrozenModel, encoders, caption: str, device, *, original_size: tuple[int, int],
-                         crop: tuple[int, int], resolution: int) -> dict:
+                         crop: tuple[int, int], resolution: int, text: dict | None = None) -> dict:
     """The UNet's conditioning for one training image, by the names the latents cache stores it
     under. SD1.5: `hidden`, the text encoder's last hidden state. SDXL: `hidden`, the penultimate
     hidden states of both encoders concatenated, `pooled`, the second encoder's pooled projection
-    (as the SDXL pipeline does), and `time_ids`, the image's original size, crop and target size."""
+    (as the SDXL pipeline does), and `time_ids`, the image's original size, crop and target size.
+    `text`: this caption's `text_conditioning`, when the caller encoded it already (in a batch)."""
     import torch
 
-    conditioning = text_conditioning(model, encoders, [caption], device)
+    conditioning = dict(text) if text is not None else text_conditioning(model, encoders, [caption], device)
     if model.family == "sdxl":
         conditioning["time_ids"] = torch.tensor([[*original_size, *crop, resolution, resolution]], dtype=torch.float32)
     return conditioning
+
+
+def batched_text_conditioning(model: FrozenModel, encoders, captions: list[str], device, batch: int = 16) -> list[dict]:
+    """`text_conditioning` of each caption, the captions encoded `batch` at a time: one text-encoder
+    call per caption costs about 40 % more than batches of 4 on the bench model, and a bounded batch
+    keeps a large dataset's attention activations small."""
+    import torch
+
+    out: list[dict] = []
+    with torch.no_grad():
+        for start in range(0, len(captions), batch):
+            encoded = text_conditioning(model, encoders, captions[start:start + batch], device)
+            out += [{name: tensor[i:i + 1] for name, tensor in encoded.items()} for i in range(len(captions[start:start + batch]))]
+    return out
 
 
 def text_conditioning(model: FrozenModel, encoders, captions: list[str], device) -> dict:
