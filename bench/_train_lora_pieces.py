@@ -1,10 +1,10 @@
-"""Issue 25: where a LoRA step's time goes, ours (peft adapter via load_frozen_model_with_lora,
+"""A diagnostic, not a benchmark (run_all skips it): where a LoRA step's time goes, ours (peft adapter via load_frozen_model_with_lora,
 accelerate-prepared, as train_unet_lora runs it) against bench/train_lora.py's kohya-style modules,
 on the same cached inputs: noise and timesteps, UNet forward, loss, backward, AdamW step and
 zero_grad timed with perf_counter, the two sides alternated step by step in one process, one
 torch thread. Medians per piece, the first two steps of each side dropped.
 
-    python bench/train_lora_pieces.py [bench|sd15] [steps per side, default 20]
+    python bench/_train_lora_pieces.py [bench|sd15] [steps per side, default 20]
 """
 import sys, time, statistics, hashlib, json, tempfile
 from pathlib import Path
