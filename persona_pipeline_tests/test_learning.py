@@ -231,7 +231,7 @@ BOUNDS = {1: (Fraction(25, 100), Fraction(55, 100)), 2: (Fraction(20, 100), Frac
 AT_BOUND = {1: Fraction(25, 100), 2: Fraction(35, 100), 3: Fraction(40, 100)}  # outdoors at its maximum
 
 
-def _first_pillar(history_pillars: list[int], bounds) -> int:
+def _first_post(history_pillars: list[int], bounds):
     """The pillar planned for one slot after `history_pillars` posted 40-80 days before it: outside
     the 30-day share window (so the target alone ranks outdoors first), inside the 90-day bound window."""
     pillars = [StrategyPillar(1, "everyday", 40, 1), StrategyPillar(2, "travel", 35, 2), StrategyPillar(3, "outdoors", 25, 3)]
@@ -240,19 +240,26 @@ def _first_pillar(history_pillars: list[int], bounds) -> int:
     plan = plan_posts(slots=[slot], pillars=pillars, options=[LibraryOption(i, 1 + i % 3, "", 1.0) for i in range(9)],
                       history=history, rules=StrategyRules(weekly_cap=100), tz="UTC",
                       target_shares=AT_BOUND, share_bounds=bounds)
-    return plan.posts[0].pillar_id
+    return plan.posts[0]
+
+
+def _first_pillar(history_pillars: list[int], bounds) -> int:
+    return _first_post(history_pillars, bounds).pillar_id
 
 
 def test_a_target_at_its_maximum_never_lifts_the_pillar_past_it():
     history = [1, 1, 1, 2, 2, 2, 3, 3, 3, 3]  # outdoors 4 of 10: one more would be 5 of 11, 45 % > 40 %
     assert _first_pillar(history, None) == 3  # the target alone: outdoors has the largest gap
     assert _first_pillar(history, BOUNDS) == 2  # held: travel, the next gap
+    assert "outdoors held at its maximum 40% over the last 90 days" in _first_post(history, BOUNDS).reason
+    assert "maximum" not in _first_post(history, None).reason
 
 
 def test_a_pillar_about_to_fall_below_its_minimum_goes_first():
     history = [1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3]  # everyday 2 of 11: without this slot 2 of 12, 16.7 % < 25 %
     assert _first_pillar(history, None) == 3
     assert _first_pillar(history, BOUNDS) == 1
+    assert "kept at its minimum 25%" in _first_post(history, BOUNDS).reason
 
 
 def test_a_long_plan_with_targets_at_the_bounds_keeps_every_realised_share_inside_them():

@@ -341,6 +341,10 @@ def _plan_slot(slot: datetime, zone: ZoneInfo, by_id: dict[int, StrategyPillar],
                         head = (f"pillar {group.name}: target {_pct(target(group))} vs {_pct(actual(group))} "
                                 f"({counts.get(group.pillar_id, 0)} of {len(recent)} posts) "
                                 f"in the last {rules.share_days} days")
+                        by_target = sorted(weighted, key=lambda p: (actual(p) - target(p), p.priority, p.name))
+                        ahead = by_target[:by_target.index(group)] if group in by_target else []
+                        head += _bound_note(group, [p for p in ahead if over_cap(p)], under_floor(group),
+                                            share_bounds, rules.bound_days)
                         if group.pillar_id in pillar_notes:
                             head += f"; learned: {pillar_notes[group.pillar_id]}"
                     return PlannedPost(option.item_id, option.pillar_id, option.theme, slot, relaxed,
@@ -351,6 +355,18 @@ def _plan_slot(slot: datetime, zone: ZoneInfo, by_id: dict[int, StrategyPillar],
     inactive = sorted({by_id[o.pillar_id].name for o in free if o.pillar_id is not None} - {p.name for p in active})
     return (f"no eligible option: the {len(free)} unused option(s) belong to pillars outside their date window on "
             f"{day}: {', '.join(inactive)}")
+
+
+def _bound_note(chosen: StrategyPillar, capped: list[StrategyPillar], floored: bool,
+                bounds: Mapping[int, tuple[Fraction, Fraction]], days: int) -> str:
+    """Why the operator's share bounds placed this pillar where the targets alone would not: it was
+    about to fall below its minimum, or pillars ahead of it by target (`capped`) were at their maximum."""
+    notes = []
+    if floored:
+        notes.append(f"kept at its minimum {_pct(bounds[chosen.pillar_id][0])}")
+    if capped:
+        notes.append(", ".join(f"{p.name} held at its maximum {_pct(bounds[p.pillar_id][1])}" for p in capped))
+    return f"; {'; '.join(notes)} over the last {days} days" if notes else ""
 
 
 def _reason(head: str, option: LibraryOption, passed: list[str], relaxed: tuple[str, ...]) -> str:
