@@ -358,6 +358,7 @@ def test_a_dropped_candidate_is_listed_with_its_reason_and_a_reviewer_may_overri
                                                                       "decision": "accept", "override_drop": "yes"})
     assert bad.status_code == 400 and row(form.url, twin)["status"] == "dropped"
 
+
     # The sensor counts an accepted override as a change of the dataset; once built in, it is frozen.
     assert decide(form, twin, headers, decision="accept", override_drop=True).status_code == 200
     last = events(form.url, "dataset_accept")[-1]
@@ -370,3 +371,21 @@ def test_a_dropped_candidate_is_listed_with_its_reason_and_a_reviewer_may_overri
         frozen = form.client.post(path, json=body, headers=headers)
         assert frozen.status_code == 409 and "cafe0123beef" in frozen.json()["error"] and "dropped-0.png" in frozen.json()["error"]
     assert row(form.url, twin)["status"] == "accepted"
+
+
+def test_the_start_page_links_what_the_checks_dropped_even_when_nothing_waits(form) -> None:
+    form, ds = form
+    twin, low = seed_dropped(form.url, form.home, ds.slug, ds.persona_id)
+    headers = {"X-CSRF-Token": form.login()}
+    dropped_link = r'href="/dataset/tester\?view=dropped" data-dataset-dropped="2">See 2 dataset images the checks dropped<'
+    start = form.client.get("/").text
+    assert 'data-dataset-pending="3">Review 3 dataset candidates<' in start and re.search(dropped_link, start)
+    for candidate_id in (ds.edit_id, ds.winner_id, ds.post_id):
+        assert decide(form, candidate_id, headers, decision="reject").status_code == 200
+    # Nothing waits now, and the dropped view (the only place to override a drop) is still one click away.
+    start = form.client.get("/").text
+    assert "data-dataset-pending" not in start and re.search(dropped_link, start)
+    assert decide(form, low, headers, decision="reject", override_drop=True).status_code == 200
+    assert 'data-dataset-dropped="1">See 1 dataset image the checks dropped<' in form.client.get("/").text
+    assert decide(form, twin, headers, decision="reject", override_drop=True).status_code == 200
+    assert "data-dataset-dropped" not in form.client.get("/").text
