@@ -11,17 +11,19 @@ B. A + one enrichment round: every photo edited by the persona's instructions th
    edit is accepted when the judge keeps it: identity at or above the photos' leave-one-out floor,
    not a near duplicate); the edit model is the tiny Qwen-Image-Edit, random weights (no world edit
    model exists offline), so this round measures what the loop does with an edit model that cannot edit;
-C. B + one flywheel round: B's LoRA renders the persona in every scene (seeds unlike the probe's),
-   the same judge keeps those at or above the floor as approved winners, and the generated share is
-   bounded as training_dataset bounds it (domain/dataset_share.py, 0.5).
+C. B + one flywheel round: winners made as the pipeline makes them. B's LoRA renders 4 candidates of
+   the persona per scene (seeds unlike the probe's), the generation plan's keep-best keeps 2 by its
+   curation score (prompt alignment and identity), and the best-scored kept one stands in for the
+   reviewers' pick; the same judge then keeps the winners at or above the floor, and the generated
+   share is bounded as training_dataset bounds it (domain/dataset_share.py, 0.5).
 
 Each LoRA is probed on "photo of m1ra woman, <scene>" (8 scenes x seeds) and scored:
 - attribute accuracy: share of images whose four look attributes all read right (world classifier);
 - identity consistency: mean world-CLIP cosine of the images to the 6 photos' centroid (and spread);
 - prompt alignment: share of images showing the prompted scene (world classifier).
 Targets (issue 23): each round no worse than the one before on identity consistency, and C above A
-on identity consistency; the margin C - A is printed. Exit 1 when a target is missed. Nothing here is
-tuned to the targets. --quick: 2 probe seeds, one edit per photo, half the training steps.
+on identity consistency; each margin is printed with a 95% paired bootstrap interval over the probe
+images. Exit 1 when a target is missed. Nothing here is tuned to the targets. --quick: 2 probe seeds, one edit per photo, half the training steps.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ INSTRUCTIONS = [
     {"kind": "background", "text": "put her on a beach, keep her face, hair and clothes"},
 ]
 PHOTOS, SHARE = 6, 0.5
+GROUP, KEEP = 4, 2  # "generate 4, keep the best 2", the demo persona's first step (as bench/quality.py's keep-best)
 
 
 def _dataset(folder: Path, items: list[tuple[Path, str]], trigger: str) -> Path:
@@ -64,6 +67,7 @@ def measure(quick: bool, work: Path, log) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from persona_pipeline.domain.captions import training_caption
+    from persona_pipeline.domain import generation_plan as plan
     from persona_pipeline.domain.dataset_share import bound_generated
     from persona_pipeline.domain.workflows import load_template
     from persona_pipeline.enrichment import (SourceImage, edit_caption, edit_model_for, edit_request, judge,
@@ -111,7 +115,7 @@ def measure(quick: bool, work: Path, log) -> dict:
         finally:
             pipe.delete_adapters(name)
         similarity = embed(clip, images, work / f"probe-{name}") @ centroid
-        out = {"images": len(items), "accuracy": figures.all_correct, "identity": float(np.mean(similarity)),
+        out = {"images": len(items), "accuracy": figures.all_correct, "identity": float(np.mean(similarity)), "similarity": similarity,
                "identity_std": float(np.std(similarity)), "alignment": figures.scene_kept, "lora": lora}
         log(f"dataset {name}: {len(items)} images, accuracy {out['accuracy']:.3f}, identity {out['identity']:.4f} "
             f"(sd {out['identity_std']:.4f}), alignment {out['alignment']:.3f} ({time.perf_counter() - started:.0f} s)")
@@ -145,30 +149,57 @@ def measure(quick: bool, work: Path, log) -> dict:
     kept, _, note = bound_generated(PHOTOS, accepted_edits, SHARE)
     b = train_and_probe("B-enriched", base_items + kept)
 
-    # Flywheel round: B's LoRA renders the persona in every scene; winners kept by the same judge, bounded.
+    # Flywheel round: winners made the way the pipeline makes them. B's LoRA renders GROUP candidates per scene,
+    # the generation plan's keep-best (curation score: prompt alignment and identity) keeps KEEP, and the
+    # reviewers' pick is stood in for by the pipeline's own order (the best-scored one kept); then the same judge
+    # and the generated-share bound as for enrichment.
     pipe.load_lora_weights(str(b["lora"]), adapter_name="winners")
     pipe.set_adapters(["winners"], [1.0])
     prompts = quality.persona_prompts(trigger)
-    winner_seeds = [100 + i for i in range(len(prompts))]
-    renders = quality.render(pipe, prompts, winner_seeds)
+    renders = quality.render(pipe, [p for p in prompts for _ in range(GROUP)], [100 + i for i in range(len(prompts) * GROUP)])
     pipe.delete_adapters("winners")
-    winner_files = []
+    render_files = []
     for index, image in enumerate(renders):
-        path = work / "winners" / f"w{index:02d}.png"
+        path = work / "renders" / f"r{index:02d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
-        winner_files.append(path)
+        render_files.append(path)
+    embedded = clip.embed_images(render_files)
+    texts = clip.embed_texts([p.replace(f"{trigger} ", "") for p in prompts])
+    winner_files = []
+    for group, _ in enumerate(prompts):
+        members = range(group * GROUP, (group + 1) * GROUP)
+        kept_ids, _ = plan.keep_best([(i, plan.curation_score(float(embedded[i] @ texts[group]), float(embedded[i] @ centroid)))
+                                      for i in members], KEEP)
+        winner_files.append(render_files[kept_ids[0]])
+    look = quality.look_of(DEMO_PERSONA)
+    read = dict(zip(render_files, classifier.predict(renders)))
+    look_right = {p: all(read[p][k] == v for k, v in look.items()) for p in render_files}
+    log(f"flywheel renders: {len(renders)} ({GROUP} a scene), the look right in {np.mean(list(look_right.values())):.3f}; "
+        f"the winners (best kept by keep-best {KEEP} of {GROUP}): {np.mean([look_right[p] for p in winner_files]):.3f}")
     dataset_b = photos + [SourceImage(p, f"e{i:063d}", c, f"edits/{p.name}") for i, (p, c) in enumerate(kept)]
     verdicts = judge(winner_files, [output_refusal(p, (64, 64)) for p in winner_files], identity, floor,
                      clip.embed_images, dataset_b, 0.98)
     winners = [(p, training_caption(trigger, f"{CLASS_WORD}, {scene}")) for p, scene, v in zip(winner_files, SCENES, verdicts)
                if v.status == "pending"]
     kept_c, left, note = bound_generated(PHOTOS, kept + winners, SHARE)
-    log(f"flywheel: {len(renders)} renders, {len(winners)} kept by identity, {len(kept_c)} in the dataset"
+    log(f"flywheel: {len(winner_files)} winners, {len(winners)} kept by identity, {len(kept_c)} in the dataset"
         f"{'; ' + note if note else ''}")
     c = train_and_probe("C-flywheel", base_items + kept_c)
     return {"A": a, "B": b, "C": c, "edits": len(jobs), "edits_accepted": len(accepted_edits), "winners": len(winners),
             "winners_in": len(kept_c) - len(kept), "floor": floor}
+
+
+def paired_interval(before, after, rounds: int = 10_000) -> tuple[float, float]:
+    """95% bootstrap interval of mean(after - before) over the probe images. Both LoRAs render the same
+    prompts and seeds, so the images pair up; resampling the pairs says how far the margin could move
+    with another set of probe seeds."""
+    import numpy as np
+
+    differences = np.asarray(after) - np.asarray(before)
+    rng = np.random.default_rng(0)
+    means = differences[rng.integers(0, len(differences), (rounds, len(differences)))].mean(axis=1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 def report(figures: dict) -> bool:
@@ -184,7 +215,8 @@ def report(figures: dict) -> bool:
     for name, before, after in (("enrichment round (B vs A)", a, b), ("flywheel round (C vs B)", b, c)):
         ok = after["identity"] >= before["identity"]
         ok_all &= ok
-        print(f"{name}: identity {after['identity'] - before['identity']:+.4f}, accuracy "
+        low, high = paired_interval(before["similarity"], after["similarity"])
+        print(f"{name}: identity {after['identity'] - before['identity']:+.4f} (95% interval {low:+.4f} to {high:+.4f}), accuracy "
               f"{after['accuracy'] - before['accuracy']:+.3f}, alignment {after['alignment'] - before['alignment']:+.3f}"
               f"  no worse on identity: {'PASS' if ok else 'FAIL'}")
         record(f"{name}: identity consistency", reference=before["identity"], ours=after["identity"], unit="cosine",
@@ -192,8 +224,9 @@ def report(figures: dict) -> bool:
     margin = c["identity"] - a["identity"]
     ok = margin > 0
     ok_all &= ok
-    print(f"final vs 6 photos: identity margin {margin:+.4f} (C {c['identity']:.4f} vs A {a['identity']:.4f}) "
-          f"{'PASS' if ok else 'FAIL'}")
+    low, high = paired_interval(a["similarity"], c["similarity"])
+    print(f"final vs 6 photos: identity margin {margin:+.4f} (C {c['identity']:.4f} vs A {a['identity']:.4f}; 95% interval "
+          f"{low:+.4f} to {high:+.4f}) {'PASS' if ok else 'FAIL'}")
     record("final (C) vs 6-photo (A) LoRA: identity consistency", reference=a["identity"], ours=c["identity"],
            unit="cosine", better="higher", target="C > A", ok=ok, note=f"margin {margin:+.4f}")
     for key, label in (("accuracy", "attribute accuracy"), ("alignment", "prompt alignment (scene kept)")):
