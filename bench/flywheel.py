@@ -62,7 +62,7 @@ def _dataset(folder: Path, items: list[tuple[Path, str]], trigger: str) -> Path:
     return folder
 
 
-def measure(quick: bool, work: Path, log) -> dict:
+def measure(quick: bool, work: Path, log, probe_seeds: int | None = None) -> dict:
     import numpy as np
     from diffusers import StableDiffusionPipeline
 
@@ -86,7 +86,7 @@ def measure(quick: bool, work: Path, log) -> dict:
 
     trigger = DEMO_TRIGGER
     params = replace(WORLD_TRAINING, steps=WORLD_TRAINING.steps // 2 if quick else WORLD_TRAINING.steps)
-    seeds = (0, 1) if quick else (0, 1, 2, 3)
+    seeds = tuple(range(probe_seeds or (2 if quick else 4)))
     classifier = load_classifier()
     diffusion = DiffusionBackend(base_model="world", models_dir=str(work / "models"))
     clip = ClipModel(model_name="world")
@@ -237,10 +237,12 @@ def report(figures: dict) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 probe seeds, one edit per photo, half the training steps")
+    parser.add_argument("--probe-seeds", type=int, default=None, metavar="N",
+                        help="probe each LoRA with seeds 0..N-1 per scene (default 4, --quick 2): more narrow the intervals")
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-flywheel-") as folder:
-        figures = measure(args.quick, Path(folder), lambda line: print(f"  {line}", flush=True))
+        figures = measure(args.quick, Path(folder), lambda line: print(f"  {line}", flush=True), args.probe_seeds)
     ok = report(figures)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0 if ok else 1
