@@ -1,6 +1,6 @@
 """The dataset flywheel on the world models (issue 23): does a persona's LoRA get better as its dataset grows?
 
-    python bench/flywheel.py [--quick]
+    python bench/flywheel.py [--quick] [--probe-seeds N] [--threads N]
 
 Start: 6 photos of the demo persona (the world renderer draws them; m1ra: teal bob, yellow jacket,
 red scarf). Three datasets, each trained into a LoRA on the world base model with the world preset:
@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _report import emit, record  # noqa: E402
+from _torch_bench import quiet_torch  # noqa: E402
 
 INSTRUCTIONS = [
     {"kind": "angle", "text": "turn her slightly to the left, keep her face, hair and clothes"},
@@ -238,8 +239,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 probe seeds, one edit per photo, half the training steps")
     parser.add_argument("--probe-seeds", type=int, default=None, metavar="N",
-                        help="probe each LoRA with seeds 0..N-1 per scene (default 4, --quick 2): more narrow the intervals")
+                        help="probe each LoRA with seeds 0..N-1 per scene (default 4, --quick 2); more seeds narrow the intervals")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: with another job on a 2-core machine, two threads ran about 10x slower)")
     args = parser.parse_args()
+    quiet_torch(args.threads)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-flywheel-") as folder:
         figures = measure(args.quick, Path(folder), lambda line: print(f"  {line}", flush=True), args.probe_seeds)
