@@ -73,8 +73,8 @@ def one_attribute_changed(shot, rng: random.Random):
 
 
 def batch(step: int, size: int, kind: str, seed: int = 0) -> list[tuple]:
-    if kind == "random":
-        return [(s.image, s.caption) for s in world_samples(size, seed, "train", 64, start=(step * size) % 50_000)]
+    if kind == "random":  # the committed recipe's batches
+        return [(s.image, s.caption) for s in train_clip._batch(train_clip.ClipSettings(seed=seed, batch_size=size), step)]
     rng = random.Random(f"pairs:{seed}:{step}")
     pairs = []
     for index in range(size // 2):
@@ -88,26 +88,13 @@ def batch(step: int, size: int, kind: str, seed: int = 0) -> list[tuple]:
 def train(config: dict, steps: int, kind: str, log=print):
     torch.manual_seed(0)
     model, tokenizer = train_clip._create(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    warmup = max(1, min(100, steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
+    optimizer, schedule = train_clip.optimizer_for(model, 1e-3, steps)
     started = time.perf_counter()
     for step in range(steps):
         pairs = batch(step, 64, kind)
-        image = F.normalize(model.encode_image(train_clip._pixels(model, [p[0] for p in pairs])), dim=-1)
-        text = F.normalize(model.encode_text(tokenizer([p[1] for p in pairs])), dim=-1)
-        logits = model.logit_scale.exp() * image @ text.T
-        target = torch.arange(len(pairs))
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, np.log(100))
+        loss = train_clip.contrastive_step(model, tokenizer, optimizer, schedule, [p[0] for p in pairs], [p[1] for p in pairs])
         if step % 100 == 0:
-            log(f"step {step}: loss {loss.item():.3f}, {time.perf_counter() - started:.0f} s")
+            log(f"step {step}: loss {loss:.3f}, {time.perf_counter() - started:.0f} s")
     return model, tokenizer, (time.perf_counter() - started) / steps
 
 

@@ -23,7 +23,8 @@ Each LoRA is probed on "photo of m1ra woman, <scene>" (8 scenes x seeds) and sco
 - prompt alignment: share of images showing the prompted scene (world classifier).
 Targets (issue 23): each round no worse than the one before on identity consistency, and C above A
 on identity consistency; each margin is printed with a 95% paired bootstrap interval over the probe
-images. Exit 1 when a target is missed. Nothing here is tuned to the targets. --quick: 2 probe seeds, one edit per photo, half the training steps.
+images. Exit 1 when a target is missed. Nothing here is tuned to the targets. --quick: 2 probe
+seeds, one edit per photo, half the training steps.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from _report import emit, record  # noqa: E402
 from _torch_bench import quiet_torch  # noqa: E402
+from persona_pipeline.world.commands import positive_int  # noqa: E402
 
 INSTRUCTIONS = [
     {"kind": "angle", "text": "turn her slightly to the left, keep her face, hair and clothes"},
@@ -50,7 +52,6 @@ INSTRUCTIONS = [
     {"kind": "background", "text": "put her on a beach, keep her face, hair and clothes"},
 ]
 PHOTOS, SHARE = 6, 0.5
-GROUP, KEEP = 4, 2  # "generate 4, keep the best 2", the demo persona's first step (as bench/quality.py's keep-best)
 
 
 def _dataset(folder: Path, items: list[tuple[Path, str]], trigger: str) -> Path:
@@ -68,7 +69,6 @@ def measure(quick: bool, work: Path, log, probe_seeds: int | None = None) -> dic
     from diffusers import StableDiffusionPipeline
 
     from persona_pipeline.domain.captions import training_caption
-    from persona_pipeline.domain import generation_plan as plan
     from persona_pipeline.domain.dataset_share import bound_generated
     from persona_pipeline.domain.workflows import load_template
     from persona_pipeline.enrichment import (SourceImage, edit_caption, edit_model_for, edit_request, judge,
@@ -83,7 +83,7 @@ def measure(quick: bool, work: Path, log, probe_seeds: int | None = None) -> dic
     from persona_pipeline.world import quality
     from persona_pipeline.world.attributes import CLASS_WORD, DEMO_PERSONA, DEMO_TRIGGER, SCENES
     from persona_pipeline.world.classifier import load_classifier
-    from persona_pipeline.world.quality_run import embed, leave_one_out_floor
+    from persona_pipeline.world.quality_run import GROUP_SIZE, KEEP, embed, keep_best_by_prompt, leave_one_out_floor
 
     trigger = DEMO_TRIGGER
     params = replace(WORLD_TRAINING, steps=WORLD_TRAINING.steps // 2 if quick else WORLD_TRAINING.steps)
@@ -150,14 +150,14 @@ def measure(quick: bool, work: Path, log, probe_seeds: int | None = None) -> dic
     kept, _, note = bound_generated(PHOTOS, accepted_edits, SHARE)
     b = train_and_probe("B-enriched", base_items + kept)
 
-    # Flywheel round: winners made the way the pipeline makes them. B's LoRA renders GROUP candidates per scene,
+    # Flywheel round: winners made the way the pipeline makes them. B's LoRA renders GROUP_SIZE candidates per scene,
     # the generation plan's keep-best (curation score: prompt alignment and identity) keeps KEEP, and the
     # reviewers' pick is stood in for by the pipeline's own order (the best-scored one kept); then the same judge
     # and the generated-share bound as for enrichment.
     pipe.load_lora_weights(str(b["lora"]), adapter_name="winners")
     pipe.set_adapters(["winners"], [1.0])
     prompts = quality.persona_prompts(trigger)
-    renders = quality.render(pipe, [p for p in prompts for _ in range(GROUP)], [100 + i for i in range(len(prompts) * GROUP)])
+    renders = quality.render(pipe, [p for p in prompts for _ in range(GROUP_SIZE)], [100 + i for i in range(len(prompts) * GROUP_SIZE)])
     pipe.delete_adapters("winners")
     render_files = []
     for index, image in enumerate(renders):
@@ -167,17 +167,12 @@ def measure(quick: bool, work: Path, log, probe_seeds: int | None = None) -> dic
         render_files.append(path)
     embedded = clip.embed_images(render_files)
     texts = clip.embed_texts([p.replace(f"{trigger} ", "") for p in prompts])
-    winner_files = []
-    for group, _ in enumerate(prompts):
-        members = range(group * GROUP, (group + 1) * GROUP)
-        kept_ids, _ = plan.keep_best([(i, plan.curation_score(float(embedded[i] @ texts[group]), float(embedded[i] @ centroid)))
-                                      for i in members], KEEP)
-        winner_files.append(render_files[kept_ids[0]])
+    winner_files = [render_files[kept_ids[0]] for kept_ids, _ in keep_best_by_prompt(embedded, texts, centroid)]
     look = quality.look_of(DEMO_PERSONA)
     read = dict(zip(render_files, classifier.predict(renders)))
     look_right = {p: all(read[p][k] == v for k, v in look.items()) for p in render_files}
-    log(f"flywheel renders: {len(renders)} ({GROUP} a scene), the look right in {np.mean(list(look_right.values())):.3f}; "
-        f"the winners (best kept by keep-best {KEEP} of {GROUP}): {np.mean([look_right[p] for p in winner_files]):.3f}")
+    log(f"flywheel renders: {len(renders)} ({GROUP_SIZE} a scene), the look right in {np.mean(list(look_right.values())):.3f}; "
+        f"the winners (best kept by keep-best {KEEP} of {GROUP_SIZE}): {np.mean([look_right[p] for p in winner_files]):.3f}")
     dataset_b = photos + [SourceImage(p, f"e{i:063d}", c, f"edits/{p.name}") for i, (p, c) in enumerate(kept)]
     verdicts = judge(winner_files, [output_refusal(p, (64, 64)) for p in winner_files], identity, floor,
                      clip.embed_images, dataset_b, 0.98)
@@ -238,9 +233,9 @@ def report(figures: dict) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 probe seeds, one edit per photo, half the training steps")
-    parser.add_argument("--probe-seeds", type=int, default=None, metavar="N",
+    parser.add_argument("--probe-seeds", type=positive_int, default=None, metavar="N",
                         help="probe each LoRA with seeds 0..N-1 per scene (default 4, --quick 2); more seeds narrow the intervals")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads (default 1: with another job on a 2-core machine, two threads ran about 10x slower)")
     args = parser.parse_args()
     quiet_torch(args.threads)

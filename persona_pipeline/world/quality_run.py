@@ -215,13 +215,22 @@ def keep_best_figures(pipe, classifier, clip, lora: Path, centroid: np.ndarray, 
     read = classifier.predict(images)
     right = [sum(r[k] == look[k] for k in look) / len(look) for r in read]
     kept, culled = [], []
-    for group in range(len(prompts)):
-        members = range(group * GROUP_SIZE, (group + 1) * GROUP_SIZE)
-        scored = [(i, plan.curation_score(float(embedded[i] @ texts[group]), float(embedded[i] @ centroid))) for i in members]
-        winners, losers = plan.keep_best(scored, KEEP)
+    for winners, losers in keep_best_by_prompt(embedded, texts, centroid):
         kept += [right[i] for i in winners]
         culled += [right[i] for i in losers]
     return {"keep_best_kept_accuracy": float(np.mean(kept)), "keep_best_culled_accuracy": float(np.mean(culled))}
+
+
+def keep_best_by_prompt(embedded: np.ndarray, texts: np.ndarray, centroid: np.ndarray, group_size: int = GROUP_SIZE,
+                        keep: int = KEEP) -> list[tuple[list[int], list[int]]]:
+    """The generation plan's "generate `group_size`, keep the best `keep`" on images rendered `group_size`
+    per prompt in prompt order: per prompt, (kept, culled) image indices, best first, by the curation
+    score of each image's alignment with its prompt's text embedding and its identity against `centroid`."""
+    from persona_pipeline.domain import generation_plan as plan
+
+    return [plan.keep_best([(i, plan.curation_score(float(embedded[i] @ text), float(embedded[i] @ centroid)))
+                            for i in range(group * group_size, (group + 1) * group_size)], keep)
+            for group, text in enumerate(texts)]
 
 
 def _open(path: Path):

@@ -85,6 +85,32 @@ def evaluate(model, tokenizer, samples) -> dict:
     return result
 
 
+def optimizer_for(model, learning_rate: float, steps: int):
+    """AdamW with a linear warm-up over a tenth of the run (at most 100 steps), then a cosine decay to 0."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.1)
+    warmup = max(1, min(100, steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
+    return optimizer, schedule
+
+
+def contrastive_step(model, tokenizer, optimizer, schedule, images, captions: list[str]) -> float:
+    """One update on the symmetric contrastive loss (image-to-text and text-to-image cross-entropy over
+    the batch, each image's own caption the target); returns the loss."""
+    image = F.normalize(model.encode_image(_pixels(model, images)), dim=-1)
+    text = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+    logits = model.logit_scale.exp() * image @ text.T
+    target = torch.arange(len(captions))
+    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, np.log(100))  # CLIP's cap on the temperature
+    return loss.item()
+
+
 def train_clip(out: Path, settings: ClipSettings, progress: Progress = print) -> dict:
     """Train, save the `local-dir:` folder at `out`, return the metrics (held-out, before and after)."""
     from safetensors.torch import save_file
@@ -94,26 +120,13 @@ def train_clip(out: Path, settings: ClipSettings, progress: Progress = print) ->
     progress(f"world clip: {sum(p.numel() for p in model.parameters()):,} parameters, batch {settings.batch_size}")
     heldout = _batch(settings, 0, "heldout", size=256)
     before = evaluate(model, tokenizer, heldout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.1)
-    warmup = max(1, min(100, settings.steps // 10))
-    lr_at = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / settings.steps))))
+    optimizer, schedule = optimizer_for(model, settings.learning_rate, settings.steps)
     log = LossLog(progress, "clip", settings.steps, settings.batch_size, settings.log_every)
     model.train()
     for step in range(settings.steps):
         samples = _batch(settings, step)
-        image = F.normalize(model.encode_image(_pixels(model, [s.image for s in samples])), dim=-1)
-        text = F.normalize(model.encode_text(tokenizer([s.caption for s in samples])), dim=-1)
-        logits = model.logit_scale.exp() * image @ text.T
-        target = torch.arange(len(samples))
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_at.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, np.log(100))  # CLIP's cap on the temperature
-        log.add(loss.item())
+        loss = contrastive_step(model, tokenizer, optimizer, schedule, [s.image for s in samples], [s.caption for s in samples])
+        log.add(loss)
     seconds = log.seconds
     after = evaluate(model, tokenizer, heldout)
     out = Path(out)
