@@ -170,6 +170,53 @@ def test_a_resumed_run_continues_the_unet_and_records_the_run_it_continued(train
     assert all(old[k].shape == new[k].shape for k in old) and any(not torch.equal(old[k], new[k]) for k in old)
 
 
+@pytest.mark.slow
+def test_a_clip_only_run_keeps_the_sd_model_and_trains_a_new_clip_model(trained, tmp_path):
+    import torch
+
+    from persona_pipeline.cli import main
+    from persona_pipeline.world.world_models import load_world_clip
+
+    out = tmp_path / "clip-only"
+    threads = torch.get_num_threads()
+    try:
+        code = main(["world", "train", "--out", str(out), "--resume-from", str(trained), "--clip-only", "--clip-steps", "6",
+                     "--clip-tower", "3x96", "--log-every", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code in (0, None)
+    manifest = verify_folder(out)
+    before = json.loads((trained / "manifest.json").read_text())
+    # Every sd/ file and the SD settings and figures are the ones it kept; the CLIP model is new and learned.
+    assert {k: v for k, v in manifest["files"].items() if k.startswith("sd/")} == \
+        {k: v for k, v in before["files"].items() if k.startswith("sd/")}
+    assert manifest["files"]["clip/open_clip_model.safetensors"] != before["files"]["clip/open_clip_model.safetensors"]
+    assert manifest["steps"] == {"vae": 4, "unet": 12, "clip": 6} and manifest["sd_settings"] == before["sd_settings"]
+    assert manifest["metrics"]["unet_eval_loss_after"] == before["metrics"]["unet_eval_loss_after"]
+    assert manifest["metrics"]["clip_loss_history"][-1][1] < manifest["metrics"]["clip_loss_history"][0][1]
+    assert manifest["resumed_from"]["kept"] == "sd/" and manifest["resumed_from"]["command"] == TINY_COMMAND
+    assert (manifest["clip_settings"]["vision_layers"], manifest["clip_settings"]["vision_width"]) == (3, 96)
+    model, _, _ = load_world_clip(out)  # the folder's config carries the tower it was trained with
+    assert model.visual.transformer.width == 96 and len(model.visual.transformer.resblocks) == 3
+
+
+def test_a_clip_only_run_needs_the_folder_it_keeps(tmp_path):
+    from persona_pipeline.cli import main
+
+    with pytest.raises(SystemExit, match="--clip-only keeps the sd/ .* --resume-from"):
+        main(["world", "train", "--out", str(tmp_path / "x"), "--clip-only"])
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("tower", ["4", "4x100", "0x64", "ax128"])
+def test_a_clip_tower_that_is_not_layers_x_width_is_refused_naming_it(tmp_path, capsys, tower):
+    from persona_pipeline.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["world", "train", "--out", str(tmp_path / "x"), "--clip-tower", tower])
+    assert "--clip-tower" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_a_caption_variety_outside_0_to_1_is_refused_naming_it(tmp_path, capsys):
     from persona_pipeline.cli import main
 

@@ -3,7 +3,9 @@
 The model is the random tiny preset's layout (training/tiny_models.py: a 2-layer ViT and a 2-layer
 text transformer, 64 wide, open_clip's own BPE tokenizer that ships with the package), except for
 8 px patches instead of 16: at 64 px a 16 px patch is a quarter of the frame, too coarse to tell a
-scarf from a jacket. It is trained with the symmetric contrastive loss (image-to-text and
+scarf from a jacket. The image tower's depth and width are settings (`world train --clip-tower`): a
+4-layer, 128-wide tower tells the persona from characters that share her hair or jacket far better,
+and was measured but not committed (docs/world.md, "The world CLIP model"). It is trained with the symmetric contrastive loss (image-to-text and
 text-to-image cross-entropy over the batch) and saved as an open_clip `local-dir:` folder:
 `open_clip_config.json` (model and preprocess config) and `open_clip_model.safetensors`, which
 `open_clip.create_model_and_transforms("local-dir:<folder>")` loads offline.
@@ -42,6 +44,12 @@ class ClipSettings:
     train_count: int = 50_000
     learning_rate: float = 1e-3
     log_every: int = 25
+    vision_layers: int = CLIP_CONFIG["vision_cfg"]["layers"]  # the image tower's depth and width
+    vision_width: int = CLIP_CONFIG["vision_cfg"]["width"]
+
+    def model_config(self) -> dict:
+        """CLIP_CONFIG with this run's image tower."""
+        return {**CLIP_CONFIG, "vision_cfg": {**CLIP_CONFIG["vision_cfg"], "layers": self.vision_layers, "width": self.vision_width}}
 
 
 def _create(config: dict):
@@ -116,7 +124,8 @@ def train_clip(out: Path, settings: ClipSettings, progress: Progress = print) ->
     from safetensors.torch import save_file
 
     torch.manual_seed(settings.seed)
-    model, tokenizer = _create(CLIP_CONFIG)
+    config = settings.model_config()
+    model, tokenizer = _create(config)
     progress(f"world clip: {sum(p.numel() for p in model.parameters()):,} parameters, batch {settings.batch_size}")
     heldout = _batch(settings, 0, "heldout", size=256)
     before = evaluate(model, tokenizer, heldout)
@@ -134,7 +143,7 @@ def train_clip(out: Path, settings: ClipSettings, progress: Progress = print) ->
     preprocess = {"size": 64, "mean": list(model.visual.image_mean or (0.48145466, 0.4578275, 0.40821073)),
                   "std": list(model.visual.image_std or (0.26862954, 0.26130258, 0.27577711)), "interpolation": "bicubic",
                   "resize_mode": "shortest"}
-    (out / CONFIG_FILE).write_text(json.dumps({"model_cfg": CLIP_CONFIG, "preprocess_cfg": preprocess}, indent=2) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}, indent=2) + "\n")
     # fp16 on disk: the 49408-token embedding is most of the model; fp32 is restored on load.
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
     return {"clip_seconds": seconds, "clip_seconds_per_step": seconds / max(1, settings.steps), "clip_loss_history": log.history,

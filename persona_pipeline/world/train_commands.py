@@ -15,6 +15,17 @@ from pathlib import Path
 from persona_pipeline.world.commands import positive_int
 
 
+def tower(text: str) -> tuple[int, int]:
+    """'LAYERSxWIDTH' (e.g. 4x128), for argparse; the width must split into 32-wide heads."""
+    try:
+        layers, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYERSxWIDTH, e.g. 4x128") from None
+    if layers < 1 or width < 32 or width % 32:
+        raise argparse.ArgumentTypeError(f"{text}: needs at least 1 layer and a width that is a multiple of 32")
+    return layers, width
+
+
 def share(text: str) -> float:
     """A number from 0 to 1, for argparse."""
     try:
@@ -41,13 +52,16 @@ def cmd_world_train(args: argparse.Namespace) -> int:
     sd = SdSettings(resolution=args.resolution, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.steps,
                     batch_size=args.batch_size, log_every=args.log_every, snapshot_every=args.snapshot_every or 0,
                     snapshot_dir=str(snapshot_dir(Path(args.out))), caption_variety=args.caption_variety)
-    clip = ClipSettings(seed=args.seed, steps=args.clip_steps, log_every=args.log_every)
+    tower = {} if args.clip_tower is None else {"vision_layers": args.clip_tower[0], "vision_width": args.clip_tower[1]}
+    clip = ClipSettings(seed=args.seed, steps=args.clip_steps, log_every=args.log_every, **tower)
     command = " ".join(shlex.quote(a) for a in ["persona-pipeline", *sys.argv[1:]]) if args.command_line is None else args.command_line
     resume = Path(args.resume_from) if args.resume_from else None
     if resume is not None and resume.resolve() == Path(args.out).resolve():
         raise SystemExit(f"--resume-from {resume} is the output folder; write the continued run to another folder")
+    if args.clip_only and resume is None:
+        raise SystemExit("--clip-only keeps the sd/ of a world-models folder: name it with --resume-from DIR")
     manifest = train_world_models(Path(args.out), sd, clip, command=command, progress=lambda line: print(line, flush=True),
-                                  resume_from=resume)
+                                  resume_from=resume, clip_only=args.clip_only)
     m = manifest["metrics"]
     print(f"wrote {args.out}: unet held-out loss {m['unet_eval_loss_before']:.4f} -> {m['unet_eval_loss_after']:.4f}, "
           f"vae PSNR {m['vae_psnr_db']:.1f} dB, clip zero-shot scene {m['clip_zero_shot_scene_after']:.0%}, "
@@ -76,6 +90,10 @@ def register(world_subparsers) -> None:
     train.add_argument("--resume-from", metavar="DIR", default=None,
                        help="continue the text encoder and UNet of a world-models folder for --steps more steps (its "
                             "tokenizer, VAE and CLIP model are kept; the manifest records the run it continued)")
+    train.add_argument("--clip-tower", type=tower, default=None, metavar="LAYERSxWIDTH",
+                       help="the CLIP model's image tower (default 2x64, the committed model's; docs/world.md measures 4x128)")
+    train.add_argument("--clip-only", action="store_true",
+                       help="with --resume-from: keep its sd/ as it is and train a new CLIP model (--clip-steps)")
     train.add_argument("--snapshot-every", type=positive_int, default=None,
                        help="also save the SD pipeline every N UNet steps in OUT-snapshots/ (to measure a run as it goes)")
     train.add_argument("--caption-variety", type=share, default=0.0, metavar="SHARE",

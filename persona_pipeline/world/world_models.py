@@ -25,10 +25,12 @@ SD_DIR, CLIP_DIR = "sd", "clip"
 
 
 def train_world_models(out: Path, sd_settings, clip_settings, command: str | None = None,
-                       progress: Callable[[str], None] = print, resume_from: Path | None = None) -> dict:
+                       progress: Callable[[str], None] = print, resume_from: Path | None = None,
+                       clip_only: bool = False) -> dict:
     """Train the SD model and the CLIP model into `out`, then write the manifest; returns it. With
     `resume_from` (a world-models folder), continue its text encoder and UNet for `sd_settings.unet_steps`
-    more steps instead, keeping its tokenizer, VAE and CLIP model."""
+    more steps instead, keeping its tokenizer, VAE and CLIP model; with `clip_only` too, keep its whole
+    sd/ and train a new CLIP model (the SD model is most of the training time and does not read it)."""
     import diffusers
     import open_clip
     import torch
@@ -39,17 +41,27 @@ def train_world_models(out: Path, sd_settings, clip_settings, command: str | Non
 
     out = Path(out)
     previous = None
+    if clip_only and resume_from is None:
+        raise ValueError("clip_only: keeps the sd/ of a world-models folder, so it needs resume_from")
     if resume_from is not None:
         # Checked first: a resumed run continues exactly the weights its manifest names.
         previous = verify_folder(resume_from)
-        sd_settings = replace(sd_settings, resume_from=str(Path(resume_from) / SD_DIR), start_step=previous["steps"]["unet"],
-                              vae_steps=previous["steps"]["vae"])
-        clip_settings = replace(clip_settings, steps=previous["steps"]["clip"])
+        if clip_only:  # the SD model as it was trained, settings included
+            sd_settings = sd_settings.__class__(**previous["sd_settings"])
+        else:
+            sd_settings = replace(sd_settings, resume_from=str(Path(resume_from) / SD_DIR),
+                                  start_step=previous["steps"]["unet"], vae_steps=previous["steps"]["vae"])
+            clip_settings = replace(clip_settings, steps=previous["steps"]["clip"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # a half-written folder must not pass as the old one
     started = time.perf_counter()
-    metrics = train_sd(out / SD_DIR, sd_settings, progress)
-    if previous is None:
+    if clip_only:  # the SD model copied as it was, with its figures
+        shutil.rmtree(out / SD_DIR, ignore_errors=True)
+        shutil.copytree(Path(resume_from) / SD_DIR, out / SD_DIR)
+        metrics = {k: v for k, v in previous["metrics"].items() if k.startswith(("unet_", "vae_"))}
+    else:
+        metrics = train_sd(out / SD_DIR, sd_settings, progress)
+    if previous is None or clip_only:
         metrics.update(train_clip(out / CLIP_DIR, clip_settings, progress))
     else:  # the CLIP model is not part of a resumed run: copied as it was, with its figures
         shutil.rmtree(out / CLIP_DIR, ignore_errors=True)
@@ -66,6 +78,7 @@ def train_world_models(out: Path, sd_settings, clip_settings, command: str | Non
         # A resumed run: the run it continued (its command, steps and manifest hash) and so on back.
         "resumed_from": None if previous is None else {
             "command": previous["command"], "steps": previous["steps"], "resumed_from": previous.get("resumed_from"),
+            "kept": "sd/" if clip_only else "tokenizer, VAE and clip/",
             "manifest_sha256": sha256_file(Path(resume_from) / "manifest.json")},
         "metrics": {**metrics, "total_seconds": time.perf_counter() - started},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
