@@ -83,7 +83,8 @@ def measure(quick: bool, work: Path, log, probe_seeds: int | None = None) -> dic
     from persona_pipeline.world import quality
     from persona_pipeline.world.attributes import CLASS_WORD, DEMO_PERSONA, DEMO_TRIGGER, SCENES
     from persona_pipeline.world.classifier import load_classifier
-    from persona_pipeline.world.quality_run import GROUP_SIZE, KEEP, embed, keep_best_by_prompt, leave_one_out_floor
+    from persona_pipeline.world.quality_run import (GROUP_SIZE, KEEP, embed, keep_best_by_prompt, leave_one_out_floor,
+                                                       leave_one_out_similarities)
 
     trigger = DEMO_TRIGGER
     params = replace(WORLD_TRAINING, steps=WORLD_TRAINING.steps // 2 if quick else WORLD_TRAINING.steps)
@@ -102,7 +103,8 @@ def measure(quick: bool, work: Path, log, probe_seeds: int | None = None) -> dic
     identity = reference_for(ClipIdentity(clip), ClipIdentity(clip), photo_files)
     centroid = identity.centroid
     floor = leave_one_out_floor(clip.embed_images(photo_files))
-    log(f"6 photos; identity floor (leave-one-out) {floor:.4f}")
+    log(f"6 photos; identity floor (leave-one-out) {floor:.4f}; each photo against the others' centroid: "
+        f"{', '.join(f'{x:.4f}' for x in leave_one_out_similarities(clip.embed_images(photo_files)))}")
 
     def train_and_probe(name: str, items: list[tuple[Path, str]]) -> dict:
         started = time.perf_counter()
@@ -176,6 +178,9 @@ def measure(quick: bool, work: Path, log, probe_seeds: int | None = None) -> dic
     dataset_b = photos + [SourceImage(p, f"e{i:063d}", c, f"edits/{p.name}") for i, (p, c) in enumerate(kept)]
     verdicts = judge(winner_files, [output_refusal(p, (64, 64)) for p in winner_files], identity, floor,
                      clip.embed_images, dataset_b, 0.98)
+    for path, scene, verdict in zip(winner_files, SCENES, verdicts):
+        log(f"  winner {path.name} ({scene}): identity {verdict.identity:.4f}, look {'right' if look_right[path] else 'wrong'}"
+            f", {'kept' if verdict.status == 'pending' else 'dropped'}")
     winners = [(p, training_caption(trigger, f"{CLASS_WORD}, {scene}")) for p, scene, v in zip(winner_files, SCENES, verdicts)
                if v.status == "pending"]
     kept_c, left, note = bound_generated(PHOTOS, kept + winners, SHARE)

@@ -51,14 +51,19 @@ def embed(clip, images, folder: Path) -> np.ndarray:
     return clip.embed_images(paths)
 
 
-def leave_one_out_floor(embeddings: np.ndarray) -> float:
-    """The identity gate's threshold from the persona's own photos: the lowest similarity of any photo
-    to the centroid of the others, so every real photo of the persona would pass."""
+def leave_one_out_similarities(embeddings: np.ndarray) -> list[float]:
+    """Each photo's similarity to the centroid of the other photos."""
     scores = []
     for index in range(len(embeddings)):
         others = np.delete(embeddings, index, axis=0).mean(axis=0)
         scores.append(float(embeddings[index] @ (others / np.linalg.norm(others))))
-    return min(scores)
+    return scores
+
+
+def leave_one_out_floor(embeddings: np.ndarray) -> float:
+    """The identity gate's threshold from the persona's own photos: the lowest similarity of any photo
+    to the centroid of the others, so every real photo of the persona would pass."""
+    return min(leave_one_out_similarities(embeddings))
 
 
 def train_character_lora(diffusion, work: Path, trigger: str, character: Character, log: Callable[[str], None]) -> LoraOutcome:
@@ -161,7 +166,8 @@ def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path 
     centroid = reference.mean(axis=0)
     centroid /= np.linalg.norm(centroid)
     threshold = leave_one_out_floor(reference)
-    own = embed(clip, persona.images[final_step], work / "embed-own") @ centroid
+    own_embedded = embed(clip, persona.images[final_step], work / "embed-own")
+    own = own_embedded @ centroid
     figures.update({"gate_threshold": threshold, "gate_own_pass": float(np.mean([plan.passes_identity_gate(float(s), threshold)
                                                                                   for s in own]))})
     refused = []
@@ -180,12 +186,19 @@ def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path 
     #    scene, the best 2 kept by the plan's curation score.
     figures.update(keep_best_figures(pipe, classifier, clip, persona.checkpoints[-1][1], centroid, look, work))
 
-    # 6. Clustering: the library's k-means on world CLIP embeddings of held-out images, against their scenes.
+    # 6. Clustering: the library's k-means on world CLIP embeddings, against the scenes. Of a persona's library
+    #    (her LoRA's probe images, one character as a library holds, labelled by the prompted scene, which it
+    #    keeps) and of held-out world images (many characters).
+    library = fit_clusters(own_embedded)
+    scenes = [scene for scene in SCENES for _ in PERSONA_SEEDS]  # persona_figures renders scene by scene
+    figures.update({"library_clusters_k": library.k, "library_clusters_images": len(scenes),
+                    "library_clusters_ari": float(adjusted_rand_score(scenes, library.labels))})
     held = list(world_samples(160 if quick else 400, seed=0, split="heldout", size=64, start=20_000))
     clusters = fit_clusters(embed(clip, [s.image for s in held], work / "embed-clusters"))
     figures.update({"clusters_k": clusters.k,
                     "clusters_ari": float(adjusted_rand_score([s.labels["scene"] for s in held], clusters.labels))})
-    log(f"clustering: k={clusters.k}, ARI {figures['clusters_ari']:.3f}")
+    log(f"clustering: her LoRA's {len(scenes)} images k={library.k}, ARI {figures['library_clusters_ari']:.3f}; "
+        f"held-out world images k={clusters.k}, ARI {figures['clusters_ari']:.3f}")
     return figures
 
 
