@@ -46,16 +46,6 @@ def nearest_reading(k: int):
     return read
 
 
-def without(directions: np.ndarray):
-    """Project off the span of `directions` (rows) and normalise again."""
-    basis, _ = np.linalg.qr(directions.T)
-
-    def project(x: np.ndarray) -> np.ndarray:
-        rest = x - (x @ basis) @ basis.T
-        return rest / np.linalg.norm(rest, axis=1, keepdims=True)
-    return project
-
-
 def floor(photos: np.ndarray, read) -> float:
     """The lowest reading of any photo against the others."""
     return min(float(read(photos[i:i + 1], np.delete(photos, i, axis=0))[0]) for i in range(len(photos)))
@@ -90,6 +80,7 @@ def main() -> int:
     import _clip_variants as variants
 
     from persona_pipeline.demo_photos import demo_shots
+    from persona_pipeline.identity import project_off
     from persona_pipeline.world.attributes import DEMO_PERSONA, DEMO_TRIGGER, SCENES
     from persona_pipeline.world.model_manifest import COMMITTED_WORLD_MODELS
     from persona_pipeline.world.quality_run import OTHER_CHARACTERS
@@ -109,7 +100,8 @@ def main() -> int:
             sets["her LoRA" if trigger == DEMO_TRIGGER else f"{trigger}'s LoRA"] = variants.embed(model, images)
     with torch.no_grad():
         scene_texts = F.normalize(model.encode_text(tokenizer(list(SCENES))), dim=-1).numpy()
-    scene_out = without(scene_texts)
+    def scene_out(x: np.ndarray) -> np.ndarray:  # what ClipIdentity(clip, SCENES) reads
+        return project_off(x, scene_texts)
     readings = [("centroid", lambda x: x, centroid_reading)]
     readings += [(f"nearest {k}", lambda x: x, nearest_reading(k)) for k in (1, 3, 5)]
     readings += [("scene taken out, centroid", scene_out, centroid_reading)]

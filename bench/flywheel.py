@@ -23,8 +23,9 @@ Each LoRA is probed on "photo of m1ra woman, <scene>" (8 scenes x seeds) and sco
 - prompt alignment: share of images showing the prompted scene (world classifier).
 Targets (issue 23): each round no worse than the one before on identity consistency, and C above A
 on identity consistency; each margin is printed with a 95% paired bootstrap interval over the probe
-images. Exit 1 when a target is missed. Nothing here is tuned to the targets. --quick: 2 probe
-seeds, one edit per photo, half the training steps.
+images. --identity-without-scenes reads identity everywhere with the scenes' text directions taken
+out (generation.identity_without_themes). Exit 1 when a target is missed. Nothing here is tuned to
+the targets. --quick: 2 probe seeds, one edit per photo, half the training steps.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _dataset(folder: Path, items: list[tuple[Path, str]], trigger: str) -> Path:
     return folder
 
 
-def measure(quick: bool, work: Path, log, probe_seeds: int | None = None) -> dict:
+def measure(quick: bool, work: Path, log, probe_seeds: int | None = None, without_scenes: bool = False) -> dict:
     import numpy as np
     from diffusers import StableDiffusionPipeline
 
@@ -83,8 +84,8 @@ def measure(quick: bool, work: Path, log, probe_seeds: int | None = None) -> dic
     from persona_pipeline.world import quality
     from persona_pipeline.world.attributes import CLASS_WORD, DEMO_PERSONA, DEMO_TRIGGER, SCENES
     from persona_pipeline.world.classifier import load_classifier
-    from persona_pipeline.world.quality_run import (GROUP_SIZE, KEEP, embed, keep_best_by_prompt, leave_one_out_floor,
-                                                       leave_one_out_similarities)
+    from persona_pipeline.world.quality_run import (GROUP_SIZE, KEEP, embed, identity_reading, keep_best_by_prompt,
+                                                       leave_one_out_floor, leave_one_out_similarities)
 
     trigger = DEMO_TRIGGER
     params = replace(WORLD_TRAINING, steps=WORLD_TRAINING.steps // 2 if quick else WORLD_TRAINING.steps)
@@ -100,11 +101,16 @@ def measure(quick: bool, work: Path, log, probe_seeds: int | None = None) -> dic
     photo_files = sorted(start.rglob("*.png"))
     photos = [SourceImage(p, f"{i:064d}", p.with_suffix(".txt").read_text().strip(), f"photos/{p.name}")
               for i, p in enumerate(photo_files)]
-    identity = reference_for(ClipIdentity(clip), ClipIdentity(clip), photo_files)
+    # Identity as the persona setting generation.identity_without_themes reads it when asked: the scenes'
+    # text directions out, in the judge, keep-best and the probe's identity consistency alike.
+    without = tuple(SCENES) if without_scenes else ()
+    as_identity = identity_reading(clip, without)
+    identity = reference_for(ClipIdentity(clip, without), ClipIdentity(clip, without), photo_files)
     centroid = identity.centroid
-    floor = leave_one_out_floor(clip.embed_images(photo_files))
+    floor = leave_one_out_floor(as_identity(clip.embed_images(photo_files)))
     log(f"6 photos; identity floor (leave-one-out) {floor:.4f}; each photo against the others' centroid: "
-        f"{', '.join(f'{x:.4f}' for x in leave_one_out_similarities(clip.embed_images(photo_files)))}")
+        f"{', '.join(f'{x:.4f}' for x in leave_one_out_similarities(as_identity(clip.embed_images(photo_files))))}"
+        f"{'; identity without the scenes' if without else ''}")
 
     def train_and_probe(name: str, items: list[tuple[Path, str]]) -> dict:
         started = time.perf_counter()
@@ -117,7 +123,7 @@ def measure(quick: bool, work: Path, log, probe_seeds: int | None = None) -> dic
                                                       look=quality.look_of(DEMO_PERSONA))
         finally:
             pipe.delete_adapters(name)
-        similarity = embed(clip, images, work / f"probe-{name}") @ centroid
+        similarity = as_identity(embed(clip, images, work / f"probe-{name}")) @ centroid
         out = {"images": len(items), "accuracy": figures.all_correct, "identity": float(np.mean(similarity)), "similarity": similarity,
                "identity_std": float(np.std(similarity)), "alignment": figures.scene_kept, "lora": lora}
         log(f"dataset {name}: {len(items)} images, accuracy {out['accuracy']:.3f}, identity {out['identity']:.4f} "
@@ -169,7 +175,8 @@ def measure(quick: bool, work: Path, log, probe_seeds: int | None = None) -> dic
         render_files.append(path)
     embedded = clip.embed_images(render_files)
     texts = clip.embed_texts([p.replace(f"{trigger} ", "") for p in prompts])
-    winner_files = [render_files[kept_ids[0]] for kept_ids, _ in keep_best_by_prompt(embedded, texts, centroid)]
+    winner_files = [render_files[kept_ids[0]] for kept_ids, _ in keep_best_by_prompt(embedded, texts, centroid,
+                                                                                            identity_embedded=as_identity(embedded))]
     look = quality.look_of(DEMO_PERSONA)
     read = dict(zip(render_files, classifier.predict(renders)))
     look_right = {p: all(read[p][k] == v for k, v in look.items()) for p in render_files}
@@ -242,11 +249,14 @@ def main() -> int:
                         help="probe each LoRA with seeds 0..N-1 per scene (default 4, --quick 2); more seeds narrow the intervals")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads (default 1: with another job on a 2-core machine, two threads ran about 10x slower)")
+    parser.add_argument("--identity-without-scenes", action="store_true",
+                        help="read identity with the scenes' text directions taken out (generation.identity_without_themes)")
     args = parser.parse_args()
     quiet_torch(args.threads)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-flywheel-") as folder:
-        figures = measure(args.quick, Path(folder), lambda line: print(f"  {line}", flush=True), args.probe_seeds)
+        figures = measure(args.quick, Path(folder), lambda line: print(f"  {line}", flush=True), args.probe_seeds,
+                          args.identity_without_scenes)
     ok = report(figures)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0 if ok else 1

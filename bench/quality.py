@@ -26,7 +26,8 @@ Rows (reference = what a user has without the part being measured):
    character in 8 prompted scenes, as a persona's library holds) and 400 held-out world images
    (--quick 160; many characters, so their colours split the clusters too).
 
-Exit 1 when a target is missed. --quick took 112-134 s on one thread here (the other core busy);
+--identity-without-scenes reads every identity figure with the 8 scenes' text directions taken out
+(the persona setting generation.identity_without_themes). Exit 1 when a target is missed. --quick took 112-134 s on one thread here (the other core busy);
 the full run trains two more LoRAs and draws three times the base prompts (not timed).
 """
 
@@ -94,6 +95,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer prompts, one other character (about 4 minutes)")
     parser.add_argument("--world-models", type=Path, default=None, metavar="DIR",
                         help="measure this world-models folder's SD model (a retrained base) instead of the committed one")
+    parser.add_argument("--identity-without-scenes", action="store_true",
+                        help="read identity with the 8 scenes' text directions taken out (the persona setting "
+                             "generation.identity_without_themes), in every identity figure")
     args = parser.parse_args()
     import torch
 
@@ -101,7 +105,10 @@ def main() -> int:
     from persona_pipeline.world.quality_run import measure
 
     started = time.perf_counter()
-    figures = measure(quick=args.quick, log=lambda line: print(f"  {line}", flush=True), world_models=args.world_models)
+    from persona_pipeline.world.attributes import SCENES
+
+    figures = measure(quick=args.quick, log=lambda line: print(f"  {line}", flush=True), world_models=args.world_models,
+                      identity_without=tuple(SCENES) if args.identity_without_scenes else ())
     ok = report(figures)
     print(f"RESULT: {'PASS' if ok else 'FAIL'} in {time.perf_counter() - started:.0f} s")
     return 0 if ok else 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol, TYPE_CHECKING
+from typing import Protocol, Sequence, TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: imported where used, not when the code location loads
     import numpy as np
@@ -118,19 +118,42 @@ def reference_for(embedder: IdentityEmbedder, fallback: IdentityEmbedder, photo_
 
 
 class ClipIdentity:
-    """Identity from an open_clip model (anything with `embed_images` and `model_id`)."""
+    """Identity from an open_clip model (anything with `embed_images`, `embed_texts` and `model_id`).
+
+    `without`: texts (a persona's themes, the places its prompts vary) whose directions are taken out
+    of every image embedding before it is compared, so identity compares the persona rather than the
+    setting: the whole-picture embedding otherwise rates two images of the same scene alike, whoever
+    is in them (docs/world.md measures it)."""
 
     face = False
 
-    def __init__(self, clip) -> None:
+    def __init__(self, clip, without: Sequence[str] = ()) -> None:
         self.clip = clip
-        self.method = f"clip:{clip.model_id}"
+        self.without = tuple(dict.fromkeys(without))  # each text once, in order
+        self.method = f"clip:{clip.model_id}" + (f" without {len(self.without)} theme(s)" if self.without else "")
+        self._directions = None
 
     def embed(self, paths: list[Path]) -> IdentityEmbeddings:
         import numpy as np
 
         vectors = self.clip.embed_images(paths) if paths else np.zeros((0, 0), dtype=np.float32)
+        if self.without and len(paths):
+            if self._directions is None:
+                self._directions = self.clip.embed_texts(list(self.without))
+            vectors = project_off(vectors, self._directions)
         return IdentityEmbeddings(vectors, np.ones(len(paths), dtype=bool), self.method)
+
+
+def project_off(vectors: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """`vectors` (rows) with their components along the span of `directions` (rows) removed, each row
+    normalised again. A row that lay wholly in the span keeps its zero vector (it scores 0)."""
+    import numpy as np
+
+    basis, _ = np.linalg.qr(np.asarray(directions, dtype=np.float64).T)
+    rest = np.asarray(vectors, dtype=np.float64)
+    rest = rest - (rest @ basis) @ basis.T
+    norms = np.linalg.norm(rest, axis=1, keepdims=True)
+    return (rest / np.where(norms > 1e-12, norms, 1.0)).astype(np.float32)
 
 
 class OnnxFaceIdentity:

@@ -124,7 +124,17 @@ class GenerationSettings(_Strict):
     # Candidates whose identity similarity to the source photos is below this never reach a
     # reviewer. None = no gate (the tiny offline CLIP scores noise).
     identity_threshold: float | None = Field(default=None, ge=-1, le=1)
+    # With open_clip identity (no face model): take the themes' text directions out of the image
+    # embeddings before any identity score (gate, curation, checkpoint scoring, dataset growth), so a
+    # candidate is not rated like her photos for sharing their setting (docs/world.md).
+    identity_without_themes: bool = False
     steps: list[PipelineStep] = Field(default=[], max_length=8)  # []: one txt2img step of PERSONA_CANDIDATES_PER_RUN
+
+    def identity_ignores(self) -> list[str]:
+        """The texts identity leaves out: every theme once when identity_without_themes is on, else none."""
+        if not self.identity_without_themes:
+            return []
+        return list(dict.fromkeys(theme for themes in self.themes.values() for theme in themes))
 
     @model_validator(mode="after")
     def _unique_steps(self) -> "GenerationSettings":

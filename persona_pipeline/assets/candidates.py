@@ -130,7 +130,8 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
                              checkpoint=persona_config.generation.checkpoint or generation.comfyui_checkpoint)
     executor = GenerationExecutor(ctx, storage, backends)
     try:
-        identity = reference_for(face.identity(clip), ClipIdentity(clip), photo_paths)
+        without = persona_config.generation.identity_ignores()
+        identity = reference_for(face.identity(clip, without), ClipIdentity(clip, without), photo_paths)
     except FaceModelError as exc:
         raise dg.Failure(f"{slug}: {exc}") from None
     threshold = persona_config.generation.identity_threshold

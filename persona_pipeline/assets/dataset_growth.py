@@ -50,9 +50,10 @@ def dataset_images(session, persona_id: int, config: PersonaConfig, persona_dir:
     return photos, accepted
 
 
-def _identity(face: FaceModel, clip: ClipModel, photos: list[SourceImage], slug: str):
+def _identity(face: FaceModel, clip: ClipModel, photos: list[SourceImage], slug: str, config: PersonaConfig):
+    without = config.generation.identity_ignores()
     try:
-        return reference_for(face.identity(clip), ClipIdentity(clip), [p.path for p in photos])
+        return reference_for(face.identity(clip, without), ClipIdentity(clip, without), [p.path for p in photos])
     except FaceModelError as exc:
         raise dg.Failure(f"{slug}: {exc}") from None
 
@@ -126,7 +127,7 @@ def dataset_enrichment(context: dg.AssetExecutionContext, database: AppDatabase,
             continue
         made.append((plan, job, Path(result.image_path)))
     refusals = [output_refusal(path, (job.request.width, job.request.height)) for _, job, path in made]
-    identity = _identity(face, clip, photos, slug)
+    identity = _identity(face, clip, photos, slug, config)
     duplicate = settings.duplicate_cosine or config.training.quality.duplicate_cosine
     verdicts = judge([path for *_, path in made], refusals, identity, settings.min_identity, clip.embed_images,
                      photos + accepted, duplicate)
@@ -184,7 +185,7 @@ def dataset_flywheel(context: dg.AssetExecutionContext, database: AppDatabase, s
         rows.append(({**fields, "sha256": sha, "image_path": copy_in(persona_dir, image, fields["origin"], sha)}))
     for note in missing:
         context.log.warning(f"{slug}: {note}")
-    identity = _identity(face, clip, photos, slug)
+    identity = _identity(face, clip, photos, slug, config)
     paths = [persona_dir / r["image_path"] for r in rows]
     verdicts = judge(paths, [output_refusal(p, None) for p in paths], identity, settings.min_identity, clip.embed_images,
                      photos + accepted, config.training.quality.duplicate_cosine)

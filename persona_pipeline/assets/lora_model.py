@@ -64,7 +64,8 @@ def lora_model(context: dg.AssetExecutionContext, database: AppDatabase, storage
     if dataset is None:
         raise dg.Failure(f"{slug}: no training dataset; materialise training_dataset first")
     try:
-        identity = reference_for(face.identity(clip), ClipIdentity(clip), source_paths)
+        without = config.generation.identity_ignores()
+        identity = reference_for(face.identity(clip, without), ClipIdentity(clip, without), source_paths)
         diffusion = diffusion.for_persona(config)
         params = diffusion.training_params(config.training.param_overrides())
         preset = diffusion.preset_name()

@@ -123,7 +123,7 @@ def training_dataset(context: dg.AssetExecutionContext, database: AppDatabase, s
     training = config.training
     try:
         diffusion = diffusion.for_persona(config)  # its regularisation images come from the persona's base model
-        identity = face.identity(clip)
+        identity = face.identity(clip, config.generation.identity_ignores())
     except (TrainingConfigError, FaceModelError) as exc:
         raise dg.Failure(f"{slug}: {exc}") from None
 

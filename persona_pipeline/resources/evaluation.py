@@ -4,6 +4,8 @@ rule's tolerances for new LoRA versions."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import dagster as dg
 
 from persona_pipeline.identity import ClipIdentity, IdentityEmbedder, OnnxFaceIdentity
@@ -17,11 +19,11 @@ class FaceModel(dg.ConfigurableResource):
     def configured(self) -> bool:
         return bool(self.model_path)
 
-    def identity(self, clip) -> IdentityEmbedder:
+    def identity(self, clip, without: Sequence[str] = ()) -> IdentityEmbedder:
         """The face embedder when configured (a wrong path raises FaceModelError naming the setting),
-        else identity by `clip`."""
+        else identity by `clip`, with `without`'s directions taken out (ClipIdentity)."""
         if not self.model_path:
-            return ClipIdentity(clip)
+            return ClipIdentity(clip, without)
         return OnnxFaceIdentity(self.model_path, self.detector_path)
 
 

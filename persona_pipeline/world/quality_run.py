@@ -51,6 +51,17 @@ def embed(clip, images, folder: Path) -> np.ndarray:
     return clip.embed_images(paths)
 
 
+def identity_reading(clip, without: tuple[str, ...] = ()) -> Callable[[np.ndarray], np.ndarray]:
+    """Image embeddings -> the vectors ClipIdentity(clip, without) scores identity with (unchanged when
+    `without` is empty)."""
+    from persona_pipeline.identity import project_off
+
+    if not without:
+        return lambda vectors: vectors
+    directions = clip.embed_texts(list(without))
+    return lambda vectors: project_off(vectors, directions)
+
+
 def leave_one_out_similarities(embeddings: np.ndarray) -> list[float]:
     """Each photo's similarity to the centroid of the other photos."""
     scores = []
@@ -98,13 +109,15 @@ def lora_loaded(pipe, lora: Path, name: str):
 
 
 def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path | None = None,
-            world_models: Path | None = None) -> dict:
+            world_models: Path | None = None, identity_without: tuple[str, ...] = ()) -> dict:
     """Every figure of issue 21 on the committed world models (or the SD model of the world-models folder
     `world_models`, whose CLIP model must be the committed one); returns them as a flat dict. Datasets,
-    LoRAs and renders go under `work` (a temporary folder, removed after, when none is given)."""
+    LoRAs and renders go under `work` (a temporary folder, removed after, when none is given).
+    `identity_without`: texts whose directions identity leaves out (ClipIdentity's `without`), in every
+    identity figure: checkpoint scoring, the gate and keep-best."""
     if work is None:
         with tempfile.TemporaryDirectory(prefix="world-quality-") as folder:
-            return measure(quick, log, Path(folder), world_models)
+            return measure(quick, log, Path(folder), world_models, identity_without)
     from diffusers import StableDiffusionPipeline
 
     from persona_pipeline.assets.lora_model import _score_checkpoints
@@ -152,7 +165,7 @@ def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path 
     source_images = sorted((work / f"dataset-{DEMO_TRIGGER}").rglob("*.png"))
     defaults = TrainingOverrides()
     prompts = [p.format(trigger=DEMO_TRIGGER, class_word=CLASS_WORD) for p in defaults.validation_prompts]
-    identity = reference_for(ClipIdentity(clip), ClipIdentity(clip), source_images)
+    identity = reference_for(ClipIdentity(clip, identity_without), ClipIdentity(clip, identity_without), source_images)
     scores = _score_checkpoints(diffusion, clip, identity, persona.checkpoints, prompts, list(defaults.validation_seeds),
                                 DEMO_TRIGGER, work / "checkpoint-scoring")
     chosen = rank_checkpoints(scores)[0]
@@ -162,19 +175,20 @@ def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path 
     log(f"checkpoints: accuracy by step {by_step}, chosen step {chosen.step}")
 
     # 4. The identity gate: threshold from the persona's photos; its own LoRA passes, others' are refused.
-    reference = embed(clip, [_open(p) for p in source_images], work / "embed-reference")
+    as_identity = identity_reading(clip, identity_without)
+    reference = as_identity(embed(clip, [_open(p) for p in source_images], work / "embed-reference"))
     centroid = reference.mean(axis=0)
     centroid /= np.linalg.norm(centroid)
     threshold = leave_one_out_floor(reference)
     own_embedded = embed(clip, persona.images[final_step], work / "embed-own")
-    own = own_embedded @ centroid
+    own = as_identity(own_embedded) @ centroid
     figures.update({"gate_threshold": threshold, "gate_own_pass": float(np.mean([plan.passes_identity_gate(float(s), threshold)
                                                                                   for s in own]))})
     refused = []
     for trigger, character in OTHER_CHARACTERS[:1] if quick else OTHER_CHARACTERS:
         other = train_character_lora(diffusion, work, trigger, character, log)
         _, images = probe(pipe, classifier, other.checkpoints[-1][1], trigger, quality.look_of(character))
-        scores_other = embed(clip, images, work / f"embed-{trigger}") @ centroid
+        scores_other = as_identity(embed(clip, images, work / f"embed-{trigger}")) @ centroid
         share = float(np.mean([not plan.passes_identity_gate(float(s), threshold) for s in scores_other]))
         figures[f"gate_refused_{trigger}"] = share
         refused += [share] * len(images)
@@ -184,7 +198,7 @@ def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path 
 
     # 5. Keep-best: the demo's prompt shape (trigger and look in words) with the persona's LoRA, 4 per
     #    scene, the best 2 kept by the plan's curation score.
-    figures.update(keep_best_figures(pipe, classifier, clip, persona.checkpoints[-1][1], centroid, look, work))
+    figures.update(keep_best_figures(pipe, classifier, clip, persona.checkpoints[-1][1], centroid, look, work, as_identity))
 
     # 6. Clustering: the library's k-means on world CLIP embeddings, against the scenes. Of a persona's library
     #    (her LoRA's probe images, one character as a library holds, labelled by the prompted scene, which it
@@ -216,7 +230,8 @@ def same_clip_as_committed(folder: Path) -> None:
                          "identity and clusters with; measure only a run that kept it (world train --resume-from)")
 
 
-def keep_best_figures(pipe, classifier, clip, lora: Path, centroid: np.ndarray, look: dict[str, str], work: Path) -> dict:
+def keep_best_figures(pipe, classifier, clip, lora: Path, centroid: np.ndarray, look: dict[str, str], work: Path,
+                      as_identity: Callable[[np.ndarray], np.ndarray] = lambda vectors: vectors) -> dict:
     from persona_pipeline.domain import generation_plan as plan
 
     prompts = [f"photo of {DEMO_TRIGGER} {CLASS_WORD}, teal bob, yellow jacket, red scarf, {scene}" for scene in SCENES]
@@ -228,20 +243,22 @@ def keep_best_figures(pipe, classifier, clip, lora: Path, centroid: np.ndarray, 
     read = classifier.predict(images)
     right = [sum(r[k] == look[k] for k in look) / len(look) for r in read]
     kept, culled = [], []
-    for winners, losers in keep_best_by_prompt(embedded, texts, centroid):
+    for winners, losers in keep_best_by_prompt(embedded, texts, centroid, identity_embedded=as_identity(embedded)):
         kept += [right[i] for i in winners]
         culled += [right[i] for i in losers]
     return {"keep_best_kept_accuracy": float(np.mean(kept)), "keep_best_culled_accuracy": float(np.mean(culled))}
 
 
 def keep_best_by_prompt(embedded: np.ndarray, texts: np.ndarray, centroid: np.ndarray, group_size: int = GROUP_SIZE,
-                        keep: int = KEEP) -> list[tuple[list[int], list[int]]]:
+                        keep: int = KEEP, identity_embedded: np.ndarray | None = None) -> list[tuple[list[int], list[int]]]:
     """The generation plan's "generate `group_size`, keep the best `keep`" on images rendered `group_size`
     per prompt in prompt order: per prompt, (kept, culled) image indices, best first, by the curation
-    score of each image's alignment with its prompt's text embedding and its identity against `centroid`."""
+    score of each image's alignment with its prompt's text embedding and its identity against `centroid`
+    (read from `identity_embedded` when identity is read from other vectors than alignment)."""
     from persona_pipeline.domain import generation_plan as plan
 
-    return [plan.keep_best([(i, plan.curation_score(float(embedded[i] @ text), float(embedded[i] @ centroid)))
+    identity = embedded if identity_embedded is None else identity_embedded
+    return [plan.keep_best([(i, plan.curation_score(float(embedded[i] @ text), float(identity[i] @ centroid)))
                             for i in range(group * group_size, (group + 1) * group_size)], keep)
             for group, text in enumerate(texts)]
 
