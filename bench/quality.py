@@ -14,6 +14,8 @@ Rows (reference = what a user has without the part being measured):
 2. "photo of m1ra woman, <scene>", 8 scenes x 4 seeds: the persona's look (teal bob, yellow
    jacket, red scarf: all four read right) with the base model alone (reference) and with the
    persona's LoRA (ours). Targets: <= 25 % before, >= 80 % after; the scene kept >= 60 %.
+   Printed beside it, no target: the same prompts with the look written out in place of the
+   trigger word, base alone: what a LoRA that taught the trigger the look could reach.
 3. checkpoint selection: the look accuracy of the checkpoint the asset's ranking picks against the
    best checkpoint's. Target: within 5 points.
 4. identity gate (threshold: the lowest leave-one-out similarity of the persona's own photos):
@@ -69,6 +71,11 @@ def report(figures: dict) -> bool:
     for name in ("hair_colour", "hair_style", "jacket_colour", "scarf_colour"):
         row(f"persona look: {name}, base alone (ref) vs LoRA", figures[f"persona_before_{name}"],
             figures[f"persona_after_{name}"], "", None)
+    row("persona look, all four right: the look named in words, base alone (what a trigger could reach)", None,
+        figures["persona_named_base"], "", None,
+        note="photo of woman, teal bob, yellow jacket, red scarf, <scene>; "
+             + ", ".join(f"{k} {figures[f'persona_named_base_{k}']:.3f}" for k in ("hair_colour", "hair_style",
+                                                                                   "jacket_colour", "scarf_colour")))
     row("prompted scene kept with the persona's LoRA", None, figures["persona_scene_kept"], ">= 0.60",
         figures["persona_scene_kept"] >= 0.60)
     best, chosen = figures["checkpoint_best_accuracy"], figures["checkpoint_chosen_accuracy"]

@@ -105,6 +105,20 @@ def persona_figures(pipe, classifier, seeds: Sequence[int] = (0, 1, 2, 3), trigg
     return look_figures(classifier, images, look or look_of(), [scene for _, scene, _ in pairs]), images
 
 
+def named_look_figures(pipe, classifier, character: Character = DEMO_PERSONA,
+                       seeds: Sequence[int] = (0, 1, 2, 3)) -> LookFigures:
+    """The probe's form with the look written out instead of a trigger word (`photo of woman, teal bob,
+    yellow jacket, red scarf, <scene>`), on the base model alone: how often the base draws the look in
+    a prompt of this shape when told it in words, so what a LoRA that taught the trigger word the look
+    could reach on the probe."""
+    from persona_pipeline.world.captions import appearance
+
+    look = appearance(character, accessory=False)
+    pairs = [(f"photo of {CLASS_WORD}, {look}, {scene}", scene, seed) for scene in SCENES for seed in seeds]
+    images = render(pipe, [p for p, _, _ in pairs], [s for _, _, s in pairs])
+    return look_figures(classifier, images, look_of(character), [scene for _, scene, _ in pairs])
+
+
 def write_persona_dataset(folder, character: Character = DEMO_PERSONA, trigger: str = DEMO_TRIGGER, count: int = 18,
                           size: int = 64, seed: int = 7, repeats: int = 10):
     """A kohya dataset of `character` (`<repeats>_<trigger> woman/NNN.png` + caption) drawn by the

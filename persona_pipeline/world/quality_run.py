@@ -150,6 +150,10 @@ def measure(quick: bool = False, log: Callable[[str], None] = print, work: Path 
     # 2. The persona's LoRA learns the look; the base alone does not show it.
     look = quality.look_of(DEMO_PERSONA)
     before, _ = probe(pipe, classifier, None, DEMO_TRIGGER, look)
+    named = quality.named_look_figures(pipe, classifier, DEMO_PERSONA, PERSONA_SEEDS)
+    figures.update({"persona_named_base": named.all_correct,
+                    **{f"persona_named_base_{k}": v for k, v in named.per_attribute.items()}})
+    log(f"the look named in words, base alone: {named.as_dict()}")
     persona = train_character_lora(diffusion, work, DEMO_TRIGGER, DEMO_PERSONA, log)
     for step, path in persona.checkpoints:
         persona.figures[step], persona.images[step] = probe(pipe, classifier, path, DEMO_TRIGGER, look)

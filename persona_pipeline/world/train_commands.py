@@ -98,7 +98,7 @@ def register(world_subparsers) -> None:
                        help="also save the SD pipeline every N UNet steps in OUT-snapshots/ (to measure a run as it goes)")
     train.add_argument("--caption-variety", type=share, default=0.0, metavar="SHARE",
                        help="share of UNet captions written in a prompt's shapes: parts left out, 'photo of' in front "
-                            "(default 0; the committed weights' last run used 0.5, docs/world.md)")
+                            "(default 0, as the committed weights were trained; docs/world.md measures 0.5 and 0.75)")
     train.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     train.add_argument("--command-line", default=None, help=argparse.SUPPRESS)  # tests record a stable command
     train.set_defaults(func=cmd_world_train)
