@@ -34,7 +34,7 @@ def write_via_temp(path: Path, write: Callable[[Path], None]) -> None:
     `path`. For writers that want a file name (safetensors, torch.save) and for the helpers below."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # A random name the writer creates with the usual permissions. Not mkstemp: its create, close and
-    # unlink tripled the file-system calls of every write (about 0.5 ms of CPU a file here, once a post
+    # unlink cost three more file-system calls a write (about 0.1 ms of CPU a file here, once a post
     # when a publish batch stages its JPEG), for a name that was free again after the unlink anyway.
     tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
     try:
