@@ -53,13 +53,16 @@ def main() -> int:
     from persona_pipeline.world.attributes import DEMO_PERSONA, DEMO_TRIGGER, SCENES
     from persona_pipeline.world.captions import appearance
     from persona_pipeline.world.classifier import load_classifier
-    from persona_pipeline.world.quality_run import OTHER_CHARACTERS, PERSONA_SEEDS, lora_loaded
+    from persona_pipeline.world.quality_run import OTHER_CHARACTERS, PERSONA_SEEDS, lora_loaded, probe
     from persona_pipeline.world.lora_recipe import RECIPE_SEEDS
 
     if args.unet_targets:
         stable_diffusion.LORA_TARGET_MODULES += args.unet_targets.split(",")
     wanted = args.characters.split(",")
     characters = [(DEMO_TRIGGER, DEMO_PERSONA, PERSONA_SEEDS)] + [(t, c, RECIPE_SEEDS) for t, c in OTHER_CHARACTERS]
+    unknown = sorted(set(wanted) - {c[0] for c in characters})
+    if unknown:
+        parser.error(f"--characters: {', '.join(unknown)} unknown; the world's are {', '.join(c[0] for c in characters)}")
     characters = [c for c in characters if c[0] in wanted]
     classifier = load_classifier()
     with tempfile.TemporaryDirectory(prefix="lora-look-") as folder:
@@ -86,8 +89,7 @@ def main() -> int:
             result = diffusion.train(dataset, work / f"lora-{trigger}", replace(WORLD_TRAINING, **args.overrides),
                                      f"{trigger}.safetensors", log=lambda _: None)
             for step, path in result.checkpoints:
-                with lora_loaded(pipe, path, "look"):
-                    figures, _ = quality.persona_figures(pipe, classifier, seeds=seeds, trigger=trigger, look=look)
+                figures, _ = probe(pipe, classifier, path, trigger, look, seeds=seeds)
                 print(f"{trigger} LoRA step {step}: {figures.as_dict()}", flush=True)
             for scale in (float(s) for s in args.scales.split(",")):
                 if scale == 1.0:
